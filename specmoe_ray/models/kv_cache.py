@@ -1,0 +1,71 @@
+"""Preallocated KV cache with per-sequence lengths and rollback.
+
+Layout per layer: keys and values `[num_slots + 1, num_kv_heads, max_len, head_dim]`.
+Each running sequence owns one slot. The extra last slot is a scratch row that padded
+positions write into, so writes need no masking and no host sync.
+
+Rollback is a length change: attention reads only positions `<= query position`, and a
+sequence always rewrites position `p` before any query at `p` reads it, so entries past
+a rolled-back length are dead and are overwritten on the way forward.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class KVCache:
+    def __init__(
+        self,
+        num_layers: int,
+        num_slots: int,
+        max_len: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ):
+        shape = (num_slots + 1, num_kv_heads, max_len, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.num_slots = num_slots
+        self.max_len = max_len
+        self.scratch_slot = num_slots
+        self.lengths = [0] * num_slots  # host-side: tokens cached per slot
+        self._free = list(range(num_slots - 1, -1, -1))
+
+    @property
+    def num_free_slots(self) -> int:
+        return len(self._free)
+
+    def allocate(self) -> int:
+        if not self._free:
+            raise RuntimeError("KV cache has no free slot")
+        slot = self._free.pop()
+        self.lengths[slot] = 0
+        return slot
+
+    def free(self, slot: int) -> None:
+        self.lengths[slot] = 0
+        self._free.append(slot)
+
+    def advance(self, slot: int, num_tokens: int) -> None:
+        """Record that `num_tokens` more positions of this slot were written."""
+        if self.lengths[slot] + num_tokens > self.max_len:
+            raise ValueError(f"slot {slot} would hold {self.lengths[slot] + num_tokens} > {self.max_len} tokens")
+        self.lengths[slot] += num_tokens
+
+    def rollback(self, slot: int, length: int) -> None:
+        """Forget every cached position `>= length` of this slot."""
+        if not 0 <= length <= self.lengths[slot]:
+            raise ValueError(f"rollback to {length} but slot {slot} holds {self.lengths[slot]} tokens")
+        self.lengths[slot] = length
+
+    def write(self, layer: int, slots: torch.Tensor, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        # slots, positions: [N]; k, v: [N, num_kv_heads, head_dim]
+        self.k[layer][slots, :, positions] = k
+        self.v[layer][slots, :, positions] = v
+
+    def read(self, layer: int, slots: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        # -> [B, num_kv_heads, length, head_dim] each
+        return self.k[layer][slots, :, :length], self.v[layer][slots, :, :length]

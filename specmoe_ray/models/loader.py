@@ -1,0 +1,196 @@
+"""Load HF-format checkpoints: `config.json` + `*.safetensors` from a local directory.
+
+The trunk (everything but the routed experts) loads into a `Transformer`; routed experts
+load separately, and only those asked for, by slicing the safetensors files, so an expert
+shard never reads the rest of the model. Both expert layouts are accepted:
+
+- fused (transformers 5 modules): `mlp.experts.gate_up_proj [E, 2I, D]`, `mlp.experts.down_proj [E, D, I]`
+- per expert (published checkpoints): `mlp.experts.N.{gate,up,down}_proj.weight`, and
+  Mixtral's `block_sparse_moe.experts.N.{w1,w3,w2}.weight`
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from specmoe_ray.errors import CheckpointError
+from specmoe_ray.models.args import ModelArgs
+from specmoe_ray.models.transformer import Transformer, rope_inv_freq
+from specmoe_ray.moe.experts import ExpertStore, LocalExperts
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_EXPERT_RE = re.compile(r"\.(mlp|block_sparse_moe)\.experts\.")
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, args: ModelArgs) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        if dtype not in DTYPES.values():
+            raise ValueError(f"dtype {dtype} not supported (use one of {', '.join(DTYPES)})")
+        return dtype
+    name = args.torch_dtype if dtype in (None, "auto") else dtype
+    name = str(name).removeprefix("torch.")
+    if name not in DTYPES:
+        raise ValueError(f"dtype {name!r} not supported (use 'auto' or one of {', '.join(DTYPES)})")
+    return DTYPES[name]
+
+
+def read_config(path: str) -> tuple[ModelArgs, dict[str, Any]]:
+    if not os.path.isdir(path):
+        raise CheckpointError(f"checkpoint directory not found: {path!r}")
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_path):
+        raise CheckpointError(f"{path!r} has no config.json: not a Hugging Face checkpoint directory")
+    try:
+        with open(cfg_path) as f:
+            cfg = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{cfg_path}: not valid JSON ({e})") from e
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{cfg_path}: expected a JSON object")
+    return ModelArgs.from_hf_config(cfg, source=cfg_path), cfg
+
+
+class CheckpointIndex:
+    """tensor name -> safetensors file, read from the files' headers (no tensor data)."""
+
+    def __init__(self, path: str):
+        self.path = path
+        files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+        if not files:
+            raise CheckpointError(f"{path!r} has no *.safetensors files")
+        self.file_of: dict[str, str] = {}
+        for name in files:
+            full = os.path.join(path, name)
+            try:
+                with safe_open(full, framework="pt") as f:
+                    for key in f.keys():
+                        self.file_of[key] = full
+            except Exception as e:  # safetensors raises its own error types for bad headers
+                raise CheckpointError(f"{full}: corrupt or unreadable safetensors file ({e})") from e
+        self._handles: dict[str, Any] = {}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.file_of
+
+    def _handle(self, file: str):
+        if file not in self._handles:
+            self._handles[file] = safe_open(file, framework="pt")
+        return self._handles[file]
+
+    def get(self, name: str, index: int | None = None) -> torch.Tensor:
+        """A tensor, or only row `index` of its first dimension (read as a slice)."""
+        if name not in self.file_of:
+            raise CheckpointError(f"{self.path!r}: tensor {name!r} is missing from the checkpoint")
+        file = self.file_of[name]
+        try:
+            handle = self._handle(file)
+            return handle.get_tensor(name) if index is None else handle.get_slice(name)[index]
+        except Exception as e:
+            raise CheckpointError(f"{file}: cannot read tensor {name!r} ({e})") from e
+
+    def shape(self, name: str) -> list[int]:
+        return list(self._handle(self.file_of[name]).get_slice(name).get_shape())
+
+    def close(self) -> None:
+        self._handles.clear()
+
+
+def _is_expert_tensor(name: str) -> bool:
+    return bool(_EXPERT_RE.search(name))
+
+
+def load_trunk(path: str, dtype: str | torch.dtype | None = "auto", device: str = "cpu") -> Transformer:
+    """Build the model and load every tensor except the routed experts."""
+    args, _ = read_config(path)
+    index = CheckpointIndex(path)
+    dtype = resolve_dtype(dtype, args)
+    with torch.device("meta"):
+        model = Transformer(args)
+    expected = model.state_dict()
+    state: dict[str, torch.Tensor] = {}
+    for name, file in index.file_of.items():
+        if _is_expert_tensor(name) or "rotary_emb" in name:
+            continue
+        key = name.replace(".block_sparse_moe.gate.", ".mlp.gate.")
+        if key not in expected:
+            continue  # e.g. extra heads we do not use
+        tensor = index.get(name)
+        if tuple(tensor.shape) != tuple(expected[key].shape):
+            raise CheckpointError(
+                f"{file}: tensor {name!r} has shape {tuple(tensor.shape)}, "
+                f"config.json implies {tuple(expected[key].shape)}"
+            )
+        state[key] = tensor.to(dtype)
+    if args.tie_word_embeddings and "lm_head.weight" not in state and "model.embed_tokens.weight" in state:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise CheckpointError(f"{path!r}: checkpoint lacks {len(missing)} tensors the model needs: {shown}")
+    model.load_state_dict(state, assign=True, strict=True)
+    model.inv_freq = rope_inv_freq(args.rope, args.head_dim)  # built on meta above
+    index.close()
+    return model.to(device).eval()
+
+
+def _expert_names(index: CheckpointIndex, layer: int, expert: int) -> tuple[str, str, str] | None:
+    for prefix, (g, u, d) in (
+        (f"model.layers.{layer}.mlp.experts.{expert}", ("gate_proj", "up_proj", "down_proj")),
+        (f"model.layers.{layer}.block_sparse_moe.experts.{expert}", ("w1", "w3", "w2")),
+    ):
+        names = tuple(f"{prefix}.{n}.weight" for n in (g, u, d))
+        if names[0] in index:
+            return names
+    return None
+
+
+def load_experts(
+    path: str,
+    assignment: dict[int, list[int]],
+    dtype: str | torch.dtype | None = "auto",
+    device: str = "cpu",
+    args: ModelArgs | None = None,
+) -> ExpertStore:
+    """Load only the experts in `assignment` ({moe layer: [expert ids]})."""
+    if args is None:
+        args, _ = read_config(path)
+    dtype = resolve_dtype(dtype, args)
+    index = CheckpointIndex(path)
+    D, I = args.hidden_size, args.moe_intermediate_size
+    layers: dict[int, LocalExperts] = {}
+    for layer, experts in assignment.items():
+        if not experts:
+            continue
+        gate_up, down = [], []
+        fused = f"model.layers.{layer}.mlp.experts.gate_up_proj"
+        for e in experts:
+            if fused in index:
+                gu = index.get(fused, e)
+                dn = index.get(f"model.layers.{layer}.mlp.experts.down_proj", e)
+            else:
+                names = _expert_names(index, layer, e)
+                if names is None:
+                    raise CheckpointError(
+                        f"{path!r}: no weights for expert {e} of layer {layer} (looked for {fused!r} "
+                        f"and model.layers.{layer}.mlp.experts.{e}.gate_proj.weight)"
+                    )
+                gu = torch.cat([index.get(names[0]), index.get(names[1])], dim=0)
+                dn = index.get(names[2])
+            for what, t, shape in (("gate_up", gu, (2 * I, D)), ("down", dn, (D, I))):
+                if tuple(t.shape) != shape:
+                    raise CheckpointError(
+                        f"{path!r}: layer {layer} expert {e} {what} has shape {tuple(t.shape)}, expected {shape}"
+                    )
+            gate_up.append(gu.to(dtype))
+            down.append(dn.to(dtype))
+        layers[layer] = LocalExperts(
+            experts, torch.stack(gate_up).to(device), torch.stack(down).to(device), args.num_experts
+        )
+    index.close()
+    return ExpertStore(layers)

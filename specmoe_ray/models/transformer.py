@@ -1,0 +1,282 @@
+"""One decoder for every supported architecture, dense or MoE.
+
+Tokens travel *packed*: a step's tokens from all sequences form one `[N, D]` tensor, so
+norms, projections and the MoE path see only real tokens (a sequence in prefill adds its
+whole prompt, one in decode adds 1 token, one being verified adds k + 1). Only attention
+pads, per sequence, to read its slot of the KV cache.
+
+Module names mirror Hugging Face's, so a checkpoint's tensor names are our state-dict keys.
+The MoE experts are not parameters here: each MoE block calls an `ExpertBackend` given from
+outside (in-process experts, or expert shards over a process group), which keeps this file
+free of any transport.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from specmoe_ray.models.args import ModelArgs, RopeArgs
+from specmoe_ray.models.kv_cache import KVCache
+from specmoe_ray.moe.router import TopKRouter
+
+# N = packed tokens of a step, B = sequences, Tq = most new tokens of one sequence,
+# D = hidden, H = heads, Hkv = kv heads, hd = head dim, A = experts per token, L = kv length
+
+
+class ExpertBackend(Protocol):
+    """Runs the routed experts of one MoE layer: `[T, D]` tokens, `[T, A]` expert ids ->
+    `[T, A, D]` unweighted expert outputs (the MoE block combines them with the gate weights)."""
+
+    def __call__(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor: ...
+
+
+@dataclasses.dataclass(slots=True)
+class ForwardBatch:
+    """Host-built metadata of one forward step; see `build_forward_batch`."""
+
+    tokens: torch.Tensor  # [N] token ids
+    positions: torch.Tensor  # [N] position of each token in its sequence
+    write_slots: torch.Tensor  # [N] KV-cache slot each token writes to
+    read_slots: torch.Tensor  # [B] KV-cache slot of each sequence
+    pad_index: torch.Tensor  # [B * Tq] index into the packed tokens, N for padding
+    unpad_index: torch.Tensor  # [N] index into the padded [B * Tq] layout
+    query_positions: torch.Tensor  # [B, Tq] position of each padded query (0 for padding)
+    kv_len: int  # L: keys to read per sequence
+    max_new: int  # Tq
+    logits_index: torch.Tensor  # [M] packed tokens whose logits are wanted
+
+
+def build_forward_batch(
+    seq_tokens: list[list[int]],
+    seq_starts: list[int],
+    seq_slots: list[int],
+    logits_from: list[int],
+    device: torch.device | str,
+) -> ForwardBatch:
+    """Pack the new tokens of B sequences.
+
+    seq_tokens[b]: the tokens sequence b adds this step, at positions seq_starts[b] onward;
+    seq_slots[b]: its KV-cache slot; logits_from[b]: logits are returned for its new tokens
+    from this offset on (len - 1 for plain decoding: the last one only).
+    """
+    num_seqs = len(seq_tokens)
+    max_new = max(len(t) for t in seq_tokens)
+    tokens, positions, write_slots, unpad, logits_index = [], [], [], [], []
+    num_tokens = sum(len(t) for t in seq_tokens)
+    pad_index = [num_tokens] * (num_seqs * max_new)
+    query_positions = [0] * (num_seqs * max_new)
+    for b, (toks, start, slot, first) in enumerate(zip(seq_tokens, seq_starts, seq_slots, logits_from)):
+        for t, tok in enumerate(toks):
+            n = len(tokens)
+            tokens.append(tok)
+            positions.append(start + t)
+            write_slots.append(slot)
+            unpad.append(b * max_new + t)
+            pad_index[b * max_new + t] = n
+            query_positions[b * max_new + t] = start + t
+            if t >= first:
+                logits_index.append(n)
+    kv_len = max(s + len(t) for s, t in zip(seq_starts, seq_tokens))
+
+    def as_tensor(x: list[int]) -> torch.Tensor:
+        return torch.tensor(x, dtype=torch.long, device=device)
+
+    return ForwardBatch(
+        tokens=as_tensor(tokens),
+        positions=as_tensor(positions),
+        write_slots=as_tensor(write_slots),
+        read_slots=as_tensor(seq_slots),
+        pad_index=as_tensor(pad_index),
+        unpad_index=as_tensor(unpad),
+        query_positions=as_tensor(query_positions).view(num_seqs, max_new),
+        kv_len=kv_len,
+        max_new=max_new,
+        logits_index=as_tensor(logits_index),
+    )
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_inv_freq(rope: RopeArgs, head_dim: int) -> torch.Tensor:
+    inv_freq = 1.0 / (rope.theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    if rope.kind == "linear":
+        inv_freq = inv_freq / rope.factor
+    elif rope.kind == "llama3":  # Llama 3.1's frequency-dependent scaling
+        low_wavelen = rope.original_max_position / rope.low_freq_factor
+        high_wavelen = rope.original_max_position / rope.high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / rope.factor, inv_freq)
+        smooth = (rope.original_max_position / wavelen - rope.low_freq_factor) / (
+            rope.high_freq_factor - rope.low_freq_factor
+        )
+        smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
+        medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
+        inv_freq = torch.where(medium, smoothed, scaled)
+    return inv_freq
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: [N, heads, hd]; cos, sin: [N, 1, hd]
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.num_heads, self.num_kv_heads, self.head_dim = args.num_heads, args.num_kv_heads, args.head_dim
+        D = args.hidden_size
+        self.q_proj = nn.Linear(D, self.num_heads * self.head_dim, bias=args.qkv_bias)
+        self.k_proj = nn.Linear(D, self.num_kv_heads * self.head_dim, bias=args.qkv_bias)
+        self.v_proj = nn.Linear(D, self.num_kv_heads * self.head_dim, bias=args.qkv_bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, D, bias=False)
+        self.qk_norm = args.qk_norm
+        if args.qk_norm == "head":
+            self.q_norm = RMSNorm(self.head_dim, args.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, args.rms_norm_eps)
+        elif args.qk_norm == "full":
+            self.q_norm = RMSNorm(self.num_heads * self.head_dim, args.rms_norm_eps)
+            self.k_norm = RMSNorm(self.num_kv_heads * self.head_dim, args.rms_norm_eps)
+        self.clip_qkv = args.clip_qkv
+        self.sliding_window = args.sliding_window
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: ForwardBatch, cache: KVCache
+    ) -> torch.Tensor:
+        N = x.shape[0]
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if self.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.clip_qkv is not None:
+            q, k, v = (t.clamp(-self.clip_qkv, self.clip_qkv) for t in (q, k, v))
+        q = q.view(N, self.num_heads, self.head_dim)
+        k = k.view(N, self.num_kv_heads, self.head_dim)
+        v = v.view(N, self.num_kv_heads, self.head_dim)
+        if self.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+        cache.write(self.layer, batch.write_slots, batch.positions, k, v)
+        keys, values = cache.read(self.layer, batch.read_slots, batch.kv_len)  # [B, Hkv, L, hd]
+
+        B, Tq = batch.query_positions.shape
+        q = torch.cat([q, q.new_zeros(1, self.num_heads, self.head_dim)])[batch.pad_index]
+        q = q.view(B, Tq, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, Tq, hd]
+        key_pos = torch.arange(batch.kv_len, device=x.device)
+        qpos = batch.query_positions[:, None, :, None]  # [B, 1, Tq, 1]
+        mask = key_pos <= qpos  # [B, 1, Tq, L]
+        if self.sliding_window is not None:
+            mask = mask & (key_pos > qpos - self.sliding_window)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
+        out = out.transpose(1, 2).reshape(B * Tq, self.num_heads * self.head_dim)[batch.unpad_index]
+        return self.o_proj(out)
+
+
+class MLP(nn.Module):
+    def __init__(self, hidden: int, intermediate: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class MoEBlock(nn.Module):
+    """[Router] -> [Dispatch -> Experts] (the backend) -> [Combine] (+ gated shared expert)."""
+
+    def __init__(self, args: ModelArgs, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.gate = TopKRouter(args)
+        self.backend: ExpertBackend | None = None
+        self.shared_expert = None
+        if args.shared_expert_intermediate_size:
+            self.shared_expert = MLP(args.hidden_size, args.shared_expert_intermediate_size)
+            self.shared_expert_gate = nn.Linear(args.hidden_size, 1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights, expert_ids = self.gate(x)  # [T, A], [T, A]
+        y = self.backend(self.layer, x, expert_ids)  # [T, A, D]
+        # Combine in top-k slot order: the same order however the experts are placed.
+        out = (y * weights[..., None]).to(x.dtype).sum(1)
+        if self.shared_expert is not None:
+            out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        return out
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, args: ModelArgs, layer: int):
+        super().__init__()
+        self.self_attn = Attention(args, layer)
+        if args.is_moe_layer(layer):
+            self.mlp = MoEBlock(args, layer)
+        else:
+            self.mlp = MLP(args.hidden_size, args.intermediate_size)
+        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+
+    def forward(self, x, cos, sin, batch: ForwardBatch, cache: KVCache) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, batch, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class DecoderModel(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(args, i) for i in range(args.num_layers))
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+
+
+class Transformer(nn.Module):
+    """A causal LM over packed tokens with an external KV cache."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.model = DecoderModel(args)
+        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        self.register_buffer("inv_freq", rope_inv_freq(args.rope, args.head_dim), persistent=False)
+
+    def set_expert_backend(self, backend: ExpertBackend) -> None:
+        for layer in self.model.layers:
+            if isinstance(layer.mlp, MoEBlock):
+                layer.mlp.backend = backend
+
+    def make_cache(self, num_slots: int, max_len: int) -> KVCache:
+        p = self.lm_head.weight
+        a = self.args
+        return KVCache(a.num_layers, num_slots, max_len, a.num_kv_heads, a.head_dim, p.dtype, p.device)
+
+    @torch.inference_mode()
+    def forward(self, batch: ForwardBatch, cache: KVCache) -> torch.Tensor:
+        """-> logits `[M, V]` (float32) for the tokens `batch.logits_index` names."""
+        x = self.model.embed_tokens(batch.tokens)  # [N, D]
+        freqs = batch.positions[:, None].float() * self.inv_freq  # [N, hd/2]
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]
+        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, batch, cache)
+        x = self.model.norm(x[batch.logits_index])
+        return self.lm_head(x).float()

@@ -1,0 +1,1 @@
+"""The MoE data path as swappable stages: [Router] -> [Dispatch] -> [Experts] -> [Combine]."""

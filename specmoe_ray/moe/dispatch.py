@@ -1,0 +1,127 @@
+"""Dispatch and Combine: move (token, expert) pairs to the process holding the expert.
+
+Two backends with one interface, `backend(layer, x [T, D], expert_ids [T, A]) -> [T, A, D]`:
+
+- `LoopbackDispatch`: every expert in this process (num_shards = 0).
+- `DistributedDispatch`: rank 0 (the engine) drives a `torch.distributed` group whose ranks
+  1..S are expert shards; NCCL on GPUs, gloo on CPUs, the same code. Per MoE layer call:
+
+      broadcast  header [op, layer, n_1 .. n_S]        (rank 0 -> all)
+      all_to_all x rows      rank 0 -> shard s: n_s rows [n_s, D]
+      all_to_all expert ids  rank 0 -> shard s: [n_s]
+      all_to_all results     shard s -> rank 0: [n_s, D]
+
+  Shards run `serve_experts`, a loop that answers headers until OP_STOP. Rows are sorted by
+  (shard, expert), stably, so an expert sees the same rows in the same order whatever the
+  placement: shard count never changes results.
+
+Every rank must issue the same collectives in the same order, so one lock serialises all
+of rank 0's exchanges (the engine loop's, and the idle heartbeat's).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import torch
+import torch.distributed as dist
+
+from specmoe_ray.moe.experts import ExpertStore
+from specmoe_ray.moe.placement import PlacementPlan
+
+OP_STOP, OP_EXPERTS, OP_PING = 0, 1, 2
+
+
+class LoopbackDispatch:
+    """All experts in-process."""
+
+    def __init__(self, store: ExpertStore):
+        self.store = store
+
+    def __call__(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
+        T, A = expert_ids.shape
+        pairs = x[:, None, :].expand(T, A, x.shape[-1]).reshape(T * A, -1)
+        return self.store(layer, pairs, expert_ids.reshape(-1)).view(T, A, -1)
+
+
+class DistributedDispatch:
+    """Rank 0's side of the expert exchange over the default process group."""
+
+    def __init__(self, plan: PlacementPlan, hidden_size: int, dtype: torch.dtype, device: torch.device):
+        self.plan = plan
+        self.world_size = plan.num_shards + 1
+        self.hidden_size = hidden_size
+        self.dtype = dtype
+        self.device = torch.device(device)
+        # owner_table[layer] = [E] shard rank (1-based) of each expert
+        self.owner_table = {
+            layer: torch.tensor([s + 1 for s in row], dtype=torch.long, device=self.device)
+            for layer, row in plan.owner.items()
+        }
+        self.lock = threading.Lock()
+        self.last_exchange = time.monotonic()
+        self.tokens_per_shard = [0] * plan.num_shards  # (token, expert) pairs sent, cumulative
+
+    def _header(self, op: int, layer: int = 0, counts: list[int] | None = None) -> torch.Tensor:
+        header = [op, layer] + (counts or [0] * (self.world_size - 1))
+        return torch.tensor(header, dtype=torch.long, device=self.device)
+
+    def __call__(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
+        T, A = expert_ids.shape
+        D = x.shape[-1]
+        flat_ids = expert_ids.reshape(-1)  # [T*A]
+        owner = self.owner_table[layer][flat_ids]  # [T*A] rank per pair
+        order = torch.argsort(owner * self.plan.num_experts + flat_ids, stable=True)
+        # One host sync per layer: the split sizes are the header's payload.
+        counts = torch.bincount(owner, minlength=self.world_size)[1:].tolist()
+        pairs = x[order // A]  # [T*A, D] rows sorted by (shard, expert)
+        sorted_ids = flat_ids[order]
+        zeros = [0] * self.world_size
+        send_splits = [0, *counts]
+        with self.lock:
+            dist.broadcast(self._header(OP_EXPERTS, layer, counts), src=0)
+            dist.all_to_all_single(pairs.new_empty(0, D), pairs.contiguous(), zeros, send_splits)
+            dist.all_to_all_single(sorted_ids.new_empty(0), sorted_ids.contiguous(), zeros, send_splits)
+            results = pairs.new_empty(T * A, D)
+            dist.all_to_all_single(results, pairs.new_empty(0, D), send_splits, zeros)
+            self.last_exchange = time.monotonic()
+        for s, c in enumerate(counts):
+            self.tokens_per_shard[s] += c
+        y = torch.empty_like(results)
+        y[order] = results
+        return y.view(T, A, D)
+
+    def ping(self) -> None:
+        """An empty exchange, so idle shards' collectives never reach their timeout."""
+        with self.lock:
+            dist.broadcast(self._header(OP_PING), src=0)
+            self.last_exchange = time.monotonic()
+
+    def stop(self) -> None:
+        with self.lock:
+            dist.broadcast(self._header(OP_STOP), src=0)
+
+
+def serve_experts(store: ExpertStore, rank: int, world_size: int, hidden_size: int, dtype, device) -> int:
+    """A shard's loop: answer rank 0's exchanges until OP_STOP. Returns the number served."""
+    device = torch.device(device)
+    header = torch.empty(world_size + 1, dtype=torch.long, device=device)
+    zeros = [0] * world_size
+    served = 0
+    while True:
+        dist.broadcast(header, src=0)
+        op, layer, *counts = header.tolist()
+        if op == OP_STOP:
+            return served
+        if op == OP_PING:
+            continue
+        n = counts[rank - 1]
+        recv_splits = [n] + [0] * (world_size - 1)
+        x = torch.empty(n, hidden_size, dtype=dtype, device=device)
+        ids = torch.empty(n, dtype=torch.long, device=device)
+        dist.all_to_all_single(x, x.new_empty(0, hidden_size), recv_splits, zeros)
+        dist.all_to_all_single(ids, ids.new_empty(0), recv_splits, zeros)
+        y = store(layer, x, ids) if n else x
+        dist.all_to_all_single(y.new_empty(0, hidden_size), y.contiguous(), zeros, recv_splits)
+        served += 1

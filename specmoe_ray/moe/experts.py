@@ -1,0 +1,62 @@
+"""Experts stage: grouped compute of the experts one process holds.
+
+Weights are kept fused per layer, `gate_up [E_local, 2I, D]` (gate rows first) and
+`down [E_local, D, I]`, whatever layout the checkpoint used.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class LocalExperts(nn.Module):
+    """The experts of one MoE layer that this process holds (a subset of all E)."""
+
+    def __init__(self, expert_ids: list[int], gate_up: torch.Tensor, down: torch.Tensor, num_experts: int):
+        super().__init__()
+        assert gate_up.shape[0] == down.shape[0] == len(expert_ids)
+        self.expert_ids = list(expert_ids)
+        self.gate_up = nn.Parameter(gate_up, requires_grad=False)  # [E_local, 2I, D]
+        self.down = nn.Parameter(down, requires_grad=False)  # [E_local, D, I]
+        to_local = torch.full((num_experts,), -1, dtype=torch.long)
+        to_local[torch.tensor(self.expert_ids, dtype=torch.long)] = torch.arange(len(self.expert_ids))
+        self.register_buffer("to_local", to_local.to(gate_up.device), persistent=False)
+
+    @torch.inference_mode()
+    def forward(self, x: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
+        # x: [n, D] one row per (token, expert) pair; expert_ids: [n] global ids -> [n, D]
+        local = self.to_local[expert_ids]
+        order = torch.argsort(local, stable=True)
+        # One host sync per layer call: the group sizes drive the per-expert loop.
+        counts = torch.bincount(local, minlength=len(self.expert_ids)).tolist()
+        xs = x[order]
+        out = torch.empty_like(xs)
+        start = 0
+        for e, count in enumerate(counts):
+            if count:
+                seg = xs[start : start + count]
+                gate, up = F.linear(seg, self.gate_up[e]).chunk(2, dim=-1)
+                out[start : start + count] = F.linear(F.silu(gate) * up, self.down[e])
+                start += count
+        y = torch.empty_like(out)
+        y[order] = out
+        return y
+
+
+class ExpertStore(nn.Module):
+    """All experts a process holds, by MoE layer."""
+
+    def __init__(self, layers: dict[int, LocalExperts]):
+        super().__init__()
+        self.by_layer = nn.ModuleDict({str(layer): experts for layer, experts in layers.items()})
+
+    def forward(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
+        return self.by_layer[str(layer)](x, expert_ids)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def held(self) -> dict[int, list[int]]:
+        return {int(k): list(v.expert_ids) for k, v in self.by_layer.items()}

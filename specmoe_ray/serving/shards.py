@@ -1,0 +1,259 @@
+"""Expert shards as Ray actors, and the ShardGroup that starts, joins and stops them.
+
+Each `ExpertShard` loads only its own experts (safetensors slices) and then serves them as
+rank s + 1 of a `torch.distributed` group whose rank 0 is the engine's process. A ShardGroup
+reserves one placement-group bundle per shard (strategy PACK, SPREAD, ...), publishes rank 0's
+`host:port` to the shards by argument, and bounds every wait: reservation, actor start, join.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import logging
+import os
+import socket
+import threading
+import time
+from typing import Any
+
+import ray
+import torch
+import torch.distributed as dist
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from specmoe_ray.errors import ShardStartupError
+from specmoe_ray.moe.dispatch import DistributedDispatch, serve_experts
+from specmoe_ray.moe.placement import PlacementPlan
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(slots=True)
+class ShardOptions:
+    """How expert shards are placed and how long each phase may take."""
+
+    num_cpus: float = 1.0
+    num_gpus: float | None = None  # None: 1 when the engine runs on CUDA, else 0
+    resources: dict[str, float] = dataclasses.field(default_factory=dict)
+    strategy: str = "PACK"  # placement group strategy: PACK | SPREAD | STRICT_PACK | STRICT_SPREAD
+    bundle_resources: list[dict[str, float]] | None = None  # per-shard extra resources (pin to nodes)
+    startup_timeout_s: float = 120.0  # reserve resources + start actors + load experts
+    collective_timeout_s: float = 120.0  # joining the process group, and any one collective
+    heartbeat_interval_s: float | None = None  # None: collective_timeout_s / 4
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+@ray.remote(max_concurrency=2)
+class ExpertShard:
+    """Holds some experts of some MoE layers and serves them over the process group."""
+
+    def __init__(self, path: str, assignment: dict[int, list[int]], rank: int, world_size: int,
+                 dtype: str, device: str):
+        from specmoe_ray.models.loader import load_experts, read_config
+
+        if device == "cpu":
+            torch.set_num_threads(1)  # shards share the host's cores with the engine
+        self.rank, self.world_size = rank, world_size
+        self.device = "cuda:0" if device == "cuda" else "cpu"  # Ray sets CUDA_VISIBLE_DEVICES
+        self.args, _ = read_config(path)
+        self.store = load_experts(path, assignment, dtype=dtype, device=self.device, args=self.args)
+        self.dtype = next(self.store.parameters()).dtype if self.store.num_parameters() else torch.float32
+        self.served = 0
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "rank": self.rank,
+            "node_id": ray.get_runtime_context().get_node_id(),
+            "pid": os.getpid(),
+            "num_parameters": self.store.num_parameters(),
+            "held": self.store.held(),
+        }
+
+    def serve(self, master_addr: str, master_port: int, timeout_s: float):
+        backend = "nccl" if self.device.startswith("cuda") else "gloo"
+        kwargs = {"device_id": torch.device(self.device)} if backend == "nccl" else {}
+        dist.init_process_group(
+            backend,
+            init_method=f"tcp://{master_addr}:{master_port}",
+            rank=self.rank,
+            world_size=self.world_size,
+            timeout=datetime.timedelta(seconds=timeout_s),
+            **kwargs,
+        )
+        try:
+            self.served = serve_experts(
+                self.store, self.rank, self.world_size, self.args.hidden_size, self.dtype, self.device
+            )
+        finally:
+            dist.destroy_process_group()
+        return self.served
+
+
+class ShardGroup:
+    """Starts expert shards, joins them with this process as rank 0, and stops them."""
+
+    def __init__(self, path: str, plan: PlacementPlan, hidden_size: int, dtype: torch.dtype,
+                 device: str, options: ShardOptions | None = None):
+        self.path, self.plan, self.hidden_size, self.dtype = path, plan, hidden_size, dtype
+        self.device = device
+        self.options = options or ShardOptions()
+        self.actors: list[Any] = []
+        self.serve_refs: list[Any] = []
+        self.pg = None
+        self.dispatch: DistributedDispatch | None = None
+        self._stop = threading.Event()
+        self._heartbeat: threading.Thread | None = None
+
+    @property
+    def world_size(self) -> int:
+        return self.plan.num_shards + 1
+
+    def start(self) -> DistributedDispatch:
+        if dist.is_initialized():
+            raise ShardStartupError(
+                "this process already has a torch.distributed group (another Engine with expert shards?); "
+                "shut that engine down first"
+            )
+        if not ray.is_initialized():
+            ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True)
+        try:
+            self._start_actors()
+            self._join()
+        except BaseException:
+            self._teardown()
+            raise
+        self._heartbeat = threading.Thread(target=self._heartbeat_loop, name="shard-heartbeat", daemon=True)
+        self._heartbeat.start()
+        return self.dispatch
+
+    def _start_actors(self) -> None:
+        opt = self.options
+        num_gpus = opt.num_gpus if opt.num_gpus is not None else (1 if self.device == "cuda" else 0)
+        bundles = []
+        for s in range(self.plan.num_shards):
+            bundle = {"CPU": opt.num_cpus, **opt.resources}
+            if num_gpus:
+                bundle["GPU"] = num_gpus
+            if opt.bundle_resources:
+                bundle.update(opt.bundle_resources[s % len(opt.bundle_resources)])
+            bundles.append({k: v for k, v in bundle.items() if v})
+        self.pg = placement_group(bundles, strategy=opt.strategy)
+        ready, _ = ray.wait([self.pg.ready()], timeout=opt.startup_timeout_s)
+        if not ready:
+            raise ShardStartupError(
+                f"could not reserve resources for {self.plan.num_shards} expert shards within "
+                f"{opt.startup_timeout_s:g}s (bundles {bundles}, strategy {opt.strategy}); "
+                f"cluster resources available: {ray.available_resources()}"
+            )
+        dtype_name = str(self.dtype).removeprefix("torch.")
+        for s in range(self.plan.num_shards):
+            actor = ExpertShard.options(
+                num_cpus=bundles[s].get("CPU", 0),
+                num_gpus=bundles[s].get("GPU", 0),
+                scheduling_strategy=PlacementGroupSchedulingStrategy(
+                    placement_group=self.pg, placement_group_bundle_index=s
+                ),
+                name=None,
+            ).remote(self.path, self.plan.experts_of(s), s + 1, self.world_size, dtype_name, self.device)
+            self.actors.append(actor)
+        self.shard_info = []
+        deadline = time.monotonic() + opt.startup_timeout_s
+        for s, actor in enumerate(self.actors):
+            remaining = max(0.1, deadline - time.monotonic())
+            try:
+                self.shard_info.append(ray.get(actor.info.remote(), timeout=remaining))
+            except ray.exceptions.GetTimeoutError as e:
+                raise ShardStartupError(
+                    f"expert shard {s} (rank {s + 1}) did not start within {opt.startup_timeout_s:g}s"
+                ) from e
+            except ray.exceptions.RayActorError as e:
+                cause = e.cause if getattr(e, "cause", None) is not None else e
+                raise ShardStartupError(f"expert shard {s} (rank {s + 1}) failed to start: {cause}") from e
+
+    def _join(self) -> None:
+        opt = self.options
+        addr = ray.util.get_node_ip_address()
+        port = _free_port()
+        self.serve_refs = [
+            a.serve.remote(addr, port, opt.collective_timeout_s) for a in self.actors
+        ]
+        backend = "nccl" if self.device == "cuda" else "gloo"
+        kwargs = {}
+        if backend == "nccl":
+            kwargs["device_id"] = torch.device("cuda", torch.cuda.current_device())
+        try:
+            dist.init_process_group(
+                backend,
+                init_method=f"tcp://{addr}:{port}",
+                rank=0,
+                world_size=self.world_size,
+                timeout=datetime.timedelta(seconds=opt.collective_timeout_s),
+                **kwargs,
+            )
+        except Exception as e:
+            failed = self._failed_shards()
+            detail = f"; {failed}" if failed else ""
+            raise ShardStartupError(
+                f"expert shards did not join the process group at {addr}:{port} within "
+                f"{opt.collective_timeout_s:g}s ({type(e).__name__}: {e}){detail}"
+            ) from e
+        device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+        self.dispatch = DistributedDispatch(self.plan, self.hidden_size, self.dtype, device)
+
+    def _failed_shards(self) -> str:
+        done, _ = ray.wait(self.serve_refs, num_returns=len(self.serve_refs), timeout=0)
+        errors = []
+        for ref in done:
+            try:
+                ray.get(ref)
+            except Exception as e:  # report what the shard itself raised
+                errors.append(f"shard {self.serve_refs.index(ref)}: {e}")
+        return "; ".join(errors)
+
+    def _heartbeat_loop(self) -> None:
+        interval = self.options.heartbeat_interval_s or self.options.collective_timeout_s / 4
+        while not self._stop.wait(min(interval, 1.0)):
+            if time.monotonic() - self.dispatch.last_exchange >= interval:
+                try:
+                    self.dispatch.ping()
+                except Exception as e:  # the next engine step reports it too
+                    log.error("expert shard heartbeat failed: %s", e)
+                    return
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "num_shards": self.plan.num_shards,
+            "tokens_per_shard": list(self.dispatch.tokens_per_shard) if self.dispatch else [],
+            "shards": self.shard_info,
+        }
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        if self._heartbeat is not None:
+            self._heartbeat.join(timeout=5)
+        if self.dispatch is not None and dist.is_initialized():
+            try:
+                self.dispatch.stop()
+                ray.get(self.serve_refs, timeout=self.options.collective_timeout_s)
+            except Exception as e:
+                log.warning("expert shards did not stop cleanly: %s", e)
+        self._teardown()
+
+    def _teardown(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        for actor in self.actors:
+            ray.kill(actor, no_restart=True)
+        self.actors.clear()
+        if self.pg is not None:
+            remove_placement_group(self.pg)
+            self.pg = None
+        self.dispatch = None
+
