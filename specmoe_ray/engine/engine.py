@@ -38,8 +38,16 @@ def _load_tokenizer(path: str):
 class Engine:
     """Batched generation over a target model whose experts may live on other processes."""
 
-    def __init__(self, model: Transformer, *, tokenizer=None, shard_group=None, max_num_seqs: int = 16,
-                 max_model_len: int | None = None, max_num_batched_tokens: int = 2048):
+    def __init__(
+        self,
+        model: Transformer,
+        *,
+        tokenizer=None,
+        shard_group=None,
+        max_num_seqs: int = 16,
+        max_model_len: int | None = None,
+        max_num_batched_tokens: int = 2048,
+    ):
         args = model.args
         if max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {max_num_seqs}")
@@ -95,8 +103,9 @@ class Engine:
                 from specmoe_ray.serving.shards import ShardGroup, ShardOptions
 
                 plan = PlacementPlan.contiguous(args.moe_layers, args.num_experts, num_shards)
-                shard_group = ShardGroup(target, plan, args.hidden_size, pdtype, device,
-                                         shard_options or ShardOptions())
+                shard_group = ShardGroup(
+                    target, plan, args.hidden_size, pdtype, device, shard_options or ShardOptions()
+                )
                 model.set_expert_backend(shard_group.start())
         elif num_shards:
             raise ValueError(f"{target!r} is a dense model ({args.model_type}): it has no experts to shard")
@@ -109,8 +118,9 @@ class Engine:
 
     # -- requests ----------------------------------------------------------------------------
 
-    def add_request(self, prompt: list[int] | str, params: SamplingParams | None = None,
-                    request_id: str | None = None) -> str:
+    def add_request(
+        self, prompt: list[int] | str, params: SamplingParams | None = None, request_id: str | None = None
+    ) -> str:
         params = params or SamplingParams()
         token_ids = self._encode(prompt)
         if len(token_ids) >= self.max_model_len:
@@ -245,4 +255,3 @@ class Engine:
 
     def __exit__(self, *exc) -> None:
         self.shutdown()
-

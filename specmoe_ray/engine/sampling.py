@@ -11,8 +11,9 @@ from __future__ import annotations
 import torch
 
 
-def target_probs(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
-                 top_p: torch.Tensor) -> torch.Tensor:
+def target_probs(
+    logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
+) -> torch.Tensor:
     """logits [B, V] float; temperature [B] (> 0), top_k [B] (0 = off), top_p [B] -> probs [B, V].
 
     Order as in HF transformers and vLLM: temperature, then top-k, then top-p on the

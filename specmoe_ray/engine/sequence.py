@@ -72,8 +72,14 @@ class RequestOutput:
 class Sequence:
     """One request's tokens and state; its KV entries live in cache slot `slot`."""
 
-    def __init__(self, request_id: str, prompt: list[int], params: SamplingParams, max_model_len: int,
-                 eos_token_ids: tuple[int, ...]):
+    def __init__(
+        self,
+        request_id: str,
+        prompt: list[int],
+        params: SamplingParams,
+        max_model_len: int,
+        eos_token_ids: tuple[int, ...],
+    ):
         self.request_id = request_id
         self.prompt = list(prompt)
         self.tokens = list(prompt)

@@ -156,7 +156,8 @@ class ModelArgs:
                 args.shared_expert_intermediate_size = int(cfg.get("shared_expert_intermediate_size") or 0)
             if args.num_experts_per_tok > args.num_experts:
                 raise CheckpointError(
-                    f"{source}: num_experts_per_tok={args.num_experts_per_tok} > num_experts={args.num_experts}"
+                    f"{source}: num_experts_per_tok={args.num_experts_per_tok} "
+                    f"> num_experts={args.num_experts}"
                 )
         return args
 

@@ -52,7 +52,9 @@ class KVCache:
     def advance(self, slot: int, num_tokens: int) -> None:
         """Record that `num_tokens` more positions of this slot were written."""
         if self.lengths[slot] + num_tokens > self.max_len:
-            raise ValueError(f"slot {slot} would hold {self.lengths[slot] + num_tokens} > {self.max_len} tokens")
+            raise ValueError(
+                f"slot {slot} would hold {self.lengths[slot] + num_tokens} > {self.max_len} tokens"
+            )
         self.lengths[slot] += num_tokens
 
     def rollback(self, slot: int, length: int) -> None:
@@ -61,7 +63,9 @@ class KVCache:
             raise ValueError(f"rollback to {length} but slot {slot} holds {self.lengths[slot]} tokens")
         self.lengths[slot] = length
 
-    def write(self, layer: int, slots: torch.Tensor, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    def write(
+        self, layer: int, slots: torch.Tensor, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ):
         # slots, positions: [N]; k, v: [N, num_kv_heads, head_dim]
         self.k[layer][slots, :, positions] = k
         self.v[layer][slots, :, positions] = v

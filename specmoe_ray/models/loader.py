@@ -69,7 +69,7 @@ class CheckpointIndex:
             full = os.path.join(path, name)
             try:
                 with safe_open(full, framework="pt") as f:
-                    for key in f.keys():
+                    for key in f.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
                         self.file_of[key] = full
             except Exception as e:  # safetensors raises its own error types for bad headers
                 raise CheckpointError(f"{full}: corrupt or unreadable safetensors file ({e})") from e
@@ -185,7 +185,8 @@ def load_experts(
             for what, t, shape in (("gate_up", gu, (2 * I, D)), ("down", dn, (D, I))):
                 if tuple(t.shape) != shape:
                     raise CheckpointError(
-                        f"{path!r}: layer {layer} expert {e} {what} has shape {tuple(t.shape)}, expected {shape}"
+                        f"{path!r}: layer {layer} expert {e} {what} has shape {tuple(t.shape)}, "
+                        f"expected {shape}"
                     )
             gate_up.append(gu.to(dtype))
             down.append(dn.to(dtype))

@@ -24,10 +24,11 @@ class PlacementPlan:
         return cls(num_shards, num_experts, {layer: row for layer in moe_layers})
 
     def experts_of(self, shard: int) -> dict[int, list[int]]:
-        return {
-            layer: [e for e, s in enumerate(row) if s == shard] for layer, row in self.owner.items()
-        }
+        return {layer: [e for e, s in enumerate(row) if s == shard] for layer, row in self.owner.items()}
 
     def to_dict(self) -> dict:
-        return {"num_shards": self.num_shards, "num_experts": self.num_experts,
-                "owner": {str(k): list(v) for k, v in self.owner.items()}}
+        return {
+            "num_shards": self.num_shards,
+            "num_experts": self.num_experts,
+            "owner": {str(k): list(v) for k, v in self.owner.items()},
+        }

@@ -54,20 +54,28 @@ def _free_port() -> int:
 class ExpertShard:
     """Holds some experts of some MoE layers and serves them over the process group."""
 
-    def __init__(self, path: str, assignment: dict[int, list[int]], rank: int, world_size: int,
-                 dtype: str, device: str):
+    def __init__(
+        self, path: str, assignment: dict[int, list[int]], rank: int, world_size: int, dtype: str, device: str
+    ):
         from specmoe_ray.models.loader import load_experts, read_config
 
         if device == "cpu":
             torch.set_num_threads(1)  # shards share the host's cores with the engine
         self.rank, self.world_size = rank, world_size
         self.device = "cuda:0" if device == "cuda" else "cpu"  # Ray sets CUDA_VISIBLE_DEVICES
-        self.args, _ = read_config(path)
-        self.store = load_experts(path, assignment, dtype=dtype, device=self.device, args=self.args)
-        self.dtype = next(self.store.parameters()).dtype if self.store.num_parameters() else torch.float32
         self.served = 0
+        self.error: str | None = None
+        try:
+            self.args, _ = read_config(path)
+            self.store = load_experts(path, assignment, dtype=dtype, device=self.device, args=self.args)
+        except Exception as e:  # reported by info(), so the engine can say what went wrong
+            self.error = f"{type(e).__name__}: {e}"
+            return
+        self.dtype = next(self.store.parameters()).dtype if self.store.num_parameters() else torch.float32
 
     def info(self) -> dict[str, Any]:
+        if self.error is not None:
+            return {"rank": self.rank, "error": self.error}
         return {
             "rank": self.rank,
             "node_id": ray.get_runtime_context().get_node_id(),
@@ -99,8 +107,15 @@ class ExpertShard:
 class ShardGroup:
     """Starts expert shards, joins them with this process as rank 0, and stops them."""
 
-    def __init__(self, path: str, plan: PlacementPlan, hidden_size: int, dtype: torch.dtype,
-                 device: str, options: ShardOptions | None = None):
+    def __init__(
+        self,
+        path: str,
+        plan: PlacementPlan,
+        hidden_size: int,
+        dtype: torch.dtype,
+        device: str,
+        options: ShardOptions | None = None,
+    ):
         self.path, self.plan, self.hidden_size, self.dtype = path, plan, hidden_size, dtype
         self.device = device
         self.options = options or ShardOptions()
@@ -168,7 +183,7 @@ class ShardGroup:
         for s, actor in enumerate(self.actors):
             remaining = max(0.1, deadline - time.monotonic())
             try:
-                self.shard_info.append(ray.get(actor.info.remote(), timeout=remaining))
+                info = ray.get(actor.info.remote(), timeout=remaining)
             except ray.exceptions.GetTimeoutError as e:
                 raise ShardStartupError(
                     f"expert shard {s} (rank {s + 1}) did not start within {opt.startup_timeout_s:g}s"
@@ -176,14 +191,15 @@ class ShardGroup:
             except ray.exceptions.RayActorError as e:
                 cause = e.cause if getattr(e, "cause", None) is not None else e
                 raise ShardStartupError(f"expert shard {s} (rank {s + 1}) failed to start: {cause}") from e
+            if "error" in info:
+                raise ShardStartupError(f"expert shard {s} (rank {s + 1}) failed to start: {info['error']}")
+            self.shard_info.append(info)
 
     def _join(self) -> None:
         opt = self.options
         addr = ray.util.get_node_ip_address()
         port = _free_port()
-        self.serve_refs = [
-            a.serve.remote(addr, port, opt.collective_timeout_s) for a in self.actors
-        ]
+        self.serve_refs = [a.serve.remote(addr, port, opt.collective_timeout_s) for a in self.actors]
         backend = "nccl" if self.device == "cuda" else "gloo"
         kwargs = {}
         if backend == "nccl":
@@ -204,7 +220,9 @@ class ShardGroup:
                 f"expert shards did not join the process group at {addr}:{port} within "
                 f"{opt.collective_timeout_s:g}s ({type(e).__name__}: {e}){detail}"
             ) from e
-        device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+        device = (
+            torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+        )
         self.dispatch = DistributedDispatch(self.plan, self.hidden_size, self.dtype, device)
 
     def _failed_shards(self) -> str:
@@ -256,4 +274,3 @@ class ShardGroup:
             remove_placement_group(self.pg)
             self.pg = None
         self.dispatch = None
-

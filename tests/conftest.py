@@ -1,0 +1,149 @@
+"""Shared fixtures: tiny random checkpoints written by transformers, and a local Ray cluster."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+COMMON = dict(
+    vocab_size=96,
+    hidden_size=32,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    tie_word_embeddings=False,
+    # A wide init makes the random model's greedy path varied rather than one repeated token.
+    initializer_range=0.3,
+    rms_norm_eps=1e-6,
+)
+MOE_ARCHS = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe")
+DENSE_ARCHS = ("llama", "qwen2", "qwen3")
+
+
+def hf_config(arch: str, **overrides):
+    import transformers as T
+
+    c = dict(COMMON)
+    if arch == "qwen3_moe":
+        cfg = T.Qwen3MoeConfig(
+            **c,
+            head_dim=8,
+            num_experts=8,
+            num_experts_per_tok=2,
+            moe_intermediate_size=16,
+            intermediate_size=48,
+            norm_topk_prob=True,
+            decoder_sparse_step=1,
+            mlp_only_layers=[1],
+        )
+    elif arch == "qwen2_moe":
+        cfg = T.Qwen2MoeConfig(
+            **c,
+            num_experts=8,
+            num_experts_per_tok=2,
+            moe_intermediate_size=16,
+            intermediate_size=48,
+            shared_expert_intermediate_size=24,
+        )
+    elif arch == "mixtral":
+        cfg = T.MixtralConfig(**c, intermediate_size=16, num_local_experts=8, num_experts_per_tok=2)
+    elif arch == "olmoe":
+        cfg = T.OlmoeConfig(**c, intermediate_size=16, num_experts=8, num_experts_per_tok=2, clip_qkv=8.0)
+    elif arch == "llama":
+        cfg = T.LlamaConfig(**c, intermediate_size=48)
+    elif arch == "qwen2":
+        cfg = T.Qwen2Config(**c, intermediate_size=48)
+    elif arch == "qwen3":
+        cfg = T.Qwen3Config(**c, intermediate_size=48, head_dim=8)
+    else:
+        raise KeyError(arch)
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    cfg.eos_token_id = None  # random models: compare fixed-length generations
+    cfg.pad_token_id = 0
+    return cfg
+
+
+def make_checkpoint(path: str, arch: str, seed: int = 0, **overrides) -> str:
+    import transformers as T
+
+    torch.manual_seed(seed)
+    model = T.AutoModelForCausalLM.from_config(hf_config(arch, **overrides), dtype=torch.float32)
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory):
+    """arch -> path of a tiny random fp32 checkpoint (made once per session)."""
+    root = tmp_path_factory.mktemp("ckpt")
+    cache: dict[str, str] = {}
+
+    def get(arch: str) -> str:
+        if arch not in cache:
+            cache[arch] = make_checkpoint(str(root / arch), arch, seed=hash(arch) % 1000)
+        return cache[arch]
+
+    return get
+
+
+NODE_RESOURCES = ("node_a", "node_b", "node_c")
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A 3-node local Ray cluster (real raylets), one custom resource per node to pin actors.
+
+    CPUs are logical: CI has 2 real cores, so keep what runs on them small.
+    """
+    import ray
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": 4, "resources": {NODE_RESOURCES[0]: 100}, "include_dashboard": False},
+    )
+    for name in NODE_RESOURCES[1:]:
+        cluster.add_node(num_cpus=4, resources={name: 100})
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, log_to_driver=False)
+    yield cluster
+    ray.shutdown()
+    cluster.shutdown()
+
+
+def hf_greedy(path: str, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+    """transformers' own greedy generation, one prompt at a time (no padding effects)."""
+    import transformers as T
+
+    model = T.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    outs = []
+    for p in prompts:
+        out = model.generate(
+            torch.tensor([p]),
+            max_new_tokens=max_new_tokens,
+            min_new_tokens=0,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+        )
+        outs.append(out[0, len(p) :].tolist())
+    return outs
+
+
+def hf_logits(path: str, tokens: list[int], dtype=torch.float32) -> torch.Tensor:
+    """transformers' logits [len(tokens), V] for one sequence."""
+    import transformers as T
+
+    model = T.AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+    with torch.no_grad():
+        return model(torch.tensor([tokens])).logits[0].float()
+
+
+PROMPTS = [[5, 9, 17, 3], [60, 2, 7, 8, 9, 10, 11, 12, 13, 40, 41, 42, 43, 44, 45, 46, 47], [77]]

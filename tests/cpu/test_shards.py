@@ -1,0 +1,107 @@
+"""Expert shards on Ray actors across nodes, exchanging over a gloo process group."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+import ray
+import torch.distributed as dist
+from conftest import NODE_RESOURCES, PROMPTS, hf_greedy
+from safetensors.torch import load_file, save_file
+
+from specmoe_ray import Engine, SamplingParams, ShardStartupError
+from specmoe_ray.models.loader import read_config
+from specmoe_ray.serving.shards import ShardOptions
+
+NEW = 24
+GREEDY = SamplingParams(max_tokens=NEW, temperature=0.0, ignore_eos=True)
+
+
+def pinned(num_shards: int, **kw) -> ShardOptions:
+    """One shard per node, round robin over the cluster's nodes."""
+    return ShardOptions(
+        num_cpus=0.5,
+        strategy="SPREAD",
+        bundle_resources=[{NODE_RESOURCES[s % 3]: 1} for s in range(num_shards)],
+        **kw,
+    )
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "qwen2_moe"])
+def test_shard_counts_give_identical_tokens(ray_cluster, checkpoints, arch):
+    path = checkpoints(arch)
+    args, _ = read_config(path)
+    ref = hf_greedy(path, PROMPTS, NEW)
+    per_expert = 3 * args.hidden_size * args.moe_intermediate_size
+    for num_shards in (0, 1, 2, 3):
+        with Engine.from_pretrained(
+            path, num_shards=num_shards, max_model_len=128, shard_options=pinned(num_shards)
+        ) as engine:
+            got = [o.token_ids for o in engine.generate(PROMPTS, GREEDY)]
+            assert got == ref, f"num_shards={num_shards}"
+            if num_shards == 0:
+                continue
+            stats = engine.stats()["shards"]
+            held_total = 0
+            nodes = set()
+            for info in stats["shards"]:
+                held = info["held"]
+                num_held = sum(len(v) for v in held.values())
+                # A shard holds exactly its own experts' weights, nothing else.
+                assert info["num_parameters"] == num_held * per_expert
+                assert sorted(held) == sorted(args.moe_layers)
+                held_total += num_held
+                nodes.add(info["node_id"])
+            assert held_total == len(args.moe_layers) * args.num_experts
+            assert len(nodes) == num_shards, "each shard was pinned to its own node"
+            assert sum(stats["tokens_per_shard"]) > 0 and all(c > 0 for c in stats["tokens_per_shard"])
+            actors = list(engine.shard_group.actors)
+        assert not dist.is_initialized()
+        if num_shards:
+            with pytest.raises(ray.exceptions.RayActorError):
+                ray.get(actors[0].info.remote(), timeout=30)
+
+
+def test_idle_group_survives_past_collective_timeout(ray_cluster, checkpoints):
+    """The heartbeat keeps idle shards' collectives inside their timeout."""
+    import time
+
+    path = checkpoints("olmoe")
+    opts = pinned(2, collective_timeout_s=2.0, heartbeat_interval_s=0.3)
+    with Engine.from_pretrained(path, num_shards=2, max_model_len=128, shard_options=opts) as engine:
+        first = engine.generate(PROMPTS[:1], GREEDY)[0].token_ids
+        time.sleep(5)
+        again = engine.generate(PROMPTS[:1], GREEDY)[0].token_ids
+    assert first == again
+
+
+def test_unschedulable_shards_fail_with_clear_error(ray_cluster, checkpoints):
+    path = checkpoints("mixtral")
+    opts = ShardOptions(resources={"no_such_accelerator": 1}, startup_timeout_s=2)
+    with pytest.raises(ShardStartupError, match="could not reserve resources for 2 expert shards"):
+        Engine.from_pretrained(path, num_shards=2, shard_options=opts)
+    assert not dist.is_initialized()
+
+
+def test_shard_that_cannot_load_its_experts_names_the_tensor(ray_cluster, checkpoints, tmp_path):
+    src = checkpoints("qwen2_moe")
+    dst = str(tmp_path / "broken")
+    shutil.copytree(src, dst)
+    state = load_file(os.path.join(dst, "model.safetensors"))
+    missing = "model.layers.2.mlp.experts.7.up_proj.weight"
+    del state[missing]
+    save_file(state, os.path.join(dst, "model.safetensors"))
+    with pytest.raises(
+        ShardStartupError, match=r"expert shard 1 \(rank 2\) failed to start.*experts\.7\.up_proj"
+    ):
+        Engine.from_pretrained(dst, num_shards=2, shard_options=pinned(2))
+    assert not dist.is_initialized()
+
+
+def test_too_many_shards(checkpoints):
+    with pytest.raises(ValueError, match="num_shards=9 exceeds the model's 8 experts"):
+        Engine.from_pretrained(checkpoints("olmoe"), num_shards=9)
+    with pytest.raises(ValueError, match="dense model"):
+        Engine.from_pretrained(checkpoints("llama"), num_shards=2)
