@@ -1,11 +1,19 @@
-"""The engine: `step()` = schedule -> forward -> sample -> postprocess.
+"""The engine: `step()` = schedule -> propose -> verify -> accept -> stream.
+
+Every step runs one target forward over all scheduled sequences: prompt chunks, and for each
+sequence that samples, its last emitted token followed by up to k draft tokens. Verification
+(`spec/rejection.py`) keeps a prefix of the drafts and adds one recovered or bonus token; the
+KV cache rolls back past the first rejected draft. With no proposer (or k = 0) the same path
+is plain decoding.
 
 It knows neither transport nor HTTP: the MoE experts are an `ExpertBackend` handed to the
-model (in-process, or a ShardGroup of Ray actors built by `from_pretrained`).
+model (in-process, or a ShardGroup of Ray actors built by `from_pretrained`), and the draft
+is a proposer object (local, or a client of a remote draft pool).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import os
@@ -15,16 +23,71 @@ from typing import Any
 
 import torch
 
-from specmoe_ray.engine.sampling import make_generator, sample
-from specmoe_ray.engine.scheduler import Scheduler
-from specmoe_ray.engine.sequence import RequestOutput, SamplingParams, Sequence
+from specmoe_ray.engine.sampling import make_generator
+from specmoe_ray.engine.scheduler import ScheduledSeq, Scheduler
+from specmoe_ray.engine.sequence import FinishReason, RequestOutput, SamplingParams, Sequence
 from specmoe_ray.errors import RequestError, ShardGroupError
-from specmoe_ray.models.loader import load_experts, load_trunk
+from specmoe_ray.models.loader import load_experts, load_trunk, read_config
 from specmoe_ray.models.transformer import Transformer, build_forward_batch
 from specmoe_ray.moe.dispatch import LoopbackDispatch
 from specmoe_ray.moe.placement import PlacementPlan
+from specmoe_ray.spec import rejection
+from specmoe_ray.spec.policy import AdaptivePolicy, FixedPolicy, StepCostModel
+from specmoe_ray.spec.proposer import DraftModelProposer, DraftRequest, NgramProposer, empty_proposal
 
 log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(slots=True)
+class EngineConfig:
+    """Engine limits and speculation settings (plain data: validated once, read per step)."""
+
+    max_num_seqs: int = 16  # KV-cache slots: sequences running at once
+    max_model_len: int | None = None  # context per sequence; None: min(max_position_embeddings, 4096)
+    max_num_batched_tokens: int = 2048  # prompt tokens per step (longer prompts prefill in chunks)
+    num_speculative_tokens: int = 4  # k (the most, with the adaptive policy)
+    spec_policy: str = "fixed"  # "fixed" | "adaptive"
+    draft_top_n: int = 32  # support size of the sparse draft distributions
+
+    def validate(self, max_position_embeddings: int) -> None:
+        for name in ("max_num_seqs", "max_num_batched_tokens", "draft_top_n"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_speculative_tokens < 0:
+            raise ValueError(f"num_speculative_tokens must be >= 0, got {self.num_speculative_tokens}")
+        if self.spec_policy not in ("fixed", "adaptive"):
+            raise ValueError(f"spec_policy must be 'fixed' or 'adaptive', got {self.spec_policy!r}")
+        if self.max_model_len is None:
+            self.max_model_len = min(max_position_embeddings, 4096)
+        if not 2 <= self.max_model_len <= max_position_embeddings:
+            raise ValueError(
+                f"max_model_len must be in [2, {max_position_embeddings}] "
+                f"(the model's max_position_embeddings), got {self.max_model_len}"
+            )
+
+
+@dataclasses.dataclass
+class EngineMetrics:
+    num_steps: int = 0
+    num_generated_tokens: int = 0
+    num_drafted: int = 0
+    num_accepted: int = 0
+    num_verify_rows: int = 0  # (sequence, step) pairs that emitted tokens
+    draft_time_s: float = 0.0
+    verify_time_s: float = 0.0
+
+    def summary(self) -> dict[str, float | None]:
+        return {
+            "num_steps": self.num_steps,
+            "num_generated_tokens": self.num_generated_tokens,
+            "acceptance_rate": self.num_accepted / self.num_drafted if self.num_drafted else None,
+            "mean_accepted_length": (
+                self.num_generated_tokens / self.num_verify_rows if self.num_verify_rows else None
+            ),
+            "tokens_per_step": self.num_generated_tokens / self.num_steps if self.num_steps else None,
+            "draft_time_s": self.draft_time_s,
+            "verify_time_s": self.verify_time_s,
+        }
 
 
 def _load_tokenizer(path: str):
@@ -35,8 +98,31 @@ def _load_tokenizer(path: str):
     return AutoTokenizer.from_pretrained(path, local_files_only=True)
 
 
+def load_local_model(
+    path: str, dtype: str | torch.dtype, device: str
+) -> tuple[Transformer, LoopbackDispatch | None]:
+    """A model with every expert in this process (targets with num_shards=0, and drafts)."""
+    model = load_trunk(path, dtype=dtype, device=device)
+    args = model.args
+    backend = None
+    if args.is_moe:
+        experts = {layer: list(range(args.num_experts)) for layer in args.moe_layers}
+        store = load_experts(path, experts, dtype=model.lm_head.weight.dtype, device=device, args=args)
+        backend = LoopbackDispatch(store)
+        model.set_expert_backend(backend)
+    return model, backend
+
+
+def _cost_model(model: Transformer) -> StepCostModel:
+    args = model.args
+    elem = model.lm_head.weight.element_size()
+    expert = 3 * args.hidden_size * args.moe_intermediate_size * elem
+    dense = sum(p.numel() for p in model.parameters()) * elem - args.vocab_size * args.hidden_size * elem
+    return StepCostModel(dense, expert, len(args.moe_layers), args.num_experts, args.num_experts_per_tok)
+
+
 class Engine:
-    """Batched generation over a target model whose experts may live on other processes."""
+    """Batched speculative generation over a target whose experts may live on other processes."""
 
     def __init__(
         self,
@@ -44,31 +130,30 @@ class Engine:
         *,
         tokenizer=None,
         shard_group=None,
-        max_num_seqs: int = 16,
-        max_model_len: int | None = None,
-        max_num_batched_tokens: int = 2048,
+        local_experts=None,
+        proposer=None,
+        config: EngineConfig | None = None,
+        **config_kwargs,
     ):
-        args = model.args
-        if max_num_seqs < 1:
-            raise ValueError(f"max_num_seqs must be >= 1, got {max_num_seqs}")
-        if max_num_batched_tokens < 1:
-            raise ValueError(f"max_num_batched_tokens must be >= 1, got {max_num_batched_tokens}")
-        self.max_model_len = max_model_len or min(args.max_position_embeddings, 4096)
-        if not 2 <= self.max_model_len <= args.max_position_embeddings:
-            raise ValueError(
-                f"max_model_len must be in [2, {args.max_position_embeddings}] "
-                f"(the model's max_position_embeddings), got {self.max_model_len}"
-            )
+        self.config = config or EngineConfig(**config_kwargs)
+        self.config.validate(model.args.max_position_embeddings)
+        self.max_model_len = self.config.max_model_len
         self.model = model
-        self.args = args
+        self.args = model.args
         self.device = model.lm_head.weight.device
         self.tokenizer = tokenizer
         self.shard_group = shard_group
-        self.cache = model.make_cache(max_num_seqs, self.max_model_len)
-        self.scheduler = Scheduler(self.cache, max_num_batched_tokens)
+        self.local_experts = local_experts
+        self.proposer = proposer
+        k = self.config.num_speculative_tokens if proposer is not None else 0
+        if self.config.spec_policy == "adaptive" and proposer is not None:
+            self.policy = AdaptivePolicy(k, _cost_model(model) if self.args.is_moe else None)
+        else:
+            self.policy = FixedPolicy(k)
+        self.cache = model.make_cache(self.config.max_num_seqs, self.max_model_len)
+        self.scheduler = Scheduler(self.cache, self.config.max_num_batched_tokens)
+        self.metrics = EngineMetrics()
         self._ids = itertools.count()
-        self.num_steps = 0
-        self.num_generated_tokens = 0
 
     @classmethod
     def from_pretrained(
@@ -79,38 +164,70 @@ class Engine:
         device: str = "cpu",
         dtype: str | torch.dtype = "auto",
         shard_options: Any = None,
-        **engine_kwargs,
+        **config_kwargs,
     ) -> Engine:
-        """Load a local HF checkpoint; experts in-process (num_shards=0) or on Ray actors."""
-        if draft is not None:
-            raise ValueError("speculative drafts are not available yet: pass draft=None")
+        """Load a local HF checkpoint; experts in-process (num_shards=0) or on Ray actors.
+
+        draft: a local checkpoint directory (a dense or MoE model sharing the target's
+        vocabulary), "ngram" (prompt lookup), or None (no speculation).
+        """
         if device not in ("cpu", "cuda"):
             raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
         if device == "cuda" and not torch.cuda.is_available():
             raise ValueError("device='cuda' but torch sees no CUDA GPU")
         if num_shards < 0:
             raise ValueError(f"num_shards must be >= 0, got {num_shards}")
-        model = load_trunk(target, dtype=dtype, device=device)
-        args = model.args
-        pdtype = model.lm_head.weight.dtype
-        shard_group = None
-        if args.is_moe:
-            if num_shards == 0:
-                all_experts = {layer: list(range(args.num_experts)) for layer in args.moe_layers}
-                store = load_experts(target, all_experts, dtype=pdtype, device=device, args=args)
-                model.set_expert_backend(LoopbackDispatch(store))
-            else:
-                from specmoe_ray.serving.shards import ShardGroup, ShardOptions
-
-                plan = PlacementPlan.contiguous(args.moe_layers, args.num_experts, num_shards)
-                shard_group = ShardGroup(
-                    target, plan, args.hidden_size, pdtype, device, shard_options or ShardOptions()
+        config = EngineConfig(**config_kwargs)
+        args, _ = read_config(target)
+        config.validate(args.max_position_embeddings)
+        if draft == "mtp":
+            raise ValueError("draft='mtp' needs a DeepSeek checkpoint with an MTP head (not supported yet)")
+        if draft is not None and draft != "ngram":
+            draft_args, _ = read_config(draft)
+            if draft_args.vocab_size != args.vocab_size:
+                raise ValueError(
+                    f"draft {draft!r} has vocab_size {draft_args.vocab_size}, the target {args.vocab_size}: "
+                    "a draft must share the target's tokenizer"
                 )
-                model.set_expert_backend(shard_group.start())
-        elif num_shards:
+        if not args.is_moe and num_shards:
             raise ValueError(f"{target!r} is a dense model ({args.model_type}): it has no experts to shard")
+        if args.is_moe and num_shards:
+            PlacementPlan.contiguous(args.moe_layers, args.num_experts, num_shards)  # validates the count
+
+        shard_group = local_experts = None
+        if num_shards == 0:
+            model, local_experts = load_local_model(target, dtype, device)
+        else:
+            from specmoe_ray.serving.shards import ShardGroup, ShardOptions
+
+            model = load_trunk(target, dtype=dtype, device=device)
+            plan = PlacementPlan.contiguous(args.moe_layers, args.num_experts, num_shards)
+            shard_group = ShardGroup(
+                target,
+                plan,
+                args.hidden_size,
+                model.lm_head.weight.dtype,
+                device,
+                shard_options or ShardOptions(),
+            )
+            model.set_expert_backend(shard_group.start())
         try:
-            return cls(model, tokenizer=_load_tokenizer(target), shard_group=shard_group, **engine_kwargs)
+            proposer = None
+            if draft == "ngram":
+                proposer = NgramProposer(device=device)
+            elif draft is not None:
+                draft_model, _ = load_local_model(draft, dtype, device)
+                proposer = DraftModelProposer(
+                    draft_model, config.max_num_seqs, config.max_model_len, top_n=config.draft_top_n
+                )
+            return cls(
+                model,
+                tokenizer=_load_tokenizer(target),
+                shard_group=shard_group,
+                local_experts=local_experts,
+                proposer=proposer,
+                config=config,
+            )
         except BaseException:
             if shard_group is not None:
                 shard_group.shutdown()
@@ -127,6 +244,10 @@ class Engine:
             raise RequestError(
                 f"prompt has {len(token_ids)} tokens; the context holds {self.max_model_len} "
                 f"(max_model_len), leaving no room to generate"
+            )
+        if params.stop and self.tokenizer is None:
+            raise RequestError(
+                "stop strings need a tokenizer, and the checkpoint has none: use stop_token_ids"
             )
         request_id = request_id or f"req-{next(self._ids)}"
         seq = Sequence(request_id, token_ids, params, self.max_model_len, self.args.eos_token_ids)
@@ -151,7 +272,11 @@ class Engine:
         return token_ids
 
     def abort(self, request_id: str) -> bool:
-        return self.scheduler.abort(request_id) is not None
+        """Cancel a request; its KV slot (and its draft cache) is free at once."""
+        seq = self.scheduler.abort(request_id)
+        if seq is not None and self.proposer is not None:
+            self.proposer.release(request_id)
+        return seq is not None
 
     def has_unfinished(self) -> bool:
         return self.scheduler.num_unfinished > 0
@@ -163,37 +288,122 @@ class Engine:
     # -- the step ----------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        """Run one forward over every scheduled sequence; return outputs of those that moved."""
+        """One target forward over every scheduled sequence; outputs of those that emitted tokens."""
         scheduled = self.scheduler.schedule()
         if not scheduled:
             return []
+        samplers = [s for s in scheduled if s.samples]
+        drafts, proposal, draft_s = self._propose(samplers)
+
+        feeds = [s.tokens + drafts.get(id(s), []) for s in scheduled]
         batch = build_forward_batch(
-            [s.tokens for s in scheduled],
+            feeds,
             [s.start for s in scheduled],
             [s.seq.slot for s in scheduled],
             [len(s.tokens) - 1 if s.samples else len(s.tokens) for s in scheduled],
             self.device,
         )
+        t0 = time.perf_counter()
         try:
-            logits = self.model(batch, self.cache)  # [M, V]: one row per sampling sequence
+            logits = self.model(batch, self.cache)  # [M, V]: k_b + 1 rows per sampling sequence
         except RuntimeError as e:
             if self.shard_group is not None:
                 raise ShardGroupError(f"expert shard exchange failed: {e}") from e
             raise
-        for s in scheduled:
-            self.cache.advance(s.seq.slot, len(s.tokens))
-        samplers = [s.seq for s in scheduled if s.samples]
-        new_tokens = sample(logits, [q.params for q in samplers], [q.generator for q in samplers])
-        self.num_steps += 1
+        for s, feed in zip(scheduled, feeds):
+            self.cache.advance(s.seq.slot, len(feed))
+        if not samplers:
+            self.metrics.num_steps += 1
+            return []
+
+        num_draft = [len(drafts.get(id(s), [])) for s in samplers]
+        k = proposal.tokens.shape[1]
+        # Row r of `logits` belongs to sampler b at offset i: lay them out as [B, k + 1, V].
+        index, row = [], 0
+        for n in num_draft:
+            index.append([row + min(i, n) for i in range(k + 1)])
+            row += n + 1
+        target_logits = logits[torch.tensor(index, device=logits.device)]
+        seqs = [s.seq for s in samplers]
+        result = rejection.verify(
+            target_logits, proposal, [q.params for q in seqs], [q.generator for q in seqs]
+        )
+        emitted = result.tokens.tolist()  # the step's one host sync
+        accepted = result.num_accepted.tolist()
+        verify_s = time.perf_counter() - t0
+
+        m = self.metrics
+        m.num_steps += 1
+        m.draft_time_s += draft_s
+        m.verify_time_s += verify_s
+        m.num_drafted += sum(num_draft)
+        m.num_accepted += sum(accepted)
+        m.num_verify_rows += len(samplers)
+        self.policy.record(
+            batch_size=len(samplers),
+            k=k,
+            verify_s=verify_s,
+            draft_s=draft_s,
+            num_drafted=sum(num_draft),
+            num_accepted=sum(accepted),
+            num_rejected=sum(a < n for a, n in zip(accepted, num_draft)),
+        )
         outputs = []
-        for seq, token in zip(samplers, new_tokens):
-            seq.append(token)
+        for s, n, a, toks in zip(samplers, num_draft, accepted, emitted):
+            seq = s.seq
+            # Keep the accepted drafts' KV entries; forget the rejected ones.
+            self.cache.rollback(seq.slot, s.start + len(s.tokens) + a)
+            seq.metrics.num_drafted += n
+            seq.metrics.num_accepted += a
             seq.metrics.num_steps += 1
-            self.num_generated_tokens += 1
+            new = []
+            for token in toks[: a + 1]:
+                seq.append(token, self.tokenizer)
+                new.append(token)
+                if seq.finish_reason is not None:
+                    break
+            m.num_generated_tokens += len(new)
             if seq.finish_reason is not None:
-                self.scheduler.retire(seq)
-            outputs.append(self._output(seq, [token]))
+                self._retire(seq)
+            outputs.append(self._output(seq, new))
         return outputs
+
+    def _propose(self, samplers: list[ScheduledSeq]):
+        """Draft tokens for the sampling sequences -> ({id(s): drafts}, proposal, seconds)."""
+        k = self.policy.choose(len(samplers)) if samplers else 0
+        if not k:
+            return {}, empty_proposal(len(samplers), self.device), 0.0
+        requests = []
+        for s in samplers:
+            seq = s.seq
+            # Emit at most what is left: the drafts plus one recovered or bonus token.
+            room = seq.max_len - len(seq.tokens) - 1
+            p = seq.params
+            requests.append(
+                DraftRequest(
+                    seq.request_id,
+                    seq.tokens,
+                    max(0, min(k, room)),
+                    0.0 if p.greedy else p.temperature,
+                    p.top_k,
+                    p.top_p,
+                    p.seed,
+                )
+            )
+        t0 = time.perf_counter()
+        proposal = self.proposer.propose(requests)
+        tokens = proposal.tokens.tolist()
+        draft_s = time.perf_counter() - t0
+        proposal.tokens = proposal.tokens.to(self.device)
+        drafts = {}
+        for s, toks in zip(samplers, tokens):
+            drafts[id(s)] = [t for t in toks if t >= 0]
+        return drafts, proposal, draft_s
+
+    def _retire(self, seq: Sequence) -> None:
+        self.scheduler.retire(seq)
+        if self.proposer is not None:
+            self.proposer.release(seq.request_id)
 
     def _output(self, seq: Sequence, new_tokens: list[int]) -> RequestOutput:
         seq.metrics.num_generated_tokens = seq.num_generated
@@ -202,7 +412,11 @@ class Engine:
             seq.metrics.finish_time = time.monotonic()
         text = None
         if finish is not None and self.tokenizer is not None:
-            text = self.tokenizer.decode(seq.generated, skip_special_tokens=True)
+            text = (
+                seq.stop_text
+                if seq.stop_text is not None
+                else self.tokenizer.decode(seq.generated, skip_special_tokens=True)
+            )
         return RequestOutput(seq.request_id, seq.prompt, seq.generated, text, finish, seq.metrics, new_tokens)
 
     def generate(
@@ -235,13 +449,16 @@ class Engine:
 
     def stats(self) -> dict[str, Any]:
         out = {
-            "num_steps": self.num_steps,
-            "num_generated_tokens": self.num_generated_tokens,
+            **self.metrics.summary(),
             "num_running": self.num_running,
             "num_waiting": len(self.scheduler.waiting),
+            "speculation_length": getattr(self.policy, "last_k", getattr(self.policy, "k", 0)),
         }
         if self.shard_group is not None:
             out["shards"] = self.shard_group.stats()
+            out["expert_tokens_per_shard"] = out["shards"]["tokens_per_shard"]
+        elif self.local_experts is not None:
+            out["expert_tokens_per_shard"] = [self.local_experts.num_pairs]
         return out
 
     def shutdown(self) -> None:
@@ -255,3 +472,6 @@ class Engine:
 
     def __exit__(self, *exc) -> None:
         self.shutdown()
+
+
+__all__ = ["Engine", "EngineConfig", "FinishReason"]

@@ -16,16 +16,23 @@ class SamplingParams(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     max_tokens: int = Field(16, ge=1, description="Most tokens to generate.")
-    temperature: float = Field(1.0, ge=0.0, le=100.0, description="0 = greedy (argmax).")
+    temperature: float = Field(
+        1.0, ge=0.0, le=100.0, description="0 = greedy (argmax); below 1e-5 counts as 0."
+    )
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass; 1 = off.")
     top_k: int = Field(0, ge=0, description="Sample among the k most likely tokens; 0 = off.")
     seed: int | None = Field(None, ge=0, description="Seed of this request's own random generator.")
     stop_token_ids: list[int] = Field(default_factory=list, description="Extra tokens that end generation.")
+    stop: list[str] = Field(
+        default_factory=list,
+        max_length=16,
+        description="Strings that end generation; the returned text stops before the first one.",
+    )
     ignore_eos: bool = Field(False, description="Do not stop at the model's end-of-sequence tokens.")
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < 1e-5  # smaller temperatures overflow float32 logits
 
 
 class FinishReason(str, enum.Enum):
@@ -39,11 +46,21 @@ class RequestMetrics:
     num_prompt_tokens: int = 0
     num_generated_tokens: int = 0
     num_steps: int = 0  # engine steps that produced tokens for this request
-    acceptance_rate: float | None = None  # None without speculation
-    mean_accepted_length: float | None = None
+    num_drafted: int = 0  # draft tokens proposed for it
+    num_accepted: int = 0  # of which the target accepted
     arrival_time: float = 0.0
     first_token_time: float | None = None
     finish_time: float | None = None
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        """Accepted / proposed draft tokens; None when nothing was drafted."""
+        return self.num_accepted / self.num_drafted if self.num_drafted else None
+
+    @property
+    def mean_accepted_length(self) -> float | None:
+        """Tokens emitted per verify step (accepted drafts + 1); 1.0 without speculation."""
+        return self.num_generated_tokens / self.num_steps if self.num_steps else None
 
     @property
     def time_to_first_token_s(self) -> float | None:
@@ -92,6 +109,7 @@ class Sequence:
             stops.update(eos_token_ids)
         self.stop_ids = frozenset(stops)
         self.generator: torch.Generator | None = None
+        self.stop_text: str | None = None  # the text up to a matched stop string
         self.metrics = RequestMetrics(num_prompt_tokens=len(prompt), arrival_time=time.monotonic())
 
     @property
@@ -102,12 +120,21 @@ class Sequence:
     def generated(self) -> list[int]:
         return self.tokens[len(self.prompt) :]
 
-    def append(self, token: int) -> None:
+    def append(self, token: int, tokenizer=None) -> None:
         """Add a generated token and decide whether the sequence is finished."""
         self.tokens.append(token)
         if self.metrics.first_token_time is None:
             self.metrics.first_token_time = time.monotonic()
-        if token in self.stop_ids:
+        if token in self.stop_ids or (self.params.stop and self._hit_stop_string(tokenizer)):
             self.finish_reason = FinishReason.STOP
         elif len(self.tokens) >= self.max_len:
             self.finish_reason = FinishReason.LENGTH
+
+    def _hit_stop_string(self, tokenizer) -> bool:
+        text = tokenizer.decode(self.generated, skip_special_tokens=True)
+        # Only the end can hold a new match: the previous token's text had none.
+        tail = max(len(s) for s in self.params.stop) + 16
+        hits = [i for s in self.params.stop if (i := text.find(s, max(0, len(text) - tail))) >= 0]
+        if hits:
+            self.stop_text = text[: min(hits)]
+        return bool(hits)

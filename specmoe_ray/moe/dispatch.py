@@ -38,9 +38,11 @@ class LoopbackDispatch:
 
     def __init__(self, store: ExpertStore):
         self.store = store
+        self.num_pairs = 0  # (token, expert) pairs computed, cumulative
 
     def __call__(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
         T, A = expert_ids.shape
+        self.num_pairs += T * A
         pairs = x[:, None, :].expand(T, A, x.shape[-1]).reshape(T * A, -1)
         return self.store(layer, pairs, expert_ids.reshape(-1)).view(T, A, -1)
 

@@ -9,7 +9,9 @@ from conftest import PROMPTS, hf_logits
 from scipy.stats import chisquare
 
 from specmoe_ray import Engine, SamplingParams
-from specmoe_ray.engine.sampling import make_generator, sample
+from specmoe_ray.engine.sampling import make_generator
+from specmoe_ray.spec.proposer import empty_proposal
+from specmoe_ray.spec.rejection import verify
 
 
 def reference_probs(logits: np.ndarray, temperature: float, top_k: int, top_p: float) -> np.ndarray:
@@ -44,9 +46,11 @@ def chi2_pvalue(counts: np.ndarray, probs: np.ndarray) -> tuple[float, float]:
 
 
 def draw(logits: torch.Tensor, params: SamplingParams, n: int, seed: int = 0) -> np.ndarray:
-    rows = logits[None].expand(n, -1)
+    """n tokens the way the engine emits them without drafts: verification with k = 0."""
+    rows = logits[None, None].expand(n, 1, -1)
     gens = [make_generator(seed + i, "cpu") for i in range(n)]
-    return np.bincount(sample(rows, [params] * n, gens), minlength=logits.shape[-1])
+    result = verify(rows, empty_proposal(n, "cpu"), [params] * n, gens)
+    return np.bincount(result.tokens[:, 0].numpy(), minlength=logits.shape[-1])
 
 
 CASES = [(0.7, 0, 1.0), (1.3, 12, 1.0), (1.0, 0, 0.8), (0.9, 20, 0.9)]

@@ -1,0 +1,141 @@
+"""Speculation length per step: fixed, or chosen from measured acceptance and measured cost.
+
+With per-token acceptance probability a (drafts i.i.d., Leviathan et al. 2023, eq. 1), a step
+that drafts k tokens emits on average (1 - a^(k+1)) / (1 - a) tokens. It costs the draft's
+time for k tokens plus the target's verify over k + 1 tokens per sequence. For an MoE target
+the verify cost grows with k faster than for a dense one, because more tokens touch more
+distinct experts: a layer with E experts, top-K routing and T tokens in the step reads about
+E * (1 - (1 - K/E)^T) experts' weights (DESIGN.md section 6). The adaptive policy picks the k
+in [0, k_max] with the most expected tokens per second; k = 0 (no speculation) is a candidate.
+
+Costs come from measurement: an exponential moving average of the verify time at each k,
+and of the draft time per drafted token. Until a k has been measured, its verify cost is
+extrapolated from the nearest measured k with the byte model above. Every `explore_every`
+steps the policy tries a neighbour of its current choice, so the estimates stay fresh.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+def experts_touched(num_experts: int, top_k: int, num_tokens: int) -> float:
+    """Expected distinct experts of one layer hit by num_tokens independently routed tokens."""
+    if num_experts == 0:
+        return 0.0
+    return num_experts * (1.0 - (1.0 - top_k / num_experts) ** num_tokens)
+
+
+@dataclasses.dataclass(slots=True)
+class StepCostModel:
+    """Bytes a verify step reads, as a function of tokens per step: the prior before measurements."""
+
+    dense_bytes: float  # weights every step reads (attention, norms, embeddings, shared experts)
+    expert_bytes: float  # bytes of one expert of one layer
+    num_moe_layers: int
+    num_experts: int
+    top_k: int
+
+    def bytes_for(self, num_tokens: int) -> float:
+        touched = experts_touched(self.num_experts, self.top_k, num_tokens)
+        return self.dense_bytes + self.num_moe_layers * touched * self.expert_bytes
+
+
+class FixedPolicy:
+    def __init__(self, k: int):
+        if k < 0:
+            raise ValueError(f"speculation length must be >= 0, got {k}")
+        self.k = k
+
+    def choose(self, batch_size: int) -> int:
+        return self.k
+
+    def record(self, **_) -> None:
+        pass
+
+
+class AdaptivePolicy:
+    """Choose k per step to maximise expected emitted tokens per second."""
+
+    def __init__(
+        self,
+        k_max: int,
+        cost_model: StepCostModel | None = None,
+        ema: float = 0.2,
+        explore_every: int = 16,
+        prior_acceptance: float = 0.6,
+    ):
+        if k_max < 0:
+            raise ValueError(f"k_max must be >= 0, got {k_max}")
+        self.k_max = k_max
+        self.cost_model = cost_model
+        self.ema = ema
+        self.explore_every = explore_every
+        self.acceptance = prior_acceptance  # per-token acceptance probability estimate
+        self.verify_s: dict[tuple[int, int], float] = {}  # (batch bucket, k) -> seconds
+        self.draft_s_per_token: float | None = None
+        self.steps = 0
+        self.last_k = min(k_max, 2)
+
+    @staticmethod
+    def _bucket(batch_size: int) -> int:
+        return 1 << max(0, (batch_size - 1).bit_length())  # 1, 2, 4, 8, ...
+
+    def expected_tokens(self, k: int) -> float:
+        a = min(self.acceptance, 0.999)
+        return (1.0 - a ** (k + 1)) / (1.0 - a)
+
+    def verify_cost(self, batch_size: int, k: int) -> float | None:
+        bucket = self._bucket(batch_size)
+        if (bucket, k) in self.verify_s:
+            return self.verify_s[(bucket, k)]
+        measured = [kk for (b, kk) in self.verify_s if b == bucket]
+        if not measured:
+            return None
+        near = min(measured, key=lambda kk: abs(kk - k))
+        base = self.verify_s[(bucket, near)]
+        if self.cost_model is None:
+            return base * (k + 1) / (near + 1)
+        m = self.cost_model
+        return base * m.bytes_for(bucket * (k + 1)) / m.bytes_for(bucket * (near + 1))
+
+    def choose(self, batch_size: int) -> int:
+        self.steps += 1
+        costs = {}
+        for k in range(self.k_max + 1):
+            verify = self.verify_cost(batch_size, k)
+            if verify is None:
+                return self.last_k  # nothing measured for this batch size yet: keep going
+            draft = (self.draft_s_per_token or 0.0) * k
+            costs[k] = self.expected_tokens(k) / (verify + draft)
+        best = max(costs, key=costs.get)
+        if self.explore_every and self.steps % self.explore_every == 0:
+            # Refresh a neighbour's estimate (alternating up and down).
+            step = 1 if (self.steps // self.explore_every) % 2 else -1
+            best = min(self.k_max, max(0, best + step))
+        self.last_k = best
+        return best
+
+    def record(
+        self,
+        *,
+        batch_size: int,
+        k: int,
+        verify_s: float,
+        draft_s: float,
+        num_drafted: int,
+        num_accepted: int,
+        num_rejected: int,
+    ) -> None:
+        """num_rejected: sequences whose drafts were cut short by a rejection this step."""
+        key = (self._bucket(batch_size), k)
+        old = self.verify_s.get(key)
+        self.verify_s[key] = verify_s if old is None else (1 - self.ema) * old + self.ema * verify_s
+        if num_drafted:
+            per_token = draft_s / num_drafted
+            d = self.draft_s_per_token
+            self.draft_s_per_token = per_token if d is None else (1 - self.ema) * d + self.ema * per_token
+            # Maximum-likelihood estimate of a per-token acceptance probability from runs of
+            # accepts that end in a rejection (or in the end of the drafts).
+            rate = num_accepted / max(1, num_accepted + num_rejected)
+            self.acceptance = (1 - self.ema) * self.acceptance + self.ema * rate

@@ -1,0 +1,215 @@
+"""Proposers: where draft tokens come from.
+
+- `DraftModelProposer`: a small model (dense or MoE, any supported architecture) with its
+  own per-sequence KV cache. Each call sends the sequence's whole token list; the proposer
+  keeps the longest common prefix of what it has cached, rolls back the rest and feeds only
+  the difference. So it needs no notice of accepted or rejected drafts, and it stays correct
+  when a sequence moves to another replica (a cold replica just prefills).
+- `NgramProposer`: prompt lookup (Saxena 2023): find the latest earlier occurrence of the
+  sequence's last n tokens and propose what followed it. No model.
+
+Both return a `DraftProposal` whose draft tokens were sampled from exactly the sparse
+distribution they report (one-hot for greedy and n-gram drafts), as verification requires.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import OrderedDict
+
+import torch
+
+from specmoe_ray.engine.sampling import make_generator, target_probs
+from specmoe_ray.models.transformer import Transformer, build_forward_batch
+from specmoe_ray.spec.rejection import DraftProposal, sample_sparse, sparse_from_probs
+
+
+@dataclasses.dataclass(slots=True)
+class DraftRequest:
+    """What a proposer needs of one sequence (plain data: it crosses process boundaries)."""
+
+    seq_id: str
+    tokens: list[int]  # the whole sequence so far (prompt + generated)
+    num_draft: int  # k for this sequence (0 = none)
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+
+
+def empty_proposal(batch: int, device: torch.device | str) -> DraftProposal:
+    return DraftProposal(
+        tokens=torch.full((batch, 0), -1, dtype=torch.long, device=device),
+        num_draft=torch.zeros(batch, dtype=torch.long, device=device),
+        sparse_ids=torch.full((batch, 0, 1), -1, dtype=torch.long, device=device),
+        sparse_probs=torch.zeros(batch, 0, 1, device=device),
+    )
+
+
+def one_hot_proposal(drafts: list[list[int]], device: torch.device | str) -> DraftProposal:
+    """Deterministic drafts: each token's draft distribution is a point mass on it."""
+    B, k = len(drafts), max((len(d) for d in drafts), default=0)
+    tokens = torch.full((B, k), -1, dtype=torch.long)
+    for b, d in enumerate(drafts):
+        tokens[b, : len(d)] = torch.tensor(d, dtype=torch.long)
+    probs = (tokens >= 0).float()[..., None]
+    return DraftProposal(
+        tokens=tokens.to(device),
+        num_draft=torch.tensor([len(d) for d in drafts], dtype=torch.long).to(device),
+        sparse_ids=tokens[..., None].to(device),
+        sparse_probs=probs.to(device),
+    )
+
+
+class NgramProposer:
+    """Prompt lookup: continue the latest earlier match of the last n tokens (n = max_n .. min_n)."""
+
+    def __init__(self, min_n: int = 1, max_n: int = 4, device: torch.device | str = "cpu"):
+        if not 1 <= min_n <= max_n:
+            raise ValueError(f"need 1 <= min_n <= max_n, got min_n={min_n}, max_n={max_n}")
+        self.min_n, self.max_n, self.device = min_n, max_n, device
+
+    def lookup(self, tokens: list[int], k: int) -> list[int]:
+        L = len(tokens)
+        for n in range(min(self.max_n, L - 1), self.min_n - 1, -1):
+            pattern = tokens[L - n :]
+            for start in range(L - n - 1, -1, -1):  # latest match first, excluding the suffix itself
+                if tokens[start : start + n] == pattern:
+                    follow = tokens[start + n : start + n + k]
+                    if follow:
+                        return follow
+        return []
+
+    def propose(self, requests: list[DraftRequest]) -> DraftProposal:
+        return one_hot_proposal(
+            [self.lookup(r.tokens, r.num_draft) if r.num_draft else [] for r in requests], self.device
+        )
+
+    def release(self, seq_id: str) -> None:
+        pass
+
+
+class DraftModelProposer:
+    """A draft model with per-sequence KV caches that reuse the longest common prefix."""
+
+    def __init__(self, model: Transformer, max_num_seqs: int, max_model_len: int, top_n: int = 32):
+        self.model = model
+        self.device = model.lm_head.weight.device
+        self.max_model_len = max_model_len
+        self.top_n = top_n
+        self.cache = model.make_cache(max_num_seqs, max_model_len)
+        # seq_id -> (slot, tokens whose KV the slot holds), least recently used first
+        self.entries: OrderedDict[str, tuple[int, list[int]]] = OrderedDict()
+        self.generators: dict[str, torch.Generator] = {}
+        self.num_proposed = 0
+        self.num_fed_tokens = 0  # tokens run through the draft (prefill + drafting)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model.args.vocab_size
+
+    def _slot_for(self, seq_id: str, busy: set[str]) -> tuple[int, list[int]]:
+        if seq_id in self.entries:
+            self.entries.move_to_end(seq_id)
+            return self.entries[seq_id]
+        if not self.cache.num_free_slots:
+            victim = next((s for s in self.entries if s not in busy), None)
+            if victim is None:
+                raise RuntimeError(f"draft cache holds {self.cache.num_slots} sequences, all in this batch")
+            self.release(victim)
+        entry = (self.cache.allocate(), [])
+        self.entries[seq_id] = entry
+        return entry
+
+    def release(self, seq_id: str) -> None:
+        entry = self.entries.pop(seq_id, None)
+        if entry is not None:
+            self.cache.free(entry[0])
+        self.generators.pop(seq_id, None)
+
+    def _sample(self, logits: torch.Tensor, reqs: list[DraftRequest]):
+        """logits [B, V] -> tokens [B], sparse ids [B, S], sparse probs [B, S]."""
+        B = logits.shape[0]
+        S = min(self.top_n, logits.shape[-1])
+        ids = torch.full((B, S), -1, dtype=torch.long, device=logits.device)
+        probs = torch.zeros(B, S, device=logits.device)
+        greedy = logits.argmax(-1)
+        ids[:, 0], probs[:, 0] = greedy, 1.0
+        rows = [i for i, r in enumerate(reqs) if r.temperature > 0]
+        if rows:
+            dev = logits.device
+            p = target_probs(
+                logits[rows],
+                torch.tensor([reqs[i].temperature for i in rows], device=dev),
+                torch.tensor([reqs[i].top_k for i in rows], device=dev),
+                torch.tensor([reqs[i].top_p for i in rows], device=dev),
+            )
+            sp_ids, sp_probs = sparse_from_probs(p, S)  # [R, S]: the draft samples from exactly this
+            for j, i in enumerate(rows):
+                gen = self.generators.get(reqs[i].seq_id)
+                if gen is None:
+                    seed = None if reqs[i].seed is None else reqs[i].seed + 0x5EED
+                    gen = self.generators[reqs[i].seq_id] = make_generator(seed, dev)
+                ids[i], probs[i] = sp_ids[j], sp_probs[j]
+                greedy[i] = sample_sparse(sp_ids[j], sp_probs[j], gen)
+        return greedy, ids, probs
+
+    @torch.inference_mode()
+    def propose(self, requests: list[DraftRequest]) -> DraftProposal:
+        B = len(requests)
+        k = max((r.num_draft for r in requests), default=0)
+        if k == 0:
+            return empty_proposal(B, self.device)
+        active = [b for b, r in enumerate(requests) if r.num_draft > 0]
+        busy = {requests[b].seq_id for b in active}
+        tokens = torch.full((B, k), -1, dtype=torch.long, device=self.device)
+        S = min(self.top_n, self.vocab_size)
+        sparse_ids = torch.full((B, k, S), -1, dtype=torch.long, device=self.device)
+        sparse_probs = torch.zeros(B, k, S, device=self.device)
+        # First pass: roll each cache back to the common prefix and feed the difference.
+        feeds, starts, slots = [], [], []
+        for b in active:
+            r = requests[b]
+            if any(t >= self.vocab_size for t in r.tokens):
+                raise ValueError(f"sequence {r.seq_id} has token ids outside the draft's vocabulary")
+            slot, cached = self._slot_for(r.seq_id, busy)
+            lcp = 0
+            limit = min(len(cached), len(r.tokens) - 1, self.cache.lengths[slot])
+            while lcp < limit and cached[lcp] == r.tokens[lcp]:
+                lcp += 1
+            self.cache.rollback(slot, lcp)
+            feeds.append(r.tokens[lcp:])
+            starts.append(lcp)
+            slots.append(slot)
+        slot_of = dict(zip(active, slots))
+        drafted: dict[int, list[int]] = {b: [] for b in active}
+        for i in range(k):
+            rows = [b for b in active if requests[b].num_draft > i]
+            if i > 0:  # feed each row its previous draft
+                feeds = [[drafted[b][-1]] for b in rows]
+                starts = [len(requests[b].tokens) + i - 1 for b in rows]
+                slots = [slot_of[b] for b in rows]
+            batch = build_forward_batch(feeds, starts, slots, [len(f) - 1 for f in feeds], self.device)
+            logits = self.model(batch, self.cache)  # [len(rows), V]
+            for f, s in zip(feeds, slots):
+                self.cache.advance(s, len(f))
+                self.num_fed_tokens += len(f)
+            picked, ids, probs = self._sample(logits, [requests[b] for b in rows])
+            index = torch.tensor(rows, device=self.device)
+            tokens[index, i] = picked
+            sparse_ids[index, i] = ids
+            sparse_probs[index, i] = probs
+            for b, t in zip(rows, picked.tolist()):
+                drafted[b].append(t)
+        for b in active:
+            r = requests[b]
+            slot, _ = self.entries[r.seq_id]
+            # The cache now holds the tokens plus every draft but the last.
+            self.entries[r.seq_id] = (slot, r.tokens + drafted[b][:-1])
+            self.num_proposed += len(drafted[b])
+        return DraftProposal(
+            tokens=tokens,
+            num_draft=torch.tensor([r.num_draft for r in requests], dtype=torch.long, device=self.device),
+            sparse_ids=sparse_ids,
+            sparse_probs=sparse_probs,
+        )

@@ -1,0 +1,211 @@
+"""Verification of draft tokens: the accept/resample rule of speculative decoding.
+
+Implements speculative sampling from Leviathan, Kalman and Matias, "Fast Inference from
+Transformers via Speculative Decoding" (ICML 2023), and Chen et al., "Accelerating Large
+Language Model Decoding with Speculative Sampling" (2023). A draft proposes tokens from a
+distribution q, the target scores every position in one pass giving p, and each draft token x
+is kept with probability min(1, p(x) / q(x)); at the first rejection a token is drawn from
+norm(max(0, p - q)). The emitted tokens then follow p exactly, whatever q is. Greedy rows
+(temperature 0) keep the longest prefix equal to the target's argmax instead.
+
+Glossary:
+- *accepted*: draft tokens the target keeps; always a prefix of the row's drafts.
+- *recovered*: the token sampled from the residual norm(max(0, p - q)) at the first rejected
+  position (greedy: the target's argmax there).
+- *bonus*: the extra token sampled from the target at position num_draft when every draft
+  token is accepted (greedy: the target's argmax there).
+Each row emits num_accepted + 1 tokens: its accepted drafts, then one recovered or bonus token.
+
+Shapes: B = sequences, k = most drafts of any sequence this step, V = vocabulary,
+S = support size of a sparse draft distribution.
+
+Randomness: a sampling row draws exactly num_draft + 1 uniforms from its own generator per
+call (one per draft position, then one for the recovered or bonus token), however many it
+accepts. So its tokens and its generator's next state depend only on its own inputs and seed,
+never on the other rows of the batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from specmoe_ray.engine.sampling import target_probs
+
+
+@dataclasses.dataclass(slots=True)
+class DraftProposal:
+    """Draft tokens for B sequences; k = most drafts of any sequence this step."""
+
+    tokens: torch.Tensor  # [B, k] long, -1 past num_draft[b]
+    num_draft: torch.Tensor  # [B] long, 0..k
+    sparse_ids: torch.Tensor  # [B, k, S] long: support of the draft distribution at each position, -1 padding
+    sparse_probs: torch.Tensor  # [B, k, S] float32: its probabilities (sum 1 over valid entries); the draft
+    # token was sampled from exactly this sparse distribution. A greedy draft
+    # position is one-hot: ids[..., 0] = token, probs[..., 0] = 1.
+
+
+@dataclasses.dataclass(slots=True)
+class VerifyResult:
+    tokens: torch.Tensor  # [B, k + 1] long: accepted drafts then one recovered or bonus token, -1 padded
+    num_accepted: torch.Tensor  # [B] long: draft tokens accepted
+    # number of emitted tokens per row = num_accepted + 1
+
+
+def verify(
+    target_logits: torch.Tensor,  # [B, k + 1, V] float32; row b position i = target logits after
+    # the context plus the first i draft tokens of sequence b
+    proposal: DraftProposal,
+    params: list,  # B SamplingParams (temperature, top_k, top_p; temperature 0 = greedy)
+    generators: list[torch.Generator | None],  # B generators; None only for greedy rows
+) -> VerifyResult:
+    """Accept a prefix of each row's drafts and add one recovered or bonus token.
+
+    Greedy rows keep the longest prefix of drafts equal to the target's argmax; sampling rows
+    use the accept/resample rule against p = `target_probs` (the distribution plain sampling
+    uses, temperature, top-k and top-p included). Positions past num_draft[b] are ignored.
+    """
+    B, K1, V = target_logits.shape
+    k = K1 - 1
+    if proposal.tokens.shape != (B, k):
+        raise ValueError(
+            f"target_logits {tuple(target_logits.shape)} needs draft tokens [{B}, {k}], "
+            f"got {tuple(proposal.tokens.shape)}"
+        )
+    if len(params) != B or len(generators) != B:
+        raise ValueError(f"need {B} params and generators, got {len(params)} and {len(generators)}")
+    dev = target_logits.device
+    drafts = proposal.tokens.to(dev)  # [B, k]
+    num_draft = proposal.num_draft.to(dev)  # [B]
+    valid = torch.arange(k, device=dev) < num_draft[:, None]  # [B, k]
+
+    # Greedy for every row (cheap); sampling rows overwrite theirs below.
+    argmax = target_logits.argmax(dim=-1)  # [B, k + 1]
+    match = (drafts == argmax[:, :k]) & valid
+    num_accepted = match.long().cumprod(dim=-1).sum(dim=-1)  # [B]
+    final = argmax.gather(1, num_accepted[:, None])[:, 0]  # [B] recovered or bonus token
+
+    rows = [i for i, p in enumerate(params) if not p.greedy]
+    if rows:
+        # Each row's count of random draws must be known on the host. num_draft is chosen there
+        # (by the speculation policy), so this is no device sync when it lives on the CPU.
+        num_draft_host = proposal.num_draft.tolist()
+        r = torch.tensor(rows, device=dev)
+        acc_r, final_r = _verify_sampled(
+            target_logits[r].float(),
+            drafts[r],
+            proposal.sparse_ids.to(dev)[r],
+            proposal.sparse_probs.to(dev)[r],
+            [params[i] for i in rows],
+            [generators[i] for i in rows],
+            [num_draft_host[i] for i in rows],
+        )
+        num_accepted = num_accepted.index_copy(0, r, acc_r)
+        final = final.index_copy(0, r, final_r)
+
+    positions = torch.arange(K1, device=dev)  # [k + 1]
+    padded = torch.cat([drafts, drafts.new_full((B, 1), -1)], dim=1)  # [B, k + 1]
+    tokens = torch.where(positions < num_accepted[:, None], padded, -1)
+    tokens.scatter_(1, num_accepted[:, None], final[:, None])
+    return VerifyResult(tokens=tokens, num_accepted=num_accepted)
+
+
+def _verify_sampled(
+    logits: torch.Tensor,  # [R, k + 1, V] float32
+    drafts: torch.Tensor,  # [R, k] long, -1 padded
+    q_ids: torch.Tensor,  # [R, k, S] long, -1 padded
+    q_probs: torch.Tensor,  # [R, k, S] float
+    params: list,
+    generators: list[torch.Generator | None],
+    num_draft: list[int],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The accept/resample rule for R sampling rows -> num_accepted [R], final token [R]."""
+    R, K1, V = logits.shape
+    k = K1 - 1
+    dev = logits.device
+    n = torch.tensor(num_draft, device=dev)  # [R]
+    valid = torch.arange(k, device=dev) < n[:, None]  # [R, k]
+
+    temperature = torch.tensor([p.temperature for p in params], device=dev, dtype=torch.float32)
+    top_k = torch.tensor([p.top_k for p in params], device=dev)
+    top_p = torch.tensor([p.top_p for p in params], device=dev, dtype=torch.float32)
+    p = target_probs(
+        logits.reshape(R * K1, V),
+        temperature.repeat_interleave(K1),
+        top_k.repeat_interleave(K1),
+        top_p.repeat_interleave(K1),
+    ).view(R, K1, V)
+
+    u = _draw_uniforms(generators, num_draft, K1, dev)  # [R, k + 1] float64
+    x = drafts.clamp(min=0)  # [R, k]
+    p_x = p[:, :k].gather(-1, x[..., None])[..., 0].double()  # [R, k]
+    q_x = (q_probs.double() * (q_ids == x[..., None])).sum(dim=-1)  # [R, k]
+    # u < p/q without dividing; q_x > 0 for a token sampled from q, and u < 1 keeps p >= q accepted.
+    accept = (u[:, :k] * q_x < p_x) & valid
+    num_accepted = accept.long().cumprod(dim=-1).sum(dim=-1)  # [R]
+
+    # At position a = num_accepted: residual p - q after a rejection, p itself for the bonus.
+    a = num_accepted
+    p_a = p.gather(1, a[:, None, None].expand(R, 1, V))[:, 0].double()  # [R, V]
+    rejected = a < n  # [R]
+    a_q = a.clamp(max=max(k - 1, 0))[:, None, None]
+    if k > 0:
+        ids_a = q_ids.gather(1, a_q.expand(R, 1, q_ids.shape[-1]))[:, 0]  # [R, S]
+        probs_a = q_probs.gather(1, a_q.expand(R, 1, q_ids.shape[-1]))[:, 0].double()
+        probs_a = probs_a * rejected[:, None]  # bonus rows subtract nothing
+    else:
+        ids_a = torch.full((R, 1), -1, dtype=torch.long, device=dev)
+        probs_a = torch.zeros(R, 1, dtype=torch.float64, device=dev)
+    dist = _recovered_or_bonus_probs(p_a, ids_a, probs_a)  # [R, V], unnormalised
+
+    # Inverse-CDF sample with the row's last uniform; a zero-mass token is never chosen since
+    # its CDF step is flat, and u < 1 keeps the target below the total mass.
+    cdf = dist.cumsum(dim=-1)  # [R, V]
+    u_final = u.gather(1, n[:, None])  # [R, 1]
+    final = torch.searchsorted(cdf, u_final * cdf[:, -1:], right=True)[:, 0].clamp(max=V - 1)
+    return num_accepted, final
+
+
+def _recovered_or_bonus_probs(
+    p: torch.Tensor,  # [R, V] float64: target distribution at the final position
+    q_ids: torch.Tensor,  # [R, S] long, -1 padded: draft support there (all -1 or zero-prob for bonus rows)
+    q_probs: torch.Tensor,  # [R, S] float64: draft probabilities there (zeros for bonus rows)
+) -> torch.Tensor:
+    """max(0, p - q), or p where that has no mass -> [R, V] float64, not normalised."""
+    q_probs = q_probs.masked_fill(q_ids < 0, 0.0)
+    residual = p.scatter_add(-1, q_ids.clamp(min=0), -q_probs).clamp(min=0.0)
+    return torch.where(residual.sum(dim=-1, keepdim=True) > 0, residual, p)
+
+
+def _draw_uniforms(
+    generators: list[torch.Generator | None], num_draft: list[int], width: int, device: torch.device
+) -> torch.Tensor:
+    """num_draft[r] + 1 uniforms from row r's own generator, left-aligned -> [R, width] float64."""
+    draws = []
+    for g, m in zip(generators, num_draft, strict=True):
+        if g is None:
+            raise ValueError("a sampling row (temperature > 0) needs its own torch.Generator")
+        draws.append(torch.rand(m + 1, generator=g, device=g.device, dtype=torch.float64))
+    n = torch.tensor(num_draft, device=device)
+    u = torch.ones(len(draws), width, dtype=torch.float64, device=device)
+    u[torch.arange(width, device=device) <= n[:, None]] = torch.cat(draws).to(device)  # row-major fill
+    return u
+
+
+def sparse_from_probs(probs: torch.Tensor, top_n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """probs [..., V] -> ids [..., N] long, probs [..., N] float32, N = min(top_n, V).
+
+    Keeps the top_n most likely tokens and renormalises; zero-probability entries become
+    padding (id -1, prob 0). Drafts sample from exactly this sparse distribution, so that the
+    q used in verification is the distribution the token really came from.
+    """
+    top, ids = torch.topk(probs.float(), min(top_n, probs.shape[-1]), dim=-1)
+    ids = ids.masked_fill(top <= 0, -1)
+    return ids, top / top.sum(dim=-1, keepdim=True)
+
+
+def sample_sparse(ids: torch.Tensor, probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One token from a sparse distribution: ids [S] (-1 padding), probs [S] -> token, 0-dim long."""
+    weights = probs.float().masked_fill(ids < 0, 0.0)
+    return ids[torch.multinomial(weights, 1, generator=generator)[0]]
