@@ -146,4 +146,55 @@ def hf_logits(path: str, tokens: list[int], dtype=torch.float32) -> torch.Tensor
         return model(torch.tensor([tokens])).logits[0].float()
 
 
+def save_char_tokenizer(path: str) -> None:
+    """A character-level tokenizer over the 96 printable ASCII characters (ids 0..95)."""
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {chr(i): i - 32 for i in range(32, 128)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.decoder = decoders.Fuse()
+    PreTrainedTokenizerFast(tokenizer_object=tok).save_pretrained(path)
+
+
+def reference_probs(logits, temperature: float, top_k: int, top_p: float):
+    """float64 numpy, written from the definitions: temperature, then top-k, then top-p (nucleus)."""
+    import numpy as np
+
+    z = np.asarray(logits, dtype=np.float64) / temperature
+    order = np.argsort(-z, kind="stable")
+    keep = np.zeros_like(z, dtype=bool)
+    keep[order[: top_k or len(z)]] = True
+    p = np.where(keep, np.exp(z - z.max()), 0.0)
+    p /= p.sum()
+    if top_p < 1.0:
+        cum = 0.0
+        nucleus = np.zeros_like(keep)
+        for i in order:  # most likely first, until the mass reaches top_p
+            if not keep[i] or cum >= top_p:
+                break
+            nucleus[i] = True
+            cum += p[i]
+        p = np.where(nucleus, p, 0.0)
+    return p / p.sum()
+
+
+def chi2_pvalue(counts, probs) -> tuple[float, float]:
+    """Chi-square goodness of fit, cells with expected count < 5 merged into one."""
+    import numpy as np
+    from scipy.stats import chisquare
+
+    counts, probs = np.asarray(counts, dtype=np.float64).ravel(), np.asarray(probs, dtype=np.float64).ravel()
+    expected = probs * counts.sum()
+    big = expected >= 5
+    obs = np.append(counts[big], counts[~big].sum())
+    exp = np.append(expected[big], expected[~big].sum())
+    if exp[-1] == 0:
+        if obs[-1] > 0:
+            return float("inf"), 0.0  # a token with zero target probability was emitted
+        obs, exp = obs[:-1], exp[:-1]
+    stat, p = chisquare(obs, exp)
+    return float(stat), float(p)
+
+
 PROMPTS = [[5, 9, 17, 3], [60, 2, 7, 8, 9, 10, 11, 12, 13, 40, 41, 42, 43, 44, 45, 46, 47], [77]]

@@ -5,44 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import PROMPTS, hf_logits
-from scipy.stats import chisquare
+from conftest import PROMPTS, chi2_pvalue, hf_logits, reference_probs
 
 from specmoe_ray import Engine, SamplingParams
 from specmoe_ray.engine.sampling import make_generator
 from specmoe_ray.spec.proposer import empty_proposal
 from specmoe_ray.spec.rejection import verify
-
-
-def reference_probs(logits: np.ndarray, temperature: float, top_k: int, top_p: float) -> np.ndarray:
-    """float64, written from the definitions: temperature, then top-k, then top-p (nucleus)."""
-    z = logits.astype(np.float64) / temperature
-    order = np.argsort(-z, kind="stable")
-    keep = np.zeros_like(z, dtype=bool)
-    keep[order[: top_k or len(z)]] = True
-    p = np.where(keep, np.exp(z - z.max()), 0.0)
-    p /= p.sum()
-    cum = 0.0
-    nucleus = np.zeros_like(keep)
-    for i in order:  # most likely first, until the mass reaches top_p
-        if not keep[i] or cum >= top_p:
-            break
-        nucleus[i] = True
-        cum += p[i]
-    p = np.where(nucleus, p, 0.0)
-    return p / p.sum()
-
-
-def chi2_pvalue(counts: np.ndarray, probs: np.ndarray) -> tuple[float, float]:
-    n = counts.sum()
-    expected = probs * n
-    big = expected >= 5
-    obs = np.append(counts[big], counts[~big].sum())
-    exp = np.append(expected[big], expected[~big].sum())
-    if exp[-1] == 0:
-        obs, exp = obs[:-1], exp[:-1]
-    stat, p = chisquare(obs, exp)
-    return float(stat), float(p)
 
 
 def draw(logits: torch.Tensor, params: SamplingParams, n: int, seed: int = 0) -> np.ndarray:

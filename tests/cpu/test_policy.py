@@ -1,0 +1,76 @@
+"""The speculation policy: its cost model against simulation, its choices against the math."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from specmoe_ray.spec.policy import AdaptivePolicy, FixedPolicy, StepCostModel, experts_touched
+
+
+@pytest.mark.parametrize(("E", "K", "T"), [(128, 8, 1), (128, 8, 4), (64, 6, 9), (8, 2, 3)])
+def test_experts_touched_matches_simulated_routing(E, K, T):
+    g = torch.Generator().manual_seed(0)
+    trials = 4000
+    # Each token picks K distinct experts uniformly at random.
+    picks = torch.rand(trials, T, E, generator=g).argsort(-1)[..., :K]
+    hit = torch.zeros(trials, E, dtype=torch.bool)
+    hit.scatter_(1, picks.reshape(trials, -1), True)
+    simulated = hit.sum(-1).double().mean().item()
+    assert abs(simulated - experts_touched(E, K, T)) < 0.02 * E**0.5, (simulated, experts_touched(E, K, T))
+
+
+def test_expected_tokens_per_step_formula():
+    p = AdaptivePolicy(k_max=8, prior_acceptance=0.7)
+    for k in range(6):
+        brute = sum(0.7**i for i in range(k + 1))  # 1 + a + ... + a^k
+        assert p.expected_tokens(k) == pytest.approx(brute)
+
+
+def feed(policy: AdaptivePolicy, cost, acceptance: float, steps: int = 200, batch: int = 1) -> list[int]:
+    """Drive the policy with a synthetic step cost and acceptance; return its choices."""
+    choices = []
+    for _ in range(steps):
+        k = policy.choose(batch)
+        choices.append(k)
+        accepted = round(acceptance * k)
+        policy.record(
+            batch_size=batch,
+            k=k,
+            verify_s=cost(k),
+            draft_s=0.001 * k,
+            num_drafted=k * batch,
+            num_accepted=accepted * batch,
+            num_rejected=batch if accepted < k else 0,
+        )
+    return choices
+
+
+def test_high_acceptance_and_flat_cost_speculates_deep():
+    choices = feed(AdaptivePolicy(k_max=6), cost=lambda k: 0.010, acceptance=0.95)
+    assert max(set(choices[-50:]), key=choices[-50:].count) >= 5
+
+
+def test_useless_draft_turns_speculation_off():
+    choices = feed(AdaptivePolicy(k_max=6), cost=lambda k: 0.010 * (1 + 0.3 * k), acceptance=0.0)
+    assert choices[-50:].count(0) >= 40  # mostly off; an occasional exploration step remains
+
+
+def test_moe_cost_model_makes_speculation_shallower():
+    """Same acceptance, but verify cost grows with the experts k + 1 tokens touch."""
+    moe = StepCostModel(dense_bytes=1e8, expert_bytes=1e7, num_moe_layers=48, num_experts=128, top_k=8)
+    assert moe.bytes_for(1) == pytest.approx(1e8 + 48 * 8 * 1e7)  # one token: exactly top_k experts
+    assert moe.bytes_for(10_000) == pytest.approx(1e8 + 48 * 128 * 1e7)  # many tokens: every expert
+    flat = feed(AdaptivePolicy(k_max=6), cost=lambda k: 0.010, acceptance=0.7)
+    steep = feed(
+        AdaptivePolicy(k_max=6, cost_model=moe),
+        cost=lambda k: 0.010 * moe.bytes_for(k + 1) / 1e9,
+        acceptance=0.7,
+    )
+    assert sum(steep[-50:]) < sum(flat[-50:])
+
+
+def test_fixed_policy():
+    assert FixedPolicy(3).choose(8) == 3
+    with pytest.raises(ValueError, match="must be >= 0"):
+        FixedPolicy(-1)

@@ -1,0 +1,226 @@
+"""Speculative decoding is lossless: greedy equals transformers, sampling follows the target."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import PROMPTS, chi2_pvalue, hf_greedy, make_checkpoint, reference_probs, save_char_tokenizer
+
+from specmoe_ray import Engine, SamplingParams
+from specmoe_ray.spec import rejection
+from specmoe_ray.spec.proposer import NgramProposer
+
+NEW = 24
+GREEDY = SamplingParams(max_tokens=NEW, temperature=0.0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def pair(checkpoints, tmp_path_factory):
+    """target (MoE), and a poor draft: a random dense model with the same vocabulary."""
+    target = checkpoints("qwen3_moe")
+    poor = make_checkpoint(str(tmp_path_factory.mktemp("poor") / "llama"), "llama", seed=123)
+    return target, poor, hf_greedy(target, PROMPTS, NEW)
+
+
+def drafts(pair):
+    target, poor, _ = pair
+    return {"self": target, "poor": poor, "ngram": "ngram"}
+
+
+@pytest.mark.parametrize("k", [1, 3, 5])
+@pytest.mark.parametrize("which", ["self", "poor", "ngram"])
+def test_greedy_speculation_equals_target_greedy(pair, which, k):
+    target, _, ref = pair
+    with Engine.from_pretrained(
+        target, draft=drafts(pair)[which], num_speculative_tokens=k, max_model_len=128
+    ) as engine:
+        outs = engine.generate(PROMPTS, GREEDY)
+        stats = engine.stats()
+    assert [o.token_ids for o in outs] == ref
+    if which == "self":  # the target drafting for itself is always right
+        assert stats["acceptance_rate"] > 0.95, stats
+        assert stats["mean_accepted_length"] > 0.9 * (k + 1) or k == 5
+    if which == "poor":
+        assert stats["acceptance_rate"] < 0.5, stats
+    for o in outs:
+        assert o.metrics.num_generated_tokens == NEW
+        assert o.metrics.acceptance_rate is None or 0 <= o.metrics.acceptance_rate <= 1
+
+
+@pytest.mark.parametrize("which", ["self", "poor", "ngram"])
+def test_greedy_speculation_with_expert_shards(ray_cluster, pair, which):
+    target, _, ref = pair
+    with Engine.from_pretrained(
+        target, draft=drafts(pair)[which], num_shards=2, num_speculative_tokens=3, max_model_len=128
+    ) as engine:
+        outs = engine.generate(PROMPTS, GREEDY)
+        stats = engine.stats()
+    assert [o.token_ids for o in outs] == ref
+    assert all(n > 0 for n in stats["expert_tokens_per_shard"])
+
+
+def test_mixed_batch_of_lengths_and_temperatures(pair):
+    target, poor, ref = pair
+    params = [
+        GREEDY,
+        SamplingParams(max_tokens=NEW, temperature=0.9, top_k=20, seed=7, ignore_eos=True),
+        GREEDY,
+        SamplingParams(max_tokens=10, temperature=1.3, top_p=0.9, seed=8, ignore_eos=True),
+    ]
+    prompts = [PROMPTS[0], PROMPTS[1], PROMPTS[2], PROMPTS[1][:5]]
+    runs = []
+    for _ in range(2):
+        with Engine.from_pretrained(
+            target, draft=poor, num_speculative_tokens=3, max_model_len=128
+        ) as engine:
+            runs.append([o.token_ids for o in engine.generate(prompts, params)])
+    outs = runs[0]
+    assert outs[0] == ref[0] and outs[2] == ref[2]
+    assert len(outs[1]) == NEW and len(outs[3]) == 10
+    assert runs[0] == runs[1], "seeded requests reproduce"
+
+
+def test_requests_join_while_others_run(pair):
+    target, poor, ref = pair
+    with Engine.from_pretrained(target, draft=poor, num_speculative_tokens=4, max_model_len=128) as engine:
+        ids = [engine.add_request(PROMPTS[0], GREEDY)]
+        done = {}
+        for step in range(500):
+            if step in (2, 5):
+                ids.append(engine.add_request(PROMPTS[len(ids)], GREEDY))
+            for out in engine.step():
+                if out.finished:
+                    done[out.request_id] = out.token_ids
+            if len(done) == 3:
+                break
+    assert [done[i] for i in ids] == ref
+
+
+def test_adaptive_policy_is_lossless(pair):
+    target, _, ref = pair
+    with Engine.from_pretrained(
+        target, draft=target, spec_policy="adaptive", num_speculative_tokens=6, max_model_len=128
+    ) as engine:
+        outs = engine.generate(PROMPTS * 3, GREEDY)
+    assert [o.token_ids for o in outs] == ref * 3
+
+
+def test_cancellation_frees_slot_and_draft_cache(pair):
+    target, poor, _ = pair
+    with Engine.from_pretrained(target, draft=poor, max_num_seqs=2, max_model_len=128) as engine:
+        a = engine.add_request(PROMPTS[0], SamplingParams(max_tokens=100, temperature=0.0, ignore_eos=True))
+        b = engine.add_request(PROMPTS[1], SamplingParams(max_tokens=100, temperature=0.0, ignore_eos=True))
+        c = engine.add_request(PROMPTS[2], GREEDY)
+        for _ in range(3):
+            engine.step()
+        assert engine.num_running == 2 and engine.cache.num_free_slots == 0
+        assert a in engine.proposer.entries
+        assert engine.abort(a)
+        assert engine.num_running == 1 and engine.cache.num_free_slots == 1
+        assert a not in engine.proposer.entries
+        assert not engine.abort(a)
+        finished = {}
+        while engine.has_unfinished():
+            for out in engine.step():
+                if out.finished:
+                    finished[out.request_id] = out
+                if len(finished) == 1:
+                    engine.abort(b)
+        assert c in finished and a not in finished and b not in finished
+
+
+def test_stop_strings(tmp_path):
+    path = make_checkpoint(str(tmp_path / "tok"), "qwen3_moe", seed=5)
+    save_char_tokenizer(path)
+    prompt = "def f(x):"
+    with Engine.from_pretrained(path, draft="ngram", max_model_len=128) as engine:
+        full = engine.generate([prompt], GREEDY)[0]
+        stop = full.text[6:8]
+        cut = full.text.find(stop)
+        out = engine.generate(
+            [prompt], SamplingParams(max_tokens=NEW, temperature=0.0, stop=[stop, "\x7f\x7f"])
+        )[0]
+    assert out.finish_reason == "stop"
+    assert out.text == full.text[:cut]
+    # Tokens stop at the one that completed the stop string.
+    assert out.token_ids == full.token_ids[: cut + len(stop)]
+
+
+def test_ngram_lookup():
+    ng = NgramProposer(min_n=1, max_n=3)
+    assert ng.lookup([1, 2, 3, 9, 1, 2, 3], 3) == [9, 1, 2]
+    assert ng.lookup([5, 1, 2, 7, 8, 1, 2], 2) == [7, 8]  # latest match of the longest suffix
+    assert ng.lookup([1, 2, 3], 3) == []
+
+
+# -- losslessness of sampling, end to end ---------------------------------------------------
+
+V = 16
+PROMPT = [3, 7, 1]
+TEMPERATURE, TOP_K = 0.8, 12
+N = 20_000
+
+
+@pytest.fixture(scope="module")
+def tiny_pair(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    target = make_checkpoint(str(root / "target"), "qwen2_moe", seed=11, vocab_size=V)
+    draft = make_checkpoint(str(root / "draft"), "llama", seed=99, vocab_size=V)
+    return target, draft
+
+
+def exact_first_two(target: str) -> np.ndarray:
+    """P(t1, t2 | prompt) in float64 from transformers' model: [V, V]."""
+    import transformers as T
+
+    model = T.AutoModelForCausalLM.from_pretrained(
+        target, dtype=torch.float64, experts_implementation="eager"
+    )
+    model = model.eval()
+    with torch.no_grad():
+        first = model(torch.tensor([PROMPT])).logits[0, -1].numpy()
+        seconds = model(torch.tensor([[*PROMPT, t] for t in range(V)])).logits[:, -1].numpy()
+    p1 = reference_probs(first, TEMPERATURE, TOP_K, 1.0)
+    p2 = np.stack([reference_probs(seconds[t], TEMPERATURE, TOP_K, 1.0) for t in range(V)])
+    return p1[:, None] * p2
+
+
+def sample_first_two(target: str, draft: str) -> np.ndarray:
+    counts = np.zeros((V, V))
+    batch = 5_000
+    with Engine.from_pretrained(
+        target,
+        draft=draft,
+        num_speculative_tokens=2,
+        draft_top_n=6,
+        max_num_seqs=batch,
+        max_model_len=8,
+        max_num_batched_tokens=batch * 8,
+    ) as engine:
+        for start in range(0, N, batch):
+            params = [
+                SamplingParams(
+                    max_tokens=2, temperature=TEMPERATURE, top_k=TOP_K, seed=start + i, ignore_eos=True
+                )
+                for i in range(batch)
+            ]
+            for out in engine.generate([PROMPT] * batch, params):
+                counts[out.token_ids[0], out.token_ids[1]] += 1
+        stats = engine.stats()
+    assert 0.05 < stats["acceptance_rate"] < 0.9, f"the draft should be a different distribution: {stats}"
+    return counts
+
+
+def test_sampling_follows_target_distribution(tiny_pair):
+    target, draft = tiny_pair
+    stat, p = chi2_pvalue(sample_first_two(target, draft), exact_first_two(target))
+    assert p > 1e-3, f"chi-square {stat:.1f}, p={p:.3g} over {N} samples of (t1, t2)"
+
+
+def test_broken_rule_is_detected(tiny_pair, monkeypatch):
+    """Resampling from p instead of the residual max(0, p - q) is a classic bug: the test sees it."""
+    target, draft = tiny_pair
+    monkeypatch.setattr(rejection, "_recovered_or_bonus_probs", lambda p, ids, probs: p)
+    stat, p = chi2_pvalue(sample_first_two(target, draft), exact_first_two(target))
+    assert p < 1e-6, f"broken rule not detected: chi-square {stat:.1f}, p={p:.3g}"
