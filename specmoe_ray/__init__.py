@@ -1,6 +1,7 @@
 """specmoe-ray: lossless speculative decoding for Mixture-of-Experts models, served on Ray."""
 
-from specmoe_ray.engine.engine import Engine
+from specmoe_ray.config import ConfigError, ServeConfig
+from specmoe_ray.engine.engine import Engine, EngineConfig
 from specmoe_ray.engine.sequence import RequestOutput, SamplingParams
 from specmoe_ray.errors import (
     CheckpointError,
@@ -13,7 +14,10 @@ from specmoe_ray.errors import (
 
 __all__ = [
     "CheckpointError",
+    "ConfigError",
     "Engine",
+    "EngineConfig",
+    "ServeConfig",
     "RequestError",
     "RequestOutput",
     "SamplingParams",

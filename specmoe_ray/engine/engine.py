@@ -164,13 +164,17 @@ class Engine:
         device: str = "cpu",
         dtype: str | torch.dtype = "auto",
         shard_options: Any = None,
+        proposer: Any = None,
         **config_kwargs,
     ) -> Engine:
         """Load a local HF checkpoint; experts in-process (num_shards=0) or on Ray actors.
 
         draft: a local checkpoint directory (a dense or MoE model sharing the target's
         vocabulary), "ngram" (prompt lookup), or None (no speculation).
+        proposer: a ready proposer object instead of `draft` (e.g. a draft-pool client).
         """
+        if draft is not None and proposer is not None:
+            raise ValueError("pass either draft or proposer, not both")
         if device not in ("cpu", "cuda"):
             raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
         if device == "cuda" and not torch.cuda.is_available():
@@ -212,7 +216,6 @@ class Engine:
             )
             model.set_expert_backend(shard_group.start())
         try:
-            proposer = None
             if draft == "ngram":
                 proposer = NgramProposer(device=device)
             elif draft is not None:

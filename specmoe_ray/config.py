@@ -1,0 +1,157 @@
+"""User-facing deployment configuration, validated once at the boundary.
+
+A deployment YAML is a Ray Serve config file (`serve run` / `serve deploy` take it as is):
+its application's `args` are a `ServeConfig`. `ServeConfig.from_yaml` reads either that file
+or a bare `ServeConfig` mapping.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from specmoe_ray.errors import CheckpointError, SpecMoEError
+
+APP_IMPORT_PATH = "specmoe_ray.serving.app:app_builder"
+
+
+class ConfigError(SpecMoEError, ValueError):
+    """A deployment config is invalid; the message names the field."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+def resolve_model_path(path: str) -> str:
+    """`demo-target` / `demo-draft` name the shipped demo pair; other paths are used as given."""
+    if path in ("demo-target", "demo-draft"):
+        from specmoe_ray import demo
+
+        return demo.TARGET_DIR if path == "demo-target" else demo.DRAFT_DIR
+    return os.path.expanduser(path)
+
+
+class ModelConfig(_Strict):
+    name: str = Field("specmoe", min_length=1, description="Model id clients send as `model` (OpenAI API).")
+    target: str = Field(
+        ..., min_length=1, description="Target checkpoint directory (config.json + *.safetensors), or demo-target."
+    )
+    draft: str | None = Field(
+        None, description="Draft checkpoint directory, demo-draft, 'ngram' (prompt lookup), or null (no speculation)."
+    )
+    device: Literal["cpu", "cuda"] = Field("cpu", description="Where the trunk and the shards run.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Weights dtype.")
+
+
+class EngineSettings(_Strict):
+    max_num_seqs: int = Field(16, ge=1, le=4096, description="Sequences a verifier replica runs at once.")
+    max_model_len: int | None = Field(None, ge=2, description="Context length per sequence (default: model's, <= 4096).")
+    max_num_batched_tokens: int = Field(2048, ge=1, description="Prompt tokens per step; longer prompts prefill in chunks.")
+    num_speculative_tokens: int = Field(4, ge=0, le=16, description="Draft tokens per step (the most, if adaptive).")
+    spec_policy: Literal["fixed", "adaptive"] = Field("fixed", description="Speculation length: fixed k, or chosen per step.")
+    draft_top_n: int = Field(32, ge=1, description="Support size of the sparse draft distributions.")
+
+
+class ShardsConfig(_Strict):
+    num_shards: int = Field(0, ge=0, description="Expert shard actors (0 = experts in the verifier's process).")
+    num_cpus: float = Field(1.0, ge=0, description="CPUs per shard actor.")
+    num_gpus: float | None = Field(None, ge=0, description="GPUs per shard (default: 1 on cuda, 0 on cpu).")
+    resources: dict[str, float] = Field(default_factory=dict, description="Custom resources every shard needs.")
+    bundle_resources: list[dict[str, float]] | None = Field(
+        None, description="Per-shard extra resources (round robin), e.g. one node label each, to pin shards."
+    )
+    strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="Placement-group strategy across nodes."
+    )
+    startup_timeout_s: float = Field(300.0, gt=0, description="Reserve resources, start actors, load experts.")
+    collective_timeout_s: float = Field(120.0, gt=0, description="Join the process group; any one collective.")
+
+
+class DraftPoolConfig(_Strict):
+    placement: Literal["local", "pool"] = Field(
+        "local", description="local: the draft runs in the verifier's process (lowest latency); pool: a DraftPool deployment."
+    )
+    num_replicas: int = Field(1, ge=1, description="DraftPool replicas (ignored with autoscaling_config).")
+    autoscaling_config: dict[str, Any] | None = Field(None, description="Serve autoscaling_config of the DraftPool.")
+    affinity: bool = Field(True, description="Keep each sequence's proposals on the replica that holds its draft cache.")
+    max_num_seqs: int = Field(256, ge=1, description="Draft caches a pool replica keeps (least recently used go first).")
+    ray_actor_options: dict[str, Any] = Field(default_factory=lambda: {"num_cpus": 1}, description="Per replica.")
+    timeout_s: float = Field(30.0, gt=0, description="Bound on one proposal call.")
+
+
+class VerifierConfig(_Strict):
+    num_replicas: int = Field(1, ge=1, description="Verifier replicas, each with its own engine and shard group.")
+    max_ongoing_requests: int = Field(256, ge=1, description="Requests a replica accepts at once (queued in its engine).")
+    ray_actor_options: dict[str, Any] = Field(default_factory=lambda: {"num_cpus": 1}, description="Per replica.")
+    autoscaling_config: dict[str, Any] | None = Field(None, description="Serve autoscaling_config of the Verifier.")
+
+
+class IngressConfig(_Strict):
+    api_key: str | None = Field(None, description="Bearer token clients must send; null = open (see api_key_env).")
+    api_key_env: str | None = Field(
+        "SPECMOE_API_KEY", description="Environment variable that, when set, holds the bearer token."
+    )
+    max_body_bytes: int = Field(1_000_000, ge=1024, description="Largest request body accepted (413 above).")
+    max_tokens_limit: int = Field(4096, ge=1, description="Largest max_tokens a request may ask for.")
+    num_replicas: int = Field(1, ge=1, description="Ingress replicas.")
+
+
+class ServeConfig(_Strict):
+    """Everything one specmoe application needs: model, engine, shards, draft pool, verifier, ingress."""
+
+    model: ModelConfig
+    engine: EngineSettings = Field(default_factory=EngineSettings)
+    shards: ShardsConfig = Field(default_factory=ShardsConfig)
+    draft_pool: DraftPoolConfig = Field(default_factory=DraftPoolConfig)
+    verifier: VerifierConfig = Field(default_factory=VerifierConfig)
+    ingress: IngressConfig = Field(default_factory=IngressConfig)
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str = "config") -> ServeConfig:
+        try:
+            return cls.model_validate(data)
+        except ValidationError as e:
+            raise ConfigError(f"{source}: invalid specmoe config:\n{_format_errors(e)}") from None
+
+    @classmethod
+    def from_yaml(cls, path: str, app_name: str | None = None) -> ServeConfig:
+        """Read a Serve config file (its specmoe application's args) or a bare ServeConfig YAML."""
+        try:
+            with open(path) as f:
+                data = yaml.safe_load(f)
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML ({e})") from None
+        if isinstance(data, dict) and "applications" in data:
+            apps = [a for a in data["applications"] or [] if a.get("import_path") == APP_IMPORT_PATH]
+            if app_name is not None:
+                apps = [a for a in apps if a.get("name") == app_name]
+            if not apps:
+                raise ConfigError(f"{path}: no application with import_path {APP_IMPORT_PATH!r}")
+            data = apps[0].get("args") or {}
+        return cls.from_dict(data, source=path)
+
+    def check_paths(self) -> None:
+        """Fail early, with the field's name, when a checkpoint path does not exist here."""
+        for field, value in (("model.target", self.model.target), ("model.draft", self.model.draft)):
+            if value is None or value == "ngram":
+                continue
+            path = resolve_model_path(value)
+            if not os.path.isfile(os.path.join(path, "config.json")):
+                raise CheckpointError(f"{field}: no checkpoint at {path!r} (expected a directory with config.json)")
+
+    def engine_kwargs(self) -> dict[str, Any]:
+        return self.engine.model_dump()
+
+
+def _format_errors(e: ValidationError) -> str:
+    lines = []
+    for err in e.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "<root>"
+        lines.append(f"  {loc}: {err['msg']}")
+    return "\n".join(lines)
