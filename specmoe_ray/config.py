@@ -38,10 +38,13 @@ def resolve_model_path(path: str) -> str:
 class ModelConfig(_Strict):
     name: str = Field("specmoe", min_length=1, description="Model id clients send as `model` (OpenAI API).")
     target: str = Field(
-        ..., min_length=1, description="Target checkpoint directory (config.json + *.safetensors), or demo-target."
+        ...,
+        min_length=1,
+        description="Target checkpoint directory (config.json + *.safetensors), or demo-target.",
     )
     draft: str | None = Field(
-        None, description="Draft checkpoint directory, demo-draft, 'ngram' (prompt lookup), or null (no speculation)."
+        None,
+        description="Draft checkpoint directory, demo-draft, 'ngram' (prompt lookup), or null (none).",
     )
     device: Literal["cpu", "cuda"] = Field("cpu", description="Where the trunk and the shards run.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Weights dtype.")
@@ -49,49 +52,84 @@ class ModelConfig(_Strict):
 
 class EngineSettings(_Strict):
     max_num_seqs: int = Field(16, ge=1, le=4096, description="Sequences a verifier replica runs at once.")
-    max_model_len: int | None = Field(None, ge=2, description="Context length per sequence (default: model's, <= 4096).")
-    max_num_batched_tokens: int = Field(2048, ge=1, description="Prompt tokens per step; longer prompts prefill in chunks.")
-    num_speculative_tokens: int = Field(4, ge=0, le=16, description="Draft tokens per step (the most, if adaptive).")
-    spec_policy: Literal["fixed", "adaptive"] = Field("fixed", description="Speculation length: fixed k, or chosen per step.")
+    max_model_len: int | None = Field(
+        None, ge=2, description="Context length per sequence (default: model's, <= 4096)."
+    )
+    max_num_batched_tokens: int = Field(
+        2048, ge=1, description="Prompt tokens per step; longer prompts prefill in chunks."
+    )
+    num_speculative_tokens: int = Field(
+        4, ge=0, le=16, description="Draft tokens per step (the most, if adaptive)."
+    )
+    spec_policy: Literal["fixed", "adaptive"] = Field(
+        "fixed", description="Speculation length: fixed k, or chosen per step."
+    )
     draft_top_n: int = Field(32, ge=1, description="Support size of the sparse draft distributions.")
 
 
 class ShardsConfig(_Strict):
-    num_shards: int = Field(0, ge=0, description="Expert shard actors (0 = experts in the verifier's process).")
+    num_shards: int = Field(
+        0, ge=0, description="Expert shard actors (0 = experts in the verifier's process)."
+    )
     num_cpus: float = Field(1.0, ge=0, description="CPUs per shard actor.")
     num_gpus: float | None = Field(None, ge=0, description="GPUs per shard (default: 1 on cuda, 0 on cpu).")
-    resources: dict[str, float] = Field(default_factory=dict, description="Custom resources every shard needs.")
+    resources: dict[str, float] = Field(
+        default_factory=dict, description="Custom resources every shard needs."
+    )
     bundle_resources: list[dict[str, float]] | None = Field(
         None, description="Per-shard extra resources (round robin), e.g. one node label each, to pin shards."
     )
     strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
         "PACK", description="Placement-group strategy across nodes."
     )
-    startup_timeout_s: float = Field(300.0, gt=0, description="Reserve resources, start actors, load experts.")
-    collective_timeout_s: float = Field(120.0, gt=0, description="Join the process group; any one collective.")
+    startup_timeout_s: float = Field(
+        300.0, gt=0, description="Reserve resources, start actors, load experts."
+    )
+    collective_timeout_s: float = Field(
+        120.0, gt=0, description="Join the process group; any one collective."
+    )
 
 
 class DraftPoolConfig(_Strict):
     placement: Literal["local", "pool"] = Field(
-        "local", description="local: the draft runs in the verifier's process (lowest latency); pool: a DraftPool deployment."
+        "local",
+        description="local: the draft runs in the verifier's process (lowest latency); pool: a DraftPool.",
     )
     num_replicas: int = Field(1, ge=1, description="DraftPool replicas (ignored with autoscaling_config).")
-    autoscaling_config: dict[str, Any] | None = Field(None, description="Serve autoscaling_config of the DraftPool.")
-    affinity: bool = Field(True, description="Keep each sequence's proposals on the replica that holds its draft cache.")
-    max_num_seqs: int = Field(256, ge=1, description="Draft caches a pool replica keeps (least recently used go first).")
-    ray_actor_options: dict[str, Any] = Field(default_factory=lambda: {"num_cpus": 1}, description="Per replica.")
+    autoscaling_config: dict[str, Any] | None = Field(
+        None, description="Serve autoscaling_config of the DraftPool."
+    )
+    affinity: bool = Field(
+        True, description="Keep each sequence's proposals on the replica that holds its draft cache."
+    )
+    max_num_seqs: int = Field(
+        256, ge=1, description="Draft caches a pool replica keeps (least recently used go first)."
+    )
+    ray_actor_options: dict[str, Any] = Field(
+        default_factory=lambda: {"num_cpus": 1}, description="Per replica."
+    )
     timeout_s: float = Field(30.0, gt=0, description="Bound on one proposal call.")
 
 
 class VerifierConfig(_Strict):
-    num_replicas: int = Field(1, ge=1, description="Verifier replicas, each with its own engine and shard group.")
-    max_ongoing_requests: int = Field(256, ge=1, description="Requests a replica accepts at once (queued in its engine).")
-    ray_actor_options: dict[str, Any] = Field(default_factory=lambda: {"num_cpus": 1}, description="Per replica.")
-    autoscaling_config: dict[str, Any] | None = Field(None, description="Serve autoscaling_config of the Verifier.")
+    num_replicas: int = Field(
+        1, ge=1, description="Verifier replicas, each with its own engine and shard group."
+    )
+    max_ongoing_requests: int = Field(
+        256, ge=1, description="Requests a replica accepts at once (queued in its engine)."
+    )
+    ray_actor_options: dict[str, Any] = Field(
+        default_factory=lambda: {"num_cpus": 1}, description="Per replica."
+    )
+    autoscaling_config: dict[str, Any] | None = Field(
+        None, description="Serve autoscaling_config of the Verifier."
+    )
 
 
 class IngressConfig(_Strict):
-    api_key: str | None = Field(None, description="Bearer token clients must send; null = open (see api_key_env).")
+    api_key: str | None = Field(
+        None, description="Bearer token clients must send; null = open (see api_key_env)."
+    )
     api_key_env: str | None = Field(
         "SPECMOE_API_KEY", description="Environment variable that, when set, holds the bearer token."
     )
@@ -143,7 +181,9 @@ class ServeConfig(_Strict):
                 continue
             path = resolve_model_path(value)
             if not os.path.isfile(os.path.join(path, "config.json")):
-                raise CheckpointError(f"{field}: no checkpoint at {path!r} (expected a directory with config.json)")
+                raise CheckpointError(
+                    f"{field}: no checkpoint at {path!r} (expected a directory with config.json)"
+                )
 
     def engine_kwargs(self) -> dict[str, Any]:
         return self.engine.model_dump()

@@ -125,8 +125,11 @@ def hf_greedy(path: str, prompts: list[list[int]], max_new_tokens: int) -> list[
     model = T.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     outs = []
     for p in prompts:
+        ids = torch.tensor([p])
+        # An explicit mask: otherwise transformers masks prompt tokens equal to pad_token_id.
         out = model.generate(
-            torch.tensor([p]),
+            ids,
+            attention_mask=torch.ones_like(ids),
             max_new_tokens=max_new_tokens,
             min_new_tokens=0,
             do_sample=False,

@@ -148,7 +148,9 @@ class AsyncEngine:
             if not finished:
                 self._commands.put(_Abort(request_id))
 
-    async def generate(self, request_id: str, prompt: list[int] | str, params: SamplingParams) -> RequestOutput:
+    async def generate(
+        self, request_id: str, prompt: list[int] | str, params: SamplingParams
+    ) -> RequestOutput:
         last = None
         async for out in self.generate_stream(request_id, prompt, params):
             last = out

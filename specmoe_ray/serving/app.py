@@ -40,11 +40,17 @@ def build_app(config: ServeConfig) -> serve.Application:
         else:
             options["num_replicas"] = dp.num_replicas
         pool = DraftPool.options(**options).bind(
-            resolve_model_path(config.model.draft), config.model.dtype, dp.max_num_seqs, max_len,
+            resolve_model_path(config.model.draft),
+            config.model.dtype,
+            dp.max_num_seqs,
+            max_len,
             config.engine.draft_top_n,
         )
     v = config.verifier
-    v_options: dict[str, Any] = {"ray_actor_options": v.ray_actor_options, "max_ongoing_requests": v.max_ongoing_requests}
+    v_options: dict[str, Any] = {
+        "ray_actor_options": v.ray_actor_options,
+        "max_ongoing_requests": v.max_ongoing_requests,
+    }
     if v.autoscaling_config:
         v_options["autoscaling_config"] = v.autoscaling_config
     else:

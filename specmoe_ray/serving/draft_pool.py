@@ -45,14 +45,16 @@ def decode_requests(payload: bytes) -> tuple[list[DraftRequest], list[str]]:
 
 def encode_proposal(p: DraftProposal, replica: str) -> bytes:
     B, k, S = p.sparse_ids.shape
-    return msgpack.packb({
-        "shape": [B, k, S],
-        "tokens": p.tokens.cpu().numpy().astype("<i8").tobytes(),
-        "num_draft": p.num_draft.tolist(),
-        "ids": p.sparse_ids.cpu().numpy().astype("<i8").tobytes(),
-        "probs": p.sparse_probs.float().cpu().numpy().astype("<f4").tobytes(),
-        "replica": replica,
-    })
+    return msgpack.packb(
+        {
+            "shape": [B, k, S],
+            "tokens": p.tokens.cpu().numpy().astype("<i8").tobytes(),
+            "num_draft": p.num_draft.tolist(),
+            "ids": p.sparse_ids.cpu().numpy().astype("<i8").tobytes(),
+            "probs": p.sparse_probs.float().cpu().numpy().astype("<f4").tobytes(),
+            "replica": replica,
+        }
+    )
 
 
 def decode_proposal(payload: bytes) -> tuple[DraftProposal, str]:
@@ -140,8 +142,14 @@ def _owner(seq_id: str, replicas: list[str]) -> str:
 class PoolProposer:
     """The engine-side client of a DraftPool: one call per replica per step."""
 
-    def __init__(self, handle, device: torch.device | str, affinity: bool = True, timeout_s: float = 30.0,
-                 refresh_s: float = 5.0):
+    def __init__(
+        self,
+        handle,
+        device: torch.device | str,
+        affinity: bool = True,
+        timeout_s: float = 30.0,
+        refresh_s: float = 5.0,
+    ):
         self.handle = handle
         self.device = device
         self.affinity = affinity
@@ -193,7 +201,9 @@ class PoolProposer:
                 results.append((rows, proposal))
             except Exception as e:  # no drafts for these sequences this step; output stays exact
                 self.num_failed_calls += 1
-                log.warning("draft pool call failed (%s); continuing without drafts for %d sequences", e, len(rows))
+                log.warning(
+                    "draft pool call failed (%s); continuing without drafts for %d sequences", e, len(rows)
+                )
                 self._refresh(force=True)
         if not results:
             return empty_proposal(B, self.device)
@@ -211,5 +221,9 @@ class PoolProposer:
             merged.num_draft[idx] = p.num_draft
             merged.sparse_ids[idx, :kk, :ss] = p.sparse_ids
             merged.sparse_probs[idx, :kk, :ss] = p.sparse_probs
-        return DraftProposal(*(t.to(self.device) for t in (merged.tokens, merged.num_draft, merged.sparse_ids,
-                                                          merged.sparse_probs)))
+        return DraftProposal(
+            *(
+                t.to(self.device)
+                for t in (merged.tokens, merged.num_draft, merged.sparse_ids, merged.sparse_probs)
+            )
+        )

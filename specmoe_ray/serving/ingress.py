@@ -37,12 +37,16 @@ FALLBACK_CHAT_TEMPLATE = (
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error"):
+    def __init__(
+        self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error"
+    ):
         super().__init__(message)
         self.status, self.message, self.param, self.kind = status, message, param, kind
 
     def response(self) -> JSONResponse:
-        body = {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.status}}
+        body = {
+            "error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.status}
+        }
         return JSONResponse(body, status_code=self.status)
 
 
@@ -112,8 +116,12 @@ class Ingress:
 
     def _authorize(self, request: Request) -> None:
         if self.api_key and request.headers.get("authorization") != f"Bearer {self.api_key}":
-            raise ApiError(401, "missing or wrong API key (send 'Authorization: Bearer <key>')", None,
-                           "authentication_error")
+            raise ApiError(
+                401,
+                "missing or wrong API key (send 'Authorization: Bearer <key>')",
+                None,
+                "authentication_error",
+            )
 
     async def _parse(self, request: Request, model: type[BaseModel]) -> Any:
         self._authorize(request)
@@ -139,8 +147,12 @@ class Ingress:
             field = ".".join(str(p) for p in err["loc"]) or "body"
             raise ApiError(400, f"{field}: {err['msg']}", field) from None
         if req.model != self.model_name:
-            raise ApiError(404, f"model {req.model!r} not found; this server serves {self.model_name!r}", "model",
-                           "not_found_error")
+            raise ApiError(
+                404,
+                f"model {req.model!r} not found; this server serves {self.model_name!r}",
+                "model",
+                "not_found_error",
+            )
         return req
 
     def _prompt_ids(self, prompt: str | list[int], field: str = "prompt") -> list[int]:
@@ -157,8 +169,10 @@ class Ingress:
             raise ApiError(400, f"{field}: the prompt is empty", field)
         if len(ids) >= self.max_model_len:
             raise ApiError(
-                400, f"{field}: {len(ids)} tokens, but the context holds {self.max_model_len} "
-                f"including the completion", field,
+                400,
+                f"{field}: {len(ids)} tokens, but the context holds {self.max_model_len} "
+                f"including the completion",
+                field,
             )
         return ids
 
@@ -176,13 +190,16 @@ class Ingress:
             raise ApiError(400, "messages: this model has no tokenizer, so no chat template", "messages")
         messages = [m.model_dump() for m in req.messages]
         template = None if getattr(self.tokenizer, "chat_template", None) else FALLBACK_CHAT_TEMPLATE
-        text = self.tokenizer.apply_chat_template(messages, chat_template=template, add_generation_prompt=True,
-                                                  tokenize=False)
+        text = self.tokenizer.apply_chat_template(
+            messages, chat_template=template, add_generation_prompt=True, tokenize=False
+        )
         return self._prompt_ids(text, "messages")
 
     # -- the one path every request takes ----------------------------------------------------
 
-    async def _run(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[dict]:
+    async def _run(
+        self, request_id: str, prompt_ids: list[int], params: SamplingParams
+    ) -> AsyncIterator[dict]:
         """Chunks from the verifier, with text deltas; cancelling it cancels the request."""
         stream = self.verifier.options(stream=True).generate_stream.remote(
             {"request_id": request_id, "prompt": prompt_ids, "params": params.model_dump()}
@@ -195,7 +212,8 @@ class Ingress:
                 done = chunk["finish_reason"] is not None
                 if done:
                     chunk["full_text"] = detok.tokenizer and detok.tokenizer.decode(
-                        detok.tokens, skip_special_tokens=True)
+                        detok.tokens, skip_special_tokens=True
+                    )
                 yield chunk
         finally:
             if not done:
@@ -217,9 +235,20 @@ class Ingress:
     @app.get("/v1/models")
     async def models(self, request: Request) -> JSONResponse:
         self._authorize(request)
-        return JSONResponse({"object": "list", "data": [
-            {"id": self.model_name, "object": "model", "created": 0, "owned_by": "specmoe-ray",
-             "max_model_len": self.max_model_len}]})
+        return JSONResponse(
+            {
+                "object": "list",
+                "data": [
+                    {
+                        "id": self.model_name,
+                        "object": "model",
+                        "created": 0,
+                        "owned_by": "specmoe-ray",
+                        "max_model_len": self.max_model_len,
+                    }
+                ],
+            }
+        )
 
     @app.post("/v1/completions")
     async def completions(self, request: Request):
@@ -242,7 +271,11 @@ class Ingress:
         obj = "chat.completion" if chat else "text_completion"
 
         def usage(n: int) -> dict[str, int]:
-            return {"prompt_tokens": len(prompt_ids), "completion_tokens": n, "total_tokens": len(prompt_ids) + n}
+            return {
+                "prompt_tokens": len(prompt_ids),
+                "completion_tokens": n,
+                "total_tokens": len(prompt_ids) + n,
+            }
 
         if not req.stream:
             text, last = "", None
@@ -254,19 +287,33 @@ class Ingress:
                 choice["message"] = {"role": "assistant", "content": text}
             else:
                 choice["text"] = text
-            return JSONResponse({
-                "id": rid, "object": obj, "created": created, "model": self.model_name, "choices": [choice],
-                "usage": usage(last["num_generated"]),
-                "metrics": {"acceptance_rate": last.get("acceptance_rate"),
-                            "mean_accepted_length": last.get("mean_accepted_length")},
-            })
+            return JSONResponse(
+                {
+                    "id": rid,
+                    "object": obj,
+                    "created": created,
+                    "model": self.model_name,
+                    "choices": [choice],
+                    "usage": usage(last["num_generated"]),
+                    "metrics": {
+                        "acceptance_rate": last.get("acceptance_rate"),
+                        "mean_accepted_length": last.get("mean_accepted_length"),
+                    },
+                }
+            )
 
         async def events() -> AsyncIterator[str]:
             chunk_obj = "chat.completion.chunk" if chat else "text_completion"
             base = {"id": rid, "object": chunk_obj, "created": created, "model": self.model_name}
             if chat:
-                yield _sse({**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                                 "finish_reason": None}]})
+                yield _sse(
+                    {
+                        **base,
+                        "choices": [
+                            {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
+                        ],
+                    }
+                )
             n = 0
             async for chunk in self._run(rid, prompt_ids, params):
                 n = chunk["num_generated"]
@@ -302,13 +349,22 @@ class Ingress:
             text += chunk["text"]
             last = chunk
         return GenerateResponse(
-            request_id=rid, text=text, token_ids=last["all_token_ids"], finish_reason=last["finish_reason"],
-            prompt_tokens=len(prompt_ids), completion_tokens=last["num_generated"],
-            acceptance_rate=last.get("acceptance_rate"), mean_accepted_length=last.get("mean_accepted_length"),
+            request_id=rid,
+            text=text,
+            token_ids=last["all_token_ids"],
+            finish_reason=last["finish_reason"],
+            prompt_tokens=len(prompt_ids),
+            completion_tokens=last["num_generated"],
+            acceptance_rate=last.get("acceptance_rate"),
+            mean_accepted_length=last.get("mean_accepted_length"),
         )
 
     async def generate_stream(self, req: GenerateRequest | dict) -> AsyncIterator[GenerateChunk]:
         rid, prompt_ids, params = self._handle_request(req)
         async for chunk in self._run(rid, prompt_ids, params):
-            yield GenerateChunk(request_id=rid, text=chunk["text"], token_ids=chunk["token_ids"],
-                                finish_reason=chunk["finish_reason"])
+            yield GenerateChunk(
+                request_id=rid,
+                text=chunk["text"],
+                token_ids=chunk["token_ids"],
+                finish_reason=chunk["finish_reason"],
+            )

@@ -30,15 +30,21 @@ class EngineMetrics:
         self.tokens.set_default_tags(tags)
         self.steps = metrics.Counter("specmoe_engine_steps", "Engine steps.", tag_keys=("model",))
         self.steps.set_default_tags(tags)
-        self.acceptance = metrics.Gauge("specmoe_acceptance_rate", "Accepted / drafted tokens.", tag_keys=("model",))
+        self.acceptance = metrics.Gauge(
+            "specmoe_acceptance_rate", "Accepted / drafted tokens.", tag_keys=("model",)
+        )
         self.acceptance.set_default_tags(tags)
         self.step_time = metrics.Histogram(
-            "specmoe_step_seconds", "Engine step time.", boundaries=[0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1, 3],
+            "specmoe_step_seconds",
+            "Engine step time.",
+            boundaries=[0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1, 3],
             tag_keys=("model",),
         )
         self.step_time.set_default_tags(tags)
         self.expert_tokens = metrics.Gauge(
-            "specmoe_expert_tokens", "(token, expert) pairs computed per shard, cumulative.", tag_keys=("model", "shard")
+            "specmoe_expert_tokens",
+            "(token, expert) pairs computed per shard, cumulative.",
+            tag_keys=("model", "shard"),
         )
         self.expert_tokens.set_default_tags(tags)
         self.requests = metrics.Counter(
@@ -68,8 +74,12 @@ def build_engine(cfg: ServeConfig, draft_pool=None) -> Engine:
     cfg.check_paths()
     s = cfg.shards
     shard_options = ShardOptions(
-        num_cpus=s.num_cpus, num_gpus=s.num_gpus, resources=dict(s.resources), strategy=s.strategy,
-        bundle_resources=s.bundle_resources, startup_timeout_s=s.startup_timeout_s,
+        num_cpus=s.num_cpus,
+        num_gpus=s.num_gpus,
+        resources=dict(s.resources),
+        strategy=s.strategy,
+        bundle_resources=s.bundle_resources,
+        startup_timeout_s=s.startup_timeout_s,
         collective_timeout_s=s.collective_timeout_s,
     )
     draft, proposer = cfg.model.draft, None
@@ -79,14 +89,24 @@ def build_engine(cfg: ServeConfig, draft_pool=None) -> Engine:
 
             if draft_pool is None:
                 raise ValueError("draft_pool.placement is 'pool' but no DraftPool handle was given")
-            proposer = PoolProposer(draft_pool, cfg.model.device, affinity=cfg.draft_pool.affinity,
-                                    timeout_s=cfg.draft_pool.timeout_s)
+            proposer = PoolProposer(
+                draft_pool,
+                cfg.model.device,
+                affinity=cfg.draft_pool.affinity,
+                timeout_s=cfg.draft_pool.timeout_s,
+            )
             draft = None
         else:
             draft = resolve_model_path(draft)
     return Engine.from_pretrained(
-        resolve_model_path(cfg.model.target), draft=draft, proposer=proposer, num_shards=s.num_shards,
-        device=cfg.model.device, dtype=cfg.model.dtype, shard_options=shard_options, **cfg.engine_kwargs(),
+        resolve_model_path(cfg.model.target),
+        draft=draft,
+        proposer=proposer,
+        num_shards=s.num_shards,
+        device=cfg.model.device,
+        dtype=cfg.model.dtype,
+        shard_options=shard_options,
+        **cfg.engine_kwargs(),
     )
 
 
@@ -101,8 +121,11 @@ class Verifier:
         """request: {request_id, prompt (token ids), params (SamplingParams fields)} -> chunks."""
         params = SamplingParams(**request["params"])
         async for out in self.engine.generate_stream(request["request_id"], request["prompt"], params):
-            chunk = {"token_ids": out.new_token_ids, "num_generated": len(out.token_ids),
-                     "finish_reason": out.finish_reason}
+            chunk = {
+                "token_ids": out.new_token_ids,
+                "num_generated": len(out.token_ids),
+                "finish_reason": out.finish_reason,
+            }
             if out.finished:
                 m = out.metrics
                 chunk["num_prompt_tokens"] = m.num_prompt_tokens

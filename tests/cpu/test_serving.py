@@ -1,0 +1,343 @@
+"""The Serve application on a 3-node local cluster: HTTP, handles, the draft pool, bad input."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import http.client
+import json
+import socket
+import time
+
+import pytest
+from conftest import NODE_RESOURCES, hf_greedy, make_checkpoint, save_char_tokenizer
+from ray import serve
+
+from specmoe_ray import ConfigError, Engine, SamplingParams, ServeConfig
+from specmoe_ray.serving import build_app
+from specmoe_ray.serving.protocol import GenerateRequest
+
+TEXT_PROMPTS = ["def f(x):", "import os\nfor i in range(10):", "class A"]
+NEW = 16
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serving")
+    target = make_checkpoint(str(root / "target"), "qwen3_moe", seed=5)
+    draft = make_checkpoint(str(root / "draft"), "qwen3", seed=6)
+    save_char_tokenizer(target)
+    save_char_tokenizer(draft)
+    return target, draft
+
+
+def config(target: str, draft: str, **over) -> ServeConfig:
+    data = {
+        "model": {"name": "tiny", "target": target, "draft": draft},
+        "engine": {"max_model_len": 128, "num_speculative_tokens": 3},
+        # One shard on each worker node: the data plane crosses raylets.
+        "shards": {
+            "num_shards": 2,
+            "num_cpus": 0.25,
+            "strategy": "SPREAD",
+            "bundle_resources": [{NODE_RESOURCES[1]: 1}, {NODE_RESOURCES[2]: 1}],
+        },
+        "draft_pool": {"placement": "pool", "num_replicas": 2, "ray_actor_options": {"num_cpus": 0.25}},
+        "verifier": {"ray_actor_options": {"num_cpus": 0.25, "resources": {NODE_RESOURCES[0]: 1}}},
+    }
+    for section, values in over.items():
+        data[section] = {**data.get(section, {}), **values}
+    return ServeConfig.from_dict(data)
+
+
+@pytest.fixture(scope="module")
+def server(ray_cluster, models):
+    """The app with a 2-replica draft pool; yields (port, ingress handle, app name)."""
+    target, draft = models
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
+    handle = serve.run(build_app(config(target, draft)), name="main", route_prefix="/")
+    yield port, handle
+    serve.shutdown()
+
+
+def post(port: int, path: str, body, headers=None, raw: bytes | None = None):
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    data = raw if raw is not None else json.dumps(body).encode()
+    conn.request("POST", path, data, {"Content-Type": "application/json", **(headers or {})})
+    resp = conn.getresponse()
+    out = resp.status, resp.read().decode()
+    conn.close()
+    return out
+
+
+def greedy_ids(port: int, prompt: str) -> list[int]:
+    status, body = post(
+        port, "/v1/completions", {"model": "tiny", "prompt": prompt, "max_tokens": NEW, "temperature": 0}
+    )
+    assert status == 200, body
+    return json.loads(body)
+
+
+def test_http_handle_engine_and_transformers_agree(server, models):
+    port, handle = server
+    target, draft = models
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(target)
+    prompts = [tok.encode(p, add_special_tokens=False) for p in TEXT_PROMPTS]
+    ref = hf_greedy(target, prompts, NEW)
+    greedy = SamplingParams(max_tokens=NEW, temperature=0.0)
+    with Engine.from_pretrained(target, draft=draft, max_model_len=128) as engine:
+        in_process = [o.token_ids for o in engine.generate(prompts, greedy)]
+    via_handle = [
+        handle.generate.remote(GenerateRequest(prompt=p, params=greedy)).result().token_ids
+        for p in TEXT_PROMPTS
+    ]
+    via_http = []
+    for p in TEXT_PROMPTS:
+        body = greedy_ids(port, p)
+        via_http.append(tok.encode(body["choices"][0]["text"], add_special_tokens=False))
+        assert body["usage"]["completion_tokens"] == NEW
+    assert via_http == via_handle == in_process == ref, (via_http, via_handle, in_process, ref)
+
+
+def test_openai_client_completions_and_chat(server):
+    import openai
+
+    port, _ = server
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused")
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+    full = client.completions.create(model="tiny", prompt="def f(x):", max_tokens=NEW, temperature=0)
+    streamed = "".join(
+        c.choices[0].text
+        for c in client.completions.create(
+            model="tiny", prompt="def f(x):", max_tokens=NEW, temperature=0, stream=True
+        )
+    )
+    assert streamed == full.choices[0].text and full.usage.completion_tokens == NEW
+    chat = client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=NEW, temperature=0
+    )
+    chunks = list(
+        client.chat.completions.create(
+            model="tiny",
+            messages=[{"role": "user", "content": "hi"}],
+            max_tokens=NEW,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    streamed_chat = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed_chat == chat.choices[0].message.content
+    assert chunks[-1].usage.completion_tokens == NEW == chat.usage.completion_tokens
+    assert chat.choices[0].finish_reason == "length"
+
+
+def test_twenty_concurrent_streams(server):
+    port, _ = server
+
+    def stream(i: int) -> tuple[int, int]:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+        n = 5 + i % 7
+        conn.request(
+            "POST",
+            "/v1/completions",
+            json.dumps(
+                {
+                    "model": "tiny",
+                    "prompt": f"x{i} = ",
+                    "max_tokens": n,
+                    "temperature": 0.7,
+                    "seed": i,
+                    "stream": True,
+                    "stream_options": {"include_usage": True},
+                }
+            ),
+            {"Content-Type": "application/json"},
+        )
+        resp = conn.getresponse()
+        assert resp.status == 200
+        usage, done = None, False
+        for line in resp.read().decode().splitlines():
+            if line == "data: [DONE]":
+                done = True
+            elif line.startswith("data: "):
+                event = json.loads(line[6:])
+                usage = event.get("usage") or usage
+        conn.close()
+        assert done
+        return n, usage["completion_tokens"]
+
+    with concurrent.futures.ThreadPoolExecutor(20) as pool:
+        results = list(pool.map(stream, range(20)))
+    assert all(want == got for want, got in results), results
+
+
+def pool_stats(app: str = "main") -> list[dict]:
+    h = serve.get_deployment_handle("DraftPool", app_name=app)
+    return h.broadcast("stats").results(timeout_s=30)
+
+
+def test_draft_pool_affinity_and_placements_agree(server, models):
+    port, handle = server
+    target, draft = models
+    greedy = SamplingParams(max_tokens=NEW, temperature=0.0)
+    prompts = [f"v{i} = [{i}, " for i in range(8)]
+
+    async def run_all(h):
+        return [
+            r.token_ids
+            for r in await asyncio.gather(
+                *[
+                    h.generate.remote(GenerateRequest(prompt=p, params=greedy, request_id=f"aff-{i}"))
+                    for i, p in enumerate(prompts)
+                ]
+            )
+        ]
+
+    with_affinity = asyncio.run(run_all(handle))
+    stats = pool_stats()
+    assert len(stats) == 2 and all(s["num_calls"] > 0 for s in stats), "proposals reach both replicas"
+    seen = [set(s["seen"]) & {f"aff-{i}" for i in range(8)} for s in stats]
+    assert not (seen[0] & seen[1]), f"a sequence's proposals moved between replicas: {seen}"
+    assert seen[0] | seen[1] == {f"aff-{i}" for i in range(8)}
+
+    no_affinity = serve.run(
+        build_app(config(target, draft, draft_pool={"affinity": False})), name="noaff", route_prefix="/noaff"
+    )
+    without = asyncio.run(run_all(no_affinity))
+    moved = [set(s["seen"]) for s in pool_stats("noaff")]
+    serve.delete("noaff")
+    local = serve.run(
+        build_app(config(target, draft, draft_pool={"placement": "local"})),
+        name="local",
+        route_prefix="/local",
+    )
+    in_verifier = asyncio.run(run_all(local))
+    serve.delete("local")
+    assert moved[0] & moved[1], "without affinity sequences spread over both replicas"
+    assert with_affinity == without == in_verifier
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "param"),
+    [
+        (b"{not json", 400, "body"),
+        ([1, 2], 400, "body"),
+        ({"model": "other", "prompt": "x"}, 404, "model"),
+        ({"model": "tiny", "prompt": ""}, 400, "prompt"),
+        ({"model": "tiny", "prompt": []}, 400, "prompt"),
+        ({"model": "tiny", "prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
+        ({"model": "tiny", "prompt": "x", "max_tokens": 100000}, 400, "max_tokens"),
+        ({"model": "tiny", "prompt": "x", "temperature": -1}, 400, "temperature"),
+        ({"model": "tiny", "prompt": "x", "top_p": 0}, 400, "top_p"),
+        ({"model": "tiny", "prompt": "x", "top_p": 1.5}, 400, "top_p"),
+        ({"model": "tiny", "prompt": "x" * 200}, 400, "prompt"),
+        ({"model": "tiny", "prompt": [1, 2, 999]}, 400, "prompt"),
+        ({"model": "tiny"}, 400, "prompt"),
+        ({"model": "tiny", "prompt": "x", "n": 3}, 400, "n"),
+        ({"model": "tiny", "prompt": "x" * 2_000_000}, 413, "body"),
+    ],
+)
+def test_bad_requests_name_the_field_and_server_keeps_serving(server, body, status, param):
+    port, _ = server
+    raw = body if isinstance(body, bytes) else None
+    got, text = post(port, "/v1/completions", body, raw=raw)
+    assert got == status, text
+    error = json.loads(text)["error"]
+    assert error["param"] == param and param in error["message"], error
+    assert greedy_ids(port, "ok")["usage"]["completion_tokens"] == NEW
+
+
+def test_bad_chat_request(server):
+    port, _ = server
+    got, text = post(port, "/v1/chat/completions", {"model": "tiny", "messages": []})
+    assert got == 400 and json.loads(text)["error"]["param"] == "messages"
+    got, text = post(
+        port, "/v1/chat/completions", {"model": "tiny", "messages": [{"role": "robot", "content": "x"}]}
+    )
+    assert got == 400 and "messages.0.role" in json.loads(text)["error"]["param"]
+
+
+def verifier_running() -> int:
+    return serve.get_deployment_handle("Verifier", app_name="main").stats.remote().result()["num_running"]
+
+
+def test_client_disconnect_frees_its_slot(server):
+    port, _ = server
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    conn.request(
+        "POST",
+        "/v1/completions",
+        json.dumps({"model": "tiny", "prompt": "loop", "max_tokens": 100, "temperature": 0, "stream": True}),
+        {"Content-Type": "application/json"},
+    )
+    resp = conn.getresponse()
+    resp.fp.readline()  # the first event arrived: the request is running
+    assert verifier_running() == 1
+    conn.sock.shutdown(socket.SHUT_RDWR)
+    conn.close()
+    deadline = time.time() + 30
+    while verifier_running() and time.time() < deadline:
+        time.sleep(0.2)
+    assert verifier_running() == 0
+    assert greedy_ids(port, "after")["usage"]["completion_tokens"] == NEW
+
+
+def test_api_key(server, models):
+    port, _ = server
+    target, _ = models
+    serve.run(
+        build_app(config(target, "ngram", shards={"num_shards": 0}, ingress={"api_key": "s3cret"})),
+        name="keyed",
+        route_prefix="/keyed",
+    )
+    try:
+        got, text = post(port, "/keyed/v1/completions", {"model": "tiny", "prompt": "x"})
+        assert got == 401, text
+        got, text = post(
+            port,
+            "/keyed/v1/completions",
+            {"model": "tiny", "prompt": "x", "max_tokens": 2},
+            headers={"Authorization": "Bearer s3cret"},
+        )
+        assert got == 200, text
+    finally:
+        serve.delete("keyed")
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"model": {"target": "x"}, "shards": {"num_shards": -1}}, "shards.num_shards"),
+        ({"model": {"target": "x"}, "shards": {"num_shard": 2}}, "shards.num_shard: Extra inputs"),
+        ({"model": {"target": "x"}, "verifier": {"num_replicas": 0}}, "verifier.num_replicas"),
+        ({"modle": {"target": "x"}}, "modle: Extra inputs"),
+    ],
+)
+def test_config_errors_fail_at_load(change, message):
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
+        ServeConfig.from_dict(change)
+
+
+def test_missing_checkpoint_path_fails_at_build(models, tmp_path):
+    target, _ = models
+    cfg = ServeConfig.from_dict({"model": {"target": target, "draft": str(tmp_path / "nope")}})
+    with pytest.raises(Exception, match=r"model\.draft: no checkpoint at .*nope"):
+        build_app(cfg)
+    (tmp_path / "bad.yaml").write_text(
+        "applications:\n- name: x\n  import_path: specmoe_ray.serving.app:app_builder\n"
+        "  args: {model: {target: /x}, engine: {num_speculative_tokens: -2}}\n"
+    )
+    with pytest.raises(
+        ConfigError, match=r"bad.yaml: invalid specmoe config:\n  engine.num_speculative_tokens"
+    ):
+        ServeConfig.from_yaml(str(tmp_path / "bad.yaml"))
