@@ -175,10 +175,14 @@ class Engine:
         """
         if draft is not None and proposer is not None:
             raise ValueError("pass either draft or proposer, not both")
-        if device not in ("cpu", "cuda"):
-            raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
-        if device == "cuda" and not torch.cuda.is_available():
-            raise ValueError("device='cuda' but torch sees no CUDA GPU")
+        if device != "cpu" and not (device == "cuda" or device.startswith("cuda:")):
+            raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+        if device.startswith("cuda"):
+            if not torch.cuda.is_available():
+                raise ValueError(f"device={device!r} but torch sees no CUDA GPU")
+            # The engine's GPU is this process's current device: collectives use it too.
+            torch.cuda.set_device(torch.device(device))
+            device = f"cuda:{torch.cuda.current_device()}"
         if num_shards < 0:
             raise ValueError(f"num_shards must be >= 0, got {num_shards}")
         config = EngineConfig(**config_kwargs)

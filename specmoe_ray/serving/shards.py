@@ -117,7 +117,7 @@ class ShardGroup:
         options: ShardOptions | None = None,
     ):
         self.path, self.plan, self.hidden_size, self.dtype = path, plan, hidden_size, dtype
-        self.device = device
+        self.device = "cuda" if device.startswith("cuda") else "cpu"  # the shards' kind of device
         self.options = options or ShardOptions()
         self.actors: list[Any] = []
         self.serve_refs: list[Any] = []
