@@ -287,9 +287,28 @@ def batch_at(stream: torch.Tensor, starts: torch.Tensor, seq_len: int, device) -
 # -- training ------------------------------------------------------------------------------------
 
 
-def train(args, stream: torch.Tensor, target, draft, log) -> dict:
-    """Co-train target and draft, then distill the draft from the (bf16-rounded) final target."""
+@torch.no_grad()
+def quick_val(model, windows: torch.Tensor, autocast) -> float:
+    """Mean next-token loss of `model` on held-out windows [n, L + 1] (a progress signal only)."""
+    was_training = model.training
+    model.eval()
+    total = 0.0
+    for i in range(0, len(windows), 8):
+        x = windows[i : i + 8]
+        with autocast:
+            logits = model(input_ids=x[:, :-1], use_cache=False).logits
+        total += F.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].reshape(-1), reduction="sum").item()
+    model.train(was_training)
+    return total / (windows.shape[0] * (windows.shape[1] - 1))
+
+
+def train(args, stream: torch.Tensor, target, draft, log, val: torch.Tensor) -> dict:
+    """Co-train target and draft, then distill the draft from the (bf16-rounded) final target.
+
+    `val`: held-out windows [n, L + 1] whose loss is logged (never trained on).
+    """
     device = torch.device(args.device)
+    val = val.to(device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
     L, B = args.seq_len, args.batch_size
     hist: dict[str, list] = {"cotrain": [], "distill": []}
@@ -337,6 +356,7 @@ def train(args, stream: torch.Tensor, target, draft, log) -> dict:
         acc["n"] += 1
         if (step + 1) % args.log_every == 0 or step + 1 == args.steps:
             row = {k: round(acc[k] / acc["n"], 4) for k in ("t_ce", "aux", "d_ce", "d_kl")}
+            row.update(val=round(quick_val(target, val, autocast), 4))
             row.update(step=step + 1, s=round(time.perf_counter() - t0, 1))
             hist["cotrain"].append(row)
             log(f"cotrain {row}")
@@ -471,6 +491,12 @@ def measure_acceptance(
     return stats, outs
 
 
+def _acceptance_line(stats: dict) -> str:
+    return (
+        f"acceptance {stats['acceptance_rate']:.3f}, mean accepted length {stats['mean_accepted_length']:.2f}"
+    )
+
+
 # -- card ----------------------------------------------------------------------------------------
 
 
@@ -487,7 +513,8 @@ def write_card(out: Path, info: dict) -> str:
     g, s = info["greedy"], info["sampled"]
     tcfg, dcfg = info["target_cfg"], info["draft_cfg"]
     rows = "\n".join(
-        f"| {r['step']} | {r['t_ce']:.3f} | {r['aux']:.3f} | {r['d_ce']:.3f} | {r['d_kl']:.3f} | {r['s']} |"
+        f"| {r['step']} | {r['t_ce']:.3f} | {r['aux']:.3f} | {r['d_ce']:.3f} | {r['d_kl']:.3f} "
+        f"| {r['val']:.3f} | {r['s']} |"
         for r in info["hist"]["cotrain"]
     )
     drows = "\n".join(
@@ -513,7 +540,8 @@ Written by `specmoe_ray/demo/train.py`. Reproduce with:
 | | target (`target/`) | draft (`draft/`) |
 | --- | --- | --- |
 | architecture | `Qwen3MoeForCausalLM` (qwen3_moe) | `Qwen3ForCausalLM` (qwen3, dense) |
-| layers, hidden | {tcfg.num_hidden_layers}, {tcfg.hidden_size} | {dcfg.num_hidden_layers}, {dcfg.hidden_size} |
+| layers, hidden | {tcfg.num_hidden_layers}, {tcfg.hidden_size} \
+| {dcfg.num_hidden_layers}, {dcfg.hidden_size} |
 | heads / KV heads x head_dim | {tcfg.num_attention_heads} / {tcfg.num_key_value_heads} x {tcfg.head_dim} \
 | {dcfg.num_attention_heads} / {dcfg.num_key_value_heads} x {dcfg.head_dim} |
 | MLP | {tcfg.num_experts} experts, top-{tcfg.num_experts_per_tok} (normalised), \
@@ -524,9 +552,9 @@ expert width {tcfg.moe_intermediate_size}, every layer | dense, width {dcfg.inte
 | {info["draft_bytes"]:,} bytes |
 
 Both: vocab {tcfg.vocab_size} (shared byte-level BPE `tokenizer.json`, `{EOS}` = id \
-{tcfg.eos_token_id} ends each file), tied embeddings, RoPE theta {tcfg.rope_theta:g}, \
+{tcfg.eos_token_id} ends each file), tied embeddings, RoPE theta {tcfg.rope_parameters["rope_theta"]:g}, \
 max_position_embeddings {tcfg.max_position_embeddings}, weights stored in bfloat16 (load with
-`dtype="float32"` on CPU). Total size of both directories: {info["target_bytes"] + info["draft_bytes"]:,} bytes.
+`dtype="float32"` on CPU). Both directories together: {info["target_bytes"] + info["draft_bytes"]:,} bytes.
 
 ## Data
 
@@ -556,8 +584,8 @@ max_position_embeddings {tcfg.max_position_embeddings}, weights stored in bfloat
 - Distillation, {a.distill_steps} steps x batch {a.batch_size} ({info["hist"]["distill_s"]:.0f} s):
   the draft alone on KL(target || draft), the target frozen and rounded to bf16 as shipped.
 
-| step | target CE | aux | draft CE | draft KL | s |
-| --- | --- | --- | --- | --- | --- |
+| step | target CE | aux | draft CE | draft KL | target held-out CE (16 windows) | s |
+| --- | --- | --- | --- | --- | --- | --- |
 {rows}
 
 | step | draft KL | greedy agreement | s |
@@ -580,12 +608,10 @@ max_position_embeddings {tcfg.max_position_embeddings}, weights stored in bfloat
 - **Speculative decoding with `specmoe_ray.Engine`** (k = {a.k}, {len(info["prompts"])} prompts of
   {a.prompt_tokens} held-out tokens, {a.eval_tokens} new tokens each, fp32, `{a.device}`):
 
-| | acceptance rate | mean accepted length (tokens / verify step) | tokens / step |
-| --- | --- | --- | --- |
-| greedy (temperature 0) | {g["acceptance_rate"]:.3f} | {g["mean_accepted_length"]:.2f} \
-| {g["tokens_per_step"]:.2f} |
-| sampled (temperature 1) | {s["acceptance_rate"]:.3f} | {s["mean_accepted_length"]:.2f} \
-| {s["tokens_per_step"]:.2f} |
+| | acceptance rate (accepted / drafted) | mean accepted length (tokens per sequence per step, <= k + 1) |
+| --- | --- | --- |
+| greedy (temperature 0) | {g["acceptance_rate"]:.3f} | {g["mean_accepted_length"]:.2f} |
+| sampled (temperature 1) | {s["acceptance_rate"]:.3f} | {s["mean_accepted_length"]:.2f} |
 
 ## Samples (held-out prompts)
 
@@ -610,7 +636,7 @@ def parse_args(argv=None):
         "--out", required=True, help="output directory (gets target/, draft/, CARD.md, heldout.txt)"
     )
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    p.add_argument("--steps", type=int, default=500, help="co-training steps (target + draft)")
+    p.add_argument("--steps", type=int, default=400, help="co-training steps (target + draft)")
     p.add_argument("--distill-steps", type=int, default=None, help="draft-only steps (default: steps / 2)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=256)
@@ -630,6 +656,7 @@ def parse_args(argv=None):
     p.add_argument("--eval-tokens", type=int, default=64, help="tokens generated per prompt")
     p.add_argument("--k", type=int, default=4, help="speculative tokens per step in the evaluation")
     p.add_argument("--log-every", type=int, default=50)
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument(
         "--bf16",
         action=argparse.BooleanOptionalAction,
@@ -668,6 +695,9 @@ def main(argv=None) -> None:
     from transformers import AutoModelForCausalLM
 
     transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     t0 = time.perf_counter()
     corpus = load_corpus(int(args.max_corpus_mb * 1e6), args.max_file_kb * 1000)
@@ -683,9 +713,8 @@ def main(argv=None) -> None:
     eos_id = tok.token_to_id(EOS)
     train_stream = encode_stream(tok, corpus.train_texts, eos_id)
     heldout_stream = encode_stream(tok, corpus.heldout_texts, eos_id)
-    log(
-        f"tokenizer: vocab {tok.get_vocab_size()}; {len(train_stream):,} train / {len(heldout_stream):,} held-out"
-    )
+    n_train, n_heldout = len(train_stream), len(heldout_stream)
+    log(f"tokenizer: vocab {tok.get_vocab_size()}; {n_train:,} train tokens, {n_heldout:,} held out")
 
     vocab = tok.get_vocab_size()
     torch.manual_seed(args.seed)
@@ -696,7 +725,8 @@ def main(argv=None) -> None:
     draft.to(args.device)
     log(f"target {num_params(target):,} params, draft {num_params(draft):,} params")
 
-    hist = train(args, train_stream, target, draft, log)
+    val = eval_windows(heldout_stream, args.seq_len, 16)
+    hist = train(args, train_stream, target, draft, log, val)
 
     target_dir, draft_dir = out / "target", out / "draft"
     save_model(target, tok, target_dir)
@@ -712,13 +742,9 @@ def main(argv=None) -> None:
     log(f"held-out: {ev}")
     prompts = acceptance_prompts(tok, heldout_stream, args.eval_prompts, args.prompt_tokens, args.eval_tokens)
     greedy, g_outs = measure_acceptance(target_dir, draft_dir, prompts, args, temperature=0.0)
-    log(
-        f"greedy: acceptance {greedy['acceptance_rate']:.3f}, mean accepted {greedy['mean_accepted_length']:.2f}"
-    )
+    log(f"greedy: {_acceptance_line(greedy)}")
     sampled, s_outs = measure_acceptance(target_dir, draft_dir, prompts, args, temperature=1.0)
-    log(
-        f"sampled: acceptance {sampled['acceptance_rate']:.3f}, mean accepted {sampled['mean_accepted_length']:.2f}"
-    )
+    log(f"sampled: {_acceptance_line(sampled)}")
     eval_s = time.perf_counter() - t0
 
     def tail(ids: list[int], lines: int = 6) -> str:

@@ -181,7 +181,8 @@ class Engine:
             if not torch.cuda.is_available():
                 raise ValueError(f"device={device!r} but torch sees no CUDA GPU")
             # The engine's GPU is this process's current device: collectives use it too.
-            torch.cuda.set_device(torch.device(device))
+            if ":" in device:
+                torch.cuda.set_device(torch.device(device))
             device = f"cuda:{torch.cuda.current_device()}"
         if num_shards < 0:
             raise ValueError(f"num_shards must be >= 0, got {num_shards}")
