@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
+
+from specmoe_ray.config import APP_IMPORT_PATH
 
 
 def _generate(ns: argparse.Namespace) -> int:
@@ -53,6 +56,147 @@ def _generate(ns: argparse.Namespace) -> int:
     return 0
 
 
+REPO_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_CONFIG = os.path.join(REPO_DIR, "deployments", "demo.yaml")
+
+
+def _serve_file_options(path: str) -> dict:
+    import yaml
+
+    with open(path) as f:
+        data = yaml.safe_load(f) or {}
+    apps = [a for a in data.get("applications") or [] if a.get("import_path") == APP_IMPORT_PATH]
+    return {
+        "http": data.get("http_options") or {},
+        "name": apps[0].get("name", "specmoe") if apps else "specmoe",
+        "route_prefix": apps[0].get("route_prefix", "/") if apps else "/",
+    }
+
+
+def _print_progress(app_name: str, started: float) -> str:
+    from ray import serve
+
+    try:
+        status = serve.status().applications.get(app_name)
+    except Exception:  # the controller is still starting
+        return ""
+    if status is None:
+        return ""
+    import ray
+
+    parts = []
+    for name, dep in sorted(status.deployments.items()):
+        counts = ", ".join(f"{n} {state.lower()}" for state, n in sorted(dep.replica_states.items()))
+        parts.append(f"{name}: {dep.status.lower()}" + (f" ({counts})" if counts else ""))
+    pending = [pg for pg in ray.util.placement_group_table().values() if pg.get("state") == "PENDING"]
+    if pending:
+        bundles = [b for pg in pending for b in pg.get("bundles", {}).values()]
+        parts.append(f"waiting for resources {bundles} (free: {ray.available_resources()})")
+    return f"{status.status.lower()}: " + "; ".join(parts)
+
+
+def _serve(ns: argparse.Namespace) -> int:
+    import threading
+
+    from specmoe_ray import ServeConfig, SpecMoEError
+
+    path = ns.config or DEFAULT_CONFIG
+    try:
+        config = ServeConfig.from_yaml(path)
+        config.check_paths()
+        opts = _serve_file_options(path)
+    except (SpecMoEError, ValueError, OSError) as e:
+        print(f"specmoe serve: {e}", file=sys.stderr)
+        return 2
+    host = ns.host or opts["http"].get("host", "127.0.0.1")
+    port = ns.port or int(opts["http"].get("port", 8000))
+
+    import signal
+
+    import ray
+    from ray import serve
+
+    from specmoe_ray.serving import build_app
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)  # `kill` and container stops shut down as cleanly as Ctrl-C
+    address = os.environ.get("RAY_ADDRESS")
+    print(f"specmoe serve: {path}", flush=True)
+    if address:
+        print(f"joining the Ray cluster at {address}", flush=True)
+        ctx = ray.init(address=address, log_to_driver=False)
+    else:
+        print("starting a local Ray cluster", flush=True)
+        ctx = ray.init(
+            address="local", include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=ns.verbose
+        )
+    dashboard = ctx.dashboard_url or "(dashboard not running)"
+    if dashboard and not dashboard.startswith("http"):
+        dashboard = f"http://{dashboard}"
+    print(f"Ray session: {ray._private.worker.global_worker.node.get_session_dir_path()}", flush=True)
+    name, prefix = opts["name"], opts["route_prefix"]
+    try:
+        serve.start(http_options={"host": host, "port": port}, proxy_location="HeadOnly")
+        app = build_app(config)
+        error: list[BaseException] = []
+
+        def deploy() -> None:
+            try:
+                serve.run(app, name=name, route_prefix=prefix)
+            except BaseException as e:  # reported by the main thread
+                error.append(e)
+
+        started = time.monotonic()
+        worker = threading.Thread(target=deploy, daemon=True)
+        worker.start()
+        last = ""
+        while worker.is_alive():
+            worker.join(timeout=1.0)
+            line = _print_progress(name, started)
+            if line and line != last:  # print changes only
+                print(f"[{time.monotonic() - started:4.0f}s] {line}", flush=True)
+                last = line
+        if error:
+            print(f"specmoe serve: deployment failed: {error[0]}", file=sys.stderr)
+            return 1
+        base = f"http://{host}:{port}{prefix.rstrip('/')}"
+        model = config.model.name
+        print(
+            f"""
+ready in {time.monotonic() - started:.0f}s: model {model!r}
+  OpenAI API   {base}/v1   (completions, chat/completions, models; /health)
+  dashboard    {dashboard}
+
+try it:
+  curl {base}/v1/completions -H 'Content-Type: application/json' \\
+    -d '{{"model": "{model}", "prompt": "def fibonacci(n):", "max_tokens": 48, "temperature": 0}}'
+
+  python -c "import openai; c = openai.OpenAI(base_url='{base}/v1', api_key='none'); \\
+print(c.completions.create(model='{model}', prompt='import os', max_tokens=32).choices[0].text)"
+
+Ctrl-C stops the server{" and the local Ray cluster" if not address else ""}.""",
+            flush=True,
+        )
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("\nshutting down", flush=True)
+        return 0
+    finally:
+        # A second Ctrl-C must not cut the shutdown short and leave Ray processes behind.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        try:
+            if address:
+                serve.delete(name)
+            else:
+                serve.shutdown()
+        finally:
+            ray.shutdown()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="specmoe", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -68,6 +212,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-k", type=int, default=0)
     g.add_argument("--seed", type=int, default=None)
     g.set_defaults(func=_generate)
+
+    sv = sub.add_parser("serve", help="deploy a config (default: the demo) and serve the OpenAI API")
+    sv.add_argument("config", nargs="?", help=f"a Serve config YAML (default: {DEFAULT_CONFIG})")
+    sv.add_argument("--host", default=None, help="HTTP host (default: the file's, else 127.0.0.1)")
+    sv.add_argument("--port", type=int, default=None, help="HTTP port (default: the file's, else 8000)")
+    sv.add_argument("--verbose", action="store_true", help="show the cluster's logs")
+    sv.set_defaults(func=_serve)
     return parser
 
 

@@ -136,6 +136,9 @@ class IngressConfig(_Strict):
     max_body_bytes: int = Field(1_000_000, ge=1024, description="Largest request body accepted (413 above).")
     max_tokens_limit: int = Field(4096, ge=1, description="Largest max_tokens a request may ask for.")
     num_replicas: int = Field(1, ge=1, description="Ingress replicas.")
+    ray_actor_options: dict[str, Any] = Field(
+        default_factory=lambda: {"num_cpus": 0.1}, description="Per replica (it only parses and streams)."
+    )
 
 
 class ServeConfig(_Strict):

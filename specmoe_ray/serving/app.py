@@ -56,7 +56,10 @@ def build_app(config: ServeConfig) -> serve.Application:
     else:
         v_options["num_replicas"] = v.num_replicas
     verifier = Verifier.options(**v_options).bind(data, pool)
-    return Ingress.options(num_replicas=config.ingress.num_replicas).bind(data, verifier)
+    ing = config.ingress
+    return Ingress.options(num_replicas=ing.num_replicas, ray_actor_options=ing.ray_actor_options).bind(
+        data, verifier
+    )
 
 
 def app_builder(args: dict[str, Any]) -> serve.Application:
