@@ -21,8 +21,9 @@ def test_cuda_engine_equals_transformers(checkpoints, arch):
     with Engine.from_pretrained(path, device="cuda", max_model_len=128) as engine:
         assert engine.model.lm_head.weight.is_cuda
         plain = [o.token_ids for o in engine.generate(PROMPTS, GREEDY)]
-    with Engine.from_pretrained(path, draft=path, device="cuda", num_speculative_tokens=3,
-                                max_model_len=128) as engine:
+    with Engine.from_pretrained(
+        path, draft=path, device="cuda", num_speculative_tokens=3, max_model_len=128
+    ) as engine:
         spec = [o.token_ids for o in engine.generate(PROMPTS, GREEDY)]
         assert engine.stats()["acceptance_rate"] > 0.9
     assert plain == spec == ref
@@ -41,8 +42,9 @@ def test_nccl_shards_equal_one_gpu_and_transformers(checkpoints):
             ref = hf_greedy(path, PROMPTS, NEW)
             with Engine.from_pretrained(path, device=f"cuda:{n - 1}", max_model_len=128) as engine:
                 one_gpu = [o.token_ids for o in engine.generate(PROMPTS, GREEDY)]
-            with Engine.from_pretrained(path, device=f"cuda:{n - 1}", num_shards=n - 1, draft="ngram",
-                                        max_model_len=128) as engine:
+            with Engine.from_pretrained(
+                path, device=f"cuda:{n - 1}", num_shards=n - 1, draft="ngram", max_model_len=128
+            ) as engine:
                 sharded = [o.token_ids for o in engine.generate(PROMPTS, GREEDY)]
                 stats = engine.stats()["shards"]
             assert sharded == one_gpu == ref, arch
