@@ -469,6 +469,17 @@ class Engine:
             out["expert_tokens_per_shard"] = [self.local_experts.num_pairs]
         return out
 
+    def reshard(self, num_shards: int) -> None:
+        """Re-form the expert shard group with `num_shards` shards, between steps.
+
+        Running requests continue: their KV caches live here, and experts hold no per-request
+        state, so the next step runs on the new group with the same results.
+        """
+        if self.shard_group is None:
+            raise ValueError("this engine keeps its experts in-process (num_shards=0): nothing to reshard")
+        plan = PlacementPlan.contiguous(self.args.moe_layers, self.args.num_experts, num_shards)
+        self.model.set_expert_backend(self.shard_group.reform(plan))
+
     def shutdown(self) -> None:
         """Stop the expert shards (if any). Safe to call twice."""
         if self.shard_group is not None:

@@ -245,6 +245,17 @@ class ShardGroup:
                     log.error("expert shard heartbeat failed: %s", e)
                     return
 
+    def reform(self, plan: PlacementPlan) -> DistributedDispatch:
+        """Tear the group down and form it again with another membership (e.g. a new shard count).
+
+        Call it between engine steps: experts hold no per-request state, so nothing is lost.
+        """
+        self.shutdown()
+        self.plan = plan
+        self._stop = threading.Event()
+        self._heartbeat = None
+        return self.start()
+
     def stats(self) -> dict[str, Any]:
         return {
             "num_shards": self.plan.num_shards,

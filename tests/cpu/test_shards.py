@@ -105,3 +105,24 @@ def test_too_many_shards(checkpoints):
         Engine.from_pretrained(checkpoints("olmoe"), num_shards=9)
     with pytest.raises(ValueError, match="dense model"):
         Engine.from_pretrained(checkpoints("llama"), num_shards=2)
+
+
+def test_reshard_mid_generation_keeps_outputs(ray_cluster, checkpoints):
+    """The group re-forms 2 -> 3 -> 1 shards while requests run: no token lost, repeated or changed."""
+    path = checkpoints("qwen3_moe")
+    ref = hf_greedy(path, PROMPTS, NEW)
+    with Engine.from_pretrained(
+        path, num_shards=2, draft="ngram", max_model_len=128, shard_options=pinned(3)
+    ) as engine:
+        ids = [engine.add_request(p, GREEDY) for p in PROMPTS]
+        done, step = {}, 0
+        while len(done) < len(ids):
+            step += 1
+            if step in (3, 7):
+                engine.reshard(3 if step == 3 else 1)
+            for out in engine.step():
+                if out.finished:
+                    done[out.request_id] = out.token_ids
+        assert engine.shard_group.plan.num_shards == 1
+        assert len(engine.stats()["shards"]["shards"]) == 1
+    assert [done[i] for i in ids] == ref
