@@ -75,6 +75,8 @@ class EngineMetrics:
     num_verify_rows: int = 0  # (sequence, step) pairs that emitted tokens
     draft_time_s: float = 0.0
     verify_time_s: float = 0.0
+    num_recoveries: int = 0  # times the expert shard group failed and was re-formed
+    recovery_time_s: float = 0.0
 
     def summary(self) -> dict[str, float | None]:
         return {
@@ -87,6 +89,8 @@ class EngineMetrics:
             "tokens_per_step": self.num_generated_tokens / self.num_steps if self.num_steps else None,
             "draft_time_s": self.draft_time_s,
             "verify_time_s": self.verify_time_s,
+            "num_recoveries": self.num_recoveries,
+            "recovery_time_s": self.recovery_time_s,
         }
 
 
@@ -153,6 +157,7 @@ class Engine:
         self.cache = model.make_cache(self.config.max_num_seqs, self.max_model_len)
         self.scheduler = Scheduler(self.cache, self.config.max_num_batched_tokens)
         self.metrics = EngineMetrics()
+        self.max_recoveries = 2  # re-forms of the shard group per step before giving up
         self._ids = itertools.count()
 
     @classmethod
@@ -312,12 +317,7 @@ class Engine:
             self.device,
         )
         t0 = time.perf_counter()
-        try:
-            logits = self.model(batch, self.cache)  # [M, V]: k_b + 1 rows per sampling sequence
-        except RuntimeError as e:
-            if self.shard_group is not None:
-                raise ShardGroupError(f"expert shard exchange failed: {e}") from e
-            raise
+        logits = self._forward(batch)  # [M, V]: k_b + 1 rows per sampling sequence
         for s, feed in zip(scheduled, feeds):
             self.cache.advance(s.seq.slot, len(feed))
         if not samplers:
@@ -375,6 +375,37 @@ class Engine:
                 self._retire(seq)
             outputs.append(self._output(seq, new))
         return outputs
+
+    def _forward(self, batch) -> torch.Tensor:
+        """The target forward; if the expert shard group fails, re-form it and replay the step.
+
+        Replaying is exact: experts hold no per-request state, KV entries past a sequence's
+        recorded length are dead until rewritten, and nothing was sampled yet.
+        """
+        for attempt in range(self.max_recoveries + 1):
+            try:
+                return self.model(batch, self.cache)
+            except Exception as e:
+                if self.shard_group is None or attempt == self.max_recoveries:
+                    if self.shard_group is not None:
+                        raise ShardGroupError(f"expert shard group failed {attempt + 1} times: {e}") from e
+                    raise
+                log.warning(
+                    "expert shard group failed (%s: %s); re-forming it and replaying the step",
+                    type(e).__name__,
+                    e,
+                )
+                t0 = time.perf_counter()
+                try:
+                    self.model.set_expert_backend(self.shard_group.reform(self.shard_group.plan))
+                except Exception as reform_error:
+                    raise ShardGroupError(
+                        f"expert shard group failed ({e}) and could not re-form: {reform_error}"
+                    ) from reform_error
+                self.metrics.num_recoveries += 1
+                self.metrics.recovery_time_s += time.perf_counter() - t0
+                log.warning("expert shard group re-formed in %.1fs", time.perf_counter() - t0)
+        raise AssertionError("unreachable")
 
     def _propose(self, samplers: list[ScheduledSeq]):
         """Draft tokens for the sampling sequences -> ({id(s): drafts}, proposal, seconds)."""

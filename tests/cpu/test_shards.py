@@ -126,3 +126,26 @@ def test_reshard_mid_generation_keeps_outputs(ray_cluster, checkpoints):
         assert engine.shard_group.plan.num_shards == 1
         assert len(engine.stats()["shards"]["shards"]) == 1
     assert [done[i] for i in ids] == ref
+
+
+def test_killed_shard_is_replaced_and_the_step_replayed(ray_cluster, checkpoints):
+    path = checkpoints("mixtral")
+    ref = hf_greedy(path, PROMPTS, NEW)
+    opts = pinned(2, collective_timeout_s=20)
+    with Engine.from_pretrained(
+        path, num_shards=2, draft="ngram", max_model_len=128, shard_options=opts
+    ) as engine:
+        ids = [engine.add_request(p, GREEDY) for p in PROMPTS]
+        done, step = {}, 0
+        while len(done) < len(ids):
+            step += 1
+            if step == 4:
+                ray.kill(engine.shard_group.actors[1], no_restart=True)
+            for out in engine.step():
+                if out.finished:
+                    done[out.request_id] = out.token_ids
+        stats = engine.stats()
+    assert [done[i] for i in ids] == ref
+    assert stats["num_recoveries"] == 1
+    print(f"recovered from a killed shard in {stats['recovery_time_s']:.1f}s")
+    assert stats["recovery_time_s"] < 60
