@@ -174,6 +174,8 @@ class Engine:
     ) -> Engine:
         """Load a local HF checkpoint; experts in-process (num_shards=0) or on Ray actors.
 
+        dtype "auto" is the checkpoint's dtype on GPUs and float32 on CPU.
+
         draft: a local checkpoint directory (a dense or MoE model sharing the target's
         vocabulary), "ngram" (prompt lookup), or None (no speculation).
         proposer: a ready proposer object instead of `draft` (e.g. a draft-pool client).
@@ -191,6 +193,8 @@ class Engine:
             device = f"cuda:{torch.cuda.current_device()}"
         if num_shards < 0:
             raise ValueError(f"num_shards must be >= 0, got {num_shards}")
+        if dtype == "auto" and device == "cpu":
+            dtype = "float32"  # CPUs compute bf16/fp16 far slower than fp32; checkpoints load either way
         config = EngineConfig(**config_kwargs)
         args, _ = read_config(target)
         config.validate(args.max_position_embeddings)
