@@ -11,7 +11,7 @@ import os
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from specmoe_ray.errors import CheckpointError, SpecMoEError
 
@@ -90,6 +90,19 @@ class ShardsConfig(_Strict):
     )
 
 
+def _check_autoscaling(value: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Serve ignores unknown autoscaling keys; a misspelt one must not pass silently."""
+    if value is None:
+        return None
+    from ray.serve.config import AutoscalingConfig
+
+    unknown = sorted(set(value) - set(AutoscalingConfig.model_fields))
+    if unknown:
+        raise ValueError(f"unknown autoscaling_config keys {unknown}")
+    AutoscalingConfig(**value)
+    return value
+
+
 class DraftPoolConfig(_Strict):
     placement: Literal["local", "pool"] = Field(
         "local",
@@ -109,6 +122,8 @@ class DraftPoolConfig(_Strict):
         default_factory=lambda: {"num_cpus": 1}, description="Per replica."
     )
     timeout_s: float = Field(30.0, gt=0, description="Bound on one proposal call.")
+
+    _autoscaling = field_validator("autoscaling_config")(_check_autoscaling)
 
 
 class VerifierConfig(_Strict):

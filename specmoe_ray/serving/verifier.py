@@ -84,11 +84,10 @@ def build_engine(cfg: ServeConfig, draft_pool=None) -> Engine:
     )
     draft, proposer = cfg.model.draft, None
     if draft not in (None, "ngram"):
-        if cfg.draft_pool.placement == "pool":
+        # Without a DraftPool handle (offline batch jobs) the draft runs in this process.
+        if cfg.draft_pool.placement == "pool" and draft_pool is not None:
             from specmoe_ray.serving.draft_pool import PoolProposer
 
-            if draft_pool is None:
-                raise ValueError("draft_pool.placement is 'pool' but no DraftPool handle was given")
             proposer = PoolProposer(
                 draft_pool,
                 cfg.model.device,

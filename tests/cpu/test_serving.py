@@ -321,6 +321,10 @@ def test_api_key(server, models):
         ({"model": {"target": "x"}, "shards": {"num_shard": 2}}, "shards.num_shard: Extra inputs"),
         ({"model": {"target": "x"}, "verifier": {"num_replicas": 0}}, "verifier.num_replicas"),
         ({"modle": {"target": "x"}}, "modle: Extra inputs"),
+        (
+            {"model": {"target": "x"}, "draft_pool": {"autoscaling_config": {"max_replica": 3}}},
+            "draft_pool.autoscaling_config: Value error, unknown autoscaling_config keys",
+        ),
     ],
 )
 def test_config_errors_fail_at_load(change, message):
