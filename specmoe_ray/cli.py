@@ -8,6 +8,8 @@ import sys
 import time
 
 from specmoe_ray.config import APP_IMPORT_PATH
+from specmoe_ray.jobs.batch import add_parser as add_batch_parser
+from specmoe_ray.jobs.submit import add_parser as add_submit_parser
 
 
 def _generate(ns: argparse.Namespace) -> int:
@@ -17,7 +19,21 @@ def _generate(ns: argparse.Namespace) -> int:
         params = SamplingParams(
             max_tokens=ns.max_tokens, temperature=ns.temperature, top_p=ns.top_p, top_k=ns.top_k, seed=ns.seed
         )
-        engine = Engine.from_pretrained(ns.model, num_shards=ns.num_shards, device=ns.device, dtype=ns.dtype)
+        from specmoe_ray.config import resolve_model_path
+
+        draft = (
+            None
+            if ns.no_spec
+            else (ns.draft if ns.draft in (None, "ngram") else resolve_model_path(ns.draft))
+        )
+        engine = Engine.from_pretrained(
+            resolve_model_path(ns.model),
+            draft=draft,
+            num_shards=ns.num_shards,
+            device=ns.device,
+            dtype=ns.dtype,
+            num_speculative_tokens=ns.k,
+        )
     except (SpecMoEError, ValueError) as e:
         print(f"specmoe generate: {e}", file=sys.stderr)
         return 2
@@ -49,10 +65,14 @@ def _generate(ns: argparse.Namespace) -> int:
                     final = out
         elapsed = time.perf_counter() - start
         n = len(final.token_ids)
-        print(
-            f"\n[{n} tokens in {elapsed:.2f}s, {n / elapsed:.1f} tokens/s, finish: {final.finish_reason}]",
-            file=sys.stderr,
-        )
+        m = final.metrics
+        spec = "no speculation"
+        if m.acceptance_rate is not None:
+            spec = (
+                f"acceptance rate {m.acceptance_rate:.2f}, mean accepted length {m.mean_accepted_length:.2f}"
+            )
+        rate = f"{n} tokens in {elapsed:.2f}s, {n / elapsed:.1f} tokens/s"
+        print(f"\n[{rate}; {spec}; finish: {final.finish_reason}]", file=sys.stderr)
     return 0
 
 
@@ -202,7 +222,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", help="generate text for one prompt, streamed to the terminal")
     g.add_argument("prompt")
-    g.add_argument("--model", required=True, help="local HF checkpoint directory (config.json + safetensors)")
+    g.add_argument("--model", default="demo-target", help="checkpoint directory (default: the demo target)")
+    g.add_argument("--draft", default="demo-draft", help="draft directory, 'ngram', or demo-draft (default)")
+    g.add_argument("--no-spec", action="store_true", help="plain decoding, to compare")
+    g.add_argument("--k", type=int, default=4, help="speculative tokens per step")
     g.add_argument("--num-shards", type=int, default=0, help="expert shards as Ray actors (0 = in-process)")
     g.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     g.add_argument("--dtype", default="auto")
@@ -219,6 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--port", type=int, default=None, help="HTTP port (default: the file's, else 8000)")
     sv.add_argument("--verbose", action="store_true", help="show the cluster's logs")
     sv.set_defaults(func=_serve)
+
+    add_batch_parser(sub)
+    add_submit_parser(sub)
     return parser
 
 

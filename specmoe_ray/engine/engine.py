@@ -497,6 +497,8 @@ class Engine:
             "num_waiting": len(self.scheduler.waiting),
             "speculation_length": getattr(self.policy, "last_k", getattr(self.policy, "k", 0)),
         }
+        if hasattr(self.proposer, "num_failed_calls"):
+            out["draft_failed_calls"] = self.proposer.num_failed_calls
         if self.shard_group is not None:
             out["shards"] = self.shard_group.stats()
             out["expert_tokens_per_shard"] = out["shards"]["tokens_per_shard"]

@@ -10,6 +10,7 @@ import socket
 import time
 
 import pytest
+import ray
 from conftest import NODE_RESOURCES, hf_greedy, make_checkpoint, save_char_tokenizer
 from ray import serve
 
@@ -345,3 +346,31 @@ def test_missing_checkpoint_path_fails_at_build(models, tmp_path):
         ConfigError, match=r"bad.yaml: invalid specmoe config:\n  engine.num_speculative_tokens"
     ):
         ServeConfig.from_yaml(str(tmp_path / "bad.yaml"))
+
+
+def test_killed_draft_replica_does_not_lose_requests(server, models):
+    """Kill a DraftPool replica mid-stream: requests finish, identical (no drafts until routed anew)."""
+    _, handle = server
+    target, draft = models
+    greedy = SamplingParams(max_tokens=48, temperature=0.0)
+    prompts = [f"k{i} = {i} * " for i in range(6)]
+    with Engine.from_pretrained(target, draft=draft, max_model_len=128) as engine:
+        ref = [o.token_ids for o in engine.generate(prompts, greedy)]
+    replicas = [
+        a
+        for a in ray.util.list_named_actors(all_namespaces=True)
+        if "DraftPool" in a["name"] and a["name"].startswith("SERVE_REPLICA") and "main" in a["name"]
+    ]
+    assert len(replicas) == 2, replicas
+
+    verifier = serve.get_deployment_handle("Verifier", app_name="main")
+
+    async def run():
+        calls = [handle.generate.remote(GenerateRequest(prompt=p, params=greedy)) for p in prompts]
+        while (await verifier.stats.remote())["num_running"] < len(prompts):
+            await asyncio.sleep(0.05)
+        ray.kill(ray.get_actor(replicas[0]["name"], namespace=replicas[0]["namespace"]), no_restart=False)
+        return [(await c).token_ids for c in calls]
+
+    assert asyncio.run(run()) == ref
+    assert verifier.stats.remote().result()["num_running"] == 0
