@@ -76,6 +76,7 @@ class EngineMetrics:
     draft_time_s: float = 0.0
     verify_time_s: float = 0.0
     num_recoveries: int = 0  # times the expert shard group failed and was re-formed
+    num_rescales: int = 0  # autoscaler changes of the shard count
     recovery_time_s: float = 0.0
 
     def summary(self) -> dict[str, float | None]:
@@ -90,6 +91,7 @@ class EngineMetrics:
             "draft_time_s": self.draft_time_s,
             "verify_time_s": self.verify_time_s,
             "num_recoveries": self.num_recoveries,
+            "num_rescales": self.num_rescales,
             "recovery_time_s": self.recovery_time_s,
         }
 
@@ -125,6 +127,16 @@ def _cost_model(model: Transformer) -> StepCostModel:
     return StepCostModel(dense, expert, len(args.moe_layers), args.num_experts, args.num_experts_per_tok)
 
 
+def _autoscaler(config, num_shards: int):
+    if config is None:
+        return None
+    if num_shards == 0:
+        raise ValueError("shard_autoscale needs expert shards (num_shards >= 1)")
+    from specmoe_ray.serving.autoscale import ShardAutoscaler
+
+    return ShardAutoscaler(config)
+
+
 class Engine:
     """Batched speculative generation over a target whose experts may live on other processes."""
 
@@ -136,6 +148,7 @@ class Engine:
         shard_group=None,
         local_experts=None,
         proposer=None,
+        autoscaler=None,
         config: EngineConfig | None = None,
         **config_kwargs,
     ):
@@ -158,6 +171,8 @@ class Engine:
         self.scheduler = Scheduler(self.cache, self.config.max_num_batched_tokens)
         self.metrics = EngineMetrics()
         self.max_recoveries = 2  # re-forms of the shard group per step before giving up
+        self.autoscaler = autoscaler
+        self._window: tuple | None = None
         self._ids = itertools.count()
 
     @classmethod
@@ -170,6 +185,7 @@ class Engine:
         dtype: str | torch.dtype = "auto",
         shard_options: Any = None,
         proposer: Any = None,
+        shard_autoscale: Any = None,
         **config_kwargs,
     ) -> Engine:
         """Load a local HF checkpoint; experts in-process (num_shards=0) or on Ray actors.
@@ -179,6 +195,7 @@ class Engine:
         draft: a local checkpoint directory (a dense or MoE model sharing the target's
         vocabulary), "ngram" (prompt lookup), or None (no speculation).
         proposer: a ready proposer object instead of `draft` (e.g. a draft-pool client).
+        shard_autoscale: a `ShardAutoscaleConfig` to scale the expert shards with measured load.
         """
         if draft is not None and proposer is not None:
             raise ValueError("pass either draft or proposer, not both")
@@ -244,6 +261,7 @@ class Engine:
                 local_experts=local_experts,
                 proposer=proposer,
                 config=config,
+                autoscaler=_autoscaler(shard_autoscale, num_shards),
             )
         except BaseException:
             if shard_group is not None:
@@ -306,11 +324,13 @@ class Engine:
 
     def step(self) -> list[RequestOutput]:
         """One target forward over every scheduled sequence; outputs of those that emitted tokens."""
+        self._maybe_autoscale()
         scheduled = self.scheduler.schedule()
         if not scheduled:
             return []
         samplers = [s for s in scheduled if s.samples]
-        drafts, proposal, draft_s = self._propose(samplers)
+        chosen_k = self.policy.choose(len(samplers)) if samplers else 0
+        drafts, proposal, draft_s = self._propose(samplers, chosen_k)
 
         feeds = [s.tokens + drafts.get(id(s), []) for s in scheduled]
         batch = build_forward_batch(
@@ -351,15 +371,18 @@ class Engine:
         m.num_drafted += sum(num_draft)
         m.num_accepted += sum(accepted)
         m.num_verify_rows += len(samplers)
-        self.policy.record(
-            batch_size=len(samplers),
-            k=k,
-            verify_s=verify_s,
-            draft_s=draft_s,
-            num_drafted=sum(num_draft),
-            num_accepted=sum(accepted),
-            num_rejected=sum(a < n for a, n in zip(accepted, num_draft)),
-        )
+        # Only pure decode steps measure what k costs: a prompt chunk in the batch would be charged
+        # to the speculation length.
+        if all(len(s.tokens) == 1 for s in scheduled):
+            self.policy.record(
+                batch_size=len(samplers),
+                k=chosen_k,
+                verify_s=verify_s,
+                draft_s=draft_s,
+                num_drafted=sum(num_draft),
+                num_accepted=sum(accepted),
+                num_rejected=sum(a < n for a, n in zip(accepted, num_draft)),
+            )
         outputs = []
         for s, n, a, toks in zip(samplers, num_draft, accepted, emitted):
             seq = s.seq
@@ -411,9 +434,8 @@ class Engine:
                 log.warning("expert shard group re-formed in %.1fs", time.perf_counter() - t0)
         raise AssertionError("unreachable")
 
-    def _propose(self, samplers: list[ScheduledSeq]):
-        """Draft tokens for the sampling sequences -> ({id(s): drafts}, proposal, seconds)."""
-        k = self.policy.choose(len(samplers)) if samplers else 0
+    def _propose(self, samplers: list[ScheduledSeq], k: int):
+        """Up to k draft tokens per sampling sequence -> ({id(s): drafts}, proposal, seconds)."""
         if not k:
             return {}, empty_proposal(len(samplers), self.device), 0.0
         requests = []
@@ -506,16 +528,51 @@ class Engine:
             out["expert_tokens_per_shard"] = [self.local_experts.num_pairs]
         return out
 
-    def reshard(self, num_shards: int) -> None:
-        """Re-form the expert shard group with `num_shards` shards, between steps.
+    def reshard(self, num_shards: int | None = None, plan: PlacementPlan | None = None) -> None:
+        """Re-form the expert shard group with `num_shards` shards (or a given plan), between steps.
 
         Running requests continue: their KV caches live here, and experts hold no per-request
         state, so the next step runs on the new group with the same results.
         """
         if self.shard_group is None:
             raise ValueError("this engine keeps its experts in-process (num_shards=0): nothing to reshard")
-        plan = PlacementPlan.contiguous(self.args.moe_layers, self.args.num_experts, num_shards)
+        if plan is None:
+            plan = PlacementPlan.contiguous(self.args.moe_layers, self.args.num_experts, num_shards)
         self.model.set_expert_backend(self.shard_group.reform(plan))
+        self._window = None  # the new group's counters start at zero
+
+    def _maybe_autoscale(self) -> None:
+        """At a step boundary: measure the last window's expert load and re-form if the policy says."""
+        scaler = self.autoscaler
+        if scaler is None or self.shard_group is None:
+            return
+        now = time.monotonic()
+        dispatch = self.shard_group.dispatch
+        pairs, steps, busy = (
+            sum(dispatch.tokens_per_shard),
+            self.metrics.num_steps,
+            self.metrics.verify_time_s,
+        )
+        if self._window is None:
+            self._window = (now, pairs, steps, busy)
+            return
+        t0, pairs0, steps0, busy0 = self._window
+        if now - t0 < scaler.config.interval_s:
+            return
+        self._window = (now, pairs, steps, busy)
+        step_s = (busy - busy0) / (steps - steps0) if steps > steps0 else 0.0
+        decision = scaler.decide(now, (pairs - pairs0) / (now - t0), step_s, self.shard_group.plan.num_shards)
+        if decision is None:
+            return
+        load = dispatch.load.snapshot()
+        if set(load) == set(self.args.moe_layers):
+            plan = PlacementPlan.balanced(load, decision.num_shards, scaler.config.replicate_hot_experts)
+        else:
+            plan = PlacementPlan.contiguous(self.args.moe_layers, self.args.num_experts, decision.num_shards)
+        t = time.perf_counter()
+        self.reshard(plan=plan)
+        self.metrics.num_rescales += 1
+        log.info("%s; re-formed in %.1fs", decision.reason, time.perf_counter() - t)
 
     def shutdown(self) -> None:
         """Stop the expert shards (if any). Safe to call twice."""

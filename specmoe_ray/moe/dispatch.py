@@ -33,16 +33,42 @@ from specmoe_ray.moe.placement import PlacementPlan
 OP_STOP, OP_EXPERTS, OP_PING = 0, 1, 2
 
 
+class ExpertLoad:
+    """Tokens routed to each (layer, expert), counted on the device (no host sync per layer)."""
+
+    def __init__(self, num_experts: int, device: torch.device | str):
+        self.num_experts = num_experts
+        self.device = device
+        self.counts: dict[int, torch.Tensor] = {}
+
+    def record(self, layer: int, expert_ids: torch.Tensor) -> None:
+        c = torch.bincount(expert_ids.reshape(-1), minlength=self.num_experts)
+        if layer in self.counts:
+            self.counts[layer] += c
+        else:
+            self.counts[layer] = c
+
+    def snapshot(self) -> dict[int, list[int]]:
+        """{layer: [tokens per expert]}, cumulative (one host sync)."""
+        return {layer: c.tolist() for layer, c in sorted(self.counts.items())}
+
+    def reset(self) -> None:
+        self.counts.clear()
+
+
 class LoopbackDispatch:
     """All experts in-process."""
 
     def __init__(self, store: ExpertStore):
         self.store = store
+        any_layer = next(iter(store.by_layer.values()))
+        self.load = ExpertLoad(any_layer.to_local.shape[0], any_layer.to_local.device)
         self.num_pairs = 0  # (token, expert) pairs computed, cumulative
 
     def __call__(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
         T, A = expert_ids.shape
         self.num_pairs += T * A
+        self.load.record(layer, expert_ids)
         pairs = x[:, None, :].expand(T, A, x.shape[-1]).reshape(T * A, -1)
         return self.store(layer, pairs, expert_ids.reshape(-1)).view(T, A, -1)
 
@@ -56,11 +82,17 @@ class DistributedDispatch:
         self.hidden_size = hidden_size
         self.dtype = dtype
         self.device = torch.device(device)
-        # owner_table[layer] = [E] shard rank (1-based) of each expert
-        self.owner_table = {
-            layer: torch.tensor([s + 1 for s in row], dtype=torch.long, device=self.device)
-            for layer, row in plan.owner.items()
-        }
+        # owner_table[layer] = [E, R] ranks (1-based) of each expert's replicas, padded by
+        # repeating the first; num_replicas[layer] = [E]
+        self.owner_table, self.num_replicas = {}, {}
+        for layer, row in plan.owner.items():
+            R = max(len(shards) for shards in row)
+            table = [[s + 1 for s in shards] + [shards[0] + 1] * (R - len(shards)) for shards in row]
+            self.owner_table[layer] = torch.tensor(table, dtype=torch.long, device=self.device)
+            self.num_replicas[layer] = torch.tensor(
+                [len(s) for s in row], dtype=torch.long, device=self.device
+            )
+        self.load = ExpertLoad(plan.num_experts, self.device)
         self.lock = threading.Lock()
         self.last_exchange = time.monotonic()
         self.tokens_per_shard = [0] * plan.num_shards  # (token, expert) pairs sent, cumulative
@@ -73,7 +105,10 @@ class DistributedDispatch:
         T, A = expert_ids.shape
         D = x.shape[-1]
         flat_ids = expert_ids.reshape(-1)  # [T*A]
-        owner = self.owner_table[layer][flat_ids]  # [T*A] rank per pair
+        self.load.record(layer, flat_ids)
+        # A replicated expert's tokens alternate between its replicas, by token position.
+        replica = (torch.arange(T * A, device=x.device) // A) % self.num_replicas[layer][flat_ids]
+        owner = self.owner_table[layer][flat_ids, replica]  # [T*A] rank per pair
         order = torch.argsort(owner * self.plan.num_experts + flat_ids, stable=True)
         # One host sync per layer: the split sizes are the header's payload.
         counts = torch.bincount(owner, minlength=self.world_size)[1:].tolist()

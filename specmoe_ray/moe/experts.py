@@ -51,9 +51,16 @@ class ExpertStore(nn.Module):
     def __init__(self, layers: dict[int, LocalExperts]):
         super().__init__()
         self.by_layer = nn.ModuleDict({str(layer): experts for layer, experts in layers.items()})
+        self.computed: dict[int, torch.Tensor] = {}  # layer -> [E] pairs computed here, cumulative
 
     def forward(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
-        return self.by_layer[str(layer)](x, expert_ids)
+        experts = self.by_layer[str(layer)]
+        c = torch.bincount(expert_ids, minlength=experts.to_local.shape[0])
+        self.computed[layer] = self.computed[layer] + c if layer in self.computed else c
+        return experts(x, expert_ids)
+
+    def computed_counts(self) -> dict[int, list[int]]:
+        return {layer: c.tolist() for layer, c in sorted(self.computed.items())}
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

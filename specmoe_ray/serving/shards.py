@@ -84,6 +84,10 @@ class ExpertShard:
             "held": self.store.held(),
         }
 
+    def computed(self) -> dict[int, list[int]]:
+        """(token, expert) pairs this shard computed, per layer and expert, cumulative."""
+        return self.store.computed_counts()
+
     def serve(self, master_addr: str, master_port: int, timeout_s: float):
         backend = "nccl" if self.device.startswith("cuda") else "gloo"
         kwargs = {"device_id": torch.device(self.device)} if backend == "nccl" else {}
@@ -255,6 +259,10 @@ class ShardGroup:
         self._stop = threading.Event()
         self._heartbeat = None
         return self.start()
+
+    def computed_counts(self) -> list[dict[int, list[int]]]:
+        """Per shard: pairs computed per (layer, expert); shows how replicas split a hot expert."""
+        return ray.get([a.computed.remote() for a in self.actors], timeout=self.options.collective_timeout_s)
 
     def stats(self) -> dict[str, Any]:
         return {

@@ -156,7 +156,7 @@ def test_unknown_sampling_param():
 
 def test_bad_engine_arguments(checkpoints):
     path = checkpoints("qwen3")
-    with pytest.raises(ValueError, match="device must be 'cpu' or 'cuda'"):
+    with pytest.raises(ValueError, match="device must be 'cpu', 'cuda' or 'cuda:N'"):
         Engine.from_pretrained(path, device="tpu")
     with pytest.raises(ValueError, match="num_shards must be >= 0"):
         Engine.from_pretrained(path, num_shards=-1)

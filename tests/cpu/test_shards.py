@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from specmoe_ray import Engine, SamplingParams, ShardStartupError
 from specmoe_ray.models.loader import read_config
+from specmoe_ray.moe.placement import PlacementPlan
 from specmoe_ray.serving.shards import ShardOptions
 
 NEW = 24
@@ -149,3 +150,66 @@ def test_killed_shard_is_replaced_and_the_step_replayed(ray_cluster, checkpoints
     assert stats["num_recoveries"] == 1
     print(f"recovered from a killed shard in {stats['recovery_time_s']:.1f}s")
     assert stats["recovery_time_s"] < 60
+
+
+def test_scale_1_3_2_while_ten_requests_stream(ray_cluster, checkpoints):
+    path = checkpoints("qwen2_moe")
+    prompts = [PROMPTS[i % 3][: 2 + i] for i in range(10)]
+    ref = hf_greedy(path, prompts, NEW)
+    with Engine.from_pretrained(
+        path, num_shards=1, max_model_len=128, max_num_seqs=10, shard_options=pinned(3)
+    ) as engine:
+        ids = [engine.add_request(p, GREEDY) for p in prompts]
+        done, step = {}, 0
+        while len(done) < len(ids):
+            step += 1
+            if step == 4:
+                engine.reshard(3)
+            if step == 9:  # to 2 shards, balanced by the load measured so far
+                load = engine.shard_group.dispatch.load.snapshot()
+                engine.reshard(plan=PlacementPlan.balanced(load, 2, replicate_top=1))
+            for out in engine.step():
+                if out.finished:
+                    done[out.request_id] = out.token_ids
+        assert engine.shard_group.plan.num_shards == 2
+    assert [done[i] for i in ids] == ref
+
+
+def test_hot_expert_replicas_split_its_tokens(ray_cluster, checkpoints):
+    path = checkpoints("qwen3_moe")
+    args, _ = read_config(path)
+    ref = hf_greedy(path, PROMPTS, NEW)
+    # Every expert of every MoE layer on both shards: each expert's tokens alternate between them.
+    owner = {layer: tuple((0, 1) for _ in range(args.num_experts)) for layer in args.moe_layers}
+    plan = PlacementPlan(2, args.num_experts, owner)
+    with Engine.from_pretrained(path, num_shards=2, max_model_len=128, shard_options=pinned(2)) as engine:
+        engine.reshard(plan=plan)
+        got = [o.token_ids for o in engine.generate(PROMPTS, GREEDY)]
+        routed = engine.shard_group.dispatch.load.snapshot()
+        computed = engine.shard_group.computed_counts()
+    assert got == ref
+    for layer in args.moe_layers:
+        for e in range(args.num_experts):
+            per_replica = [c[layer][e] for c in computed]
+            assert sum(per_replica) == routed[layer][e]
+            if routed[layer][e] >= 4:
+                assert all(n > 0 for n in per_replica), (layer, e, per_replica)
+
+
+def test_autoscaler_adds_shards_under_load(ray_cluster, checkpoints):
+    from specmoe_ray.serving.autoscale import ShardAutoscaleConfig
+
+    path = checkpoints("olmoe")
+    ref = hf_greedy(path, PROMPTS, NEW)
+    scale = ShardAutoscaleConfig(
+        min_shards=1, max_shards=2, target_pairs_per_shard_s=1.0, interval_s=0.2, replicate_hot_experts=1
+    )
+    with Engine.from_pretrained(
+        path, num_shards=1, max_model_len=128, shard_options=pinned(2), shard_autoscale=scale
+    ) as engine:
+        outs = [o.token_ids for o in engine.generate(PROMPTS * 2, GREEDY)]
+        stats = engine.stats()
+        decisions = [d.reason for d in engine.autoscaler.decisions]
+    assert outs == ref * 2
+    assert stats["num_rescales"] == 1
+    assert decisions and decisions[0].startswith("1 -> 2 shards"), decisions
