@@ -67,6 +67,23 @@ class EngineSettings(_Strict):
     draft_top_n: int = Field(32, ge=1, description="Support size of the sparse draft distributions.")
 
 
+class ShardAutoscale(_Strict):
+    """Scale the expert shards with measured load (at step boundaries, nothing lost)."""
+
+    min_shards: int = Field(1, ge=1, description="Fewest shards.")
+    max_shards: int = Field(4, ge=1, description="Most shards; more ask Ray (and KubeRay) for more GPUs.")
+    target_pairs_per_shard_s: float = Field(
+        20_000.0, gt=0, description="(token, expert) pairs one shard should serve per second."
+    )
+    max_step_s: float | None = Field(None, gt=0, description="A slower engine step asks for one more shard.")
+    interval_s: float = Field(5.0, gt=0, description="Measurement window.")
+    upscale_delay_s: float = Field(0.0, ge=0, description="How long more shards must be wanted first.")
+    downscale_delay_s: float = Field(30.0, ge=0, description="How long fewer shards must be wanted first.")
+    replicate_hot_experts: int = Field(
+        0, ge=0, description="Per layer, the hottest experts get a second replica."
+    )
+
+
 class ShardsConfig(_Strict):
     num_shards: int = Field(
         0, ge=0, description="Expert shard actors (0 = experts in the verifier's process)."
@@ -87,6 +104,9 @@ class ShardsConfig(_Strict):
     )
     collective_timeout_s: float = Field(
         120.0, gt=0, description="Join the process group; any one collective."
+    )
+    autoscale: ShardAutoscale | None = Field(
+        None, description="Scale shards with measured load; num_shards is where it starts."
     )
 
 

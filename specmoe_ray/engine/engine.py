@@ -528,6 +528,14 @@ class Engine:
             out["expert_tokens_per_shard"] = [self.local_experts.num_pairs]
         return out
 
+    def expert_load(self) -> dict[int, list[int]]:
+        """Tokens routed to each expert so far, {moe layer: [per expert]} (since the group formed)."""
+        if self.shard_group is not None:
+            return self.shard_group.dispatch.load.snapshot()
+        if self.local_experts is not None:
+            return self.local_experts.load.snapshot()
+        return {}
+
     def reshard(self, num_shards: int | None = None, plan: PlacementPlan | None = None) -> None:
         """Re-form the expert shard group with `num_shards` shards (or a given plan), between steps.
 

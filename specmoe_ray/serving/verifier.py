@@ -47,6 +47,12 @@ class EngineMetrics:
             tag_keys=("model", "shard"),
         )
         self.expert_tokens.set_default_tags(tags)
+        self.expert_load = metrics.Gauge(
+            "specmoe_expert_load",
+            "Tokens routed to each (layer, expert), cumulative since the shard group formed.",
+            tag_keys=("model", "layer", "expert"),
+        )
+        self.expert_load.set_default_tags(tags)
         self.requests = metrics.Counter(
             "specmoe_requests", "Requests by outcome.", tag_keys=("model", "finish_reason")
         )
@@ -65,6 +71,9 @@ class EngineMetrics:
         if engine.metrics.num_steps % 16 == 1:  # the per-shard counts are cheap but not free
             for i, n in enumerate(engine.stats().get("expert_tokens_per_shard", [])):
                 self.expert_tokens.set(n, tags={"shard": str(i)})
+            for layer, counts in engine.expert_load().items():
+                for e, n in enumerate(counts):
+                    self.expert_load.set(n, tags={"layer": str(layer), "expert": str(e)})
 
 
 def build_engine(cfg: ServeConfig, draft_pool=None) -> Engine:
@@ -73,6 +82,11 @@ def build_engine(cfg: ServeConfig, draft_pool=None) -> Engine:
 
     cfg.check_paths()
     s = cfg.shards
+    autoscale = None
+    if s.autoscale is not None:
+        from specmoe_ray.serving.autoscale import ShardAutoscaleConfig
+
+        autoscale = ShardAutoscaleConfig(**s.autoscale.model_dump())
     shard_options = ShardOptions(
         num_cpus=s.num_cpus,
         num_gpus=s.num_gpus,
@@ -105,6 +119,7 @@ def build_engine(cfg: ServeConfig, draft_pool=None) -> Engine:
         device=cfg.model.device,
         dtype=cfg.model.dtype,
         shard_options=shard_options,
+        shard_autoscale=autoscale,
         **cfg.engine_kwargs(),
     )
 

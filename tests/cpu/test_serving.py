@@ -374,3 +374,27 @@ def test_killed_draft_replica_does_not_lose_requests(server, models):
 
     assert asyncio.run(run()) == ref
     assert verifier.stats.remote().result()["num_running"] == 0
+
+
+def test_metrics_reach_prometheus_endpoint(server):
+    """Engine metrics are exported through Ray's metrics agent (what Prometheus scrapes)."""
+    import urllib.request
+
+    port, _ = server
+    greedy_ids(port, "metrics")
+    head = next(n for n in ray.nodes() if n["Alive"] and n["Resources"].get(NODE_RESOURCES[0]))
+    url = f"http://{head['NodeManagerAddress']}:{head['MetricsExportPort']}/metrics"
+    wanted = (
+        "specmoe_generated_tokens",
+        "specmoe_step_seconds",
+        "specmoe_expert_tokens",
+        "specmoe_expert_load",
+    )
+    deadline, text = time.time() + 60, ""
+    while time.time() < deadline:
+        text = urllib.request.urlopen(url, timeout=10).read().decode()
+        if all(w in text for w in wanted):
+            break
+        time.sleep(2)
+    missing = [w for w in wanted if w not in text]
+    assert not missing, f"{missing} not exported at {url}"
