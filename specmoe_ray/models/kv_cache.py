@@ -1,6 +1,10 @@
-"""Preallocated KV cache with per-sequence lengths and rollback.
+"""Preallocated KV caches with per-sequence lengths and rollback.
 
-Layout per layer: keys and values `[num_slots + 1, num_kv_heads, max_len, head_dim]`.
+`KVCache` layout per layer: keys and values `[num_slots + 1, num_kv_heads, max_len, head_dim]`.
+`MLACache` (DeepSeek's Multi-head Latent Attention) holds per token only the normalised latent
+`c_kv [kv_lora_rank]` and the shared rope key `k_pe [qk_rope_head_dim]`, `[num_slots + 1,
+max_len, dim]` per layer: keys and values are up-projected from them when read.
+
 Each running sequence owns one slot. The extra last slot is a scratch row that padded
 positions write into, so writes need no masking and no host sync.
 
@@ -14,20 +18,10 @@ from __future__ import annotations
 import torch
 
 
-class KVCache:
-    def __init__(
-        self,
-        num_layers: int,
-        num_slots: int,
-        max_len: int,
-        num_kv_heads: int,
-        head_dim: int,
-        dtype: torch.dtype,
-        device: torch.device | str,
-    ):
-        shape = (num_slots + 1, num_kv_heads, max_len, head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+class SlotCache:
+    """Slot bookkeeping shared by the caches: allocate, free, advance, rollback, lengths."""
+
+    def __init__(self, num_slots: int, max_len: int):
         self.num_slots = num_slots
         self.max_len = max_len
         self.scratch_slot = num_slots
@@ -63,6 +57,23 @@ class KVCache:
             raise ValueError(f"rollback to {length} but slot {slot} holds {self.lengths[slot]} tokens")
         self.lengths[slot] = length
 
+
+class KVCache(SlotCache):
+    def __init__(
+        self,
+        num_layers: int,
+        num_slots: int,
+        max_len: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ):
+        super().__init__(num_slots, max_len)
+        shape = (num_slots + 1, num_kv_heads, max_len, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+
     def write(
         self, layer: int, slots: torch.Tensor, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     ):
@@ -73,3 +84,38 @@ class KVCache:
     def read(self, layer: int, slots: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         # -> [B, num_kv_heads, length, head_dim] each
         return self.k[layer][slots, :, :length], self.v[layer][slots, :, :length]
+
+
+class MLACache(SlotCache):
+    """The compressed cache of Multi-head Latent Attention: latent + rope key per token."""
+
+    def __init__(
+        self,
+        num_layers: int,
+        num_slots: int,
+        max_len: int,
+        kv_lora_rank: int,
+        rope_dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ):
+        super().__init__(num_slots, max_len)
+        self.c_kv = [
+            torch.zeros(num_slots + 1, max_len, kv_lora_rank, dtype=dtype, device=device)
+            for _ in range(num_layers)
+        ]
+        self.k_pe = [
+            torch.zeros(num_slots + 1, max_len, rope_dim, dtype=dtype, device=device)
+            for _ in range(num_layers)
+        ]
+
+    def write(
+        self, layer: int, slots: torch.Tensor, positions: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor
+    ):
+        # slots, positions: [N]; c_kv: [N, kv_lora_rank]; k_pe: [N, rope_dim]
+        self.c_kv[layer][slots, positions] = c_kv
+        self.k_pe[layer][slots, positions] = k_pe
+
+    def read(self, layer: int, slots: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        # -> c_kv [B, length, kv_lora_rank], k_pe [B, length, rope_dim]
+        return self.c_kv[layer][slots, :length], self.k_pe[layer][slots, :length]

@@ -21,6 +21,7 @@ from safetensors import safe_open
 
 from specmoe_ray.errors import CheckpointError
 from specmoe_ray.models.args import ModelArgs
+from specmoe_ray.models.deepseek import DeepseekTransformer
 from specmoe_ray.models.transformer import Transformer, rope_inv_freq
 from specmoe_ray.moe.experts import ExpertStore, LocalExperts
 
@@ -105,13 +106,18 @@ def _is_expert_tensor(name: str) -> bool:
     return bool(_EXPERT_RE.search(name))
 
 
+def build_model(args: ModelArgs) -> Transformer:
+    """The model class for these args (DeepSeek's MLA, or the common decoder)."""
+    return DeepseekTransformer(args) if args.mla is not None else Transformer(args)
+
+
 def load_trunk(path: str, dtype: str | torch.dtype | None = "auto", device: str = "cpu") -> Transformer:
     """Build the model and load every tensor except the routed experts."""
     args, _ = read_config(path)
     index = CheckpointIndex(path)
     dtype = resolve_dtype(dtype, args)
     with torch.device("meta"):
-        model = Transformer(args)
+        model = build_model(args)
     expected = model.state_dict()
     state: dict[str, torch.Tensor] = {}
     for name, file in index.file_of.items():
@@ -126,7 +132,7 @@ def load_trunk(path: str, dtype: str | torch.dtype | None = "auto", device: str 
                 f"{file}: tensor {name!r} has shape {tuple(tensor.shape)}, "
                 f"config.json implies {tuple(expected[key].shape)}"
             )
-        state[key] = tensor.to(dtype)
+        state[key] = tensor.to(torch.float32 if key.endswith(model.float32_tensors) else dtype)
     if args.tie_word_embeddings and "lm_head.weight" not in state and "model.embed_tokens.weight" in state:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
     missing = sorted(set(expected) - set(state))

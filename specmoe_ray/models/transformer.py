@@ -8,7 +8,8 @@ pads, per sequence, to read its slot of the KV cache.
 Module names mirror Hugging Face's, so a checkpoint's tensor names are our state-dict keys.
 The MoE experts are not parameters here: each MoE block calls an `ExpertBackend` given from
 outside (in-process experts, or expert shards over a process group), which keeps this file
-free of any transport.
+free of any transport. DeepSeek's attention (MLA) and cache live in `deepseek.py`, which
+subclasses `Transformer`; the MoE block here serves every architecture.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from torch import nn
 
 from specmoe_ray.models.args import ModelArgs, RopeArgs
 from specmoe_ray.models.kv_cache import KVCache
-from specmoe_ray.moe.router import TopKRouter
+from specmoe_ray.moe.router import make_router
 
 # N = packed tokens of a step, B = sequences, Tq = most new tokens of one sequence,
 # D = hidden, H = heads, Hkv = kv heads, hd = head dim, A = experts per token, L = kv length
@@ -129,7 +130,44 @@ def rope_inv_freq(rope: RopeArgs, head_dim: int) -> torch.Tensor:
         smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
         medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
         inv_freq = torch.where(medium, smoothed, scaled)
+    elif rope.kind == "yarn":  # YaRN (Peng et al. 2023): interpolate low frequencies, keep high ones
+        inv_freq = _yarn_inv_freq(rope, head_dim)
     return inv_freq
+
+
+def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def rope_attention_factor(rope: RopeArgs) -> float:
+    """YaRN's scale on cos and sin (1 for every other rope type)."""
+    if rope.kind != "yarn":
+        return 1.0
+    if rope.attention_factor is not None:
+        return rope.attention_factor
+    if rope.mscale and rope.mscale_all_dim:
+        return yarn_mscale(rope.factor, rope.mscale) / yarn_mscale(rope.factor, rope.mscale_all_dim)
+    return yarn_mscale(rope.factor)
+
+
+def _yarn_inv_freq(rope: RopeArgs, dim: int) -> torch.Tensor:
+    def correction_dim(num_rotations: float) -> float:
+        return (
+            dim
+            * math.log(rope.original_max_position / (num_rotations * 2 * math.pi))
+            / (2 * math.log(rope.theta))
+        )
+
+    low, high = correction_dim(rope.beta_fast), correction_dim(rope.beta_slow)
+    if rope.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # avoid a zero-width ramp
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    pos_freqs = rope.theta ** (torch.arange(0, dim, 2).float() / dim)
+    extrapolate = 1 - ramp  # 1: keep the trained frequency, 0: interpolate by `factor`
+    return (1.0 / (rope.factor * pos_freqs)) * (1 - extrapolate) + (1.0 / pos_freqs) * extrapolate
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -203,17 +241,22 @@ class MLP(nn.Module):
 
 
 class MoEBlock(nn.Module):
-    """[Router] -> [Dispatch -> Experts] (the backend) -> [Combine] (+ gated shared expert)."""
+    """[Router] -> [Dispatch -> Experts] (the backend) -> [Combine] (+ shared experts).
+
+    Shared experts: Qwen2-MoE's one sigmoid-gated `shared_expert`, or DeepSeek's ungated
+    `shared_experts` (n of them fused into one MLP n times as wide)."""
 
     def __init__(self, args: ModelArgs, layer: int):
         super().__init__()
         self.layer = layer
-        self.gate = TopKRouter(args)
+        self.gate = make_router(args)
         self.backend: ExpertBackend | None = None
-        self.shared_expert = None
+        self.shared_expert = self.shared_experts = None
         if args.shared_expert_intermediate_size:
             self.shared_expert = MLP(args.hidden_size, args.shared_expert_intermediate_size)
             self.shared_expert_gate = nn.Linear(args.hidden_size, 1, bias=False)
+        if args.num_shared_experts:
+            self.shared_experts = MLP(args.hidden_size, args.moe_intermediate_size * args.num_shared_experts)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, expert_ids = self.gate(x)  # [T, A], [T, A]
@@ -222,13 +265,15 @@ class MoEBlock(nn.Module):
         out = (y * weights[..., None]).to(x.dtype).sum(1)
         if self.shared_expert is not None:
             out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(x)
         return out
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, args: ModelArgs, layer: int):
+    def __init__(self, args: ModelArgs, layer: int, attention_cls: type[nn.Module] = Attention):
         super().__init__()
-        self.self_attn = Attention(args, layer)
+        self.self_attn = attention_cls(args, layer)
         if args.is_moe_layer(layer):
             self.mlp = MoEBlock(args, layer)
         else:
@@ -242,22 +287,27 @@ class DecoderLayer(nn.Module):
 
 
 class DecoderModel(nn.Module):
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, attention_cls: type[nn.Module] = Attention):
         super().__init__()
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(args, i) for i in range(args.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(args, i, attention_cls) for i in range(args.num_layers))
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
 
 class Transformer(nn.Module):
     """A causal LM over packed tokens with an external KV cache."""
 
+    attention_cls: type[nn.Module] = Attention
+    # Tensors kept in float32 whatever the model dtype (state-dict key suffixes).
+    float32_tensors: tuple[str, ...] = ()
+
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
-        self.model = DecoderModel(args)
+        self.model = DecoderModel(args, self.attention_cls)
         self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
         self.register_buffer("inv_freq", rope_inv_freq(args.rope, args.head_dim), persistent=False)
+        self.rope_scale = rope_attention_factor(args.rope)
 
     def set_expert_backend(self, backend: ExpertBackend) -> None:
         for layer in self.model.layers:
@@ -275,7 +325,10 @@ class Transformer(nn.Module):
         x = self.model.embed_tokens(batch.tokens)  # [N, D]
         freqs = batch.positions[:, None].float() * self.inv_freq  # [N, hd/2]
         emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]
-        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        cos, sin = emb.cos(), emb.sin()
+        if self.rope_scale != 1.0:
+            cos, sin = cos * self.rope_scale, sin * self.rope_scale
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
         for layer in self.model.layers:
             x = layer(x, cos, sin, batch, cache)
         x = self.model.norm(x[batch.logits_index])

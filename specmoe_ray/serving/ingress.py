@@ -279,9 +279,14 @@ class Ingress:
 
         if not req.stream:
             text, last = "", None
-            async for chunk in self._run(rid, prompt_ids, params):
-                text += chunk["text"]
-                last = chunk
+            try:
+                async for chunk in self._run(rid, prompt_ids, params):
+                    text += chunk["text"]
+                    last = chunk
+            except Exception as e:  # the engine replica failed: a clear 503, not a hang
+                raise ApiError(
+                    503, f"generation failed: {type(e).__name__}: {e}", None, "server_error"
+                ) from None
             choice = {"index": 0, "finish_reason": last["finish_reason"], "logprobs": None}
             if chat:
                 choice["message"] = {"role": "assistant", "content": text}
@@ -315,17 +320,23 @@ class Ingress:
                     }
                 )
             n = 0
-            async for chunk in self._run(rid, prompt_ids, params):
-                n = chunk["num_generated"]
-                if not chunk["text"] and chunk["finish_reason"] is None:
-                    continue
-                choice = {"index": 0, "finish_reason": chunk["finish_reason"]}
-                if chat:
-                    choice["delta"] = {"content": chunk["text"]} if chunk["text"] else {}
-                else:
-                    choice["text"] = chunk["text"]
-                    choice["logprobs"] = None
-                yield _sse({**base, "choices": [choice]})
+            try:
+                async for chunk in self._run(rid, prompt_ids, params):
+                    n = chunk["num_generated"]
+                    if not chunk["text"] and chunk["finish_reason"] is None:
+                        continue
+                    choice = {"index": 0, "finish_reason": chunk["finish_reason"]}
+                    if chat:
+                        choice["delta"] = {"content": chunk["text"]} if chunk["text"] else {}
+                    else:
+                        choice["text"] = chunk["text"]
+                        choice["logprobs"] = None
+                    yield _sse({**base, "choices": [choice]})
+            except Exception as e:  # the engine replica failed mid-stream: say so, then end the stream
+                message = f"generation failed: {type(e).__name__}: {e}"
+                yield _sse(
+                    {"error": {"message": message, "type": "server_error", "param": None, "code": 503}}
+                )
             if req.include_usage:
                 yield _sse({**base, "choices": [], "usage": usage(n)})
             yield _sse("[DONE]")

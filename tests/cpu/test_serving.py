@@ -398,3 +398,37 @@ def test_metrics_reach_prometheus_endpoint(server):
         time.sleep(2)
     missing = [w for w in wanted if w not in text]
     assert not missing, f"{missing} not exported at {url}"
+
+
+def test_killed_verifier_ends_its_requests_with_an_error_and_is_replaced(server):
+    """Runs last in this file: it kills the main app's Verifier replica mid-stream."""
+    port, handle = server
+    verifier = serve.get_deployment_handle("Verifier", app_name="main")
+    name = next(
+        a
+        for a in ray.util.list_named_actors(all_namespaces=True)
+        if a["name"].startswith("SERVE_REPLICA") and "#Verifier#" in a["name"] and "main" in a["name"]
+    )
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+    conn.request(
+        "POST",
+        "/v1/completions",
+        json.dumps({"model": "tiny", "prompt": "long", "max_tokens": 100, "temperature": 0, "stream": True}),
+        {"Content-Type": "application/json"},
+    )
+    resp = conn.getresponse()
+    assert resp.readline().startswith(b"data: ")  # streaming has begun
+    t0 = time.time()
+    ray.kill(ray.get_actor(name["name"], namespace=name["namespace"]), no_restart=False)
+    body = resp.read().decode()  # the stream must end, with an error event
+    conn.close()
+    assert time.time() - t0 < 60
+    assert '"error"' in body and "generation failed" in body, body[-500:]
+    deadline = time.time() + 180
+    while time.time() < deadline:  # Serve replaces the replica (its shards start anew)
+        try:
+            if verifier.check_health.remote().result(timeout_s=10) is None:
+                break
+        except Exception:
+            time.sleep(2)
+    assert greedy_ids(port, "after the restart")["usage"]["completion_tokens"] == NEW

@@ -213,3 +213,32 @@ def test_autoscaler_adds_shards_under_load(ray_cluster, checkpoints):
     assert outs == ref * 2
     assert stats["num_rescales"] == 1
     assert decisions and decisions[0].startswith("1 -> 2 shards"), decisions
+
+
+def test_stuck_shard_times_out_and_the_group_recovers(ray_cluster, checkpoints):
+    """A shard that stops answering (SIGSTOP) fails its collective after the timeout, not a hang."""
+    import signal
+    import time
+
+    path = checkpoints("qwen2_moe")
+    ref = hf_greedy(path, PROMPTS, NEW)
+    opts = pinned(2, collective_timeout_s=4, heartbeat_interval_s=60)
+    with Engine.from_pretrained(path, num_shards=2, max_model_len=128, shard_options=opts) as engine:
+        pid = engine.stats()["shards"]["shards"][0]["pid"]
+        ids = [engine.add_request(p, GREEDY) for p in PROMPTS]
+        done, step = {}, 0
+        stuck_at = None
+        while len(done) < len(ids):
+            step += 1
+            if step == 3:
+                os.kill(pid, signal.SIGSTOP)
+                stuck_at = time.monotonic()
+            for out in engine.step():
+                if out.finished:
+                    done[out.request_id] = out.token_ids
+            if stuck_at is not None:
+                waited, stuck_at = time.monotonic() - stuck_at, None
+                assert waited < 60, f"the stuck step took {waited:.0f}s"
+        stats = engine.stats()
+    assert [done[i] for i in ids] == ref
+    assert stats["num_recoveries"] == 1

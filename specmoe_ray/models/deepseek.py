@@ -1,0 +1,132 @@
+"""DeepSeek-V2 and DeepSeek-V3/R1: Multi-head Latent Attention over packed tokens.
+
+MLA (DeepSeek-V2, DeepSeek-AI 2024, arXiv:2405.04434) compresses each token's keys and values
+into one latent `c_kv` (`kv_lora_rank` wide, RMS-normalised) plus one rope key `k_pe` shared by
+all heads (`qk_rope_head_dim` wide). Only those two are cached (`MLACache`), so a token costs
+`kv_lora_rank + qk_rope_head_dim` numbers per layer instead of `2 * heads * head_dim`. At read
+time the cached latents are up-projected by `kv_b_proj` into per-head `k_nope` and `v`; that is
+exact and simple. (The "absorbed" form, folding `kv_b_proj` into the query and the output so
+attention runs in latent space, is a later optimisation with the same results.)
+
+Everything else is shared with `transformer.py`: the MoE block routes with `GroupedTopKRouter`
+(DeepSeek-V3's sigmoid + bias, V2's softmax, both group-limited; `moe/router.py`), adds the
+ungated shared experts, and its routed experts go through the same ExpertBackend (in-process,
+or expert shards); the first `first_k_dense_replace` layers are dense MLPs. Rope is YaRN as the
+configs use it: frequencies from `rope_inv_freq`, cos/sin scaled by YaRN's attention factor, and
+the softmax scale multiplied by `mscale(factor, mscale_all_dim) ** 2`.
+
+Module names mirror transformers' (`q_a_proj`, `kv_a_proj_with_mqa`, `kv_b_proj`, ...).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from specmoe_ray.models.args import ModelArgs
+from specmoe_ray.models.kv_cache import MLACache
+from specmoe_ray.models.transformer import ForwardBatch, RMSNorm, Transformer, apply_rope, yarn_mscale
+
+# N = packed tokens, B = sequences, Tq = most new tokens of one sequence, L = kv length,
+# H = heads, R = kv_lora_rank, P = qk_rope_head_dim, Dn = qk_nope_head_dim, Dv = v_head_dim
+
+
+def apply_rope_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rope on pairs (x[2i], x[2i+1]); the output lists the pairs' first then second halves.
+
+    x: [N, heads, P]; cos, sin: [N, 1, P] as cat(freqs, freqs). The output layout differs from
+    the input's, but q and k share it, so q . k is the interleaved rotation's.
+    """
+    half = x.shape[-1] // 2
+    cos, sin = cos[..., :half], sin[..., :half]
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+def mla_softmax_scale(args: ModelArgs) -> float:
+    """1/sqrt(qk_head_dim), times YaRN's mscale(factor, mscale_all_dim)^2 (as DeepSeek's code)."""
+    scale = args.mla.qk_head_dim**-0.5
+    rope = args.rope
+    if rope.kind != "default" and rope.mscale_all_dim:
+        scale *= yarn_mscale(rope.factor, rope.mscale_all_dim) ** 2
+    return scale
+
+
+class MLAttention(nn.Module):
+    """Multi-head Latent Attention with the compressed cache; same call as `Attention`."""
+
+    def __init__(self, args: ModelArgs, layer: int):
+        super().__init__()
+        m = args.mla
+        self.layer = layer
+        self.num_heads = H = args.num_heads
+        self.q_lora_rank = m.q_lora_rank
+        self.kv_lora_rank = m.kv_lora_rank
+        self.nope_dim, self.rope_dim, self.v_dim = m.qk_nope_head_dim, m.qk_rope_head_dim, m.v_head_dim
+        self.qk_dim = m.qk_head_dim
+        self.interleaved = m.rope_interleave
+        D, bias = args.hidden_size, args.qkv_bias
+        if m.q_lora_rank is None:
+            self.q_proj = nn.Linear(D, H * self.qk_dim, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(D, m.q_lora_rank, bias=bias)
+            # DeepSeek's latent norms use eps 1e-6 whatever rms_norm_eps says.
+            self.q_a_layernorm = RMSNorm(m.q_lora_rank, 1e-6)
+            self.q_b_proj = nn.Linear(m.q_lora_rank, H * self.qk_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(D, m.kv_lora_rank + m.qk_rope_head_dim, bias=bias)
+        self.kv_a_layernorm = RMSNorm(m.kv_lora_rank, 1e-6)
+        self.kv_b_proj = nn.Linear(m.kv_lora_rank, H * (m.qk_nope_head_dim + m.v_head_dim), bias=False)
+        self.o_proj = nn.Linear(H * m.v_head_dim, D, bias=bias)
+        self.scale = mla_softmax_scale(args)
+
+    def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        return apply_rope_interleaved(x, cos, sin) if self.interleaved else apply_rope(x, cos, sin)
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: ForwardBatch, cache: MLACache
+    ) -> torch.Tensor:
+        N, H = x.shape[0], self.num_heads
+        if self.q_lora_rank is None:
+            q = self.q_proj(x)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q_nope, q_pe = q.view(N, H, self.qk_dim).split([self.nope_dim, self.rope_dim], dim=-1)
+        c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        c_kv = self.kv_a_layernorm(c_kv)  # [N, R]
+        q_pe = self._rope(q_pe, cos, sin)  # [N, H, P]
+        k_pe = self._rope(k_pe[:, None, :], cos, sin)[:, 0]  # [N, P]
+
+        cache.write(self.layer, batch.write_slots, batch.positions, c_kv, k_pe)
+        c_kv, k_pe = cache.read(self.layer, batch.read_slots, batch.kv_len)  # [B, L, R], [B, L, P]
+
+        # Up-project the latents into per-head keys and values.
+        B, L = c_kv.shape[:2]
+        kv = self.kv_b_proj(c_kv).view(B, L, H, self.nope_dim + self.v_dim).transpose(1, 2)
+        k_nope, values = kv.split([self.nope_dim, self.v_dim], dim=-1)  # [B, H, L, Dn], [B, H, L, Dv]
+        keys = torch.cat((k_nope, k_pe[:, None].expand(B, H, L, self.rope_dim)), dim=-1)  # [B, H, L, Dn+P]
+
+        Tq = batch.max_new
+        q = torch.cat((q_nope, q_pe), dim=-1)  # [N, H, Dn+P]
+        q = torch.cat([q, q.new_zeros(1, H, self.qk_dim)])[batch.pad_index]
+        q = q.view(B, Tq, H, self.qk_dim).transpose(1, 2)  # [B, H, Tq, Dn+P]
+        key_pos = torch.arange(batch.kv_len, device=x.device)
+        mask = key_pos <= batch.query_positions[:, None, :, None]  # [B, 1, Tq, L]
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scale)
+        out = out.transpose(1, 2).reshape(B * Tq, H * self.v_dim)[batch.unpad_index]
+        return self.o_proj(out)
+
+
+class DeepseekTransformer(Transformer):
+    """DeepSeek-V2/V3 causal LM: `Transformer` with MLA and its compressed cache."""
+
+    attention_cls = MLAttention
+    # transformers keeps the router in float32 (`_keep_in_fp32_modules_strict`); so do we.
+    float32_tensors = ("mlp.gate.weight", "mlp.gate.e_score_correction_bias")
+
+    def make_cache(self, num_slots: int, max_len: int) -> MLACache:
+        p = self.lm_head.weight
+        a = self.args
+        return MLACache(
+            a.num_layers, num_slots, max_len, a.mla.kv_lora_rank, a.mla.qk_rope_head_dim, p.dtype, p.device
+        )
