@@ -120,6 +120,9 @@ class ModelArgs:
     mla: MLAArgs | None = None  # DeepSeek: Multi-head Latent Attention instead of GQA
     eos_token_ids: tuple[int, ...] = ()
     torch_dtype: str = "float32"
+    # DeepSeek-V3/R1's fp8 checkpoints: e4m3 weights, one float32 `weight_scale_inv` per
+    # [rows, cols] block of this size; the loader dequantizes them (`models/loader.py`).
+    fp8_block: tuple[int, int] | None = None
 
     @property
     def is_moe(self) -> bool:
@@ -141,12 +144,7 @@ class ModelArgs:
                 f"{source}: unsupported architecture {name!r}; supported model_type values: {supported}"
             )
 
-        if cfg.get("quantization_config"):
-            method = cfg["quantization_config"].get("quant_method", "?")
-            raise UnsupportedArchitectureError(
-                f"{source}: quantized checkpoint (quantization_config.quant_method={method!r}) "
-                "is not supported yet; use a bf16/fp16/fp32 checkpoint"
-            )
+        fp8_block = _fp8_block(cfg.get("quantization_config"), source)
 
         def need(key: str, *aliases: str) -> Any:
             for k in (key, *aliases):
@@ -176,6 +174,7 @@ class ModelArgs:
             hidden_act=cfg.get("hidden_act", "silu"),
             torch_dtype=str(cfg.get("dtype") or cfg.get("torch_dtype") or "float32"),
             eos_token_ids=_eos_ids(cfg.get("eos_token_id")),
+            fp8_block=fp8_block,
         )
         if args.hidden_act != "silu":
             raise UnsupportedArchitectureError(f"{source}: hidden_act {args.hidden_act!r} (only 'silu')")
@@ -273,6 +272,40 @@ def _deepseek_args(args: ModelArgs, cfg: dict[str, Any], need, source: str) -> N
         correction_bias=v3,
         routed_scaling_factor=float(cfg.get("routed_scaling_factor") or 1.0),
     )
+
+
+def _fp8_block(qcfg: Any, source: str) -> tuple[int, int] | None:
+    """The weight block size of a block-quantized fp8 checkpoint (DeepSeek-V3/R1's format);
+    None for an unquantized one. Other quantization methods are rejected."""
+    if not qcfg:
+        return None
+    if not isinstance(qcfg, dict):
+        raise CheckpointError(f"{source}: quantization_config must be a JSON object")
+    method = qcfg.get("quant_method", "?")
+    if method != "fp8":
+        raise UnsupportedArchitectureError(
+            f"{source}: quantized checkpoint (quantization_config.quant_method={method!r}) is not "
+            "supported; supported: quant_method='fp8' with weight_block_size (DeepSeek-V3/R1), "
+            "or a bf16/fp16/fp32 checkpoint"
+        )
+    fmt = qcfg.get("fmt", "e4m3")
+    if fmt != "e4m3":
+        raise UnsupportedArchitectureError(f"{source}: fp8 format fmt={fmt!r} (only 'e4m3')")
+    block = qcfg.get("weight_block_size")
+    if block is None:
+        raise UnsupportedArchitectureError(
+            f"{source}: quant_method='fp8' without weight_block_size (per-tensor fp8) is not "
+            "supported; only block-quantized fp8 (e.g. weight_block_size=[128, 128])"
+        )
+    if (
+        not isinstance(block, (list, tuple))
+        or len(block) != 2
+        or not all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in block)
+    ):
+        raise CheckpointError(
+            f"{source}: quantization_config.weight_block_size={block!r} (expected two positive integers)"
+        )
+    return int(block[0]), int(block[1])
 
 
 def _eos_ids(value: Any) -> tuple[int, ...]:

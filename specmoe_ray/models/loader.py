@@ -7,6 +7,12 @@ shard never reads the rest of the model. Both expert layouts are accepted:
 - fused (transformers 5 modules): `mlp.experts.gate_up_proj [E, 2I, D]`, `mlp.experts.down_proj [E, D, I]`
 - per expert (published checkpoints): `mlp.experts.N.{gate,up,down}_proj.weight`, and
   Mixtral's `block_sparse_moe.experts.N.{w1,w3,w2}.weight`
+
+Block-quantized fp8 checkpoints (DeepSeek-V3/R1: `quantization_config.quant_method="fp8"`,
+`weight_block_size=[B0, B1]`) store a quantized linear weight as `W` in float8_e4m3fn plus
+`W_scale_inv` in float32, one scale per [B0, B1] block (partial blocks at the right and bottom
+edges). `CheckpointIndex.get_weight` dequantizes them on load (`W * scale` per block, then the
+model dtype); an expert's weights and scales are read alone, so a shard reads only its experts.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from specmoe_ray.moe.experts import ExpertStore, LocalExperts
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _EXPERT_RE = re.compile(r"\.(mlp|block_sparse_moe)\.experts\.")
+SCALE_SUFFIX = "_scale_inv"
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, args: ModelArgs) -> torch.dtype:
@@ -60,8 +67,9 @@ def read_config(path: str) -> tuple[ModelArgs, dict[str, Any]]:
 class CheckpointIndex:
     """tensor name -> safetensors file, read from the files' headers (no tensor data)."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, fp8_block: tuple[int, int] | None = None):
         self.path = path
+        self.fp8_block = fp8_block  # quantization_config.weight_block_size, for get_weight
         files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
         if not files:
             raise CheckpointError(f"{path!r} has no *.safetensors files")
@@ -95,11 +103,51 @@ class CheckpointIndex:
         except Exception as e:
             raise CheckpointError(f"{file}: cannot read tensor {name!r} ({e})") from e
 
+    def get_weight(self, name: str, index: int | None = None) -> torch.Tensor:
+        """`get`, dequantized (to float32) where the checkpoint has `name + "_scale_inv"`."""
+        tensor = self.get(name, index)
+        scale_name = name + SCALE_SUFFIX
+        if scale_name not in self.file_of:
+            if tensor.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+                raise CheckpointError(
+                    f"{self.file_of[name]}: tensor {name!r} is {tensor.dtype} but the checkpoint has "
+                    f"no {scale_name!r} to dequantize it with"
+                )
+            return tensor
+        if self.fp8_block is None:
+            raise CheckpointError(
+                f"{self.path!r}: tensor {scale_name!r} (fp8 block scales) but config.json has no "
+                "quantization_config with quant_method='fp8' and weight_block_size"
+            )
+        return dequantize_fp8(tensor, self.get(scale_name, index), self.fp8_block, name, self.file_of[name])
+
     def shape(self, name: str) -> list[int]:
         return list(self._handle(self.file_of[name]).get_slice(name).get_shape())
 
     def close(self) -> None:
         self._handles.clear()
+
+
+def dequantize_fp8(
+    weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int], name: str = "", file: str = ""
+) -> torch.Tensor:
+    """float32 `weight * scale_inv`, one scale per [B0, B1] block of the last two dims.
+
+    weight: [..., rows, cols] (fp8); scale_inv: [..., ceil(rows / B0), ceil(cols / B1)]. The
+    blocks at the bottom and right edges may be partial: the expanded scales are cut to size.
+    """
+    if weight.dim() < 2:
+        raise CheckpointError(f"{file}: fp8 tensor {name!r} has shape {tuple(weight.shape)} (need >= 2 dims)")
+    (rows, cols), (b0, b1) = weight.shape[-2:], block
+    want = (*weight.shape[:-2], -(-rows // b0), -(-cols // b1))
+    if tuple(scale_inv.shape) != want:
+        raise CheckpointError(
+            f"{file}: {name + SCALE_SUFFIX!r} has shape {tuple(scale_inv.shape)}, but weight {name!r} "
+            f"{tuple(weight.shape)} in blocks of {list(block)} (weight_block_size) needs {want}"
+        )
+    scale = scale_inv.float().repeat_interleave(b0, dim=-2)[..., :rows, :]
+    scale = scale.repeat_interleave(b1, dim=-1)[..., :cols]
+    return weight.float() * scale
 
 
 def _is_expert_tensor(name: str) -> bool:
@@ -114,19 +162,19 @@ def build_model(args: ModelArgs) -> Transformer:
 def load_trunk(path: str, dtype: str | torch.dtype | None = "auto", device: str = "cpu") -> Transformer:
     """Build the model and load every tensor except the routed experts."""
     args, _ = read_config(path)
-    index = CheckpointIndex(path)
+    index = CheckpointIndex(path, args.fp8_block)
     dtype = resolve_dtype(dtype, args)
     with torch.device("meta"):
         model = build_model(args)
     expected = model.state_dict()
     state: dict[str, torch.Tensor] = {}
     for name, file in index.file_of.items():
-        if _is_expert_tensor(name) or "rotary_emb" in name:
-            continue
+        if _is_expert_tensor(name) or "rotary_emb" in name or name.endswith(SCALE_SUFFIX):
+            continue  # scales are read with their weights (get_weight)
         key = name.replace(".block_sparse_moe.gate.", ".mlp.gate.")
         if key not in expected:
             continue  # e.g. extra heads we do not use
-        tensor = index.get(name)
+        tensor = index.get_weight(name)
         if tuple(tensor.shape) != tuple(expected[key].shape):
             raise CheckpointError(
                 f"{file}: tensor {name!r} has shape {tuple(tensor.shape)}, "
@@ -167,7 +215,7 @@ def load_experts(
     if args is None:
         args, _ = read_config(path)
     dtype = resolve_dtype(dtype, args)
-    index = CheckpointIndex(path)
+    index = CheckpointIndex(path, args.fp8_block)
     D, I = args.hidden_size, args.moe_intermediate_size
     layers: dict[int, LocalExperts] = {}
     for layer, experts in assignment.items():
@@ -177,8 +225,8 @@ def load_experts(
         fused = f"model.layers.{layer}.mlp.experts.gate_up_proj"
         for e in experts:
             if fused in index:
-                gu = index.get(fused, e)
-                dn = index.get(f"model.layers.{layer}.mlp.experts.down_proj", e)
+                gu = index.get_weight(fused, e)
+                dn = index.get_weight(f"model.layers.{layer}.mlp.experts.down_proj", e)
             else:
                 names = _expert_names(index, layer, e)
                 if names is None:
@@ -186,8 +234,8 @@ def load_experts(
                         f"{path!r}: no weights for expert {e} of layer {layer} (looked for {fused!r} "
                         f"and model.layers.{layer}.mlp.experts.{e}.gate_proj.weight)"
                     )
-                gu = torch.cat([index.get(names[0]), index.get(names[1])], dim=0)
-                dn = index.get(names[2])
+                gu = torch.cat([index.get_weight(names[0]), index.get_weight(names[1])], dim=0)
+                dn = index.get_weight(names[2])
             for what, t, shape in (("gate_up", gu, (2 * I, D)), ("down", dn, (D, I))):
                 if tuple(t.shape) != shape:
                     raise CheckpointError(

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import glob
+import json
+import os
+import re
+import shutil
+
 import pytest
 import torch
 from conftest import NODE_RESOURCES, PROMPTS, hf_greedy, hf_logits
 
 from specmoe_ray import Engine, SamplingParams, UnsupportedArchitectureError
 from specmoe_ray.errors import CheckpointError
+from specmoe_ray.models import loader
 from specmoe_ray.models.args import ModelArgs
 from specmoe_ray.models.deepseek import DeepseekTransformer
 from specmoe_ray.models.kv_cache import MLACache
@@ -308,8 +315,20 @@ def test_published_v3_config_fields():
     assert args.rope.kind == "yarn" and args.rope.factor == 40 and args.rope.original_max_position == 4096
     assert args.head_dim == 64 and args.num_shared_experts == 1
 
-    with pytest.raises(UnsupportedArchitectureError, match="quant_method='fp8'"):
+    fp8 = {
+        "quant_method": "fp8",
+        "fmt": "e4m3",
+        "activation_scheme": "dynamic",
+        "weight_block_size": [128, 128],
+    }
+    assert args.fp8_block is None
+    assert ModelArgs.from_hf_config(deepseek_v3_config(quantization_config=fp8)).fp8_block == (128, 128)
+    with pytest.raises(UnsupportedArchitectureError, match="quant_method='awq'"):
+        ModelArgs.from_hf_config(deepseek_v3_config(quantization_config={"quant_method": "awq"}))
+    with pytest.raises(UnsupportedArchitectureError, match="without weight_block_size"):
         ModelArgs.from_hf_config(deepseek_v3_config(quantization_config={"quant_method": "fp8"}))
+    with pytest.raises(CheckpointError, match="weight_block_size"):
+        ModelArgs.from_hf_config(deepseek_v3_config(quantization_config=dict(fp8, weight_block_size=[128])))
     with pytest.raises(UnsupportedArchitectureError, match="topk_method='greedy'"):
         ModelArgs.from_hf_config(deepseek_v3_config(topk_method="greedy"))
     with pytest.raises(CheckpointError, match="n_group=3"):
@@ -318,3 +337,190 @@ def test_published_v3_config_fields():
         ModelArgs.from_hf_config(
             dict(deepseek_v3_config(), model_type="llama", architectures=["LlamaForCausalLM"])
         )
+
+
+# --- fp8 block-quantized checkpoints (DeepSeek-V3/R1's published layout) ---------------------------
+
+# Not square, and not dividing every dim (64, 96, 24, 16, 32, 128): partial blocks at both edges.
+FP8_BLOCK = (16, 24)
+FP8_MAX = 448.0  # largest float8_e4m3fn
+
+
+def _fp8_quantized(name: str) -> bool:
+    """As DeepSeek: the linear projections (attention, dense MLPs, routed and shared experts);
+    not the embeddings, norms, router gate or lm_head."""
+    return re.search(r"_proj(_with_mqa)?\.weight$", name) is not None
+
+
+def _quantize(w: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fp8 weight, float32 scale_inv [ceil(rows/B0), ceil(cols/B1)]): each block's amax -> 448."""
+    (rows, cols), (b0, b1) = w.shape, block
+    nr, nc = -(-rows // b0), -(-cols // b1)
+    padded = torch.zeros(nr * b0, nc * b1, dtype=torch.float64)
+    padded[:rows, :cols] = w.double()
+    amax = padded.view(nr, b0, nc, b1).abs().amax(dim=(1, 3))
+    scale = (amax / FP8_MAX).clamp_min(1e-12).float()
+    q = padded.view(nr, b0, nc, b1) / scale.double()[:, None, :, None]
+    return q.view(nr * b0, nc * b1)[:rows, :cols].to(torch.float8_e4m3fn), scale
+
+
+def _dequantize64(q: torch.Tensor, scale: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """The reference: each element times its block's scale by index arithmetic, in float64."""
+    rows, cols = q.shape
+    s = scale.double()[torch.arange(rows) // block[0]][:, torch.arange(cols) // block[1]]
+    return q.double() * s
+
+
+def write_fp8_pair(src: str, root: str, block=FP8_BLOCK) -> tuple[str, str]:
+    """(fp8 checkpoint, reference) from `src`: the reference holds each fp8 weight dequantized in
+    float64 and saved as float32, so the two differ only by our dequantization code."""
+    from safetensors.torch import load_file, save_file
+
+    fp8, ref = os.path.join(root, "fp8"), os.path.join(root, "ref")
+    for d in (fp8, ref):
+        shutil.copytree(src, d, ignore=shutil.ignore_patterns("*.safetensors"))
+    for file in sorted(f for f in os.listdir(src) if f.endswith(".safetensors")):
+        tensors = load_file(os.path.join(src, file))
+        q_state, ref_state = {}, {}
+        for name, t in tensors.items():
+            if _fp8_quantized(name):
+                q, scale = _quantize(t, block)
+                q_state[name], q_state[name + "_scale_inv"] = q, scale
+                ref_state[name] = _dequantize64(q, scale, block).float()
+            else:
+                q_state[name] = ref_state[name] = t
+        save_file(q_state, os.path.join(fp8, file), metadata={"format": "pt"})
+        save_file(ref_state, os.path.join(ref, file), metadata={"format": "pt"})
+    cfg_path = os.path.join(fp8, "config.json")
+    with open(cfg_path) as f:
+        cfg = json.load(f)
+    cfg["quantization_config"] = {
+        "quant_method": "fp8",
+        "fmt": "e4m3",
+        "activation_scheme": "dynamic",
+        "weight_block_size": list(block),
+    }
+    with open(cfg_path, "w") as f:
+        json.dump(cfg, f, indent=2)
+    return fp8, ref
+
+
+@pytest.fixture(scope="module")
+def fp8_pair(deepseek, tmp_path_factory):
+    src, _ = deepseek["deepseek_v3"]
+    return write_fp8_pair(src, str(tmp_path_factory.mktemp("fp8")))
+
+
+def test_fp8_block_checkpoint_matches_dequantized_reference(deepseek, fp8_pair):
+    fp8, ref = fp8_pair
+    src, _ = deepseek["deepseek_v3"]
+    from safetensors import safe_open
+
+    with safe_open(next(glob.iglob(os.path.join(fp8, "*.safetensors"))), framework="pt") as f:
+        names = list(f.keys())
+        dtypes = {n: f.get_slice(n).get_dtype() for n in names}
+    quantized = [n for n in names if n + "_scale_inv" in dtypes]
+    assert {dtypes[n] for n in quantized} == {"F8_E4M3"}
+    assert any(".experts.3.down_proj" in n for n in quantized) and any(
+        "shared_experts" in n for n in quantized
+    )
+    assert not any("embed" in n or "norm" in n or "lm_head" in n or "mlp.gate." in n for n in quantized)
+    assert read_config(fp8)[0].fp8_block == FP8_BLOCK
+
+    tokens = PROMPTS[1] + PROMPTS[0]
+    logits = {}
+    for which, path in (("fp8", fp8), ("ref", ref), ("orig", src)):
+        model = local_model(path)
+        logits[which] = model(build_forward_batch([tokens], [0], [0], [0], "cpu"), model.make_cache(1, 64))
+    diff = (logits["fp8"] - logits["ref"]).abs().max().item()
+    assert diff < 1e-4, f"fp8 checkpoint vs its float64-dequantized reference: max abs logit diff {diff:.3g}"
+    # The quantization really changed the model (so the comparison above is not vacuous).
+    assert (logits["fp8"] - logits["orig"]).abs().max().item() > 1e-3
+
+    # Dequantized on load straight to bf16: the same tensors as the reference's, cast.
+    ours, theirs = load_trunk(fp8, dtype="bfloat16"), load_trunk(ref, dtype="bfloat16")
+    for (name, a), (_, b) in zip(ours.state_dict().items(), theirs.state_dict().items()):
+        assert a.dtype == b.dtype and torch.equal(a, b), name
+    assert ours.model.layers[0].self_attn.kv_a_proj_with_mqa.weight.dtype == torch.bfloat16
+    args = ours.args
+    want = {layer: [0, 5] for layer in args.moe_layers}
+    a = load_experts(fp8, want, dtype="bfloat16", args=args)
+    b = load_experts(ref, want, dtype="bfloat16", args=args)
+    for layer in args.moe_layers:
+        assert torch.equal(a.by_layer[str(layer)].gate_up, b.by_layer[str(layer)].gate_up)
+        assert torch.equal(a.by_layer[str(layer)].down, b.by_layer[str(layer)].down)
+
+    with Engine.from_pretrained(fp8, max_model_len=128) as engine:
+        got = [o.token_ids for o in engine.generate(PROMPTS, GREEDY)]
+    with Engine.from_pretrained(ref, max_model_len=128) as engine:
+        assert got == [o.token_ids for o in engine.generate(PROMPTS, GREEDY)]
+
+
+def test_fp8_expert_shards_read_only_their_experts(ray_cluster, fp8_pair, monkeypatch):
+    fp8, ref = fp8_pair
+    args, _ = read_config(fp8)
+    # In process: loading two experts reads their weights and scales, and nothing else.
+    read = []
+    real_get = loader.CheckpointIndex.get
+    monkeypatch.setattr(
+        loader.CheckpointIndex, "get", lambda self, n, i=None: read.append(n) or real_get(self, n, i)
+    )
+    load_experts(fp8, {1: [2, 6]}, args=args)
+    monkeypatch.undo()
+    want = {
+        f"model.layers.1.mlp.experts.{e}.{p}.weight{s}"
+        for e in (2, 6)
+        for p in ("gate_proj", "up_proj", "down_proj")
+        for s in ("", "_scale_inv")
+    }
+    assert sorted(read) == sorted(want)
+
+    with Engine.from_pretrained(ref, max_model_len=128) as engine:
+        want_tokens = [o.token_ids for o in engine.generate(PROMPTS, GREEDY)]
+    opts = ShardOptions(
+        num_cpus=0.5, strategy="SPREAD", bundle_resources=[{NODE_RESOURCES[s]: 1} for s in range(2)]
+    )
+    with Engine.from_pretrained(fp8, num_shards=2, max_model_len=128, shard_options=opts) as engine:
+        assert [o.token_ids for o in engine.generate(PROMPTS, GREEDY)] == want_tokens
+        stats = engine.stats()["shards"]
+    per_expert = 3 * args.hidden_size * args.moe_intermediate_size
+    held = [sum(len(v) for v in info["held"].values()) for info in stats["shards"]]
+    assert sum(held) == args.num_experts * len(args.moe_layers) and all(0 < h < sum(held) for h in held)
+    for info, h in zip(stats["shards"], held):
+        assert info["num_parameters"] == h * per_expert
+
+
+def _break_scale(path: str, name: str) -> None:
+    from safetensors.torch import load_file, save_file
+
+    for file in glob.glob(os.path.join(path, "*.safetensors")):
+        tensors = load_file(file)
+        if name in tensors:
+            tensors[name] = tensors[name][:, :-1].contiguous()  # one block column short
+            save_file(tensors, file, metadata={"format": "pt"})
+
+
+def test_fp8_bad_scale_shape_is_a_clear_error(fp8_pair, tmp_path):
+    fp8, _ = fp8_pair
+    expert = "model.layers.2.mlp.experts.4.down_proj.weight"
+    trunk = "model.layers.0.self_attn.kv_a_proj_with_mqa.weight"
+    for name in (expert, trunk):
+        bad = str(tmp_path / name.split(".")[-3])
+        shutil.copytree(fp8, bad)
+        _break_scale(bad, name + "_scale_inv")
+        with pytest.raises(CheckpointError, match=re.escape(f"'{name}_scale_inv' has shape")) as info:
+            if name == expert:
+                load_experts(bad, {2: [4]})
+            else:
+                load_trunk(bad)
+        assert "weight_block_size" in str(info.value), str(info.value)
+    # fp8 scales without a quantization_config in config.json
+    bad = str(tmp_path / "noconfig")
+    shutil.copytree(fp8, bad)
+    with open(os.path.join(bad, "config.json")) as f:
+        cfg = json.load(f)
+    del cfg["quantization_config"]
+    with open(os.path.join(bad, "config.json"), "w") as f:
+        json.dump(cfg, f)
+    with pytest.raises(CheckpointError, match="no quantization_config"):
+        load_trunk(bad)
