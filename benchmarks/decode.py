@@ -194,6 +194,28 @@ def report_run(who: str, batch: int, r: dict[str, Any]) -> None:
     )
 
 
+def hf_greedy_run(model, rows: list[list[int]], new_tokens: int, device: str, **gen_kwargs):
+    """A closure running transformers' greedy `generate` on the left-padded batch:
+    -> (tokens generated, row 0's tokens)."""
+    ids, mask = left_pad(rows, device)
+
+    def run():
+        with torch.inference_mode():
+            seqs = model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                do_sample=False,
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                pad_token_id=PAD_ID,
+                **gen_kwargs,
+            )
+        generated = seqs[:, ids.shape[1] :]
+        return generated.numel(), generated[0].tolist()
+
+    return run
+
+
 def bench_hf(args, path: str, prompts: dict[int, list[list[int]]]) -> dict[int, dict[str, Any]]:
     """transformers' generate on each batch: greedy, exactly N new tokens, left-padded."""
     from transformers import AutoModelForCausalLM
@@ -212,21 +234,7 @@ def bench_hf(args, path: str, prompts: dict[int, list[list[int]]]) -> dict[int, 
     print(f"HF model: {type(model).__name__}, {impl}")
     out = {}
     for batch, rows in prompts.items():
-        ids, mask = left_pad(rows, args.device)
-
-        def run(ids=ids, mask=mask):
-            with torch.inference_mode():
-                seqs = model.generate(
-                    input_ids=ids,
-                    attention_mask=mask,
-                    do_sample=False,
-                    max_new_tokens=args.new_tokens,
-                    min_new_tokens=args.new_tokens,
-                    pad_token_id=PAD_ID,
-                )
-            generated = seqs[:, ids.shape[1] :]
-            return generated.numel(), generated[0].tolist()
-
+        run = hf_greedy_run(model, rows, args.new_tokens, args.device)
         r = time_runs(run, args.repeats, args.device)
         r["row0"] = r.pop("result")
         out[batch] = r

@@ -50,7 +50,7 @@ from decode import (
     PAD_ID,
     first_mismatch,
     free_memory,
-    left_pad,
+    hf_greedy_run,
     machine_info,
     report_run,
     small_config,
@@ -203,21 +203,7 @@ def bench_hf(args, target: str, draft: str, prompts: dict[int, list[list[int]]])
     out = []
 
     def measure(label: str, batch: int, **gen_kwargs) -> dict[str, Any]:
-        ids, mask = left_pad(prompts[batch], args.device)
-
-        def run():
-            with torch.inference_mode():
-                seqs = model.generate(
-                    input_ids=ids,
-                    attention_mask=mask,
-                    do_sample=False,
-                    max_new_tokens=args.new_tokens,
-                    min_new_tokens=args.new_tokens,
-                    pad_token_id=PAD_ID,
-                    **gen_kwargs,
-                )
-            generated = seqs[:, ids.shape[1] :]
-            return generated.numel(), generated[0].tolist()
+        run = hf_greedy_run(model, prompts[batch], args.new_tokens, args.device, **gen_kwargs)
 
         calls0 = counter.calls
         r = time_runs(run, args.repeats, args.device)
