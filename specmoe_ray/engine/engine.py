@@ -13,10 +13,8 @@ is a proposer object (local, or a client of a remote draft pool).
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import logging
-import os
 import time
 from collections.abc import Sequence as SequenceABC
 from typing import Any
@@ -26,115 +24,23 @@ import torch
 from specmoe_ray.engine.sampling import make_generator
 from specmoe_ray.engine.scheduler import ScheduledSeq, Scheduler
 from specmoe_ray.engine.sequence import FinishReason, RequestOutput, SamplingParams, Sequence
+from specmoe_ray.engine.setup import (
+    EngineConfig,
+    EngineMetrics,
+    cost_model,
+    load_local_model,
+    load_tokenizer,
+    make_autoscaler,
+)
 from specmoe_ray.errors import RequestError, ShardGroupError
-from specmoe_ray.models.loader import load_experts, load_trunk, read_config
+from specmoe_ray.models.loader import load_trunk, read_config
 from specmoe_ray.models.transformer import Transformer, build_forward_batch
-from specmoe_ray.moe.dispatch import LoopbackDispatch
 from specmoe_ray.moe.placement import PlacementPlan
 from specmoe_ray.spec import rejection
-from specmoe_ray.spec.policy import AdaptivePolicy, FixedPolicy, StepCostModel
+from specmoe_ray.spec.policy import AdaptivePolicy, FixedPolicy
 from specmoe_ray.spec.proposer import DraftModelProposer, DraftRequest, NgramProposer, empty_proposal
 
 log = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass(slots=True)
-class EngineConfig:
-    """Engine limits and speculation settings (plain data: validated once, read per step)."""
-
-    max_num_seqs: int = 16  # KV-cache slots: sequences running at once
-    max_model_len: int | None = None  # context per sequence; None: min(max_position_embeddings, 4096)
-    max_num_batched_tokens: int = 2048  # prompt tokens per step (longer prompts prefill in chunks)
-    num_speculative_tokens: int = 4  # k (the most, with the adaptive policy)
-    spec_policy: str = "fixed"  # "fixed" | "adaptive"
-    draft_top_n: int = 32  # support size of the sparse draft distributions
-
-    def validate(self, max_position_embeddings: int) -> None:
-        for name in ("max_num_seqs", "max_num_batched_tokens", "draft_top_n"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.num_speculative_tokens < 0:
-            raise ValueError(f"num_speculative_tokens must be >= 0, got {self.num_speculative_tokens}")
-        if self.spec_policy not in ("fixed", "adaptive"):
-            raise ValueError(f"spec_policy must be 'fixed' or 'adaptive', got {self.spec_policy!r}")
-        if self.max_model_len is None:
-            self.max_model_len = min(max_position_embeddings, 4096)
-        if not 2 <= self.max_model_len <= max_position_embeddings:
-            raise ValueError(
-                f"max_model_len must be in [2, {max_position_embeddings}] "
-                f"(the model's max_position_embeddings), got {self.max_model_len}"
-            )
-
-
-@dataclasses.dataclass
-class EngineMetrics:
-    num_steps: int = 0
-    num_generated_tokens: int = 0
-    num_drafted: int = 0
-    num_accepted: int = 0
-    num_verify_rows: int = 0  # (sequence, step) pairs that emitted tokens
-    draft_time_s: float = 0.0
-    verify_time_s: float = 0.0
-    num_recoveries: int = 0  # times the expert shard group failed and was re-formed
-    num_rescales: int = 0  # autoscaler changes of the shard count
-    recovery_time_s: float = 0.0
-
-    def summary(self) -> dict[str, float | None]:
-        return {
-            "num_steps": self.num_steps,
-            "num_generated_tokens": self.num_generated_tokens,
-            "acceptance_rate": self.num_accepted / self.num_drafted if self.num_drafted else None,
-            "mean_accepted_length": (
-                self.num_generated_tokens / self.num_verify_rows if self.num_verify_rows else None
-            ),
-            "tokens_per_step": self.num_generated_tokens / self.num_steps if self.num_steps else None,
-            "draft_time_s": self.draft_time_s,
-            "verify_time_s": self.verify_time_s,
-            "num_recoveries": self.num_recoveries,
-            "num_rescales": self.num_rescales,
-            "recovery_time_s": self.recovery_time_s,
-        }
-
-
-def _load_tokenizer(path: str):
-    if not any(os.path.exists(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer_config.json")):
-        return None
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(path, local_files_only=True)
-
-
-def load_local_model(
-    path: str, dtype: str | torch.dtype, device: str
-) -> tuple[Transformer, LoopbackDispatch | None]:
-    """A model with every expert in this process (targets with num_shards=0, and drafts)."""
-    model = load_trunk(path, dtype=dtype, device=device)
-    args = model.args
-    backend = None
-    if args.is_moe:
-        experts = {layer: list(range(args.num_experts)) for layer in args.moe_layers}
-        store = load_experts(path, experts, dtype=model.lm_head.weight.dtype, device=device, args=args)
-        backend = LoopbackDispatch(store)
-        model.set_expert_backend(backend)
-    return model, backend
-
-
-def _cost_model(model: Transformer) -> StepCostModel:
-    args = model.args
-    elem = model.lm_head.weight.element_size()
-    expert = 3 * args.hidden_size * args.moe_intermediate_size * elem
-    dense = sum(p.numel() for p in model.parameters()) * elem - args.vocab_size * args.hidden_size * elem
-    return StepCostModel(dense, expert, len(args.moe_layers), args.num_experts, args.num_experts_per_tok)
-
-
-def _autoscaler(config, num_shards: int):
-    if config is None:
-        return None
-    if num_shards == 0:
-        raise ValueError("shard_autoscale needs expert shards (num_shards >= 1)")
-    from specmoe_ray.serving.autoscale import ShardAutoscaler
-
-    return ShardAutoscaler(config)
 
 
 class Engine:
@@ -164,7 +70,7 @@ class Engine:
         self.proposer = proposer
         k = self.config.num_speculative_tokens if proposer is not None else 0
         if self.config.spec_policy == "adaptive" and proposer is not None:
-            self.policy = AdaptivePolicy(k, _cost_model(model) if self.args.is_moe else None)
+            self.policy = AdaptivePolicy(k, cost_model(model) if self.args.is_moe else None)
         else:
             self.policy = FixedPolicy(k)
         self.cache = model.make_cache(self.config.max_num_seqs, self.max_model_len)
@@ -256,12 +162,12 @@ class Engine:
                 )
             return cls(
                 model,
-                tokenizer=_load_tokenizer(target),
+                tokenizer=load_tokenizer(target),
                 shard_group=shard_group,
                 local_experts=local_experts,
                 proposer=proposer,
                 config=config,
-                autoscaler=_autoscaler(shard_autoscale, num_shards),
+                autoscaler=make_autoscaler(shard_autoscale, num_shards),
             )
         except BaseException:
             if shard_group is not None:

@@ -92,7 +92,7 @@ class DraftPool:
     """A replica of the draft model; holds the draft KV caches of the sequences routed to it."""
 
     def __init__(self, draft: str, dtype: str, max_num_seqs: int, max_model_len: int, top_n: int):
-        from specmoe_ray.engine.engine import load_local_model
+        from specmoe_ray.engine.setup import load_local_model
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
         model, _ = load_local_model(draft, dtype, device)

@@ -96,14 +96,14 @@ def _sse(data: dict[str, Any] | str) -> str:
 @serve.ingress(app)
 class Ingress:
     def __init__(self, config: dict[str, Any], verifier):
-        from specmoe_ray.engine.engine import _load_tokenizer
+        from specmoe_ray.engine.setup import load_tokenizer
         from specmoe_ray.models.loader import read_config
 
         self.config = ServeConfig.from_dict(config)
         self.config.check_paths()
         self.verifier = verifier
         target = resolve_model_path(self.config.model.target)
-        self.tokenizer = _load_tokenizer(target)
+        self.tokenizer = load_tokenizer(target)
         args, _ = read_config(target)
         self.vocab_size = args.vocab_size
         self.max_model_len = self.config.engine.max_model_len or min(args.max_position_embeddings, 4096)
