@@ -93,7 +93,7 @@ class DistributedDispatch:
                 [len(s) for s in row], dtype=torch.long, device=self.device
             )
         self.load = ExpertLoad(plan.num_experts, self.device)
-        self.num_exchanges = 0
+        self.exchanges: dict[int, int] = {}  # per layer
         self.lock = threading.Lock()
         self.last_exchange = time.monotonic()
         self.tokens_per_shard = [0] * plan.num_shards  # (token, expert) pairs sent, cumulative
@@ -109,8 +109,9 @@ class DistributedDispatch:
         self.load.record(layer, flat_ids)
         # A replicated expert's tokens alternate between its replicas, by token position, and the
         # starting replica rotates with every exchange so single-token steps alternate too.
-        self.num_exchanges += 1
-        position = torch.arange(T * A, device=x.device) // A + self.num_exchanges
+        # (Counted per layer: a shared counter would keep one parity for a given layer.)
+        self.exchanges[layer] = self.exchanges.get(layer, 0) + 1
+        position = torch.arange(T * A, device=x.device) // A + self.exchanges[layer]
         replica = position % self.num_replicas[layer][flat_ids]
         owner = self.owner_table[layer][flat_ids, replica]  # [T*A] rank per pair
         order = torch.argsort(owner * self.plan.num_experts + flat_ids, stable=True)
