@@ -132,8 +132,9 @@ class Engine:
                 )
         if not args.is_moe and num_shards:
             raise ValueError(f"{target!r} is a dense model ({args.model_type}): it has no experts to shard")
-        if args.is_moe and num_shards:
-            PlacementPlan.contiguous(args.moe_layers, args.num_experts, num_shards)  # validates the count
+        # Checked before anything loads: the plan validates the shard count.
+        plan = PlacementPlan.contiguous(args.moe_layers, args.num_experts, num_shards) if num_shards else None
+        autoscaler = make_autoscaler(shard_autoscale, num_shards)
 
         shard_group = local_experts = None
         if num_shards == 0:
@@ -142,7 +143,6 @@ class Engine:
             from specmoe_ray.serving.shards import ShardGroup, ShardOptions
 
             model = load_trunk(target, dtype=dtype, device=device)
-            plan = PlacementPlan.contiguous(args.moe_layers, args.num_experts, num_shards)
             shard_group = ShardGroup(
                 target,
                 plan,
@@ -167,7 +167,7 @@ class Engine:
                 local_experts=local_experts,
                 proposer=proposer,
                 config=config,
-                autoscaler=make_autoscaler(shard_autoscale, num_shards),
+                autoscaler=autoscaler,
             )
         except BaseException:
             if shard_group is not None:
