@@ -7,8 +7,7 @@ Two backends with one interface, `backend(layer, x [T, D], expert_ids [T, A]) ->
   1..S are expert shards; NCCL on GPUs, gloo on CPUs, the same code. Per MoE layer call:
 
       broadcast  header [op, layer, n_1 .. n_S]        (rank 0 -> all)
-      all_to_all x rows      rank 0 -> shard s: n_s rows [n_s, D]
-      all_to_all expert ids  rank 0 -> shard s: [n_s]
+      all_to_all rows + ids  rank 0 -> shard s: n_s rows [n_s, D] with their expert ids, as bytes
       all_to_all results     shard s -> rank 0: [n_s, D]
 
   Shards run `serve_experts`, a loop that answers headers until OP_STOP. Rows are sorted by
@@ -31,6 +30,24 @@ from specmoe_ray.moe.experts import ExpertStore
 from specmoe_ray.moe.placement import PlacementPlan
 
 OP_STOP, OP_EXPERTS, OP_PING = 0, 1, 2
+
+
+def pack_rows(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """x [n, D] and int64 ids [n] -> one uint8 tensor [n, D * itemsize + 8], so one collective
+    carries both (the ranks share a byte order)."""
+    n, width = x.shape[0], x.shape[1] * x.element_size()
+    rows = x.contiguous().view(torch.uint8).reshape(n, width)
+    return torch.cat([rows, ids.contiguous().view(torch.uint8).reshape(n, 8)], dim=1)
+
+
+def unpack_rows(
+    payload: torch.Tensor, hidden_size: int, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    n = payload.shape[0]
+    split = payload.shape[1] - 8
+    x = payload[:, :split].contiguous().view(dtype).reshape(n, hidden_size)
+    ids = payload[:, split:].contiguous().view(torch.int64).reshape(n)
+    return x, ids
 
 
 class ExpertLoad:
@@ -121,10 +138,10 @@ class DistributedDispatch:
         sorted_ids = flat_ids[order]
         zeros = [0] * self.world_size
         send_splits = [0, *counts]
+        payload = pack_rows(pairs, sorted_ids)  # rows and their expert ids travel in one exchange
         with self.lock:
             dist.broadcast(self._header(OP_EXPERTS, layer, counts), src=0)
-            dist.all_to_all_single(pairs.new_empty(0, D), pairs.contiguous(), zeros, send_splits)
-            dist.all_to_all_single(sorted_ids.new_empty(0), sorted_ids.contiguous(), zeros, send_splits)
+            dist.all_to_all_single(payload.new_empty(0, payload.shape[1]), payload, zeros, send_splits)
             results = pairs.new_empty(T * A, D)
             dist.all_to_all_single(results, pairs.new_empty(0, D), send_splits, zeros)
             self.last_exchange = time.monotonic()
@@ -150,6 +167,7 @@ def serve_experts(store: ExpertStore, rank: int, world_size: int, hidden_size: i
     device = torch.device(device)
     header = torch.empty(world_size + 1, dtype=torch.long, device=device)
     zeros = [0] * world_size
+    row_bytes = hidden_size * torch.empty(0, dtype=dtype).element_size() + 8
     served = 0
     while True:
         dist.broadcast(header, src=0)
@@ -160,10 +178,9 @@ def serve_experts(store: ExpertStore, rank: int, world_size: int, hidden_size: i
             continue
         n = counts[rank - 1]
         recv_splits = [n] + [0] * (world_size - 1)
-        x = torch.empty(n, hidden_size, dtype=dtype, device=device)
-        ids = torch.empty(n, dtype=torch.long, device=device)
-        dist.all_to_all_single(x, x.new_empty(0, hidden_size), recv_splits, zeros)
-        dist.all_to_all_single(ids, ids.new_empty(0), recv_splits, zeros)
+        payload = torch.empty(n, row_bytes, dtype=torch.uint8, device=device)
+        dist.all_to_all_single(payload, payload.new_empty(0, row_bytes), recv_splits, zeros)
+        x, ids = unpack_rows(payload, hidden_size, dtype)
         y = store(layer, x, ids) if n else x
         dist.all_to_all_single(y.new_empty(0, hidden_size), y.contiguous(), zeros, recv_splits)
         served += 1

@@ -68,3 +68,18 @@ def test_autoscaler_step_latency_adds_a_shard():
         ShardAutoscaleConfig(max_shards=3, target_pairs_per_shard_s=1e9, max_step_s=0.05)
     )
     assert scaler.decide(0.0, 10, 0.2, current=1).num_shards == 2
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_dispatch_payload_round_trips_rows_and_ids(dtype):
+    import torch
+
+    from specmoe_ray.moe.dispatch import pack_rows, unpack_rows
+
+    dt = getattr(torch, dtype)
+    x = torch.randn(7, 24).to(dt)
+    ids = torch.tensor([0, 5, 127, 2**40, 3, 3, 1])
+    x2, ids2 = unpack_rows(pack_rows(x, ids), 24, dt)
+    assert torch.equal(x2, x) and torch.equal(ids2, ids)
+    empty = pack_rows(x[:0], ids[:0])
+    assert empty.shape == (0, 24 * x.element_size() + 8)
