@@ -23,6 +23,10 @@ class EngineConfig:
     num_speculative_tokens: int = 4  # k (the most, with the adaptive policy)
     spec_policy: str = "fixed"  # "fixed" | "adaptive"
     draft_top_n: int = 32  # support size of the sparse draft distributions
+    # Decode/verify steps on static shapes (engine/graph.py): "auto" replays CUDA graphs on GPUs
+    # (experts in-process) and runs the plain path elsewhere; "padded" runs the same padded static
+    # batches without capturing (any device: for checking); "off" always runs the plain path.
+    step_graphs: str = "auto"
 
     def validate(self, max_position_embeddings: int) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "draft_top_n"):
@@ -30,6 +34,8 @@ class EngineConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.num_speculative_tokens < 0:
             raise ValueError(f"num_speculative_tokens must be >= 0, got {self.num_speculative_tokens}")
+        if self.step_graphs not in ("auto", "padded", "off"):
+            raise ValueError(f"step_graphs must be 'auto', 'padded' or 'off', got {self.step_graphs!r}")
         if self.spec_policy not in ("fixed", "adaptive"):
             raise ValueError(f"spec_policy must be 'fixed' or 'adaptive', got {self.spec_policy!r}")
         if self.max_model_len is None:

@@ -58,12 +58,13 @@ class ExpertLoad:
         self.device = device
         self.counts: dict[int, torch.Tensor] = {}
 
-    def record(self, layer: int, expert_ids: torch.Tensor) -> None:
-        c = torch.bincount(expert_ids.reshape(-1), minlength=self.num_experts)
-        if layer in self.counts:
-            self.counts[layer] += c
-        else:
-            self.counts[layer] = c
+    def record(self, layer: int, expert_ids: torch.Tensor, weight: torch.Tensor | None = None) -> None:
+        """Count `expert_ids` [T, A]; weight [T] (0/1) leaves padded tokens out."""
+        if layer not in self.counts:
+            self.counts[layer] = torch.zeros(self.num_experts, dtype=torch.long, device=expert_ids.device)
+        ones = torch.ones_like(expert_ids) if weight is None else weight[:, None].expand_as(expert_ids)
+        # In place, with static shapes (no bincount): CUDA graphs replay it into the same counters.
+        self.counts[layer].scatter_add_(0, expert_ids.reshape(-1), ones.reshape(-1).long())
 
     def snapshot(self) -> dict[int, list[int]]:
         """{layer: [tokens per expert]}, cumulative (one host sync)."""
@@ -78,14 +79,18 @@ class LoopbackDispatch:
 
     def __init__(self, store: ExpertStore):
         self.store = store
+        store.count = False  # `load` below counts the same pairs
         any_layer = next(iter(store.by_layer.values()))
         self.load = ExpertLoad(any_layer.to_local.shape[0], any_layer.to_local.device)
         self.num_pairs = 0  # (token, expert) pairs computed, cumulative
+        # [T] 0/1 while a CUDA graph of a padded batch runs (`engine/graph.py`): padding rows are
+        # computed but not counted as load. None: every row counts.
+        self.token_mask: torch.Tensor | None = None
 
     def __call__(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
         T, A = expert_ids.shape
         self.num_pairs += T * A
-        self.load.record(layer, expert_ids)
+        self.load.record(layer, expert_ids, self.token_mask)
         pairs = x[:, None, :].expand(T, A, x.shape[-1]).reshape(T * A, -1)
         return self.store(layer, pairs, expert_ids.reshape(-1)).view(T, A, -1)
 

@@ -10,6 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from specmoe_ray.models.fused import silu_mul
+from specmoe_ray.moe import triton_experts
+
 
 class LocalExperts(nn.Module):
     """The experts of one MoE layer that this process holds (a subset of all E)."""
@@ -24,31 +27,58 @@ class LocalExperts(nn.Module):
         to_local[torch.tensor(self.expert_ids, dtype=torch.long)] = torch.arange(len(self.expert_ids))
         self.register_buffer("to_local", to_local.to(gate_up.device), persistent=False)
 
-        # On GPUs one grouped GEMM per projection, offsets on the device: no host sync, no
-        # per-expert launches (DESIGN.md section 6). CPUs run the per-expert loop, which is
-        # faster there; both give the same rows for the same inputs.
+        # GPUs: few rows per expert (decode, verify) go to the Triton kernel, which reads each
+        # touched expert's weights once and skips the others; many rows (prefill) to one grouped
+        # GEMM per projection. Both keep offsets on the device: no host sync, no per-expert
+        # launches, so CUDA graphs capture them (DESIGN.md section 6). CPUs run the per-expert
+        # loop, which is faster there; all give the same rows for the same inputs.
         self.grouped = (
             gate_up.is_cuda
             and gate_up.dtype in (torch.bfloat16, torch.float16)
             and hasattr(torch, "_grouped_mm")
         )
+        self.triton = gate_up.is_cuda and triton_experts.AVAILABLE
+        # The Triton kernel while rows per expert average at most this; grouped GEMM above it.
+        self.triton_max_rows_per_expert = 8
 
     @torch.inference_mode()
     def forward(self, x: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
         # x: [n, D] one row per (token, expert) pair; expert_ids: [n] global ids -> [n, D]
         local = self.to_local[expert_ids]
         order = torch.argsort(local, stable=True)
-        xs = x[order]
-        out = self._grouped(xs, local) if self.grouped else self._loop(xs, local)
+        xs, local = x[order], local[order]
+        few_rows = xs.shape[0] <= self.triton_max_rows_per_expert * len(self.expert_ids)
+        if self.triton and (few_rows or not self.grouped):
+            out = self._triton(xs, local)
+        elif self.grouped:
+            out = self._grouped(xs, local)
+        else:
+            out = self._loop(xs, local)
         y = torch.empty_like(out)
         y[order] = out
         return y
 
+    @property
+    def capturable(self) -> bool:
+        """Whether a CUDA graph can capture this layer's expert computation (no host sync)."""
+        return self.grouped or self.triton
+
+    def _ends(self, local: torch.Tensor) -> torch.Tensor:
+        """[E_local] int32 end offset of each expert's rows in sorted `local`. searchsorted, not
+        bincount: CUDA's bincount reads the max id back to the host, which a graph cannot capture."""
+        bounds = torch.arange(1, len(self.expert_ids) + 1, device=local.device)
+        return torch.searchsorted(local, bounds, out_int32=True)
+
+    def _triton(self, xs: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
+        ends = self._ends(local)
+        h = silu_mul(triton_experts.expert_matmul(xs, self.gate_up, ends))
+        return triton_experts.expert_matmul(h, self.down, ends)
+
     def _grouped(self, xs: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
-        counts = torch.bincount(local, minlength=len(self.expert_ids))
-        offs = torch.cumsum(counts, 0, dtype=torch.int32)
-        gate, up = torch._grouped_mm(xs, self.gate_up.transpose(1, 2), offs=offs).chunk(2, dim=-1)
-        return torch._grouped_mm(F.silu(gate) * up, self.down.transpose(1, 2), offs=offs)
+        # xs: rows sorted by local expert; local: their (sorted) local expert ids.
+        offs = self._ends(local)
+        h = silu_mul(torch._grouped_mm(xs, self.gate_up.transpose(1, 2), offs=offs))
+        return torch._grouped_mm(h, self.down.transpose(1, 2), offs=offs)
 
     def _loop(self, xs: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
         # One host sync per layer call: the group sizes drive the per-expert loop.
@@ -71,11 +101,16 @@ class ExpertStore(nn.Module):
         super().__init__()
         self.by_layer = nn.ModuleDict({str(layer): experts for layer, experts in layers.items()})
         self.computed: dict[int, torch.Tensor] = {}  # layer -> [E] pairs computed here, cumulative
+        self.count = True  # off where the caller counts the load itself (LoopbackDispatch)
 
     def forward(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
         experts = self.by_layer[str(layer)]
-        c = torch.bincount(expert_ids, minlength=experts.to_local.shape[0])
-        self.computed[layer] = self.computed[layer] + c if layer in self.computed else c
+        if not self.count:
+            return experts(x, expert_ids)
+        if layer not in self.computed:
+            self.computed[layer] = torch.zeros(experts.to_local.shape[0], dtype=torch.long, device=x.device)
+        # In place, with static shapes: a CUDA graph replays this add into the same counters.
+        self.computed[layer].scatter_add_(0, expert_ids, torch.ones_like(expert_ids))
         return experts(x, expert_ids)
 
     def computed_counts(self) -> dict[int, list[int]]:

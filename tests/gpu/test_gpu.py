@@ -86,3 +86,78 @@ def test_grouped_gemm_experts_equal_float64_reference():
         ref[i] = F.linear(F.silu(gate) * up, down[ids[i]].double())
     rel = ((out - ref).norm() / ref.norm()).item()
     assert rel < 2e-2, rel
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_cuda_graph_steps_equal_eager_steps(checkpoints, dtype):
+    """Replayed CUDA graphs == the same padded static steps run eagerly, bit for bit (same
+    kernels, same shapes), on a ragged batch with and without speculation; in float32 both
+    equal the plain path and transformers."""
+    path = checkpoints("qwen3_moe")
+    prompts = [*PROMPTS, list(range(1, 30)), [4, 4]]
+    results = {}
+    for mode in ("off", "padded", "auto"):
+        for draft in (None, path, "ngram"):
+            with Engine.from_pretrained(
+                path, draft=draft, device="cuda", dtype=dtype, step_graphs=mode, max_model_len=128
+            ) as engine:
+                outs = [o.token_ids for o in engine.generate(prompts, GREEDY)]
+                results[mode, draft] = outs, engine.expert_load()
+                if mode == "auto":
+                    assert engine.graphs.capture and engine.graphs.num_graphs > 0
+                    # Every step but the first (prefill) is a decode/verify step: all replayed.
+                    assert engine.graphs.num_replays == engine.metrics.num_steps - 1 > 3
+    for draft in (None, path, "ngram"):
+        assert results["auto", draft] == results["padded", draft], draft
+        if dtype == "float32":
+            assert results["padded", draft] == results["off", draft], draft
+    if dtype == "float32":
+        assert results["off", None][0] == hf_greedy(path, prompts, NEW)
+
+
+def test_cuda_graph_steps_with_mla():
+    """DeepSeek-V3 (MLA cache, grouped routing) replayed from graphs == eager == transformers."""
+    import sys
+    import tempfile
+
+    sys.path.insert(0, __file__.rsplit("/", 2)[0] + "/cpu")
+    from test_deepseek import make_deepseek
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = make_deepseek(tmp + "/v3", "deepseek_v3")
+        prompts = [list(range(1, 50)), [7, 8, 9]]
+        ref = hf_greedy(path, prompts, NEW)
+        for mode in ("off", "auto"):
+            with Engine.from_pretrained(
+                path, draft="ngram", device="cuda", step_graphs=mode, max_model_len=128
+            ) as engine:
+                assert [o.token_ids for o in engine.generate(prompts, GREEDY)] == ref, mode
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n", [1, 8, 40, 300])
+def test_triton_experts_equal_float64_reference(dtype, n):
+    """The Triton expert kernel (few rows per expert: decode/verify) against float64 per-row math,
+    including an expert with more rows than one 16-row block and experts with none."""
+    import torch.nn.functional as F
+
+    from specmoe_ray.moe import triton_experts
+    from specmoe_ray.moe.experts import LocalExperts
+
+    assert triton_experts.AVAILABLE
+    g = torch.Generator().manual_seed(n)
+    E, D, I = 16, 256, 96
+    gate_up = torch.randn(E, 2 * I, D, generator=g) / D**0.5
+    down = torch.randn(E, D, I, generator=g) / I**0.5
+    x = torch.randn(n, D, generator=g)
+    ids = torch.randint(0, E, (n,), generator=g)
+    ids[: min(n, 20)] = 5  # 20 rows on one expert: two 16-row blocks
+    experts = LocalExperts(list(range(E)), gate_up.cuda().to(dtype), down.cuda().to(dtype), E)
+    experts.triton_max_rows_per_expert = 10**6  # always the kernel, whatever n
+    out = experts(x.cuda().to(dtype), ids.cuda()).double().cpu()
+    ref = torch.empty(n, D, dtype=torch.float64)
+    for i in range(n):
+        gate, up = F.linear(x[i].double(), gate_up[ids[i]].double()).chunk(2)
+        ref[i] = F.linear(F.silu(gate) * up, down[ids[i]].double())
+    rel = ((out - ref).norm() / ref.norm()).item()
+    assert rel < (1e-5 if dtype == torch.float32 else 2e-2), rel

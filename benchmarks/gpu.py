@@ -1,0 +1,433 @@
+"""One run, one machine: transformers `generate` against our engine, with the memory roofline.
+
+(a) A model of a given shape with random weights (`--shape qwen3-30b-a3b`: Qwen3-30B-A3B's exact
+shape, ~61 GB of bf16), built once on the device by transformers; our engine runs on *the same
+tensors* (no copy, no checkpoint on disk), experts in-process. Per batch size it times:
+
+- `HF`: transformers' greedy `generate` (exactly --new-tokens tokens; the baseline);
+- `eager`: our engine, plain eager steps (`step_graphs="off"`), no speculation;
+- `graphs`: our engine with CUDA-graph steps (the default on GPUs), no speculation;
+- `ngram`: graphs + prompt-lookup drafts (k = --k).
+
+(b) The shipped demo pair (`specmoe_ray/demo`, real acceptance rates): HF, no speculation,
+draft model, n-gram, on its held-out text.
+
+(c) Verify sweep: one forward of B sequences x T tokens (T = 1..8), replayed from its graph,
+timed with CUDA events; the bytes it must read (every dense weight, the lm_head, the experts its
+tokens *actually* routed to, counted from the routing, and the KV it reads), and the fraction of
+the memory roofline (bytes / measured copy bandwidth) it reaches.
+
+The copy bandwidth is measured first (device-to-device copy of 2 x 1 GiB: read + write bytes).
+Everything goes to --json, and a plot to --png (matplotlib, if installed).
+
+    python benchmarks/gpu.py --shape small --device cpu            # seconds; checks the script
+    python benchmarks/gpu.py --shape qwen3-30b-a3b --batch 1 8 32 --json q3.json --png q3.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+from typing import Any
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from decode import qwen3_30b_a3b_config, small_config  # noqa: E402
+
+from specmoe_ray import Engine, SamplingParams  # noqa: E402
+from specmoe_ray.engine.graph import StepGraphs  # noqa: E402
+from specmoe_ray.models.args import ModelArgs  # noqa: E402
+from specmoe_ray.models.loader import build_model  # noqa: E402
+from specmoe_ray.models.transformer import rope_inv_freq  # noqa: E402
+from specmoe_ray.moe.dispatch import LoopbackDispatch  # noqa: E402
+from specmoe_ray.moe.experts import ExpertStore, LocalExperts  # noqa: E402
+from specmoe_ray.spec.proposer import NgramProposer  # noqa: E402
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def copy_bandwidth(device: str, gib: float = 1.0) -> float:
+    """Bytes/s of a device-to-device copy (read + write counted), best of 5."""
+    n = int(gib * 2**30) // 2
+    src = torch.empty(n, dtype=torch.bfloat16, device=device)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(6):
+        sync(device)
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        sync(device)
+        best = min(best, time.perf_counter() - t0)
+    del src, dst
+    return 2 * n * 2 / best
+
+
+# -- the shaped model, shared between HF and us --------------------------------------------------
+
+
+def build_hf(shape: str, device: str, dtype: torch.dtype, seed: int):
+    from transformers import AutoModelForCausalLM
+
+    cfg = qwen3_30b_a3b_config() if shape == "qwen3-30b-a3b" else small_config("qwen3_moe")
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    return model.eval()
+
+
+def engine_on_hf_weights(hf_model, **config) -> Engine:
+    """Our engine over the HF model's own tensors (a Qwen3-MoE-style fused-experts model)."""
+    cfg = hf_model.config.to_dict()
+    args = ModelArgs.from_hf_config(cfg, source="in-memory HF model")
+    state = hf_model.state_dict()
+    with torch.device("meta"):
+        model = build_model(args)
+    expected = model.state_dict()
+    model.load_state_dict({k: v for k, v in state.items() if k in expected}, assign=True, strict=True)
+    device = state["lm_head.weight"].device
+    model.inv_freq = rope_inv_freq(args.rope, args.head_dim).to(device)
+    experts = {
+        layer: LocalExperts(
+            list(range(args.num_experts)),
+            state[f"model.layers.{layer}.mlp.experts.gate_up_proj"],
+            state[f"model.layers.{layer}.mlp.experts.down_proj"],
+            args.num_experts,
+        )
+        for layer in args.moe_layers
+    }
+    backend = LoopbackDispatch(ExpertStore(experts))
+    model.set_expert_backend(backend)
+    return Engine(model.eval(), local_experts=backend, **config)
+
+
+# -- timing ---------------------------------------------------------------------------------------
+
+
+def timed(fn, repeats: int, device: str) -> dict[str, Any]:
+    fn()  # warm-up (and CUDA-graph capture)
+    times, tokens = [], []
+    for _ in range(repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        n = fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+        tokens.append(n)
+    return {"tok_s": statistics.median(n / t for n, t in zip(tokens, times)), "times_s": times}
+
+
+def prompts_for(batch: int, length: int, vocab: int, seed: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed + batch)
+    return torch.randint(1, vocab, (batch, length), generator=g).tolist()
+
+
+def hf_run(model, rows: list[list[int]], new: int, device: str):
+    ids = torch.tensor(rows, device=device)
+
+    def run() -> int:
+        with torch.inference_mode():
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                do_sample=False,
+                max_new_tokens=new,
+                min_new_tokens=new,
+                pad_token_id=0,
+            )
+        return (out.shape[1] - ids.shape[1]) * ids.shape[0]
+
+    return run
+
+
+def ours_run(engine: Engine, rows, new: int):
+    params = SamplingParams(max_tokens=new, temperature=0.0, ignore_eos=True)
+
+    def run() -> int:
+        return sum(len(o.token_ids) for o in engine.generate(rows, params))
+
+    return run
+
+
+def step_stats(engine: Engine, before: dict) -> dict[str, Any]:
+    now = engine.stats()
+    steps = now["num_steps"] - before["num_steps"]
+    return {
+        "ms_per_step": 1e3 * (now["verify_time_s"] - before["verify_time_s"]) / max(steps, 1),
+        "tokens_per_step": (now["num_generated_tokens"] - before["num_generated_tokens"]) / max(steps, 1),
+        "acceptance_rate": now["acceptance_rate"],
+    }
+
+
+# -- (c) the verify sweep -------------------------------------------------------------------------
+
+
+def step_bytes(engine: Engine, load_delta: dict[int, list[int]], kv_tokens: int) -> dict[str, float]:
+    """Bytes one forward must read: dense weights + lm_head + the experts it touched + its KV."""
+    args, elem = engine.args, engine.model.lm_head.weight.element_size()
+    dense = sum(p.numel() for p in engine.model.parameters()) * elem
+    dense -= args.vocab_size * args.hidden_size * elem  # the embedding: one row per token, not all
+    expert = 3 * args.hidden_size * args.moe_intermediate_size * elem
+    touched = sum(sum(1 for c in counts if c > 0) for counts in load_delta.values())
+    kv = kv_tokens * len(engine.model.model.layers) * 2 * args.num_kv_heads * args.head_dim * elem
+    return {
+        "dense": dense,
+        "experts": touched * expert,
+        "kv": kv,
+        "total": dense + touched * expert + kv,
+        "experts_touched": touched,
+    }
+
+
+def verify_sweep(engine: Engine, batches, max_t: int, context: int, bandwidth: float, device: str):
+    """Time one forward of B sequences x T tokens at `context` cached tokens each."""
+    graphs = engine.graphs or StepGraphs(engine.model, engine.cache, engine.config.max_num_seqs, max_t, False)
+    if graphs.max_tq < max_t:  # the engine's graphs cover k + 1 tokens; the sweep needs max_t
+        graphs = StepGraphs(engine.model, engine.cache, engine.config.max_num_seqs, max_t, graphs.capture)
+    g = torch.Generator().manual_seed(1)
+    out = []
+    for B in batches:
+        slots = [engine.cache.allocate() for _ in range(B)]
+        try:
+            for T in range(1, max_t + 1):
+                feeds = torch.randint(1, engine.args.vocab_size, (B, T), generator=g).tolist()
+                key = graphs.key(B, T, context + T)
+                args = (key, feeds, [context] * B, slots, [0] * B)
+                before = engine.expert_load()
+                graphs.run(*args)  # capture (first time) and one step to count the routing
+                sync(device)
+                after = engine.expert_load()
+                delta = {
+                    layer: [a - b for a, b in zip(after[layer], before.get(layer, [0] * len(after[layer])))]
+                    for layer in after
+                }
+                times = []
+                for _ in range(10):
+                    sync(device)
+                    t0 = time.perf_counter()
+                    graphs.run(*args)
+                    sync(device)
+                    times.append(time.perf_counter() - t0)
+                t = statistics.median(times)
+                b = step_bytes(engine, delta, B * (context + T))
+                row = {
+                    "batch": B,
+                    "T": T,
+                    "ms": 1e3 * t,
+                    "bytes": b,
+                    "roofline_ms": 1e3 * b["total"] / bandwidth,
+                }
+                row["roofline_pct"] = 100 * row["roofline_ms"] / row["ms"]
+                out.append(row)
+                print(
+                    f"  verify B={B:3d} T={T}: {row['ms']:7.2f} ms  roofline {row['roofline_ms']:6.2f} ms "
+                    f"({row['roofline_pct']:5.1f}%)  experts touched {b['experts_touched']}"
+                )
+        finally:
+            for s in slots:
+                engine.cache.free(s)
+    return out
+
+
+def profile_steps(engine: Engine, rows, device: str, steps: int = 8) -> None:
+    """torch.profiler over a few decode steps: where the host time of a step goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for r in rows:
+        engine.add_request(r, SamplingParams(max_tokens=steps + 4, temperature=0.0, ignore_eos=True))
+    for _ in range(3):  # prefill, then steps that capture
+        engine.step()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device != "cpu" else [])
+    sync(device)
+    t0 = time.perf_counter()
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            engine.step()
+        sync(device)
+    print(f"profile: {1e3 * (time.perf_counter() - t0) / steps:.2f} ms per step (profiled)")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18, max_name_column_width=48))
+    while engine.has_unfinished():
+        engine.step()
+
+
+# -- main -----------------------------------------------------------------------------------------
+
+
+def bench_shape(a, device: str, dtype: torch.dtype, bandwidth: float) -> dict[str, Any]:
+    hf = build_hf(a.shape, device, dtype, a.seed)
+    n_params = sum(p.numel() for p in hf.parameters())
+    print(f"(a) random {a.shape} model: {n_params / 1e9:.2f}B params, {dtype}")
+    vocab = hf.config.vocab_size
+    rows = {b: prompts_for(b, a.prompt_len, vocab, a.seed) for b in a.batch}
+    res: dict[str, Any] = {"params": n_params, "runs": []}
+    for b in a.batch:
+        r = timed(
+            hf_run(hf, rows[b], a.new_tokens if not a.hf_tokens else a.hf_tokens, device), a.repeats, device
+        )
+        res["runs"].append({"who": "HF", "batch": b, **r})
+        print(f"  HF      batch {b:3d}: {r['tok_s']:9.1f} tok/s")
+    max_len = a.prompt_len + a.new_tokens + a.k + 2
+    variants = {
+        "eager": dict(step_graphs="off"),
+        "graphs": dict(step_graphs="auto" if device != "cpu" else "padded"),
+        "ngram": dict(step_graphs="auto" if device != "cpu" else "padded", ngram=True),
+    }
+    sweep_engine = None
+    for name, v in variants.items():
+        proposer = NgramProposer(device=device) if v.pop("ngram", False) else None
+        engine = engine_on_hf_weights(
+            hf,
+            max_num_seqs=max(a.batch),
+            max_model_len=max(max_len, a.context + 9),
+            proposer=proposer,
+            num_speculative_tokens=a.k,
+            **v,
+        )
+        for b in a.batch:
+            before = engine.stats()
+            r = timed(ours_run(engine, rows[b], a.new_tokens), a.repeats, device)
+            r.update(step_stats(engine, before))
+            res["runs"].append({"who": name, "batch": b, **r})
+            print(
+                f"  {name:7s} batch {b:3d}: {r['tok_s']:9.1f} tok/s  {r['ms_per_step']:7.2f} ms/step  "
+                f"{r['tokens_per_step']:.2f} tok/step"
+            )
+        if name == "graphs":
+            sweep_engine = engine
+            if a.profile:
+                profile_steps(engine, rows[min(a.batch)], device)
+    print("(c) verify sweep (graph replay), context", a.context)
+    res["verify"] = verify_sweep(sweep_engine, a.batch, 8, a.context, bandwidth, device)
+    return res
+
+
+def bench_demo(a, device: str) -> dict[str, Any]:
+    from transformers import AutoModelForCausalLM
+
+    from specmoe_ray.demo import DEMO_DIR, HELDOUT_FILE
+
+    target, draft = os.path.join(DEMO_DIR, "target"), os.path.join(DEMO_DIR, "draft")
+    with open(HELDOUT_FILE) as f:
+        text = f.read()
+    out: dict[str, Any] = {"runs": []}
+    hf = AutoModelForCausalLM.from_pretrained(target).to(device).eval()
+    for b in a.batch:
+        with Engine.from_pretrained(target, device=device) as e:
+            ids = e.tokenizer.encode(text, add_special_tokens=False)
+        stride = max(1, (len(ids) - a.prompt_len) // b)
+        rows = [ids[i * stride : i * stride + a.prompt_len] for i in range(b)]
+        r = timed(hf_run(hf, rows, a.new_tokens, device), a.repeats, device)
+        out["runs"].append({"who": "HF", "batch": b, **r})
+        print(f"(b) demo HF       batch {b:3d}: {r['tok_s']:9.1f} tok/s")
+        for name, d in (("plain", None), ("draft", draft), ("ngram", "ngram")):
+            with Engine.from_pretrained(target, draft=d, device=device, num_speculative_tokens=a.k) as e:
+                before = e.stats()
+                r = timed(ours_run(e, rows, a.new_tokens), a.repeats, device)
+                r.update(step_stats(e, before))
+            out["runs"].append({"who": name, "batch": b, **r})
+            acc = r["acceptance_rate"]
+            print(
+                f"(b) demo {name:8s} batch {b:3d}: {r['tok_s']:9.1f} tok/s  {r['ms_per_step']:6.2f} ms/step  "
+                f"{r['tokens_per_step']:.2f} tok/step  acceptance {acc if acc is None else round(acc, 3)}"
+            )
+    del hf
+    return out
+
+
+def plot(results: dict[str, Any], path: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot")
+        return
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    runs = results["shape"]["runs"]
+    whos = list(dict.fromkeys(r["who"] for r in runs))
+    batches = sorted({r["batch"] for r in runs})
+    width = 0.8 / len(whos)
+    for i, who in enumerate(whos):
+        vals = [next((r["tok_s"] for r in runs if r["who"] == who and r["batch"] == b), 0) for b in batches]
+        ax1.bar([j + i * width for j in range(len(batches))], vals, width, label=who)
+    ax1.set_xticks([j + 0.4 - width / 2 for j in range(len(batches))], [f"batch {b}" for b in batches])
+    ax1.set_ylabel("tokens/s")
+    ax1.set_yscale("log")
+    ax1.set_title(f"{results['shape_name']}: generate throughput")
+    ax1.legend()
+    for b in batches:
+        rows = [r for r in results["shape"]["verify"] if r["batch"] == b]
+        ax2.plot([r["T"] for r in rows], [r["ms"] for r in rows], "o-", label=f"B={b} measured")
+        ax2.plot([r["T"] for r in rows], [r["roofline_ms"] for r in rows], "--", label=f"B={b} roofline")
+    ax2.set_xlabel("tokens per sequence (T)")
+    ax2.set_ylabel("ms per forward")
+    ax2.set_title("verify forward vs memory roofline")
+    ax2.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"plot: {path}")
+
+
+def main(argv=None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", choices=("small", "qwen3-30b-a3b"), default="small")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--hf-tokens", type=int, default=0, help="tokens for HF's runs (default: --new-tokens)")
+    p.add_argument("--prompt-len", type=int, default=32)
+    p.add_argument("--context", type=int, default=256, help="cached tokens per sequence in the verify sweep")
+    p.add_argument("--k", type=int, default=3, help="draft tokens per step")
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--skip-demo", action="store_true")
+    p.add_argument(
+        "--profile", action="store_true", help="profile a few decode steps (graphs, smallest batch)"
+    )
+    p.add_argument("--json")
+    p.add_argument("--png")
+    a = p.parse_args(argv)
+    if a.shape == "qwen3-30b-a3b" and a.device == "cpu":
+        p.error("--shape qwen3-30b-a3b needs a GPU (~61 GB of bf16 weights)")
+    device = a.device
+    dtype = torch.bfloat16 if device != "cpu" else torch.float32
+    import transformers
+
+    info = {
+        "command": shlex.join(["python", "benchmarks/gpu.py", *(sys.argv[1:] if argv is None else argv)]),
+        "date": time.strftime("%Y-%m-%d"),
+        "device": torch.cuda.get_device_name() if device != "cpu" else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+    }
+    print(json.dumps(info))
+    bandwidth = copy_bandwidth(device, 1.0 if device != "cpu" else 0.125)
+    print(f"copy bandwidth: {bandwidth / 1e9:.0f} GB/s (read + write)")
+    results: dict[str, Any] = {"info": info, "bandwidth_Bps": bandwidth, "shape_name": a.shape}
+    results["shape"] = bench_shape(a, device, dtype, bandwidth)
+    gc.collect()
+    if device != "cpu":
+        torch.cuda.empty_cache()
+    if not a.skip_demo:
+        results["demo"] = bench_demo(a, device)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(results, f, indent=1)
+    if a.png:
+        plot(results, a.png)
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,202 @@
+"""CUDA graphs of the target forward for decode and verify steps (the GPU fast path).
+
+A step in which every scheduled sequence samples and feeds at most `Tq` tokens (plain
+decoding: its last token, Tq = 1; verification: it and up to k drafts, Tq = k + 1) runs with
+*static shapes*: the sequences are padded to a bucket of B (a power of two), each sequence to Tq
+tokens, and attention reads keys up to L (a power of two at least as long as the longest
+sequence). One CUDA graph is captured per bucket (B, Tq, L), lazily, the first time a step
+needs it, and replayed after: one launch instead of thousands, and the Python of the forward
+runs once per bucket instead of once per step (DESIGN.md section 6).
+
+Padding is inert: padded tokens write their K/V into the cache's scratch slot, padded
+sequences read it, and their logits are never read; the MoE load counters skip them (the
+dispatch's `token_mask`). Padded tokens still go through their experts, so padding costs what
+it computes, never what it returns.
+
+All of a step's metadata (tokens, positions, slots, the rows whose logits are wanted) is written
+into one pinned host buffer and reaches the GPU in one non-blocking copy; the captured
+`ForwardBatch` is made of views of the device copy. Nothing in the step waits for the GPU until
+the engine reads the verified tokens back (the step's one host sync).
+
+The same padded static batches run eagerly where there is nothing to capture (`mode="padded"`,
+and always on CPUs when asked): CPU tests check the bucketing and the padding against the plain
+path, GPU tests check graph replay against both.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+
+from specmoe_ray.models.transformer import ForwardBatch, MoEBlock, Transformer
+
+log = logging.getLogger(__name__)
+
+MIN_KV_BUCKET = 64
+
+
+def bucket(n: int, cap: int, floor: int = 1) -> int:
+    """The smallest power of two >= max(n, floor), but never above cap."""
+    b = floor
+    while b < n:
+        b *= 2
+    return min(b, cap)
+
+
+class StepGraphs:
+    """Captures and replays the forward of uniform decode/verify steps, by bucket."""
+
+    def __init__(self, model: Transformer, cache, max_batch: int, max_tokens_per_seq: int, capture: bool):
+        self.model = model
+        self.cache = cache
+        self.device = model.lm_head.weight.device
+        self.capture = capture and self.device.type == "cuda"
+        self.max_batch = max_batch
+        self.max_tq = max_tokens_per_seq
+        self.max_len = cache.max_len
+        n_max = max_batch * max_tokens_per_seq
+        # Layout of a bucket (B, Tq), N = B * Tq: tokens, positions, write slots, query positions,
+        # token mask, logits rows (N each), then read slots (B).
+        self._host = torch.zeros(
+            6 * n_max + max_batch, dtype=torch.long, pin_memory=self.device.type == "cuda"
+        )
+        self._host_np = self._host.numpy()
+        self._copied = torch.cuda.Event() if self.device.type == "cuda" else None
+        self._meta = torch.zeros(6 * n_max + max_batch, dtype=torch.long, device=self.device)
+        self._logits = torch.zeros(n_max, model.args.vocab_size, dtype=torch.float32, device=self.device)
+        self._static: dict[tuple[int, int, int], tuple[ForwardBatch, torch.Tensor]] = {}
+        self._graphs: dict[tuple[int, int, int], torch.cuda.CUDAGraph] = {}
+        self._pool = torch.cuda.graph_pool_handle() if self.capture else None
+        # The MoE backends, with how many layers each serves (to count real (token, expert) pairs).
+        self.backends: dict[int, tuple[object, int]] = {}
+        for layer in model.model.layers:
+            if isinstance(layer.mlp, MoEBlock) and layer.mlp.backend is not None:
+                backend = layer.mlp.backend
+                n = self.backends.get(id(backend), (backend, 0))[1]
+                self.backends[id(backend)] = (backend, n + 1)
+        self.num_replays = 0
+
+    @property
+    def num_graphs(self) -> int:
+        return len(self._graphs)
+
+    def key(self, num_seqs: int, max_new: int, kv_len: int) -> tuple[int, int, int] | None:
+        """The bucket a step of this shape runs in, or None if it is too large for one."""
+        if num_seqs > self.max_batch or max_new > self.max_tq or kv_len > self.max_len:
+            return None
+        return (
+            bucket(num_seqs, self.max_batch),
+            max_new,
+            bucket(kv_len, self.max_len, MIN_KV_BUCKET),
+        )
+
+    def _views(self, B: int, Tq: int, L: int) -> tuple[ForwardBatch, torch.Tensor, torch.Tensor]:
+        N, m = B * Tq, self._meta
+        arange = torch.arange(N, device=self.device)
+        batch = ForwardBatch(
+            tokens=m[0:N],
+            positions=m[N : 2 * N],
+            write_slots=m[2 * N : 3 * N],
+            read_slots=m[6 * N : 6 * N + B],
+            pad_index=arange,  # packed == padded: every sequence has exactly Tq tokens
+            unpad_index=arange,
+            query_positions=m[3 * N : 4 * N].view(B, Tq),
+            kv_len=L,
+            max_new=Tq,
+            logits_index=arange,
+        )
+        return batch, m[4 * N : 5 * N], m[5 * N : 6 * N]
+
+    def _upload(
+        self,
+        B: int,
+        Tq: int,
+        feeds: list[list[int]],
+        starts: list[int],
+        slots: list[int],
+        logits_from: list[int],
+    ) -> int:
+        """Write a padded step into the host buffer and send it; -> rows of logits wanted (M)."""
+        N = B * Tq
+        if self._copied is not None:
+            self._copied.synchronize()  # the last step's copy has left the buffer (done already, always)
+        h = self._host_np  # numpy view of the pinned buffer: cheap slice writes
+        h[: 6 * N + B] = 0
+        h[2 * N : 3 * N] = self.cache.scratch_slot  # padded tokens write to the scratch slot
+        h[6 * N : 6 * N + B] = self.cache.scratch_slot  # padded sequences read it
+        last = self.max_len - 1
+        rows: list[int] = []
+        for b, (toks, start, slot, first) in enumerate(zip(feeds, starts, slots, logits_from)):
+            n, base = len(toks), b * Tq
+            h[base : base + n] = toks
+            pos = np.minimum(np.arange(start, start + Tq), last)  # padding may run past the cache
+            h[N + base : N + base + Tq] = pos
+            h[2 * N + base : 2 * N + base + n] = slot
+            h[3 * N + base : 3 * N + base + Tq] = pos
+            h[4 * N + base : 4 * N + base + n] = 1
+            h[6 * N + b] = slot
+            rows.extend(range(base + first, base + n))
+        h[5 * N : 5 * N + len(rows)] = rows
+        self._meta[: 6 * N + B].copy_(self._host[: 6 * N + B], non_blocking=True)
+        if self._copied is not None:
+            self._copied.record()
+        return len(rows)
+
+    def _run(self, batch: ForwardBatch, mask: torch.Tensor) -> None:
+        for backend, _ in self.backends.values():
+            backend.token_mask = mask
+        try:
+            logits = self.model(batch, self.cache)
+            self._logits[: logits.shape[0]].copy_(logits)
+        finally:
+            for backend, _ in self.backends.values():
+                backend.token_mask = None
+
+    def _prepare(self, key: tuple[int, int, int]) -> None:
+        """Build the bucket's static batch; on CUDA, warm it up and capture its graph."""
+        B, Tq, L = key
+        batch, mask, _ = self._views(B, Tq, L)
+        self._static[key] = (batch, mask)
+        if not self.capture:
+            return
+        # Warm up and capture on an all-padding batch: every write goes to the scratch slot.
+        self._upload(B, Tq, [], [], [], [])
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            self._run(batch, mask)  # lazy initialisation (cuBLAS handles, allocator) off the graph
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            self._run(batch, mask)
+        self._graphs[key] = graph
+        log.info("captured a CUDA graph for %d sequences x %d tokens, keys up to %d", B, Tq, L)
+
+    def run(
+        self,
+        key: tuple[int, int, int],
+        feeds: list[list[int]],
+        starts: list[int],
+        slots: list[int],
+        logits_from: list[int],
+    ) -> torch.Tensor:
+        """The step's logits `[M, V]`, rows in the order the plain path returns them."""
+        pairs = {i: getattr(b, "num_pairs", 0) for i, (b, _) in self.backends.items()}
+        if key not in self._static:
+            self._prepare(key)
+        B, Tq, _ = key
+        M = self._upload(B, Tq, feeds, starts, slots, logits_from)
+        if self.capture:
+            self._graphs[key].replay()
+            self.num_replays += 1
+        else:
+            self._run(*self._static[key])
+        # Count the real (token, expert) pairs only: padding was computed, not asked for.
+        real = sum(len(f) for f in feeds) * self.model.args.num_experts_per_tok
+        for i, (backend, num_layers) in self.backends.items():
+            if hasattr(backend, "num_pairs"):
+                backend.num_pairs = pairs[i] + real * num_layers
+        N = B * Tq
+        return self._logits[self._meta[5 * N : 5 * N + M]]

@@ -1,0 +1,88 @@
+"""The static-shape step path (`engine/graph.py`) on CPU: the padded buckets a CUDA graph replays
+give the same tokens, the same expert load and the same random draws as the plain path.
+
+The capture itself needs a GPU (tests/gpu); everything it replays (bucketing, padding, the
+one-buffer upload, the scratch slot for padding, the masked load counters) runs here.
+"""
+
+from __future__ import annotations
+
+import pytest
+from conftest import PROMPTS, hf_greedy
+
+from specmoe_ray import Engine, SamplingParams
+from specmoe_ray.engine.graph import MIN_KV_BUCKET, bucket
+
+NEW = 20
+GREEDY = SamplingParams(max_tokens=NEW, temperature=0.0, ignore_eos=True)
+# Ragged prompts, so decode steps mix sequence lengths and some steps mix prefill with decode.
+RAGGED = [
+    *PROMPTS,
+    [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24],
+    [4, 4],
+]
+
+
+def run(path: str, mode: str, prompts, params, **kwargs):
+    with Engine.from_pretrained(path, step_graphs=mode, max_model_len=128, **kwargs) as engine:
+        outs = engine.generate(prompts, params)
+        keys = sorted(engine.graphs._static) if engine.graphs is not None else []
+        return [o.token_ids for o in outs], engine.expert_load(), engine.stats(), keys
+
+
+def test_bucket():
+    assert [bucket(n, 16) for n in (1, 2, 3, 5, 9, 16, 17)] == [1, 2, 4, 8, 16, 16, 16]
+    assert bucket(3, 12) == 4 and bucket(9, 12) == 12  # the cap is the last bucket
+    assert bucket(10, 4096, MIN_KV_BUCKET) == MIN_KV_BUCKET
+
+
+@pytest.mark.parametrize("draft", [None, "self", "ngram"])
+def test_padded_steps_equal_plain_steps_and_transformers(checkpoints, draft):
+    path = checkpoints("qwen3_moe")
+    kwargs = {"draft": path if draft == "self" else draft, "num_speculative_tokens": 3}
+    ref = hf_greedy(path, RAGGED, NEW)
+    plain, plain_load, plain_stats, no_keys = run(path, "off", RAGGED, GREEDY, **kwargs)
+    padded, padded_load, padded_stats, keys = run(path, "padded", RAGGED, GREEDY, **kwargs)
+    assert plain == padded == ref
+    assert no_keys == [] and keys, "the padded path never ran"
+    # 5 sequences run in the 8-sequence bucket: three padded sequences per step.
+    assert {B for B, _, _ in keys} >= {8}
+    if draft is not None:
+        assert {Tq for _, Tq, _ in keys} & {2, 3, 4}, keys  # verify steps ran padded too
+    # Padding is computed but never counted: the load is the plain path's, pair for pair.
+    assert padded_load == plain_load
+    assert padded_stats["expert_tokens_per_shard"] == plain_stats["expert_tokens_per_shard"]
+    assert padded_stats["acceptance_rate"] == plain_stats["acceptance_rate"]
+
+
+def test_padded_sampling_draws_the_same_tokens(checkpoints):
+    """Seeded sampling with a draft: same verification inputs, same random draws, same tokens."""
+    path = checkpoints("qwen3_moe")
+    params = [
+        SamplingParams(max_tokens=NEW, temperature=t, top_p=0.9, seed=i)
+        for i, t in enumerate((0.7, 1.0, 1.3))
+    ]
+    outs = [
+        run(path, mode, PROMPTS, params, draft=path, num_speculative_tokens=2)[0]
+        for mode in ("off", "padded")
+    ]
+    assert outs[0] == outs[1]
+
+
+def test_padded_steps_with_mla_and_long_contexts(tmp_path):
+    """DeepSeek-V3 (MLA cache) through the padded path, past one key bucket (64 -> 128 keys)."""
+    from test_deepseek import make_deepseek
+
+    path = make_deepseek(str(tmp_path / "v3"), "deepseek_v3")
+    prompts = [list(range(1, 50)), [7, 8, 9]]
+    params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+    ref = hf_greedy(path, prompts, 40)
+    plain, _, _, _ = run(path, "off", prompts, params, draft="ngram", num_speculative_tokens=2)
+    padded, _, _, keys = run(path, "padded", prompts, params, draft="ngram", num_speculative_tokens=2)
+    assert plain == padded == ref
+    assert {L for _, _, L in keys} == {64, 128}, keys
+
+
+def test_step_graphs_setting_is_checked(checkpoints):
+    with pytest.raises(ValueError, match="step_graphs must be"):
+        Engine.from_pretrained(checkpoints("qwen3_moe"), step_graphs="always")
