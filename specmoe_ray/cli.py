@@ -24,7 +24,7 @@ def _generate(ns: argparse.Namespace) -> int:
         draft = (
             None
             if ns.no_spec
-            else (ns.draft if ns.draft in (None, "ngram") else resolve_model_path(ns.draft))
+            else (ns.draft if ns.draft in (None, "ngram", "mtp") else resolve_model_path(ns.draft))
         )
         engine = Engine.from_pretrained(
             resolve_model_path(ns.model),
@@ -223,7 +223,11 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="generate text for one prompt, streamed to the terminal")
     g.add_argument("prompt")
     g.add_argument("--model", default="demo-target", help="checkpoint directory (default: the demo target)")
-    g.add_argument("--draft", default="demo-draft", help="draft directory, 'ngram', or demo-draft (default)")
+    g.add_argument(
+        "--draft",
+        default="demo-draft",
+        help="draft directory, 'ngram', 'mtp' (DeepSeek-V3's own MTP module), or demo-draft (default)",
+    )
     g.add_argument("--no-spec", action="store_true", help="plain decoding, to compare")
     g.add_argument("--k", type=int, default=4, help="speculative tokens per step")
     g.add_argument("--num-shards", type=int, default=0, help="expert shards as Ray actors (0 = in-process)")

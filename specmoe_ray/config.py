@@ -11,7 +11,7 @@ import os
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from specmoe_ray.errors import CheckpointError, SpecMoEError
 
@@ -44,7 +44,10 @@ class ModelConfig(_Strict):
     )
     draft: str | None = Field(
         None,
-        description="Draft checkpoint directory, demo-draft, 'ngram' (prompt lookup), or null (none).",
+        description=(
+            "Draft checkpoint directory, demo-draft, 'ngram' (prompt lookup), 'mtp' (the target's own "
+            "multi-token-prediction module: DeepSeek-V3/R1), or null (none)."
+        ),
     )
     device: Literal["cpu", "cuda"] = Field("cpu", description="Where the trunk and the shards run.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Weights dtype.")
@@ -186,6 +189,15 @@ class ServeConfig(_Strict):
     verifier: VerifierConfig = Field(default_factory=VerifierConfig)
     ingress: IngressConfig = Field(default_factory=IngressConfig)
 
+    @model_validator(mode="after")
+    def _mtp_runs_locally(self) -> ServeConfig:
+        if self.model.draft == "mtp" and self.draft_pool.placement == "pool":
+            raise ValueError(
+                "model.draft='mtp' drafts from the target's own hidden states, in the verifier: "
+                "set draft_pool.placement to 'local'"
+            )
+        return self
+
     @classmethod
     def from_dict(cls, data: Any, source: str = "config") -> ServeConfig:
         try:
@@ -215,13 +227,20 @@ class ServeConfig(_Strict):
     def check_paths(self) -> None:
         """Fail early, with the field's name, when a checkpoint path does not exist here."""
         for field, value in (("model.target", self.model.target), ("model.draft", self.model.draft)):
-            if value is None or value == "ngram":
+            if value in (None, "ngram", "mtp"):
                 continue
             path = resolve_model_path(value)
             if not os.path.isfile(os.path.join(path, "config.json")):
                 raise CheckpointError(
                     f"{field}: no checkpoint at {path!r} (expected a directory with config.json)"
                 )
+        if self.model.draft == "mtp":
+            from specmoe_ray.models.loader import check_mtp
+
+            try:
+                check_mtp(resolve_model_path(self.model.target))
+            except CheckpointError as e:
+                raise type(e)(f"model.draft='mtp': {e}") from None
 
     def engine_kwargs(self) -> dict[str, Any]:
         return self.engine.model_dump()

@@ -201,3 +201,85 @@ def chi2_pvalue(counts, probs) -> tuple[float, float]:
 
 
 PROMPTS = [[5, 9, 17, 3], [60, 2, 7, 8, 9, 10, 11, 12, 13, 40, 41, 42, 43, 44, 45, 46, 47], [77]]
+
+
+def hf_next_logits(path: str):
+    """transformers' float64 model as a function: equally long token lists -> last logits [B, V]."""
+    import transformers as T
+
+    model = T.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float64, experts_implementation="eager")
+    model = model.eval()
+
+    def next_logits(seqs: list[list[int]]):
+        with torch.no_grad():
+            return model(torch.tensor(seqs)).logits[:, -1].numpy()
+
+    return next_logits
+
+
+def exact_pair_probs(next_logits, prompt, vocab: int, temperature: float, top_k: int, skip: int = 0):
+    """P(t_{skip+1}, t_{skip+2} | prompt) in float64, [V, V]: every generated token drawn from
+    `reference_probs` of `next_logits` (equally long token lists -> [B, V]), the first `skip`
+    generated tokens summed out."""
+    import numpy as np
+
+    def dists(seqs):
+        return [reference_probs(z, temperature, top_k, 1.0) for z in next_logits(seqs)]
+
+    prefixes = {(): 1.0}  # generated prefix -> its probability
+    for _ in range(skip):
+        grown = {}
+        for (pre, w), p in zip(prefixes.items(), dists([prompt + list(q) for q in prefixes])):
+            for t in np.flatnonzero(p):
+                grown[(*pre, int(t))] = w * p[t]
+        prefixes = grown
+    joint = np.zeros((vocab, vocab))
+    for (pre, w), p1 in zip(prefixes.items(), dists([prompt + list(q) for q in prefixes])):
+        p2 = np.stack(dists([[*prompt, *pre, t] for t in range(vocab)]))
+        joint += w * p1[:, None] * p2
+    return joint
+
+
+def sample_pairs(
+    target: str,
+    draft: str,
+    prompt: list[int],
+    vocab: int,
+    temperature: float,
+    top_k: int,
+    num_samples: int,
+    skip: int = 0,
+    max_tokens: int | None = None,
+    batch: int = 5_000,
+    **engine_kwargs,
+):
+    """Counts [V, V] of the generated tokens (t_{skip+1}, t_{skip+2}) over `num_samples` requests
+    seeded 0 .. num_samples - 1, and the engine's stats (with num_drafted)."""
+    import numpy as np
+
+    from specmoe_ray import Engine, SamplingParams
+
+    counts = np.zeros((vocab, vocab))
+    kwargs = dict(
+        num_speculative_tokens=2,
+        draft_top_n=6,
+        max_num_seqs=batch,
+        max_model_len=8,
+        max_num_batched_tokens=batch * 8,
+    )
+    with Engine.from_pretrained(target, draft=draft, **{**kwargs, **engine_kwargs}) as engine:
+        for start in range(0, num_samples, batch):
+            params = [
+                SamplingParams(
+                    max_tokens=max_tokens or skip + 2,
+                    temperature=temperature,
+                    top_k=top_k,
+                    seed=start + i,
+                    ignore_eos=True,
+                )
+                for i in range(batch)
+            ]
+            for out in engine.generate([prompt] * batch, params):
+                counts[out.token_ids[skip], out.token_ids[skip + 1]] += 1
+        stats = {**engine.stats(), "num_drafted": engine.metrics.num_drafted}
+    return counts, stats

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from specmoe_ray.engine.graph import StepGraphs
 from specmoe_ray.engine.sampling import make_generator
 from specmoe_ray.engine.scheduler import ScheduledSeq, Scheduler
 from specmoe_ray.engine.sequence import FinishReason, RequestOutput, SamplingParams, Sequence
@@ -33,10 +34,11 @@ from specmoe_ray.engine.setup import (
     make_autoscaler,
 )
 from specmoe_ray.errors import RequestError, ShardGroupError
-from specmoe_ray.models.loader import load_trunk, read_config
+from specmoe_ray.models.loader import check_mtp, load_trunk, read_config
 from specmoe_ray.models.transformer import Transformer, build_forward_batch
 from specmoe_ray.moe.placement import PlacementPlan
 from specmoe_ray.spec import rejection
+from specmoe_ray.spec.mtp import MTPProposer
 from specmoe_ray.spec.policy import AdaptivePolicy, FixedPolicy
 from specmoe_ray.spec.proposer import DraftModelProposer, DraftRequest, NgramProposer, empty_proposal
 
@@ -68,13 +70,14 @@ class Engine:
         self.shard_group = shard_group
         self.local_experts = local_experts
         self.proposer = proposer
-        k = self.config.num_speculative_tokens if proposer is not None else 0
+        self.max_k = k = self.config.num_speculative_tokens if proposer is not None else 0
         if self.config.spec_policy == "adaptive" and proposer is not None:
             self.policy = AdaptivePolicy(k, cost_model(model) if self.args.is_moe else None)
         else:
             self.policy = FixedPolicy(k)
         self.cache = model.make_cache(self.config.max_num_seqs, self.max_model_len)
         self.scheduler = Scheduler(self.cache, self.config.max_num_batched_tokens)
+        self.graphs = self._make_step_graphs()
         self.metrics = EngineMetrics()
         self.max_recoveries = 2  # re-forms of the shard group per step before giving up
         self.autoscaler = autoscaler
@@ -99,7 +102,8 @@ class Engine:
         dtype "auto" is the checkpoint's dtype on GPUs and float32 on CPU.
 
         draft: a local checkpoint directory (a dense or MoE model sharing the target's
-        vocabulary), "ngram" (prompt lookup), or None (no speculation).
+        vocabulary), "ngram" (prompt lookup), "mtp" (the target's own multi-token-prediction
+        module: DeepSeek-V3/R1 checkpoints), or None (no speculation).
         proposer: a ready proposer object instead of `draft` (e.g. a draft-pool client).
         shard_autoscale: a `ShardAutoscaleConfig` to scale the expert shards with measured load.
         """
@@ -122,8 +126,8 @@ class Engine:
         args, _ = read_config(target)
         config.validate(args.max_position_embeddings)
         if draft == "mtp":
-            raise ValueError("draft='mtp' needs a DeepSeek checkpoint with an MTP head (not supported yet)")
-        if draft is not None and draft != "ngram":
+            check_mtp(target)  # before anything loads: a clear error when there is no MTP module
+        elif draft is not None and draft != "ngram":
             draft_args, _ = read_config(draft)
             if draft_args.vocab_size != args.vocab_size:
                 raise ValueError(
@@ -155,6 +159,10 @@ class Engine:
         try:
             if draft == "ngram":
                 proposer = NgramProposer(device=device)
+            elif draft == "mtp":
+                proposer = MTPProposer.from_pretrained(
+                    target, model, config.max_num_seqs, config.max_model_len, top_n=config.draft_top_n
+                )
             elif draft is not None:
                 draft_model, _ = load_local_model(draft, dtype, device)
                 proposer = DraftModelProposer(
@@ -239,18 +247,25 @@ class Engine:
         drafts, proposal, draft_s = self._propose(samplers, chosen_k)
 
         feeds = [s.tokens + drafts.get(id(s), []) for s in scheduled]
-        batch = build_forward_batch(
-            feeds,
-            [s.start for s in scheduled],
-            [s.seq.slot for s in scheduled],
-            [len(s.tokens) - 1 if s.samples else len(s.tokens) for s in scheduled],
-            self.device,
-        )
+        starts = [s.start for s in scheduled]
+        slots = [s.seq.slot for s in scheduled]
+        logits_from = [len(s.tokens) - 1 if s.samples else len(s.tokens) for s in scheduled]
         t0 = time.perf_counter()
-        logits = self._forward(batch)  # [M, V]: k_b + 1 rows per sampling sequence
+        key = self._graph_key(scheduled, feeds)
+        hidden = None  # [N, D]: final hidden states, for a proposer that reads them (MTP)
+        if key is not None:  # a decode/verify step: replay its CUDA graph (engine/graph.py)
+            logits = self.graphs.run(key, feeds, starts, slots, logits_from)
+        else:
+            batch = build_forward_batch(feeds, starts, slots, logits_from, self.device)
+            if self._wants_hidden:
+                logits, hidden = self._forward(batch, return_hidden=True)
+            else:
+                logits = self._forward(batch)  # [M, V]: k_b + 1 rows per sampling sequence
         for s, feed in zip(scheduled, feeds):
             self.cache.advance(s.seq.slot, len(feed))
         if not samplers:
+            if hidden is not None:
+                self._observe_hidden(scheduled, feeds, hidden, {})
             self.metrics.num_steps += 1
             return []
 
@@ -269,6 +284,8 @@ class Engine:
         emitted = result.tokens.tolist()  # the step's one host sync
         accepted = result.num_accepted.tolist()
         verify_s = time.perf_counter() - t0
+        if hidden is not None:  # before finished sequences release their proposer state
+            self._observe_hidden(scheduled, feeds, hidden, {id(s): a for s, a in zip(samplers, accepted)})
 
         m = self.metrics
         m.num_steps += 1
@@ -309,15 +326,60 @@ class Engine:
             outputs.append(self._output(seq, new))
         return outputs
 
-    def _forward(self, batch) -> torch.Tensor:
+    def _graph_key(self, scheduled: list[ScheduledSeq], feeds: list[list[int]]):
+        """The CUDA-graph bucket of this step, or None to run it eagerly (prompt chunks in it,
+        or larger than any bucket)."""
+        # The graphs return logits only; a proposer that reads hidden states runs eagerly.
+        if self.graphs is None or self._wants_hidden or not all(s.samples for s in scheduled):
+            return None
+        kv_len = max(s.start + len(f) for s, f in zip(scheduled, feeds))
+        return self.graphs.key(len(scheduled), max(len(f) for f in feeds), kv_len)
+
+    def _make_step_graphs(self) -> StepGraphs | None:
+        mode = self.config.step_graphs
+        # Expert shards exchange with a host-side header per layer, which a graph cannot hold yet.
+        if mode == "off" or self.shard_group is not None:
+            return None
+        if mode == "auto" and self.device.type != "cuda":
+            return None
+        if mode == "auto" and self.local_experts is not None:
+            layers = self.local_experts.store.by_layer.values()
+            if not all(experts.capturable for experts in layers):
+                log.warning(
+                    "experts on %s cannot be captured in CUDA graphs: running steps eagerly", self.device
+                )
+                return None
+        # One token per sequence to decode, up to k + 1 to verify.
+        return StepGraphs(
+            self.model, self.cache, self.config.max_num_seqs, self.max_k + 1, capture=mode == "auto"
+        )
+
+    @property
+    def _wants_hidden(self) -> bool:
+        return bool(getattr(self.proposer, "wants_hidden", False))
+
+    def _observe_hidden(
+        self, scheduled: list[ScheduledSeq], feeds: list[list[int]], hidden: torch.Tensor, accepted: dict
+    ) -> None:
+        """Hand the proposer the hidden states of the positions each sequence keeps: a prompt
+        chunk all it fed, a sampling sequence its fed tokens and its accepted drafts."""
+        offset = 0
+        for s, feed in zip(scheduled, feeds):
+            keep = len(s.tokens) + accepted.get(id(s), 0)
+            self.proposer.observe(s.seq.request_id, s.start, hidden[offset : offset + keep])
+            offset += len(feed)
+
+    def _forward(self, batch, return_hidden: bool = False):
         """The target forward; if the expert shard group fails, re-form it and replay the step.
+
+        -> logits `[M, V]`, or (logits, final hidden states `[N, D]`) with return_hidden.
 
         Replaying is exact: experts hold no per-request state, KV entries past a sequence's
         recorded length are dead until rewritten, and nothing was sampled yet.
         """
         for attempt in range(self.max_recoveries + 1):
             try:
-                return self.model(batch, self.cache)
+                return self.model(batch, self.cache, return_hidden=return_hidden)
             except Exception as e:
                 if self.shard_group is None or attempt == self.max_recoveries:
                     if self.shard_group is not None:

@@ -123,6 +123,9 @@ class ModelArgs:
     # DeepSeek-V3/R1's fp8 checkpoints: e4m3 weights, one float32 `weight_scale_inv` per
     # [rows, cols] block of this size; the loader dequantizes them (`models/loader.py`).
     fp8_block: tuple[int, int] | None = None
+    # DeepSeek-V3: multi-token-prediction modules stored after the decoder layers, as
+    # `model.layers.{num_layers + j}.*` (the `draft="mtp"` drafter, `spec/mtp.py`); 0 = none.
+    num_nextn_predict_layers: int = 0
 
     @property
     def is_moe(self) -> bool:
@@ -264,6 +267,7 @@ def _deepseek_args(args: ModelArgs, cfg: dict[str, Any], need, source: str) -> N
     args.norm_topk_prob = bool(cfg.get("norm_topk_prob", v3)) if v3 else False
     if not v3 and cfg.get("norm_topk_prob"):
         raise UnsupportedArchitectureError(f"{source}: deepseek_v2 with norm_topk_prob=true is not supported")
+    args.num_nextn_predict_layers = int(cfg.get("num_nextn_predict_layers") or 0)
     args.routing = RoutingArgs(
         scoring=scoring,
         n_group=n_group,

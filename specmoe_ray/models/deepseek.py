@@ -16,9 +16,16 @@ configs use it: frequencies from `rope_inv_freq`, cos/sin scaled by YaRN's atten
 the softmax scale multiplied by `mscale(factor, mscale_all_dim) ** 2`.
 
 Module names mirror transformers' (`q_a_proj`, `kv_a_proj_with_mqa`, `kv_b_proj`, ...).
+
+`MTPHead` is DeepSeek-V3's multi-token-prediction module (DeepSeek-V3 technical report,
+arXiv:2412.19437, §2.2): one more decoder layer that reads the trunk's final hidden state of
+position i together with the embedding of token i + 1 and predicts token i + 2. Served as a
+drafter by `spec/mtp.py` (`draft="mtp"`).
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +33,18 @@ from torch import nn
 
 from specmoe_ray.models.args import ModelArgs
 from specmoe_ray.models.kv_cache import MLACache
-from specmoe_ray.models.transformer import ForwardBatch, RMSNorm, Transformer, apply_rope, yarn_mscale
+from specmoe_ray.models.transformer import (
+    DecoderLayer,
+    ExpertBackend,
+    ForwardBatch,
+    MoEBlock,
+    RMSNorm,
+    Transformer,
+    apply_rope,
+    rope_attention_factor,
+    rope_inv_freq,
+    yarn_mscale,
+)
 
 # N = packed tokens, B = sequences, Tq = most new tokens of one sequence, L = kv length,
 # H = heads, R = kv_lora_rank, P = qk_rope_head_dim, Dn = qk_nope_head_dim, Dv = v_head_dim
@@ -130,3 +148,86 @@ class DeepseekTransformer(Transformer):
         return MLACache(
             a.num_layers, num_slots, max_len, a.mla.kv_lora_rank, a.mla.qk_rope_head_dim, p.dtype, p.device
         )
+
+
+class SharedHead(nn.Module):
+    """The MTP module's output head: its own final norm, then an LM head (the trunk's, unless
+    the checkpoint stores one)."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+
+
+class MTPHead(DecoderLayer):
+    """One multi-token-prediction depth of DeepSeek-V3 (arXiv:2412.19437, §2.2).
+
+    For position i, with h_i the trunk's final-normed hidden state (it predicted t_{i+1}):
+
+        u_i = eh_proj([enorm(embed(t_{i+1})); hnorm(h_i)])    [2D] -> [D]
+        o_i = DecoderLayer(u_i)                               causal over MTP positions <= i
+        g_i = shared_head.norm(o_i);  logits_i = shared_head.head(g_i)   -> predicts t_{i+2}
+
+    The embedding half comes first, as the released weights want (DeepSeek's inference code,
+    vLLM, SGLang and transformers), though the report's eq. 21 writes the hidden state first.
+
+    It *is* the decoder layer (MLA attention, MoE with shared experts) plus those extras, so the
+    checkpoint's `model.layers.{layer}.*` names are its state-dict keys once the prefix is cut.
+    The attention reads layer 0 of its own one-layer `MLACache` (`make_cache`), while the MoE
+    block keeps the checkpoint's layer index, under which its routed experts are loaded.
+    `embed_tokens` and `shared_head.head` are the trunk's unless the checkpoint has its own.
+    """
+
+    float32_tensors = DeepseekTransformer.float32_tensors
+    # Keys the checkpoint may leave out: then the trunk's embedding and LM head serve.
+    shared_with_trunk = {
+        "embed_tokens.weight": "model.embed_tokens.weight",
+        "shared_head.head.weight": "lm_head.weight",
+    }
+
+    def __init__(self, args: ModelArgs, layer: int, moe: bool):
+        block_args = dataclasses.replace(args, moe_layers=(layer,) if moe else ())
+        super().__init__(block_args, layer, MLAttention)
+        self.args = args
+        self.layer = layer
+        self.self_attn.layer = 0  # its own cache has one layer
+        D = args.hidden_size
+        self.embed_tokens = nn.Embedding(args.vocab_size, D)
+        self.enorm = RMSNorm(D, args.rms_norm_eps)
+        self.hnorm = RMSNorm(D, args.rms_norm_eps)
+        self.eh_proj = nn.Linear(2 * D, D, bias=False)
+        self.shared_head = SharedHead(args)
+        self.register_buffer("inv_freq", rope_inv_freq(args.rope, args.head_dim), persistent=False)
+        self.rope_scale = rope_attention_factor(args.rope)
+
+    def set_expert_backend(self, backend: ExpertBackend) -> None:
+        if isinstance(self.mlp, MoEBlock):
+            self.mlp.backend = backend
+
+    def make_cache(self, num_slots: int, max_len: int) -> MLACache:
+        p = self.eh_proj.weight
+        m = self.args.mla
+        return MLACache(1, num_slots, max_len, m.kv_lora_rank, m.qk_rope_head_dim, p.dtype, p.device)
+
+    @torch.inference_mode()
+    def forward(
+        self, batch: ForwardBatch, hidden: torch.Tensor, cache: MLACache
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """batch: position i carries token t_{i+1}; hidden [N, D]: h_i, row for row.
+
+        -> logits `[M, V]` (float32) and g `[M, D]` (the normed output, what a chained next
+        position takes as its hidden state) for the tokens `batch.logits_index` names.
+        """
+        e = self.enorm(self.embed_tokens(batch.tokens))  # [N, D]
+        h = self.hnorm(hidden.to(e.dtype))  # [N, D]
+        x = self.eh_proj(torch.cat((e, h), dim=-1))  # [N, D]
+        # Rope as Transformer.forward: the same positions as the trunk's.
+        freqs = batch.positions[:, None].float() * self.inv_freq  # [N, P/2]
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]
+        cos, sin = emb.cos(), emb.sin()
+        if self.rope_scale != 1.0:
+            cos, sin = cos * self.rope_scale, sin * self.rope_scale
+        x = super().forward(x, cos.to(x.dtype), sin.to(x.dtype), batch, cache)
+        g = self.shared_head.norm(x[batch.logits_index])  # [M, D]
+        return self.shared_head.head(g).float(), g

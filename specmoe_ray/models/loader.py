@@ -13,6 +13,10 @@ Block-quantized fp8 checkpoints (DeepSeek-V3/R1: `quantization_config.quant_meth
 `W_scale_inv` in float32, one scale per [B0, B1] block (partial blocks at the right and bottom
 edges). `CheckpointIndex.get_weight` dequantizes them on load (`W * scale` per block, then the
 model dtype); an expert's weights and scales are read alone, so a shard reads only its experts.
+
+DeepSeek-V3's multi-token-prediction module (`num_nextn_predict_layers`) is stored as the layer
+after the last decoder layer, `model.layers.{num_hidden_layers}.*`; `load_trunk` skips it and
+`load_mtp` builds it (`MTPHead`) for `draft="mtp"`.
 """
 
 from __future__ import annotations
@@ -25,9 +29,9 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from specmoe_ray.errors import CheckpointError
+from specmoe_ray.errors import CheckpointError, UnsupportedArchitectureError
 from specmoe_ray.models.args import ModelArgs
-from specmoe_ray.models.deepseek import DeepseekTransformer
+from specmoe_ray.models.deepseek import DeepseekTransformer, MTPHead
 from specmoe_ray.models.transformer import Transformer, rope_inv_freq
 from specmoe_ray.moe.experts import ExpertStore, LocalExperts
 
@@ -249,3 +253,95 @@ def load_experts(
         )
     index.close()
     return ExpertStore(layers)
+
+
+def _shown(names: list[str]) -> str:
+    return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+
+
+def _mtp_layout(path: str) -> tuple[ModelArgs, CheckpointIndex, int, bool]:
+    """(args, index, MTP layer index, whether its MLP is MoE), or a clear error naming what is
+    missing. Reads config.json and the safetensors headers only."""
+    args, cfg = read_config(path)
+    if args.mla is None:
+        raise UnsupportedArchitectureError(
+            f"{path!r}: draft='mtp' needs a DeepSeek-V3 checkpoint with a multi-token-prediction "
+            f"module; this one is {args.model_type!r}, which has none"
+        )
+    if args.num_nextn_predict_layers < 1:
+        raise CheckpointError(
+            f"{path!r}: draft='mtp' needs a multi-token-prediction module, but config.json has "
+            f"num_nextn_predict_layers={cfg.get('num_nextn_predict_layers')!r} (DeepSeek-V3/R1 checkpoints "
+            "have 1)"
+        )
+    layer = args.num_layers  # depth 0; deeper ones (if any) are not used: depth 0 chains to k drafts
+    index = CheckpointIndex(path, args.fp8_block)
+    prefix = f"model.layers.{layer}."
+    if not any(name.startswith(prefix) for name in index.file_of):
+        raise CheckpointError(
+            f"{path!r}: config.json has num_nextn_predict_layers={args.num_nextn_predict_layers}, but "
+            f"the checkpoint has no tensors {prefix}* (the multi-token-prediction layer after the "
+            f"{layer} decoder layers); draft='mtp' needs them"
+        )
+    moe = args.is_moe and prefix + "mlp.gate_proj.weight" not in index
+    with torch.device("meta"):
+        head = MTPHead(args, layer, moe)
+    missing = [
+        prefix + key
+        for key in head.state_dict()
+        if key not in MTPHead.shared_with_trunk and prefix + key not in index
+    ]
+    if moe and prefix + "mlp.experts.gate_up_proj" not in index:
+        missing += [
+            name
+            for e in range(args.num_experts)
+            for name in (f"{prefix}mlp.experts.{e}.{p}_proj.weight" for p in ("gate", "up", "down"))
+            if name not in index
+        ]
+    if missing:
+        raise CheckpointError(
+            f"{path!r}: the multi-token-prediction layer {prefix}* lacks {len(missing)} tensors "
+            f"draft='mtp' needs: {_shown(missing)}"
+        )
+    return args, index, layer, moe
+
+
+def check_mtp(path: str) -> int:
+    """The checkpoint's MTP layer index (`num_hidden_layers`), or a clear error when it has none."""
+    _, index, layer, _ = _mtp_layout(path)
+    index.close()
+    return layer
+
+
+def load_mtp(
+    path: str, dtype: str | torch.dtype | None = "auto", device: str = "cpu", trunk: Transformer | None = None
+) -> MTPHead:
+    """Build DeepSeek-V3's multi-token-prediction head from `model.layers.{num_hidden_layers}.*`,
+    routed experts excepted (`load_experts(path, {head.layer: ...})` loads those). Its embedding
+    and LM head are the checkpoint's own where stored, else `trunk`'s (the same tensors, shared)."""
+    args, index, layer, moe = _mtp_layout(path)
+    dtype = resolve_dtype(dtype, args)
+    with torch.device("meta"):
+        head = MTPHead(args, layer, moe)
+    prefix = f"model.layers.{layer}."
+    trunk_state = trunk.state_dict() if trunk is not None else {}
+    state: dict[str, torch.Tensor] = {}
+    for key, want in head.state_dict().items():
+        name = prefix + key
+        if name not in index:  # only the shareable ones: _mtp_layout checked the rest
+            trunk_key = MTPHead.shared_with_trunk[key]
+            if trunk_key not in trunk_state:
+                raise CheckpointError(f"{path!r}: tensor {name!r} is missing and no trunk was given to share")
+            state[key] = trunk_state[trunk_key]
+            continue
+        tensor = index.get_weight(name)
+        if tuple(tensor.shape) != tuple(want.shape):
+            raise CheckpointError(
+                f"{index.file_of[name]}: tensor {name!r} has shape {tuple(tensor.shape)}, "
+                f"config.json implies {tuple(want.shape)}"
+            )
+        state[key] = tensor.to(torch.float32 if key.endswith(head.float32_tensors) else dtype)
+    index.close()
+    head.load_state_dict(state, assign=True, strict=True)
+    head.inv_freq = rope_inv_freq(args.rope, args.head_dim)  # built on meta above
+    return head.to(device).eval()

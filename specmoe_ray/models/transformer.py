@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from specmoe_ray.models.args import ModelArgs, RopeArgs
+from specmoe_ray.models.fused import apply_rope, combine, rms_norm
 from specmoe_ray.models.kv_cache import KVCache
 from specmoe_ray.moe.router import make_router
 
@@ -109,10 +110,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        return rms_norm(x, self.weight, self.eps)
 
 
 def rope_inv_freq(rope: RopeArgs, head_dim: int) -> torch.Tensor:
@@ -168,13 +166,6 @@ def _yarn_inv_freq(rope: RopeArgs, dim: int) -> torch.Tensor:
     pos_freqs = rope.theta ** (torch.arange(0, dim, 2).float() / dim)
     extrapolate = 1 - ramp  # 1: keep the trained frequency, 0: interpolate by `factor`
     return (1.0 / (rope.factor * pos_freqs)) * (1 - extrapolate) + (1.0 / pos_freqs) * extrapolate
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x: [N, heads, hd]; cos, sin: [N, 1, hd]
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
 
 
 class Attention(nn.Module):
@@ -262,7 +253,7 @@ class MoEBlock(nn.Module):
         weights, expert_ids = self.gate(x)  # [T, A], [T, A]
         y = self.backend(self.layer, x, expert_ids)  # [T, A, D]
         # Combine in top-k slot order: the same order however the experts are placed.
-        out = (y * weights[..., None]).to(x.dtype).sum(1)
+        out = combine(y, weights, x)
         if self.shared_expert is not None:
             out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         if self.shared_experts is not None:
@@ -320,8 +311,14 @@ class Transformer(nn.Module):
         return KVCache(a.num_layers, num_slots, max_len, a.num_kv_heads, a.head_dim, p.dtype, p.device)
 
     @torch.inference_mode()
-    def forward(self, batch: ForwardBatch, cache: KVCache) -> torch.Tensor:
-        """-> logits `[M, V]` (float32) for the tokens `batch.logits_index` names."""
+    def forward(
+        self, batch: ForwardBatch, cache: KVCache, return_hidden: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """-> logits `[M, V]` (float32) for the tokens `batch.logits_index` names.
+
+        return_hidden: also return the final-normed hidden states of every packed token, `[N, D]`
+        (what DeepSeek's multi-token-prediction head takes as input).
+        """
         x = self.model.embed_tokens(batch.tokens)  # [N, D]
         freqs = batch.positions[:, None].float() * self.inv_freq  # [N, hd/2]
         emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]
@@ -331,5 +328,8 @@ class Transformer(nn.Module):
         cos, sin = cos.to(x.dtype), sin.to(x.dtype)
         for layer in self.model.layers:
             x = layer(x, cos, sin, batch, cache)
+        if return_hidden:
+            hidden = self.model.norm(x)
+            return self.lm_head(hidden[batch.logits_index]).float(), hidden
         x = self.model.norm(x[batch.logits_index])
         return self.lm_head(x).float()

@@ -37,6 +37,42 @@ class DraftRequest:
     seed: int | None = None
 
 
+def sample_drafts(
+    logits: torch.Tensor, reqs: list[DraftRequest], top_n: int, generators: dict[str, torch.Generator]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One draft token per row: logits [B, V] -> tokens [B], sparse ids [B, S], sparse probs [B, S].
+
+    Greedy rows take the argmax (one-hot). Sampling rows sample from the top `top_n` of their
+    request's distribution (temperature, top-k, top-p), renormalised: exactly the sparse
+    distribution returned. Each sequence draws from its own generator in `generators`, made on
+    first use from the request's seed (offset, so it never replays the target's draws).
+    """
+    B = logits.shape[0]
+    S = min(top_n, logits.shape[-1])
+    ids = torch.full((B, S), -1, dtype=torch.long, device=logits.device)
+    probs = torch.zeros(B, S, device=logits.device)
+    greedy = logits.argmax(-1)
+    ids[:, 0], probs[:, 0] = greedy, 1.0
+    rows = [i for i, r in enumerate(reqs) if r.temperature > 0]
+    if rows:
+        dev = logits.device
+        p = target_probs(
+            logits[rows],
+            torch.tensor([reqs[i].temperature for i in rows], device=dev),
+            torch.tensor([reqs[i].top_k for i in rows], device=dev),
+            torch.tensor([reqs[i].top_p for i in rows], device=dev),
+        )
+        sp_ids, sp_probs = sparse_from_probs(p, S)  # [R, S]: the draft samples from exactly this
+        for j, i in enumerate(rows):
+            gen = generators.get(reqs[i].seq_id)
+            if gen is None:
+                seed = None if reqs[i].seed is None else reqs[i].seed + 0x5EED
+                gen = generators[reqs[i].seq_id] = make_generator(seed, dev)
+            ids[i], probs[i] = sp_ids[j], sp_probs[j]
+            greedy[i] = sample_sparse(sp_ids[j], sp_probs[j], gen)
+    return greedy, ids, probs
+
+
 def empty_proposal(batch: int, device: torch.device | str) -> DraftProposal:
     return DraftProposal(
         tokens=torch.full((batch, 0), -1, dtype=torch.long, device=device),
@@ -128,31 +164,7 @@ class DraftModelProposer:
         self.generators.pop(seq_id, None)
 
     def _sample(self, logits: torch.Tensor, reqs: list[DraftRequest]):
-        """logits [B, V] -> tokens [B], sparse ids [B, S], sparse probs [B, S]."""
-        B = logits.shape[0]
-        S = min(self.top_n, logits.shape[-1])
-        ids = torch.full((B, S), -1, dtype=torch.long, device=logits.device)
-        probs = torch.zeros(B, S, device=logits.device)
-        greedy = logits.argmax(-1)
-        ids[:, 0], probs[:, 0] = greedy, 1.0
-        rows = [i for i, r in enumerate(reqs) if r.temperature > 0]
-        if rows:
-            dev = logits.device
-            p = target_probs(
-                logits[rows],
-                torch.tensor([reqs[i].temperature for i in rows], device=dev),
-                torch.tensor([reqs[i].top_k for i in rows], device=dev),
-                torch.tensor([reqs[i].top_p for i in rows], device=dev),
-            )
-            sp_ids, sp_probs = sparse_from_probs(p, S)  # [R, S]: the draft samples from exactly this
-            for j, i in enumerate(rows):
-                gen = self.generators.get(reqs[i].seq_id)
-                if gen is None:
-                    seed = None if reqs[i].seed is None else reqs[i].seed + 0x5EED
-                    gen = self.generators[reqs[i].seq_id] = make_generator(seed, dev)
-                ids[i], probs[i] = sp_ids[j], sp_probs[j]
-                greedy[i] = sample_sparse(sp_ids[j], sp_probs[j], gen)
-        return greedy, ids, probs
+        return sample_drafts(logits, reqs, self.top_n, self.generators)
 
     @torch.inference_mode()
     def propose(self, requests: list[DraftRequest]) -> DraftProposal:

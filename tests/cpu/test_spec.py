@@ -4,8 +4,16 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
-from conftest import PROMPTS, chi2_pvalue, hf_greedy, make_checkpoint, reference_probs, save_char_tokenizer
+from conftest import (
+    PROMPTS,
+    chi2_pvalue,
+    exact_pair_probs,
+    hf_greedy,
+    hf_next_logits,
+    make_checkpoint,
+    sample_pairs,
+    save_char_tokenizer,
+)
 
 from specmoe_ray import Engine, SamplingParams
 from specmoe_ray.spec import rejection
@@ -172,42 +180,11 @@ def tiny_pair(tmp_path_factory):
 
 def exact_first_two(target: str) -> np.ndarray:
     """P(t1, t2 | prompt) in float64 from transformers' model: [V, V]."""
-    import transformers as T
-
-    model = T.AutoModelForCausalLM.from_pretrained(
-        target, dtype=torch.float64, experts_implementation="eager"
-    )
-    model = model.eval()
-    with torch.no_grad():
-        first = model(torch.tensor([PROMPT])).logits[0, -1].numpy()
-        seconds = model(torch.tensor([[*PROMPT, t] for t in range(V)])).logits[:, -1].numpy()
-    p1 = reference_probs(first, TEMPERATURE, TOP_K, 1.0)
-    p2 = np.stack([reference_probs(seconds[t], TEMPERATURE, TOP_K, 1.0) for t in range(V)])
-    return p1[:, None] * p2
+    return exact_pair_probs(hf_next_logits(target), PROMPT, V, TEMPERATURE, TOP_K)
 
 
 def sample_first_two(target: str, draft: str) -> np.ndarray:
-    counts = np.zeros((V, V))
-    batch = 5_000
-    with Engine.from_pretrained(
-        target,
-        draft=draft,
-        num_speculative_tokens=2,
-        draft_top_n=6,
-        max_num_seqs=batch,
-        max_model_len=8,
-        max_num_batched_tokens=batch * 8,
-    ) as engine:
-        for start in range(0, N, batch):
-            params = [
-                SamplingParams(
-                    max_tokens=2, temperature=TEMPERATURE, top_k=TOP_K, seed=start + i, ignore_eos=True
-                )
-                for i in range(batch)
-            ]
-            for out in engine.generate([PROMPT] * batch, params):
-                counts[out.token_ids[0], out.token_ids[1]] += 1
-        stats = engine.stats()
+    counts, stats = sample_pairs(target, draft, PROMPT, V, TEMPERATURE, TOP_K, N)
     assert 0.05 < stats["acceptance_rate"] < 0.9, f"the draft should be a different distribution: {stats}"
     return counts
 
