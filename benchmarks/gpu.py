@@ -114,8 +114,11 @@ def engine_on_hf_weights(hf_model, **config) -> Engine:
 # -- timing ---------------------------------------------------------------------------------------
 
 
-def timed(fn, repeats: int, device: str) -> dict[str, Any]:
-    fn()  # warm-up (and CUDA-graph capture)
+def timed(fn, repeats: int, device: str, engine: Engine | None = None) -> dict[str, Any]:
+    """Warm up once (CUDA-graph captures, torch.compile), then time `repeats` calls of fn() -> tokens.
+    With an engine, also its per-step numbers over the timed calls."""
+    fn()
+    before = engine.stats() if engine is not None else None
     times, tokens = [], []
     for _ in range(repeats):
         sync(device)
@@ -124,7 +127,10 @@ def timed(fn, repeats: int, device: str) -> dict[str, Any]:
         sync(device)
         times.append(time.perf_counter() - t0)
         tokens.append(n)
-    return {"tok_s": statistics.median(n / t for n, t in zip(tokens, times)), "times_s": times}
+    out = {"tok_s": statistics.median(n / t for n, t in zip(tokens, times)), "times_s": times}
+    if engine is not None:
+        out.update(step_stats(engine, before))
+    return out
 
 
 def prompts_for(batch: int, length: int, vocab: int, seed: int) -> list[list[int]]:
@@ -294,9 +300,7 @@ def bench_shape(a, device: str, dtype: torch.dtype, bandwidth: float) -> dict[st
             **v,
         )
         for b in a.batch:
-            before = engine.stats()
-            r = timed(ours_run(engine, rows[b], a.new_tokens), a.repeats, device)
-            r.update(step_stats(engine, before))
+            r = timed(ours_run(engine, rows[b], a.new_tokens), a.repeats, device, engine)
             res["runs"].append({"who": name, "batch": b, **r})
             print(
                 f"  {name:7s} batch {b:3d}: {r['tok_s']:9.1f} tok/s  {r['ms_per_step']:7.2f} ms/step  "
@@ -331,9 +335,7 @@ def bench_demo(a, device: str) -> dict[str, Any]:
         print(f"(b) demo HF       batch {b:3d}: {r['tok_s']:9.1f} tok/s")
         for name, d in (("plain", None), ("draft", draft), ("ngram", "ngram")):
             with Engine.from_pretrained(target, draft=d, device=device, num_speculative_tokens=a.k) as e:
-                before = e.stats()
-                r = timed(ours_run(e, rows, a.new_tokens), a.repeats, device)
-                r.update(step_stats(e, before))
+                r = timed(ours_run(e, rows, a.new_tokens), a.repeats, device, e)
             out["runs"].append({"who": name, "batch": b, **r})
             acc = r["acceptance_rate"]
             print(
@@ -368,8 +370,14 @@ def plot(results: dict[str, Any], path: str) -> None:
     ax1.legend()
     for b in batches:
         rows = [r for r in results["shape"]["verify"] if r["batch"] == b]
-        ax2.plot([r["T"] for r in rows], [r["ms"] for r in rows], "o-", label=f"B={b} measured")
-        ax2.plot([r["T"] for r in rows], [r["roofline_ms"] for r in rows], "--", label=f"B={b} roofline")
+        (line,) = ax2.plot([r["T"] for r in rows], [r["ms"] for r in rows], "o-", label=f"B={b} measured")
+        ax2.plot(
+            [r["T"] for r in rows],
+            [r["roofline_ms"] for r in rows],
+            "--",
+            color=line.get_color(),
+            label=f"B={b} roofline",
+        )
     ax2.set_xlabel("tokens per sequence (T)")
     ax2.set_ylabel("ms per forward")
     ax2.set_title("verify forward vs memory roofline")
@@ -392,6 +400,7 @@ def main(argv=None) -> dict[str, Any]:
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip-demo", action="store_true")
+    p.add_argument("--skip-shape", action="store_true", help="only (b), the demo pair")
     p.add_argument(
         "--profile", action="store_true", help="profile a few decode steps (graphs, smallest batch)"
     )
@@ -415,7 +424,8 @@ def main(argv=None) -> dict[str, Any]:
     bandwidth = copy_bandwidth(device, 1.0 if device != "cpu" else 0.125)
     print(f"copy bandwidth: {bandwidth / 1e9:.0f} GB/s (read + write)")
     results: dict[str, Any] = {"info": info, "bandwidth_Bps": bandwidth, "shape_name": a.shape}
-    results["shape"] = bench_shape(a, device, dtype, bandwidth)
+    if not a.skip_shape:
+        results["shape"] = bench_shape(a, device, dtype, bandwidth)
     gc.collect()
     if device != "cpu":
         torch.cuda.empty_cache()
@@ -424,7 +434,7 @@ def main(argv=None) -> dict[str, Any]:
     if a.json:
         with open(a.json, "w") as f:
             json.dump(results, f, indent=1)
-    if a.png:
+    if a.png and "shape" in results:
         plot(results, a.png)
     return results
 

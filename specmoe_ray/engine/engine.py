@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from specmoe_ray.engine.graph import StepGraphs
+from specmoe_ray.engine.graph import StepGraphs, make_step_graphs
 from specmoe_ray.engine.sampling import make_generator
 from specmoe_ray.engine.scheduler import ScheduledSeq, Scheduler
 from specmoe_ray.engine.sequence import FinishReason, RequestOutput, SamplingParams, Sequence
@@ -166,7 +166,12 @@ class Engine:
             elif draft is not None:
                 draft_model, _ = load_local_model(draft, dtype, device)
                 proposer = DraftModelProposer(
-                    draft_model, config.max_num_seqs, config.max_model_len, top_n=config.draft_top_n
+                    draft_model,
+                    config.max_num_seqs,
+                    config.max_model_len,
+                    top_n=config.draft_top_n,
+                    step_graphs=config.step_graphs,
+                    max_tokens_per_seq=config.num_speculative_tokens + 1,
                 )
             return cls(
                 model,
@@ -272,11 +277,14 @@ class Engine:
         num_draft = [len(drafts.get(id(s), [])) for s in samplers]
         k = proposal.tokens.shape[1]
         # Row r of `logits` belongs to sampler b at offset i: lay them out as [B, k + 1, V].
-        index, row = [], 0
-        for n in num_draft:
-            index.append([row + min(i, n) for i in range(k + 1)])
-            row += n + 1
-        target_logits = logits[torch.tensor(index, device=logits.device)]
+        if all(n == k for n in num_draft):  # already in that layout (always when k = 0): no copy
+            target_logits = logits.view(len(samplers), k + 1, -1)
+        else:
+            index, row = [], 0
+            for n in num_draft:
+                index.append([row + min(i, n) for i in range(k + 1)])
+                row += n + 1
+            target_logits = logits[torch.tensor(index, device=logits.device)]
         seqs = [s.seq for s in samplers]
         result = rejection.verify(
             target_logits, proposal, [q.params for q in seqs], [q.generator for q in seqs]
@@ -336,22 +344,12 @@ class Engine:
         return self.graphs.key(len(scheduled), max(len(f) for f in feeds), kv_len)
 
     def _make_step_graphs(self) -> StepGraphs | None:
-        mode = self.config.step_graphs
         # Expert shards exchange with a host-side header per layer, which a graph cannot hold yet.
-        if mode == "off" or self.shard_group is not None:
+        if self.shard_group is not None:
             return None
-        if mode == "auto" and self.device.type != "cuda":
-            return None
-        if mode == "auto" and self.local_experts is not None:
-            layers = self.local_experts.store.by_layer.values()
-            if not all(experts.capturable for experts in layers):
-                log.warning(
-                    "experts on %s cannot be captured in CUDA graphs: running steps eagerly", self.device
-                )
-                return None
         # One token per sequence to decode, up to k + 1 to verify.
-        return StepGraphs(
-            self.model, self.cache, self.config.max_num_seqs, self.max_k + 1, capture=mode == "auto"
+        return make_step_graphs(
+            self.model, self.cache, self.config.step_graphs, self.config.max_num_seqs, self.max_k + 1
         )
 
     @property

@@ -30,6 +30,7 @@ import logging
 import numpy as np
 import torch
 
+from specmoe_ray.models import fused
 from specmoe_ray.models.transformer import ForwardBatch, MoEBlock, Transformer
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,23 @@ def bucket(n: int, cap: int, floor: int = 1) -> int:
     while b < n:
         b *= 2
     return min(b, cap)
+
+
+def make_step_graphs(
+    model: Transformer, cache, mode: str, max_batch: int, max_tokens_per_seq: int
+) -> StepGraphs | None:
+    """Static steps for this model as `mode` says ("auto": CUDA graphs on GPUs, nothing elsewhere;
+    "padded": the same static batches, eagerly; "off": none); None where they do not apply."""
+    device = model.lm_head.weight.device
+    if mode == "off" or (mode == "auto" and device.type != "cuda"):
+        return None
+    if mode == "auto":
+        for layer in model.model.layers:
+            store = getattr(getattr(layer.mlp, "backend", None), "store", None)
+            if store is not None and not all(e.capturable for e in store.by_layer.values()):
+                log.warning("experts on %s cannot be captured in CUDA graphs: running steps eagerly", device)
+                return None
+    return StepGraphs(model, cache, max_batch, max_tokens_per_seq, capture=mode == "auto")
 
 
 class StepGraphs:
@@ -106,6 +124,7 @@ class StepGraphs:
             kv_len=L,
             max_new=Tq,
             logits_index=arange,
+            padded=True,
         )
         return batch, m[4 * N : 5 * N], m[5 * N : 6 * N]
 
@@ -148,7 +167,8 @@ class StepGraphs:
         for backend, _ in self.backends.values():
             backend.token_mask = mask
         try:
-            logits = self.model(batch, self.cache)
+            with fused.active():  # compiled norm/rope/combine: fewer kernels in the graph
+                logits = self.model(batch, self.cache)
             self._logits[: logits.shape[0]].copy_(logits)
         finally:
             for backend, _ in self.backends.values():
@@ -200,3 +220,11 @@ class StepGraphs:
                 backend.num_pairs = pairs[i] + real * num_layers
         N = B * Tq
         return self._logits[self._meta[5 * N : 5 * N + M]]
+
+    def forward(
+        self, feeds: list[list[int]], starts: list[int], slots: list[int], logits_from: list[int]
+    ) -> torch.Tensor | None:
+        """`run` when the step fits a bucket (every sequence samples); None: run it eagerly."""
+        kv_len = max(s + len(f) for s, f in zip(starts, feeds))
+        key = self.key(len(feeds), max(len(f) for f in feeds), kv_len)
+        return None if key is None else self.run(key, feeds, starts, slots, logits_from)

@@ -41,8 +41,11 @@ from specmoe_ray.models.transformer import (
     RMSNorm,
     Transformer,
     apply_rope,
+    attention_mask,
     rope_attention_factor,
     rope_inv_freq,
+    to_packed,
+    to_padded,
     yarn_mscale,
 )
 
@@ -124,15 +127,11 @@ class MLAttention(nn.Module):
         k_nope, values = kv.split([self.nope_dim, self.v_dim], dim=-1)  # [B, H, L, Dn], [B, H, L, Dv]
         keys = torch.cat((k_nope, k_pe[:, None].expand(B, H, L, self.rope_dim)), dim=-1)  # [B, H, L, Dn+P]
 
-        Tq = batch.max_new
         q = torch.cat((q_nope, q_pe), dim=-1)  # [N, H, Dn+P]
-        q = torch.cat([q, q.new_zeros(1, H, self.qk_dim)])[batch.pad_index]
-        q = q.view(B, Tq, H, self.qk_dim).transpose(1, 2)  # [B, H, Tq, Dn+P]
-        key_pos = torch.arange(batch.kv_len, device=x.device)
-        mask = key_pos <= batch.query_positions[:, None, :, None]  # [B, 1, Tq, L]
+        q = to_padded(q, batch).transpose(1, 2)  # [B, H, Tq, Dn+P]
+        mask = attention_mask(batch, 1, None, q.dtype)  # [B, 1, Tq, L]
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scale)
-        out = out.transpose(1, 2).reshape(B * Tq, H * self.v_dim)[batch.unpad_index]
-        return self.o_proj(out)
+        return self.o_proj(to_packed(out.transpose(1, 2).flatten(2), batch))
 
 
 class DeepseekTransformer(Transformer):

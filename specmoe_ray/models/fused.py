@@ -4,15 +4,20 @@ At decode a layer's time goes to kernel count, not math: a float32 RMSNorm is ei
 kernels, rope five, the MoE combine three, and each costs ~2 us even inside a CUDA graph
 (benchmarks/RESULTS.md). `fused(fn)` runs `fn` compiled by `torch.compile` (one Triton kernel
 for the whole function, shapes dynamic so one compilation serves every batch bucket) when its
-first argument is a CUDA tensor, and as plain eager torch everywhere else (CPUs: CI, tests).
-The compiled and eager versions compute the same expression; if compilation fails (no Triton,
-an unsupported torch), the function stays eager and a warning says so once.
+first argument is a CUDA tensor *and* the call is inside `active()`, which the static steps of
+`engine/graph.py` enter while they warm up and capture a graph; everywhere else (eager prefill
+steps, CPUs) it is plain eager torch: a compiled call's guards cost more host time per call than
+the kernels it saves, which only a graph replay, running no Python, gets back. The compiled and
+eager versions compute the same expression; if compilation fails (no Triton, an unsupported
+torch), the function stays eager and a warning says so once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
+import threading
 from collections.abc import Callable
 
 import torch
@@ -20,6 +25,19 @@ import torch
 log = logging.getLogger(__name__)
 
 ENABLED = True  # module switch (tests compare fused against eager)
+RECOMPILE_LIMIT = 64
+_state = threading.local()
+
+
+@contextlib.contextmanager
+def active():
+    """Within this block, fused functions on CUDA tensors run compiled."""
+    depth = getattr(_state, "depth", 0)
+    _state.depth = depth + 1
+    try:
+        yield
+    finally:
+        _state.depth = depth
 
 
 def fused(fn: Callable) -> Callable:
@@ -27,9 +45,16 @@ def fused(fn: Callable) -> Callable:
 
     @functools.wraps(fn)
     def wrapper(x: torch.Tensor, *args):
-        if not (ENABLED and x.is_cuda):
+        if not (ENABLED and x.is_cuda and getattr(_state, "depth", 0)):
             return fn(x, *args)
         if not compiled:
+            # Sizes 0 and 1 always specialise, and each dtype and width (hidden, head_dim) is its
+            # own graph: a handful of compilations per function, more than dynamo's default 8
+            # in a process that runs several models (e.g. a bf16 target and an fp32 test model).
+            cfg = torch._dynamo.config
+            for name, limit in (("recompile_limit", RECOMPILE_LIMIT), ("accumulated_recompile_limit", 256)):
+                if hasattr(cfg, name):
+                    setattr(cfg, name, max(getattr(cfg, name), limit))
             try:
                 compiled.append(torch.compile(fn, dynamic=True, fullgraph=True))
             except Exception as e:  # pragma: no cover - depends on the installed torch
@@ -74,3 +99,14 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """[n, 2I] (gate first) -> silu(gate) * up, [n, I]."""
     gate, up = gate_up.chunk(2, dim=-1)
     return torch.nn.functional.silu(gate) * up
+
+
+@fused
+def softmax_topk(logits: torch.Tensor, top_k: int, renorm: bool, like: torch.Tensor, cast: bool):
+    """Softmax routing in float32: -> top-k weights (renormalised over the k if asked; in like's
+    dtype if cast) and expert ids."""
+    probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+    weights, expert_ids = torch.topk(probs, top_k, dim=-1)
+    if renorm:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return (weights.to(like.dtype) if cast else weights), expert_ids

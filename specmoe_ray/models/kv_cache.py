@@ -1,6 +1,6 @@
 """Preallocated KV caches with per-sequence lengths and rollback.
 
-`KVCache` layout per layer: keys and values `[num_slots + 1, num_kv_heads, max_len, head_dim]`.
+`KVCache` layout per layer: keys and values together, `[num_slots + 1, 2, num_kv_heads, max_len, head_dim]`.
 `MLACache` (DeepSeek's Multi-head Latent Attention) holds per token only the normalised latent
 `c_kv [kv_lora_rank]` and the shared rope key `k_pe [qk_rope_head_dim]`, `[num_slots + 1,
 max_len, dim]` per layer: keys and values are up-projected from them when read.
@@ -70,20 +70,20 @@ class KVCache(SlotCache):
         device: torch.device | str,
     ):
         super().__init__(num_slots, max_len)
-        shape = (num_slots + 1, num_kv_heads, max_len, head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        # Keys and values of a layer in one tensor: one write and one read per layer, not two.
+        shape = (num_slots + 1, 2, num_kv_heads, max_len, head_dim)
+        self.kv = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
 
     def write(
         self, layer: int, slots: torch.Tensor, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     ):
         # slots, positions: [N]; k, v: [N, num_kv_heads, head_dim]
-        self.k[layer][slots, :, positions] = k
-        self.v[layer][slots, :, positions] = v
+        self.kv[layer][slots, :, :, positions] = torch.stack((k, v), dim=1)
 
     def read(self, layer: int, slots: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        # -> [B, num_kv_heads, length, head_dim] each
-        return self.k[layer][slots, :, :length], self.v[layer][slots, :, :length]
+        # -> keys, values [B, num_kv_heads, length, head_dim] each
+        kv = self.kv[layer][slots, :, :, :length]
+        return kv[:, 0], kv[:, 1]
 
 
 class MLACache(SlotCache):

@@ -52,6 +52,11 @@ class ForwardBatch:
     kv_len: int  # L: keys to read per sequence
     max_new: int  # Tq
     logits_index: torch.Tensor  # [M] packed tokens whose logits are wanted
+    # True when every sequence has exactly max_new tokens (packed == padded: no pad/unpad gathers);
+    # the static batches of CUDA-graph steps are built so.
+    padded: bool = False
+    # Attention masks built during one forward, shared by its layers (see `attention_mask`).
+    masks: dict = dataclasses.field(default_factory=dict)
 
 
 def build_forward_batch(
@@ -111,6 +116,44 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return rms_norm(x, self.weight, self.eps)
+
+
+def to_padded(x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+    """Packed [N, ...] -> padded [B, Tq, ...] (padding rows zero)."""
+    B, Tq = batch.query_positions.shape
+    if not batch.padded:
+        x = torch.cat([x, x.new_zeros(1, *x.shape[1:])])[batch.pad_index]
+    return x.view(B, Tq, *x.shape[1:])
+
+
+def to_packed(x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+    """Padded [B, Tq, ...] -> packed [N, ...]."""
+    x = x.reshape(-1, *x.shape[2:])
+    return x if batch.padded else x[batch.unpad_index]
+
+
+def attention_mask(batch: ForwardBatch, group: int, window: int | None, dtype: torch.dtype) -> torch.Tensor:
+    """Additive mask [B, 1, group * Tq, L]: 0 where query row g * Tq + t of sequence b may see a
+    key (its position or earlier, and within `window`), -inf elsewhere.
+
+    Built once per forward and shared by every layer (all layers of a model have the same
+    shape of mask). Rows repeat per group of query heads that share a KV head, so grouped-query
+    attention runs as plain attention over Hkv heads of group * Tq query rows: no K/V expansion,
+    and a float mask keeps SDPA on its fused kernels. Every row sees key 0, so none is all -inf.
+    """
+    key = (group, window, dtype)
+    mask = batch.masks.get(key)
+    if mask is None:
+        key_pos = torch.arange(batch.kv_len, device=batch.query_positions.device)
+        qpos = batch.query_positions[:, None, :, None]  # [B, 1, Tq, 1]
+        ok = key_pos <= qpos
+        if window is not None:
+            ok = ok & (key_pos > qpos - window)
+        if group > 1:
+            ok = ok.repeat(1, 1, group, 1)
+        mask = torch.zeros(ok.shape, dtype=dtype, device=ok.device).masked_fill_(~ok, float("-inf"))
+        batch.masks[key] = mask
+    return mask
 
 
 def rope_inv_freq(rope: RopeArgs, head_dim: int) -> torch.Tensor:
@@ -207,17 +250,15 @@ class Attention(nn.Module):
         cache.write(self.layer, batch.write_slots, batch.positions, k, v)
         keys, values = cache.read(self.layer, batch.read_slots, batch.kv_len)  # [B, Hkv, L, hd]
 
-        B, Tq = batch.query_positions.shape
-        q = torch.cat([q, q.new_zeros(1, self.num_heads, self.head_dim)])[batch.pad_index]
-        q = q.view(B, Tq, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, Tq, hd]
-        key_pos = torch.arange(batch.kv_len, device=x.device)
-        qpos = batch.query_positions[:, None, :, None]  # [B, 1, Tq, 1]
-        mask = key_pos <= qpos  # [B, 1, Tq, L]
-        if self.sliding_window is not None:
-            mask = mask & (key_pos > qpos - self.sliding_window)
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
-        out = out.transpose(1, 2).reshape(B * Tq, self.num_heads * self.head_dim)[batch.unpad_index]
-        return self.o_proj(out)
+        # Query head h uses kv head h // G: fold the G heads of a group into the query rows.
+        Hkv, G, hd = self.num_kv_heads, self.num_heads // self.num_kv_heads, self.head_dim
+        q = to_padded(q, batch)  # [B, Tq, H, hd]
+        B, Tq = q.shape[:2]
+        q = q.view(B, Tq, Hkv, G, hd).permute(0, 2, 3, 1, 4).reshape(B, Hkv, G * Tq, hd)
+        mask = attention_mask(batch, G, self.sliding_window, q.dtype)  # [B, 1, G * Tq, L]
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)  # [B, Hkv, G * Tq, hd]
+        out = out.view(B, Hkv, G, Tq, hd).permute(0, 3, 1, 2, 4)  # [B, Tq, Hkv, G, hd]
+        return self.o_proj(to_packed(out.reshape(B, Tq, self.num_heads * hd), batch))
 
 
 class MLP(nn.Module):
@@ -319,6 +360,7 @@ class Transformer(nn.Module):
         return_hidden: also return the final-normed hidden states of every packed token, `[N, D]`
         (what DeepSeek's multi-token-prediction head takes as input).
         """
+        batch.masks = {}  # built by the first layer that needs one (the batch may be reused)
         x = self.model.embed_tokens(batch.tokens)  # [N, D]
         freqs = batch.positions[:, None].float() * self.inv_freq  # [N, hd/2]
         emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]

@@ -59,12 +59,16 @@ class ExpertLoad:
         self.counts: dict[int, torch.Tensor] = {}
 
     def record(self, layer: int, expert_ids: torch.Tensor, weight: torch.Tensor | None = None) -> None:
-        """Count `expert_ids` [T, A]; weight [T] (0/1) leaves padded tokens out."""
+        """Count `expert_ids` ([T, A] or flat [T * A]); weight [T] (0/1) leaves padded tokens out."""
         if layer not in self.counts:
             self.counts[layer] = torch.zeros(self.num_experts, dtype=torch.long, device=expert_ids.device)
-        ones = torch.ones_like(expert_ids) if weight is None else weight[:, None].expand_as(expert_ids)
+        n = expert_ids.numel()
+        if weight is None:
+            values = expert_ids.new_ones(()).expand(n)  # a broadcast view: no copy
+        else:
+            values = weight.long().repeat_interleave(n // weight.numel())
         # In place, with static shapes (no bincount): CUDA graphs replay it into the same counters.
-        self.counts[layer].scatter_add_(0, expert_ids.reshape(-1), ones.reshape(-1).long())
+        self.counts[layer].scatter_add_(0, expert_ids.reshape(-1), values)
 
     def snapshot(self) -> dict[int, list[int]]:
         """{layer: [tokens per expert]}, cumulative (one host sync)."""

@@ -26,6 +26,9 @@ class LocalExperts(nn.Module):
         to_local = torch.full((num_experts,), -1, dtype=torch.long)
         to_local[torch.tensor(self.expert_ids, dtype=torch.long)] = torch.arange(len(self.expert_ids))
         self.register_buffer("to_local", to_local.to(gate_up.device), persistent=False)
+        self.identity = self.expert_ids == list(range(num_experts))  # every expert, in order
+        bounds = torch.arange(1, len(self.expert_ids) + 1, device=gate_up.device)
+        self.register_buffer("bounds", bounds, persistent=False)  # for `_ends`
 
         # GPUs: few rows per expert (decode, verify) go to the Triton kernel, which reads each
         # touched expert's weights once and skips the others; many rows (prefill) to one grouped
@@ -44,9 +47,9 @@ class LocalExperts(nn.Module):
     @torch.inference_mode()
     def forward(self, x: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
         # x: [n, D] one row per (token, expert) pair; expert_ids: [n] global ids -> [n, D]
-        local = self.to_local[expert_ids]
-        order = torch.argsort(local, stable=True)
-        xs, local = x[order], local[order]
+        local = expert_ids if self.identity else self.to_local[expert_ids]
+        local, order = torch.sort(local, stable=True)
+        xs = x[order]
         few_rows = xs.shape[0] <= self.triton_max_rows_per_expert * len(self.expert_ids)
         if self.triton and (few_rows or not self.grouped):
             out = self._triton(xs, local)
@@ -66,8 +69,7 @@ class LocalExperts(nn.Module):
     def _ends(self, local: torch.Tensor) -> torch.Tensor:
         """[E_local] int32 end offset of each expert's rows in sorted `local`. searchsorted, not
         bincount: CUDA's bincount reads the max id back to the host, which a graph cannot capture."""
-        bounds = torch.arange(1, len(self.expert_ids) + 1, device=local.device)
-        return torch.searchsorted(local, bounds, out_int32=True)
+        return torch.searchsorted(local, self.bounds, out_int32=True)
 
     def _triton(self, xs: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
         ends = self._ends(local)

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from specmoe_ray.models.fused import softmax_topk
+
 # T = tokens, E = experts, G = groups, A = experts per token, D = hidden
 
 
@@ -35,13 +37,7 @@ class TopKRouter(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # x: [T, D] -> weights [T, A], expert_ids [T, A]
         logits = F.linear(x, self.weight)  # [T, E]
-        probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
-        weights, expert_ids = torch.topk(probs, self.top_k, dim=-1)
-        if self.norm_topk_prob:
-            weights = weights / weights.sum(dim=-1, keepdim=True)
-        if not self.float_weights:
-            weights = weights.to(x.dtype)
-        return weights, expert_ids
+        return softmax_topk(logits, self.top_k, self.norm_topk_prob, x, not self.float_weights)
 
 
 class GroupedTopKRouter(nn.Module):

@@ -19,6 +19,7 @@ from collections import OrderedDict
 
 import torch
 
+from specmoe_ray.engine.graph import make_step_graphs
 from specmoe_ray.engine.sampling import make_generator, target_probs
 from specmoe_ray.models.transformer import Transformer, build_forward_batch
 from specmoe_ray.spec.rejection import DraftProposal, sample_sparse, sparse_from_probs
@@ -128,12 +129,23 @@ class NgramProposer:
 class DraftModelProposer:
     """A draft model with per-sequence KV caches that reuse the longest common prefix."""
 
-    def __init__(self, model: Transformer, max_num_seqs: int, max_model_len: int, top_n: int = 32):
+    def __init__(
+        self,
+        model: Transformer,
+        max_num_seqs: int,
+        max_model_len: int,
+        top_n: int = 32,
+        step_graphs: str = "auto",
+        max_tokens_per_seq: int = 8,
+    ):
         self.model = model
         self.device = model.lm_head.weight.device
         self.max_model_len = max_model_len
         self.top_n = top_n
         self.cache = model.make_cache(max_num_seqs, max_model_len)
+        # Drafting steps feed 1 token per sequence (after a catch-up of at most k + 1): on GPUs
+        # they replay CUDA graphs like the target's decode steps (engine/graph.py).
+        self.graphs = make_step_graphs(model, self.cache, step_graphs, max_num_seqs, max_tokens_per_seq)
         # seq_id -> (slot, tokens whose KV the slot holds), least recently used first
         self.entries: OrderedDict[str, tuple[int, list[int]]] = OrderedDict()
         self.generators: dict[str, torch.Generator] = {}
@@ -165,6 +177,15 @@ class DraftModelProposer:
 
     def _sample(self, logits: torch.Tensor, reqs: list[DraftRequest]):
         return sample_drafts(logits, reqs, self.top_n, self.generators)
+
+    def _forward(self, feeds: list[list[int]], starts: list[int], slots: list[int]) -> torch.Tensor:
+        """Logits of each feed's last token: a replayed graph when the step fits one."""
+        logits_from = [len(f) - 1 for f in feeds]
+        if self.graphs is not None:
+            logits = self.graphs.forward(feeds, starts, slots, logits_from)
+            if logits is not None:
+                return logits
+        return self.model(build_forward_batch(feeds, starts, slots, logits_from, self.device), self.cache)
 
     @torch.inference_mode()
     def propose(self, requests: list[DraftRequest]) -> DraftProposal:
@@ -201,8 +222,7 @@ class DraftModelProposer:
                 feeds = [[drafted[b][-1]] for b in rows]
                 starts = [len(requests[b].tokens) + i - 1 for b in rows]
                 slots = [slot_of[b] for b in rows]
-            batch = build_forward_batch(feeds, starts, slots, [len(f) - 1 for f in feeds], self.device)
-            logits = self.model(batch, self.cache)  # [len(rows), V]
+            logits = self._forward(feeds, starts, slots)  # [len(rows), V]
             for f, s in zip(feeds, slots):
                 self.cache.advance(s, len(f))
                 self.num_fed_tokens += len(f)
