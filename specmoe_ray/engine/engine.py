@@ -260,6 +260,8 @@ class Engine:
         hidden = None  # [N, D]: final hidden states, for a proposer that reads them (MTP)
         if key is not None:  # a decode/verify step: replay its CUDA graph (engine/graph.py)
             logits = self.graphs.run(key, feeds, starts, slots, logits_from)
+            if self.graphs.hidden:
+                logits, hidden = logits
         else:
             batch = build_forward_batch(feeds, starts, slots, logits_from, self.device)
             if self._wants_hidden:
@@ -337,8 +339,7 @@ class Engine:
     def _graph_key(self, scheduled: list[ScheduledSeq], feeds: list[list[int]]):
         """The CUDA-graph bucket of this step, or None to run it eagerly (prompt chunks in it,
         or larger than any bucket)."""
-        # The graphs return logits only; a proposer that reads hidden states runs eagerly.
-        if self.graphs is None or self._wants_hidden or not all(s.samples for s in scheduled):
+        if self.graphs is None or not all(s.samples for s in scheduled):
             return None
         kv_len = max(s.start + len(f) for s, f in zip(scheduled, feeds))
         return self.graphs.key(len(scheduled), max(len(f) for f in feeds), kv_len)
@@ -349,7 +350,12 @@ class Engine:
             return None
         # One token per sequence to decode, up to k + 1 to verify.
         return make_step_graphs(
-            self.model, self.cache, self.config.step_graphs, self.config.max_num_seqs, self.max_k + 1
+            self.model,
+            self.cache,
+            self.config.step_graphs,
+            self.config.max_num_seqs,
+            self.max_k + 1,
+            hidden=self._wants_hidden,  # an MTP drafter reads the target's hidden states
         )
 
     @property

@@ -36,6 +36,7 @@ from specmoe_ray.models.transformer import ForwardBatch, MoEBlock, Transformer
 log = logging.getLogger(__name__)
 
 MIN_KV_BUCKET = 64
+BLOCKS = 7  # per-token blocks of the metadata buffer (see StepGraphs.__init__)
 
 
 def bucket(n: int, cap: int, floor: int = 1) -> int:
@@ -47,7 +48,7 @@ def bucket(n: int, cap: int, floor: int = 1) -> int:
 
 
 def make_step_graphs(
-    model: Transformer, cache, mode: str, max_batch: int, max_tokens_per_seq: int
+    model: Transformer, cache, mode: str, max_batch: int, max_tokens_per_seq: int, hidden: bool = False
 ) -> StepGraphs | None:
     """Static steps for this model as `mode` says ("auto": CUDA graphs on GPUs, nothing elsewhere;
     "padded": the same static batches, eagerly; "off": none); None where they do not apply."""
@@ -60,14 +61,23 @@ def make_step_graphs(
             if store is not None and not all(e.capturable for e in store.by_layer.values()):
                 log.warning("experts on %s cannot be captured in CUDA graphs: running steps eagerly", device)
                 return None
-    return StepGraphs(model, cache, max_batch, max_tokens_per_seq, capture=mode == "auto")
+    return StepGraphs(model, cache, max_batch, max_tokens_per_seq, capture=mode == "auto", hidden=hidden)
 
 
 class StepGraphs:
     """Captures and replays the forward of uniform decode/verify steps, by bucket."""
 
-    def __init__(self, model: Transformer, cache, max_batch: int, max_tokens_per_seq: int, capture: bool):
+    def __init__(
+        self,
+        model: Transformer,
+        cache,
+        max_batch: int,
+        max_tokens_per_seq: int,
+        capture: bool,
+        hidden: bool = False,
+    ):
         self.model = model
+        self.hidden = hidden  # also return final hidden states (for an MTP drafter)
         self.cache = cache
         self.device = model.lm_head.weight.device
         self.capture = capture and self.device.type == "cuda"
@@ -76,14 +86,18 @@ class StepGraphs:
         self.max_len = cache.max_len
         n_max = max_batch * max_tokens_per_seq
         # Layout of a bucket (B, Tq), N = B * Tq: tokens, positions, write slots, query positions,
-        # token mask, logits rows (N each), then read slots (B).
+        # token mask, logits rows, packed rows (N each; see BLOCKS), then read slots (B).
         self._host = torch.zeros(
-            6 * n_max + max_batch, dtype=torch.long, pin_memory=self.device.type == "cuda"
+            BLOCKS * n_max + max_batch, dtype=torch.long, pin_memory=self.device.type == "cuda"
         )
         self._host_np = self._host.numpy()
         self._copied = torch.cuda.Event() if self.device.type == "cuda" else None
-        self._meta = torch.zeros(6 * n_max + max_batch, dtype=torch.long, device=self.device)
+        self._meta = torch.zeros(BLOCKS * n_max + max_batch, dtype=torch.long, device=self.device)
         self._logits = torch.zeros(n_max, model.args.vocab_size, dtype=torch.float32, device=self.device)
+        dtype = model.lm_head.weight.dtype
+        self._hidden = (
+            torch.zeros(n_max, model.args.hidden_size, dtype=dtype, device=self.device) if hidden else None
+        )
         self._static: dict[tuple[int, int, int], tuple[ForwardBatch, torch.Tensor]] = {}
         self._graphs: dict[tuple[int, int, int], torch.cuda.CUDAGraph] = {}
         self._pool = torch.cuda.graph_pool_handle() if self.capture else None
@@ -117,7 +131,7 @@ class StepGraphs:
             tokens=m[0:N],
             positions=m[N : 2 * N],
             write_slots=m[2 * N : 3 * N],
-            read_slots=m[6 * N : 6 * N + B],
+            read_slots=m[BLOCKS * N : BLOCKS * N + B],
             pad_index=arange,  # packed == padded: every sequence has exactly Tq tokens
             unpad_index=arange,
             query_positions=m[3 * N : 4 * N].view(B, Tq),
@@ -142,11 +156,13 @@ class StepGraphs:
         if self._copied is not None:
             self._copied.synchronize()  # the last step's copy has left the buffer (done already, always)
         h = self._host_np  # numpy view of the pinned buffer: cheap slice writes
-        h[: 6 * N + B] = 0
+        size = BLOCKS * N + B
+        h[:size] = 0
         h[2 * N : 3 * N] = self.cache.scratch_slot  # padded tokens write to the scratch slot
-        h[6 * N : 6 * N + B] = self.cache.scratch_slot  # padded sequences read it
+        h[BLOCKS * N : size] = self.cache.scratch_slot  # padded sequences read it
         last = self.max_len - 1
         rows: list[int] = []
+        packed: list[int] = []
         for b, (toks, start, slot, first) in enumerate(zip(feeds, starts, slots, logits_from)):
             n, base = len(toks), b * Tq
             h[base : base + n] = toks
@@ -155,10 +171,12 @@ class StepGraphs:
             h[2 * N + base : 2 * N + base + n] = slot
             h[3 * N + base : 3 * N + base + Tq] = pos
             h[4 * N + base : 4 * N + base + n] = 1
-            h[6 * N + b] = slot
+            h[BLOCKS * N + b] = slot
             rows.extend(range(base + first, base + n))
+            packed.extend(range(base, base + n))
         h[5 * N : 5 * N + len(rows)] = rows
-        self._meta[: 6 * N + B].copy_(self._host[: 6 * N + B], non_blocking=True)
+        h[6 * N : 6 * N + len(packed)] = packed
+        self._meta[:size].copy_(self._host[:size], non_blocking=True)
         if self._copied is not None:
             self._copied.record()
         return len(rows)
@@ -168,8 +186,11 @@ class StepGraphs:
             backend.token_mask = mask
         try:
             with fused.active():  # compiled norm/rope/combine: fewer kernels in the graph
-                logits = self.model(batch, self.cache)
+                out = self.model(batch, self.cache, return_hidden=self.hidden)
+            logits = out[0] if self.hidden else out
             self._logits[: logits.shape[0]].copy_(logits)
+            if self.hidden:
+                self._hidden[: logits.shape[0]].copy_(out[1])
         finally:
             for backend, _ in self.backends.values():
                 backend.token_mask = None
@@ -202,7 +223,9 @@ class StepGraphs:
         slots: list[int],
         logits_from: list[int],
     ) -> torch.Tensor:
-        """The step's logits `[M, V]`, rows in the order the plain path returns them."""
+        """The step's logits `[M, V]`, rows in the order the plain path returns them; with
+        `hidden`, also the final hidden states of the real tokens `[sum(len(feeds)), D]`, packed
+        in feed order (as `Transformer.forward(..., return_hidden=True)` returns them)."""
         pairs = {i: getattr(b, "num_pairs", 0) for i, (b, _) in self.backends.items()}
         if key not in self._static:
             self._prepare(key)
@@ -219,7 +242,10 @@ class StepGraphs:
             if hasattr(backend, "num_pairs"):
                 backend.num_pairs = pairs[i] + real * num_layers
         N = B * Tq
-        return self._logits[self._meta[5 * N : 5 * N + M]]
+        logits = self._logits[self._meta[5 * N : 5 * N + M]]
+        if not self.hidden:
+            return logits
+        return logits, self._hidden[self._meta[6 * N : 6 * N + sum(len(f) for f in feeds)]]
 
     def forward(
         self, feeds: list[list[int]], starts: list[int], slots: list[int], logits_from: list[int]

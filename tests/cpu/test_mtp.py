@@ -485,6 +485,19 @@ def test_greedy_mtp_equals_target_greedy(mtp_ckpts, name, k):
     assert not engine.proposer.states  # finished sequences released their MTP state
 
 
+def test_greedy_mtp_through_static_steps(mtp_ckpts):
+    """The padded static steps that CUDA graphs replay also hand the MTP drafter the hidden
+    states it needs (packed in feed order): same tokens, same acceptance as the plain path."""
+    path, ref = mtp_ckpts["useful"]
+    plain, plain_stats, _ = _run(path, PROMPTS, draft="mtp", num_speculative_tokens=3, step_graphs="off")
+    padded, padded_stats, engine = _run(
+        path, PROMPTS, draft="mtp", num_speculative_tokens=3, step_graphs="padded"
+    )
+    assert [o.token_ids for o in padded] == [o.token_ids for o in plain] == ref
+    assert engine.graphs.hidden and engine.graphs._static, "the static path never ran"
+    assert padded_stats["acceptance_rate"] == plain_stats["acceptance_rate"] > 0.4
+
+
 @pytest.mark.parametrize("name", ["random", "useful"])
 def test_greedy_mtp_chunked_prefill_joining_requests_and_drafts_match_reference(mtp_ckpts, references, name):
     """Small prefill chunks, requests joining mid-run; every draft the engine verifies is the
