@@ -259,7 +259,7 @@ class Engine:
         key = self._graph_key(scheduled, feeds)
         hidden = None  # [N, D]: final hidden states, for a proposer that reads them (MTP)
         if key is not None:  # a decode/verify step: replay its CUDA graph (engine/graph.py)
-            logits = self.graphs.run(key, feeds, starts, slots, logits_from)
+            logits = self._recovering(lambda: self.graphs.run(key, feeds, starts, slots, logits_from))
             if self.graphs.hidden:
                 logits, hidden = logits
         else:
@@ -345,8 +345,9 @@ class Engine:
         return self.graphs.key(len(scheduled), max(len(f) for f in feeds), kv_len)
 
     def _make_step_graphs(self) -> StepGraphs | None:
-        # Expert shards exchange with a host-side header per layer, which a graph cannot hold yet.
-        if self.shard_group is not None:
+        # With expert shards, static steps exchange fixed-size buffers (moe/dispatch.py) and run
+        # eagerly ("padded"); capturing NCCL exchanges in graphs ("auto") is not validated yet.
+        if self.shard_group is not None and self.config.step_graphs == "auto":
             return None
         # One token per sequence to decode, up to k + 1 to verify.
         return make_step_graphs(
@@ -381,9 +382,13 @@ class Engine:
         Replaying is exact: experts hold no per-request state, KV entries past a sequence's
         recorded length are dead until rewritten, and nothing was sampled yet.
         """
+        return self._recovering(lambda: self.model(batch, self.cache, return_hidden=return_hidden))
+
+    def _recovering(self, forward):
+        """forward(), re-forming the expert shard group and replaying it if the group fails."""
         for attempt in range(self.max_recoveries + 1):
             try:
-                return self.model(batch, self.cache, return_hidden=return_hidden)
+                return forward()
             except Exception as e:
                 if self.shard_group is None or attempt == self.max_recoveries:
                     if self.shard_group is not None:

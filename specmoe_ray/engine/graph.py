@@ -25,6 +25,7 @@ path, GPU tests check graph replay against both.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import numpy as np
@@ -101,14 +102,25 @@ class StepGraphs:
         self._static: dict[tuple[int, int, int], tuple[ForwardBatch, torch.Tensor]] = {}
         self._graphs: dict[tuple[int, int, int], torch.cuda.CUDAGraph] = {}
         self._pool = torch.cuda.graph_pool_handle() if self.capture else None
-        # The MoE backends, with how many layers each serves (to count real (token, expert) pairs).
-        self.backends: dict[int, tuple[object, int]] = {}
-        for layer in model.model.layers:
+        self.backends = self._find_backends()
+        self.num_replays = 0
+
+    def _find_backends(self) -> dict[int, tuple[object, int]]:
+        """The MoE backends, with how many layers each serves (to count real (token, expert) pairs)."""
+        backends: dict[int, tuple[object, int]] = {}
+        for layer in self.model.model.layers:
             if isinstance(layer.mlp, MoEBlock) and layer.mlp.backend is not None:
                 backend = layer.mlp.backend
-                n = self.backends.get(id(backend), (backend, 0))[1]
-                self.backends[id(backend)] = (backend, n + 1)
-        self.num_replays = 0
+                backends[id(backend)] = (backend, backends.get(id(backend), (backend, 0))[1] + 1)
+        return backends
+
+    def _check_backends(self) -> None:
+        """A re-formed shard group is a new backend: graphs captured with the old one are dropped."""
+        current = self._find_backends()
+        if current.keys() != self.backends.keys():
+            self.backends = current
+            self._static.clear()
+            self._graphs.clear()
 
     @property
     def num_graphs(self) -> int:
@@ -185,7 +197,12 @@ class StepGraphs:
         for backend, _ in self.backends.values():
             backend.token_mask = mask
         try:
-            with fused.active():  # compiled norm/rope/combine: fewer kernels in the graph
+            with contextlib.ExitStack() as stack:
+                stack.enter_context(fused.active())  # compiled norm/rope/combine: fewer kernels
+                top_k = self.model.args.num_experts_per_tok
+                for backend, _ in self.backends.values():
+                    if hasattr(backend, "static_step"):  # expert shards: fixed-size exchanges
+                        stack.enter_context(backend.static_step(mask.shape[0], top_k))
                 out = self.model(batch, self.cache, return_hidden=self.hidden)
             logits = out[0] if self.hidden else out
             self._logits[: logits.shape[0]].copy_(logits)
@@ -226,6 +243,7 @@ class StepGraphs:
         """The step's logits `[M, V]`, rows in the order the plain path returns them; with
         `hidden`, also the final hidden states of the real tokens `[sum(len(feeds)), D]`, packed
         in feed order (as `Transformer.forward(..., return_hidden=True)` returns them)."""
+        self._check_backends()
         pairs = {i: getattr(b, "num_pairs", 0) for i, (b, _) in self.backends.items()}
         if key not in self._static:
             self._prepare(key)

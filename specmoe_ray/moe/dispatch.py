@@ -14,12 +14,20 @@ Two backends with one interface, `backend(layer, x [T, D], expert_ids [T, A]) ->
   (shard, expert), stably, so an expert sees the same rows in the same order whatever the
   placement: shard count never changes results.
 
+- Static steps (`DistributedDispatch.static_step(num_tokens)`, what CUDA graphs replay): one
+  header for the whole forward, [OP_STATIC, C], then for every MoE layer, in order, the same two
+  all_to_alls with *fixed* split sizes: C = num_tokens * top_k rows to each shard, unused rows
+  marked with expert id -1. No host sync and no per-layer header, so the exchange has static
+  shapes (capturable); it sends up to S times the rows the dynamic exchange does, which is
+  nothing at decode sizes. Each expert still sees its rows in (shard, expert) order.
+
 Every rank must issue the same collectives in the same order, so one lock serialises all
 of rank 0's exchanges (the engine loop's, and the idle heartbeat's).
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 
@@ -29,7 +37,7 @@ import torch.distributed as dist
 from specmoe_ray.moe.experts import ExpertStore
 from specmoe_ray.moe.placement import PlacementPlan
 
-OP_STOP, OP_EXPERTS, OP_PING = 0, 1, 2
+OP_STOP, OP_EXPERTS, OP_PING, OP_STATIC = 0, 1, 2, 3
 
 
 def pack_rows(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -122,13 +130,30 @@ class DistributedDispatch:
         self.exchanges: dict[int, int] = {}  # per layer
         self.lock = threading.Lock()
         self.last_exchange = time.monotonic()
-        self.tokens_per_shard = [0] * plan.num_shards  # (token, expert) pairs sent, cumulative
+        self._tokens_per_shard = [0] * plan.num_shards  # pairs sent by dynamic exchanges, cumulative
+        # Static steps (`static_step`): fixed-capacity exchanges, counters kept on the device.
+        self._capacity: int | None = None
+        self._rotation: dict[int, torch.Tensor] = {}  # layer -> exchanges so far (replica rotation)
+        self._shard_pairs: dict[int, torch.Tensor] = {}  # layer -> [S] pairs sent, cumulative
+        self._ranks = torch.arange(1, plan.num_shards + 1, device=self.device)
+        self._static_headers: dict[int, torch.Tensor] = {}
+        self.token_mask: torch.Tensor | None = None  # [T] 0/1 during padded static steps
 
     def _header(self, op: int, layer: int = 0, counts: list[int] | None = None) -> torch.Tensor:
         header = [op, layer] + (counts or [0] * (self.world_size - 1))
         return torch.tensor(header, dtype=torch.long, device=self.device)
 
+    @property
+    def tokens_per_shard(self) -> list[int]:
+        """(token, expert) pairs sent to each shard, cumulative (dynamic and static exchanges)."""
+        static = [0] * self.plan.num_shards
+        for counts in self._shard_pairs.values():
+            static = [a + b for a, b in zip(static, counts.tolist())]
+        return [a + b for a, b in zip(self._tokens_per_shard, static)]
+
     def __call__(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
+        if self._capacity is not None:
+            return self._static_exchange(layer, x, expert_ids)
         T, A = expert_ids.shape
         D = x.shape[-1]
         flat_ids = expert_ids.reshape(-1)  # [T*A]
@@ -155,9 +180,63 @@ class DistributedDispatch:
             dist.all_to_all_single(results, pairs.new_empty(0, D), send_splits, zeros)
             self.last_exchange = time.monotonic()
         for s, c in enumerate(counts):
-            self.tokens_per_shard[s] += c
+            self._tokens_per_shard[s] += c
         y = torch.empty_like(results)
         y[order] = results
+        return y.view(T, A, D)
+
+    @contextlib.contextmanager
+    def static_step(self, num_tokens: int, top_k: int):
+        """Within this block (one forward of `num_tokens` tokens), every layer's exchange has
+        fixed split sizes. Holds the exchange lock throughout: no heartbeat between layers."""
+        capacity = num_tokens * top_k
+        header = self._static_headers.get(capacity)
+        if header is None:  # made outside any graph capture (a warm-up always runs first)
+            header = self._static_headers[capacity] = self._header(OP_STATIC, capacity)
+        with self.lock:
+            dist.broadcast(header, src=0)
+            self._capacity = capacity
+            try:
+                yield
+            finally:
+                self._capacity = None
+                self.last_exchange = time.monotonic()
+
+    def _static_exchange(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
+        T, A = expert_ids.shape
+        D, S, C, n = x.shape[-1], self.plan.num_shards, self._capacity, T * A
+        if n > C:
+            raise ValueError(f"static step sized for {C} (token, expert) pairs got {n}")
+        flat_ids = expert_ids.reshape(-1)
+        self.load.record(layer, flat_ids, self.token_mask)
+        # Replica rotation as in the dynamic path, counted on the device (a graph replays it).
+        counter = self._rotation.setdefault(layer, torch.zeros((), dtype=torch.long, device=x.device))
+        counter.add_(1)
+        position = torch.arange(n, device=x.device) // A + counter
+        owner = self.owner_table[layer][flat_ids, position % self.num_replicas[layer][flat_ids]]
+        order = torch.argsort(owner * self.plan.num_experts + flat_ids, stable=True)
+        sorted_owner = owner[order]  # ranks 1..S, ascending
+        # Row of each pair in the [S * C] send buffer: its shard's block, then its rank there.
+        first = torch.searchsorted(sorted_owner, self._ranks)  # [S] first sorted pair of each shard
+        slot = (sorted_owner - 1) * C + torch.arange(n, device=x.device) - first[sorted_owner - 1]
+        rows = x.new_zeros(S * C, D)
+        rows[slot] = x[order // A]
+        counts = self._shard_pairs.setdefault(layer, torch.zeros(S, dtype=torch.long, device=x.device))
+        ids = flat_ids.new_full((S * C,), -1)
+        if self.token_mask is None:
+            ids[slot] = flat_ids[order]
+            counts.scatter_add_(0, sorted_owner - 1, torch.ones_like(sorted_owner))
+        else:  # padding tokens' pairs travel with id -1: shards skip them
+            weight = self.token_mask.long().repeat_interleave(A)[order]
+            ids[slot] = torch.where(weight > 0, flat_ids[order], -1)
+            counts.scatter_add_(0, sorted_owner - 1, weight)
+        payload = pack_rows(rows, ids)
+        splits, zeros = [0] + [C] * S, [0] * self.world_size
+        dist.all_to_all_single(payload.new_empty(0, payload.shape[1]), payload, zeros, splits)
+        results = rows.new_empty(S * C, D)
+        dist.all_to_all_single(results, rows.new_empty(0, D), splits, zeros)
+        y = torch.empty(n, D, dtype=results.dtype, device=x.device)
+        y[order] = results[slot]
         return y.view(T, A, D)
 
     def ping(self) -> None:
@@ -171,25 +250,44 @@ class DistributedDispatch:
             dist.broadcast(self._header(OP_STOP), src=0)
 
 
-def serve_experts(store: ExpertStore, rank: int, world_size: int, hidden_size: int, dtype, device) -> int:
-    """A shard's loop: answer rank 0's exchanges until OP_STOP. Returns the number served."""
+def serve_experts(
+    store: ExpertStore, rank: int, world_size: int, hidden_size: int, dtype, device, layers=None
+) -> int:
+    """A shard's loop: answer rank 0's exchanges until OP_STOP. Returns the number served.
+
+    layers: every MoE layer of the model, in forward order (static steps exchange at each one,
+    also where this shard holds no expert); default: the layers this shard holds."""
     device = torch.device(device)
+    layers = sorted(store.held()) if layers is None else list(layers)
     header = torch.empty(world_size + 1, dtype=torch.long, device=device)
     zeros = [0] * world_size
     row_bytes = hidden_size * torch.empty(0, dtype=dtype).element_size() + 8
-    served = 0
-    while True:
-        dist.broadcast(header, src=0)
-        op, layer, *counts = header.tolist()
-        if op == OP_STOP:
-            return served
-        if op == OP_PING:
-            continue
-        n = counts[rank - 1]
+
+    def exchange(layer: int, n: int, static: bool) -> None:
         recv_splits = [n] + [0] * (world_size - 1)
         payload = torch.empty(n, row_bytes, dtype=torch.uint8, device=device)
         dist.all_to_all_single(payload, payload.new_empty(0, row_bytes), recv_splits, zeros)
         x, ids = unpack_rows(payload, hidden_size, dtype)
-        y = store(layer, x, ids) if n else x
+        if static:  # compute the rows in use; unused ones (id -1) go back as they came
+            y = x.clone()
+            used = (ids >= 0).nonzero()[:, 0]
+            if used.numel():
+                y[used] = store(layer, x[used], ids[used])
+        else:
+            y = store(layer, x, ids) if n else x
         dist.all_to_all_single(y.new_empty(0, hidden_size), y.contiguous(), zeros, recv_splits)
+
+    served = 0
+    while True:
+        dist.broadcast(header, src=0)
+        op, arg, *counts = header.tolist()
+        if op == OP_STOP:
+            return served
+        if op == OP_PING:
+            continue
+        if op == OP_STATIC:  # one forward: every MoE layer, `arg` rows each
+            for layer in layers:
+                exchange(layer, arg, static=True)
+        else:
+            exchange(arg, counts[rank - 1], static=False)
         served += 1

@@ -101,7 +101,13 @@ class ExpertShard:
         )
         try:
             self.served = serve_experts(
-                self.store, self.rank, self.world_size, self.args.hidden_size, self.dtype, self.device
+                self.store,
+                self.rank,
+                self.world_size,
+                self.args.hidden_size,
+                self.dtype,
+                self.device,
+                layers=sorted(self.args.moe_layers),
             )
         finally:
             dist.destroy_process_group()

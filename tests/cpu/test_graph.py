@@ -92,3 +92,50 @@ def test_padded_steps_with_mla_and_long_contexts(tmp_path):
 def test_step_graphs_setting_is_checked(checkpoints):
     with pytest.raises(ValueError, match="step_graphs must be"):
         Engine.from_pretrained(checkpoints("qwen3_moe"), step_graphs="always")
+
+
+def test_static_exchange_with_shards_replicas_and_a_killed_shard(ray_cluster, checkpoints):
+    """Padded static steps over 2 expert shards (one header per forward, fixed-size all_to_alls):
+    tokens equal transformers' through a re-placement onto replicated experts and a killed
+    shard (re-formed, step replayed); every routed pair is computed exactly once, padding never."""
+    import ray
+    from test_shards import pinned
+
+    from specmoe_ray.models.loader import read_config
+    from specmoe_ray.moe.placement import PlacementPlan
+
+    path = checkpoints("qwen3_moe")
+    args, _ = read_config(path)
+    ref = hf_greedy(path, RAGGED, NEW)
+    # Every expert on both shards: each expert's pairs alternate between its replicas.
+    owner = {layer: tuple((0, 1) for _ in range(args.num_experts)) for layer in args.moe_layers}
+    replicated = PlacementPlan(2, args.num_experts, owner)
+    opts = pinned(2, collective_timeout_s=20)
+    with Engine.from_pretrained(
+        path, num_shards=2, draft="ngram", step_graphs="padded", max_model_len=128, shard_options=opts
+    ) as engine:
+        ids = [engine.add_request(p, GREEDY) for p in RAGGED]
+        done, step = {}, 0
+        while len(done) < len(ids):
+            step += 1
+            if step == 3:
+                engine.reshard(plan=replicated)
+            if step == 6:
+                ray.kill(engine.shard_group.actors[1], no_restart=True)
+            for out in engine.step():
+                if out.finished:
+                    done[out.request_id] = out.token_ids
+        stats = engine.stats()
+        routed = engine.shard_group.dispatch.load.snapshot()
+        computed = engine.shard_group.computed_counts()
+        assert engine.graphs._static, "no static step ran"
+    assert [done[i] for i in ids] == ref
+    assert stats["num_recoveries"] == 1
+    # Counters restart with each group: after the last re-form, replicas split each expert's pairs.
+    assert sum(stats["expert_tokens_per_shard"]) == sum(sum(c) for c in routed.values())
+    for layer in args.moe_layers:
+        for e in range(args.num_experts):
+            per_replica = [c.get(layer, [0] * args.num_experts)[e] for c in computed]
+            assert sum(per_replica) == routed[layer][e], (layer, e)
+            if routed[layer][e] >= 4:
+                assert all(n > 0 for n in per_replica), (layer, e, per_replica)
