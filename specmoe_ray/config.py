@@ -108,6 +108,11 @@ class ShardsConfig(_Strict):
     collective_timeout_s: float = Field(
         120.0, gt=0, description="Join the process group; any one collective."
     )
+    local_shard: bool = Field(
+        False,
+        description="Shard 0 lives in the verifier's process, on its device: num_shards GPUs in all, "
+        "the verifier's included, hold experts (num_shards - 1 actors).",
+    )
     autoscale: ShardAutoscale | None = Field(
         None, description="Scale shards with measured load; num_shards is where it starts."
     )

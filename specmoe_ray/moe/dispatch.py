@@ -3,10 +3,12 @@
 Two backends with one interface, `backend(layer, x [T, D], expert_ids [T, A]) -> [T, A, D]`:
 
 - `LoopbackDispatch`: every expert in this process (num_shards = 0).
-- `DistributedDispatch`: rank 0 (the engine) drives a `torch.distributed` group whose ranks
-  1..S are expert shards; NCCL on GPUs, gloo on CPUs, the same code. Per MoE layer call:
+- `DistributedDispatch`: rank 0 (the engine) drives a `torch.distributed` group whose other
+  ranks are expert shards; NCCL on GPUs, gloo on CPUs, the same code. Rank 0 may hold the plan's
+  shard 0 itself (`local_store`: the engine's GPU serves experts too), and then takes part in
+  each exchange like a shard, its own rows travelling to itself. Per MoE layer call:
 
-      broadcast  header [op, layer, n_1 .. n_S]        (rank 0 -> all)
+      broadcast  header [op, layer, n_0 .. n_S]        (rank 0 -> all; rows per rank)
       all_to_all rows + ids  rank 0 -> shard s: n_s rows [n_s, D] with their expert ids, as bytes
       all_to_all results     shard s -> rank 0: [n_s, D]
 
@@ -108,20 +110,35 @@ class LoopbackDispatch:
 
 
 class DistributedDispatch:
-    """Rank 0's side of the expert exchange over the default process group."""
+    """Rank 0's side of the expert exchange over the default process group.
 
-    def __init__(self, plan: PlacementPlan, hidden_size: int, dtype: torch.dtype, device: torch.device):
+    local_store: rank 0's own experts (the plan's shard 0), when the engine's device holds
+    experts too; then shard s is rank s and rank 0 takes part in every exchange like a shard
+    (its rows travel to itself inside the same all_to_alls). Without it, shard s is rank s + 1.
+    """
+
+    def __init__(
+        self,
+        plan: PlacementPlan,
+        hidden_size: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        local_store: ExpertStore | None = None,
+    ):
         self.plan = plan
-        self.world_size = plan.num_shards + 1
+        self.local = local_store
+        self.first_rank = 0 if local_store is not None else 1  # rank of shard 0
+        self.world_size = plan.num_shards + self.first_rank
         self.hidden_size = hidden_size
         self.dtype = dtype
         self.device = torch.device(device)
-        # owner_table[layer] = [E, R] ranks (1-based) of each expert's replicas, padded by
-        # repeating the first; num_replicas[layer] = [E]
+        # owner_table[layer] = [E, R] ranks of each expert's replicas, padded by repeating the
+        # first; num_replicas[layer] = [E]
         self.owner_table, self.num_replicas = {}, {}
+        r0 = self.first_rank
         for layer, row in plan.owner.items():
             R = max(len(shards) for shards in row)
-            table = [[s + 1 for s in shards] + [shards[0] + 1] * (R - len(shards)) for shards in row]
+            table = [[s + r0 for s in shards] + [shards[0] + r0] * (R - len(shards)) for shards in row]
             self.owner_table[layer] = torch.tensor(table, dtype=torch.long, device=self.device)
             self.num_replicas[layer] = torch.tensor(
                 [len(s) for s in row], dtype=torch.long, device=self.device
@@ -135,13 +152,30 @@ class DistributedDispatch:
         self._capacity: int | None = None
         self._rotation: dict[int, torch.Tensor] = {}  # layer -> exchanges so far (replica rotation)
         self._shard_pairs: dict[int, torch.Tensor] = {}  # layer -> [S] pairs sent, cumulative
-        self._ranks = torch.arange(1, plan.num_shards + 1, device=self.device)
+        self._ranks = torch.arange(r0, plan.num_shards + r0, device=self.device)  # rank of each shard
         self._static_headers: dict[int, torch.Tensor] = {}
         self.token_mask: torch.Tensor | None = None  # [T] 0/1 during padded static steps
 
-    def _header(self, op: int, layer: int = 0, counts: list[int] | None = None) -> torch.Tensor:
-        header = [op, layer] + (counts or [0] * (self.world_size - 1))
+    def _header(self, op: int, arg: int = 0, counts: list[int] | None = None) -> torch.Tensor:
+        """[op, arg, rows for rank 0 .. world - 1]."""
+        header = [op, arg] + (counts or [0] * self.world_size)
         return torch.tensor(header, dtype=torch.long, device=self.device)
+
+    def _compute_local(self, layer: int, x: torch.Tensor, ids: torch.Tensor, static: bool) -> torch.Tensor:
+        """Rank 0's own rows (shard 0). Static: rows with id -1 are padding; they are computed
+        with some held expert (fixed shapes) and returned unused, but never counted."""
+        experts = self.local.by_layer[str(layer)] if str(layer) in self.local.by_layer else None  # noqa: SIM401
+        if experts is None or x.shape[0] == 0:
+            return x  # no rows can be routed here
+        if not static:
+            return self.local(layer, x, ids)
+        valid = ids >= 0
+        held = ids.new_tensor(experts.expert_ids[0])
+        counts = self.local.computed.setdefault(
+            layer, torch.zeros(experts.to_local.shape[0], dtype=torch.long, device=x.device)
+        )
+        counts.scatter_add_(0, torch.where(valid, ids, held), valid.long())
+        return experts(x, torch.where(valid, ids, held))
 
     @property
     def tokens_per_shard(self) -> list[int]:
@@ -167,19 +201,24 @@ class DistributedDispatch:
         owner = self.owner_table[layer][flat_ids, replica]  # [T*A] rank per pair
         order = torch.argsort(owner * self.plan.num_experts + flat_ids, stable=True)
         # One host sync per layer: the split sizes are the header's payload.
-        counts = torch.bincount(owner, minlength=self.world_size)[1:].tolist()
-        pairs = x[order // A]  # [T*A, D] rows sorted by (shard, expert)
+        counts = torch.bincount(owner, minlength=self.world_size).tolist()  # rows per rank
+        pairs = x[order // A]  # [T*A, D] rows sorted by (rank, expert)
         sorted_ids = flat_ids[order]
-        zeros = [0] * self.world_size
-        send_splits = [0, *counts]
+        mine = [counts[0]] + [0] * (self.world_size - 1)  # rank 0 receives only its own rows
         payload = pack_rows(pairs, sorted_ids)  # rows and their expert ids travel in one exchange
         with self.lock:
             dist.broadcast(self._header(OP_EXPERTS, layer, counts), src=0)
-            dist.all_to_all_single(payload.new_empty(0, payload.shape[1]), payload, zeros, send_splits)
+            received = payload.new_empty(counts[0], payload.shape[1])
+            dist.all_to_all_single(received, payload, mine, counts)
+            if self.local is not None:
+                rx, rids = unpack_rows(received, D, x.dtype)
+                own = self._compute_local(layer, rx, rids, static=False)
+            else:
+                own = pairs.new_empty(0, D)
             results = pairs.new_empty(T * A, D)
-            dist.all_to_all_single(results, pairs.new_empty(0, D), send_splits, zeros)
+            dist.all_to_all_single(results, own.contiguous(), counts, mine)
             self.last_exchange = time.monotonic()
-        for s, c in enumerate(counts):
+        for s, c in enumerate(counts[self.first_rank :]):
             self._tokens_per_shard[s] += c
         y = torch.empty_like(results)
         y[order] = results
@@ -215,26 +254,33 @@ class DistributedDispatch:
         position = torch.arange(n, device=x.device) // A + counter
         owner = self.owner_table[layer][flat_ids, position % self.num_replicas[layer][flat_ids]]
         order = torch.argsort(owner * self.plan.num_experts + flat_ids, stable=True)
-        sorted_owner = owner[order]  # ranks 1..S, ascending
+        shard = owner[order] - self.first_rank  # shard of each sorted pair, ascending
         # Row of each pair in the [S * C] send buffer: its shard's block, then its rank there.
-        first = torch.searchsorted(sorted_owner, self._ranks)  # [S] first sorted pair of each shard
-        slot = (sorted_owner - 1) * C + torch.arange(n, device=x.device) - first[sorted_owner - 1]
+        first = torch.searchsorted(shard, self._ranks - self.first_rank)  # [S] first pair of each shard
+        slot = shard * C + torch.arange(n, device=x.device) - first[shard]
         rows = x.new_zeros(S * C, D)
         rows[slot] = x[order // A]
         counts = self._shard_pairs.setdefault(layer, torch.zeros(S, dtype=torch.long, device=x.device))
         ids = flat_ids.new_full((S * C,), -1)
         if self.token_mask is None:
             ids[slot] = flat_ids[order]
-            counts.scatter_add_(0, sorted_owner - 1, torch.ones_like(sorted_owner))
+            counts.scatter_add_(0, shard, torch.ones_like(shard))
         else:  # padding tokens' pairs travel with id -1: shards skip them
             weight = self.token_mask.long().repeat_interleave(A)[order]
             ids[slot] = torch.where(weight > 0, flat_ids[order], -1)
-            counts.scatter_add_(0, sorted_owner - 1, weight)
+            counts.scatter_add_(0, shard, weight)
         payload = pack_rows(rows, ids)
-        splits, zeros = [0] + [C] * S, [0] * self.world_size
-        dist.all_to_all_single(payload.new_empty(0, payload.shape[1]), payload, zeros, splits)
+        splits = [0] * self.first_rank + [C] * S  # rows to each rank (rank 0 too when it holds shard 0)
+        mine = [C if self.local is not None else 0] + [0] * (self.world_size - 1)
+        received = payload.new_empty(mine[0], payload.shape[1])
+        dist.all_to_all_single(received, payload, mine, splits)
+        if self.local is not None:
+            rx, rids = unpack_rows(received, D, x.dtype)
+            own = self._compute_local(layer, rx, rids, static=True)
+        else:
+            own = rows.new_empty(0, D)
         results = rows.new_empty(S * C, D)
-        dist.all_to_all_single(results, rows.new_empty(0, D), splits, zeros)
+        dist.all_to_all_single(results, own.contiguous(), splits, mine)
         y = torch.empty(n, D, dtype=results.dtype, device=x.device)
         y[order] = results[slot]
         return y.view(T, A, D)
@@ -259,12 +305,12 @@ def serve_experts(
     also where this shard holds no expert); default: the layers this shard holds."""
     device = torch.device(device)
     layers = sorted(store.held()) if layers is None else list(layers)
-    header = torch.empty(world_size + 1, dtype=torch.long, device=device)
+    header = torch.empty(world_size + 2, dtype=torch.long, device=device)  # [op, arg, rows per rank]
     zeros = [0] * world_size
     row_bytes = hidden_size * torch.empty(0, dtype=dtype).element_size() + 8
 
     def exchange(layer: int, n: int, static: bool) -> None:
-        recv_splits = [n] + [0] * (world_size - 1)
+        recv_splits = [n] + [0] * (world_size - 1)  # everything comes from (and goes back to) rank 0
         payload = torch.empty(n, row_bytes, dtype=torch.uint8, device=device)
         dist.all_to_all_single(payload, payload.new_empty(0, row_bytes), recv_splits, zeros)
         x, ids = unpack_rows(payload, hidden_size, dtype)
@@ -289,5 +335,5 @@ def serve_experts(
             for layer in layers:
                 exchange(layer, arg, static=True)
         else:
-            exchange(arg, counts[rank - 1], static=False)
+            exchange(arg, counts[rank], static=False)
         served += 1

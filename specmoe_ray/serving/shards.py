@@ -42,6 +42,10 @@ class ShardOptions:
     startup_timeout_s: float = 120.0  # reserve resources + start actors + load experts
     collective_timeout_s: float = 120.0  # joining the process group, and any one collective
     heartbeat_interval_s: float | None = None  # None: collective_timeout_s / 4
+    # Shard 0 of the plan lives in the engine's process, on its device: with S shards on S GPUs
+    # every GPU, the engine's included, holds experts (S - 1 actors). Default: S actors, the
+    # engine's device holds none.
+    local_shard: bool = False
 
 
 def _free_port() -> int:
@@ -138,7 +142,15 @@ class ShardGroup:
 
     @property
     def world_size(self) -> int:
-        return self.plan.num_shards + 1
+        return self.plan.num_shards + (0 if self.options.local_shard else 1)
+
+    @property
+    def remote_shards(self) -> range:
+        """Shards run by actors (all of them, or all but shard 0 when it is local)."""
+        return range(1 if self.options.local_shard else 0, self.plan.num_shards)
+
+    def rank_of(self, shard: int) -> int:
+        return shard if self.options.local_shard else shard + 1
 
     def start(self) -> DistributedDispatch:
         if dist.is_initialized():
@@ -162,13 +174,16 @@ class ShardGroup:
         opt = self.options
         num_gpus = opt.num_gpus if opt.num_gpus is not None else (1 if self.device == "cuda" else 0)
         bundles = []
-        for s in range(self.plan.num_shards):
+        for s in self.remote_shards:
             bundle = {"CPU": opt.num_cpus, **opt.resources}
             if num_gpus:
                 bundle["GPU"] = num_gpus
             if opt.bundle_resources:
                 bundle.update(opt.bundle_resources[s % len(opt.bundle_resources)])
             bundles.append({k: v for k, v in bundle.items() if v})
+        self.shard_info = []
+        if not bundles:  # one local shard and no actor
+            return
         self.pg = placement_group(bundles, strategy=opt.strategy)
         ready, _ = ray.wait([self.pg.ready()], timeout=opt.startup_timeout_s)
         if not ready:
@@ -178,31 +193,31 @@ class ShardGroup:
                 f"cluster resources available: {ray.available_resources()}"
             )
         dtype_name = str(self.dtype).removeprefix("torch.")
-        for s in range(self.plan.num_shards):
+        for i, s in enumerate(self.remote_shards):
             actor = ExpertShard.options(
-                num_cpus=bundles[s].get("CPU", 0),
-                num_gpus=bundles[s].get("GPU", 0),
+                num_cpus=bundles[i].get("CPU", 0),
+                num_gpus=bundles[i].get("GPU", 0),
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
-                    placement_group=self.pg, placement_group_bundle_index=s
+                    placement_group=self.pg, placement_group_bundle_index=i
                 ),
                 name=None,
-            ).remote(self.path, self.plan.experts_of(s), s + 1, self.world_size, dtype_name, self.device)
+            ).remote(
+                self.path, self.plan.experts_of(s), self.rank_of(s), self.world_size, dtype_name, self.device
+            )
             self.actors.append(actor)
-        self.shard_info = []
         deadline = time.monotonic() + opt.startup_timeout_s
-        for s, actor in enumerate(self.actors):
+        for s, actor in zip(self.remote_shards, self.actors):
             remaining = max(0.1, deadline - time.monotonic())
+            where = f"expert shard {s} (rank {self.rank_of(s)})"
             try:
                 info = ray.get(actor.info.remote(), timeout=remaining)
             except ray.exceptions.GetTimeoutError as e:
-                raise ShardStartupError(
-                    f"expert shard {s} (rank {s + 1}) did not start within {opt.startup_timeout_s:g}s"
-                ) from e
+                raise ShardStartupError(f"{where} did not start within {opt.startup_timeout_s:g}s") from e
             except ray.exceptions.RayActorError as e:
                 cause = e.cause if getattr(e, "cause", None) is not None else e
-                raise ShardStartupError(f"expert shard {s} (rank {s + 1}) failed to start: {cause}") from e
+                raise ShardStartupError(f"{where} failed to start: {cause}") from e
             if "error" in info:
-                raise ShardStartupError(f"expert shard {s} (rank {s + 1}) failed to start: {info['error']}")
+                raise ShardStartupError(f"{where} failed to start: {info['error']}")
             self.shard_info.append(info)
 
     def _join(self) -> None:
@@ -233,7 +248,29 @@ class ShardGroup:
         device = (
             torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
         )
-        self.dispatch = DistributedDispatch(self.plan, self.hidden_size, self.dtype, device)
+        self.dispatch = DistributedDispatch(
+            self.plan, self.hidden_size, self.dtype, device, self._load_local(device)
+        )
+
+    def _load_local(self, device: torch.device):
+        """Shard 0's experts, in this process, when the options make shard 0 local."""
+        if not self.options.local_shard:
+            return None
+        from specmoe_ray.models.loader import load_experts
+
+        store = load_experts(self.path, self.plan.experts_of(0), dtype=self.dtype, device=str(device))
+        self.shard_info.insert(
+            0,
+            {
+                "rank": 0,
+                "node_id": ray.get_runtime_context().get_node_id(),
+                "pid": os.getpid(),
+                "num_parameters": store.num_parameters(),
+                "held": store.held(),
+                "local": True,
+            },
+        )
+        return store
 
     def _failed_shards(self) -> str:
         done, _ = ray.wait(self.serve_refs, num_returns=len(self.serve_refs), timeout=0)
@@ -268,7 +305,11 @@ class ShardGroup:
 
     def computed_counts(self) -> list[dict[int, list[int]]]:
         """Per shard: pairs computed per (layer, expert); shows how replicas split a hot expert."""
-        return ray.get([a.computed.remote() for a in self.actors], timeout=self.options.collective_timeout_s)
+        remote = ray.get(
+            [a.computed.remote() for a in self.actors], timeout=self.options.collective_timeout_s
+        )
+        local = self.dispatch.local if self.dispatch is not None else None
+        return ([local.computed_counts()] if local is not None else []) + remote
 
     def stats(self) -> dict[str, Any]:
         return {

@@ -95,6 +95,7 @@ def build_engine(cfg: ServeConfig, draft_pool=None) -> Engine:
         bundle_resources=s.bundle_resources,
         startup_timeout_s=s.startup_timeout_s,
         collective_timeout_s=s.collective_timeout_s,
+        local_shard=s.local_shard,
     )
     draft, proposer = cfg.model.draft, None
     if draft not in (None, "ngram"):

@@ -94,10 +94,12 @@ def test_step_graphs_setting_is_checked(checkpoints):
         Engine.from_pretrained(checkpoints("qwen3_moe"), step_graphs="always")
 
 
-def test_static_exchange_with_shards_replicas_and_a_killed_shard(ray_cluster, checkpoints):
+@pytest.mark.parametrize("local_shard", [False, True])
+def test_static_exchange_with_shards_replicas_and_a_killed_shard(ray_cluster, checkpoints, local_shard):
     """Padded static steps over 2 expert shards (one header per forward, fixed-size all_to_alls):
     tokens equal transformers' through a re-placement onto replicated experts and a killed
-    shard (re-formed, step replayed); every routed pair is computed exactly once, padding never."""
+    shard (re-formed, step replayed); every routed pair is computed exactly once, padding never.
+    local_shard: shard 0 is the engine's own process (rank 0 serves experts too)."""
     import ray
     from test_shards import pinned
 
@@ -111,6 +113,7 @@ def test_static_exchange_with_shards_replicas_and_a_killed_shard(ray_cluster, ch
     owner = {layer: tuple((0, 1) for _ in range(args.num_experts)) for layer in args.moe_layers}
     replicated = PlacementPlan(2, args.num_experts, owner)
     opts = pinned(2, collective_timeout_s=20)
+    opts.local_shard = local_shard
     with Engine.from_pretrained(
         path, num_shards=2, draft="ngram", step_graphs="padded", max_model_len=128, shard_options=opts
     ) as engine:
@@ -121,7 +124,7 @@ def test_static_exchange_with_shards_replicas_and_a_killed_shard(ray_cluster, ch
             if step == 3:
                 engine.reshard(plan=replicated)
             if step == 6:
-                ray.kill(engine.shard_group.actors[1], no_restart=True)
+                ray.kill(engine.shard_group.actors[-1], no_restart=True)
             for out in engine.step():
                 if out.finished:
                     done[out.request_id] = out.token_ids
@@ -129,6 +132,8 @@ def test_static_exchange_with_shards_replicas_and_a_killed_shard(ray_cluster, ch
         routed = engine.shard_group.dispatch.load.snapshot()
         computed = engine.shard_group.computed_counts()
         assert engine.graphs._static, "no static step ran"
+        assert len(engine.shard_group.actors) == (1 if local_shard else 2)
+        assert [info.get("local", False) for info in stats["shards"]["shards"]] == [local_shard, False]
     assert [done[i] for i in ids] == ref
     assert stats["num_recoveries"] == 1
     # Counters restart with each group: after the last re-form, replicas split each expert's pairs.

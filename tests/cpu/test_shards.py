@@ -65,6 +65,26 @@ def test_shard_counts_give_identical_tokens(ray_cluster, checkpoints, arch):
                 ray.get(actors[0].info.remote(), timeout=30)
 
 
+@pytest.mark.parametrize("num_shards", [1, 3])
+def test_local_shard_serves_experts_from_the_engine_process(ray_cluster, checkpoints, num_shards):
+    """Shard 0 in the engine's process (rank 0 exchanges with itself inside the all_to_alls):
+    same tokens as transformers, one actor fewer, and each shard computes what was sent to it."""
+    path = checkpoints("qwen2_moe")
+    ref = hf_greedy(path, PROMPTS, NEW)
+    opts = pinned(num_shards)
+    opts.local_shard = True
+    with Engine.from_pretrained(
+        path, num_shards=num_shards, draft="ngram", max_model_len=128, shard_options=opts
+    ) as engine:
+        got = [o.token_ids for o in engine.generate(PROMPTS, GREEDY)]
+        sent = engine.stats()["expert_tokens_per_shard"]
+        computed = engine.shard_group.computed_counts()
+        assert len(engine.shard_group.actors) == num_shards - 1
+    assert got == ref
+    assert [sum(sum(c) for c in shard.values()) for shard in computed] == sent
+    assert all(n > 0 for n in sent)
+
+
 def test_idle_group_survives_past_collective_timeout(ray_cluster, checkpoints):
     """The heartbeat keeps idle shards' collectives inside their timeout."""
     import time
@@ -211,7 +231,8 @@ def test_autoscaler_adds_shards_under_load(ray_cluster, checkpoints):
         stats = engine.stats()
         decisions = [d.reason for d in engine.autoscaler.decisions]
     assert outs == ref * 2
-    assert stats["num_rescales"] == 1
+    # Scaled up under load (a slow box may also scale back down as the last requests finish).
+    assert stats["num_rescales"] >= 1
     assert decisions and decisions[0].startswith("1 -> 2 shards"), decisions
 
 
