@@ -275,13 +275,17 @@ def bench_shape(a, device: str, dtype: torch.dtype, bandwidth: float) -> dict[st
     print(f"(a) random {a.shape} model: {n_params / 1e9:.2f}B params, {dtype}")
     vocab = hf.config.vocab_size
     rows = {b: prompts_for(b, a.prompt_len, vocab, a.seed) for b in a.batch}
-    res: dict[str, Any] = {"params": n_params, "runs": []}
+    res: dict[str, Any] = {"params": n_params, "runs": [], "rows": rows}
     for b in a.batch:
         r = timed(
             hf_run(hf, rows[b], a.new_tokens if not a.hf_tokens else a.hf_tokens, device), a.repeats, device
         )
         res["runs"].append({"who": "HF", "batch": b, **r})
         print(f"  HF      batch {b:3d}: {r['tok_s']:9.1f} tok/s")
+    if any(g > 1 for g in a.gpus):  # expert shards load from a checkpoint: write this one
+        t0 = time.perf_counter()
+        hf.save_pretrained(a.save_dir)
+        print(f"  saved the random checkpoint to {a.save_dir} in {time.perf_counter() - t0:.0f}s")
     max_len = a.prompt_len + a.new_tokens + a.k + 2
     variants = {
         "eager": dict(step_graphs="off"),
@@ -313,6 +317,42 @@ def bench_shape(a, device: str, dtype: torch.dtype, bandwidth: float) -> dict[st
     print("(c) verify sweep (graph replay), context", a.context)
     res["verify"] = verify_sweep(sweep_engine, a.batch, 8, a.context, bandwidth, device)
     return res
+
+
+def bench_gpus(a, device: str, rows: dict[int, list[list[int]]]) -> list[dict[str, Any]]:
+    """Our engine with experts over g devices (g > 1): the engine's own device holds shard 0
+    (`local_shard`), g - 1 Ray actors the others, all from the checkpoint `bench_shape` wrote."""
+    import ray
+
+    from specmoe_ray.serving.shards import ShardOptions
+
+    out = []
+    for g in sorted(x for x in a.gpus if x > 1):
+        if device != "cpu" and torch.cuda.device_count() < g:
+            print(f"  {g} GPUs: skipped, this machine has {torch.cuda.device_count()}")
+            continue
+        # Ray hands GPUs 0 .. g-2 to the shard actors; the engine takes GPU g-1.
+        ray.init(num_gpus=g - 1 if device != "cpu" else 0, num_cpus=max(8, 2 * g), include_dashboard=False)
+        try:
+            engine = Engine.from_pretrained(
+                a.save_dir,
+                num_shards=g,
+                device=f"cuda:{g - 1}" if device != "cpu" else "cpu",
+                dtype="bfloat16" if device != "cpu" else "float32",
+                shard_options=ShardOptions(local_shard=True, num_cpus=1),
+                step_graphs=a.shard_steps,
+                max_num_seqs=max(a.batch),
+                max_model_len=a.prompt_len + a.new_tokens + 8,
+            )
+            with engine:
+                for b in a.batch:
+                    r = timed(ours_run(engine, rows[b], a.new_tokens), a.repeats, device, engine)
+                    out.append({"who": f"{g} devices", "batch": b, **r})
+                    tok_s, ms = r["tok_s"], r["ms_per_step"]
+                    print(f"  {g} devices batch {b:3d}: {tok_s:9.1f} tok/s  {ms:7.2f} ms/step")
+        finally:
+            ray.shutdown()
+    return out
 
 
 def bench_demo(a, device: str) -> dict[str, Any]:
@@ -402,6 +442,13 @@ def main(argv=None) -> dict[str, Any]:
     p.add_argument("--skip-demo", action="store_true")
     p.add_argument("--skip-shape", action="store_true", help="only (b), the demo pair")
     p.add_argument(
+        "--gpus", type=int, nargs="+", default=[1], help="devices holding experts for (a): 1 = in-process"
+    )
+    p.add_argument("--save-dir", default="/tmp/specmoe-bench-ckpt", help="checkpoint for --gpus > 1")
+    p.add_argument(
+        "--shard-steps", default="padded", choices=("off", "padded", "auto"), help="step_graphs with shards"
+    )
+    p.add_argument(
         "--profile", action="store_true", help="profile a few decode steps (graphs, smallest batch)"
     )
     p.add_argument("--json")
@@ -429,6 +476,11 @@ def main(argv=None) -> dict[str, Any]:
     gc.collect()
     if device != "cpu":
         torch.cuda.empty_cache()
+    if not a.skip_shape and any(g > 1 for g in a.gpus):
+        print("(a) experts over several devices (engine + expert shards, NCCL on GPUs)")
+        results["shape"]["runs"] += bench_gpus(a, device, results["shape"]["rows"])
+    if "shape" in results:
+        results["shape"].pop("rows")
     if not a.skip_demo:
         results["demo"] = bench_demo(a, device)
     if a.json:
