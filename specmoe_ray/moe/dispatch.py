@@ -177,6 +177,30 @@ class DistributedDispatch:
         counts.scatter_add_(0, torch.where(valid, ids, held), valid.long())
         return experts(x, torch.where(valid, ids, held))
 
+    def _exchange(
+        self,
+        layer: int,
+        payload: torch.Tensor,
+        splits: list[int],
+        total: int,
+        dtype: torch.dtype,
+        static: bool,
+    ) -> torch.Tensor:
+        """Rows out to their ranks (`splits` rows each; rank 0's own share to itself), rank 0's
+        share computed here, results back in the same order -> [total, D]."""
+        D = self.hidden_size
+        mine = [splits[0]] + [0] * (self.world_size - 1)  # rank 0 receives only its own rows
+        received = payload.new_empty(splits[0], payload.shape[1])
+        dist.all_to_all_single(received, payload, mine, splits)
+        if self.local is not None:
+            rx, rids = unpack_rows(received, D, dtype)
+            own = self._compute_local(layer, rx, rids, static)
+        else:
+            own = torch.empty(0, D, dtype=dtype, device=payload.device)
+        results = torch.empty(total, D, dtype=dtype, device=payload.device)
+        dist.all_to_all_single(results, own.contiguous(), splits, mine)
+        return results
+
     @property
     def tokens_per_shard(self) -> list[int]:
         """(token, expert) pairs sent to each shard, cumulative (dynamic and static exchanges)."""
@@ -204,19 +228,10 @@ class DistributedDispatch:
         counts = torch.bincount(owner, minlength=self.world_size).tolist()  # rows per rank
         pairs = x[order // A]  # [T*A, D] rows sorted by (rank, expert)
         sorted_ids = flat_ids[order]
-        mine = [counts[0]] + [0] * (self.world_size - 1)  # rank 0 receives only its own rows
         payload = pack_rows(pairs, sorted_ids)  # rows and their expert ids travel in one exchange
         with self.lock:
             dist.broadcast(self._header(OP_EXPERTS, layer, counts), src=0)
-            received = payload.new_empty(counts[0], payload.shape[1])
-            dist.all_to_all_single(received, payload, mine, counts)
-            if self.local is not None:
-                rx, rids = unpack_rows(received, D, x.dtype)
-                own = self._compute_local(layer, rx, rids, static=False)
-            else:
-                own = pairs.new_empty(0, D)
-            results = pairs.new_empty(T * A, D)
-            dist.all_to_all_single(results, own.contiguous(), counts, mine)
+            results = self._exchange(layer, payload, counts, T * A, x.dtype, static=False)
             self.last_exchange = time.monotonic()
         for s, c in enumerate(counts[self.first_rank :]):
             self._tokens_per_shard[s] += c
@@ -269,18 +284,8 @@ class DistributedDispatch:
             weight = self.token_mask.long().repeat_interleave(A)[order]
             ids[slot] = torch.where(weight > 0, flat_ids[order], -1)
             counts.scatter_add_(0, shard, weight)
-        payload = pack_rows(rows, ids)
         splits = [0] * self.first_rank + [C] * S  # rows to each rank (rank 0 too when it holds shard 0)
-        mine = [C if self.local is not None else 0] + [0] * (self.world_size - 1)
-        received = payload.new_empty(mine[0], payload.shape[1])
-        dist.all_to_all_single(received, payload, mine, splits)
-        if self.local is not None:
-            rx, rids = unpack_rows(received, D, x.dtype)
-            own = self._compute_local(layer, rx, rids, static=True)
-        else:
-            own = rows.new_empty(0, D)
-        results = rows.new_empty(S * C, D)
-        dist.all_to_all_single(results, own.contiguous(), splits, mine)
+        results = self._exchange(layer, pack_rows(rows, ids), splits, S * C, x.dtype, static=True)
         y = torch.empty(n, D, dtype=results.dtype, device=x.device)
         y[order] = results[slot]
         return y.view(T, A, D)
