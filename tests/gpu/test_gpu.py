@@ -54,6 +54,38 @@ def test_nccl_shards_equal_one_gpu_and_transformers(checkpoints):
         ray.shutdown()
 
 
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_nccl_local_shard_and_static_exchange(checkpoints):
+    """Every GPU holds experts (shard 0 on the engine's GPU, `local_shard`), static fixed-size
+    exchanges over NCCL ("padded" steps) and the dynamic ones (prefill): == transformers."""
+    import ray
+
+    from specmoe_ray.serving.shards import ShardOptions
+
+    n = torch.cuda.device_count()
+    ray.init(num_gpus=n - 1, num_cpus=8, include_dashboard=False)
+    try:
+        path = checkpoints("qwen3_moe")
+        ref = hf_greedy(path, PROMPTS, NEW)
+        for steps in ("off", "padded"):
+            with Engine.from_pretrained(
+                path,
+                device=f"cuda:{n - 1}",
+                num_shards=n,
+                draft="ngram",
+                max_model_len=128,
+                step_graphs=steps,
+                shard_options=ShardOptions(local_shard=True),
+            ) as engine:
+                got = [o.token_ids for o in engine.generate(PROMPTS, GREEDY)]
+                sent = engine.stats()["expert_tokens_per_shard"]
+                assert len(engine.shard_group.actors) == n - 1
+            assert got == ref, steps
+            assert len(sent) == n and all(c > 0 for c in sent), sent
+    finally:
+        ray.shutdown()
+
+
 def test_bfloat16_on_cuda_close_to_float32(checkpoints):
     path = checkpoints("qwen3_moe")
     with Engine.from_pretrained(path, device="cuda", dtype="bfloat16", max_model_len=128) as engine:
