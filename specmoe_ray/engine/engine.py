@@ -28,19 +28,21 @@ from specmoe_ray.engine.sequence import FinishReason, RequestOutput, SamplingPar
 from specmoe_ray.engine.setup import (
     EngineConfig,
     EngineMetrics,
+    check_draft,
     cost_model,
     load_local_model,
     load_tokenizer,
     make_autoscaler,
+    make_proposer,
+    resolve_device,
 )
 from specmoe_ray.errors import RequestError, ShardGroupError
-from specmoe_ray.models.loader import check_mtp, load_trunk, read_config
+from specmoe_ray.models.loader import load_trunk, read_config
 from specmoe_ray.models.transformer import Transformer, build_forward_batch
 from specmoe_ray.moe.placement import PlacementPlan
 from specmoe_ray.spec import rejection
-from specmoe_ray.spec.mtp import MTPProposer
 from specmoe_ray.spec.policy import AdaptivePolicy, FixedPolicy
-from specmoe_ray.spec.proposer import DraftModelProposer, DraftRequest, NgramProposer, empty_proposal
+from specmoe_ray.spec.proposer import DraftRequest, empty_proposal
 
 log = logging.getLogger(__name__)
 
@@ -109,15 +111,7 @@ class Engine:
         """
         if draft is not None and proposer is not None:
             raise ValueError("pass either draft or proposer, not both")
-        if device != "cpu" and not (device == "cuda" or device.startswith("cuda:")):
-            raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
-        if device.startswith("cuda"):
-            if not torch.cuda.is_available():
-                raise ValueError(f"device={device!r} but torch sees no CUDA GPU")
-            # The engine's GPU is this process's current device: collectives use it too.
-            if ":" in device:
-                torch.cuda.set_device(torch.device(device))
-            device = f"cuda:{torch.cuda.current_device()}"
+        device = resolve_device(device)
         if num_shards < 0:
             raise ValueError(f"num_shards must be >= 0, got {num_shards}")
         if dtype == "auto" and device == "cpu":
@@ -125,15 +119,7 @@ class Engine:
         config = EngineConfig(**config_kwargs)
         args, _ = read_config(target)
         config.validate(args.max_position_embeddings)
-        if draft == "mtp":
-            check_mtp(target)  # before anything loads: a clear error when there is no MTP module
-        elif draft is not None and draft != "ngram":
-            draft_args, _ = read_config(draft)
-            if draft_args.vocab_size != args.vocab_size:
-                raise ValueError(
-                    f"draft {draft!r} has vocab_size {draft_args.vocab_size}, the target {args.vocab_size}: "
-                    "a draft must share the target's tokenizer"
-                )
+        check_draft(target, args, draft)  # before anything loads
         if not args.is_moe and num_shards:
             raise ValueError(f"{target!r} is a dense model ({args.model_type}): it has no experts to shard")
         # Checked before anything loads: the plan validates the shard count.
@@ -157,22 +143,8 @@ class Engine:
             )
             model.set_expert_backend(shard_group.start())
         try:
-            if draft == "ngram":
-                proposer = NgramProposer(device=device)
-            elif draft == "mtp":
-                proposer = MTPProposer.from_pretrained(
-                    target, model, config.max_num_seqs, config.max_model_len, top_n=config.draft_top_n
-                )
-            elif draft is not None:
-                draft_model, _ = load_local_model(draft, dtype, device)
-                proposer = DraftModelProposer(
-                    draft_model,
-                    config.max_num_seqs,
-                    config.max_model_len,
-                    top_n=config.draft_top_n,
-                    step_graphs=config.step_graphs,
-                    max_tokens_per_seq=config.num_speculative_tokens + 1,
-                )
+            if draft is not None:
+                proposer = make_proposer(draft, target, model, config, dtype, device)
             return cls(
                 model,
                 tokenizer=load_tokenizer(target),

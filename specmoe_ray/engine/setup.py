@@ -7,7 +7,7 @@ import os
 
 import torch
 
-from specmoe_ray.models.loader import load_experts, load_trunk
+from specmoe_ray.models.loader import check_mtp, load_experts, load_trunk, read_config
 from specmoe_ray.models.transformer import Transformer
 from specmoe_ray.moe.dispatch import LoopbackDispatch
 from specmoe_ray.spec.policy import StepCostModel
@@ -116,3 +116,52 @@ def make_autoscaler(config, num_shards: int):
     from specmoe_ray.serving.autoscale import ShardAutoscaler
 
     return ShardAutoscaler(config)
+
+
+def resolve_device(device: str) -> str:
+    """'cpu', or 'cuda:N' for 'cuda' / 'cuda:N' (made this process's current device: the
+    engine's collectives use it too)."""
+    if device != "cpu" and not (device == "cuda" or device.startswith("cuda:")):
+        raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError(f"device={device!r} but torch sees no CUDA GPU")
+        if ":" in device:
+            torch.cuda.set_device(torch.device(device))
+        device = f"cuda:{torch.cuda.current_device()}"
+    return device
+
+
+def check_draft(target: str, args, draft: str | None) -> None:
+    """A clear error, before anything loads, for a draft that cannot serve this target."""
+    if draft == "mtp":
+        check_mtp(target)  # a DeepSeek checkpoint with its MTP module
+    elif draft is not None and draft != "ngram":
+        draft_args, _ = read_config(draft)
+        if draft_args.vocab_size != args.vocab_size:
+            raise ValueError(
+                f"draft {draft!r} has vocab_size {draft_args.vocab_size}, the target {args.vocab_size}: "
+                "a draft must share the target's tokenizer"
+            )
+
+
+def make_proposer(draft: str, target: str, model: Transformer, config: EngineConfig, dtype, device: str):
+    """The proposer for `draft`: "ngram", "mtp" (the target's own MTP module) or a checkpoint path."""
+    from specmoe_ray.spec.mtp import MTPProposer
+    from specmoe_ray.spec.proposer import DraftModelProposer, NgramProposer
+
+    if draft == "ngram":
+        return NgramProposer(device=device)
+    if draft == "mtp":
+        return MTPProposer.from_pretrained(
+            target, model, config.max_num_seqs, config.max_model_len, top_n=config.draft_top_n
+        )
+    draft_model, _ = load_local_model(draft, dtype, device)
+    return DraftModelProposer(
+        draft_model,
+        config.max_num_seqs,
+        config.max_model_len,
+        top_n=config.draft_top_n,
+        step_graphs=config.step_graphs,
+        max_tokens_per_seq=config.num_speculative_tokens + 1,
+    )
