@@ -239,6 +239,7 @@ class StepGraphs:
         starts: list[int],
         slots: list[int],
         logits_from: list[int],
+        fed: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The step's logits `[M, V]`, rows in the order the plain path returns them; with
         `hidden`, also the final hidden states of the real tokens `[sum(len(feeds)), D]`, packed
@@ -249,6 +250,8 @@ class StepGraphs:
             self._prepare(key)
         B, Tq, _ = key
         M = self._upload(B, Tq, feeds, starts, slots, logits_from)
+        if fed is not None:  # one token per feed, already on the device (after the upload, in order)
+            self._meta[: B * Tq].view(B, Tq)[: len(feeds), 0].copy_(fed)
         if self.capture:
             self._graphs[key].replay()
             self.num_replays += 1
@@ -266,9 +269,14 @@ class StepGraphs:
         return logits, self._hidden[self._meta[6 * N : 6 * N + sum(len(f) for f in feeds)]]
 
     def forward(
-        self, feeds: list[list[int]], starts: list[int], slots: list[int], logits_from: list[int]
+        self,
+        feeds: list[list[int]],
+        starts: list[int],
+        slots: list[int],
+        logits_from: list[int],
+        fed: torch.Tensor | None = None,
     ) -> torch.Tensor | None:
         """`run` when the step fits a bucket (every sequence samples); None: run it eagerly."""
         kv_len = max(s + len(f) for s, f in zip(starts, feeds))
         key = self.key(len(feeds), max(len(f) for f in feeds), kv_len)
-        return None if key is None else self.run(key, feeds, starts, slots, logits_from)
+        return None if key is None else self.run(key, feeds, starts, slots, logits_from, fed)

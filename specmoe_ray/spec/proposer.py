@@ -178,14 +178,20 @@ class DraftModelProposer:
     def _sample(self, logits: torch.Tensor, reqs: list[DraftRequest]):
         return sample_drafts(logits, reqs, self.top_n, self.generators)
 
-    def _forward(self, feeds: list[list[int]], starts: list[int], slots: list[int]) -> torch.Tensor:
-        """Logits of each feed's last token: a replayed graph when the step fits one."""
+    def _forward(
+        self, feeds: list[list[int]], starts: list[int], slots: list[int], fed: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Logits of each feed's last token: a replayed graph when the step fits one.
+        fed: one token per feed, on the device, in place of the feeds' (placeholder) tokens."""
         logits_from = [len(f) - 1 for f in feeds]
         if self.graphs is not None:
-            logits = self.graphs.forward(feeds, starts, slots, logits_from)
+            logits = self.graphs.forward(feeds, starts, slots, logits_from, fed)
             if logits is not None:
                 return logits
-        return self.model(build_forward_batch(feeds, starts, slots, logits_from, self.device), self.cache)
+        batch = build_forward_batch(feeds, starts, slots, logits_from, self.device)
+        if fed is not None:
+            batch.tokens = fed
+        return self.model(batch, self.cache)
 
     @torch.inference_mode()
     def propose(self, requests: list[DraftRequest]) -> DraftProposal:
@@ -215,30 +221,39 @@ class DraftModelProposer:
             starts.append(lcp)
             slots.append(slot)
         slot_of = dict(zip(active, slots))
-        drafted: dict[int, list[int]] = {b: [] for b in active}
-        for i in range(k):
-            rows = [b for b in active if requests[b].num_draft > i]
-            if i > 0:  # feed each row its previous draft
-                feeds = [[drafted[b][-1]] for b in rows]
+        # Rows drafting at each position, and where they sit among the previous position's rows:
+        # indices made before the first forward, so the loop never waits for the GPU. Each draft
+        # feeds the next on the device; the host reads them all once, at the end.
+        row_sets = [[b for b in active if requests[b].num_draft > i] for i in range(k)]
+        index = [torch.tensor(rows, device=self.device) for rows in row_sets]
+        keep = [None] + [
+            torch.tensor([row_sets[i - 1].index(b) for b in row_sets[i]], device=self.device)
+            for i in range(1, k)
+        ]
+        picked = None
+        for i, rows in enumerate(row_sets):
+            fed = None
+            if i > 0:  # each row feeds its previous draft (a placeholder on the host)
+                feeds = [[0] for _ in rows]
                 starts = [len(requests[b].tokens) + i - 1 for b in rows]
                 slots = [slot_of[b] for b in rows]
-            logits = self._forward(feeds, starts, slots)  # [len(rows), V]
+                fed = picked[keep[i]]
+            logits = self._forward(feeds, starts, slots, fed)  # [len(rows), V]
             for f, s in zip(feeds, slots):
                 self.cache.advance(s, len(f))
                 self.num_fed_tokens += len(f)
             picked, ids, probs = self._sample(logits, [requests[b] for b in rows])
-            index = torch.tensor(rows, device=self.device)
-            tokens[index, i] = picked
-            sparse_ids[index, i] = ids
-            sparse_probs[index, i] = probs
-            for b, t in zip(rows, picked.tolist()):
-                drafted[b].append(t)
+            tokens[index[i], i] = picked
+            sparse_ids[index[i], i] = ids
+            sparse_probs[index[i], i] = probs
+        drafted = tokens.tolist()  # the proposal's one host sync
         for b in active:
             r = requests[b]
             slot, _ = self.entries[r.seq_id]
+            mine = drafted[b][: r.num_draft]
             # The cache now holds the tokens plus every draft but the last.
-            self.entries[r.seq_id] = (slot, r.tokens + drafted[b][:-1])
-            self.num_proposed += len(drafted[b])
+            self.entries[r.seq_id] = (slot, r.tokens + mine[:-1])
+            self.num_proposed += len(mine)
         return DraftProposal(
             tokens=tokens,
             num_draft=torch.tensor([r.num_draft for r in requests], dtype=torch.long, device=self.device),
