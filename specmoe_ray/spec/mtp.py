@@ -123,9 +123,14 @@ class MTPProposer:
         state.slot = self.cache.allocate()
         return state.slot
 
-    def _feed(self, feeds, starts, slots, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Run positions through the MTP layer -> logits [B, V], g [B, D] of each feed's last one."""
+    def _feed(
+        self, feeds, starts, slots, hidden: torch.Tensor, fed: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run positions through the MTP layer -> logits [B, V], g [B, D] of each feed's last one.
+        fed: one token per feed, on the device, in place of the feeds' (placeholder) tokens."""
         batch = build_forward_batch(feeds, starts, slots, [len(f) - 1 for f in feeds], self.device)
+        if fed is not None:
+            batch.tokens = fed
         logits, g = self.head(batch, hidden, self.cache)
         for f, s in zip(feeds, slots):
             self.cache.advance(s, len(f))
@@ -172,26 +177,32 @@ class MTPProposer:
         sparse_probs = torch.zeros(B, k, S, device=self.device)
         num_draft = [0] * B
         if rows:
+            # Rows drafting at each position, and where they sit among the previous position's
+            # rows: indices made before the first feed, so the chain never waits for the GPU (each
+            # draft and its g feed the next position on the device; the engine reads them once).
+            row_sets = [[b for b in rows if requests[b].num_draft > i] for i in range(k)]
+            index = [torch.tensor(rs, device=self.device) for rs in row_sets]
+            live = [None] + [
+                torch.tensor([row_sets[i - 1].index(b) for b in row_sets[i]], device=self.device)
+                for i in range(1, k)
+            ]
             logits, g = self._feed(feeds, starts, slots, torch.cat(hidden))  # [R, V], [R, D]
             slot_of = dict(zip(rows, slots))
-            last: dict[int, int] = {}  # row -> its latest draft
-            for i in range(k):
+            picked = None
+            for i, rs in enumerate(row_sets):
                 if i > 0:  # chain: the previous output's g and draft at the next position
-                    live = [j for j, b in enumerate(rows) if requests[b].num_draft > i]
-                    rows = [rows[j] for j in live]
-                    feeds = [[last[b]] for b in rows]
-                    starts = [len(requests[b].tokens) - 2 + i for b in rows]
-                    logits, g = self._feed(feeds, starts, [slot_of[b] for b in rows], g[live])
+                    feeds = [[0] for _ in rs]  # placeholders: the tokens are `picked`, on the device
+                    starts = [len(requests[b].tokens) - 2 + i for b in rs]
+                    slots = [slot_of[b] for b in rs]
+                    logits, g = self._feed(feeds, starts, slots, g[live[i]], picked[live[i]])
                 picked, ids, probs = sample_drafts(
-                    logits, [requests[b] for b in rows], self.top_n, self.generators
+                    logits, [requests[b] for b in rs], self.top_n, self.generators
                 )
-                index = torch.tensor(rows, device=self.device)
-                tokens[index, i] = picked
-                sparse_ids[index, i] = ids
-                sparse_probs[index, i] = probs
-                for b, t in zip(rows, picked.tolist()):  # one host sync per draft position
-                    last[b] = t
-                    num_draft[b] += 1
+                tokens[index[i], i] = picked
+                sparse_ids[index[i], i] = ids
+                sparse_probs[index[i], i] = probs
+            for b in rows:
+                num_draft[b] = requests[b].num_draft
             # Keep only positions with the trunk's real hidden state.
             for b, slot in slot_of.items():
                 self.cache.rollback(slot, len(requests[b].tokens) - 1)
