@@ -193,3 +193,33 @@ def test_triton_experts_equal_float64_reference(dtype, n):
         ref[i] = F.linear(F.silu(gate) * up, down[ids[i]].double())
     rel = ((out - ref).norm() / ref.norm()).item()
     assert rel < (1e-5 if dtype == torch.float32 else 2e-2), rel
+
+
+def test_mtp_drafting_on_cuda_graphs():
+    """DeepSeek-V3 with its MTP module drafting, target steps replayed from graphs that also
+    return hidden states: == the eager path == transformers (float32)."""
+    import sys
+    import tempfile
+
+    sys.path.insert(0, __file__.rsplit("/", 2)[0] + "/cpu")
+    from test_deepseek import make_deepseek
+    from test_mtp import add_mtp, make_useful_mtp
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = make_useful_mtp(
+            add_mtp(make_deepseek(tmp + "/v3", "deepseek_v3", seed=5), seed=6, own_head=False)
+        )
+        ref = hf_greedy(path, PROMPTS, NEW)
+        for mode in ("off", "auto"):
+            with Engine.from_pretrained(
+                path,
+                draft="mtp",
+                device="cuda",
+                step_graphs=mode,
+                num_speculative_tokens=3,
+                max_model_len=128,
+            ) as engine:
+                assert [o.token_ids for o in engine.generate(PROMPTS, GREEDY)] == ref, mode
+                if mode == "auto":
+                    assert engine.graphs.hidden and engine.graphs.num_replays > 0
+                    assert engine.stats()["acceptance_rate"] > 0.4
