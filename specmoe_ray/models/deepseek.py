@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from specmoe_ray.models.args import ModelArgs
+from specmoe_ray.models.fused import apply_rope
 from specmoe_ray.models.kv_cache import MLACache
 from specmoe_ray.models.transformer import (
     DecoderLayer,
@@ -40,7 +41,6 @@ from specmoe_ray.models.transformer import (
     MoEBlock,
     RMSNorm,
     Transformer,
-    apply_rope,
     attention_mask,
     rope_attention_factor,
     rope_inv_freq,

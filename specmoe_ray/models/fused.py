@@ -40,6 +40,11 @@ def active():
         _state.depth = depth
 
 
+def is_active() -> bool:
+    """Whether the caller runs inside `active()` (a static step) with fusion enabled."""
+    return ENABLED and getattr(_state, "depth", 0) > 0
+
+
 def fused(fn: Callable) -> Callable:
     compiled: list[Callable | None] = []
 
@@ -81,11 +86,37 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 @fused
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
+    """The residual add and the next norm in one: -> (rms_norm(x + residual), x + residual)."""
+    x = x + residual
+    return rms_norm.__wrapped__(x, weight, eps), x
+
+
+@fused
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     # x: [N, heads, hd]; cos, sin: [N, 1, hd]
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin
+
+
+@fused
+def qk_rope(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    q_weight: torch.Tensor | None,
+    k_weight: torch.Tensor | None,
+    eps: float,
+):
+    """Per-head q/k norms (when given), rope on q and k, and K and V stacked for the cache:
+    q [N, H, hd], k and v [N, Hkv, hd] -> q, kv [N, 2, Hkv, hd]."""
+    if q_weight is not None:
+        q, k = rms_norm.__wrapped__(q, q_weight, eps), rms_norm.__wrapped__(k, k_weight, eps)
+    q, k = apply_rope.__wrapped__(q, cos, sin), apply_rope.__wrapped__(k, cos, sin)
+    return q, torch.stack((k, v), dim=1)
 
 
 @fused

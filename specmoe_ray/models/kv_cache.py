@@ -78,7 +78,11 @@ class KVCache(SlotCache):
         self, layer: int, slots: torch.Tensor, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     ):
         # slots, positions: [N]; k, v: [N, num_kv_heads, head_dim]
-        self.kv[layer][slots, :, :, positions] = torch.stack((k, v), dim=1)
+        self.write_kv(layer, slots, positions, torch.stack((k, v), dim=1))
+
+    def write_kv(self, layer: int, slots: torch.Tensor, positions: torch.Tensor, kv: torch.Tensor):
+        # kv: [N, 2, num_kv_heads, head_dim], keys then values
+        self.kv[layer][slots, :, :, positions] = kv
 
     def read(self, layer: int, slots: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         # -> keys, values [B, num_kv_heads, length, head_dim] each

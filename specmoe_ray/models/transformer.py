@@ -22,8 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from specmoe_ray.models import fused, triton_kernels
 from specmoe_ray.models.args import ModelArgs, RopeArgs
-from specmoe_ray.models.fused import apply_rope, combine, rms_norm
+from specmoe_ray.models.fused import add_rms_norm, combine, qk_rope, rms_norm
 from specmoe_ray.models.kv_cache import KVCache
 from specmoe_ray.moe.router import make_router
 
@@ -230,12 +231,35 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(self.num_kv_heads * self.head_dim, args.rms_norm_eps)
         self.clip_qkv = args.clip_qkv
         self.sliding_window = args.sliding_window
+        self._qkv: tuple[torch.Tensor, torch.Tensor | None] | None = None  # see fuse_projections
+
+    def fuse_projections(self) -> None:
+        """q, k and v projections as one matmul: their weights become views of one tensor (the
+        same values, the same state-dict keys), which `forward` multiplies once."""
+        projs = (self.q_proj, self.k_proj, self.v_proj)
+        if self._qkv is not None or any(p.weight.is_meta for p in projs):
+            return
+        weight = torch.cat([p.weight.data for p in projs])
+        bias = torch.cat([p.bias.data for p in projs]) if self.q_proj.bias is not None else None
+        start = 0
+        for p in projs:
+            n = p.weight.shape[0]
+            p.weight.data = weight[start : start + n]
+            if bias is not None:
+                p.bias.data = bias[start : start + n]
+            start += n
+        self._qkv = (weight, bias)
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: ForwardBatch, cache: KVCache
     ) -> torch.Tensor:
         N = x.shape[0]
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if self._qkv is not None:
+            q, k, v = F.linear(x, *self._qkv).split(
+                [p.weight.shape[0] for p in (self.q_proj, self.k_proj, self.v_proj)], -1
+            )
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         if self.qk_norm == "full":
             q, k = self.q_norm(q), self.k_norm(k)
         if self.clip_qkv is not None:
@@ -243,11 +267,29 @@ class Attention(nn.Module):
         q = q.view(N, self.num_heads, self.head_dim)
         k = k.view(N, self.num_kv_heads, self.head_dim)
         v = v.view(N, self.num_kv_heads, self.head_dim)
-        if self.qk_norm == "head":
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-
-        cache.write(self.layer, batch.write_slots, batch.positions, k, v)
+        head_norm = self.qk_norm == "head"
+        q, kv = qk_rope(
+            q,
+            k,
+            v,
+            cos,
+            sin,
+            self.q_norm.weight if head_norm else None,
+            self.k_norm.weight if head_norm else None,
+            self.q_norm.eps if head_norm else 0.0,
+        )
+        cache.write_kv(self.layer, batch.write_slots, batch.positions, kv)
+        if batch.padded and fused.is_active() and triton_kernels.attention_supported(q, self.head_dim):
+            # Static steps on GPUs: one kernel reads the keys from the cache by slot.
+            out = triton_kernels.decode_attention(
+                q,
+                cache.kv[self.layer],
+                batch.read_slots,
+                batch.query_positions,
+                batch.kv_len,
+                self.sliding_window,
+            )
+            return self.o_proj(out)
         keys, values = cache.read(self.layer, batch.read_slots, batch.kv_len)  # [B, Hkv, L, hd]
 
         # Query head h uses kv head h // G: fold the G heads of a group into the query rows.
@@ -314,8 +356,25 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
     def forward(self, x, cos, sin, batch: ForwardBatch, cache: KVCache) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, batch, cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        out, residual = self.forward_residual(x, None, cos, sin, batch, cache)
+        return out + residual
+
+    def forward_residual(self, x, residual, cos, sin, batch: ForwardBatch, cache: KVCache):
+        """The layer on a residual stream kept apart: the stream is `x + residual` (residual None:
+        just x) -> (out, residual') whose sum is the layer's output. The adds run inside the
+        norms (`add_rms_norm`), one kernel each instead of two."""
+        if residual is None:
+            residual, h = x, self.input_layernorm(x)
+        else:
+            h, residual = self._add_norm(self.input_layernorm, x, residual)
+        h, residual = self._add_norm(
+            self.post_attention_layernorm, self.self_attn(h, cos, sin, batch, cache), residual
+        )
+        return self.mlp(h), residual
+
+    @staticmethod
+    def _add_norm(norm: RMSNorm, x: torch.Tensor, residual: torch.Tensor):
+        return add_rms_norm(x, residual, norm.weight, norm.eps)
 
 
 class DecoderModel(nn.Module):
@@ -341,7 +400,14 @@ class Transformer(nn.Module):
         self.register_buffer("inv_freq", rope_inv_freq(args.rope, args.head_dim), persistent=False)
         self.rope_scale = rope_attention_factor(args.rope)
 
+    def fuse_projections(self) -> None:
+        """Weights that run as one matmul (q/k/v) stored as one tensor; values unchanged."""
+        for layer in self.model.layers:
+            if isinstance(layer.self_attn, Attention):
+                layer.self_attn.fuse_projections()
+
     def set_expert_backend(self, backend: ExpertBackend) -> None:
+        self.backend_version = getattr(self, "backend_version", 0) + 1  # step graphs re-check theirs
         for layer in self.model.layers:
             if isinstance(layer.mlp, MoEBlock):
                 layer.mlp.backend = backend
@@ -368,10 +434,12 @@ class Transformer(nn.Module):
         if self.rope_scale != 1.0:
             cos, sin = cos * self.rope_scale, sin * self.rope_scale
         cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+        residual = None
         for layer in self.model.layers:
-            x = layer(x, cos, sin, batch, cache)
+            x, residual = layer.forward_residual(x, residual, cos, sin, batch, cache)
+        norm = self.model.norm
         if return_hidden:
-            hidden = self.model.norm(x)
+            hidden = add_rms_norm(x, residual, norm.weight, norm.eps)[0]
             return self.lm_head(hidden[batch.logits_index]).float(), hidden
-        x = self.model.norm(x[batch.logits_index])
-        return self.lm_head(x).float()
+        index = batch.logits_index
+        return self.lm_head(add_rms_norm(x[index], residual[index], norm.weight, norm.eps)[0]).float()

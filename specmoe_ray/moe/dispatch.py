@@ -69,14 +69,15 @@ class ExpertLoad:
         self.counts: dict[int, torch.Tensor] = {}
 
     def record(self, layer: int, expert_ids: torch.Tensor, weight: torch.Tensor | None = None) -> None:
-        """Count `expert_ids` ([T, A] or flat [T * A]); weight [T] (0/1) leaves padded tokens out."""
+        """Count `expert_ids` ([T, A] or flat [T * A]); weight (int64 0/1, [T] or per pair
+        [T * A]) leaves padded tokens out."""
         if layer not in self.counts:
             self.counts[layer] = torch.zeros(self.num_experts, dtype=torch.long, device=expert_ids.device)
         n = expert_ids.numel()
         if weight is None:
             values = expert_ids.new_ones(()).expand(n)  # a broadcast view: no copy
         else:
-            values = weight.long().repeat_interleave(n // weight.numel())
+            values = weight if weight.numel() == n else weight.long().repeat_interleave(n // weight.numel())
         # In place, with static shapes (no bincount): CUDA graphs replay it into the same counters.
         self.counts[layer].scatter_add_(0, expert_ids.reshape(-1), values)
 
@@ -88,7 +89,30 @@ class ExpertLoad:
         self.counts.clear()
 
 
-class LoopbackDispatch:
+class _Masked:
+    """`token_mask`: [T] 0/1 while a CUDA graph of a padded batch runs (`engine/graph.py`):
+    padding rows are computed but not counted as load. None: every row counts. Its per-pair
+    expansion is built once per forward (the first MoE layer) and reused by the others."""
+
+    _token_mask: torch.Tensor | None = None
+    _pair_mask: torch.Tensor | None = None
+
+    @property
+    def token_mask(self) -> torch.Tensor | None:
+        return self._token_mask
+
+    @token_mask.setter
+    def token_mask(self, mask: torch.Tensor | None) -> None:
+        self._token_mask, self._pair_mask = mask, None
+
+    def pair_mask(self, top_k: int) -> torch.Tensor | None:
+        """[T * top_k] int64 0/1 per (token, expert) pair, or None without a token mask."""
+        if self._token_mask is not None and self._pair_mask is None:
+            self._pair_mask = self._token_mask.long().repeat_interleave(top_k)
+        return self._pair_mask
+
+
+class LoopbackDispatch(_Masked):
     """All experts in-process."""
 
     def __init__(self, store: ExpertStore):
@@ -97,19 +121,15 @@ class LoopbackDispatch:
         any_layer = next(iter(store.by_layer.values()))
         self.load = ExpertLoad(any_layer.to_local.shape[0], any_layer.to_local.device)
         self.num_pairs = 0  # (token, expert) pairs computed, cumulative
-        # [T] 0/1 while a CUDA graph of a padded batch runs (`engine/graph.py`): padding rows are
-        # computed but not counted as load. None: every row counts.
-        self.token_mask: torch.Tensor | None = None
 
     def __call__(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
         T, A = expert_ids.shape
         self.num_pairs += T * A
-        self.load.record(layer, expert_ids, self.token_mask)
-        pairs = x[:, None, :].expand(T, A, x.shape[-1]).reshape(T * A, -1)
-        return self.store(layer, pairs, expert_ids.reshape(-1)).view(T, A, -1)
+        self.load.record(layer, expert_ids, self.pair_mask(A))
+        return self.store(layer, x, expert_ids.reshape(-1), group=A).view(T, A, -1)
 
 
-class DistributedDispatch:
+class DistributedDispatch(_Masked):
     """Rank 0's side of the expert exchange over the default process group.
 
     local_store: rank 0's own experts (the plan's shard 0), when the engine's device holds
@@ -154,7 +174,6 @@ class DistributedDispatch:
         self._shard_pairs: dict[int, torch.Tensor] = {}  # layer -> [S] pairs sent, cumulative
         self._ranks = torch.arange(r0, plan.num_shards + r0, device=self.device)  # rank of each shard
         self._static_headers: dict[int, torch.Tensor] = {}
-        self.token_mask: torch.Tensor | None = None  # [T] 0/1 during padded static steps
 
     def _header(self, op: int, arg: int = 0, counts: list[int] | None = None) -> torch.Tensor:
         """[op, arg, rows for rank 0 .. world - 1]."""
@@ -262,7 +281,8 @@ class DistributedDispatch:
         if n > C:
             raise ValueError(f"static step sized for {C} (token, expert) pairs got {n}")
         flat_ids = expert_ids.reshape(-1)
-        self.load.record(layer, flat_ids, self.token_mask)
+        pair_mask = self.pair_mask(A)
+        self.load.record(layer, flat_ids, pair_mask)
         # Replica rotation as in the dynamic path, counted on the device (a graph replays it).
         counter = self._rotation.setdefault(layer, torch.zeros((), dtype=torch.long, device=x.device))
         counter.add_(1)
@@ -277,11 +297,11 @@ class DistributedDispatch:
         rows[slot] = x[order // A]
         counts = self._shard_pairs.setdefault(layer, torch.zeros(S, dtype=torch.long, device=x.device))
         ids = flat_ids.new_full((S * C,), -1)
-        if self.token_mask is None:
+        if pair_mask is None:
             ids[slot] = flat_ids[order]
             counts.scatter_add_(0, shard, torch.ones_like(shard))
         else:  # padding tokens' pairs travel with id -1: shards skip them
-            weight = self.token_mask.long().repeat_interleave(A)[order]
+            weight = pair_mask[order]
             ids[slot] = torch.where(weight > 0, flat_ids[order], -1)
             counts.scatter_add_(0, shard, weight)
         splits = [0] * self.first_rank + [C] * S  # rows to each rank (rank 0 too when it holds shard 0)

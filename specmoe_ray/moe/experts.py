@@ -41,13 +41,21 @@ class LocalExperts(nn.Module):
             and hasattr(torch, "_grouped_mm")
         )
         self.triton = gate_up.is_cuda and triton_experts.AVAILABLE
-        # The Triton kernel while rows per expert average at most this; grouped GEMM above it.
+        # The Triton kernels: per pair (no sort) up to this many (token, expert) pairs, sorted
+        # while rows per expert average at most the second; grouped GEMM above it.
+        self.triton_max_pairs = 64
         self.triton_max_rows_per_expert = 8
 
     @torch.inference_mode()
-    def forward(self, x: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
-        # x: [n, D] one row per (token, expert) pair; expert_ids: [n] global ids -> [n, D]
+    def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, group: int = 1) -> torch.Tensor:
+        """x: [n / group, D], row r serving the `group` consecutive pairs r * group ..; expert_ids:
+        [n] global ids, one per (token, expert) pair -> [n, D] the pairs' expert outputs."""
         local = expert_ids if self.identity else self.to_local[expert_ids]
+        if self.triton and local.shape[0] <= self.triton_max_pairs:
+            h = triton_experts.pair_matmul(x, self.gate_up, local, group=group, glu=True)
+            return triton_experts.pair_matmul(h, self.down, local)
+        if group > 1:
+            x = x[:, None, :].expand(-1, group, x.shape[-1]).reshape(-1, x.shape[-1])
         local, order = torch.sort(local, stable=True)
         xs = x[order]
         few_rows = xs.shape[0] <= self.triton_max_rows_per_expert * len(self.expert_ids)
@@ -105,15 +113,16 @@ class ExpertStore(nn.Module):
         self.computed: dict[int, torch.Tensor] = {}  # layer -> [E] pairs computed here, cumulative
         self.count = True  # off where the caller counts the load itself (LoopbackDispatch)
 
-    def forward(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, group: int = 1) -> torch.Tensor:
+        """x [n / group, D] (each row serves `group` consecutive pairs), expert_ids [n] -> [n, D]."""
         experts = self.by_layer[str(layer)]
         if not self.count:
-            return experts(x, expert_ids)
+            return experts(x, expert_ids, group)
         if layer not in self.computed:
             self.computed[layer] = torch.zeros(experts.to_local.shape[0], dtype=torch.long, device=x.device)
         # In place, with static shapes: a CUDA graph replays this add into the same counters.
         self.computed[layer].scatter_add_(0, expert_ids, torch.ones_like(expert_ids))
-        return experts(x, expert_ids)
+        return experts(x, expert_ids, group)
 
     def computed_counts(self) -> dict[int, list[int]]:
         return {layer: c.tolist() for layer, c in sorted(self.computed.items())}

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from specmoe_ray.models import fused, triton_kernels
 from specmoe_ray.models.fused import softmax_topk
 
 # T = tokens, E = experts, G = groups, A = experts per token, D = hidden
@@ -37,6 +38,9 @@ class TopKRouter(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # x: [T, D] -> weights [T, A], expert_ids [T, A]
         logits = F.linear(x, self.weight)  # [T, E]
+        if fused.is_active() and triton_kernels.routing_supported(logits):  # static steps: one kernel
+            dtype = torch.float32 if self.float_weights else x.dtype
+            return triton_kernels.softmax_topk(logits, self.top_k, self.norm_topk_prob, dtype)
         return softmax_topk(logits, self.top_k, self.norm_topk_prob, x, not self.float_weights)
 
 

@@ -10,6 +10,12 @@ each is read once per step.
 out[r] = x[r] @ w[e(r)]^T for rows sorted by expert, `ends[e]` = end offset of expert e's rows.
 Rows and weights in bf16, fp16 or fp32 (fp32 multiplies in full precision, not TF32), float32
 accumulation. Static shapes and no host sync, so CUDA graphs capture it.
+
+`pair_matmul` is the smallest steps' kernel (a few tokens, e.g. batch-1 decode): one program per
+((token, expert) pair, block of output features), a matrix-vector product that reads the pair's
+token row itself (no sort, no gather of rows, no scatter back: three kernels fewer per layer)
+and, for the gate/up projection, applies silu(gate) * up before writing (one more fewer). Two
+pairs of one expert read its weights twice, so it serves only steps with few pairs.
 """
 
 from __future__ import annotations
@@ -79,6 +85,12 @@ def expert_matmul(x: torch.Tensor, w: torch.Tensor, ends: torch.Tensor) -> torch
     x = x.contiguous()
     block_n, block_k = (32, 128) if x.dtype != torch.float32 else (32, 64)
     grid = (E, triton.cdiv(N, block_n))
+    with torch.cuda.device(x.device):  # Triton launches on the current device
+        _launch_sorted(grid, x, w, out, ends, N, K, block_n, block_k)
+    return out
+
+
+def _launch_sorted(grid, x, w, out, ends, N, K, block_n, block_k) -> None:
     _experts_kernel[grid](
         x,
         w,
@@ -94,4 +106,86 @@ def expert_matmul(x: torch.Tensor, w: torch.Tensor, ends: torch.Tensor) -> torch
         IEEE=x.dtype == torch.float32,
         num_warps=4,
     )
+
+
+if AVAILABLE:
+
+    @triton.jit
+    def _pair_kernel(
+        x_ptr,  # [n / GROUP, K]: pair p reads row p // GROUP
+        ids_ptr,  # [n] expert of each pair (< 0: none; the output row is zeros)
+        w_ptr,  # [E, N (x 2 with GLU: gate rows, then up rows), K], K contiguous
+        out_ptr,  # [n, N]
+        N,
+        K,
+        stride_we,
+        stride_wn,
+        GROUP: tl.constexpr,
+        GLU: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+    ):
+        p = tl.program_id(0)
+        rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = rn < N
+        e = tl.load(ids_ptr + p)
+        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        up = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        dtype = out_ptr.dtype.element_ty
+        if e >= 0:
+            x_row = x_ptr + (p // GROUP).to(tl.int64) * K
+            w = w_ptr + e.to(tl.int64) * stride_we + rn[:, None].to(tl.int64) * stride_wn
+            for k0 in range(0, K, BLOCK_K):
+                kk = k0 + tl.arange(0, BLOCK_K)
+                k_ok = kk < K
+                xk = tl.load(x_row + kk, mask=k_ok, other=0.0).to(tl.float32)
+                ok = n_ok[:, None] & k_ok[None, :]
+                acc += tl.sum(tl.load(w + kk[None, :], mask=ok, other=0.0).to(tl.float32) * xk[None, :], 1)
+                if GLU:
+                    wu = tl.load(w + N * stride_wn + kk[None, :], mask=ok, other=0.0).to(tl.float32)
+                    up += tl.sum(wu * xk[None, :], 1)
+            if GLU:  # rounded as the unfused path rounds: gate, up, silu(gate), the product
+                gate = acc.to(dtype).to(tl.float32)
+                act = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
+                acc = act * up.to(dtype).to(tl.float32)
+        tl.store(out_ptr + p.to(tl.int64) * N + rn, acc.to(dtype), mask=n_ok)
+
+
+PAIR_CONFIG = {"block_n": 8, "block_k": 256, "num_warps": 8}  # best on H100 (benchmarks/kernels.py)
+
+
+def pair_matmul(
+    x: torch.Tensor, w: torch.Tensor, ids: torch.Tensor, group: int = 1, glu: bool = False, **config
+):
+    """Pair p (expert ids[p], row x[p // group]) -> out[p] = x[p // group] @ w[ids[p]]^T, [n, N];
+    glu: w holds gate rows then up rows ([E, 2N, K]) and out[p] = silu(gate) * up. ids < 0 give
+    zero rows."""
+    n = ids.shape[0]
+    E, rows, K = w.shape
+    N = rows // 2 if glu else rows
+    out = torch.empty(n, N, dtype=x.dtype, device=x.device)
+    if n == 0:
+        return out
+    cfg = {**PAIR_CONFIG, **config}
+    grid = (n, triton.cdiv(N, cfg["block_n"]))
+    with torch.cuda.device(x.device):  # Triton launches on the current device
+        _launch_pairs(grid, x, ids, w, out, N, K, group, glu, cfg)
     return out
+
+
+def _launch_pairs(grid, x, ids, w, out, N, K, group, glu, cfg) -> None:
+    _pair_kernel[grid](
+        x.contiguous(),
+        ids.contiguous(),
+        w,
+        out,
+        N,
+        K,
+        w.stride(0),
+        w.stride(1),
+        GROUP=group,
+        GLU=glu,
+        BLOCK_N=cfg["block_n"],
+        BLOCK_K=cfg["block_k"],
+        num_warps=cfg["num_warps"],
+    )

@@ -139,6 +139,7 @@ class DraftModelProposer:
         max_tokens_per_seq: int = 8,
     ):
         self.model = model
+        model.fuse_projections()
         self.device = model.lm_head.weight.device
         self.max_model_len = max_model_len
         self.top_n = top_n

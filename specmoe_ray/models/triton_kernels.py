@@ -1,0 +1,266 @@
+"""Triton kernels for the static (CUDA-graph) steps: decode attention and softmax routing.
+
+Both replace several small library kernels that, at decode sizes, cost far more than their
+bytes (benchmarks/RESULTS.md, kernel table of a batch-1 step): SDPA over a gathered copy of the
+cache (a gather plus a ~11 us attention kernel for 512 KB of keys) and top-k routing (softmax,
+a radix top-k and a bitonic sort, ~10 us for 128 numbers per token).
+
+- `decode_attention`: queries of a padded batch (B sequences x Tq tokens) attend to their
+  sequence's keys read straight from the cache (`KVCache.kv[layer]`, by slot: no gathered
+  copy), causal by position, optionally within a sliding window. One program per (sequence,
+  KV head) holds the G query heads of that KV head for all Tq tokens (grouped-query attention
+  without expanding K/V); long caches split the keys over several programs (flash-decoding)
+  and a second kernel merges them. Online softmax in float32.
+- `softmax_topk`: one program per token: float32 softmax over the experts, then k rounds of
+  arg-max, weights renormalised over the k if asked.
+
+Used only on CUDA inside static steps (`fused.active()`), where CPU tests check the same
+static batches against SDPA and torch.topk; `tests/gpu` checks the kernels against them.
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU wheels of torch come without Triton
+    triton = None
+
+AVAILABLE = triton is not None
+# Switches for benchmarks/kernels.py's ablations (each kernel off = the library path it replaces).
+ATTENTION = ROUTING = True
+
+if AVAILABLE:
+
+    @triton.jit
+    def _attention_kernel(
+        q_ptr,  # [B * Tq, H, HD]
+        kv_ptr,  # [slots, 2, Hkv, Lmax, HD]
+        slots_ptr,  # [B]
+        qpos_ptr,  # [B, Tq]
+        out_ptr,  # [B * Tq, H, HD] (SPLITS == 1)
+        part_ptr,  # [B, Hkv, SPLITS, BLOCK_M, HD] float32 (SPLITS > 1)
+        ml_ptr,  # [B, Hkv, SPLITS, 2, BLOCK_M] float32: running max, sum
+        stride_qn,
+        stride_qh,
+        stride_s,
+        stride_c,
+        stride_h,
+        stride_l,
+        Tq,
+        G,
+        window,
+        scale,
+        chunk,
+        HD: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_L: tl.constexpr,
+        SPLITS: tl.constexpr,
+        WINDOW: tl.constexpr,
+        PRECISION: tl.constexpr,  # "ieee" for float32 (no TF32), else "tf32" (unused by 16-bit dots)
+    ):
+        b = tl.program_id(0)
+        kvh = tl.program_id(1)
+        z = tl.program_id(2)
+        H = tl.num_programs(1) * G
+        rm = tl.arange(0, BLOCK_M)  # row = g * Tq + t
+        row_ok = rm < G * Tq
+        g, t = rm // Tq, rm % Tq
+        n = b * Tq + t
+        hq = kvh * G + g
+        rd = tl.arange(0, HD)
+        q_rows = q_ptr + n[:, None] * stride_qn + hq[:, None] * stride_qh
+        q = tl.load(q_rows + rd[None, :], mask=row_ok[:, None], other=0.0)
+        qpos = tl.load(qpos_ptr + b * Tq + t, mask=row_ok, other=-1)
+        end = tl.load(qpos_ptr + b * Tq + Tq - 1) + 1  # positions ascend within a sequence
+        slot = tl.load(slots_ptr + b).to(tl.int64)
+        k_base = kv_ptr + slot * stride_s + kvh * stride_h
+        lo = z * chunk
+        hi = tl.minimum(end, lo + chunk)
+        m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+        l_i = tl.zeros((BLOCK_M,), tl.float32)
+        acc = tl.zeros((BLOCK_M, HD), tl.float32)
+        for start in range(lo, hi, BLOCK_L):
+            kp = start + tl.arange(0, BLOCK_L)
+            k_ok = kp < hi
+            offs = kp[:, None] * stride_l + rd[None, :]
+            k = tl.load(k_base + offs, mask=k_ok[:, None], other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+            ok = k_ok[None, :] & (kp[None, :] <= qpos[:, None])
+            if WINDOW:
+                ok = ok & (kp[None, :] > qpos[:, None] - window)
+            s = tl.where(ok, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp(m_i - m_safe)
+            p = tl.exp(s - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(k_base + stride_c + offs, mask=k_ok[:, None], other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            m_i = m_new
+        if SPLITS == 1:
+            o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+            dst = out_ptr + n[:, None] * (H * HD) + hq[:, None] * HD + rd[None, :]
+            tl.store(dst, o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+        else:
+            base = (b * tl.num_programs(1) + kvh) * SPLITS + z
+            tl.store(part_ptr + (base * BLOCK_M + rm[:, None]) * HD + rd[None, :], acc)
+            tl.store(ml_ptr + (base * 2) * BLOCK_M + rm, m_i)
+            tl.store(ml_ptr + (base * 2 + 1) * BLOCK_M + rm, l_i)
+
+    @triton.jit
+    def _merge_kernel(
+        part_ptr,
+        ml_ptr,
+        out_ptr,
+        Tq,
+        G,
+        HD: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        SPLITS: tl.constexpr,
+    ):
+        b = tl.program_id(0)
+        kvh = tl.program_id(1)
+        H = tl.num_programs(1) * G
+        rm = tl.arange(0, BLOCK_M)
+        rd = tl.arange(0, HD)
+        first = (b * tl.num_programs(1) + kvh) * SPLITS
+        m = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+        for z in range(SPLITS):
+            m = tl.maximum(m, tl.load(ml_ptr + ((first + z) * 2) * BLOCK_M + rm))
+        m_safe = tl.where(m == float("-inf"), 0.0, m)
+        l_sum = tl.zeros((BLOCK_M,), tl.float32)
+        acc = tl.zeros((BLOCK_M, HD), tl.float32)
+        for z in range(SPLITS):
+            w = tl.exp(tl.load(ml_ptr + ((first + z) * 2) * BLOCK_M + rm) - m_safe)
+            l_sum += w * tl.load(ml_ptr + ((first + z) * 2 + 1) * BLOCK_M + rm)
+            acc += w[:, None] * tl.load(part_ptr + ((first + z) * BLOCK_M + rm[:, None]) * HD + rd[None, :])
+        o = acc / tl.where(l_sum > 0, l_sum, 1.0)[:, None]
+        row_ok = rm < G * Tq
+        n = b * Tq + rm % Tq
+        hq = kvh * G + rm // Tq
+        dst = out_ptr + n[:, None] * (H * HD) + hq[:, None] * HD + rd[None, :]
+        tl.store(dst, o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+
+    @triton.jit
+    def _softmax_topk_kernel(
+        logits_ptr,  # [T, E]
+        w_ptr,  # [T, K]
+        ids_ptr,  # [T, K] int64
+        E,
+        K: tl.constexpr,
+        BLOCK_E: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        RENORM: tl.constexpr,
+    ):
+        t = tl.program_id(0).to(tl.int64)
+        re = tl.arange(0, BLOCK_E)
+        x = tl.load(logits_ptr + t * E + re, mask=re < E, other=float("-inf")).to(tl.float32)
+        p = tl.exp(x - tl.max(x, 0))
+        p = p / tl.sum(p, 0)
+        p = tl.where(re < E, p, -1.0)
+        rk = tl.arange(0, BLOCK_K)
+        vals = tl.zeros((BLOCK_K,), tl.float32)
+        idx = tl.zeros((BLOCK_K,), tl.int64)
+        for i in tl.static_range(K):
+            best = tl.max(p, 0)
+            at = tl.min(tl.where(p == best, re, BLOCK_E), 0)  # the lowest index among ties
+            vals = tl.where(rk == i, best, vals)
+            idx = tl.where(rk == i, at.to(tl.int64), idx)
+            p = tl.where(re == at, -1.0, p)
+        if RENORM:
+            vals = vals / tl.sum(vals, 0)
+        tl.store(w_ptr + t * K + rk, vals.to(w_ptr.dtype.element_ty), mask=rk < K)
+        tl.store(ids_ptr + t * K + rk, idx, mask=rk < K)
+
+
+def attention_supported(q: torch.Tensor, head_dim: int) -> bool:
+    return ATTENTION and AVAILABLE and q.is_cuda and head_dim in (64, 128, 256)
+
+
+def routing_supported(logits: torch.Tensor) -> bool:
+    return ROUTING and AVAILABLE and logits.is_cuda
+
+
+def decode_attention(
+    q: torch.Tensor,
+    kv: torch.Tensor,
+    slots: torch.Tensor,
+    query_positions: torch.Tensor,
+    kv_len: int,
+    window: int | None,
+) -> torch.Tensor:
+    """q [B * Tq, H, hd] (padded batch, rope applied), kv [slots, 2, Hkv, Lmax, hd] one layer of
+    the cache, slots [B], query_positions [B, Tq], kv_len: keys per sequence at most (the step's
+    bucket; the loop stops at each sequence's last query) -> [B * Tq, H * hd], softmax(q k^T /
+    sqrt(hd)) v over keys at positions <= the query's (and > position - window)."""
+    B, Tq = query_positions.shape
+    q = q if q.stride(2) == 1 else q.contiguous()
+    H, hd = q.shape[1], q.shape[2]
+    Hkv = kv.shape[2]
+    G = H // Hkv
+    block_m = max(16, triton.next_power_of_2(G * Tq))
+    block_l = 64 if hd <= 128 else 32
+    # Enough programs to keep the GPU's memory busy: split long caches over several (flash-decoding).
+    splits = max(1, min(16, kv_len // 256, 128 // (B * Hkv)))
+    chunk = triton.cdiv(triton.cdiv(kv_len, splits), block_l) * block_l
+    out = torch.empty(B * Tq, H * hd, dtype=q.dtype, device=q.device)
+    if splits > 1:
+        part = torch.empty(B, Hkv, splits, block_m, hd, dtype=torch.float32, device=q.device)
+        ml = torch.empty(B, Hkv, splits, 2, block_m, dtype=torch.float32, device=q.device)
+    else:
+        part = ml = out
+    with torch.cuda.device(q.device):
+        _attention_kernel[(B, Hkv, splits)](
+            q,
+            kv,
+            slots,
+            query_positions,
+            out,
+            part,
+            ml,
+            q.stride(0),
+            q.stride(1),
+            kv.stride(0),
+            kv.stride(1),
+            kv.stride(2),
+            kv.stride(3),
+            Tq,
+            G,
+            window or 0,
+            hd**-0.5,
+            chunk,
+            HD=hd,
+            BLOCK_M=block_m,
+            BLOCK_L=block_l,
+            SPLITS=splits,
+            WINDOW=window is not None,
+            PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+            num_warps=4,
+        )
+        if splits > 1:
+            _merge_kernel[(B, Hkv)](part, ml, out, Tq, G, HD=hd, BLOCK_M=block_m, SPLITS=splits, num_warps=4)
+    return out
+
+
+def softmax_topk(logits: torch.Tensor, top_k: int, renorm: bool, dtype: torch.dtype):
+    """logits [T, E] -> weights [T, k] (softmax in float32, renormalised over the k if asked,
+    in `dtype`) and int64 expert ids [T, k], largest first."""
+    T, E = logits.shape
+    weights = torch.empty(T, top_k, dtype=dtype, device=logits.device)
+    ids = torch.empty(T, top_k, dtype=torch.long, device=logits.device)
+    if T:
+        with torch.cuda.device(logits.device):
+            _softmax_topk_kernel[(T,)](
+                logits.contiguous(),
+                weights,
+                ids,
+                E,
+                K=top_k,
+                BLOCK_E=triton.next_power_of_2(E),
+                BLOCK_K=triton.next_power_of_2(top_k),
+                RENORM=renorm,
+            )
+    return weights, ids
