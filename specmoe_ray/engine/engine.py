@@ -13,6 +13,7 @@ is a proposer object (local, or a client of a remote draft pool).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import time
@@ -66,6 +67,8 @@ class Engine:
         self.config.validate(model.args.max_position_embeddings)
         self.max_model_len = self.config.max_model_len
         self.model = model
+        model.fuse_projections()
+        self._empty_proposals: dict[int, rejection.DraftProposal] = {}
         self.args = model.args
         self.device = model.lm_head.weight.device
         self.tokenizer = tokenizer
@@ -215,6 +218,11 @@ class Engine:
 
     def step(self) -> list[RequestOutput]:
         """One target forward over every scheduled sequence; outputs of those that emitted tokens."""
+        # Streams, events, graphs and Triton launches follow the current device: make it ours.
+        with torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext():
+            return self._step()
+
+    def _step(self) -> list[RequestOutput]:
         self._maybe_autoscale()
         scheduled = self.scheduler.schedule()
         if not scheduled:
@@ -386,7 +394,9 @@ class Engine:
     def _propose(self, samplers: list[ScheduledSeq], k: int):
         """Up to k draft tokens per sampling sequence -> ({id(s): drafts}, proposal, seconds)."""
         if not k:
-            return {}, empty_proposal(len(samplers), self.device), 0.0
+            if len(samplers) not in self._empty_proposals:  # read-only: one per batch size
+                self._empty_proposals[len(samplers)] = empty_proposal(len(samplers), self.device)
+            return {}, self._empty_proposals[len(samplers)], 0.0
         requests = []
         for s in samplers:
             seq = s.seq

@@ -103,6 +103,7 @@ class StepGraphs:
         self._graphs: dict[tuple[int, int, int], torch.cuda.CUDAGraph] = {}
         self._pool = torch.cuda.graph_pool_handle() if self.capture else None
         self.backends = self._find_backends()
+        self._backend_version = getattr(model, "backend_version", 0)
         self.num_replays = 0
 
     def _find_backends(self) -> dict[int, tuple[object, int]]:
@@ -116,6 +117,10 @@ class StepGraphs:
 
     def _check_backends(self) -> None:
         """A re-formed shard group is a new backend: graphs captured with the old one are dropped."""
+        version = getattr(self.model, "backend_version", 0)
+        if version == self._backend_version:
+            return
+        self._backend_version = version
         current = self._find_backends()
         if current.keys() != self.backends.keys():
             self.backends = current
@@ -219,6 +224,11 @@ class StepGraphs:
         self._static[key] = (batch, mask)
         if not self.capture:
             return
+        with torch.cuda.device(self.device):  # streams, graphs and Triton launches on the model's GPU
+            self._capture(key, batch, mask)
+
+    def _capture(self, key: tuple[int, int, int], batch: ForwardBatch, mask: torch.Tensor) -> None:
+        B, Tq, L = key
         # Warm up and capture on an all-padding batch: every write goes to the scratch slot.
         self._upload(B, Tq, [], [], [], [])
         stream = torch.cuda.Stream(self.device)
@@ -256,7 +266,8 @@ class StepGraphs:
             self._graphs[key].replay()
             self.num_replays += 1
         else:
-            self._run(*self._static[key])
+            with torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext():
+                self._run(*self._static[key])
         # Count the real (token, expert) pairs only: padding was computed, not asked for.
         real = sum(len(f) for f in feeds) * self.model.args.num_experts_per_tok
         for i, (backend, num_layers) in self.backends.items():

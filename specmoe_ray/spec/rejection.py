@@ -76,6 +76,11 @@ def verify(
     if len(params) != B or len(generators) != B:
         raise ValueError(f"need {B} params and generators, got {len(params)} and {len(generators)}")
     dev = target_logits.device
+    if k == 0 and all(p.greedy for p in params):  # plain greedy decoding: two kernels
+        return VerifyResult(
+            tokens=target_logits[:, 0].argmax(dim=-1, keepdim=True),
+            num_accepted=torch.zeros(B, dtype=torch.long, device=dev),
+        )
     drafts = proposal.tokens.to(dev)  # [B, k]
     num_draft = proposal.num_draft.to(dev)  # [B]
     valid = torch.arange(k, device=dev) < num_draft[:, None]  # [B, k]
