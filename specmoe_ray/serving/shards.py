@@ -113,6 +113,11 @@ class ExpertShard:
                 self.device,
                 layers=sorted(self.args.moe_layers),
             )
+        except Exception:
+            # Logged now: rank 0 sees only a collective that times out (NCCL) or fails (gloo),
+            # and the serve() result that carries this error is read after that.
+            log.exception("expert shard rank %d stopped serving", self.rank)
+            raise
         finally:
             dist.destroy_process_group()
         return self.served
@@ -132,6 +137,7 @@ class ShardGroup:
     ):
         self.path, self.plan, self.hidden_size, self.dtype = path, plan, hidden_size, dtype
         self.device = "cuda" if device.startswith("cuda") else "cpu"  # the shards' kind of device
+        self.local_device = torch.device(device)  # the engine's own (rank 0's collectives, local shard)
         self.options = options or ShardOptions()
         self.actors: list[Any] = []
         self.serve_refs: list[Any] = []
@@ -226,9 +232,10 @@ class ShardGroup:
         port = _free_port()
         self.serve_refs = [a.serve.remote(addr, port, opt.collective_timeout_s) for a in self.actors]
         backend = "nccl" if self.device == "cuda" else "gloo"
-        kwargs = {}
-        if backend == "nccl":
-            kwargs["device_id"] = torch.device("cuda", torch.cuda.current_device())
+        local = self.local_device
+        if backend == "nccl" and local.index is None:
+            local = torch.device("cuda", torch.cuda.current_device())
+        kwargs = {"device_id": local} if backend == "nccl" else {}
         try:
             dist.init_process_group(
                 backend,
@@ -245,9 +252,7 @@ class ShardGroup:
                 f"expert shards did not join the process group at {addr}:{port} within "
                 f"{opt.collective_timeout_s:g}s ({type(e).__name__}: {e}){detail}"
             ) from e
-        device = (
-            torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
-        )
+        device = local if backend == "nccl" else torch.device("cpu")
         self.dispatch = DistributedDispatch(
             self.plan, self.hidden_size, self.dtype, device, self._load_local(device)
         )

@@ -7,11 +7,14 @@ import torch
 from conftest import PROMPTS, hf_greedy
 
 from specmoe_ray import Engine, SamplingParams
+from specmoe_ray.serving.shards import ShardOptions
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 NEW = 24
 GREEDY = SamplingParams(max_tokens=NEW, temperature=0.0, ignore_eos=True)
+# A shard that fails surfaces within seconds, not after the default 2-minute collective timeout.
+FAIL_FAST = ShardOptions(collective_timeout_s=30)
 
 
 @pytest.mark.parametrize("arch", ["qwen3_moe", "qwen2_moe", "mixtral", "olmoe"])
@@ -43,7 +46,12 @@ def test_nccl_shards_equal_one_gpu_and_transformers(checkpoints):
             with Engine.from_pretrained(path, device=f"cuda:{n - 1}", max_model_len=128) as engine:
                 one_gpu = [o.token_ids for o in engine.generate(PROMPTS, GREEDY)]
             with Engine.from_pretrained(
-                path, device=f"cuda:{n - 1}", num_shards=n - 1, draft="ngram", max_model_len=128
+                path,
+                device=f"cuda:{n - 1}",
+                num_shards=n - 1,
+                draft="ngram",
+                max_model_len=128,
+                shard_options=FAIL_FAST,
             ) as engine:
                 sharded = [o.token_ids for o in engine.generate(PROMPTS, GREEDY)]
                 stats = engine.stats()["shards"]
@@ -60,8 +68,6 @@ def test_nccl_local_shard_and_static_exchange(checkpoints):
     exchanges over NCCL ("padded" steps) and the dynamic ones (prefill): == transformers."""
     import ray
 
-    from specmoe_ray.serving.shards import ShardOptions
-
     n = torch.cuda.device_count()
     ray.init(num_gpus=n - 1, num_cpus=8, include_dashboard=False)
     try:
@@ -75,7 +81,7 @@ def test_nccl_local_shard_and_static_exchange(checkpoints):
                 draft="ngram",
                 max_model_len=128,
                 step_graphs=steps,
-                shard_options=ShardOptions(local_shard=True),
+                shard_options=ShardOptions(local_shard=True, collective_timeout_s=30),
             ) as engine:
                 got = [o.token_ids for o in engine.generate(PROMPTS, GREEDY)]
                 sent = engine.stats()["expert_tokens_per_shard"]
@@ -166,9 +172,10 @@ def test_cuda_graph_steps_with_mla():
                 assert [o.token_ids for o in engine.generate(prompts, GREEDY)] == ref, mode
 
 
+@pytest.mark.parametrize("path", ["pairs", "sorted"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("n", [1, 8, 40, 300])
-def test_triton_experts_equal_float64_reference(dtype, n):
+def test_triton_experts_equal_float64_reference(dtype, n, path):
     """The Triton expert kernel (few rows per expert: decode/verify) against float64 per-row math,
     including an expert with more rows than one 16-row block and experts with none."""
     import torch.nn.functional as F
@@ -185,12 +192,42 @@ def test_triton_experts_equal_float64_reference(dtype, n):
     ids = torch.randint(0, E, (n,), generator=g)
     ids[: min(n, 20)] = 5  # 20 rows on one expert: two 16-row blocks
     experts = LocalExperts(list(range(E)), gate_up.cuda().to(dtype), down.cuda().to(dtype), E)
-    experts.triton_max_rows_per_expert = 10**6  # always the kernel, whatever n
+    experts.triton_max_rows_per_expert = 10**6  # always a Triton kernel, whatever n
+    experts.triton_max_pairs = 10**6 if path == "pairs" else 0
     out = experts(x.cuda().to(dtype), ids.cuda()).double().cpu()
     ref = torch.empty(n, D, dtype=torch.float64)
     for i in range(n):
         gate, up = F.linear(x[i].double(), gate_up[ids[i]].double()).chunk(2)
         ref[i] = F.linear(F.silu(gate) * up, down[ids[i]].double())
+    rel = ((out - ref).norm() / ref.norm()).item()
+    assert rel < (1e-5 if dtype == torch.float32 else 2e-2), rel
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_pair_kernel_reads_token_rows_and_skips_experts_not_held(dtype):
+    """The per-pair kernel with `group` pairs per token row (what the MoE block passes: no
+    expanded copy of the tokens), experts of a subset (others give zero rows), fused silu * up."""
+    import torch.nn.functional as F
+
+    from specmoe_ray.moe.experts import LocalExperts
+
+    g = torch.Generator().manual_seed(3)
+    E, D, I, T, A = 16, 320, 200, 5, 4  # widths that are not multiples of the blocks
+    held = [1, 2, 3, 5, 8, 13]
+    gate_up = torch.randn(len(held), 2 * I, D, generator=g) / D**0.5
+    down = torch.randn(len(held), D, I, generator=g) / I**0.5
+    x = torch.randn(T, D, generator=g)
+    ids = torch.stack([torch.randperm(E, generator=g)[:A] for _ in range(T)]).reshape(-1)
+    experts = LocalExperts(held, gate_up.cuda().to(dtype), down.cuda().to(dtype), E)
+    assert experts.triton and experts.triton_max_pairs >= T * A
+    out = experts(x.cuda().to(dtype), ids.cuda(), group=A).double().cpu()
+    ref = torch.zeros(T * A, D, dtype=torch.float64)
+    for p, e in enumerate(ids.tolist()):
+        if e in held:
+            i = held.index(e)
+            gate, up = F.linear(x[p // A].double(), gate_up[i].double()).chunk(2)
+            ref[p] = F.linear(F.silu(gate) * up, down[i].double())
+    assert (out[ref.abs().sum(1) == 0] == 0).all()
     rel = ((out - ref).norm() / ref.norm()).item()
     assert rel < (1e-5 if dtype == torch.float32 else 2e-2), rel
 
@@ -223,3 +260,48 @@ def test_mtp_drafting_on_cuda_graphs():
                 if mode == "auto":
                     assert engine.graphs.hidden and engine.graphs.num_replays > 0
                     assert engine.stats()["acceptance_rate"] > 0.4
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "B,Tq,L,window", [(1, 1, 256, None), (3, 4, 300, None), (2, 2, 1200, None), (3, 3, 200, 50)]
+)
+def test_decode_attention_kernel_equals_float64_reference(dtype, B, Tq, L, window):
+    """The static steps' attention kernel (keys read from the cache by slot, grouped query heads,
+    causal by position, sliding window, long caches split and merged) against float64 math."""
+    from specmoe_ray.models.triton_kernels import decode_attention
+
+    g = torch.Generator().manual_seed(B * Tq + L)
+    H, Hkv, hd, S, Lmax = 8, 2, 128, 5, 2048
+    G = H // Hkv
+    kv = torch.randn(S + 1, 2, Hkv, Lmax, hd, generator=g).to(dtype)
+    q = torch.randn(B * Tq, H, hd, generator=g).to(dtype)
+    slots = [4, 0, 2][:B]
+    lasts = [L - 1, L // 2, 17][:B]  # each sequence's last query position
+    qpos = torch.tensor([[p - Tq + 1 + t for t in range(Tq)] for p in lasts])
+    out = decode_attention(q.cuda(), kv.cuda(), torch.tensor(slots).cuda(), qpos.cuda(), L, window)
+    out = out.double().cpu().view(B * Tq, H, hd)
+    ref = torch.empty(B * Tq, H, hd, dtype=torch.float64)
+    for b in range(B):
+        for t in range(Tq):
+            p = int(qpos[b, t])
+            lo = 0 if window is None else max(0, p - window + 1)
+            for h in range(H):
+                keys = kv[slots[b], 0, h // G, lo : p + 1].double()
+                values = kv[slots[b], 1, h // G, lo : p + 1].double()
+                att = torch.softmax(keys @ q[b * Tq + t, h].double() / hd**0.5, dim=0)
+                ref[b * Tq + t, h] = att @ values
+    rel = ((out - ref).norm() / ref.norm()).item()
+    assert rel < (1e-5 if dtype == torch.float32 else 2e-2), rel
+
+
+@pytest.mark.parametrize("E,renorm", [(128, True), (60, False)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_softmax_topk_kernel_equals_torch(E, renorm, dtype):
+    from specmoe_ray.models import fused, triton_kernels
+
+    logits = torch.randn(37, E, generator=torch.Generator().manual_seed(E)).to(dtype)
+    weights, ids = triton_kernels.softmax_topk(logits.cuda(), 8, renorm, torch.float32)
+    ref_w, ref_ids = fused.softmax_topk.__wrapped__(logits, 8, renorm, logits, False)
+    assert torch.equal(ids.cpu(), ref_ids)
+    torch.testing.assert_close(weights.cpu(), ref_w, rtol=1e-5, atol=1e-7)
