@@ -292,6 +292,7 @@ def bench_shape(a, device: str, dtype: torch.dtype, bandwidth: float) -> dict[st
         "graphs": dict(step_graphs="auto" if device != "cpu" else "padded"),
         "ngram": dict(step_graphs="auto" if device != "cpu" else "padded", ngram=True),
     }
+    variants = {k: v for k, v in variants.items() if k in a.variants or k == "graphs"}  # graphs: the sweep
     sweep_engine = None
     for name, v in variants.items():
         proposer = NgramProposer(device=device) if v.pop("ngram", False) else None
@@ -440,6 +441,9 @@ def main(argv=None) -> dict[str, Any]:
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip-demo", action="store_true")
+    p.add_argument(
+        "--variants", nargs="+", default=["eager", "graphs", "ngram"], help="our engine's runs in (a)"
+    )
     p.add_argument("--skip-shape", action="store_true", help="only (b), the demo pair")
     p.add_argument(
         "--gpus", type=int, nargs="+", default=[1], help="devices holding experts for (a): 1 = in-process"

@@ -1,0 +1,235 @@
+"""Where a step's GPU time goes, kernel by kernel, and the expert kernels' block sizes.
+
+(1) `--layers` layers of the Qwen3-30B-A3B shape (random bf16 weights; every layer costs the
+same, so a few show the per-layer picture in seconds), our engine's CUDA graph of one step of B
+sequences x T tokens at --context cached tokens: replay time, then torch.profiler over replays
+(and over the same static step run eagerly, whose kernels are the same) grouped by kernel name:
+launches and GPU microseconds per step. Then whole engine steps at batch 1 (host included).
+
+(2) The expert stage alone at T tokens (random top-8 routing, 4 layers' weights in turn so no
+weights stay in L2), each variant replayed from a CUDA graph: the sorted Triton kernel, the
+per-pair kernel for several block sizes, the grouped GEMM; floor = the distinct experts' bytes /
+copy bandwidth.
+
+    python benchmarks/kernels.py --layers 4 --batch 1 --tq 1 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from collections import defaultdict
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from decode import qwen3_30b_a3b_config  # noqa: E402
+from gpu import copy_bandwidth, engine_on_hf_weights, ours_run, profile_steps, prompts_for  # noqa: E402
+
+from specmoe_ray.engine.graph import StepGraphs  # noqa: E402
+from specmoe_ray.models import triton_kernels  # noqa: E402
+from specmoe_ray.moe import triton_experts  # noqa: E402
+from specmoe_ray.moe.experts import LocalExperts  # noqa: E402
+
+
+def graph_ms(fn, reps: int = 20) -> float:
+    """Median ms of fn() replayed from a CUDA graph (captured after a warm-up)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def graph_replay_ms(graphs: StepGraphs, key, reps: int = 20) -> float:
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graphs._graphs[key].replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def kernel_table(fn, steps: int) -> tuple[list[tuple[str, int, float]], float]:
+    """Profile `steps` calls of fn: [(kernel name, launches per step, us per step)], total us."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            fn()
+        torch.cuda.synchronize()
+    count, total = defaultdict(int), defaultdict(float)
+    for e in prof.events():
+        if str(getattr(e, "device_type", "")).endswith("CUDA") and e.time_range.elapsed_us() > 0:
+            count[e.name] += 1
+            total[e.name] += e.time_range.elapsed_us()
+    rows = sorted(((n, count[n] / steps, total[n] / steps) for n in count), key=lambda r: -r[2])
+    return rows, sum(total.values()) / steps
+
+
+def print_table(title: str, rows, total: float, layers: int, top: int = 30) -> None:
+    launches = sum(r[1] for r in rows)
+    print(f"  {title}: {launches:.0f} kernels ({launches / layers:.1f} per layer), {total:.0f} us of kernels")
+    for name, n, us in rows[:top]:
+        print(f"    {us:8.1f} us  {100 * us / max(total, 1e-9):5.1f}%  x{n:5.1f}  {name[:100]}")
+
+
+def step_profile(a, bandwidth: float) -> None:
+    from transformers import AutoModelForCausalLM
+
+    cfg = qwen3_30b_a3b_config()
+    cfg.num_hidden_layers = a.layers
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        hf = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).eval()
+    engine = engine_on_hf_weights(hf, max_num_seqs=max(a.batch), max_model_len=a.context + 16)
+    graphs = StepGraphs(engine.model, engine.cache, max(a.batch), max(a.tq), capture=True)
+    print(f"(1) {a.layers} layers of qwen3-30b-a3b, context {a.context}")
+    for B in a.batch:
+        slots = [engine.cache.allocate() for _ in range(B)]
+        for T in a.tq:
+            feeds = torch.randint(1, cfg.vocab_size, (B, T)).tolist()
+            key = graphs.key(B, T, a.context + T)
+            args = (key, feeds, [a.context] * B, slots, [0] * B)
+            graphs.run(*args)  # capture
+            ms = graph_replay_ms(graphs, key)
+            print(f" B={B} T={T}: replay {ms:.3f} ms ({1e3 * ms / a.layers:.1f} us per layer)")
+            rows, total = kernel_table(lambda key=key: graphs._graphs[key].replay(), 5)
+            if rows:
+                print_table("replay", rows, total, a.layers)
+            rows, total = kernel_table(lambda key=key: graphs._run(*graphs._static[key]), 5)
+            print_table("same step, eager", rows, total, a.layers)
+        for s in slots:
+            engine.cache.free(s)
+    print(" ablations (replay ms; each one kernel back to the library path it replaces):")
+    variants = {
+        "all": {},
+        "no attention kernel": {"ATTENTION": False},
+        "no routing kernel": {"ROUTING": False},
+    }
+    slots = [engine.cache.allocate()]
+    for T in a.tq:
+        feeds = torch.randint(1, cfg.vocab_size, (1, T)).tolist()
+        line = []
+        for name, flags in variants.items():
+            saved = {k: getattr(triton_kernels, k) for k in flags}
+            for k, v in flags.items():
+                setattr(triton_kernels, k, v)
+            g2 = StepGraphs(engine.model, engine.cache, 1, max(a.tq), capture=True)
+            key = g2.key(1, T, a.context + T)
+            g2.run(key, feeds, [a.context], slots, [0])
+            ms = graph_replay_ms(g2, key)
+            for k, v in saved.items():
+                setattr(triton_kernels, k, v)
+            line.append(f"{name} {ms:.3f}")
+        print(f"  B=1 T={T}: " + ", ".join(line))
+    engine.cache.free(slots[0])
+    rows = prompts_for(1, 32, cfg.vocab_size, 0)
+    run = ours_run(engine, rows, 64)
+    run()
+    before = engine.stats()
+    t0 = time.perf_counter()
+    n = run()
+    torch.cuda.synchronize()
+    dt = time.perf_counter() - t0
+    steps = engine.stats()["num_steps"] - before["num_steps"]
+    print(f" engine batch 1: {n / dt:.1f} tok/s, {1e3 * dt / steps:.3f} ms per step (host included)")
+    profile_steps(engine, rows, "cuda")
+
+
+def expert_variants(a, bandwidth: float) -> None:
+    E, D, I, A, n_layers = 128, 2048, 768, 8, 4
+    g = torch.Generator(device="cuda").manual_seed(0)
+    layers = [
+        LocalExperts(
+            list(range(E)),
+            torch.randn(E, 2 * I, D, device="cuda", dtype=torch.bfloat16, generator=g) * 0.02,
+            torch.randn(E, D, I, device="cuda", dtype=torch.bfloat16, generator=g) * 0.02,
+            E,
+        )
+        for _ in range(n_layers)
+    ]
+    expert_bytes = 3 * D * I * 2
+    configs = [
+        dict(block_n=bn, block_k=bk, num_warps=w) for bn in (8, 16, 32) for bk in (256, 512) for w in (4, 8)
+    ]
+    print("(2) expert stage, qwen3-30b-a3b experts, us per layer (graph replay)")
+    for T in a.expert_tokens:
+        x = torch.randn(T, D, device="cuda", dtype=torch.bfloat16, generator=g)
+        ids = torch.stack([torch.randperm(E, device="cuda", generator=g)[:A] for _ in range(T)]).reshape(-1)
+        distinct = ids.unique().numel()
+        floor = 1e3 * distinct * expert_bytes / bandwidth  # ms
+        xs = x[:, None].expand(T, A, D).reshape(-1, D)
+        ref = layers[0](xs, ids).float()
+
+        def sorted_path(x=x, ids=ids):
+            for layer in layers:
+                layer.triton_max_pairs = 0
+                layer(x, ids, A)
+
+        def grouped(x=x, ids=ids):
+            for layer in layers:
+                layer.triton, layer.triton_max_pairs = False, 0
+                layer(x, ids, A)
+                layer.triton = True
+
+        res = {"sorted": graph_ms(sorted_path) / n_layers, "grouped": graph_ms(grouped) / n_layers}
+        for cfg in configs:
+
+            def pairs(cfg=cfg, x=x, ids=ids):
+                for layer in layers:
+                    h = triton_experts.pair_matmul(x, layer.gate_up, ids, group=A, glu=True, **cfg)
+                    triton_experts.pair_matmul(h, layer.down, ids, **cfg)
+
+            res[f"pairs n{cfg['block_n']} k{cfg['block_k']} w{cfg['num_warps']}"] = graph_ms(pairs) / n_layers
+        h = triton_experts.pair_matmul(x, layers[0].gate_up, ids, group=A, glu=True)
+        err = (triton_experts.pair_matmul(h, layers[0].down, ids).float() - ref).norm() / ref.norm()
+        best = min(res, key=res.get)
+        print(f" T={T:2d}: {distinct} experts, floor {1e3 * floor:.1f} us; pairs vs sorted rel err {err:.1e}")
+        for name, ms in sorted(res.items(), key=lambda kv: kv[1]):
+            mark = "  <- best" if name == best else ""
+            print(f"    {1e3 * ms:8.1f} us  {100 * floor / ms:5.1f}% of floor  {name}{mark}")
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--batch", type=int, nargs="+", default=[1])
+    p.add_argument("--tq", type=int, nargs="+", default=[1, 4])
+    p.add_argument("--context", type=int, default=256)
+    p.add_argument("--expert-tokens", type=int, nargs="+", default=[1, 2, 4, 8])
+    p.add_argument("--skip-step", action="store_true")
+    p.add_argument("--skip-experts", action="store_true")
+    a = p.parse_args(argv)
+    print(torch.cuda.get_device_name(), "torch", torch.__version__)
+    bandwidth = copy_bandwidth("cuda")
+    print(f"copy bandwidth {bandwidth / 1e9:.0f} GB/s")
+    if not a.skip_experts:
+        expert_variants(a, bandwidth)
+        torch.cuda.empty_cache()
+    if not a.skip_step:
+        step_profile(a, bandwidth)
+
+
+if __name__ == "__main__":
+    main()
