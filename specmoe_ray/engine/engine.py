@@ -281,6 +281,9 @@ class Engine:
         m.num_steps += 1
         m.draft_time_s += draft_s
         m.verify_time_s += verify_s
+        if key is not None:
+            m.num_static_steps += 1
+            m.static_time_s += verify_s
         m.num_drafted += sum(num_draft)
         m.num_accepted += sum(accepted)
         m.num_verify_rows += len(samplers)

@@ -56,6 +56,9 @@ class EngineMetrics:
     num_verify_rows: int = 0  # (sequence, step) pairs that emitted tokens
     draft_time_s: float = 0.0
     verify_time_s: float = 0.0
+    # Steps of the static (CUDA-graph) path only: decode/verify time without prompt chunks.
+    num_static_steps: int = 0
+    static_time_s: float = 0.0
     num_recoveries: int = 0  # times the expert shard group failed and was re-formed
     num_rescales: int = 0  # autoscaler changes of the shard count
     recovery_time_s: float = 0.0
@@ -71,6 +74,8 @@ class EngineMetrics:
             "tokens_per_step": self.num_generated_tokens / self.num_steps if self.num_steps else None,
             "draft_time_s": self.draft_time_s,
             "verify_time_s": self.verify_time_s,
+            "num_static_steps": self.num_static_steps,
+            "static_time_s": self.static_time_s,
             "num_recoveries": self.num_recoveries,
             "num_rescales": self.num_rescales,
             "recovery_time_s": self.recovery_time_s,
