@@ -328,9 +328,10 @@ class Engine:
         return self.graphs.key(len(scheduled), max(len(f) for f in feeds), kv_len)
 
     def _make_step_graphs(self) -> StepGraphs | None:
-        # With expert shards, static steps exchange fixed-size buffers (moe/dispatch.py) and run
-        # eagerly ("padded"); capturing NCCL exchanges in graphs ("auto") is not validated yet.
-        if self.shard_group is not None and self.config.step_graphs == "auto":
+        # With expert shards, "auto" captures static steps (fixed-size NCCL exchanges, moe/dispatch.py)
+        # only where the shard options ask for it (not yet run on GPUs); else steps run eagerly.
+        shards = self.shard_group
+        if shards is not None and self.config.step_graphs == "auto" and not shards.options.cuda_graphs:
             return None
         # One token per sequence to decode, up to k + 1 to verify.
         return make_step_graphs(

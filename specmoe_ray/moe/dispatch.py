@@ -119,7 +119,7 @@ class LoopbackDispatch(_Masked):
         self.store = store
         store.count = False  # `load` below counts the same pairs
         any_layer = next(iter(store.by_layer.values()))
-        self.load = ExpertLoad(any_layer.to_local.shape[0], any_layer.to_local.device)
+        self.load = ExpertLoad(any_layer.num_experts, any_layer.to_local.device)
         self.num_pairs = 0  # (token, expert) pairs computed, cumulative
 
     def __call__(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
@@ -180,21 +180,12 @@ class DistributedDispatch(_Masked):
         header = [op, arg] + (counts or [0] * self.world_size)
         return torch.tensor(header, dtype=torch.long, device=self.device)
 
-    def _compute_local(self, layer: int, x: torch.Tensor, ids: torch.Tensor, static: bool) -> torch.Tensor:
-        """Rank 0's own rows (shard 0). Static: rows with id -1 are padding; they are computed
-        with some held expert (fixed shapes) and returned unused, but never counted."""
-        experts = self.local.by_layer[str(layer)] if str(layer) in self.local.by_layer else None  # noqa: SIM401
-        if experts is None or x.shape[0] == 0:
+    def _compute_local(self, layer: int, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Rank 0's own rows (shard 0). In static exchanges rows with id -1 are padding: the
+        experts skip them (their output rows go back unused) and count nothing."""
+        if str(layer) not in self.local.by_layer or x.shape[0] == 0:
             return x  # no rows can be routed here
-        if not static:
-            return self.local(layer, x, ids)
-        valid = ids >= 0
-        held = ids.new_tensor(experts.expert_ids[0])
-        counts = self.local.computed.setdefault(
-            layer, torch.zeros(experts.to_local.shape[0], dtype=torch.long, device=x.device)
-        )
-        counts.scatter_add_(0, torch.where(valid, ids, held), valid.long())
-        return experts(x, torch.where(valid, ids, held))
+        return self.local(layer, x, ids)
 
     def _exchange(
         self,
@@ -213,7 +204,7 @@ class DistributedDispatch(_Masked):
         dist.all_to_all_single(received, payload, mine, splits)
         if self.local is not None:
             rx, rids = unpack_rows(received, D, dtype)
-            own = self._compute_local(layer, rx, rids, static)
+            own = self._compute_local(layer, rx, rids)
         else:
             own = torch.empty(0, D, dtype=dtype, device=payload.device)
         results = torch.empty(total, D, dtype=dtype, device=payload.device)
@@ -322,31 +313,43 @@ class DistributedDispatch(_Masked):
 
 
 def serve_experts(
-    store: ExpertStore, rank: int, world_size: int, hidden_size: int, dtype, device, layers=None
+    store: ExpertStore,
+    rank: int,
+    world_size: int,
+    hidden_size: int,
+    dtype,
+    device,
+    layers=None,
+    capture: bool = False,
 ) -> int:
     """A shard's loop: answer rank 0's exchanges until OP_STOP. Returns the number served.
 
     layers: every MoE layer of the model, in forward order (static steps exchange at each one,
-    also where this shard holds no expert); default: the layers this shard holds."""
+    also where this shard holds no expert); default: the layers this shard holds.
+    capture (CUDA): a static forward's exchanges and expert work (fixed sizes, no host sync) are
+    captured in a CUDA graph per row capacity after serving its first forward eagerly, and
+    replayed for the next ones: the shard then costs one launch per forward, not ~20 per layer."""
     device = torch.device(device)
-    layers = sorted(store.held()) if layers is None else list(layers)
+    held = set(store.held())
+    layers = sorted(held) if layers is None else list(layers)
     header = torch.empty(world_size + 2, dtype=torch.long, device=device)  # [op, arg, rows per rank]
     zeros = [0] * world_size
     row_bytes = hidden_size * torch.empty(0, dtype=dtype).element_size() + 8
+    graphs: dict[int, torch.cuda.CUDAGraph] = {}
 
-    def exchange(layer: int, n: int, static: bool) -> None:
+    def exchange(layer: int, n: int) -> None:
         recv_splits = [n] + [0] * (world_size - 1)  # everything comes from (and goes back to) rank 0
         payload = torch.empty(n, row_bytes, dtype=torch.uint8, device=device)
         dist.all_to_all_single(payload, payload.new_empty(0, row_bytes), recv_splits, zeros)
         x, ids = unpack_rows(payload, hidden_size, dtype)
-        if static:  # compute the rows in use; unused ones (id -1) go back as they came
-            y = x.clone()
-            used = (ids >= 0).nonzero()[:, 0]
-            if used.numel():
-                y[used] = store(layer, x[used], ids[used])
-        else:
-            y = store(layer, x, ids) if n else x
+        # Static exchanges: unused rows (id -1) are skipped by the experts and go back unused,
+        # without a host sync.
+        y = store(layer, x, ids) if n and layer in held else x
         dist.all_to_all_single(y.new_empty(0, hidden_size), y.contiguous(), zeros, recv_splits)
+
+    def static_forward(n: int) -> None:
+        for layer in layers:
+            exchange(layer, n)
 
     served = 0
     while True:
@@ -357,8 +360,21 @@ def serve_experts(
         if op == OP_PING:
             continue
         if op == OP_STATIC:  # one forward: every MoE layer, `arg` rows each
-            for layer in layers:
-                exchange(layer, arg, static=True)
+            if arg in graphs:
+                graphs[arg].replay()
+            else:
+                static_forward(arg)  # serves this forward (and warms its graph up)
+                if capture and device.type == "cuda":
+                    graphs[arg] = capture_graph(lambda n=arg: static_forward(n), device)
         else:
-            exchange(arg, counts[rank], static=False)
+            exchange(arg, counts[rank])
         served += 1
+
+
+def capture_graph(fn, device: torch.device) -> torch.cuda.CUDAGraph:
+    """fn's kernels and collectives recorded, not run: nothing reaches the peers until replay.
+    Thread-local capture: the actor's other thread (stats calls) may touch CUDA meanwhile."""
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.device(device), torch.cuda.graph(graph, capture_error_mode="thread_local"):
+        fn()
+    return graph

@@ -23,12 +23,15 @@ class LocalExperts(nn.Module):
         self.expert_ids = list(expert_ids)
         self.gate_up = nn.Parameter(gate_up, requires_grad=False)  # [E_local, 2I, D]
         self.down = nn.Parameter(down, requires_grad=False)  # [E_local, D, I]
-        to_local = torch.full((num_experts,), -1, dtype=torch.long)
+        self.num_experts = num_experts
+        # Global id -> local id; -1 for experts held elsewhere. One entry more, -1 too, so id -1
+        # (padding, e.g. unused rows of a static exchange) maps to -1 without a branch.
+        to_local = torch.full((num_experts + 1,), -1, dtype=torch.long)
         to_local[torch.tensor(self.expert_ids, dtype=torch.long)] = torch.arange(len(self.expert_ids))
         self.register_buffer("to_local", to_local.to(gate_up.device), persistent=False)
         self.identity = self.expert_ids == list(range(num_experts))  # every expert, in order
-        bounds = torch.arange(1, len(self.expert_ids) + 1, device=gate_up.device)
-        self.register_buffer("bounds", bounds, persistent=False)  # for `_ends`
+        bounds = torch.arange(0, len(self.expert_ids) + 1, device=gate_up.device)
+        self.register_buffer("bounds", bounds, persistent=False)  # for `_offsets`
 
         # GPUs: few rows per expert (decode, verify) go to the Triton kernel, which reads each
         # touched expert's weights once and skips the others; many rows (prefill) to one grouped
@@ -49,7 +52,11 @@ class LocalExperts(nn.Module):
     @torch.inference_mode()
     def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, group: int = 1) -> torch.Tensor:
         """x: [n / group, D], row r serving the `group` consecutive pairs r * group ..; expert_ids:
-        [n] global ids, one per (token, expert) pair -> [n, D] the pairs' expert outputs."""
+        [n] global ids, one per (token, expert) pair -> [n, D] the pairs' expert outputs.
+
+        Pairs whose expert is not held here, or whose id is -1 (padding), are skipped: their
+        output rows are unspecified (zeros on the per-pair and CPU paths) and callers drop them.
+        No path reads the ids back to the host except the CPU loop: CUDA graphs capture it."""
         local = expert_ids if self.identity else self.to_local[expert_ids]
         if self.triton and local.shape[0] <= self.triton_max_pairs:
             h = triton_experts.pair_matmul(x, self.gate_up, local, group=group, glu=True)
@@ -74,33 +81,32 @@ class LocalExperts(nn.Module):
         """Whether a CUDA graph can capture this layer's expert computation (no host sync)."""
         return self.grouped or self.triton
 
-    def _ends(self, local: torch.Tensor) -> torch.Tensor:
-        """[E_local] int32 end offset of each expert's rows in sorted `local`. searchsorted, not
+    def _offsets(self, local: torch.Tensor) -> torch.Tensor:
+        """[E_local + 1] int32: rows of sorted `local` below 0 (skipped), then the end offset of each
+        expert's rows, so expert e owns rows offsets[e] .. offsets[e + 1]. searchsorted, not
         bincount: CUDA's bincount reads the max id back to the host, which a graph cannot capture."""
         return torch.searchsorted(local, self.bounds, out_int32=True)
 
     def _triton(self, xs: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
-        ends = self._ends(local)
-        h = silu_mul(triton_experts.expert_matmul(xs, self.gate_up, ends))
-        return triton_experts.expert_matmul(h, self.down, ends)
+        offsets = self._offsets(local)
+        h = silu_mul(triton_experts.expert_matmul(xs, self.gate_up, offsets))
+        return triton_experts.expert_matmul(h, self.down, offsets)
 
     def _grouped(self, xs: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
-        # xs: rows sorted by local expert; local: their (sorted) local expert ids.
-        offs = self._ends(local)
+        # xs: rows sorted by local expert; local: their (sorted) local expert ids. Skipped rows
+        # (id < 0) come first and are computed by expert 0: wasted work, not wrong results.
+        offs = self._offsets(local)[1:]
         h = silu_mul(torch._grouped_mm(xs, self.gate_up.transpose(1, 2), offs=offs))
         return torch._grouped_mm(h, self.down.transpose(1, 2), offs=offs)
 
     def _loop(self, xs: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
-        # One host sync per layer call: the group sizes drive the per-expert loop.
-        counts = torch.bincount(local, minlength=len(self.expert_ids)).tolist()
-        out = torch.empty_like(xs)
-        start = 0
-        for e, count in enumerate(counts):
-            if count:
-                seg = xs[start : start + count]
-                gate, up = F.linear(seg, self.gate_up[e]).chunk(2, dim=-1)
-                out[start : start + count] = F.linear(F.silu(gate) * up, self.down[e])
-                start += count
+        # One host sync per layer call: the offsets drive the per-expert loop.
+        offsets = self._offsets(local).tolist()
+        out = torch.zeros_like(xs)
+        for e, (start, end) in enumerate(zip(offsets, offsets[1:])):
+            if end > start:
+                gate, up = F.linear(xs[start:end], self.gate_up[e]).chunk(2, dim=-1)
+                out[start:end] = F.linear(F.silu(gate) * up, self.down[e])
         return out
 
 
@@ -119,9 +125,11 @@ class ExpertStore(nn.Module):
         if not self.count:
             return experts(x, expert_ids, group)
         if layer not in self.computed:
-            self.computed[layer] = torch.zeros(experts.to_local.shape[0], dtype=torch.long, device=x.device)
+            self.computed[layer] = torch.zeros(experts.num_experts, dtype=torch.long, device=x.device)
         # In place, with static shapes: a CUDA graph replays this add into the same counters.
-        self.computed[layer].scatter_add_(0, expert_ids, torch.ones_like(expert_ids))
+        # Padding (id -1) and experts held elsewhere count nothing.
+        valid = experts.to_local[expert_ids] >= 0
+        self.computed[layer].scatter_add_(0, expert_ids.clamp(min=0), valid.long())
         return experts(x, expert_ids, group)
 
     def computed_counts(self) -> dict[int, list[int]]:

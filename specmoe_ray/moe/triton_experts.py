@@ -7,7 +7,8 @@ when its expert has no rows, and otherwise streams its block of the expert's wei
 per 16 rows, multiplying every row the expert has: the weights are the bytes that matter, and
 each is read once per step.
 
-out[r] = x[r] @ w[e(r)]^T for rows sorted by expert, `ends[e]` = end offset of expert e's rows.
+out[r] = x[r] @ w[e(r)]^T for rows sorted by expert, expert e owning rows `offsets[e] .. offsets[e + 1]`
+(rows before offsets[0], padding, are left unwritten).
 Rows and weights in bf16, fp16 or fp32 (fp32 multiplies in full precision, not TF32), float32
 accumulation. Static shapes and no host sync, so CUDA graphs capture it.
 
@@ -37,7 +38,7 @@ if AVAILABLE:
         x_ptr,  # [n, K] rows sorted by expert
         w_ptr,  # [E, N, K] weights, K contiguous
         out_ptr,  # [n, N]
-        ends_ptr,  # [E] int32: end offset of each expert's rows
+        offs_ptr,  # [E + 1] int32: expert e's rows are offs[e] .. offs[e + 1]
         N,
         K,
         stride_we,
@@ -49,8 +50,8 @@ if AVAILABLE:
     ):
         e = tl.program_id(0)
         pid_n = tl.program_id(1)
-        end = tl.load(ends_ptr + e)
-        start = tl.load(ends_ptr + e - 1, mask=e > 0, other=0)
+        start = tl.load(offs_ptr + e)
+        end = tl.load(offs_ptr + e + 1)
         if end > start:
             rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
             rk = tl.arange(0, BLOCK_K)
@@ -75,8 +76,8 @@ if AVAILABLE:
                 tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & (rn[None, :] < N))
 
 
-def expert_matmul(x: torch.Tensor, w: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
-    """x [n, K] (rows sorted by expert), w [E, N, K], ends [E] int32 -> [n, N]."""
+def expert_matmul(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """x [n, K] (rows sorted by expert), w [E, N, K], offsets [E + 1] int32 -> [n, N]."""
     n, K = x.shape
     E, N, _ = w.shape
     out = torch.empty(n, N, dtype=x.dtype, device=x.device)
@@ -86,16 +87,16 @@ def expert_matmul(x: torch.Tensor, w: torch.Tensor, ends: torch.Tensor) -> torch
     block_n, block_k = (32, 128) if x.dtype != torch.float32 else (32, 64)
     grid = (E, triton.cdiv(N, block_n))
     with torch.cuda.device(x.device):  # Triton launches on the current device
-        _launch_sorted(grid, x, w, out, ends, N, K, block_n, block_k)
+        _launch_sorted(grid, x, w, out, offsets, N, K, block_n, block_k)
     return out
 
 
-def _launch_sorted(grid, x, w, out, ends, N, K, block_n, block_k) -> None:
+def _launch_sorted(grid, x, w, out, offsets, N, K, block_n, block_k) -> None:
     _experts_kernel[grid](
         x,
         w,
         out,
-        ends,
+        offsets,
         N,
         K,
         w.stride(0),

@@ -46,6 +46,10 @@ class ShardOptions:
     # every GPU, the engine's included, holds experts (S - 1 actors). Default: S actors, the
     # engine's device holds none.
     local_shard: bool = False
+    # CUDA graphs for steps with expert shards: the engine captures its static steps, NCCL
+    # exchanges included, and each shard captures its side of a forward. Off by default until
+    # it has run on GPUs (tests/gpu: test_nccl_cuda_graph_steps); off, such steps run eagerly.
+    cuda_graphs: bool = False
 
 
 def _free_port() -> int:
@@ -92,7 +96,7 @@ class ExpertShard:
         """(token, expert) pairs this shard computed, per layer and expert, cumulative."""
         return self.store.computed_counts()
 
-    def serve(self, master_addr: str, master_port: int, timeout_s: float):
+    def serve(self, master_addr: str, master_port: int, timeout_s: float, capture: bool = False):
         backend = "nccl" if self.device.startswith("cuda") else "gloo"
         kwargs = {"device_id": torch.device(self.device)} if backend == "nccl" else {}
         dist.init_process_group(
@@ -112,6 +116,7 @@ class ExpertShard:
                 self.dtype,
                 self.device,
                 layers=sorted(self.args.moe_layers),
+                capture=capture,
             )
         except Exception:
             # Logged now: rank 0 sees only a collective that times out (NCCL) or fails (gloo),
@@ -230,7 +235,9 @@ class ShardGroup:
         opt = self.options
         addr = ray.util.get_node_ip_address()
         port = _free_port()
-        self.serve_refs = [a.serve.remote(addr, port, opt.collective_timeout_s) for a in self.actors]
+        self.serve_refs = [
+            a.serve.remote(addr, port, opt.collective_timeout_s, opt.cuda_graphs) for a in self.actors
+        ]
         backend = "nccl" if self.device == "cuda" else "gloo"
         local = self.local_device
         if backend == "nccl" and local.index is None:

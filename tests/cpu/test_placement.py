@@ -83,3 +83,30 @@ def test_dispatch_payload_round_trips_rows_and_ids(dtype):
     assert torch.equal(x2, x) and torch.equal(ids2, ids)
     empty = pack_rows(x[:0], ids[:0])
     assert empty.shape == (0, 24 * x.element_size() + 8)
+
+
+def test_experts_skip_padding_and_experts_held_elsewhere():
+    """A shard's experts against float64 per-row math: rows routed to experts it does not hold,
+    and padding rows (id -1, unused rows of a static exchange), give zeros and count nothing."""
+    import torch
+    import torch.nn.functional as F
+
+    from specmoe_ray.moe.experts import ExpertStore, LocalExperts
+
+    g = torch.Generator().manual_seed(0)
+    E, D, I = 8, 16, 12
+    held = [1, 4, 6]
+    gate_up = torch.randn(len(held), 2 * I, D, generator=g)
+    down = torch.randn(len(held), D, I, generator=g)
+    store = ExpertStore({3: LocalExperts(held, gate_up, down, E)})
+    x = torch.randn(9, D, generator=g)
+    ids = torch.tensor([4, -1, 1, 0, 6, -1, 4, 7, 1])
+    out = store(3, x, ids).double()
+    for r, e in enumerate(ids.tolist()):
+        if e in held:
+            gate, up = F.linear(x[r].double(), gate_up[held.index(e)].double()).chunk(2)
+            ref = F.linear(F.silu(gate) * up, down[held.index(e)].double())
+            torch.testing.assert_close(out[r], ref, rtol=1e-5, atol=1e-5)
+        else:
+            assert not out[r].any(), (r, e)
+    assert store.computed_counts() == {3: [0, 2, 0, 0, 2, 0, 1, 0]}

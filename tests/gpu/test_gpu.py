@@ -92,6 +92,35 @@ def test_nccl_local_shard_and_static_exchange(checkpoints):
         ray.shutdown()
 
 
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_nccl_cuda_graph_steps(checkpoints):
+    """`ShardOptions.cuda_graphs`: the engine replays static steps with their NCCL exchanges from
+    CUDA graphs and every shard replays its side of a forward: == transformers (float32)."""
+    import ray
+
+    n = torch.cuda.device_count()
+    ray.init(num_gpus=n - 1, num_cpus=8, include_dashboard=False)
+    try:
+        path = checkpoints("qwen3_moe")
+        ref = hf_greedy(path, PROMPTS, NEW)
+        for local in (False, True):
+            options = ShardOptions(local_shard=local, cuda_graphs=True, collective_timeout_s=30)
+            with Engine.from_pretrained(
+                path,
+                device=f"cuda:{n - 1}",
+                num_shards=n if local else n - 1,
+                draft="ngram",
+                max_model_len=128,
+                shard_options=options,
+            ) as engine:
+                got = [o.token_ids for o in engine.generate(PROMPTS, GREEDY)]
+                assert engine.graphs is not None and engine.graphs.capture
+                assert engine.graphs.num_replays > 3
+            assert got == ref, local
+    finally:
+        ray.shutdown()
+
+
 def test_bfloat16_on_cuda_close_to_float32(checkpoints):
     path = checkpoints("qwen3_moe")
     with Engine.from_pretrained(path, device="cuda", dtype="bfloat16", max_model_len=128) as engine:
