@@ -7,7 +7,11 @@ tensors* (no copy, no checkpoint on disk), experts in-process. Per batch size it
 - `HF`: transformers' greedy `generate` (exactly --new-tokens tokens; the baseline);
 - `eager`: our engine, plain eager steps (`step_graphs="off"`), no speculation;
 - `graphs`: our engine with CUDA-graph steps (the default on GPUs), no speculation;
-- `ngram`: graphs + prompt-lookup drafts (k = --k).
+- `ngram`: graphs + prompt-lookup drafts (k = --k);
+- `draft`: graphs + a draft model: a random dense Qwen3 of Qwen3-0.6B's shape (the family's
+  small model) with the target's vocabulary, k = --k. Random weights agree only by accident,
+  so this row measures what drafting costs (and what the adaptive policy does about it), not
+  a real acceptance rate: (b) has those.
 
 (b) The shipped demo pair (`specmoe_ray/demo`, real acceptance rates): HF, no speculation,
 draft model, n-gram, on its held-out text.
@@ -49,7 +53,7 @@ from specmoe_ray.models.loader import build_model  # noqa: E402
 from specmoe_ray.models.transformer import rope_inv_freq  # noqa: E402
 from specmoe_ray.moe.dispatch import LoopbackDispatch  # noqa: E402
 from specmoe_ray.moe.experts import ExpertStore, LocalExperts  # noqa: E402
-from specmoe_ray.spec.proposer import NgramProposer  # noqa: E402
+from specmoe_ray.spec.proposer import DraftModelProposer, NgramProposer  # noqa: E402
 
 
 def sync(device: str) -> None:
@@ -86,8 +90,8 @@ def build_hf(shape: str, device: str, dtype: torch.dtype, seed: int):
     return model.eval()
 
 
-def engine_on_hf_weights(hf_model, **config) -> Engine:
-    """Our engine over the HF model's own tensors (a Qwen3-MoE-style fused-experts model)."""
+def model_on_hf_weights(hf_model):
+    """Our Transformer over the HF model's own tensors (no copy) -> (model, args, HF state)."""
     cfg = hf_model.config.to_dict()
     args = ModelArgs.from_hf_config(cfg, source="in-memory HF model")
     state = hf_model.state_dict()
@@ -95,8 +99,40 @@ def engine_on_hf_weights(hf_model, **config) -> Engine:
         model = build_model(args)
     expected = model.state_dict()
     model.load_state_dict({k: v for k, v in state.items() if k in expected}, assign=True, strict=True)
-    device = state["lm_head.weight"].device
-    model.inv_freq = rope_inv_freq(args.rope, args.head_dim).to(device)
+    model.inv_freq = rope_inv_freq(args.rope, args.head_dim).to(state["lm_head.weight"].device)
+    return model.eval(), args, state
+
+
+def draft_config(shape: str):
+    """A dense Qwen3 draft with the target's vocabulary: Qwen3-0.6B's shape (the family's small
+    model) for the 30B shape, a 2-layer toy for the small one."""
+    import transformers
+
+    if shape == "qwen3-30b-a3b":
+        dims = dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16)
+        dims.update(num_key_value_heads=8, head_dim=128, vocab_size=151936)
+    else:
+        dims = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
+        dims.update(num_key_value_heads=2, head_dim=16, vocab_size=small_config("qwen3_moe").vocab_size)
+    return transformers.Qwen3Config(**dims, tie_word_embeddings=True, max_position_embeddings=40960)
+
+
+def draft_proposer(a, device: str, dtype: torch.dtype, max_len: int) -> DraftModelProposer:
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(a.seed + 1)
+    with torch.device(device):
+        hf_draft = AutoModelForCausalLM.from_config(draft_config(a.shape), dtype=dtype).eval()
+    model, _, _ = model_on_hf_weights(hf_draft)
+    step_graphs = "auto" if device != "cpu" else "padded"
+    return DraftModelProposer(
+        model, max(a.batch), max_len, step_graphs=step_graphs, max_tokens_per_seq=a.k + 1
+    )
+
+
+def engine_on_hf_weights(hf_model, **config) -> Engine:
+    """Our engine over the HF model's own tensors (a Qwen3-MoE-style fused-experts model)."""
+    model, args, state = model_on_hf_weights(hf_model)
     experts = {
         layer: LocalExperts(
             list(range(args.num_experts)),
@@ -108,7 +144,7 @@ def engine_on_hf_weights(hf_model, **config) -> Engine:
     }
     backend = LoopbackDispatch(ExpertStore(experts))
     model.set_expert_backend(backend)
-    return Engine(model.eval(), local_experts=backend, **config)
+    return Engine(model, local_experts=backend, **config)
 
 
 # -- timing ---------------------------------------------------------------------------------------
@@ -294,11 +330,14 @@ def bench_shape(a, device: str, dtype: torch.dtype, bandwidth: float) -> dict[st
         "eager": dict(step_graphs="off"),
         "graphs": dict(step_graphs="auto" if device != "cpu" else "padded"),
         "ngram": dict(step_graphs="auto" if device != "cpu" else "padded", ngram=True),
+        "draft": dict(step_graphs="auto" if device != "cpu" else "padded", draft=True),
     }
     variants = {k: v for k, v in variants.items() if k in a.variants or k == "graphs"}  # graphs: the sweep
     sweep_engine = None
     for name, v in variants.items():
         proposer = NgramProposer(device=device) if v.pop("ngram", False) else None
+        if v.pop("draft", False):
+            proposer = draft_proposer(a, device, dtype, max(max_len, a.context + 9))
         engine = engine_on_hf_weights(
             hf,
             max_num_seqs=max(a.batch),
@@ -309,10 +348,16 @@ def bench_shape(a, device: str, dtype: torch.dtype, bandwidth: float) -> dict[st
         )
         for b in a.batch:
             r = timed(ours_run(engine, rows[b], a.new_tokens), a.repeats, device, engine)
+            r["speculation_length"] = engine.stats()["speculation_length"]
             res["runs"].append({"who": name, "batch": b, **r})
             print(
                 f"  {name:7s} batch {b:3d}: {r['tok_s']:9.1f} tok/s  {r['ms_per_step']:7.2f} ms/step  "
                 f"({r['ms_per_static_step']:.2f} per decode/verify step)  {r['tokens_per_step']:.2f} tok/step"
+                + (
+                    f"  acceptance {r['acceptance_rate']:.2f}, k now {r['speculation_length']}"
+                    if proposer
+                    else ""
+                )
             )
         if name == "graphs":
             sweep_engine = engine
@@ -445,7 +490,10 @@ def main(argv=None) -> dict[str, Any]:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip-demo", action="store_true")
     p.add_argument(
-        "--variants", nargs="+", default=["eager", "graphs", "ngram"], help="our engine's runs in (a)"
+        "--variants",
+        nargs="+",
+        default=["eager", "graphs", "ngram", "draft"],
+        help="our engine's runs in (a); draft: a random Qwen3-0.6B-shaped draft model",
     )
     p.add_argument("--skip-shape", action="store_true", help="only (b), the demo pair")
     p.add_argument(
