@@ -30,7 +30,7 @@ from decode import qwen3_30b_a3b_config  # noqa: E402
 from gpu import copy_bandwidth, engine_on_hf_weights, ours_run, profile_steps, prompts_for  # noqa: E402
 
 from specmoe_ray.engine.graph import StepGraphs  # noqa: E402
-from specmoe_ray.models import triton_kernels  # noqa: E402
+from specmoe_ray.models import fused, triton_kernels  # noqa: E402
 from specmoe_ray.moe import triton_experts  # noqa: E402
 from specmoe_ray.moe.experts import LocalExperts  # noqa: E402
 
@@ -123,24 +123,25 @@ def step_profile(a, bandwidth: float) -> None:
             engine.cache.free(s)
     print(" ablations (replay ms; each one kernel back to the library path it replaces):")
     variants = {
-        "all": {},
-        "no attention kernel": {"ATTENTION": False},
-        "no routing kernel": {"ROUTING": False},
+        "all": [],
+        "no attention kernel": [(triton_kernels, "ATTENTION", False)],
+        "no routing kernel": [(triton_kernels, "ROUTING", False)],
+        "cuBLAS for one-row projections": [(fused, "MATVEC", False)],
     }
     slots = [engine.cache.allocate()]
     for T in a.tq:
         feeds = torch.randint(1, cfg.vocab_size, (1, T)).tolist()
         line = []
         for name, flags in variants.items():
-            saved = {k: getattr(triton_kernels, k) for k in flags}
-            for k, v in flags.items():
-                setattr(triton_kernels, k, v)
+            saved = [(mod, k, getattr(mod, k)) for mod, k, _ in flags]
+            for mod, k, v in flags:
+                setattr(mod, k, v)
             g2 = StepGraphs(engine.model, engine.cache, 1, max(a.tq), capture=True)
             key = g2.key(1, T, a.context + T)
             g2.run(key, feeds, [a.context], slots, [0])
             ms = graph_replay_ms(g2, key)
-            for k, v in saved.items():
-                setattr(triton_kernels, k, v)
+            for mod, k, v in saved:
+                setattr(mod, k, v)
             line.append(f"{name} {ms:.3f}")
         print(f"  B=1 T={T}: " + ", ".join(line))
     engine.cache.free(slots[0])

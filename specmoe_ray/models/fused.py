@@ -22,9 +22,12 @@ from collections.abc import Callable
 
 import torch
 
+from specmoe_ray.moe import triton_experts
+
 log = logging.getLogger(__name__)
 
 ENABLED = True  # module switch (tests compare fused against eager)
+MATVEC = True  # one-row projections by the per-pair kernel inside static steps (see `linear`)
 RECOMPILE_LIMIT = 64
 _state = threading.local()
 
@@ -43,6 +46,23 @@ def active():
 def is_active() -> bool:
     """Whether the caller runs inside `active()` (a static step) with fusion enabled."""
     return ENABLED and getattr(_state, "depth", 0) > 0
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear; inside static steps on GPUs a single row (batch-1 decode) runs the experts'
+    per-pair matrix-vector kernel instead of cuBLAS (`triton_experts.matvec`)."""
+    if (
+        MATVEC
+        and bias is None
+        and x.dim() == 2
+        and x.shape[0] == 1
+        and x.is_cuda
+        and is_active()
+        and triton_experts.AVAILABLE
+        and weight.stride(1) == 1
+    ):
+        return triton_experts.matvec(x, weight)
+    return torch.nn.functional.linear(x, weight, bias)
 
 
 def fused(fn: Callable) -> Callable:

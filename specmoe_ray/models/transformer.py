@@ -24,7 +24,7 @@ from torch import nn
 
 from specmoe_ray.models import fused, triton_kernels
 from specmoe_ray.models.args import ModelArgs, RopeArgs
-from specmoe_ray.models.fused import add_rms_norm, combine, qk_rope, rms_norm
+from specmoe_ray.models.fused import add_rms_norm, combine, linear, qk_rope, rms_norm
 from specmoe_ray.models.kv_cache import KVCache
 from specmoe_ray.moe.router import make_router
 
@@ -255,7 +255,7 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         N = x.shape[0]
         if self._qkv is not None:
-            q, k, v = F.linear(x, *self._qkv).split(
+            q, k, v = linear(x, *self._qkv).split(
                 [p.weight.shape[0] for p in (self.q_proj, self.k_proj, self.v_proj)], -1
             )
         else:
@@ -289,7 +289,7 @@ class Attention(nn.Module):
                 batch.kv_len,
                 self.sliding_window,
             )
-            return self.o_proj(out)
+            return linear(out, self.o_proj.weight)
         keys, values = cache.read(self.layer, batch.read_slots, batch.kv_len)  # [B, Hkv, L, hd]
 
         # Query head h uses kv head h // G: fold the G heads of a group into the query rows.
@@ -300,7 +300,7 @@ class Attention(nn.Module):
         mask = attention_mask(batch, G, self.sliding_window, q.dtype)  # [B, 1, G * Tq, L]
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)  # [B, Hkv, G * Tq, hd]
         out = out.view(B, Hkv, G, Tq, hd).permute(0, 3, 1, 2, 4)  # [B, Tq, Hkv, G, hd]
-        return self.o_proj(to_packed(out.reshape(B, Tq, self.num_heads * hd), batch))
+        return linear(to_packed(out.reshape(B, Tq, self.num_heads * hd), batch), self.o_proj.weight)
 
 
 class MLP(nn.Module):
@@ -311,7 +311,8 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(intermediate, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = linear(x, self.gate_proj.weight), linear(x, self.up_proj.weight)
+        return linear(F.silu(gate) * up, self.down_proj.weight)
 
 
 class MoEBlock(nn.Module):

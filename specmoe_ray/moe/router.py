@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from specmoe_ray.models import fused, triton_kernels
-from specmoe_ray.models.fused import softmax_topk
+from specmoe_ray.models.fused import linear, softmax_topk
 
 # T = tokens, E = experts, G = groups, A = experts per token, D = hidden
 
@@ -37,7 +37,7 @@ class TopKRouter(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # x: [T, D] -> weights [T, A], expert_ids [T, A]
-        logits = F.linear(x, self.weight)  # [T, E]
+        logits = linear(x, self.weight)  # [T, E]
         if fused.is_active() and triton_kernels.routing_supported(logits):  # static steps: one kernel
             dtype = torch.float32 if self.float_weights else x.dtype
             return triton_kernels.softmax_topk(logits, self.top_k, self.norm_topk_prob, dtype)

@@ -334,3 +334,17 @@ def test_softmax_topk_kernel_equals_torch(E, renorm, dtype):
     ref_w, ref_ids = fused.softmax_topk.__wrapped__(logits, 8, renorm, logits, False)
     assert torch.equal(ids.cpu(), ref_ids)
     torch.testing.assert_close(weights.cpu(), ref_w, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_row_projection_kernel_equals_float64_reference(dtype):
+    """Inside static steps a one-row projection runs the per-pair kernel (`fused.linear`)."""
+    from specmoe_ray.models import fused
+
+    g = torch.Generator().manual_seed(1)
+    x, w = torch.randn(1, 1000, generator=g).to(dtype), torch.randn(333, 1000, generator=g).to(dtype)
+    with fused.active():
+        out = fused.linear(x.cuda(), w.cuda()).double().cpu()
+    ref = x.double() @ w.double().T
+    rel = ((out - ref).norm() / ref.norm()).item()
+    assert rel < (1e-6 if dtype == torch.float32 else 1e-2), rel
