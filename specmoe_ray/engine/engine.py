@@ -325,7 +325,8 @@ class Engine:
         if self.graphs is None or not all(s.samples for s in scheduled):
             return None
         kv_len = max(s.start + len(f) for s, f in zip(scheduled, feeds))
-        return self.graphs.key(len(scheduled), max(len(f) for f in feeds), kv_len)
+        num_tokens = sum(len(f) for f in feeds)
+        return self.graphs.key(len(scheduled), max(len(f) for f in feeds), kv_len, num_tokens)
 
     def _make_step_graphs(self) -> StepGraphs | None:
         # With expert shards, "auto" captures static steps (fixed-size NCCL exchanges, moe/dispatch.py)
@@ -341,6 +342,7 @@ class Engine:
             self.config.max_num_seqs,
             self.max_k + 1,
             hidden=self._wants_hidden,  # an MTP drafter reads the target's hidden states
+            max_prompt_tokens=self.config.graph_prompt_tokens,
         )
 
     @property

@@ -37,6 +37,7 @@ from specmoe_ray.models.transformer import ForwardBatch, MoEBlock, Transformer
 log = logging.getLogger(__name__)
 
 MIN_KV_BUCKET = 64
+PROMPT_FLOOR = 16  # smallest prompt bucket (tokens per sequence)
 BLOCKS = 7  # per-token blocks of the metadata buffer (see StepGraphs.__init__)
 
 
@@ -49,7 +50,13 @@ def bucket(n: int, cap: int, floor: int = 1) -> int:
 
 
 def make_step_graphs(
-    model: Transformer, cache, mode: str, max_batch: int, max_tokens_per_seq: int, hidden: bool = False
+    model: Transformer,
+    cache,
+    mode: str,
+    max_batch: int,
+    max_tokens_per_seq: int,
+    hidden: bool = False,
+    max_prompt_tokens: int = 0,
 ) -> StepGraphs | None:
     """Static steps for this model as `mode` says ("auto": CUDA graphs on GPUs, nothing elsewhere;
     "padded": the same static batches, eagerly; "off": none); None where they do not apply."""
@@ -62,7 +69,15 @@ def make_step_graphs(
             if store is not None and not all(e.capturable for e in store.by_layer.values()):
                 log.warning("experts on %s cannot be captured in CUDA graphs: running steps eagerly", device)
                 return None
-    return StepGraphs(model, cache, max_batch, max_tokens_per_seq, capture=mode == "auto", hidden=hidden)
+    return StepGraphs(
+        model,
+        cache,
+        max_batch,
+        max_tokens_per_seq,
+        capture=mode == "auto",
+        hidden=hidden,
+        max_prompt_tokens=max_prompt_tokens,
+    )
 
 
 class StepGraphs:
@@ -76,6 +91,7 @@ class StepGraphs:
         max_tokens_per_seq: int,
         capture: bool,
         hidden: bool = False,
+        max_prompt_tokens: int = 0,
     ):
         self.model = model
         self.hidden = hidden  # also return final hidden states (for an MTP drafter)
@@ -84,8 +100,11 @@ class StepGraphs:
         self.capture = capture and self.device.type == "cuda"
         self.max_batch = max_batch
         self.max_tq = max_tokens_per_seq
+        # Prompt buckets: Tq a power of two from PROMPT_FLOOR up to this (0: none).
+        cap = max_prompt_tokens
+        self.max_prompt = bucket(cap, cap, PROMPT_FLOOR) if cap > self.max_tq else 0
         self.max_len = cache.max_len
-        n_max = max_batch * max_tokens_per_seq
+        n_max = max_batch * max(self.max_tq, self.max_prompt)
         # Layout of a bucket (B, Tq), N = B * Tq: tokens, positions, write slots, query positions,
         # token mask, logits rows, packed rows (N each; see BLOCKS), then read slots (B).
         self._host = torch.zeros(
@@ -94,7 +113,9 @@ class StepGraphs:
         self._host_np = self._host.numpy()
         self._copied = torch.cuda.Event() if self.device.type == "cuda" else None
         self._meta = torch.zeros(BLOCKS * n_max + max_batch, dtype=torch.long, device=self.device)
-        self._logits = torch.zeros(n_max, model.args.vocab_size, dtype=torch.float32, device=self.device)
+        # Logits of at most max_tq rows per sequence (its sampled positions), whatever the bucket.
+        rows = max_batch * max_tokens_per_seq
+        self._logits = torch.zeros(rows, model.args.vocab_size, dtype=torch.float32, device=self.device)
         dtype = model.lm_head.weight.dtype
         self._hidden = (
             torch.zeros(n_max, model.args.hidden_size, dtype=dtype, device=self.device) if hidden else None
@@ -131,19 +152,37 @@ class StepGraphs:
     def num_graphs(self) -> int:
         return len(self._graphs)
 
-    def key(self, num_seqs: int, max_new: int, kv_len: int) -> tuple[int, int, int] | None:
-        """The bucket a step of this shape runs in, or None if it is too large for one."""
-        if num_seqs > self.max_batch or max_new > self.max_tq or kv_len > self.max_len:
+    def key(
+        self, num_seqs: int, max_new: int, kv_len: int, num_tokens: int | None = None
+    ) -> tuple[int, int, int] | None:
+        """The bucket a step of this shape runs in, or None if it is too large for one.
+
+        Decode/verify steps (at most max_tq tokens per sequence) keep Tq exact. Steps that feed a
+        prompt (more tokens) use a prompt bucket, Tq a power of two, when the padded batch is at
+        least half real tokens (`num_tokens`): one prompt alone, or prompts of like lengths, but
+        not one prompt padding a batch of decoding sequences to its length."""
+        if num_seqs > self.max_batch or kv_len > self.max_len:
             return None
-        return (
-            bucket(num_seqs, self.max_batch),
-            max_new,
-            bucket(kv_len, self.max_len, MIN_KV_BUCKET),
-        )
+        B = bucket(num_seqs, self.max_batch)
+        if max_new <= self.max_tq:
+            tq = max_new
+        elif max_new <= self.max_prompt:
+            tq = bucket(max_new, self.max_prompt, PROMPT_FLOOR)
+            if num_tokens is not None and 2 * num_tokens < B * tq:
+                return None
+        else:
+            return None
+        return (B, tq, bucket(kv_len, self.max_len, MIN_KV_BUCKET))
+
+    def _prompt_bucket(self, Tq: int) -> bool:
+        return Tq > self.max_tq
 
     def _views(self, B: int, Tq: int, L: int) -> tuple[ForwardBatch, torch.Tensor, torch.Tensor]:
         N, m = B * Tq, self._meta
         arange = torch.arange(N, device=self.device)
+        # Decode/verify buckets compute logits for every row; prompt buckets only for the rows
+        # the meta buffer names (at most max_tq per sequence), so the LM head sees no padding.
+        logits_index = m[5 * N : 5 * N + B * self.max_tq] if self._prompt_bucket(Tq) else arange
         batch = ForwardBatch(
             tokens=m[0:N],
             positions=m[N : 2 * N],
@@ -154,7 +193,7 @@ class StepGraphs:
             query_positions=m[3 * N : 4 * N].view(B, Tq),
             kv_len=L,
             max_new=Tq,
-            logits_index=arange,
+            logits_index=logits_index,
             padded=True,
         )
         return batch, m[4 * N : 5 * N], m[5 * N : 6 * N]
@@ -212,7 +251,7 @@ class StepGraphs:
             logits = out[0] if self.hidden else out
             self._logits[: logits.shape[0]].copy_(logits)
             if self.hidden:
-                self._hidden[: logits.shape[0]].copy_(out[1])
+                self._hidden[: out[1].shape[0]].copy_(out[1])
         finally:
             for backend, _ in self.backends.values():
                 backend.token_mask = None
@@ -260,6 +299,8 @@ class StepGraphs:
             self._prepare(key)
         B, Tq, _ = key
         M = self._upload(B, Tq, feeds, starts, slots, logits_from)
+        if self._prompt_bucket(Tq) and self.max_tq * B < M:
+            raise ValueError(f"a prompt-bucket step returns at most {self.max_tq} logits rows per sequence")
         if fed is not None:  # one token per feed, already on the device (after the upload, in order)
             self._meta[: B * Tq].view(B, Tq)[: len(feeds), 0].copy_(fed)
         if self.capture:
@@ -274,7 +315,8 @@ class StepGraphs:
             if hasattr(backend, "num_pairs"):
                 backend.num_pairs = pairs[i] + real * num_layers
         N = B * Tq
-        logits = self._logits[self._meta[5 * N : 5 * N + M]]
+        # Prompt buckets computed the wanted rows only, in order; others every row.
+        logits = self._logits[:M] if self._prompt_bucket(Tq) else self._logits[self._meta[5 * N : 5 * N + M]]
         if not self.hidden:
             return logits
         return logits, self._hidden[self._meta[6 * N : 6 * N + sum(len(f) for f in feeds)]]
@@ -289,5 +331,5 @@ class StepGraphs:
     ) -> torch.Tensor | None:
         """`run` when the step fits a bucket (every sequence samples); None: run it eagerly."""
         kv_len = max(s + len(f) for s, f in zip(starts, feeds))
-        key = self.key(len(feeds), max(len(f) for f in feeds), kv_len)
+        key = self.key(len(feeds), max(len(f) for f in feeds), kv_len, sum(len(f) for f in feeds))
         return None if key is None else self.run(key, feeds, starts, slots, logits_from, fed)

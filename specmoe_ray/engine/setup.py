@@ -27,6 +27,9 @@ class EngineConfig:
     # (experts in-process) and runs the plain path elsewhere; "padded" runs the same padded static
     # batches without capturing (any device: for checking); "off" always runs the plain path.
     step_graphs: str = "auto"
+    # Prompts (whole, or a chunk) of up to this many tokens prefill in static steps too (CUDA
+    # graphs on GPUs: no per-kernel launches from Python); 0: prompts always run eagerly.
+    graph_prompt_tokens: int = 128
 
     def validate(self, max_position_embeddings: int) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "draft_top_n"):
@@ -34,6 +37,8 @@ class EngineConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.num_speculative_tokens < 0:
             raise ValueError(f"num_speculative_tokens must be >= 0, got {self.num_speculative_tokens}")
+        if self.graph_prompt_tokens < 0:
+            raise ValueError(f"graph_prompt_tokens must be >= 0, got {self.graph_prompt_tokens}")
         if self.step_graphs not in ("auto", "padded", "off"):
             raise ValueError(f"step_graphs must be 'auto', 'padded' or 'off', got {self.step_graphs!r}")
         if self.spec_policy not in ("fixed", "adaptive"):
@@ -169,4 +174,5 @@ def make_proposer(draft: str, target: str, model: Transformer, config: EngineCon
         top_n=config.draft_top_n,
         step_graphs=config.step_graphs,
         max_tokens_per_seq=config.num_speculative_tokens + 1,
+        max_prompt_tokens=config.graph_prompt_tokens,
     )

@@ -279,7 +279,8 @@ class Attention(nn.Module):
             self.q_norm.eps if head_norm else 0.0,
         )
         cache.write_kv(self.layer, batch.write_slots, batch.positions, kv)
-        if batch.padded and fused.is_active() and triton_kernels.attention_supported(q, self.head_dim):
+        rows = self.num_heads // self.num_kv_heads * batch.max_new
+        if batch.padded and fused.is_active() and triton_kernels.attention_supported(q, self.head_dim, rows):
             # Static steps on GPUs: one kernel reads the keys from the cache by slot.
             out = triton_kernels.decode_attention(
                 q,

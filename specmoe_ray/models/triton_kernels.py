@@ -176,8 +176,9 @@ if AVAILABLE:
         tl.store(ids_ptr + t * K + rk, idx, mask=rk < K)
 
 
-def attention_supported(q: torch.Tensor, head_dim: int) -> bool:
-    return ATTENTION and AVAILABLE and q.is_cuda and head_dim in (64, 128, 256)
+def attention_supported(q: torch.Tensor, head_dim: int, rows: int) -> bool:
+    """rows: query rows per (sequence, KV head), G * Tq; one program holds them all (<= 64)."""
+    return ATTENTION and AVAILABLE and q.is_cuda and head_dim in (64, 128, 256) and rows <= 64
 
 
 def routing_supported(logits: torch.Tensor) -> bool:

@@ -137,6 +137,7 @@ class DraftModelProposer:
         top_n: int = 32,
         step_graphs: str = "auto",
         max_tokens_per_seq: int = 8,
+        max_prompt_tokens: int = 0,
     ):
         self.model = model
         model.fuse_projections()
@@ -146,7 +147,9 @@ class DraftModelProposer:
         self.cache = model.make_cache(max_num_seqs, max_model_len)
         # Drafting steps feed 1 token per sequence (after a catch-up of at most k + 1): on GPUs
         # they replay CUDA graphs like the target's decode steps (engine/graph.py).
-        self.graphs = make_step_graphs(model, self.cache, step_graphs, max_num_seqs, max_tokens_per_seq)
+        self.graphs = make_step_graphs(
+            model, self.cache, step_graphs, max_num_seqs, max_tokens_per_seq, False, max_prompt_tokens
+        )
         # seq_id -> (slot, tokens whose KV the slot holds), least recently used first
         self.entries: OrderedDict[str, tuple[int, list[int]]] = OrderedDict()
         self.generators: dict[str, torch.Generator] = {}

@@ -89,6 +89,38 @@ def test_padded_steps_with_mla_and_long_contexts(tmp_path):
     assert {L for _, _, L in keys} == {64, 128}, keys
 
 
+def test_prompts_prefill_in_static_steps_unless_mostly_padding(checkpoints):
+    """Prompts of up to `graph_prompt_tokens` prefill in prompt buckets (Tq a power of two), alone
+    or with prompts of like length; a prompt joining decoding sequences, which it would pad to
+    its own length, prefills eagerly. Tokens equal transformers' either way."""
+    path = checkpoints("qwen3_moe")
+    prompts = [list(range(1, 30)), list(range(3, 27))]  # 29 and 24 tokens: one 32-token bucket
+    short = [[5, 6, 7], [8, 9, 10], [11, 12, 13]]
+    ref = hf_greedy(path, prompts + short, NEW)
+    with Engine.from_pretrained(path, step_graphs="padded", max_model_len=128) as engine:
+        assert [o.token_ids for o in engine.generate(prompts, GREEDY)] == ref[:2]
+        assert engine.metrics.num_static_steps == engine.metrics.num_steps  # the prefill too
+        assert (2, 32, 64) in engine.graphs._static
+    with Engine.from_pretrained(path, step_graphs="padded", max_model_len=128) as engine:
+        ids = [engine.add_request(p, GREEDY) for p in short]
+        done = {}
+        for _ in range(3):  # their prefill, then two decode steps
+            done.update({o.request_id: o for o in engine.step() if o.finished})
+        before = engine.metrics.num_static_steps
+        ids.insert(0, engine.add_request(prompts[0], GREEDY))
+        engine.step()  # 29 prompt tokens + 3 decoded ones would fill 32 of 4 x 32 padded slots
+        assert engine.metrics.num_static_steps == before
+        while engine.has_unfinished():
+            done.update({o.request_id: o for o in engine.step() if o.finished})
+        assert [done[i].token_ids for i in ids] == ref[:1] + ref[2:]
+    off = dict(step_graphs="padded", graph_prompt_tokens=0, max_model_len=128)
+    with Engine.from_pretrained(path, **off) as engine:
+        assert [o.token_ids for o in engine.generate(prompts, GREEDY)] == ref[:2]
+        assert engine.metrics.num_static_steps == engine.metrics.num_steps - 1
+    with pytest.raises(ValueError, match="graph_prompt_tokens"):
+        Engine.from_pretrained(path, graph_prompt_tokens=-1)
+
+
 def test_step_graphs_setting_is_checked(checkpoints):
     with pytest.raises(ValueError, match="step_graphs must be"):
         Engine.from_pretrained(checkpoints("qwen3_moe"), step_graphs="always")
