@@ -368,9 +368,12 @@ def bench_shape(a, device: str, dtype: torch.dtype, bandwidth: float) -> dict[st
     return res
 
 
-def bench_gpus(a, device: str, rows: dict[int, list[list[int]]]) -> list[dict[str, Any]]:
+def bench_gpus(
+    a, device: str, rows: dict[int, list[list[int]]], one_device: list[dict]
+) -> list[dict[str, Any]]:
     """Our engine with experts over g devices (g > 1): the engine's own device holds shard 0
-    (`local_shard`), g - 1 Ray actors the others, all from the checkpoint `bench_shape` wrote."""
+    (`local_shard`), g - 1 Ray actors the others, all from the checkpoint `bench_shape` wrote.
+    one_device: the same process's one-device "graphs" runs, the baseline of the ratios."""
     import ray
 
     from specmoe_ray.serving.shards import ShardOptions
@@ -388,7 +391,7 @@ def bench_gpus(a, device: str, rows: dict[int, list[list[int]]]) -> list[dict[st
                 num_shards=g,
                 device=f"cuda:{g - 1}" if device != "cpu" else "cpu",
                 dtype="bfloat16" if device != "cpu" else "float32",
-                shard_options=ShardOptions(local_shard=True, num_cpus=1),
+                shard_options=ShardOptions(local_shard=True, num_cpus=1, cuda_graphs=a.shard_steps == "auto"),
                 step_graphs=a.shard_steps,
                 max_num_seqs=max(a.batch),
                 max_model_len=a.prompt_len + a.new_tokens + 8,
@@ -397,8 +400,13 @@ def bench_gpus(a, device: str, rows: dict[int, list[list[int]]]) -> list[dict[st
                 for b in a.batch:
                     r = timed(ours_run(engine, rows[b], a.new_tokens), a.repeats, device, engine)
                     out.append({"who": f"{g} devices", "batch": b, **r})
-                    tok_s, ms = r["tok_s"], r["ms_per_step"]
-                    print(f"  {g} devices batch {b:3d}: {tok_s:9.1f} tok/s  {ms:7.2f} ms/step")
+                    tok_s, ms, static = r["tok_s"], r["ms_per_step"], r["ms_per_static_step"]
+                    one = next((x["tok_s"] for x in one_device if x["batch"] == b), None)
+                    vs = f"  {tok_s / one:.2f}x one device (graphs)" if one else ""
+                    print(
+                        f"  {g} devices batch {b:3d}: {tok_s:9.1f} tok/s  {ms:7.2f} ms/step  "
+                        f"({static:.2f} per decode/verify step){vs}"
+                    )
         finally:
             ray.shutdown()
     return out
@@ -501,7 +509,10 @@ def main(argv=None) -> dict[str, Any]:
     )
     p.add_argument("--save-dir", default="/tmp/specmoe-bench-ckpt", help="checkpoint for --gpus > 1")
     p.add_argument(
-        "--shard-steps", default="padded", choices=("off", "padded", "auto"), help="step_graphs with shards"
+        "--shard-steps",
+        default="auto",
+        choices=("off", "padded", "auto"),
+        help="step_graphs with shards (auto: CUDA graphs, NCCL exchanges captured; ShardOptions.cuda_graphs)",
     )
     p.add_argument(
         "--profile", action="store_true", help="profile a few decode steps (graphs, smallest batch)"
@@ -533,7 +544,8 @@ def main(argv=None) -> dict[str, Any]:
         torch.cuda.empty_cache()
     if not a.skip_shape and any(g > 1 for g in a.gpus):
         print("(a) experts over several devices (engine + expert shards, NCCL on GPUs)")
-        results["shape"]["runs"] += bench_gpus(a, device, results["shape"]["rows"])
+        one = [r for r in results["shape"]["runs"] if r["who"] == "graphs"]
+        results["shape"]["runs"] += bench_gpus(a, device, results["shape"]["rows"], one)
     if "shape" in results:
         results["shape"].pop("rows")
     if not a.skip_demo:
