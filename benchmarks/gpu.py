@@ -315,7 +315,7 @@ def bench_shape(a, device: str, dtype: torch.dtype, bandwidth: float) -> dict[st
     vocab = hf.config.vocab_size
     rows = {b: prompts_for(b, a.prompt_len, vocab, a.seed) for b in a.batch}
     res: dict[str, Any] = {"params": n_params, "runs": [], "rows": rows}
-    for b in a.batch:
+    for b in a.batch if not a.skip_hf else []:
         r = timed(
             hf_run(hf, rows[b], a.new_tokens if not a.hf_tokens else a.hf_tokens, device), a.repeats, device
         )
@@ -363,8 +363,9 @@ def bench_shape(a, device: str, dtype: torch.dtype, bandwidth: float) -> dict[st
             sweep_engine = engine
             if a.profile:
                 profile_steps(engine, rows[min(a.batch)], device)
-    print("(c) verify sweep (graph replay), context", a.context)
-    res["verify"] = verify_sweep(sweep_engine, a.batch, 8, a.context, bandwidth, device)
+    if not a.skip_sweep:
+        print("(c) verify sweep (graph replay), context", a.context)
+        res["verify"] = verify_sweep(sweep_engine, a.batch, 8, a.context, bandwidth, device)
     return res
 
 
@@ -466,7 +467,7 @@ def plot(results: dict[str, Any], path: str) -> None:
     ax1.set_title(f"{results['shape_name']}: generate throughput")
     ax1.legend()
     for b in batches:
-        rows = [r for r in results["shape"]["verify"] if r["batch"] == b]
+        rows = [r for r in results["shape"].get("verify", []) if r["batch"] == b]
         (line,) = ax2.plot([r["T"] for r in rows], [r["ms"] for r in rows], "o-", label=f"B={b} measured")
         ax2.plot(
             [r["T"] for r in rows],
@@ -497,6 +498,8 @@ def main(argv=None) -> dict[str, Any]:
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip-demo", action="store_true")
+    p.add_argument("--skip-hf", action="store_true", help="no transformers baseline in (a)")
+    p.add_argument("--skip-sweep", action="store_true", help="no verify sweep (c)")
     p.add_argument(
         "--variants",
         nargs="+",

@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Everything this repository checks or measures on a GPU machine, stage by stage; each stage's
+# full log (and JSON/PNG) goes to $OUT (default ./gpu-out), and its tail to stdout.
+#
+#   bash benchmarks/run_gpu.sh                      # tests kernels shape
+#   bash benchmarks/run_gpu.sh tests                # tests/gpu only (1-2 GPUs)
+#   bash benchmarks/run_gpu.sh gpus                 # 30B shape over 1, 2 (and 4) GPUs
+#
+# Stages: tests (tests/gpu), kernels (per-kernel table of a batch-1 step, kernel ablations, the
+# expert kernels' block sizes), shape (Qwen3-30B-A3B shape on one GPU: HF vs ours, verify
+# sweep), gpus (the same shape with experts over 1, 2 and 4 GPUs; writes a ~61 GB checkpoint to
+# $CKPT), demo (the shipped demo pair). STAGE_TIMEOUT bounds each stage (seconds, default 540).
+set -u
+OUT=${OUT:-gpu-out}
+CKPT=${CKPT:-/tmp/specmoe-bench-ckpt}
+T=${STAGE_TIMEOUT:-540}
+mkdir -p "$OUT"
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 HF_HUB_OFFLINE=1
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+quiet() { grep -v -e '^DEBUG' -e 'Warning' -e 'warn(' "$1" | tail -n "$2"; }
+
+for stage in "${@:-tests kernels shape}"; do
+  for s in $stage; do
+    echo "== $s"
+    case $s in
+      tests)
+        timeout "$T" python -m pytest -p no:warnings -p no:logging -q --tb=short --durations=12 tests/gpu \
+          >"$OUT/tests.log" 2>&1
+        quiet "$OUT/tests.log" 40 ;;
+      kernels)
+        timeout "$T" python benchmarks/kernels.py --layers 4 --batch 1 --tq 1 4 >"$OUT/kernels.log" 2>&1
+        quiet "$OUT/kernels.log" 80 ;;
+      shape)
+        timeout "$T" python benchmarks/gpu.py --shape qwen3-30b-a3b --batch 1 8 32 --new-tokens 64 \
+          --hf-tokens 8 --repeats 2 --skip-demo --variants graphs ngram draft \
+          --json "$OUT/shape.json" --png "$OUT/shape.png" >"$OUT/shape.log" 2>&1
+        quiet "$OUT/shape.log" 45 ;;
+      gpus)
+        n=$(nvidia-smi -L | wc -l)
+        g="1 2"; [ "$n" -ge 4 ] && g="1 2 4"
+        timeout "$T" python benchmarks/gpu.py --shape qwen3-30b-a3b --batch 1 8 32 --new-tokens 64 \
+          --skip-hf --skip-sweep --repeats 2 --skip-demo --variants graphs --gpus $g --save-dir "$CKPT" \
+          --json "$OUT/gpus.json" --png "$OUT/gpus.png" >"$OUT/gpus.log" 2>&1
+        quiet "$OUT/gpus.log" 45 ;;
+      demo)
+        timeout "$T" python benchmarks/gpu.py --skip-shape --batch 1 8 32 --new-tokens 64 --repeats 2 \
+          --json "$OUT/demo.json" >"$OUT/demo.log" 2>&1
+        quiet "$OUT/demo.log" 20 ;;
+      *) echo "unknown stage $s (tests kernels shape gpus demo)"; exit 2 ;;
+    esac
+  done
+done
