@@ -10,6 +10,9 @@ steps, CPUs) it is plain eager torch: a compiled call's guards cost more host ti
 the kernels it saves, which only a graph replay, running no Python, gets back. The compiled and
 eager versions compute the same expression; if compilation fails (no Triton, an unsupported
 torch), the function stays eager and a warning says so once.
+
+`linear` is F.linear except inside `active()` on a GPU with one row (batch-1 decode), where a
+matrix-vector Triton kernel streams the weight instead of cuBLAS's split-K GEMM.
 """
 
 from __future__ import annotations
