@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 
 import numpy as np
 import torch
@@ -276,7 +277,9 @@ class StepGraphs:
             self._run(batch, mask)  # lazy initialisation (cuBLAS handles, allocator) off the graph
         torch.cuda.current_stream(self.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
+        # Thread-local capture: graphs are captured lazily while serving, and another thread
+        # (stats, a heartbeat) may touch the GPU meanwhile without invalidating the capture.
+        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
             self._run(batch, mask)
         self._graphs[key] = graph
         log.info("captured a CUDA graph for %d sequences x %d tokens, keys up to %d", B, Tq, L)
@@ -304,8 +307,11 @@ class StepGraphs:
         if fed is not None:  # one token per feed, already on the device (after the upload, in order)
             self._meta[: B * Tq].view(B, Tq)[: len(feeds), 0].copy_(fed)
         if self.capture:
-            self._graphs[key].replay()
+            self._graphs[key].replay()  # one launch: a forward's NCCL exchanges too, in order
             self.num_replays += 1
+            for backend, _ in self.backends.values():
+                if hasattr(backend, "last_exchange"):  # the shards were just busy: no heartbeat due
+                    backend.last_exchange = time.monotonic()
         else:
             with torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext():
                 self._run(*self._static[key])
