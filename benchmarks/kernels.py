@@ -158,6 +158,97 @@ def step_profile(a, bandwidth: float) -> None:
     profile_steps(engine, rows, "cuda")
 
 
+if triton_experts.AVAILABLE:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _dedup_kernel(
+        x_ptr,  # [n / GROUP, K]
+        ids_ptr,  # [P] expert of each pair
+        w_ptr,  # [E, N (x 2 with GLU), K]
+        out_ptr,  # [P, N]
+        P,
+        N,
+        K,
+        stride_we,
+        stride_wn,
+        GROUP: tl.constexpr,
+        GLU: tl.constexpr,
+        P_PAD: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+    ):
+        """Experimental: the per-pair grid, but the first pair of each expert computes all of that
+        expert's pairs (weights read once per step) and the others return at once. No sort."""
+        p = tl.program_id(0)
+        rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = rn < N
+        rp = tl.arange(0, P_PAD)
+        all_ids = tl.load(ids_ptr + rp, mask=rp < P, other=-2)
+        e = tl.load(ids_ptr + p)
+        match = all_ids == e
+        first = tl.min(tl.where(match, rp, P_PAD), 0)
+        if (first == p) & (e >= 0):
+            rank = tl.cumsum(match.to(tl.int32), 0) - 1
+            count = tl.sum(match.to(tl.int32), 0)
+            w = w_ptr + e.to(tl.int64) * stride_we + rn[:, None].to(tl.int64) * stride_wn
+            dtype = out_ptr.dtype.element_ty
+            for m0 in range(0, count, BLOCK_M):
+                rm = m0 + tl.arange(0, BLOCK_M)
+                sel = match[None, :] & (rank[None, :] == rm[:, None])
+                pair = tl.sum(tl.where(sel, rp[None, :], 0), 1)
+                r_ok = rm < count
+                x_rows = x_ptr + (pair // GROUP).to(tl.int64)[:, None] * K
+                acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+                up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+                for k0 in range(0, K, BLOCK_K):
+                    kk = k0 + tl.arange(0, BLOCK_K)
+                    k_ok = kk < K
+                    xk = tl.load(x_rows + kk[None, :], mask=r_ok[:, None] & k_ok[None, :], other=0.0)
+                    ok = n_ok[:, None] & k_ok[None, :]
+                    acc += tl.dot(xk, tl.trans(tl.load(w + kk[None, :], mask=ok, other=0.0)))
+                    if GLU:
+                        up += tl.dot(
+                            xk, tl.trans(tl.load(w + N * stride_wn + kk[None, :], mask=ok, other=0.0))
+                        )
+                if GLU:
+                    gate = acc.to(dtype).to(tl.float32)
+                    act = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
+                    acc = act * up.to(dtype).to(tl.float32)
+                dst = out_ptr + pair.to(tl.int64)[:, None] * N + rn[None, :]
+                tl.store(dst, acc.to(dtype), mask=r_ok[:, None] & n_ok[None, :])
+
+
+def dedup_matmul(x, w, ids, group=1, glu=False, block_n=16, block_k=128, num_warps=4):
+    P = ids.shape[0]
+    E, rows, K = w.shape
+    N = rows // 2 if glu else rows
+    out = torch.empty(P, N, dtype=x.dtype, device=x.device)
+    grid = (P, triton.cdiv(N, block_n))
+    _dedup_kernel[grid](
+        x, ids, w, out, P, N, K, w.stride(0), w.stride(1),
+        GROUP=group, GLU=glu, P_PAD=triton.next_power_of_2(P), BLOCK_M=16,
+        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps,
+    )  # fmt: skip
+    return out
+
+
+def routed_ids(T: int, E: int, A: int, overlap: bool, g: torch.Generator) -> torch.Tensor:
+    """[T * A] expert ids: each token's A distinct experts drawn from all E (independent), or
+    from one pool of 2A shared by the step's tokens (overlap: consecutive tokens of a sequence
+    often share experts, which a per-pair kernel reads once per pair)."""
+    pool = torch.randperm(E, device="cuda", generator=g)[: 2 * A] if overlap else None
+    rows = []
+    for _ in range(T):
+        if pool is None:
+            rows.append(torch.randperm(E, device="cuda", generator=g)[:A])
+        else:
+            rows.append(pool[torch.randperm(2 * A, device="cuda", generator=g)[:A]])
+    return torch.stack(rows).reshape(-1)
+
+
 def expert_variants(a, bandwidth: float) -> None:
     E, D, I, A, n_layers = 128, 2048, 768, 8, 4
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -171,45 +262,62 @@ def expert_variants(a, bandwidth: float) -> None:
         for _ in range(n_layers)
     ]
     expert_bytes = 3 * D * I * 2
-    configs = [
-        dict(block_n=bn, block_k=bk, num_warps=w) for bn in (8, 16, 32) for bk in (256, 512) for w in (4, 8)
-    ]
+    blocks = [(8, 256, 8)] + (
+        [(bn, bk, w) for bn in (8, 16, 32) for bk in (256, 512) for w in (4, 8)] if a.sweep else []
+    )
     print("(2) expert stage, qwen3-30b-a3b experts, us per layer (graph replay)")
-    for T in a.expert_tokens:
-        x = torch.randn(T, D, device="cuda", dtype=torch.bfloat16, generator=g)
-        ids = torch.stack([torch.randperm(E, device="cuda", generator=g)[:A] for _ in range(T)]).reshape(-1)
-        distinct = ids.unique().numel()
-        floor = 1e3 * distinct * expert_bytes / bandwidth  # ms
-        xs = x[:, None].expand(T, A, D).reshape(-1, D)
-        ref = layers[0](xs, ids).float()
+    for overlap in (False, True):
+        for T in a.expert_tokens:
+            x = torch.randn(T, D, device="cuda", dtype=torch.bfloat16, generator=g)
+            ids = routed_ids(T, E, A, overlap, g)
+            distinct = ids.unique().numel()
+            floor = 1e3 * distinct * expert_bytes / bandwidth  # ms
+            xs = x[:, None].expand(T, A, D).reshape(-1, D)
+            ref = layers[0](xs, ids).float()
 
-        def sorted_path(x=x, ids=ids):
-            for layer in layers:
-                layer.triton_max_pairs = 0
-                layer(x, ids, A)
-
-        def grouped(x=x, ids=ids):
-            for layer in layers:
-                layer.triton, layer.triton_max_pairs = False, 0
-                layer(x, ids, A)
-                layer.triton = True
-
-        res = {"sorted": graph_ms(sorted_path) / n_layers, "grouped": graph_ms(grouped) / n_layers}
-        for cfg in configs:
-
-            def pairs(cfg=cfg, x=x, ids=ids):
+            def sorted_path(x=x, ids=ids):
                 for layer in layers:
-                    h = triton_experts.pair_matmul(x, layer.gate_up, ids, group=A, glu=True, **cfg)
-                    triton_experts.pair_matmul(h, layer.down, ids, **cfg)
+                    layer.triton_max_pairs = 0
+                    layer(x, ids, A)
 
-            res[f"pairs n{cfg['block_n']} k{cfg['block_k']} w{cfg['num_warps']}"] = graph_ms(pairs) / n_layers
-        h = triton_experts.pair_matmul(x, layers[0].gate_up, ids, group=A, glu=True)
-        err = (triton_experts.pair_matmul(h, layers[0].down, ids).float() - ref).norm() / ref.norm()
-        best = min(res, key=res.get)
-        print(f" T={T:2d}: {distinct} experts, floor {1e3 * floor:.1f} us; pairs vs sorted rel err {err:.1e}")
-        for name, ms in sorted(res.items(), key=lambda kv: kv[1]):
-            mark = "  <- best" if name == best else ""
-            print(f"    {1e3 * ms:8.1f} us  {100 * floor / ms:5.1f}% of floor  {name}{mark}")
+            def grouped(x=x, ids=ids):
+                for layer in layers:
+                    layer.triton, layer.triton_max_pairs = False, 0
+                    layer(x, ids, A)
+                    layer.triton = True
+
+            res = {"sorted": graph_ms(sorted_path) / n_layers, "grouped": graph_ms(grouped) / n_layers}
+            for bn, bk, w in blocks:
+
+                def pairs(cfg=(bn, bk, w), x=x, ids=ids):
+                    cfg = dict(zip(("block_n", "block_k", "num_warps"), cfg))
+                    for layer in layers:
+                        h = triton_experts.pair_matmul(x, layer.gate_up, ids, group=A, glu=True, **cfg)
+                        triton_experts.pair_matmul(h, layer.down, ids, **cfg)
+
+                res[f"pairs n{bn} k{bk} w{w}"] = graph_ms(pairs) / n_layers
+            for bn, bk, w in ((16, 128, 4), (16, 256, 4), (32, 128, 4)):
+
+                def dedup(cfg=(bn, bk, w), x=x, ids=ids):
+                    cfg = dict(zip(("block_n", "block_k", "num_warps"), cfg))
+                    for layer in layers:
+                        h = dedup_matmul(x, layer.gate_up, ids, group=A, glu=True, **cfg)
+                        dedup_matmul(h, layer.down, ids, **cfg)
+
+                res[f"dedup n{bn} k{bk} w{w} (experimental)"] = graph_ms(dedup) / n_layers
+            errs = []
+            for fn in (triton_experts.pair_matmul, dedup_matmul):
+                h = fn(x, layers[0].gate_up, ids, group=A, glu=True)
+                errs.append(((fn(h, layers[0].down, ids).float() - ref).norm() / ref.norm()).item())
+            best = min(res, key=res.get)
+            kind = "overlapping" if overlap else "independent"
+            print(
+                f" T={T:2d} ({kind} routing): {distinct} experts, {T * A} pairs, floor {1e3 * floor:.1f} us;"
+                f" rel err vs sorted: pairs {errs[0]:.1e}, dedup {errs[1]:.1e}"
+            )
+            for name, ms in sorted(res.items(), key=lambda kv: kv[1]):
+                mark = "  <- best" if name == best else ""
+                print(f"    {1e3 * ms:8.1f} us  {100 * floor / ms:5.1f}% of floor  {name}{mark}")
 
 
 def main(argv=None) -> None:
@@ -219,6 +327,7 @@ def main(argv=None) -> None:
     p.add_argument("--tq", type=int, nargs="+", default=[1, 4])
     p.add_argument("--context", type=int, default=256)
     p.add_argument("--expert-tokens", type=int, nargs="+", default=[1, 2, 4, 8])
+    p.add_argument("--sweep", action="store_true", help="sweep the per-pair kernel's block sizes")
     p.add_argument("--skip-step", action="store_true")
     p.add_argument("--skip-experts", action="store_true")
     a = p.parse_args(argv)
