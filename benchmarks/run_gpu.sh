@@ -5,6 +5,7 @@
 #   bash benchmarks/run_gpu.sh                      # tests kernels shape
 #   bash benchmarks/run_gpu.sh tests                # tests/gpu only (1-2 GPUs)
 #   bash benchmarks/run_gpu.sh gpus                 # 30B shape over 1, 2 (and 4) GPUs
+#   RAY_BUNDLE=.gpu/py312-ray OUT=$OUT bash benchmarks/run_gpu.sh tests   # install Ray first
 #
 # Stages: tests (tests/gpu), kernels (per-kernel table of a batch-1 step, kernel ablations, the
 # expert kernels' block sizes), shape (Qwen3-30B-A3B shape on one GPU: HF vs ours, verify
@@ -15,6 +16,11 @@ OUT=${OUT:-gpu-out}
 CKPT=${CKPT:-/tmp/specmoe-bench-ckpt}
 T=${STAGE_TIMEOUT:-540}
 mkdir -p "$OUT"
+# A machine without Ray: RAY_BUNDLE=<a copy of the team's py312-ray folder> installs it first.
+if [ -n "${RAY_BUNDLE:-}" ] && [ ! -f /tmp/site/.done ]; then
+  bash "$RAY_BUNDLE/install.sh" /tmp/site >"$OUT/install.log" 2>&1 && touch /tmp/site/.done
+fi
+[ -n "${RAY_BUNDLE:-}" ] && export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 HF_HUB_OFFLINE=1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 quiet() { grep -v -e '^DEBUG' -e 'Warning' -e 'warn(' "$1" | tail -n "$2"; }
