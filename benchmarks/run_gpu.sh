@@ -2,12 +2,12 @@
 # Everything this repository checks or measures on a GPU machine, stage by stage; each stage's
 # full log (and JSON/PNG) goes to $OUT (default ./gpu-out), and its tail to stdout.
 #
-#   bash benchmarks/run_gpu.sh                      # tests kernels shape
-#   bash benchmarks/run_gpu.sh tests                # tests/gpu only (1-2 GPUs)
+#   bash benchmarks/run_gpu.sh                      # tests nccl kernels shape
+#   bash benchmarks/run_gpu.sh tests nccl           # tests/gpu: one GPU, then NCCL (2+ GPUs)
 #   bash benchmarks/run_gpu.sh gpus                 # 30B shape over 1, 2 (and 4) GPUs
 #   RAY_BUNDLE=.gpu/py312-ray OUT=$OUT bash benchmarks/run_gpu.sh tests   # install Ray first
 #
-# Stages: tests (tests/gpu), kernels (per-kernel table of a batch-1 step, kernel ablations, the
+# Stages: tests (tests/gpu but NCCL), nccl (the NCCL tests one by one), kernels (per-kernel table of a batch-1 step, kernel ablations, the
 # expert kernels' block sizes), shape (Qwen3-30B-A3B shape on one GPU: HF vs ours, verify
 # sweep), gpus (the same shape with experts over 1, 2 and 4 GPUs; writes a ~61 GB checkpoint to
 # $CKPT), demo (the shipped demo pair). STAGE_TIMEOUT bounds each stage (seconds, default 540).
@@ -25,14 +25,32 @@ export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVL
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 quiet() { grep -v -e '^DEBUG' -e 'Warning' -e 'warn(' "$1" | tail -n "$2"; }
 
-for stage in "${@:-tests kernels shape}"; do
+for stage in "${@:-tests nccl kernels shape}"; do
   for s in $stage; do
     echo "== $s"
     case $s in
       tests)
-        timeout "$T" python -m pytest -p no:warnings -p no:logging -q --tb=short --durations=12 tests/gpu \
-          >"$OUT/tests.log" 2>&1
+        timeout "$T" python -m pytest -p no:warnings -p no:logging -q --tb=short --durations=12 \
+          -k "not nccl" tests/gpu >"$OUT/tests.log" 2>&1
         quiet "$OUT/tests.log" 40 ;;
+      nccl)
+        # One process per NCCL test, each bounded by NCCL_TEST_TIMEOUT: on a hang, the test process
+        # and its shard actors print every thread's stack (faulthandler, SIGABRT); their Ray logs
+        # go to $OUT/nccl-ray-logs.tgz.
+        for t in $(grep -o '^def test_nccl[a-z_0-9]*' tests/gpu/test_gpu.py | cut -c5-); do
+          PYTHONFAULTHANDLER=1 python -u -m pytest -s -p no:warnings -q --tb=short -o log_cli=true \
+            --log-cli-level=INFO "tests/gpu/test_gpu.py::$t" >"$OUT/$t.log" 2>&1 &
+          pid=$!
+          for _ in $(seq "${NCCL_TEST_TIMEOUT:-90}"); do sleep 1; kill -0 $pid 2>/dev/null || break; done
+          if kill -0 $pid 2>/dev/null; then
+            echo "$t: still running after ${NCCL_TEST_TIMEOUT:-90}s: stacks in $OUT/$t.log and Ray logs"
+            pkill -ABRT -f 'ray::ExpertShard'; kill -ABRT $pid; sleep 5; kill -9 $pid 2>/dev/null
+            pkill -9 -f 'ray::'; pkill -9 -f raylet; pkill -9 -f gcs_server
+          fi
+          wait $pid; echo "$t: rc $?"
+          grep -E '(passed|failed|error)( |,).* in [0-9.]+s' "$OUT/$t.log" | tail -1
+        done
+        tar czf "$OUT/nccl-ray-logs.tgz" /tmp/ray/session_*/logs/worker-* 2>/dev/null ;;
       kernels)
         timeout "$T" python benchmarks/kernels.py --layers 4 --batch 1 --tq 1 4 >"$OUT/kernels.log" 2>&1
         quiet "$OUT/kernels.log" 80 ;;
@@ -52,7 +70,7 @@ for stage in "${@:-tests kernels shape}"; do
         timeout "$T" python benchmarks/gpu.py --skip-shape --batch 1 8 32 --new-tokens 64 --repeats 2 \
           --json "$OUT/demo.json" >"$OUT/demo.log" 2>&1
         quiet "$OUT/demo.log" 20 ;;
-      *) echo "unknown stage $s (tests kernels shape gpus demo)"; exit 2 ;;
+      *) echo "unknown stage $s (tests nccl kernels shape gpus demo)"; exit 2 ;;
     esac
   done
 done

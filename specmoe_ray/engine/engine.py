@@ -387,7 +387,7 @@ class Engine:
                 )
                 t0 = time.perf_counter()
                 try:
-                    self.model.set_expert_backend(self.shard_group.reform(self.shard_group.plan))
+                    self._reform(self.shard_group.plan)
                 except Exception as reform_error:
                     raise ShardGroupError(
                         f"expert shard group failed ({e}) and could not re-form: {reform_error}"
@@ -511,7 +511,7 @@ class Engine:
             raise ValueError("this engine keeps its experts in-process (num_shards=0): nothing to reshard")
         if plan is None:
             plan = PlacementPlan.contiguous(self.args.moe_layers, self.args.num_experts, num_shards)
-        self.model.set_expert_backend(self.shard_group.reform(plan))
+        self._reform(plan)
         self._window = None  # the new group's counters start at zero
 
     def _maybe_autoscale(self) -> None:
@@ -547,9 +547,16 @@ class Engine:
         self.metrics.num_rescales += 1
         log.info("%s; re-formed in %.1fs", decision.reason, time.perf_counter() - t)
 
+    def _reform(self, plan: PlacementPlan) -> None:
+        if self.graphs is not None:
+            self.graphs.drop()  # graphs captured with the old group's collectives
+        self.model.set_expert_backend(self.shard_group.reform(plan))
+
     def shutdown(self) -> None:
         """Stop the expert shards (if any). Safe to call twice."""
         if self.shard_group is not None:
+            if self.graphs is not None:
+                self.graphs.drop()
             self.shard_group.shutdown()
             self.shard_group = None
 

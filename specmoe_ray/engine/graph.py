@@ -146,8 +146,13 @@ class StepGraphs:
         current = self._find_backends()
         if current.keys() != self.backends.keys():
             self.backends = current
-            self._static.clear()
-            self._graphs.clear()
+            self.drop()
+
+    def drop(self) -> None:
+        """Forget every captured graph (and its static inputs); the next steps capture anew.
+        Before a shard group's communicator goes: captured collectives must not outlive it."""
+        self._static.clear()
+        self._graphs.clear()
 
     @property
     def num_graphs(self) -> int:

@@ -356,6 +356,7 @@ def serve_experts(
         dist.broadcast(header, src=0)
         op, arg, *counts = header.tolist()
         if op == OP_STOP:
+            graphs.clear()  # captured collectives go before the communicator (leave_process_group)
             return served
         if op == OP_PING:
             continue
@@ -369,6 +370,21 @@ def serve_experts(
         else:
             exchange(arg, counts[rank])
         served += 1
+
+
+def leave_process_group() -> None:
+    """This process's side of tearing the default group down, once its exchanges are over.
+
+    NCCL: abort the communicator. `destroy_process_group` finalizes and destroys it, and NCCL's
+    destroy is an intra-node collective: a shard leaving after OP_STOP would wait there for rank
+    0, which waits for the shard's serve() to return; a rank that lags or died would hold it for
+    good. gloo: destroy (no collective)."""
+    if not dist.is_initialized():
+        return
+    if dist.get_backend() == "nccl":
+        dist.distributed_c10d._abort_process_group()
+    else:
+        dist.destroy_process_group()
 
 
 def capture_graph(fn, device: torch.device) -> torch.cuda.CUDAGraph:

@@ -24,7 +24,7 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from specmoe_ray.errors import ShardStartupError
-from specmoe_ray.moe.dispatch import DistributedDispatch, serve_experts
+from specmoe_ray.moe.dispatch import DistributedDispatch, leave_process_group, serve_experts
 from specmoe_ray.moe.placement import PlacementPlan
 
 log = logging.getLogger(__name__)
@@ -124,7 +124,7 @@ class ExpertShard:
             log.exception("expert shard rank %d stopped serving", self.rank)
             raise
         finally:
-            dist.destroy_process_group()
+            leave_process_group()
         return self.served
 
 
@@ -343,8 +343,7 @@ class ShardGroup:
         self._teardown()
 
     def _teardown(self) -> None:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        leave_process_group()  # after the shards returned from serve(), or gave up on them
         for actor in self.actors:
             ray.kill(actor, no_restart=True)
         self.actors.clear()
