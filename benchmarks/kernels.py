@@ -8,7 +8,8 @@ launches and GPU microseconds per step. Then whole engine steps at batch 1 (host
 
 (2) The expert stage alone at T tokens (random top-8 routing, 4 layers' weights in turn so no
 weights stay in L2), each variant replayed from a CUDA graph: the sorted Triton kernel, the
-per-pair kernel for several block sizes, the grouped GEMM; floor = the distinct experts' bytes /
+per-pair kernel for several block sizes, the deduplicated per-pair kernel (an expert's pairs
+read its weights once), the grouped GEMM; floor = the distinct experts' bytes /
 copy bandwidth.
 
     python benchmarks/kernels.py --layers 4 --batch 1 --tq 1 4
@@ -121,29 +122,38 @@ def step_profile(a, bandwidth: float) -> None:
             print_table("same step, eager", rows, total, a.layers)
         for s in slots:
             engine.cache.free(s)
-    print(" ablations (replay ms; each one kernel back to the library path it replaces):")
+    print(
+        " ablations (replay ms, median of 5 interleaved rounds; each one kernel back to the path it"
+        " replaces; 'all' captured twice: the spread between those two is noise):"
+    )
     variants = {
         "all": [],
         "no attention kernel": [(triton_kernels, "ATTENTION", False)],
         "no routing kernel": [(triton_kernels, "ROUTING", False)],
         "cuBLAS for one-row projections": [(fused, "MATVEC", False)],
+        "per-pair experts (no dedup)": [(triton_experts, "DEDUP", False)],
+        "all (again)": [],
     }
     slots = [engine.cache.allocate()]
     for T in a.tq:
         feeds = torch.randint(1, cfg.vocab_size, (1, T)).tolist()
-        line = []
-        for name, flags in variants.items():
+        captured = {}
+        for name, flags in variants.items():  # the switches act when a graph is captured
             saved = [(mod, k, getattr(mod, k)) for mod, k, _ in flags]
             for mod, k, v in flags:
                 setattr(mod, k, v)
             g2 = StepGraphs(engine.model, engine.cache, 1, max(a.tq), capture=True)
             key = g2.key(1, T, a.context + T)
             g2.run(key, feeds, [a.context], slots, [0])
-            ms = graph_replay_ms(g2, key)
             for mod, k, v in saved:
                 setattr(mod, k, v)
-            line.append(f"{name} {ms:.3f}")
-        print(f"  B=1 T={T}: " + ", ".join(line))
+            captured[name] = (g2, key)
+        times = defaultdict(list)
+        for _ in range(5):  # interleaved: clock and temperature drift reach every variant alike
+            for name, (g2, key) in captured.items():
+                times[name].append(graph_replay_ms(g2, key))
+        print(f"  B=1 T={T}: " + ", ".join(f"{n} {statistics.median(t):.3f}" for n, t in times.items()))
+        del captured
     engine.cache.free(slots[0])
     rows = prompts_for(1, 32, cfg.vocab_size, 0)
     run = ours_run(engine, rows, 64)
@@ -156,83 +166,6 @@ def step_profile(a, bandwidth: float) -> None:
     steps = engine.stats()["num_steps"] - before["num_steps"]
     print(f" engine batch 1: {n / dt:.1f} tok/s, {1e3 * dt / steps:.3f} ms per step (host included)")
     profile_steps(engine, rows, "cuda")
-
-
-if triton_experts.AVAILABLE:
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def _dedup_kernel(
-        x_ptr,  # [n / GROUP, K]
-        ids_ptr,  # [P] expert of each pair
-        w_ptr,  # [E, N (x 2 with GLU), K]
-        out_ptr,  # [P, N]
-        P,
-        N,
-        K,
-        stride_we,
-        stride_wn,
-        GROUP: tl.constexpr,
-        GLU: tl.constexpr,
-        P_PAD: tl.constexpr,
-        BLOCK_M: tl.constexpr,
-        BLOCK_N: tl.constexpr,
-        BLOCK_K: tl.constexpr,
-    ):
-        """Experimental: the per-pair grid, but the first pair of each expert computes all of that
-        expert's pairs (weights read once per step) and the others return at once. No sort."""
-        p = tl.program_id(0)
-        rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_ok = rn < N
-        rp = tl.arange(0, P_PAD)
-        all_ids = tl.load(ids_ptr + rp, mask=rp < P, other=-2)
-        e = tl.load(ids_ptr + p)
-        match = all_ids == e
-        first = tl.min(tl.where(match, rp, P_PAD), 0)
-        if (first == p) & (e >= 0):
-            rank = tl.cumsum(match.to(tl.int32), 0) - 1
-            count = tl.sum(match.to(tl.int32), 0)
-            w = w_ptr + e.to(tl.int64) * stride_we + rn[:, None].to(tl.int64) * stride_wn
-            dtype = out_ptr.dtype.element_ty
-            for m0 in range(0, count, BLOCK_M):
-                rm = m0 + tl.arange(0, BLOCK_M)
-                sel = match[None, :] & (rank[None, :] == rm[:, None])
-                pair = tl.sum(tl.where(sel, rp[None, :], 0), 1)
-                r_ok = rm < count
-                x_rows = x_ptr + (pair // GROUP).to(tl.int64)[:, None] * K
-                acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-                up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-                for k0 in range(0, K, BLOCK_K):
-                    kk = k0 + tl.arange(0, BLOCK_K)
-                    k_ok = kk < K
-                    xk = tl.load(x_rows + kk[None, :], mask=r_ok[:, None] & k_ok[None, :], other=0.0)
-                    ok = n_ok[:, None] & k_ok[None, :]
-                    acc += tl.dot(xk, tl.trans(tl.load(w + kk[None, :], mask=ok, other=0.0)))
-                    if GLU:
-                        up += tl.dot(
-                            xk, tl.trans(tl.load(w + N * stride_wn + kk[None, :], mask=ok, other=0.0))
-                        )
-                if GLU:
-                    gate = acc.to(dtype).to(tl.float32)
-                    act = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
-                    acc = act * up.to(dtype).to(tl.float32)
-                dst = out_ptr + pair.to(tl.int64)[:, None] * N + rn[None, :]
-                tl.store(dst, acc.to(dtype), mask=r_ok[:, None] & n_ok[None, :])
-
-
-def dedup_matmul(x, w, ids, group=1, glu=False, block_n=16, block_k=128, num_warps=4):
-    P = ids.shape[0]
-    E, rows, K = w.shape
-    N = rows // 2 if glu else rows
-    out = torch.empty(P, N, dtype=x.dtype, device=x.device)
-    grid = (P, triton.cdiv(N, block_n))
-    _dedup_kernel[grid](
-        x, ids, w, out, P, N, K, w.stride(0), w.stride(1),
-        GROUP=group, GLU=glu, P_PAD=triton.next_power_of_2(P), BLOCK_M=16,
-        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps,
-    )  # fmt: skip
-    return out
 
 
 def routed_ids(T: int, E: int, A: int, overlap: bool, g: torch.Generator) -> torch.Tensor:
@@ -301,12 +234,12 @@ def expert_variants(a, bandwidth: float) -> None:
                 def dedup(cfg=(bn, bk, w), x=x, ids=ids):
                     cfg = dict(zip(("block_n", "block_k", "num_warps"), cfg))
                     for layer in layers:
-                        h = dedup_matmul(x, layer.gate_up, ids, group=A, glu=True, **cfg)
-                        dedup_matmul(h, layer.down, ids, **cfg)
+                        h = triton_experts.dedup_matmul(x, layer.gate_up, ids, group=A, glu=True, **cfg)
+                        triton_experts.dedup_matmul(h, layer.down, ids, **cfg)
 
-                res[f"dedup n{bn} k{bk} w{w} (experimental)"] = graph_ms(dedup) / n_layers
+                res[f"dedup n{bn} k{bk} w{w}"] = graph_ms(dedup) / n_layers
             errs = []
-            for fn in (triton_experts.pair_matmul, dedup_matmul):
+            for fn in (triton_experts.pair_matmul, triton_experts.dedup_matmul):
                 h = fn(x, layers[0].gate_up, ids, group=A, glu=True)
                 errs.append(((fn(h, layers[0].down, ids).float() - ref).norm() / ref.norm()).item())
             best = min(res, key=res.get)

@@ -36,7 +36,11 @@ for stage in "${@:-tests nccl kernels shape}"; do
       nccl)
         # One process per NCCL test, each bounded by NCCL_TEST_TIMEOUT: on a hang, the test process
         # and its shard actors print every thread's stack (faulthandler, SIGABRT); their Ray logs
-        # go to $OUT/nccl-ray-logs.tgz.
+        # go to $OUT/nccl-ray-logs.tgz. First: which exchange sizes a CUDA graph captures.
+        for reg in default 0; do
+          ( [ $reg = 0 ] && export NCCL_GRAPH_REGISTER=0
+            timeout 120 python benchmarks/nccl_capture.py 2>&1 | grep -E 'NCCL_GRAPH|rank 0' )
+        done | tee "$OUT/nccl-capture.log"
         for t in $(grep -o '^def test_nccl[a-z_0-9]*' tests/gpu/test_gpu.py | cut -c5-); do
           PYTHONFAULTHANDLER=1 python -u -m pytest -s -p no:warnings -q --tb=short -o log_cli=true \
             --log-cli-level=INFO "tests/gpu/test_gpu.py::$t" >"$OUT/$t.log" 2>&1 &

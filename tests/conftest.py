@@ -10,6 +10,10 @@ import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+if not torch.cuda.is_available():
+    # Triton kernels on CPU tensors run under Triton's interpreter (tests/cpu/test_triton_kernels.py);
+    # read when a kernel is defined, so before anything imports them.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 COMMON = dict(
     vocab_size=96,

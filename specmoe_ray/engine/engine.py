@@ -386,8 +386,14 @@ class Engine:
                     e,
                 )
                 t0 = time.perf_counter()
+                if self.graphs is not None and self.graphs.capture:
+                    # Replayed collectives are the least proven part of a step with shards: the
+                    # re-formed group serves static steps eagerly (shards too).
+                    log.warning("CUDA graphs for steps with expert shards are off from now on")
+                    self.graphs.capture = False
+                    self.shard_group.options.cuda_graphs = False
                 try:
-                    self._reform(self.shard_group.plan)
+                    self._reform(self.shard_group.plan, failed=True)
                 except Exception as reform_error:
                     raise ShardGroupError(
                         f"expert shard group failed ({e}) and could not re-form: {reform_error}"
@@ -547,10 +553,10 @@ class Engine:
         self.metrics.num_rescales += 1
         log.info("%s; re-formed in %.1fs", decision.reason, time.perf_counter() - t)
 
-    def _reform(self, plan: PlacementPlan) -> None:
+    def _reform(self, plan: PlacementPlan, failed: bool = False) -> None:
         if self.graphs is not None:
             self.graphs.drop()  # graphs captured with the old group's collectives
-        self.model.set_expert_backend(self.shard_group.reform(plan))
+        self.model.set_expert_backend(self.shard_group.reform(plan, failed=failed))
 
     def shutdown(self) -> None:
         """Stop the expert shards (if any). Safe to call twice."""

@@ -155,6 +155,16 @@ class StepGraphs:
         self._graphs.clear()
 
     @property
+    def has_shards(self) -> bool:
+        """Whether a backend exchanges with expert shards (static steps hold collectives)."""
+        return any(hasattr(b, "static_step") for b, _ in self.backends.values())
+
+    @property
+    def captured(self) -> list[tuple[int, int, int]]:
+        """Keys (sequences, tokens per sequence, cache bucket) of the captured graphs."""
+        return sorted(self._graphs)
+
+    @property
     def num_graphs(self) -> int:
         return len(self._graphs)
 
@@ -270,7 +280,23 @@ class StepGraphs:
         if not self.capture:
             return
         with torch.cuda.device(self.device):  # streams, graphs and Triton launches on the model's GPU
-            self._capture(key, batch, mask)
+            try:
+                self._capture(key, batch, mask)
+            except Exception as e:
+                # Something in the step cannot be captured: serve on with static shapes, eagerly,
+                # rather than fail the step's requests.
+                self.capture = False
+                self._graphs.clear()
+                log.warning(
+                    "could not capture a CUDA graph for %d sequences x %d tokens (%s: %s); "
+                    "static steps run without CUDA graphs from now on",
+                    B,
+                    Tq,
+                    type(e).__name__,
+                    e,
+                )
+                if self.has_shards:
+                    raise  # a collective may be left half-issued: the engine re-forms the group
 
     def _capture(self, key: tuple[int, int, int], batch: ForwardBatch, mask: torch.Tensor) -> None:
         B, Tq, L = key

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import torch
 
+from specmoe_ray.moe.triton_experts import launch_on
+
 try:
     import triton
     import triton.language as tl
@@ -213,7 +215,7 @@ def decode_attention(
         ml = torch.empty(B, Hkv, splits, 2, block_m, dtype=torch.float32, device=q.device)
     else:
         part = ml = out
-    with torch.cuda.device(q.device):
+    with launch_on(q.device):
         _attention_kernel[(B, Hkv, splits)](
             q,
             kv,
@@ -253,7 +255,7 @@ def softmax_topk(logits: torch.Tensor, top_k: int, renorm: bool, dtype: torch.dt
     weights = torch.empty(T, top_k, dtype=dtype, device=logits.device)
     ids = torch.empty(T, top_k, dtype=torch.long, device=logits.device)
     if T:
-        with torch.cuda.device(logits.device):
+        with launch_on(logits.device):
             _softmax_topk_kernel[(T,)](
                 logits.contiguous(),
                 weights,

@@ -59,8 +59,8 @@ class LocalExperts(nn.Module):
         No path reads the ids back to the host except the CPU loop: CUDA graphs capture it."""
         local = expert_ids if self.identity else self.to_local[expert_ids]
         if self.triton and local.shape[0] <= self.triton_max_pairs:
-            h = triton_experts.pair_matmul(x, self.gate_up, local, group=group, glu=True)
-            return triton_experts.pair_matmul(h, self.down, local)
+            h = triton_experts.expert_pairs(x, self.gate_up, local, group=group, glu=True)
+            return triton_experts.expert_pairs(h, self.down, local)
         if group > 1:
             x = x[:, None, :].expand(-1, group, x.shape[-1]).reshape(-1, x.shape[-1])
         local, order = torch.sort(local, stable=True)

@@ -304,12 +304,14 @@ class ShardGroup:
                     log.error("expert shard heartbeat failed: %s", e)
                     return
 
-    def reform(self, plan: PlacementPlan) -> DistributedDispatch:
+    def reform(self, plan: PlacementPlan, failed: bool = False) -> DistributedDispatch:
         """Tear the group down and form it again with another membership (e.g. a new shard count).
 
         Call it between engine steps: experts hold no per-request state, so nothing is lost.
+        failed: the group broke (a collective failed or timed out); its shards are not asked to
+        stop (they would not hear it), only stopped.
         """
-        self.shutdown()
+        self.shutdown(graceful=not failed)
         self.plan = plan
         self._stop = threading.Event()
         self._heartbeat = None
@@ -330,11 +332,13 @@ class ShardGroup:
             "shards": self.shard_info,
         }
 
-    def shutdown(self) -> None:
+    def shutdown(self, graceful: bool = True) -> None:
+        """Stop the shards: ask them (OP_STOP) and wait for them to return, then leave the group
+        and end the actors. graceful=False skips the asking (a broken group)."""
         self._stop.set()
         if self._heartbeat is not None:
             self._heartbeat.join(timeout=5)
-        if self.dispatch is not None and dist.is_initialized():
+        if graceful and self.dispatch is not None and dist.is_initialized():
             try:
                 self.dispatch.stop()
                 ray.get(self.serve_refs, timeout=self.options.collective_timeout_s)

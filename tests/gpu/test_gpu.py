@@ -121,6 +121,69 @@ def test_nccl_cuda_graph_steps(checkpoints):
         ray.shutdown()
 
 
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_nccl_cuda_graph_prompt_buckets(tmp_path):
+    """Prompts prefill in captured prompt-bucket steps (Tq a power of two) with exchanges of
+    ~0.5 MB per shard (hidden 512). The 30B benchmark's first capture with shards failed
+    (session 4: "operation failed due to a previous error during capture") where the small
+    decode exchanges of `test_nccl_cuda_graph_steps` pass. == transformers (float32)."""
+    import ray
+    from conftest import make_checkpoint
+
+    path = make_checkpoint(
+        str(tmp_path / "wide"),
+        "qwen3_moe",
+        seed=3,
+        hidden_size=512,
+        head_dim=64,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        moe_intermediate_size=128,
+        intermediate_size=256,
+        initializer_range=0.05,
+    )
+    prompts = [[(7 * i + j) % 95 + 1 for j in range(n)] for i, n in enumerate((32, 29, 27, 31))]
+    ref = hf_greedy(path, prompts, NEW)
+    n = torch.cuda.device_count()
+    ray.init(num_gpus=n - 1, num_cpus=8, include_dashboard=False)
+    try:
+        for local in (True, False):
+            options = ShardOptions(local_shard=local, cuda_graphs=True, collective_timeout_s=30)
+            with Engine.from_pretrained(
+                path,
+                device=f"cuda:{n - 1}",
+                num_shards=n if local else n - 1,
+                max_model_len=128,
+                shard_options=options,
+            ) as engine:
+                got = [o.token_ids for o in engine.generate(prompts, GREEDY)]
+                assert engine.graphs.capture, "the capture failed: steps fell back to eager"
+                assert any(tq >= 16 for _, tq, _ in engine.graphs.captured), engine.graphs.captured
+                assert engine.metrics.num_recoveries == 0
+            assert got == ref, local
+    finally:
+        ray.shutdown()
+
+
+def test_capture_failure_falls_back_to_eager_static_steps(checkpoints):
+    """A step that cannot be captured (here: a host sync inside the capture, injected) leaves
+    the engine serving the same static steps eagerly, with the same tokens."""
+    path = checkpoints("qwen3_moe")
+    with Engine.from_pretrained(path, device="cuda", max_model_len=128) as engine:
+        forward = engine.model.forward
+
+        def syncing_forward(*args, **kwargs):
+            if torch.cuda.is_current_stream_capturing():
+                torch.cuda.current_stream().synchronize()  # not allowed while capturing
+            return forward(*args, **kwargs)
+
+        engine.model.forward = syncing_forward
+        got = [o.token_ids for o in engine.generate(PROMPTS, GREEDY)]
+        assert not engine.graphs.capture and engine.graphs.num_graphs == 0
+        assert engine.metrics.num_static_steps > 3
+    assert got == hf_greedy(path, PROMPTS, NEW)
+
+
 def test_bfloat16_on_cuda_close_to_float32(checkpoints):
     path = checkpoints("qwen3_moe")
     with Engine.from_pretrained(path, device="cuda", dtype="bfloat16", max_model_len=128) as engine:
@@ -201,66 +264,6 @@ def test_cuda_graph_steps_with_mla():
                 assert [o.token_ids for o in engine.generate(prompts, GREEDY)] == ref, mode
 
 
-@pytest.mark.parametrize("path", ["pairs", "sorted"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("n", [1, 8, 40, 300])
-def test_triton_experts_equal_float64_reference(dtype, n, path):
-    """The Triton expert kernel (few rows per expert: decode/verify) against float64 per-row math,
-    including an expert with more rows than one 16-row block and experts with none."""
-    import torch.nn.functional as F
-
-    from specmoe_ray.moe import triton_experts
-    from specmoe_ray.moe.experts import LocalExperts
-
-    assert triton_experts.AVAILABLE
-    g = torch.Generator().manual_seed(n)
-    E, D, I = 16, 256, 96
-    gate_up = torch.randn(E, 2 * I, D, generator=g) / D**0.5
-    down = torch.randn(E, D, I, generator=g) / I**0.5
-    x = torch.randn(n, D, generator=g)
-    ids = torch.randint(0, E, (n,), generator=g)
-    ids[: min(n, 20)] = 5  # 20 rows on one expert: two 16-row blocks
-    experts = LocalExperts(list(range(E)), gate_up.cuda().to(dtype), down.cuda().to(dtype), E)
-    experts.triton_max_rows_per_expert = 10**6  # always a Triton kernel, whatever n
-    experts.triton_max_pairs = 10**6 if path == "pairs" else 0
-    out = experts(x.cuda().to(dtype), ids.cuda()).double().cpu()
-    ref = torch.empty(n, D, dtype=torch.float64)
-    for i in range(n):
-        gate, up = F.linear(x[i].double(), gate_up[ids[i]].double()).chunk(2)
-        ref[i] = F.linear(F.silu(gate) * up, down[ids[i]].double())
-    rel = ((out - ref).norm() / ref.norm()).item()
-    assert rel < (1e-5 if dtype == torch.float32 else 2e-2), rel
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_pair_kernel_reads_token_rows_and_skips_experts_not_held(dtype):
-    """The per-pair kernel with `group` pairs per token row (what the MoE block passes: no
-    expanded copy of the tokens), experts of a subset (others give zero rows), fused silu * up."""
-    import torch.nn.functional as F
-
-    from specmoe_ray.moe.experts import LocalExperts
-
-    g = torch.Generator().manual_seed(3)
-    E, D, I, T, A = 16, 320, 200, 5, 4  # widths that are not multiples of the blocks
-    held = [1, 2, 3, 5, 8, 13]
-    gate_up = torch.randn(len(held), 2 * I, D, generator=g) / D**0.5
-    down = torch.randn(len(held), D, I, generator=g) / I**0.5
-    x = torch.randn(T, D, generator=g)
-    ids = torch.stack([torch.randperm(E, generator=g)[:A] for _ in range(T)]).reshape(-1)
-    experts = LocalExperts(held, gate_up.cuda().to(dtype), down.cuda().to(dtype), E)
-    assert experts.triton and experts.triton_max_pairs >= T * A
-    out = experts(x.cuda().to(dtype), ids.cuda(), group=A).double().cpu()
-    ref = torch.zeros(T * A, D, dtype=torch.float64)
-    for p, e in enumerate(ids.tolist()):
-        if e in held:
-            i = held.index(e)
-            gate, up = F.linear(x[p // A].double(), gate_up[i].double()).chunk(2)
-            ref[p] = F.linear(F.silu(gate) * up, down[i].double())
-    assert (out[ref.abs().sum(1) == 0] == 0).all()
-    rel = ((out - ref).norm() / ref.norm()).item()
-    assert rel < (1e-5 if dtype == torch.float32 else 2e-2), rel
-
-
 def test_mtp_drafting_on_cuda_graphs():
     """DeepSeek-V3 with its MTP module drafting, target steps replayed from graphs that also
     return hidden states: == the eager path == transformers (float32)."""
@@ -289,68 +292,3 @@ def test_mtp_drafting_on_cuda_graphs():
                 if mode == "auto":
                     assert engine.graphs.hidden and engine.graphs.num_replays > 0
                     assert engine.stats()["acceptance_rate"] > 0.4
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize(
-    "B,Tq,L,window", [(1, 1, 256, None), (3, 4, 300, None), (2, 2, 1200, None), (3, 3, 200, 50)]
-)
-def test_decode_attention_kernel_equals_float64_reference(dtype, B, Tq, L, window):
-    """The static steps' attention kernel (keys read from the cache by slot, grouped query heads,
-    causal by position, sliding window, long caches split and merged) against float64 math."""
-    from specmoe_ray.models.triton_kernels import decode_attention
-
-    g = torch.Generator().manual_seed(B * Tq + L)
-    H, Hkv, hd, S, Lmax = 8, 2, 128, 5, 2048
-    G = H // Hkv
-    kv = torch.randn(S + 1, 2, Hkv, Lmax, hd, generator=g).to(dtype)
-    q = torch.randn(B * Tq, H, hd, generator=g).to(dtype)
-    slots = [4, 0, 2][:B]
-    lasts = [L - 1, L // 2, 17][:B]  # each sequence's last query position
-    qpos = torch.tensor([[p - Tq + 1 + t for t in range(Tq)] for p in lasts])
-    out = decode_attention(q.cuda(), kv.cuda(), torch.tensor(slots).cuda(), qpos.cuda(), L, window)
-    out = out.double().cpu().view(B * Tq, H, hd)
-    ref = torch.empty(B * Tq, H, hd, dtype=torch.float64)
-    for b in range(B):
-        for t in range(Tq):
-            p = int(qpos[b, t])
-            lo = 0 if window is None else max(0, p - window + 1)
-            for h in range(H):
-                keys = kv[slots[b], 0, h // G, lo : p + 1].double()
-                values = kv[slots[b], 1, h // G, lo : p + 1].double()
-                att = torch.softmax(keys @ q[b * Tq + t, h].double() / hd**0.5, dim=0)
-                ref[b * Tq + t, h] = att @ values
-    rel = ((out - ref).norm() / ref.norm()).item()
-    assert rel < (1e-5 if dtype == torch.float32 else 2e-2), rel
-
-
-@pytest.mark.parametrize("E,renorm", [(128, True), (60, False)])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_softmax_topk_kernel_equals_torch(E, renorm, dtype):
-    from specmoe_ray.models import fused, triton_kernels
-
-    logits = torch.randn(37, E, generator=torch.Generator().manual_seed(E)).to(dtype)
-    weights, ids = triton_kernels.softmax_topk(logits.cuda(), 8, renorm, torch.float32)
-    ref_w, ref_ids = fused.softmax_topk.__wrapped__(logits, 8, renorm, logits, False)
-    # bfloat16 logits tie often; among equal logits either expert is a top-k choice (the kernel
-    # takes the lowest index), so compare the logits the ids select, and the ids where no tie.
-    ids = ids.cpu()
-    assert torch.equal(logits.gather(1, ids), logits.gather(1, ref_ids))
-    assert all(len(set(row)) == 8 for row in ids.tolist())
-    tied = (logits.gather(1, ref_ids)[:, :, None] == logits[:, None, :]).sum(-1).gt(1).any(-1)
-    assert torch.equal(ids[~tied], ref_ids[~tied]) and (~tied).sum() > 10
-    torch.testing.assert_close(weights.cpu(), ref_w, rtol=1e-5, atol=1e-7)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_one_row_projection_kernel_equals_float64_reference(dtype):
-    """Inside static steps a one-row projection runs the per-pair kernel (`fused.linear`)."""
-    from specmoe_ray.models import fused
-
-    g = torch.Generator().manual_seed(1)
-    x, w = torch.randn(1, 1000, generator=g).to(dtype), torch.randn(333, 1000, generator=g).to(dtype)
-    with fused.active():
-        out = fused.linear(x.cuda(), w.cuda()).double().cpu()
-    ref = x.double() @ w.double().T
-    rel = ((out - ref).norm() / ref.norm()).item()
-    assert rel < (1e-6 if dtype == torch.float32 else 1e-2), rel

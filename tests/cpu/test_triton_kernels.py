@@ -1,0 +1,164 @@
+"""The Triton kernels against float64 math (or torch): on a GPU, and on CPUs under Triton's
+interpreter (TRITON_INTERPRET=1, set by tests/conftest.py where no GPU is), which runs each
+kernel's programs in numpy. The interpreter multiplies bfloat16 matrices (`tl.dot`) wrongly
+(Triton 3.9), so bfloat16 cases of kernels with `tl.dot` run on GPUs only."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton", reason="Triton (GPUs; on CPUs: `pip install triton`, the interpreter)")
+
+from specmoe_ray.moe import triton_experts  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def skip_bf16_on_interpreter(dtype: torch.dtype, uses_dot: bool = True) -> None:
+    if DEVICE == "cpu" and dtype == torch.bfloat16 and uses_dot:
+        pytest.skip("Triton's interpreter multiplies bfloat16 matrices wrongly")
+
+
+@pytest.mark.parametrize("path", ["pairs", "dedup", "sorted"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n", [1, 8, 40, 300])
+def test_triton_experts_equal_float64_reference(dtype, n, path, monkeypatch):
+    """The Triton expert kernel (few rows per expert: decode/verify) against float64 per-row math,
+    including an expert with more rows than one 16-row block and experts with none."""
+    import torch.nn.functional as F
+
+    from specmoe_ray.moe.experts import LocalExperts
+
+    skip_bf16_on_interpreter(dtype)
+    if DEVICE == "cpu" and path == "pairs" and n > 64:
+        pytest.skip("slow on the interpreter; the engine sends at most 64 pairs to this kernel")
+    g = torch.Generator().manual_seed(n)
+    E, D, I = 16, 256, 96
+    gate_up = torch.randn(E, 2 * I, D, generator=g) / D**0.5
+    down = torch.randn(E, D, I, generator=g) / I**0.5
+    x = torch.randn(n, D, generator=g)
+    ids = torch.randint(0, E, (n,), generator=g)
+    ids[: min(n, 20)] = 5  # 20 rows on one expert: two 16-row blocks
+    experts = LocalExperts(list(range(E)), gate_up.to(DEVICE).to(dtype), down.to(DEVICE).to(dtype), E)
+    experts.triton = True  # (on the interpreter too)
+    experts.triton_max_rows_per_expert = 10**6  # always a Triton kernel, whatever n
+    experts.triton_max_pairs = 10**6 if path in ("pairs", "dedup") else 0
+    monkeypatch.setattr(triton_experts, "DEDUP", path == "dedup")
+    out = experts(x.to(DEVICE).to(dtype), ids.to(DEVICE)).double().cpu()
+    ref = torch.empty(n, D, dtype=torch.float64)
+    for i in range(n):
+        gate, up = F.linear(x[i].double(), gate_up[ids[i]].double()).chunk(2)
+        ref[i] = F.linear(F.silu(gate) * up, down[ids[i]].double())
+    rel = ((out - ref).norm() / ref.norm()).item()
+    assert rel < (1e-5 if dtype == torch.float32 else 2e-2), rel
+
+
+@pytest.mark.parametrize("dedup", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_pair_kernel_reads_token_rows_and_skips_experts_not_held(dtype, dedup, monkeypatch):
+    """The few-pairs kernels (per pair; deduplicated: an expert's pairs together) with `group`
+    pairs per token row (what the MoE block passes: no expanded copy of the tokens), experts of
+    a subset (others, and padding id -1, give zero rows), fused silu * up."""
+    import torch.nn.functional as F
+
+    from specmoe_ray.moe.experts import LocalExperts
+
+    monkeypatch.setattr(triton_experts, "DEDUP", dedup)
+    skip_bf16_on_interpreter(dtype, dedup)
+
+    g = torch.Generator().manual_seed(3)
+    E, D, I, T, A = 16, 320, 200, 5, 4  # widths that are not multiples of the blocks
+    held = [1, 2, 3, 5, 8, 13]
+    gate_up = torch.randn(len(held), 2 * I, D, generator=g) / D**0.5
+    down = torch.randn(len(held), D, I, generator=g) / I**0.5
+    x = torch.randn(T, D, generator=g)
+    # Tokens share experts (as a sequence's draft tokens often do); the last token is padding.
+    pool = torch.randperm(E, generator=g)[: 2 * A]
+    ids = torch.stack([pool[torch.randperm(2 * A, generator=g)[:A]] for _ in range(T)]).reshape(-1)
+    ids[-A:] = -1
+    assert len(set(ids.tolist()) & set(held)) >= 2
+    experts = LocalExperts(held, gate_up.to(DEVICE).to(dtype), down.to(DEVICE).to(dtype), E)
+    experts.triton = True
+    assert experts.triton_max_pairs >= T * A
+    out = experts(x.to(DEVICE).to(dtype), ids.to(DEVICE), group=A).double().cpu()
+    ref = torch.zeros(T * A, D, dtype=torch.float64)
+    for p, e in enumerate(ids.tolist()):
+        if e in held:
+            i = held.index(e)
+            gate, up = F.linear(x[p // A].double(), gate_up[i].double()).chunk(2)
+            ref[p] = F.linear(F.silu(gate) * up, down[i].double())
+    assert (out[ref.abs().sum(1) == 0] == 0).all()
+    rel = ((out - ref).norm() / ref.norm()).item()
+    assert rel < (1e-5 if dtype == torch.float32 else 2e-2), rel
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "B,Tq,L,window", [(1, 1, 256, None), (3, 4, 300, None), (2, 2, 1200, None), (3, 3, 200, 50)]
+)
+def test_decode_attention_kernel_equals_float64_reference(dtype, B, Tq, L, window):
+    """The static steps' attention kernel (keys read from the cache by slot, grouped query heads,
+    causal by position, sliding window, long caches split and merged) against float64 math."""
+    from specmoe_ray.models.triton_kernels import decode_attention
+
+    skip_bf16_on_interpreter(dtype)
+    g = torch.Generator().manual_seed(B * Tq + L)
+    H, Hkv, hd, S, Lmax = 8, 2, 128, 5, 2048
+    G = H // Hkv
+    kv = torch.randn(S + 1, 2, Hkv, Lmax, hd, generator=g).to(dtype)
+    q = torch.randn(B * Tq, H, hd, generator=g).to(dtype)
+    slots = [4, 0, 2][:B]
+    lasts = [L - 1, L // 2, 17][:B]  # each sequence's last query position
+    qpos = torch.tensor([[p - Tq + 1 + t for t in range(Tq)] for p in lasts])
+    slots_t = torch.tensor(slots)
+    out = decode_attention(q.to(DEVICE), kv.to(DEVICE), slots_t.to(DEVICE), qpos.to(DEVICE), L, window)
+    out = out.double().cpu().view(B * Tq, H, hd)
+    ref = torch.empty(B * Tq, H, hd, dtype=torch.float64)
+    for b in range(B):
+        for t in range(Tq):
+            p = int(qpos[b, t])
+            lo = 0 if window is None else max(0, p - window + 1)
+            for h in range(H):
+                keys = kv[slots[b], 0, h // G, lo : p + 1].double()
+                values = kv[slots[b], 1, h // G, lo : p + 1].double()
+                att = torch.softmax(keys @ q[b * Tq + t, h].double() / hd**0.5, dim=0)
+                ref[b * Tq + t, h] = att @ values
+    rel = ((out - ref).norm() / ref.norm()).item()
+    assert rel < (1e-5 if dtype == torch.float32 else 2e-2), rel
+
+
+@pytest.mark.parametrize("E,renorm", [(128, True), (60, False)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_softmax_topk_kernel_equals_torch(E, renorm, dtype):
+    from specmoe_ray.models import fused, triton_kernels
+
+    logits = torch.randn(37, E, generator=torch.Generator().manual_seed(E)).to(dtype)
+    weights, ids = triton_kernels.softmax_topk(logits.to(DEVICE), 8, renorm, torch.float32)
+    ref_w, ref_ids = fused.softmax_topk.__wrapped__(logits, 8, renorm, logits, False)
+    # bfloat16 logits tie often; among equal logits either expert is a top-k choice (the kernel
+    # takes the lowest index), so compare the logits the ids select, and the ids where no tie.
+    ids = ids.cpu()
+    assert torch.equal(logits.gather(1, ids), logits.gather(1, ref_ids))
+    assert all(len(set(row)) == 8 for row in ids.tolist())
+    tied = (logits.gather(1, ref_ids)[:, :, None] == logits[:, None, :]).sum(-1).gt(1).any(-1)
+    assert torch.equal(ids[~tied], ref_ids[~tied]) and (~tied).sum() > 10
+    torch.testing.assert_close(weights.cpu(), ref_w, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_row_projection_kernel_equals_float64_reference(dtype):
+    """Inside static steps a one-row projection runs the per-pair kernel (`fused.linear` on
+    GPUs, `triton_experts.matvec`)."""
+    from specmoe_ray.models import fused
+
+    g = torch.Generator().manual_seed(1)
+    x, w = torch.randn(1, 1000, generator=g).to(dtype), torch.randn(333, 1000, generator=g).to(dtype)
+    with fused.active():
+        if DEVICE == "cuda":
+            out = fused.linear(x.to(DEVICE), w.to(DEVICE)).double().cpu()
+        else:
+            out = triton_experts.matvec(x, w).double()
+    ref = x.double() @ w.double().T
+    rel = ((out - ref).norm() / ref.norm()).item()
+    assert rel < (1e-6 if dtype == torch.float32 else 1e-2), rel
