@@ -12,6 +12,9 @@ per-pair kernel for several block sizes, the deduplicated per-pair kernel (an ex
 read its weights once), the grouped GEMM; floor = the distinct experts' bytes /
 copy bandwidth.
 
+(3) One-row dense projections (q/k/v, o_proj, router): cuBLAS against the per-pair kernel as a
+matrix-vector product, block sizes swept with --sweep.
+
     python benchmarks/kernels.py --layers 4 --batch 1 --tq 1 4
 """
 
@@ -253,6 +256,46 @@ def expert_variants(a, bandwidth: float) -> None:
                 print(f"    {1e3 * ms:8.1f} us  {100 * floor / ms:5.1f}% of floor  {name}{mark}")
 
 
+def dense_matvecs(a, bandwidth: float) -> None:
+    """(3) One-row projections of the 30B shape (batch-1 decode): cuBLAS against the per-pair
+    kernel as a matrix-vector product (`triton_experts.matvec`) over block sizes."""
+    D = 2048
+    shapes = {"q/k/v": (5120, D), "o_proj": (D, 4096), "router": (128, D)}
+    configs = [(bn, bk, w) for bn in (4, 8, 16, 32) for bk in (128, 256, 512) for w in (2, 4, 8)]
+    if not a.sweep:
+        configs = [(8, 256, 8), (16, 256, 4), (4, 512, 4)]
+    g = torch.Generator(device="cuda").manual_seed(1)
+    print("(3) one-row projections, us each (4 weight copies in turn; floor = weight bytes / copy bandwidth)")
+    for name, (N, K) in shapes.items():
+        ws = [torch.randn(N, K, device="cuda", dtype=torch.bfloat16, generator=g) * 0.02 for _ in range(4)]
+        x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16, generator=g)
+        floor = 1e3 * N * K * 2 / bandwidth  # ms
+        ref = torch.nn.functional.linear(x, ws[0]).float()
+
+        def cublas(x=x, ws=ws):
+            for w in ws:
+                torch.nn.functional.linear(x, w)
+
+        def triton_matvec(cfg, x=x, ws=ws):
+            for w in ws:
+                triton_experts.matvec(x, w, **cfg)
+
+        res = {"cuBLAS": graph_ms(cublas) / 4}
+        for bn, bk, nw in configs:
+            cfg = {"block_n": bn, "block_k": bk, "num_warps": nw}
+            out = triton_experts.matvec(x, ws[0], **cfg).float()
+            if ((out - ref).norm() / ref.norm()).item() > 1e-2:
+                print(f"  {name}: matvec {cfg} WRONG")
+                continue
+            res[f"matvec n{bn} k{bk} w{nw}"] = graph_ms(lambda cfg=cfg: triton_matvec(cfg)) / 4
+        ranked = sorted(res.items(), key=lambda kv: kv[1])[:6]
+        if "cuBLAS" not in dict(ranked):
+            ranked.append(("cuBLAS", res["cuBLAS"]))
+        print(f"  {name} [{N} x {K}]: floor {1e3 * floor:.1f} us")
+        for label, ms in ranked:
+            print(f"    {1e3 * ms:8.1f} us  {100 * floor / ms:5.1f}% of floor  {label}")
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--layers", type=int, default=4)
@@ -260,9 +303,10 @@ def main(argv=None) -> None:
     p.add_argument("--tq", type=int, nargs="+", default=[1, 4])
     p.add_argument("--context", type=int, default=256)
     p.add_argument("--expert-tokens", type=int, nargs="+", default=[1, 2, 4, 8])
-    p.add_argument("--sweep", action="store_true", help="sweep the per-pair kernel's block sizes")
+    p.add_argument("--sweep", action="store_true", help="sweep the kernels' block sizes")
     p.add_argument("--skip-step", action="store_true")
     p.add_argument("--skip-experts", action="store_true")
+    p.add_argument("--skip-dense", action="store_true")
     a = p.parse_args(argv)
     print(torch.cuda.get_device_name(), "torch", torch.__version__)
     bandwidth = copy_bandwidth("cuda")
@@ -270,6 +314,8 @@ def main(argv=None) -> None:
     if not a.skip_experts:
         expert_variants(a, bandwidth)
         torch.cuda.empty_cache()
+    if not a.skip_dense:
+        dense_matvecs(a, bandwidth)
     if not a.skip_step:
         step_profile(a, bandwidth)
 

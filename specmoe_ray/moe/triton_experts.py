@@ -121,6 +121,13 @@ def _launch_sorted(grid, x, w, out, offsets, N, K, block_n, block_k) -> None:
 if AVAILABLE:
 
     @triton.jit
+    def _silu_mul(gate, up, dtype: tl.constexpr):
+        """silu(gate) * up in float32, rounded as the unfused path rounds: gate, up, silu(gate)."""
+        gate = gate.to(dtype).to(tl.float32)
+        act = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
+        return act * up.to(dtype).to(tl.float32)
+
+    @triton.jit
     def _pair_kernel(
         x_ptr,  # [n / GROUP, K]: pair p reads row p // GROUP
         ids_ptr,  # [n] expert of each pair (< 0: none; the output row is zeros)
@@ -154,10 +161,8 @@ if AVAILABLE:
                 if GLU:
                     wu = tl.load(w + N * stride_wn + kk[None, :], mask=ok, other=0.0).to(tl.float32)
                     up += tl.sum(wu * xk[None, :], 1)
-            if GLU:  # rounded as the unfused path rounds: gate, up, silu(gate), the product
-                gate = acc.to(dtype).to(tl.float32)
-                act = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
-                acc = act * up.to(dtype).to(tl.float32)
+            if GLU:
+                acc = _silu_mul(acc, up, dtype)
         tl.store(out_ptr + p.to(tl.int64) * N + rn, acc.to(dtype), mask=n_ok)
 
 
@@ -204,14 +209,14 @@ def _launch_pairs(grid, x, ids, w, out, N, K, group, glu, cfg) -> None:
 _ZERO_IDS: dict[torch.device, torch.Tensor] = {}
 
 
-def matvec(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def matvec(x: torch.Tensor, weight: torch.Tensor, **config) -> torch.Tensor:
     """x [1, K] @ weight [N, K]^T -> [1, N] by the per-pair kernel (one pair, expert 0): a dense
     projection of one token at ~80-95% of the copy bandwidth, where cuBLAS's split-K GEMMs for
     one row reach ~60% plus a reduction kernel (benchmarks/RESULTS.md)."""
     ids = _ZERO_IDS.get(x.device)
     if ids is None:
         ids = _ZERO_IDS[x.device] = torch.zeros(1, dtype=torch.long, device=x.device)
-    return pair_matmul(x, weight.unsqueeze(0), ids)
+    return pair_matmul(x, weight.unsqueeze(0), ids, **config)
 
 
 if AVAILABLE:
@@ -274,10 +279,8 @@ if AVAILABLE:
                             up += tl.dot(xk, wu, input_precision="ieee")
                         else:
                             up += tl.dot(xk, wu)
-                if GLU:  # rounded as the unfused path rounds: gate, up, silu(gate), the product
-                    gate = acc.to(dtype).to(tl.float32)
-                    act = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
-                    acc = act * up.to(dtype).to(tl.float32)
+                if GLU:
+                    acc = _silu_mul(acc, up, dtype)
                 dst = out_ptr + pair.to(tl.int64)[:, None] * N + rn[None, :]
                 tl.store(dst, acc.to(dtype), mask=r_ok[:, None] & n_ok[None, :])
 

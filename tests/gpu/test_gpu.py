@@ -92,27 +92,32 @@ def test_nccl_local_shard_and_static_exchange(checkpoints):
         ray.shutdown()
 
 
+def graphed_shard_engine(path: str, local: bool, **kwargs) -> Engine:
+    """An engine on the last GPU with expert shards on the others (and on its own GPU if
+    `local`), steps and shard forwards captured in CUDA graphs; Ray already started."""
+    n = torch.cuda.device_count()
+    return Engine.from_pretrained(
+        path,
+        device=f"cuda:{n - 1}",
+        num_shards=n if local else n - 1,
+        max_model_len=128,
+        shard_options=ShardOptions(local_shard=local, cuda_graphs=True, collective_timeout_s=30),
+        **kwargs,
+    )
+
+
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
 def test_nccl_cuda_graph_steps(checkpoints):
     """`ShardOptions.cuda_graphs`: the engine replays static steps with their NCCL exchanges from
     CUDA graphs and every shard replays its side of a forward: == transformers (float32)."""
     import ray
 
-    n = torch.cuda.device_count()
-    ray.init(num_gpus=n - 1, num_cpus=8, include_dashboard=False)
+    ray.init(num_gpus=torch.cuda.device_count() - 1, num_cpus=8, include_dashboard=False)
     try:
         path = checkpoints("qwen3_moe")
         ref = hf_greedy(path, PROMPTS, NEW)
         for local in (False, True):
-            options = ShardOptions(local_shard=local, cuda_graphs=True, collective_timeout_s=30)
-            with Engine.from_pretrained(
-                path,
-                device=f"cuda:{n - 1}",
-                num_shards=n if local else n - 1,
-                draft="ngram",
-                max_model_len=128,
-                shard_options=options,
-            ) as engine:
+            with graphed_shard_engine(path, local, draft="ngram") as engine:
                 got = [o.token_ids for o in engine.generate(PROMPTS, GREEDY)]
                 assert engine.graphs is not None and engine.graphs.capture
                 assert engine.graphs.num_replays > 3
@@ -144,18 +149,10 @@ def test_nccl_cuda_graph_prompt_buckets(tmp_path):
     )
     prompts = [[(7 * i + j) % 95 + 1 for j in range(n)] for i, n in enumerate((32, 29, 27, 31))]
     ref = hf_greedy(path, prompts, NEW)
-    n = torch.cuda.device_count()
-    ray.init(num_gpus=n - 1, num_cpus=8, include_dashboard=False)
+    ray.init(num_gpus=torch.cuda.device_count() - 1, num_cpus=8, include_dashboard=False)
     try:
         for local in (True, False):
-            options = ShardOptions(local_shard=local, cuda_graphs=True, collective_timeout_s=30)
-            with Engine.from_pretrained(
-                path,
-                device=f"cuda:{n - 1}",
-                num_shards=n if local else n - 1,
-                max_model_len=128,
-                shard_options=options,
-            ) as engine:
+            with graphed_shard_engine(path, local) as engine:
                 got = [o.token_ids for o in engine.generate(prompts, GREEDY)]
                 assert engine.graphs.capture, "the capture failed: steps fell back to eager"
                 assert any(tq >= 16 for _, tq, _ in engine.graphs.captured), engine.graphs.captured
