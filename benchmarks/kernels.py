@@ -135,6 +135,8 @@ def step_profile(a, bandwidth: float) -> None:
         "no routing kernel": [(triton_kernels, "ROUTING", False)],
         "cuBLAS for one-row projections": [(fused, "MATVEC", False)],
         "per-pair experts (no dedup)": [(triton_experts, "DEDUP", False)],
+        "cache write in the compiled rope (opt-in)": [(fused, "FUSED_CACHE_WRITE", True)],
+        "one-row projections by dedup (opt-in)": [(triton_experts, "MATVEC_KERNEL", "dedup")],
         "all (again)": [],
     }
     slots = [engine.cache.allocate()]
@@ -232,7 +234,10 @@ def expert_variants(a, bandwidth: float) -> None:
                         triton_experts.pair_matmul(h, layer.down, ids, **cfg)
 
                 res[f"pairs n{bn} k{bk} w{w}"] = graph_ms(pairs) / n_layers
-            for bn, bk, w in ((16, 128, 4), (16, 256, 4), (32, 128, 4)):
+            dedup_blocks = [(16, 128, 4), (16, 256, 4), (32, 128, 4)]
+            if a.sweep:
+                dedup_blocks = [(bn, bk, w) for bn in (16, 32, 64) for bk in (64, 128, 256) for w in (4, 8)]
+            for bn, bk, w in dedup_blocks:
 
                 def dedup(cfg=(bn, bk, w), x=x, ids=ids):
                     cfg = dict(zip(("block_n", "block_k", "num_warps"), cfg))
@@ -261,9 +266,13 @@ def dense_matvecs(a, bandwidth: float) -> None:
     kernel as a matrix-vector product (`triton_experts.matvec`) over block sizes."""
     D = 2048
     shapes = {"q/k/v": (5120, D), "o_proj": (D, 4096), "router": (128, D)}
-    configs = [(bn, bk, w) for bn in (4, 8, 16, 32) for bk in (128, 256, 512) for w in (2, 4, 8)]
+    # (kernel, block_n, block_k, warps): "pairs" sums CUDA-core products (whole K in one block
+    # issues every load at once), "dedup" runs tensor-core products with pipelined loads.
+    blocks_k = (256, 512, 1024, 2048)
+    configs = [("pairs", bn, bk, w) for bn in (2, 4, 8, 16) for bk in blocks_k for w in (2, 4, 8)]
+    configs += [("dedup", bn, bk, w) for bn in (16, 32, 64) for bk in (64, 128, 256) for w in (4, 8)]
     if not a.sweep:
-        configs = [(8, 256, 8), (16, 256, 4), (4, 512, 4)]
+        configs = [("pairs", 8, 256, 8), ("pairs", 4, 2048, 4), ("dedup", 32, 128, 4), ("dedup", 16, 256, 4)]
     g = torch.Generator(device="cuda").manual_seed(1)
     print("(3) one-row projections, us each (4 weight copies in turn; floor = weight bytes / copy bandwidth)")
     for name, (N, K) in shapes.items():
@@ -276,18 +285,18 @@ def dense_matvecs(a, bandwidth: float) -> None:
             for w in ws:
                 torch.nn.functional.linear(x, w)
 
-        def triton_matvec(cfg, x=x, ws=ws):
+        def triton_matvec(kernel, cfg, x=x, ws=ws):
             for w in ws:
-                triton_experts.matvec(x, w, **cfg)
+                triton_experts.matvec(x, w, kernel, **cfg)
 
         res = {"cuBLAS": graph_ms(cublas) / 4}
-        for bn, bk, nw in configs:
+        for kernel, bn, bk, nw in configs:
             cfg = {"block_n": bn, "block_k": bk, "num_warps": nw}
-            out = triton_experts.matvec(x, ws[0], **cfg).float()
+            out = triton_experts.matvec(x, ws[0], kernel, **cfg).float()
             if ((out - ref).norm() / ref.norm()).item() > 1e-2:
-                print(f"  {name}: matvec {cfg} WRONG")
+                print(f"  {name}: {kernel} {cfg} WRONG")
                 continue
-            res[f"matvec n{bn} k{bk} w{nw}"] = graph_ms(lambda cfg=cfg: triton_matvec(cfg)) / 4
+            res[f"{kernel} n{bn} k{bk} w{nw}"] = graph_ms(lambda k=kernel, c=cfg: triton_matvec(k, c)) / 4
         ranked = sorted(res.items(), key=lambda kv: kv[1])[:6]
         if "cuBLAS" not in dict(ranked):
             ranked.append(("cuBLAS", res["cuBLAS"]))

@@ -300,6 +300,9 @@ class StepGraphs:
 
     def _capture(self, key: tuple[int, int, int], batch: ForwardBatch, mask: torch.Tensor) -> None:
         B, Tq, L = key
+        for backend, _ in self.backends.values():
+            if hasattr(backend, "last_exchange"):  # no heartbeat due while this captures
+                backend.last_exchange = time.monotonic()
         # Warm up and capture on an all-padding batch: every write goes to the scratch slot.
         self._upload(B, Tq, [], [], [], [])
         stream = torch.cuda.Stream(self.device)

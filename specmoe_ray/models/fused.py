@@ -31,6 +31,9 @@ log = logging.getLogger(__name__)
 
 ENABLED = True  # module switch (tests compare fused against eager)
 MATVEC = True  # one-row projections by the per-pair kernel inside static steps (see `linear`)
+# K/V written into the cache by the compiled q/k norm + rope (`qk_rope_write`) instead of an
+# index_put kernel of its own. Opt-in until measured (benchmarks/kernels.py ablations).
+FUSED_CACHE_WRITE = False
 RECOMPILE_LIMIT = 64
 _state = threading.local()
 
@@ -140,6 +143,27 @@ def qk_rope(
         q, k = rms_norm.__wrapped__(q, q_weight, eps), rms_norm.__wrapped__(k, k_weight, eps)
     q, k = apply_rope.__wrapped__(q, cos, sin), apply_rope.__wrapped__(k, cos, sin)
     return q, torch.stack((k, v), dim=1)
+
+
+@fused
+def qk_rope_write(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    q_weight: torch.Tensor | None,
+    k_weight: torch.Tensor | None,
+    eps: float,
+    cache: torch.Tensor,
+    slots: torch.Tensor,
+    positions: torch.Tensor,
+) -> torch.Tensor:
+    """`qk_rope`, and the stacked K/V written into one layer's cache [slots, 2, Hkv, L, hd] at
+    (slot, position) per token, in place, by the same compiled kernels -> q."""
+    q, kv = qk_rope.__wrapped__(q, k, v, cos, sin, q_weight, k_weight, eps)
+    cache[slots, :, :, positions] = kv
+    return q
 
 
 @fused

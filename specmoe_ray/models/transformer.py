@@ -268,17 +268,18 @@ class Attention(nn.Module):
         k = k.view(N, self.num_kv_heads, self.head_dim)
         v = v.view(N, self.num_kv_heads, self.head_dim)
         head_norm = self.qk_norm == "head"
-        q, kv = qk_rope(
-            q,
-            k,
-            v,
-            cos,
-            sin,
+        norms = (
             self.q_norm.weight if head_norm else None,
             self.k_norm.weight if head_norm else None,
             self.q_norm.eps if head_norm else 0.0,
         )
-        cache.write_kv(self.layer, batch.write_slots, batch.positions, kv)
+        if fused.FUSED_CACHE_WRITE and fused.is_active() and q.is_cuda:
+            q = fused.qk_rope_write(
+                q, k, v, cos, sin, *norms, cache.kv[self.layer], batch.write_slots, batch.positions
+            )
+        else:
+            q, kv = qk_rope(q, k, v, cos, sin, *norms)
+            cache.write_kv(self.layer, batch.write_slots, batch.positions, kv)
         rows = self.num_heads // self.num_kv_heads * batch.max_new
         if batch.padded and fused.is_active() and triton_kernels.attention_supported(q, self.head_dim, rows):
             # Static steps on GPUs: one kernel reads the keys from the cache by slot.

@@ -174,6 +174,9 @@ class DistributedDispatch(_Masked):
         self._shard_pairs: dict[int, torch.Tensor] = {}  # layer -> [S] pairs sent, cumulative
         self._ranks = torch.arange(r0, plan.num_shards + r0, device=self.device)  # rank of each shard
         self._static_headers: dict[int, torch.Tensor] = {}
+        # Made here, once: the heartbeat thread then broadcasts without a host-to-device copy of
+        # its own (which would run on the device's default stream, beside graph captures).
+        self._ping, self._stop = self._header(OP_PING), self._header(OP_STOP)
 
     def _header(self, op: int, arg: int = 0, counts: list[int] | None = None) -> torch.Tensor:
         """[op, arg, rows for rank 0 .. world - 1]."""
@@ -304,12 +307,12 @@ class DistributedDispatch(_Masked):
     def ping(self) -> None:
         """An empty exchange, so idle shards' collectives never reach their timeout."""
         with self.lock:
-            dist.broadcast(self._header(OP_PING), src=0)
+            dist.broadcast(self._ping, src=0)
             self.last_exchange = time.monotonic()
 
     def stop(self) -> None:
         with self.lock:
-            dist.broadcast(self._header(OP_STOP), src=0)
+            dist.broadcast(self._stop, src=0)
 
 
 def serve_experts(

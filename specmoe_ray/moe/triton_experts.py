@@ -207,16 +207,22 @@ def _launch_pairs(grid, x, ids, w, out, N, K, group, glu, cfg) -> None:
 
 
 _ZERO_IDS: dict[torch.device, torch.Tensor] = {}
+# The one-row projections' kernel: "pairs" (`pair_matmul`: CUDA-core dot products per 8
+# features) or "dedup" (`dedup_matmul`: tensor-core products, pipelined loads), and its blocks
+# (benchmarks/kernels.py (3) sweeps both against cuBLAS).
+MATVEC_KERNEL = "pairs"
+MATVEC_CONFIG: dict[str, int] = {}
 
 
-def matvec(x: torch.Tensor, weight: torch.Tensor, **config) -> torch.Tensor:
-    """x [1, K] @ weight [N, K]^T -> [1, N] by the per-pair kernel (one pair, expert 0): a dense
+def matvec(x: torch.Tensor, weight: torch.Tensor, kernel: str | None = None, **config) -> torch.Tensor:
+    """x [1, K] @ weight [N, K]^T -> [1, N] by a few-pairs kernel (one pair, expert 0): a dense
     projection of one token at ~80-95% of the copy bandwidth, where cuBLAS's split-K GEMMs for
     one row reach ~60% plus a reduction kernel (benchmarks/RESULTS.md)."""
     ids = _ZERO_IDS.get(x.device)
     if ids is None:
         ids = _ZERO_IDS[x.device] = torch.zeros(1, dtype=torch.long, device=x.device)
-    return pair_matmul(x, weight.unsqueeze(0), ids, **config)
+    fn = dedup_matmul if (kernel or MATVEC_KERNEL) == "dedup" else pair_matmul
+    return fn(x, weight.unsqueeze(0), ids, **{**MATVEC_CONFIG, **config})
 
 
 if AVAILABLE:

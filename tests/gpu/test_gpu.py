@@ -181,6 +181,19 @@ def test_capture_failure_falls_back_to_eager_static_steps(checkpoints):
     assert got == hf_greedy(path, PROMPTS, NEW)
 
 
+def test_cache_write_inside_compiled_rope(checkpoints, monkeypatch):
+    """`fused.FUSED_CACHE_WRITE`: K/V written into the cache by the compiled q/k norm + rope
+    (in-place on the cache tensor) gives the tokens of transformers, steps replayed."""
+    from specmoe_ray.models import fused
+
+    monkeypatch.setattr(fused, "FUSED_CACHE_WRITE", True)
+    path = checkpoints("qwen3_moe")
+    with Engine.from_pretrained(path, device="cuda", draft="ngram", max_model_len=128) as engine:
+        got = [o.token_ids for o in engine.generate(PROMPTS, GREEDY)]
+        assert engine.graphs.num_replays > 3
+    assert got == hf_greedy(path, PROMPTS, NEW)
+
+
 def test_bfloat16_on_cuda_close_to_float32(checkpoints):
     path = checkpoints("qwen3_moe")
     with Engine.from_pretrained(path, device="cuda", dtype="bfloat16", max_model_len=128) as engine:
