@@ -137,6 +137,7 @@ def step_profile(a, bandwidth: float) -> None:
         "per-pair experts (no dedup)": [(triton_experts, "DEDUP", False)],
         "cache write in the compiled rope (opt-in)": [(fused, "FUSED_CACHE_WRITE", True)],
         "one-row projections by dedup (opt-in)": [(triton_experts, "MATVEC_KERNEL", "dedup")],
+        "attention split every 64 keys (opt-in)": [(triton_kernels, "SPLIT_KEYS", 64)],
         "all (again)": [],
     }
     slots = [engine.cache.allocate()]

@@ -33,6 +33,9 @@ except ImportError:  # CPU wheels of torch come without Triton
 AVAILABLE = triton is not None
 # Switches for benchmarks/kernels.py's ablations (each kernel off = the library path it replaces).
 ATTENTION = ROUTING = True
+# Keys per program at least before a cache is split over several programs (+ one merge kernel):
+# fewer keys per program, more programs at small batches (kernels.py ablates 64).
+SPLIT_KEYS = 256
 
 if AVAILABLE:
 
@@ -207,7 +210,7 @@ def decode_attention(
     block_m = max(16, triton.next_power_of_2(G * Tq))
     block_l = 64 if hd <= 128 else 32
     # Enough programs to keep the GPU's memory busy: split long caches over several (flash-decoding).
-    splits = max(1, min(16, kv_len // 256, 128 // (B * Hkv)))
+    splits = max(1, min(16, kv_len // SPLIT_KEYS, 128 // (B * Hkv)))
     chunk = triton.cdiv(triton.cdiv(kv_len, splits), block_l) * block_l
     out = torch.empty(B * Tq, H * hd, dtype=q.dtype, device=q.device)
     if splits > 1:

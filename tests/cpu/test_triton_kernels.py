@@ -93,14 +93,19 @@ def test_pair_kernel_reads_token_rows_and_skips_experts_not_held(dtype, dedup, m
     assert rel < (1e-5 if dtype == torch.float32 else 2e-2), rel
 
 
+@pytest.mark.parametrize("split_keys", [256, 64])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(
     "B,Tq,L,window", [(1, 1, 256, None), (3, 4, 300, None), (2, 2, 1200, None), (3, 3, 200, 50)]
 )
-def test_decode_attention_kernel_equals_float64_reference(dtype, B, Tq, L, window):
+def test_decode_attention_kernel_equals_float64_reference(dtype, B, Tq, L, window, split_keys, monkeypatch):
     """The static steps' attention kernel (keys read from the cache by slot, grouped query heads,
-    causal by position, sliding window, long caches split and merged) against float64 math."""
+    causal by position, sliding window, long caches split over programs and merged) against
+    float64 math."""
+    from specmoe_ray.models import triton_kernels
     from specmoe_ray.models.triton_kernels import decode_attention
+
+    monkeypatch.setattr(triton_kernels, "SPLIT_KEYS", split_keys)
 
     skip_bf16_on_interpreter(dtype)
     g = torch.Generator().manual_seed(B * Tq + L)
