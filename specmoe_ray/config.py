@@ -113,6 +113,15 @@ class ShardsConfig(_Strict):
         description="Shard 0 lives in the verifier's process, on its device: num_shards GPUs in all, "
         "the verifier's included, hold experts (num_shards - 1 actors).",
     )
+    cuda_graphs: bool = Field(
+        False,
+        description="GPUs: capture steps with their NCCL exchanges in CUDA graphs (shards too). "
+        "A failed capture falls back to eager steps.",
+    )
+    env_vars: dict[str, str] = Field(
+        default_factory=dict,
+        description="Environment for the shard group's communicators, e.g. {NCCL_GRAPH_REGISTER: '0'}.",
+    )
     autoscale: ShardAutoscale | None = Field(
         None, description="Scale shards with measured load; num_shards is where it starts."
     )

@@ -50,6 +50,9 @@ class ShardOptions:
     # exchanges included, and each shard captures its side of a forward. Off by default until
     # it has run on GPUs (tests/gpu: test_nccl_cuda_graph_steps); off, such steps run eagerly.
     cuda_graphs: bool = False
+    # Environment for the group's communicators (e.g. {"NCCL_GRAPH_REGISTER": "0"}): set in the
+    # shards' processes and, before it joins, in this one (NCCL reads it when a group forms).
+    env_vars: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 def _free_port() -> int:
@@ -212,6 +215,7 @@ class ShardGroup:
                     placement_group=self.pg, placement_group_bundle_index=i
                 ),
                 name=None,
+                runtime_env={"env_vars": dict(opt.env_vars)} if opt.env_vars else None,
             ).remote(
                 self.path, self.plan.experts_of(s), self.rank_of(s), self.world_size, dtype_name, self.device
             )
@@ -243,6 +247,7 @@ class ShardGroup:
         if backend == "nccl" and local.index is None:
             local = torch.device("cuda", torch.cuda.current_device())
         kwargs = {"device_id": local} if backend == "nccl" else {}
+        os.environ.update(opt.env_vars)
         try:
             dist.init_process_group(
                 backend,

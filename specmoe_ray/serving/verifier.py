@@ -96,6 +96,8 @@ def build_engine(cfg: ServeConfig, draft_pool=None) -> Engine:
         startup_timeout_s=s.startup_timeout_s,
         collective_timeout_s=s.collective_timeout_s,
         local_shard=s.local_shard,
+        cuda_graphs=s.cuda_graphs,
+        env_vars=dict(s.env_vars),
     )
     draft, proposer = cfg.model.draft, None
     if draft not in (None, "ngram"):

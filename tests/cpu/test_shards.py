@@ -90,16 +90,22 @@ def test_local_shard_serves_experts_from_the_engine_process(ray_cluster, checkpo
 
 
 def test_idle_group_survives_past_collective_timeout(ray_cluster, checkpoints):
-    """The heartbeat keeps idle shards' collectives inside their timeout."""
+    """The heartbeat keeps idle shards' collectives inside their timeout; the group's
+    environment (`ShardOptions.env_vars`) reaches every shard process and this one."""
     import time
 
     path = checkpoints("olmoe")
-    opts = pinned(2, collective_timeout_s=2.0, heartbeat_interval_s=0.3)
+    env = {"SPECMOE_TEST_GROUP_ENV": "on"}  # what e.g. NCCL_GRAPH_REGISTER would travel as
+    opts = pinned(2, collective_timeout_s=2.0, heartbeat_interval_s=0.3, env_vars=env)
     with Engine.from_pretrained(path, num_shards=2, max_model_len=128, shard_options=opts) as engine:
         first = engine.generate(PROMPTS[:1], GREEDY)[0].token_ids
         time.sleep(5)
         again = engine.generate(PROMPTS[:1], GREEDY)[0].token_ids
+        getenv = lambda _: os.environ.get("SPECMOE_TEST_GROUP_ENV")  # noqa: E731 (runs in each shard)
+        seen = ray.get([a.__ray_call__.remote(getenv) for a in engine.shard_group.actors])
     assert first == again
+    assert seen == ["on", "on"] and os.environ.get("SPECMOE_TEST_GROUP_ENV") == "on"
+    os.environ.pop("SPECMOE_TEST_GROUP_ENV")
 
 
 def test_unschedulable_shards_fail_with_clear_error(ray_cluster, checkpoints):
