@@ -138,6 +138,7 @@ def step_profile(a, bandwidth: float) -> None:
         "cache write in the compiled rope (opt-in)": [(fused, "FUSED_CACHE_WRITE", True)],
         "one-row projections by dedup (opt-in)": [(triton_experts, "MATVEC_KERNEL", "dedup")],
         "attention split every 64 keys (opt-in)": [(triton_kernels, "SPLIT_KEYS", 64)],
+        "add + norm inside the projections (opt-in)": [(fused, "FUSED_NORM_MATVEC", True)],
         "all (again)": [],
     }
     slots = [engine.cache.allocate()]

@@ -31,7 +31,7 @@ for stage in "${@:-tests nccl kernels shape}"; do
     case $s in
       tests)
         timeout "$T" python -m pytest -p no:warnings -p no:logging -q --tb=short --durations=12 \
-          -k "not nccl" tests/gpu >"$OUT/tests.log" 2>&1
+          -k "not nccl" tests/gpu tests/cpu/test_triton_kernels.py >"$OUT/tests.log" 2>&1
         quiet "$OUT/tests.log" 40 ;;
       nccl)
         # One process per NCCL test, each bounded by NCCL_TEST_TIMEOUT: on a hang, the test process

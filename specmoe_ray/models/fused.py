@@ -34,6 +34,9 @@ MATVEC = True  # one-row projections by the per-pair kernel inside static steps 
 # K/V written into the cache by the compiled q/k norm + rope (`qk_rope_write`) instead of an
 # index_put kernel of its own. Opt-in until measured (benchmarks/kernels.py ablations).
 FUSED_CACHE_WRITE = False
+# Batch-1 static steps: each residual add + RMS norm inside the one-row projection after it
+# (`triton_kernels.add_norm_matvec`; `DecoderLayer`). Opt-in until measured.
+FUSED_NORM_MATVEC = False
 RECOMPILE_LIMIT = 64
 _state = threading.local()
 

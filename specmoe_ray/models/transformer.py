@@ -26,7 +26,8 @@ from specmoe_ray.models import fused, triton_kernels
 from specmoe_ray.models.args import ModelArgs, RopeArgs
 from specmoe_ray.models.fused import add_rms_norm, combine, linear, qk_rope, rms_norm
 from specmoe_ray.models.kv_cache import KVCache
-from specmoe_ray.moe.router import make_router
+from specmoe_ray.moe import triton_experts
+from specmoe_ray.moe.router import TopKRouter, make_router
 
 # N = packed tokens of a step, B = sequences, Tq = most new tokens of one sequence,
 # D = hidden, H = heads, Hkv = kv heads, hd = head dim, A = experts per token, L = kv length
@@ -253,13 +254,18 @@ class Attention(nn.Module):
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: ForwardBatch, cache: KVCache
     ) -> torch.Tensor:
-        N = x.shape[0]
         if self._qkv is not None:
-            q, k, v = linear(x, *self._qkv).split(
-                [p.weight.shape[0] for p in (self.q_proj, self.k_proj, self.v_proj)], -1
-            )
-        else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+            return self.forward_qkv(linear(x, *self._qkv), cos, sin, batch, cache)
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        return self.forward_projected(q, k, v, cos, sin, batch, cache)
+
+    def forward_qkv(self, qkv: torch.Tensor, cos, sin, batch: ForwardBatch, cache: KVCache) -> torch.Tensor:
+        """From the fused q/k/v projection's output ([N, (H + 2 Hkv) * hd]) on."""
+        q, k, v = qkv.split([p.weight.shape[0] for p in (self.q_proj, self.k_proj, self.v_proj)], -1)
+        return self.forward_projected(q, k, v, cos, sin, batch, cache)
+
+    def forward_projected(self, q, k, v, cos, sin, batch: ForwardBatch, cache: KVCache) -> torch.Tensor:
+        N = q.shape[0]
         if self.qk_norm == "full":
             q, k = self.q_norm(q), self.k_norm(k)
         if self.clip_qkv is not None:
@@ -336,7 +342,10 @@ class MoEBlock(nn.Module):
             self.shared_experts = MLP(args.hidden_size, args.moe_intermediate_size * args.num_shared_experts)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weights, expert_ids = self.gate(x)  # [T, A], [T, A]
+        return self.forward_routed(x, *self.gate(x))
+
+    def forward_routed(self, x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor):
+        """From the router's weights and expert ids ([T, A] each) on."""
         y = self.backend(self.layer, x, expert_ids)  # [T, A, D]
         # Combine in top-k slot order: the same order however the experts are placed.
         out = combine(y, weights, x)
@@ -368,6 +377,8 @@ class DecoderLayer(nn.Module):
         norms (`add_rms_norm`), one kernel each instead of two."""
         if residual is None:
             residual, h = x, self.input_layernorm(x)
+        elif self._norms_in_projections(x):
+            return self._forward_norms_in_projections(x, residual, cos, sin, batch, cache)
         else:
             h, residual = self._add_norm(self.input_layernorm, x, residual)
         h, residual = self._add_norm(
@@ -378,6 +389,38 @@ class DecoderLayer(nn.Module):
     @staticmethod
     def _add_norm(norm: RMSNorm, x: torch.Tensor, residual: torch.Tensor):
         return add_rms_norm(x, residual, norm.weight, norm.eps)
+
+    def _norms_in_projections(self, x: torch.Tensor) -> bool:
+        """`fused.FUSED_NORM_MATVEC`, a one-token static step on a GPU, and a layer of the plain
+        shape: fused q/k/v without bias, a top-k-routed MoE block."""
+        attn, mlp = self.self_attn, self.mlp
+        return (
+            fused.FUSED_NORM_MATVEC
+            and x.shape[0] == 1
+            and (x.is_cuda or triton_experts.INTERPRETED)
+            and fused.is_active()
+            and triton_kernels.AVAILABLE
+            and isinstance(attn, Attention)
+            and attn._qkv is not None
+            and attn._qkv[1] is None
+            and isinstance(mlp, MoEBlock)
+            and isinstance(mlp.gate, TopKRouter)
+        )
+
+    def _forward_norms_in_projections(self, x, residual, cos, sin, batch: ForwardBatch, cache: KVCache):
+        """`forward_residual` for one token: each residual add + norm runs inside the one-row
+        projection after it (q/k/v; the router, which also writes the normed row for the
+        experts): two kernels per layer fewer."""
+        attn, mlp = self.self_attn, self.mlp
+        norm1, norm2 = self.input_layernorm, self.post_attention_layernorm
+        qkv, _, residual = triton_kernels.add_norm_matvec(
+            x, residual, norm1.weight, norm1.eps, attn._qkv[0], normed=False
+        )
+        out = attn.forward_qkv(qkv, cos, sin, batch, cache)
+        logits, h, residual = triton_kernels.add_norm_matvec(
+            out, residual, norm2.weight, norm2.eps, mlp.gate.weight, normed=True
+        )
+        return mlp.forward_routed(h, *mlp.gate.route(logits, h)), residual
 
 
 class DecoderModel(nn.Module):

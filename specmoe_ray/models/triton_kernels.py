@@ -270,3 +270,81 @@ def softmax_topk(logits: torch.Tensor, top_k: int, renorm: bool, dtype: torch.dt
                 RENORM=renorm,
             )
     return weights, ids
+
+
+if AVAILABLE:
+
+    @triton.jit
+    def _add_norm_matvec_kernel(
+        x_ptr,  # [K] one token's layer output
+        res_ptr,  # [K] the residual stream
+        gamma_ptr,  # [K] the norm's weight
+        w_ptr,  # [N, K] the projection after the norm, K contiguous
+        out_ptr,  # [N]
+        sum_ptr,  # [K] <- x + residual (the next residual stream; program 0 writes it)
+        h_ptr,  # [K] <- the normed row (NORMED; program 0 writes it)
+        N,
+        K,
+        eps,
+        NORMED: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        dtype = x_ptr.dtype.element_ty
+        rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = rn < N
+        ss = tl.zeros((BLOCK_K,), tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            kk = k0 + tl.arange(0, BLOCK_K)
+            k_ok = kk < K
+            a = tl.load(x_ptr + kk, mask=k_ok, other=0.0).to(tl.float32)
+            s = (a + tl.load(res_ptr + kk, mask=k_ok, other=0.0).to(tl.float32)).to(dtype)
+            if pid == 0:
+                tl.store(sum_ptr + kk, s, mask=k_ok)
+            s = s.to(tl.float32)
+            ss += s * s
+        r = tl.rsqrt(tl.sum(ss, 0) / K + eps)
+        acc = tl.zeros((BLOCK_N,), tl.float32)
+        w_rows = w_ptr + rn[:, None].to(tl.int64) * K
+        for k0 in range(0, K, BLOCK_K):
+            kk = k0 + tl.arange(0, BLOCK_K)
+            k_ok = kk < K
+            a = tl.load(x_ptr + kk, mask=k_ok, other=0.0).to(tl.float32)
+            s = (a + tl.load(res_ptr + kk, mask=k_ok, other=0.0).to(tl.float32)).to(dtype).to(tl.float32)
+            g = tl.load(gamma_ptr + kk, mask=k_ok, other=0.0).to(tl.float32)
+            # Rounded as `rms_norm` rounds: the normed row, then its product with the weight.
+            h = (g * (s * r).to(dtype).to(tl.float32)).to(dtype)
+            if NORMED:  # noqa: SIM102 (a constexpr branch, then a runtime one)
+                if pid == 0:
+                    tl.store(h_ptr + kk, h, mask=k_ok)
+            w = tl.load(w_rows + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+            acc += tl.sum(w.to(tl.float32) * h.to(tl.float32)[None, :], 1)
+        tl.store(out_ptr + rn, acc.to(out_ptr.dtype.element_ty), mask=n_ok)
+
+
+def add_norm_matvec(
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    gamma: torch.Tensor,
+    eps: float,
+    weight: torch.Tensor,
+    normed: bool,
+    block_n: int = 8,
+    block_k: int = 256,
+    num_warps: int = 8,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """One token (x, residual [1, K]): s = x + residual, h = rms_norm(s) * gamma, out = h @ weight^T
+    ([1, N]) in one kernel, where `add_rms_norm` and a projection are two (batch-1 decode).
+    -> out, h (if `normed`: for other consumers of the normed row) and s (the next residual)."""
+    N, K = weight.shape
+    assert x.shape == residual.shape == (1, K) and weight.stride() == (K, 1), (x.shape, weight.stride())
+    out = torch.empty(1, N, dtype=x.dtype, device=x.device)
+    total = torch.empty_like(x)
+    h = torch.empty_like(x) if normed else total  # (not written without `normed`)
+    with launch_on(x.device):
+        _add_norm_matvec_kernel[(triton.cdiv(N, block_n),)](
+            x, residual, gamma, weight, out, total, h, N, K, eps,
+            NORMED=normed, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps,
+        )  # fmt: skip
+    return out, (h if normed else None), total

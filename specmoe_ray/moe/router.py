@@ -37,7 +37,10 @@ class TopKRouter(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # x: [T, D] -> weights [T, A], expert_ids [T, A]
-        logits = linear(x, self.weight)  # [T, E]
+        return self.route(linear(x, self.weight), x)
+
+    def route(self, logits: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The router's logits [T, E] (of the normed tokens x) -> weights [T, A], expert ids [T, A]."""
         if fused.is_active() and triton_kernels.routing_supported(logits):  # static steps: one kernel
             dtype = torch.float32 if self.float_weights else x.dtype
             return triton_kernels.softmax_topk(logits, self.top_k, self.norm_topk_prob, dtype)

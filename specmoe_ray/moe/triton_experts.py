@@ -22,6 +22,7 @@ pairs of one expert read its weights twice, so it serves only steps with few pai
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 
@@ -32,6 +33,8 @@ except ImportError:  # CPU wheels of torch come without Triton; the kernel is fo
     triton = None
 
 AVAILABLE = triton is not None
+# Triton's interpreter runs the kernels on CPU tensors (numpy): tests only.
+INTERPRETED = AVAILABLE and os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def launch_on(device: torch.device):

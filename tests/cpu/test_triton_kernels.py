@@ -15,9 +15,9 @@ from specmoe_ray.moe import triton_experts  # noqa: E402
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def skip_bf16_on_interpreter(dtype: torch.dtype, uses_dot: bool = True) -> None:
+def skip_bf16_on_interpreter(dtype: torch.dtype, uses_dot: bool = True, why: str = "") -> None:
     if DEVICE == "cpu" and dtype == torch.bfloat16 and uses_dot:
-        pytest.skip("Triton's interpreter multiplies bfloat16 matrices wrongly")
+        pytest.skip(why or "Triton's interpreter multiplies bfloat16 matrices wrongly")
 
 
 @pytest.mark.parametrize("path", ["pairs", "dedup", "sorted"])
@@ -167,3 +167,57 @@ def test_one_row_projection_kernel_equals_float64_reference(dtype):
     ref = x.double() @ w.double().T
     rel = ((out - ref).norm() / ref.norm()).item()
     assert rel < (1e-6 if dtype == torch.float32 else 1e-2), rel
+
+
+@pytest.mark.parametrize("normed", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_add_norm_matvec_equals_add_rms_norm_then_linear(dtype, normed):
+    """Batch-1 decode's residual add + RMS norm + the projection after it in one kernel: the
+    same residual stream and normed row as `add_rms_norm` (eager), the projection against
+    float64 math on that row."""
+    from specmoe_ray.models import fused, triton_kernels
+
+    skip_bf16_on_interpreter(dtype, why="Triton's interpreter rounds float32 to bfloat16 otherwise than GPUs")
+    g = torch.Generator().manual_seed(2)
+    K, N, eps = 1000, 333, 1e-6
+    x, res = torch.randn(1, K, generator=g).to(dtype), torch.randn(1, K, generator=g).to(dtype)
+    gamma = (1 + 0.1 * torch.randn(K, generator=g)).to(dtype)
+    w = torch.randn(N, K, generator=g).to(dtype)
+    out, h, total = triton_kernels.add_norm_matvec(
+        x.to(DEVICE), res.to(DEVICE), gamma.to(DEVICE), eps, w.to(DEVICE), normed
+    )
+    ref_h, ref_total = fused.add_rms_norm.__wrapped__(x, res, gamma, eps)
+    assert torch.equal(total.cpu(), ref_total)
+    if normed:  # the mean of squares sums in another order: a last-bit difference may round over
+        tol = dict(rtol=1e-6, atol=1e-6) if dtype == torch.float32 else dict(rtol=8e-3, atol=8e-3)
+        torch.testing.assert_close(h.cpu(), ref_h, **tol)
+    else:
+        assert h is None
+    ref = ref_h.double() @ w.double().T
+    rel = ((out.double().cpu() - ref).norm() / ref.norm()).item()
+    assert rel < (1e-6 if dtype == torch.float32 else 1e-2), rel
+
+
+def test_norms_inside_projections_give_the_tokens_of_transformers(checkpoints, monkeypatch):
+    """`fused.FUSED_NORM_MATVEC`: batch-1 static steps run each residual add + norm inside the
+    q/k/v and router projections (`add_norm_matvec`), the router writing the normed row for the
+    experts; a dense layer (qwen3_moe's mlp_only_layers) keeps the plain path between them.
+    Greedy tokens == transformers (float32), one sequence at a time."""
+    from conftest import hf_greedy
+
+    from specmoe_ray import Engine, SamplingParams
+    from specmoe_ray.models import fused, triton_kernels
+
+    calls = []
+    kernel = triton_kernels.add_norm_matvec
+    monkeypatch.setattr(triton_kernels, "add_norm_matvec", lambda *a, **k: calls.append(1) or kernel(*a, **k))
+    monkeypatch.setattr(fused, "FUSED_NORM_MATVEC", True)
+    path = checkpoints("qwen3_moe")
+    prompt = [[5, 9, 17, 3, 60, 2]]
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    with Engine.from_pretrained(path, device=DEVICE, step_graphs="padded", max_model_len=64) as engine:
+        got = [o.token_ids for o in engine.generate(prompt, params)]
+    # 2 kernels per step in layer 2: layer 0 adds no residual before its input norm, layer 1 is
+    # dense. 7 decode steps (the prompt's step has 6 tokens).
+    assert len(calls) == 2 * 7
+    assert got == hf_greedy(path, prompt, 8)
