@@ -386,11 +386,13 @@ class Engine:
                     e,
                 )
                 t0 = time.perf_counter()
-                if self.graphs is not None and self.graphs.capture:
-                    # Replayed collectives are the least proven part of a step with shards: the
-                    # re-formed group serves static steps eagerly (shards too).
+                if self.shard_group.options.cuda_graphs:
+                    # Replayed collectives are the least proven part of a step with shards (and a
+                    # failed capture lands here): the re-formed group serves static steps eagerly,
+                    # on both sides.
                     log.warning("CUDA graphs for steps with expert shards are off from now on")
-                    self.graphs.capture = False
+                    if self.graphs is not None:
+                        self.graphs.capture = False
                     self.shard_group.options.cuda_graphs = False
                 try:
                     self._reform(self.shard_group.plan, failed=True)

@@ -146,6 +146,7 @@ def test_static_exchange_with_shards_replicas_and_a_killed_shard(ray_cluster, ch
     replicated = PlacementPlan(2, args.num_experts, owner)
     opts = pinned(2, collective_timeout_s=20)
     opts.local_shard = local_shard
+    opts.cuda_graphs = True  # (captures on GPUs only; a recovery turns it off)
     with Engine.from_pretrained(
         path, num_shards=2, draft="ngram", step_graphs="padded", max_model_len=128, shard_options=opts
     ) as engine:
@@ -164,6 +165,7 @@ def test_static_exchange_with_shards_replicas_and_a_killed_shard(ray_cluster, ch
         routed = engine.shard_group.dispatch.load.snapshot()
         computed = engine.shard_group.computed_counts()
         assert engine.graphs._static, "no static step ran"
+        assert not engine.shard_group.options.cuda_graphs  # off since the recovery
         assert len(engine.shard_group.actors) == (1 if local_shard else 2)
         assert [info.get("local", False) for info in stats["shards"]["shards"]] == [local_shard, False]
     assert [done[i] for i in ids] == ref
