@@ -299,6 +299,24 @@ def dense_matvecs(a, bandwidth: float) -> None:
                 print(f"  {name}: {kernel} {cfg} WRONG")
                 continue
             res[f"{kernel} n{bn} k{bk} w{nw}"] = graph_ms(lambda k=kernel, c=cfg: triton_matvec(k, c)) / 4
+        if name != "o_proj":  # q/k/v and the router follow a norm: add + norm + projection in one
+            res_x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16, generator=g)
+            gamma = torch.ones(K, device="cuda", dtype=torch.bfloat16)
+
+            def norm_matvec(cfg, x=x, ws=ws, res_x=res_x, gamma=gamma):
+                for w in ws:
+                    triton_kernels.add_norm_matvec(x, res_x, gamma, 1e-6, w, True, **cfg)
+
+            for bn, bk, nw in [(8, 256, 8), (4, 2048, 4), (16, 256, 4), (4, 512, 4), (8, 1024, 8)]:
+                cfg = {"block_n": bn, "block_k": bk, "num_warps": nw}
+                res[f"add+norm+matvec n{bn} k{bk} w{nw}"] = graph_ms(lambda c=cfg: norm_matvec(c)) / 4
+
+            def norm_then_matvec(x=x, ws=ws, r=res_x, gm=gamma):
+                with fused.active():  # the engine's path now: compiled add + norm, then `linear`
+                    for w in ws:
+                        fused.linear(fused.add_rms_norm(x, r, gm, 1e-6)[0], w)
+
+            res["add+norm, then linear (engine now)"] = graph_ms(norm_then_matvec) / 4
         ranked = sorted(res.items(), key=lambda kv: kv[1])[:6]
         if "cuBLAS" not in dict(ranked):
             ranked.append(("cuBLAS", res["cuBLAS"]))

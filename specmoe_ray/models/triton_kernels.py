@@ -323,6 +323,9 @@ if AVAILABLE:
         tl.store(out_ptr + rn, acc.to(out_ptr.dtype.element_ty), mask=n_ok)
 
 
+NORM_MATVEC_CONFIG = {"block_n": 8, "block_k": 256, "num_warps": 8}  # (kernels.py (3) sweeps it)
+
+
 def add_norm_matvec(
     x: torch.Tensor,
     residual: torch.Tensor,
@@ -330,9 +333,7 @@ def add_norm_matvec(
     eps: float,
     weight: torch.Tensor,
     normed: bool,
-    block_n: int = 8,
-    block_k: int = 256,
-    num_warps: int = 8,
+    **config,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """One token (x, residual [1, K]): s = x + residual, h = rms_norm(s) * gamma, out = h @ weight^T
     ([1, N]) in one kernel, where `add_rms_norm` and a projection are two (batch-1 decode).
@@ -342,9 +343,10 @@ def add_norm_matvec(
     out = torch.empty(1, N, dtype=x.dtype, device=x.device)
     total = torch.empty_like(x)
     h = torch.empty_like(x) if normed else total  # (not written without `normed`)
+    cfg = {**NORM_MATVEC_CONFIG, **config}
     with launch_on(x.device):
-        _add_norm_matvec_kernel[(triton.cdiv(N, block_n),)](
-            x, residual, gamma, weight, out, total, h, N, K, eps,
-            NORMED=normed, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps,
+        _add_norm_matvec_kernel[(triton.cdiv(N, cfg["block_n"]),)](
+            x, residual, gamma, weight, out, total, h, N, K, eps, NORMED=normed,
+            BLOCK_N=cfg["block_n"], BLOCK_K=cfg["block_k"], num_warps=cfg["num_warps"],
         )  # fmt: skip
     return out, (h if normed else None), total
