@@ -133,6 +133,7 @@ def step_profile(a, bandwidth: float) -> None:
         "all": [],
         "no attention kernel": [(triton_kernels, "ATTENTION", False)],
         "no routing kernel": [(triton_kernels, "ROUTING", False)],
+        "load counted apart from routing": [(triton_kernels, "COUNT_IN_ROUTING", False)],
         "cuBLAS for one-row projections": [(fused, "MATVEC", False)],
         "per-pair experts (no dedup)": [(triton_experts, "DEDUP", False)],
         "cache write in the compiled rope (opt-in)": [(fused, "FUSED_CACHE_WRITE", True)],

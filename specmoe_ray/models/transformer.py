@@ -37,7 +37,9 @@ class ExpertBackend(Protocol):
     """Runs the routed experts of one MoE layer: `[T, D]` tokens, `[T, A]` expert ids ->
     `[T, A, D]` unweighted expert outputs (the MoE block combines them with the gate weights)."""
 
-    def __call__(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor: ...
+    def __call__(
+        self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, counted: bool = False
+    ) -> torch.Tensor: ...
 
 
 @dataclasses.dataclass(slots=True)
@@ -342,11 +344,25 @@ class MoEBlock(nn.Module):
             self.shared_experts = MLP(args.hidden_size, args.moe_intermediate_size * args.num_shared_experts)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.gate, TopKRouter):
+            return self.forward_logits(x, linear(x, self.gate.weight))
         return self.forward_routed(x, *self.gate(x))
 
-    def forward_routed(self, x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor):
-        """From the router's weights and expert ids ([T, A] each) on."""
-        y = self.backend(self.layer, x, expert_ids)  # [T, A, D]
+    def forward_logits(self, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """From a top-k router's logits on: a backend that keeps load counters has the routing
+        kernel count into them (no counting kernel of its own)."""
+        load_counter = getattr(self.backend, "load_counter", None)
+        counter = None
+        if load_counter is not None and triton_kernels.COUNT_IN_ROUTING:
+            counter = lambda: load_counter(self.layer, x.device)  # noqa: E731
+        return self.forward_routed(x, *self.gate.route(logits, x, counter))
+
+    def forward_routed(
+        self, x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor, counted: bool = False
+    ) -> torch.Tensor:
+        """From the router's weights and expert ids ([T, A] each) on; counted: the expert load
+        was counted while routing."""
+        y = self.backend(self.layer, x, expert_ids, counted=counted)  # [T, A, D]
         # Combine in top-k slot order: the same order however the experts are placed.
         out = combine(y, weights, x)
         if self.shared_expert is not None:
@@ -420,7 +436,7 @@ class DecoderLayer(nn.Module):
         logits, h, residual = triton_kernels.add_norm_matvec(
             out, residual, norm2.weight, norm2.eps, mlp.gate.weight, normed=True
         )
-        return mlp.forward_routed(h, *mlp.gate.route(logits, h)), residual
+        return mlp.forward_logits(h, logits), residual
 
 
 class DecoderModel(nn.Module):

@@ -33,6 +33,7 @@ except ImportError:  # CPU wheels of torch come without Triton
 AVAILABLE = triton is not None
 # Switches for benchmarks/kernels.py's ablations (each kernel off = the library path it replaces).
 ATTENTION = ROUTING = True
+COUNT_IN_ROUTING = True  # the routing kernel counts the expert load (else the backend's scatter)
 # Keys per program at least before a cache is split over several programs (+ one merge kernel):
 # fewer keys per program, more programs at small batches (kernels.py ablates 64).
 SPLIT_KEYS = 256
@@ -154,11 +155,15 @@ if AVAILABLE:
         logits_ptr,  # [T, E]
         w_ptr,  # [T, K]
         ids_ptr,  # [T, K] int64
+        counts_ptr,  # [E] int64 tokens routed to each expert, cumulative (COUNT)
+        mask_ptr,  # [T] int64 0/1: the token counts (MASKED; padding does not)
         E,
         K: tl.constexpr,
         BLOCK_E: tl.constexpr,
         BLOCK_K: tl.constexpr,
         RENORM: tl.constexpr,
+        COUNT: tl.constexpr,
+        MASKED: tl.constexpr,
     ):
         t = tl.program_id(0).to(tl.int64)
         re = tl.arange(0, BLOCK_E)
@@ -179,6 +184,9 @@ if AVAILABLE:
             vals = vals / tl.sum(vals, 0)
         tl.store(w_ptr + t * K + rk, vals.to(w_ptr.dtype.element_ty), mask=rk < K)
         tl.store(ids_ptr + t * K + rk, idx, mask=rk < K)
+        if COUNT:  # the expert load counters, here rather than in a scatter kernel of their own
+            one = tl.load(mask_ptr + t) if MASKED else 1
+            tl.atomic_add(counts_ptr + idx, tl.zeros((BLOCK_K,), tl.int64) + one, mask=rk < K)
 
 
 def attention_supported(q: torch.Tensor, head_dim: int, rows: int) -> bool:
@@ -251,9 +259,17 @@ def decode_attention(
     return out
 
 
-def softmax_topk(logits: torch.Tensor, top_k: int, renorm: bool, dtype: torch.dtype):
+def softmax_topk(
+    logits: torch.Tensor,
+    top_k: int,
+    renorm: bool,
+    dtype: torch.dtype,
+    counts: torch.Tensor | None = None,
+    token_mask: torch.Tensor | None = None,
+):
     """logits [T, E] -> weights [T, k] (softmax in float32, renormalised over the k if asked,
-    in `dtype`) and int64 expert ids [T, k], largest first."""
+    in `dtype`) and int64 expert ids [T, k], largest first. counts ([E] int64): each token's k
+    experts counted into it (tokens whose int64 `token_mask` is 0 count nothing)."""
     T, E = logits.shape
     weights = torch.empty(T, top_k, dtype=dtype, device=logits.device)
     ids = torch.empty(T, top_k, dtype=torch.long, device=logits.device)
@@ -263,11 +279,15 @@ def softmax_topk(logits: torch.Tensor, top_k: int, renorm: bool, dtype: torch.dt
                 logits.contiguous(),
                 weights,
                 ids,
+                ids if counts is None else counts,
+                ids if token_mask is None else token_mask,
                 E,
                 K=top_k,
                 BLOCK_E=triton.next_power_of_2(E),
                 BLOCK_K=triton.next_power_of_2(top_k),
                 RENORM=renorm,
+                COUNT=counts is not None,
+                MASKED=token_mask is not None,
             )
     return weights, ids
 

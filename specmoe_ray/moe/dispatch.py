@@ -81,6 +81,12 @@ class ExpertLoad:
         # In place, with static shapes (no bincount): CUDA graphs replay it into the same counters.
         self.counts[layer].scatter_add_(0, expert_ids.reshape(-1), values)
 
+    def counter(self, layer: int, device: torch.device) -> torch.Tensor:
+        """Layer `layer`'s counters ([E] int64), for a kernel that counts while it routes."""
+        if layer not in self.counts:
+            self.counts[layer] = torch.zeros(self.num_experts, dtype=torch.long, device=device)
+        return self.counts[layer]
+
     def snapshot(self) -> dict[int, list[int]]:
         """{layer: [tokens per expert]}, cumulative (one host sync)."""
         return {layer: c.tolist() for layer, c in sorted(self.counts.items())}
@@ -105,6 +111,11 @@ class _Masked:
     def token_mask(self, mask: torch.Tensor | None) -> None:
         self._token_mask, self._pair_mask = mask, None
 
+    def load_counter(self, layer: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(layer's load counters, token mask) for a routing kernel that counts as it routes;
+        the forward then passes `counted=True` and the load is not recorded again."""
+        return self.load.counter(layer, device), self._token_mask
+
     def pair_mask(self, top_k: int) -> torch.Tensor | None:
         """[T * top_k] int64 0/1 per (token, expert) pair, or None without a token mask."""
         if self._token_mask is not None and self._pair_mask is None:
@@ -122,10 +133,11 @@ class LoopbackDispatch(_Masked):
         self.load = ExpertLoad(any_layer.num_experts, any_layer.to_local.device)
         self.num_pairs = 0  # (token, expert) pairs computed, cumulative
 
-    def __call__(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
+    def __call__(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, counted: bool = False):
         T, A = expert_ids.shape
         self.num_pairs += T * A
-        self.load.record(layer, expert_ids, self.pair_mask(A))
+        if not counted:
+            self.load.record(layer, expert_ids, self.pair_mask(A))
         return self.store(layer, x, expert_ids.reshape(-1), group=A).view(T, A, -1)
 
 
@@ -222,13 +234,14 @@ class DistributedDispatch(_Masked):
             static = [a + b for a, b in zip(static, counts.tolist())]
         return [a + b for a, b in zip(self._tokens_per_shard, static)]
 
-    def __call__(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
+    def __call__(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, counted: bool = False):
         if self._capacity is not None:
-            return self._static_exchange(layer, x, expert_ids)
+            return self._static_exchange(layer, x, expert_ids, counted)
         T, A = expert_ids.shape
         D = x.shape[-1]
         flat_ids = expert_ids.reshape(-1)  # [T*A]
-        self.load.record(layer, flat_ids)
+        if not counted:
+            self.load.record(layer, flat_ids)
         # A replicated expert's tokens alternate between its replicas, by token position, and the
         # starting replica rotates with every exchange so single-token steps alternate too.
         # (Counted per layer: a shared counter would keep one parity for a given layer.)
@@ -269,14 +282,15 @@ class DistributedDispatch(_Masked):
                 self._capacity = None
                 self.last_exchange = time.monotonic()
 
-    def _static_exchange(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
+    def _static_exchange(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, counted: bool):
         T, A = expert_ids.shape
         D, S, C, n = x.shape[-1], self.plan.num_shards, self._capacity, T * A
         if n > C:
             raise ValueError(f"static step sized for {C} (token, expert) pairs got {n}")
         flat_ids = expert_ids.reshape(-1)
         pair_mask = self.pair_mask(A)
-        self.load.record(layer, flat_ids, pair_mask)
+        if not counted:
+            self.load.record(layer, flat_ids, pair_mask)
         # Replica rotation as in the dynamic path, counted on the device (a graph replays it).
         counter = self._rotation.setdefault(layer, torch.zeros((), dtype=torch.long, device=x.device))
         counter.add_(1)

@@ -37,14 +37,21 @@ class TopKRouter(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # x: [T, D] -> weights [T, A], expert_ids [T, A]
-        return self.route(linear(x, self.weight), x)
+        return self.route(linear(x, self.weight), x)[:2]
 
-    def route(self, logits: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The router's logits [T, E] (of the normed tokens x) -> weights [T, A], expert ids [T, A]."""
+    def route(self, logits: torch.Tensor, x: torch.Tensor, counter=None):
+        """The router's logits [T, E] (of the normed tokens x) -> weights [T, A], expert ids
+        [T, A], and whether the expert load was counted here: `counter()` -> (counts [E], token
+        mask or None), called where the routing kernel runs (it counts as it routes)."""
         if fused.is_active() and triton_kernels.routing_supported(logits):  # static steps: one kernel
             dtype = torch.float32 if self.float_weights else x.dtype
-            return triton_kernels.softmax_topk(logits, self.top_k, self.norm_topk_prob, dtype)
-        return softmax_topk(logits, self.top_k, self.norm_topk_prob, x, not self.float_weights)
+            counts, mask = counter() if counter is not None else (None, None)
+            weights, ids = triton_kernels.softmax_topk(
+                logits, self.top_k, self.norm_topk_prob, dtype, counts, mask
+            )
+            return weights, ids, counts is not None
+        weights, ids = softmax_topk(logits, self.top_k, self.norm_topk_prob, x, not self.float_weights)
+        return weights, ids, False
 
 
 class GroupedTopKRouter(nn.Module):

@@ -151,6 +151,27 @@ def test_softmax_topk_kernel_equals_torch(E, renorm, dtype):
     torch.testing.assert_close(weights.cpu(), ref_w, rtol=1e-5, atol=1e-7)
 
 
+def test_softmax_topk_kernel_counts_the_load_of_unmasked_tokens():
+    """With load counters (and a token mask), the routing kernel adds each unmasked token's k
+    experts to them, as `ExpertLoad.record` does with a scatter kernel; twice, cumulatively."""
+    from specmoe_ray.models import triton_kernels
+    from specmoe_ray.moe.dispatch import ExpertLoad
+
+    g = torch.Generator().manual_seed(5)
+    T, E, k = 29, 60, 6
+    logits = torch.randn(T, E, generator=g)
+    mask = (torch.rand(T, generator=g) > 0.3).long()
+    counts = torch.full((E,), 7, dtype=torch.long)  # counts from earlier steps stay
+    ref = ExpertLoad(E, "cpu")
+    ref.counts[0] = counts.clone()
+    counts = counts.to(DEVICE)
+    for _ in range(2):
+        x, m = logits.to(DEVICE), mask.to(DEVICE)
+        _, ids = triton_kernels.softmax_topk(x, k, True, torch.float32, counts, m)
+        ref.record(0, ids.cpu(), mask.repeat_interleave(k))
+    assert torch.equal(counts.cpu(), ref.counts[0]) and counts.sum() == 7 * E + 2 * k * mask.sum()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_one_row_projection_kernel_equals_float64_reference(dtype):
     """Inside static steps a one-row projection runs the per-pair kernel (`fused.linear` on
