@@ -140,6 +140,7 @@ def step_profile(a, bandwidth: float) -> None:
         "one-row projections by dedup (opt-in)": [(triton_experts, "MATVEC_KERNEL", "dedup")],
         "attention split every 64 keys (opt-in)": [(triton_kernels, "SPLIT_KEYS", 64)],
         "add + norm inside the projections (opt-in)": [(fused, "FUSED_NORM_MATVEC", True)],
+        "projections of <= 16 rows by rows_matmul (opt-in)": [(fused, "MATMUL_ROWS", 16)],
         "all (again)": [],
     }
     slots = [engine.cache.allocate()]
@@ -318,12 +319,30 @@ def dense_matvecs(a, bandwidth: float) -> None:
                         fused.linear(fused.add_rms_norm(x, r, gm, 1e-6)[0], w)
 
             res["add+norm, then linear (engine now)"] = graph_ms(norm_then_matvec) / 4
+        four = {}
+        if name != "router":  # a verify step's 4 rows: cuBLAS against `rows_matmul`
+            x4 = torch.randn(4, K, device="cuda", dtype=torch.bfloat16, generator=g)
+
+            def four_rows(cfg, x4=x4, ws=ws):
+                for w in ws:
+                    if cfg is None:
+                        torch.nn.functional.linear(x4, w)
+                    else:
+                        triton_experts.rows_matmul(x4, w, **cfg)
+
+            four["cuBLAS"] = graph_ms(lambda: four_rows(None)) / 4
+            for bn, bk, nw in [(32, 128, 4), (16, 256, 4), (64, 128, 8)]:
+                cfg = {"block_n": bn, "block_k": bk, "num_warps": nw}
+                four[f"rows_matmul n{bn} k{bk} w{nw}"] = graph_ms(lambda c=cfg: four_rows(c)) / 4
         ranked = sorted(res.items(), key=lambda kv: kv[1])[:6]
-        if "cuBLAS" not in dict(ranked):
-            ranked.append(("cuBLAS", res["cuBLAS"]))
+        for baseline in ("cuBLAS", "add+norm, then linear (engine now)"):
+            if baseline in res and baseline not in dict(ranked):
+                ranked.append((baseline, res[baseline]))
         print(f"  {name} [{N} x {K}]: floor {1e3 * floor:.1f} us")
         for label, ms in ranked:
             print(f"    {1e3 * ms:8.1f} us  {100 * floor / ms:5.1f}% of floor  {label}")
+        for label, ms in sorted(four.items(), key=lambda kv: kv[1]):
+            print(f"    {1e3 * ms:8.1f} us  {100 * floor / ms:5.1f}% of floor  4 rows: {label}")
 
 
 def main(argv=None) -> None:

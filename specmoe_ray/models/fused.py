@@ -37,6 +37,9 @@ FUSED_CACHE_WRITE = False
 # Batch-1 static steps: each residual add + RMS norm inside the one-row projection after it
 # (`triton_kernels.add_norm_matvec`; `DecoderLayer`). Opt-in until measured.
 FUSED_NORM_MATVEC = False
+# Projections of 2 .. this many rows (verify steps) inside static steps by `triton_experts.
+# rows_matmul` instead of cuBLAS; 1 = off. Opt-in until measured (kernels.py ablations).
+MATMUL_ROWS = 1
 RECOMPILE_LIMIT = 64
 _state = threading.local()
 
@@ -61,16 +64,17 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """F.linear; inside static steps on GPUs a single row (batch-1 decode) runs the experts'
     per-pair matrix-vector kernel instead of cuBLAS (`triton_experts.matvec`)."""
     if (
-        MATVEC
-        and bias is None
+        bias is None
         and x.dim() == 2
-        and x.shape[0] == 1
         and x.is_cuda
         and is_active()
         and triton_experts.AVAILABLE
         and weight.stride(1) == 1
     ):
-        return triton_experts.matvec(x, weight)
+        if MATVEC and x.shape[0] == 1:
+            return triton_experts.matvec(x, weight)
+        if 1 < x.shape[0] <= MATMUL_ROWS:
+            return triton_experts.rows_matmul(x, weight)
     return torch.nn.functional.linear(x, weight, bias)
 
 

@@ -228,6 +228,21 @@ def matvec(x: torch.Tensor, weight: torch.Tensor, kernel: str | None = None, **c
     return fn(x, weight.unsqueeze(0), ids, **{**MATVEC_CONFIG, **config})
 
 
+_ROW_IDS: dict[tuple[torch.device, int], torch.Tensor] = {}
+
+
+def rows_matmul(x: torch.Tensor, weight: torch.Tensor, **config) -> torch.Tensor:
+    """x [R, K] @ weight [N, K]^T -> [R, N] for a few rows (R <= 16, e.g. a verify step's
+    tokens): `dedup_matmul` with every row on "expert" 0, so one program per block of features
+    multiplies all R rows (a tensor-core product, the weights read once); the other R - 1
+    programs of the grid return at once."""
+    key = (x.device, x.shape[0])
+    ids = _ROW_IDS.get(key)
+    if ids is None:
+        ids = _ROW_IDS[key] = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+    return dedup_matmul(x, weight.unsqueeze(0), ids, **config)
+
+
 if AVAILABLE:
 
     @triton.jit

@@ -242,3 +242,14 @@ def test_norms_inside_projections_give_the_tokens_of_transformers(checkpoints, m
     # dense. 7 decode steps (the prompt's step has 6 tokens).
     assert len(calls) == 2 * 7
     assert got == hf_greedy(path, prompt, 8)
+
+
+@pytest.mark.parametrize("rows", [2, 5, 16])
+def test_rows_matmul_equals_float64_reference(rows):
+    """A verify step's few rows through the deduplicating kernel as a dense GEMM
+    (`rows_matmul`, `fused.MATMUL_ROWS`), widths off the block sizes."""
+    g = torch.Generator().manual_seed(rows)
+    x, w = torch.randn(rows, 300, generator=g), torch.randn(77, 300, generator=g)
+    out = triton_experts.rows_matmul(x.to(DEVICE), w.to(DEVICE)).double().cpu()
+    ref = x.double() @ w.double().T
+    assert ((out - ref).norm() / ref.norm()).item() < 1e-6

@@ -181,17 +181,32 @@ def test_capture_failure_falls_back_to_eager_static_steps(checkpoints):
     assert got == hf_greedy(path, PROMPTS, NEW)
 
 
-def test_cache_write_inside_compiled_rope(checkpoints, monkeypatch):
-    """`fused.FUSED_CACHE_WRITE`: K/V written into the cache by the compiled q/k norm + rope
-    (in-place on the cache tensor) gives the tokens of transformers, steps replayed."""
-    from specmoe_ray.models import fused
+@pytest.mark.parametrize(
+    "module,switch,value",
+    [
+        ("fused", "FUSED_CACHE_WRITE", True),
+        ("fused", "FUSED_NORM_MATVEC", True),
+        ("fused", "MATMUL_ROWS", 16),
+        ("triton_experts", "MATVEC_KERNEL", "dedup"),
+        ("triton_experts", "DEDUP", False),
+        ("triton_kernels", "SPLIT_KEYS", 64),
+        ("triton_kernels", "COUNT_IN_ROUTING", False),
+    ],
+)
+def test_fast_path_switches_give_the_tokens_of_transformers(checkpoints, monkeypatch, module, switch, value):
+    """Each kernel switch of the static steps (kernels.py ablates them) flipped from its default:
+    batch-1 decode and n-gram verify steps, replayed from graphs, == transformers (float32)."""
+    from specmoe_ray.models import fused, triton_kernels
+    from specmoe_ray.moe import triton_experts
 
-    monkeypatch.setattr(fused, "FUSED_CACHE_WRITE", True)
+    mod = {"fused": fused, "triton_kernels": triton_kernels, "triton_experts": triton_experts}[module]
+    monkeypatch.setattr(mod, switch, value)
     path = checkpoints("qwen3_moe")
-    with Engine.from_pretrained(path, device="cuda", draft="ngram", max_model_len=128) as engine:
-        got = [o.token_ids for o in engine.generate(PROMPTS, GREEDY)]
-        assert engine.graphs.num_replays > 3
-    assert got == hf_greedy(path, PROMPTS, NEW)
+    for prompts, draft in (([PROMPTS[1]], None), (PROMPTS, "ngram")):
+        with Engine.from_pretrained(path, device="cuda", draft=draft, max_model_len=128) as engine:
+            got = [o.token_ids for o in engine.generate(prompts, GREEDY)]
+            assert engine.graphs.num_replays > 3
+        assert got == hf_greedy(path, prompts, NEW), (switch, draft)
 
 
 def test_bfloat16_on_cuda_close_to_float32(checkpoints):
