@@ -56,8 +56,8 @@ for stage in "${@:-tests nccl kernels shape}"; do
         done
         tar czf "$OUT/nccl-ray-logs.tgz" /tmp/ray/session_*/logs/worker-* 2>/dev/null ;;
       kernels)
-        timeout "$T" python benchmarks/kernels.py --layers 4 --batch 1 --tq 1 4 >"$OUT/kernels.log" 2>&1
-        quiet "$OUT/kernels.log" 80 ;;
+        timeout "$T" python benchmarks/kernels.py --layers 4 --batch 1 --tq 1 4 --sweep >"$OUT/kernels.log" 2>&1
+        quiet "$OUT/kernels.log" 120 ;;
       shape)
         timeout "$T" python benchmarks/gpu.py --shape qwen3-30b-a3b --batch 1 8 32 --new-tokens 64 \
           --hf-tokens 8 --repeats 2 --skip-demo --variants graphs ngram draft \
