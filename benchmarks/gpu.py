@@ -80,10 +80,14 @@ def copy_bandwidth(device: str, gib: float = 1.0) -> float:
 # -- the shaped model, shared between HF and us --------------------------------------------------
 
 
-def build_hf(shape: str, device: str, dtype: torch.dtype, seed: int):
+def build_hf(shape: str, device: str, dtype: torch.dtype, seed: int, layers: int | None = None):
     from transformers import AutoModelForCausalLM
 
     cfg = qwen3_30b_a3b_config() if shape == "qwen3-30b-a3b" else small_config("qwen3_moe")
+    if layers:  # the shape's layers, fewer of them (a quick look at per-layer costs)
+        cfg.num_hidden_layers = layers
+        if hasattr(cfg, "mlp_only_layers"):
+            cfg.mlp_only_layers = [i for i in cfg.mlp_only_layers if i < layers]
     torch.manual_seed(seed)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
@@ -300,7 +304,8 @@ def profile_steps(engine: Engine, rows, device: str, steps: int = 8) -> None:
             engine.step()
         sync(device)
     print(f"profile: {1e3 * (time.perf_counter() - t0) / steps:.2f} ms per step (profiled)")
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18, max_name_column_width=48))
+    for key in ("self_cpu_time_total",) + (("self_device_time_total",) if device != "cpu" else ()):
+        print(prof.key_averages().table(sort_by=key, row_limit=18, max_name_column_width=48))
     while engine.has_unfinished():
         engine.step()
 
@@ -309,7 +314,7 @@ def profile_steps(engine: Engine, rows, device: str, steps: int = 8) -> None:
 
 
 def bench_shape(a, device: str, dtype: torch.dtype, bandwidth: float) -> dict[str, Any]:
-    hf = build_hf(a.shape, device, dtype, a.seed)
+    hf = build_hf(a.shape, device, dtype, a.seed, a.layers)
     n_params = sum(p.numel() for p in hf.parameters())
     print(f"(a) random {a.shape} model: {n_params / 1e9:.2f}B params, {dtype}")
     vocab = hf.config.vocab_size
@@ -358,7 +363,7 @@ def bench_shape(a, device: str, dtype: torch.dtype, bandwidth: float) -> dict[st
         if name == "graphs":
             sweep_engine = engine
             if a.profile:
-                profile_steps(engine, rows[min(a.batch)], device)
+                profile_steps(engine, rows[a.profile_batch or min(a.batch)], device)
     if not a.skip_sweep:
         print("(c) verify sweep (graph replay), context", a.context)
         res["verify"] = verify_sweep(sweep_engine, a.batch, 8, a.context, bandwidth, device)
@@ -387,13 +392,23 @@ def bench_gpus(
         if device != "cpu" and torch.cuda.device_count() < g:
             print(f"  {g} GPUs: skipped, this machine has {torch.cuda.device_count()}")
             continue
-        # Ray hands GPUs 0 .. g-2 to the shard actors; the engine takes GPU g-1.
-        ray.init(num_gpus=g - 1 if device != "cpu" else 0, num_cpus=max(8, 2 * g), include_dashboard=False)
+        # The engine stays on the one-device runs' GPU (0); Ray hands GPUs 1 .. g-1 to the shard
+        # actors (it assigns from the CUDA_VISIBLE_DEVICES it starts with).
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        if device != "cpu":
+            ids = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
+            os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(ids[1:g])
+        try:
+            ray.init(num_gpus=g - 1 if device != "cpu" else 0, num_cpus=max(8, 2 * g), include_dashboard=0)
+        finally:
+            os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+            if visible is not None:
+                os.environ["CUDA_VISIBLE_DEVICES"] = visible
         try:
             engine = Engine.from_pretrained(
                 a.save_dir,
                 num_shards=g,
-                device=f"cuda:{g - 1}" if device != "cpu" else "cpu",
+                device="cuda:0" if device != "cpu" else "cpu",
                 dtype="bfloat16" if device != "cpu" else "float32",
                 shard_options=ShardOptions(local_shard=True, num_cpus=1, cuda_graphs=a.shard_steps == "auto"),
                 step_graphs=a.shard_steps,
@@ -411,6 +426,8 @@ def bench_gpus(
                         f"  {g} devices batch {b:3d}: {tok_s:9.1f} tok/s  {ms:7.2f} ms/step  "
                         f"({static:.2f} per decode/verify step){vs}"
                     )
+                if a.profile:  # rank 0's side: its NCCL kernels' time includes waiting for shards
+                    profile_steps(engine, rows[a.profile_batch or min(a.batch)], device)
         finally:
             ray.shutdown()
     return out
@@ -523,6 +540,8 @@ def main(argv=None) -> dict[str, Any]:
     p.add_argument(
         "--profile", action="store_true", help="profile a few decode steps (graphs, smallest batch)"
     )
+    p.add_argument("--profile-batch", type=int, help="the batch --profile profiles (default: the smallest)")
+    p.add_argument("--layers", type=int, help="the shape with this many layers (default: all of them)")
     p.add_argument("--json")
     p.add_argument("--png")
     a = p.parse_args(argv)

@@ -229,6 +229,12 @@ def expert_variants(a, bandwidth: float) -> None:
                     layer.triton = True
 
             res = {"sorted": graph_ms(sorted_path) / n_layers, "grouped": graph_ms(grouped) / n_layers}
+            sort_us = {  # the sort of the step's pairs alone (not part of the per-pair kernels)
+                "torch.sort": 1e3 * graph_ms(lambda ids=ids: torch.sort(ids, stable=True)),
+                "rank_sort": 1e3 * graph_ms(lambda ids=ids: triton_experts.rank_sort(ids)),
+            }
+            sorts = ", ".join(f"{k} {v:.1f} us" for k, v in sort_us.items())
+            print(f" T={T:2d}: sorting {T * A} pairs: {sorts}")
             for bn, bk, w in blocks:
 
                 def pairs(cfg=(bn, bk, w), x=x, ids=ids):

@@ -66,8 +66,8 @@ for stage in "${@:-tests nccl kernels shape}"; do
       gpus)
         n=$(nvidia-smi -L | wc -l)
         g="1 2"; [ "$n" -ge 4 ] && g="1 2 4"
-        timeout "$T" python benchmarks/gpu.py --shape qwen3-30b-a3b --batch 1 8 32 --new-tokens 64 \
-          --skip-hf --skip-sweep --repeats 2 --skip-demo --variants graphs --gpus $g --save-dir "$CKPT" \
+        timeout "$T" python -u benchmarks/gpu.py --shape qwen3-30b-a3b --batch 1 8 32 --new-tokens 64 \
+          --skip-hf --skip-sweep --repeats ${REPEATS:-2} --skip-demo --variants graphs --gpus $g --save-dir "$CKPT" \
           --json "$OUT/gpus.json" --png "$OUT/gpus.png" >"$OUT/gpus.log" 2>&1
         quiet "$OUT/gpus.log" 45 ;;
       demo)

@@ -313,7 +313,9 @@ class StepGraphs:
         graph = torch.cuda.CUDAGraph()
         # Thread-local capture: graphs are captured lazily while serving, and another thread
         # (stats, a heartbeat) may touch the GPU meanwhile without invalidating the capture.
-        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+        # stream=: torch's default capture stream is made once per process, on the device current
+        # at the first capture; a later engine on another GPU would capture an empty graph there.
+        with torch.cuda.graph(graph, pool=self._pool, stream=stream, capture_error_mode="thread_local"):
             self._run(batch, mask)
         self._graphs[key] = graph
         log.info("captured a CUDA graph for %d sequences x %d tokens, keys up to %d", B, Tq, L)

@@ -38,6 +38,7 @@ import torch.distributed as dist
 
 from specmoe_ray.moe.experts import ExpertStore
 from specmoe_ray.moe.placement import PlacementPlan
+from specmoe_ray.moe.triton_experts import stable_sort
 
 OP_STOP, OP_EXPERTS, OP_PING, OP_STATIC = 0, 1, 2, 3
 
@@ -249,7 +250,7 @@ class DistributedDispatch(_Masked):
         position = torch.arange(T * A, device=x.device) // A + self.exchanges[layer]
         replica = position % self.num_replicas[layer][flat_ids]
         owner = self.owner_table[layer][flat_ids, replica]  # [T*A] rank per pair
-        order = torch.argsort(owner * self.plan.num_experts + flat_ids, stable=True)
+        order = stable_sort(owner * self.plan.num_experts + flat_ids)[1]
         # One host sync per layer: the split sizes are the header's payload.
         counts = torch.bincount(owner, minlength=self.world_size).tolist()  # rows per rank
         pairs = x[order // A]  # [T*A, D] rows sorted by (rank, expert)
@@ -296,8 +297,8 @@ class DistributedDispatch(_Masked):
         counter.add_(1)
         position = torch.arange(n, device=x.device) // A + counter
         owner = self.owner_table[layer][flat_ids, position % self.num_replicas[layer][flat_ids]]
-        order = torch.argsort(owner * self.plan.num_experts + flat_ids, stable=True)
-        shard = owner[order] - self.first_rank  # shard of each sorted pair, ascending
+        keys, order = stable_sort(owner * self.plan.num_experts + flat_ids)
+        shard = keys // self.plan.num_experts - self.first_rank  # shard of each sorted pair, ascending
         # Row of each pair in the [S * C] send buffer: its shard's block, then its rank there.
         first = torch.searchsorted(shard, self._ranks - self.first_rank)  # [S] first pair of each shard
         slot = shard * C + torch.arange(n, device=x.device) - first[shard]
@@ -406,8 +407,11 @@ def leave_process_group() -> None:
 
 def capture_graph(fn, device: torch.device) -> torch.cuda.CUDAGraph:
     """fn's kernels and collectives recorded, not run: nothing reaches the peers until replay.
-    Thread-local capture: the actor's other thread (stats calls) may touch CUDA meanwhile."""
+    Thread-local capture: the actor's other thread (stats calls) may touch CUDA meanwhile. A
+    capture stream on `device` (torch's default one lives on the first device that captured)."""
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.device(device), torch.cuda.graph(graph, capture_error_mode="thread_local"):
-        fn()
+    with torch.cuda.device(device):
+        stream = torch.cuda.Stream(device)
+        with torch.cuda.graph(graph, stream=stream, capture_error_mode="thread_local"):
+            fn()
     return graph

@@ -63,7 +63,7 @@ class LocalExperts(nn.Module):
             return triton_experts.expert_pairs(h, self.down, local)
         if group > 1:
             x = x[:, None, :].expand(-1, group, x.shape[-1]).reshape(-1, x.shape[-1])
-        local, order = torch.sort(local, stable=True)
+        local, order = triton_experts.stable_sort(local)
         xs = x[order]
         few_rows = xs.shape[0] <= self.triton_max_rows_per_expert * len(self.expert_ids)
         if self.triton and (few_rows or not self.grouped):

@@ -345,3 +345,50 @@ def dedup_matmul(
 def expert_pairs(x: torch.Tensor, w: torch.Tensor, ids: torch.Tensor, group: int = 1, glu: bool = False):
     """The experts' few-pairs kernel: `dedup_matmul`, or `pair_matmul` with DEDUP off."""
     return (dedup_matmul if DEDUP else pair_matmul)(x, w, ids, group=group, glu=glu)
+
+
+# Sorting a step's (token, expert) pairs by key: torch's stable sort of a few hundred int64 keys
+# is a segmented radix sort of ~26 us on an H100 (benchmarks/RESULTS.md, session 5: one per MoE
+# layer and step, two with expert shards). `stable_sort` ranks each key by comparing it with all
+# the others (n^2 compares, one kernel): for the few pairs of decode and verify steps.
+STABLE_SORT = True
+SORT_MAX = 4096  # above it, torch.sort (prefill)
+
+if AVAILABLE:
+
+    @triton.jit
+    def _rank_sort_kernel(keys_ptr, sorted_ptr, order_ptr, n, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr):
+        """pos[i] = #{j: key[j] < key[i]} + #{j < i: key[j] == key[i]} (stable); then
+        sorted[pos[i]] = key[i] and order[pos[i]] = i."""
+        i = tl.program_id(0) * BLOCK_I + tl.arange(0, BLOCK_I)
+        i_ok = i < n
+        ki = tl.load(keys_ptr + i, mask=i_ok, other=0)
+        pos = tl.zeros([BLOCK_I], dtype=tl.int32)
+        for j0 in range(0, n, BLOCK_J):
+            j = j0 + tl.arange(0, BLOCK_J)
+            kj = tl.load(keys_ptr + j, mask=j < n, other=0)
+            before = (kj[None, :] < ki[:, None]) | ((kj[None, :] == ki[:, None]) & (j[None, :] < i[:, None]))
+            pos += tl.sum((before & (j[None, :] < n)).to(tl.int32), axis=1)
+        tl.store(sorted_ptr + pos, ki, mask=i_ok)
+        tl.store(order_ptr + pos, i.to(tl.int64), mask=i_ok)
+
+
+def stable_sort(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`torch.sort(keys, stable=True)` of a 1-D integer tensor -> (sorted keys, int64 order): one
+    Triton kernel (`rank_sort`) where the keys are few and on a GPU (STABLE_SORT), else torch's."""
+    n = keys.shape[0]
+    if STABLE_SORT and AVAILABLE and keys.is_cuda and 0 < n <= SORT_MAX:
+        return rank_sort(keys)
+    return torch.sort(keys, stable=True)
+
+
+def rank_sort(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sorting kernel of `stable_sort` (1-D integer keys, n > 0)."""
+    n = keys.shape[0]
+    keys = keys.contiguous()
+    out = torch.empty_like(keys)
+    order = torch.empty(n, dtype=torch.long, device=keys.device)
+    block_i = 32 if n <= 256 else 64
+    with launch_on(keys.device):
+        _rank_sort_kernel[(triton.cdiv(n, block_i),)](keys, out, order, n, BLOCK_I=block_i, BLOCK_J=128)
+    return out, order

@@ -253,3 +253,16 @@ def test_rows_matmul_equals_float64_reference(rows):
     out = triton_experts.rows_matmul(x.to(DEVICE), w.to(DEVICE)).double().cpu()
     ref = x.double() @ w.double().T
     assert ((out - ref).norm() / ref.norm()).item() < 1e-6
+
+
+@pytest.mark.parametrize("n", [1, 5, 64, 256, 300, 1030])
+def test_rank_sort_equals_torch_stable_sort(n):
+    """The pairs' sorting kernel against torch's stable sort: the same keys and the same order
+    (ties keep their input order), with padding ids (-1), many ties and large keys."""
+    g = torch.Generator().manual_seed(n)
+    for high in (3, 130, 2**40):
+        keys = torch.randint(-1, high, (n,), generator=g).to(DEVICE)
+        got, order = triton_experts.rank_sort(keys)
+        ref, ref_order = torch.sort(keys, stable=True)
+        assert torch.equal(got, ref) and torch.equal(order, ref_order), high
+        assert order.dtype == torch.long

@@ -126,16 +126,13 @@ def test_nccl_cuda_graph_steps(checkpoints):
         ray.shutdown()
 
 
-@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
-def test_nccl_cuda_graph_prompt_buckets(tmp_path):
-    """Prompts prefill in captured prompt-bucket steps (Tq a power of two) with exchanges of
-    ~0.5 MB per shard (hidden 512). The 30B benchmark's first capture with shards failed
-    (session 4: "operation failed due to a previous error during capture") where the small
-    decode exchanges of `test_nccl_cuda_graph_steps` pass. == transformers (float32)."""
-    import ray
+BUCKET_PROMPTS = [[(7 * i + j) % 95 + 1 for j in range(n)] for i, n in enumerate((32, 29, 27, 31))]
+
+
+def wide_checkpoint(tmp_path) -> str:
     from conftest import make_checkpoint
 
-    path = make_checkpoint(
+    return make_checkpoint(
         str(tmp_path / "wide"),
         "qwen3_moe",
         seed=3,
@@ -147,7 +144,18 @@ def test_nccl_cuda_graph_prompt_buckets(tmp_path):
         intermediate_size=256,
         initializer_range=0.05,
     )
-    prompts = [[(7 * i + j) % 95 + 1 for j in range(n)] for i, n in enumerate((32, 29, 27, 31))]
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_nccl_cuda_graph_prompt_buckets(tmp_path):
+    """Prompts prefill in captured prompt-bucket steps (Tq a power of two) with exchanges of
+    ~0.5 MB per shard (hidden 512). The 30B benchmark's first capture with shards failed
+    (session 4: "operation failed due to a previous error during capture") where the small
+    decode exchanges of `test_nccl_cuda_graph_steps` pass. == transformers (float32)."""
+    import ray
+
+    path = wide_checkpoint(tmp_path)
+    prompts = BUCKET_PROMPTS
     ref = hf_greedy(path, prompts, NEW)
     ray.init(num_gpus=torch.cuda.device_count() - 1, num_cpus=8, include_dashboard=False)
     try:
@@ -317,3 +325,30 @@ def test_mtp_drafting_on_cuda_graphs():
                 if mode == "auto":
                     assert engine.graphs.hidden and engine.graphs.num_replays > 0
                     assert engine.stats()["acceptance_rate"] > 0.4
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_nccl_bfloat16_graphs_after_a_one_gpu_engine_on_another_gpu(tmp_path):
+    """What the 30B benchmark did before its capture with shards failed (session 4): a bf16
+    one-GPU engine with graphs on GPU 0 first, then, in the same process, a bf16 engine with
+    shards on the last GPU capturing its steps. The capture must hold, and the graphed steps
+    give the tokens of the same static steps run eagerly ("padded")."""
+    import ray
+
+    path = wide_checkpoint(tmp_path)
+    with Engine.from_pretrained(path, device="cuda:0", dtype="bfloat16", max_model_len=128) as engine:
+        engine.generate(BUCKET_PROMPTS, GREEDY)
+        assert engine.graphs.capture and engine.graphs.num_replays > 3
+    ray.init(num_gpus=torch.cuda.device_count() - 1, num_cpus=8, include_dashboard=False)
+    try:
+        got = {}
+        for steps in ("padded", "auto"):
+            with graphed_shard_engine(path, True, dtype="bfloat16", step_graphs=steps) as engine:
+                got[steps] = [o.token_ids for o in engine.generate(BUCKET_PROMPTS, GREEDY)]
+                assert engine.metrics.num_recoveries == 0, steps
+                if steps == "auto":
+                    assert engine.graphs.capture, "the capture failed: steps fell back to eager"
+                    assert engine.graphs.num_replays > 3
+        assert got["auto"] == got["padded"]
+    finally:
+        ray.shutdown()
