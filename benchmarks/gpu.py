@@ -288,8 +288,10 @@ def verify_sweep(engine: Engine, batches, max_t: int, context: int, bandwidth: f
     return out
 
 
-def profile_steps(engine: Engine, rows, device: str, steps: int = 8) -> None:
-    """torch.profiler over a few decode steps: where the host time of a step goes."""
+def profile_steps(engine: Engine, rows, device: str, steps: int = 8, trace: str | None = None) -> None:
+    """torch.profiler over a few decode steps: where the host time of a step goes. With expert
+    shards, each shard actor profiles its side of the same steps (tables printed after this
+    one's); `trace`: Chrome traces, this process's at that path, the shards' beside it."""
     from torch.profiler import ProfilerActivity, profile
 
     for r in rows:
@@ -297,6 +299,8 @@ def profile_steps(engine: Engine, rows, device: str, steps: int = 8) -> None:
     for _ in range(3):  # prefill, then steps that capture
         engine.step()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device != "cpu" else [])
+    group = engine.shard_group
+    shards = group.profile(steps, os.path.dirname(trace) if trace else None) if group else []
     sync(device)
     t0 = time.perf_counter()
     with profile(activities=activities) as prof:
@@ -306,8 +310,16 @@ def profile_steps(engine: Engine, rows, device: str, steps: int = 8) -> None:
     print(f"profile: {1e3 * (time.perf_counter() - t0) / steps:.2f} ms per step (profiled)")
     for key in ("self_cpu_time_total",) + (("self_device_time_total",) if device != "cpu" else ()):
         print(prof.key_averages().table(sort_by=key, row_limit=18, max_name_column_width=48))
+    if trace:
+        os.makedirs(os.path.dirname(trace) or ".", exist_ok=True)
+        prof.export_chrome_trace(trace)
     while engine.has_unfinished():
         engine.step()
+    if shards:
+        import ray
+
+        for table in ray.get(shards, timeout=180):
+            print("expert shard", table)
 
 
 # -- main -----------------------------------------------------------------------------------------
@@ -363,7 +375,8 @@ def bench_shape(a, device: str, dtype: torch.dtype, bandwidth: float) -> dict[st
         if name == "graphs":
             sweep_engine = engine
             if a.profile:
-                profile_steps(engine, rows[a.profile_batch or min(a.batch)], device)
+                trace = os.path.join(a.trace_dir, "engine-1gpu.json") if a.trace_dir else None
+                profile_steps(engine, rows[a.profile_batch or min(a.batch)], device, trace=trace)
     if not a.skip_sweep:
         print("(c) verify sweep (graph replay), context", a.context)
         res["verify"] = verify_sweep(sweep_engine, a.batch, 8, a.context, bandwidth, device)
@@ -426,8 +439,9 @@ def bench_gpus(
                         f"  {g} devices batch {b:3d}: {tok_s:9.1f} tok/s  {ms:7.2f} ms/step  "
                         f"({static:.2f} per decode/verify step){vs}"
                     )
-                if a.profile:  # rank 0's side: its NCCL kernels' time includes waiting for shards
-                    profile_steps(engine, rows[a.profile_batch or min(a.batch)], device)
+                if a.profile:  # rank 0's side, then each shard's
+                    trace = os.path.join(a.trace_dir, f"engine-{g}gpus.json") if a.trace_dir else None
+                    profile_steps(engine, rows[a.profile_batch or min(a.batch)], device, trace=trace)
         finally:
             ray.shutdown()
     return out
@@ -541,6 +555,7 @@ def main(argv=None) -> dict[str, Any]:
         "--profile", action="store_true", help="profile a few decode steps (graphs, smallest batch)"
     )
     p.add_argument("--profile-batch", type=int, help="the batch --profile profiles (default: the smallest)")
+    p.add_argument("--trace-dir", help="--profile also writes Chrome traces here (engine and shards)")
     p.add_argument("--layers", type=int, help="the shape with this many layers (default: all of them)")
     p.add_argument("--json")
     p.add_argument("--png")

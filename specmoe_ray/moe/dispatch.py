@@ -339,6 +339,7 @@ def serve_experts(
     device,
     layers=None,
     capture: bool = False,
+    control: dict | None = None,
 ) -> int:
     """A shard's loop: answer rank 0's exchanges until OP_STOP. Returns the number served.
 
@@ -346,7 +347,9 @@ def serve_experts(
     also where this shard holds no expert); default: the layers this shard holds.
     capture (CUDA): a static forward's exchanges and expert work (fixed sizes, no host sync) are
     captured in a CUDA graph per row capacity after serving its first forward eagerly, and
-    replayed for the next ones: the shard then costs one launch per forward, not ~20 per layer."""
+    replayed for the next ones: the shard then costs one launch per forward, not ~20 per layer.
+    control: a dict another thread may put `"profile": ShardProfile` in: the next
+    `ShardProfile.forwards` forwards run under torch.profiler (waits for rank 0 included)."""
     device = torch.device(device)
     held = set(store.held())
     layers = sorted(held) if layers is None else list(layers)
@@ -370,11 +373,17 @@ def serve_experts(
             exchange(layer, n)
 
     served = 0
+    profiling: ShardProfile | None = None
     while True:
+        if profiling is None and control is not None and control.get("profile") is not None:
+            profiling = control.pop("profile")
+            profiling.start(device)
         dist.broadcast(header, src=0)
         op, arg, *counts = header.tolist()
         if op == OP_STOP:
             graphs.clear()  # captured collectives go before the communicator (leave_process_group)
+            if profiling is not None:
+                profiling.finish(device)
             return served
         if op == OP_PING:
             continue
@@ -388,6 +397,48 @@ def serve_experts(
         else:
             exchange(arg, counts[rank])
         served += 1
+        if profiling is not None and profiling.count():
+            profiling.finish(device)
+            profiling = None
+
+
+class ShardProfile:
+    """torch.profiler over a shard's next `forwards` forwards (an exchange or a static forward
+    each): `result` is then the table of its kernels and ops by device (else CPU) time, and a
+    Chrome trace goes to `trace_path` if given. `done` is set once the table is ready."""
+
+    def __init__(self, forwards: int, trace_path: str | None = None, rows: int = 25):
+        self.forwards, self.trace_path, self.rows = forwards, trace_path, rows
+        self.result: str | None = None
+        self.done = threading.Event()
+        self._left = forwards
+        self._prof = None
+
+    def start(self, device: torch.device) -> None:
+        from torch.profiler import ProfilerActivity, profile
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        self._prof = profile(activities=activities)
+        self._prof.__enter__()
+        self._t0 = time.perf_counter()
+
+    def count(self) -> bool:
+        """One forward served; True when the last one has."""
+        self._left -= 1
+        return self._left <= 0
+
+    def finish(self, device: torch.device) -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        elapsed = time.perf_counter() - self._t0
+        self._prof.__exit__(None, None, None)
+        key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        table = self._prof.key_averages().table(sort_by=key, row_limit=self.rows, max_name_column_width=48)
+        served = self.forwards - max(self._left, 0)
+        self.result = f"{served} forwards in {1e3 * elapsed:.2f} ms (profiled)\n{table}"
+        if self.trace_path:
+            self._prof.export_chrome_trace(self.trace_path)
+        self.done.set()
 
 
 def leave_process_group() -> None:

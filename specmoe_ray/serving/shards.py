@@ -24,7 +24,7 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from specmoe_ray.errors import ShardStartupError
-from specmoe_ray.moe.dispatch import DistributedDispatch, leave_process_group, serve_experts
+from specmoe_ray.moe.dispatch import DistributedDispatch, ShardProfile, leave_process_group, serve_experts
 from specmoe_ray.moe.placement import PlacementPlan
 
 log = logging.getLogger(__name__)
@@ -61,7 +61,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@ray.remote(max_concurrency=2)
+@ray.remote(max_concurrency=3)  # serve(), and beside it stats calls and profile()
 class ExpertShard:
     """Holds some experts of some MoE layers and serves them over the process group."""
 
@@ -76,6 +76,7 @@ class ExpertShard:
         self.device = "cuda:0" if device == "cuda" else "cpu"  # Ray sets CUDA_VISIBLE_DEVICES
         self.served = 0
         self.error: str | None = None
+        self.control: dict[str, Any] = {}  # read by the serving loop (serve_experts)
         try:
             self.args, _ = read_config(path)
             self.store = load_experts(path, assignment, dtype=dtype, device=self.device, args=self.args)
@@ -99,6 +100,16 @@ class ExpertShard:
         """(token, expert) pairs this shard computed, per layer and expert, cumulative."""
         return self.store.computed_counts()
 
+    def profile(self, forwards: int, trace_path: str | None = None, timeout_s: float = 120.0) -> str:
+        """torch.profiler over this shard's next `forwards` forwards (rank 0 must be stepping
+        meanwhile; this call runs beside `serve`) -> the table of its kernels by GPU time."""
+        request = ShardProfile(forwards, trace_path)
+        self.control["profile"] = request
+        if not request.done.wait(timeout_s):
+            self.control.pop("profile", None)
+            return f"rank {self.rank}: no {forwards} forwards within {timeout_s:g}s"
+        return f"rank {self.rank}: {request.result}"
+
     def serve(self, master_addr: str, master_port: int, timeout_s: float, capture: bool = False):
         backend = "nccl" if self.device.startswith("cuda") else "gloo"
         kwargs = {"device_id": torch.device(self.device)} if backend == "nccl" else {}
@@ -120,6 +131,7 @@ class ExpertShard:
                 self.device,
                 layers=sorted(self.args.moe_layers),
                 capture=capture,
+                control=self.control,
             )
         except Exception:
             # Logged now: rank 0 sees only a collective that times out (NCCL) or fails (gloo),
@@ -321,6 +333,19 @@ class ShardGroup:
         self._stop = threading.Event()
         self._heartbeat = None
         return self.start()
+
+    def profile(self, forwards: int, trace_dir: str | None = None, timeout_s: float = 120.0) -> list[Any]:
+        """Ask every shard actor to profile its next `forwards` forwards (Chrome traces to
+        `trace_dir/shard-rank<r>.json` if given) -> one ObjectRef per actor, each resolving to
+        a table once the engine has stepped that far: `ray.get` them after stepping."""
+        return [
+            a.profile.remote(
+                forwards,
+                os.path.join(trace_dir, f"shard-rank{self.rank_of(s)}.json") if trace_dir else None,
+                timeout_s,
+            )
+            for s, a in zip(self.remote_shards, self.actors)
+        ]
 
     def computed_counts(self) -> list[dict[int, list[int]]]:
         """Per shard: pairs computed per (layer, expert); shows how replicas split a hot expert."""

@@ -70,9 +70,12 @@ def test_shard_counts_give_identical_tokens(ray_cluster, checkpoints, arch):
 
 
 @pytest.mark.parametrize("num_shards", [1, 3])
-def test_local_shard_serves_experts_from_the_engine_process(ray_cluster, checkpoints, num_shards):
+def test_local_shard_serves_experts_from_the_engine_process(ray_cluster, checkpoints, num_shards, tmp_path):
     """Shard 0 in the engine's process (rank 0 exchanges with itself inside the all_to_alls):
-    same tokens as transformers, one actor fewer, and each shard computes what was sent to it."""
+    same tokens as transformers, one actor fewer, and each shard computes what was sent to it.
+    Meanwhile the shard actors profile 3 of their forwards (`ShardGroup.profile`)."""
+    import json
+
     path = checkpoints("qwen2_moe")
     ref = hf_greedy(path, PROMPTS, NEW)
     opts = pinned(num_shards)
@@ -80,11 +83,17 @@ def test_local_shard_serves_experts_from_the_engine_process(ray_cluster, checkpo
     with Engine.from_pretrained(
         path, num_shards=num_shards, draft="ngram", max_model_len=128, shard_options=opts
     ) as engine:
+        profiles = engine.shard_group.profile(3, trace_dir=str(tmp_path))
         got = [o.token_ids for o in engine.generate(PROMPTS, GREEDY)]
         sent = engine.stats()["expert_tokens_per_shard"]
         computed = engine.shard_group.computed_counts()
         assert len(engine.shard_group.actors) == num_shards - 1
+        tables = ray.get(profiles, timeout=60)
     assert got == ref
+    for rank, table in enumerate(tables, start=1):
+        assert table.startswith(f"rank {rank}: 3 forwards in ") and "aten::" in table, table
+        with open(tmp_path / f"shard-rank{rank}.json") as f:
+            assert json.load(f)["traceEvents"]
     assert [sum(sum(c) for c in shard.values()) for shard in computed] == sent
     assert all(n > 0 for n in sent)
 
