@@ -13,15 +13,16 @@ Two backends with one interface, `backend(layer, x [T, D], expert_ids [T, A]) ->
       all_to_all results     shard s -> rank 0: [n_s, D]
 
   Shards run `serve_experts`, a loop that answers headers until OP_STOP. Rows are sorted by
-  (shard, expert), stably, so an expert sees the same rows in the same order whatever the
-  placement: shard count never changes results.
+  (shard, expert), stably, and the experts sort a shard's rows stably by expert again, so an
+  expert sees its rows in pair order whatever the placement: shard count never changes results.
 
 - Static steps (`DistributedDispatch.static_step(num_tokens)`, what CUDA graphs replay): one
   header for the whole forward, [OP_STATIC, C], then for every MoE layer, in order, the same two
   all_to_alls with *fixed* split sizes: C = num_tokens * top_k rows to each shard, unused rows
   marked with expert id -1. No host sync and no per-layer header, so the exchange has static
   shapes (capturable); it sends up to S times the rows the dynamic exchange does, which is
-  nothing at decode sizes. Each expert still sees its rows in (shard, expert) order.
+  nothing at decode sizes. The rows go grouped by shard in pair order (`pack_static`; on GPUs one
+  kernel, `triton_dispatch.pack_pairs`): each expert still sees its rows in pair order.
 
 Every rank must issue the same collectives in the same order, so one lock serialises all
 of rank 0's exchanges (the engine loop's, and the idle heartbeat's).
@@ -36,6 +37,7 @@ import time
 import torch
 import torch.distributed as dist
 
+from specmoe_ray.moe import triton_dispatch
 from specmoe_ray.moe.experts import ExpertStore
 from specmoe_ray.moe.placement import PlacementPlan
 from specmoe_ray.moe.triton_experts import stable_sort
@@ -54,11 +56,52 @@ def pack_rows(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 def unpack_rows(
     payload: torch.Tensor, hidden_size: int, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    n = payload.shape[0]
-    split = payload.shape[1] - 8
+    n, width = payload.shape
+    split = width - 8
+    itemsize = torch.empty(0, dtype=dtype).element_size()
+    if payload.is_contiguous() and width % 8 == 0 and split % itemsize == 0:
+        # Views, no copy (the consumers gather or copy rows anyway): rows [n, D] with a row
+        # stride of width / itemsize, ids [n] one per width / 8 int64s.
+        return payload.view(dtype)[:, :hidden_size], payload.view(torch.int64)[:, -1]
     x = payload[:, :split].contiguous().view(dtype).reshape(n, hidden_size)
     ids = payload[:, split:].contiguous().view(torch.int64).reshape(n)
     return x, ids
+
+
+def pack_static(
+    x: torch.Tensor,
+    ids: torch.Tensor,
+    pair_mask: torch.Tensor | None,
+    owner_table: torch.Tensor,
+    num_replicas: torch.Tensor,
+    rotation: torch.Tensor,
+    counts: torch.Tensor,
+    num_shards: int,
+    capacity: int,
+    top_k: int,
+    first_rank: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A static exchange's send buffer, by torch ops (CPUs; `triton_dispatch.pack_pairs` on
+    GPUs, same arguments and result): x [T, D], ids [n = T * top_k] -> (buffer [S * C, row bytes]
+    in `pack_rows`' layout, slot [n]: each pair's row in it). Pair p goes to the rank owning
+    replica (p // top_k + rotation) % replicas of its expert; shard s's block (rows s * C ..) holds
+    its pairs in pair order, then unused rows with id -1; padding tokens' pairs (`pair_mask` 0)
+    travel with id -1 and are not counted in `counts` [S]."""
+    n, D = ids.shape[0], x.shape[-1]
+    position = torch.arange(n, device=x.device)
+    replica = (position // top_k + rotation) % num_replicas[ids]
+    shard = owner_table[ids, replica] - first_rank
+    in_order, order = stable_sort(shard)  # by shard, pair order kept within each
+    first = torch.searchsorted(in_order, torch.arange(num_shards, device=x.device))  # [S]
+    slot = torch.empty_like(position)
+    slot[order] = in_order * capacity + position - first[in_order]
+    rows = x.new_zeros(num_shards * capacity, D)
+    rows[slot] = x[position // top_k]
+    sent = ids.new_full((num_shards * capacity,), -1)
+    weight = torch.ones_like(shard) if pair_mask is None else pair_mask
+    sent[slot] = ids if pair_mask is None else torch.where(pair_mask > 0, ids, -1)
+    counts.scatter_add_(0, shard, weight)
+    return pack_rows(rows, sent), slot
 
 
 class ExpertLoad:
@@ -185,7 +228,6 @@ class DistributedDispatch(_Masked):
         self._capacity: int | None = None
         self._rotation: dict[int, torch.Tensor] = {}  # layer -> exchanges so far (replica rotation)
         self._shard_pairs: dict[int, torch.Tensor] = {}  # layer -> [S] pairs sent, cumulative
-        self._ranks = torch.arange(r0, plan.num_shards + r0, device=self.device)  # rank of each shard
         self._static_headers: dict[int, torch.Tensor] = {}
         # Made here, once: the heartbeat thread then broadcasts without a host-to-device copy of
         # its own (which would run on the device's default stream, beside graph captures).
@@ -295,29 +337,15 @@ class DistributedDispatch(_Masked):
         # Replica rotation as in the dynamic path, counted on the device (a graph replays it).
         counter = self._rotation.setdefault(layer, torch.zeros((), dtype=torch.long, device=x.device))
         counter.add_(1)
-        position = torch.arange(n, device=x.device) // A + counter
-        owner = self.owner_table[layer][flat_ids, position % self.num_replicas[layer][flat_ids]]
-        keys, order = stable_sort(owner * self.plan.num_experts + flat_ids)
-        shard = keys // self.plan.num_experts - self.first_rank  # shard of each sorted pair, ascending
-        # Row of each pair in the [S * C] send buffer: its shard's block, then its rank there.
-        first = torch.searchsorted(shard, self._ranks - self.first_rank)  # [S] first pair of each shard
-        slot = shard * C + torch.arange(n, device=x.device) - first[shard]
-        rows = x.new_zeros(S * C, D)
-        rows[slot] = x[order // A]
         counts = self._shard_pairs.setdefault(layer, torch.zeros(S, dtype=torch.long, device=x.device))
-        ids = flat_ids.new_full((S * C,), -1)
-        if pair_mask is None:
-            ids[slot] = flat_ids[order]
-            counts.scatter_add_(0, shard, torch.ones_like(shard))
-        else:  # padding tokens' pairs travel with id -1: shards skip them
-            weight = pair_mask[order]
-            ids[slot] = torch.where(weight > 0, flat_ids[order], -1)
-            counts.scatter_add_(0, shard, weight)
+        table, replicas = self.owner_table[layer], self.num_replicas[layer]
+        # GPUs: one Triton kernel for pack_static's ~15 small ones (same buffer, same slots).
+        pack = triton_dispatch.pack_pairs if triton_dispatch.packable(x, n) else pack_static
+        r0 = self.first_rank
+        payload, slot = pack(x, flat_ids, pair_mask, table, replicas, counter, counts, S, C, A, r0)
         splits = [0] * self.first_rank + [C] * S  # rows to each rank (rank 0 too when it holds shard 0)
-        results = self._exchange(layer, pack_rows(rows, ids), splits, S * C, x.dtype, static=True)
-        y = torch.empty(n, D, dtype=results.dtype, device=x.device)
-        y[order] = results[slot]
-        return y.view(T, A, D)
+        results = self._exchange(layer, payload, splits, S * C, x.dtype, static=True)
+        return results[slot].view(T, A, D)
 
     def ping(self) -> None:
         """An empty exchange, so idle shards' collectives never reach their timeout."""

@@ -126,17 +126,29 @@ def test_step_graphs_setting_is_checked(checkpoints):
         Engine.from_pretrained(checkpoints("qwen3_moe"), step_graphs="always")
 
 
-@pytest.mark.parametrize("local_shard", [False, True])
-def test_static_exchange_with_shards_replicas_and_a_killed_shard(ray_cluster, checkpoints, local_shard):
+@pytest.mark.parametrize("local_shard,kernel", [(False, False), (True, False), (True, True)])
+def test_static_exchange_with_shards_replicas_and_a_killed_shard(
+    ray_cluster, checkpoints, local_shard, kernel, monkeypatch
+):
     """Padded static steps over 2 expert shards (one header per forward, fixed-size all_to_alls):
     tokens equal transformers' through a re-placement onto replicated experts and a killed
     shard (re-formed, step replayed); every routed pair is computed exactly once, padding never.
-    local_shard: shard 0 is the engine's own process (rank 0 serves experts too)."""
+    local_shard: shard 0 is the engine's own process (rank 0 serves experts too). kernel: rank 0
+    packs the exchanges with the GPUs' Triton kernel (`pack_pairs`, on Triton's interpreter)."""
     import ray
     from test_shards import pinned
 
     from specmoe_ray.models.loader import read_config
+    from specmoe_ray.moe import triton_dispatch
     from specmoe_ray.moe.placement import PlacementPlan
+
+    if kernel:
+        if not triton_dispatch.INTERPRETED:
+            pytest.skip("runs the kernel on Triton's interpreter (CPU-only machines)")
+        monkeypatch.setattr(triton_dispatch, "ON_CPU", True)
+        calls = []
+        pack = triton_dispatch.pack_pairs
+        monkeypatch.setattr(triton_dispatch, "pack_pairs", lambda *a: calls.append(1) or pack(*a))
 
     path = checkpoints("qwen3_moe")
     args, _ = read_config(path)
@@ -169,6 +181,7 @@ def test_static_exchange_with_shards_replicas_and_a_killed_shard(ray_cluster, ch
         assert len(engine.shard_group.actors) == (1 if local_shard else 2)
         assert [info.get("local", False) for info in stats["shards"]["shards"]] == [local_shard, False]
     assert [done[i] for i in ids] == ref
+    assert not kernel or calls, "the packing kernel never ran"
     assert stats["num_recoveries"] == 1
     # Counters restart with each group: after the last re-form, replicas split each expert's pairs.
     assert sum(stats["expert_tokens_per_shard"]) == sum(sum(c) for c in routed.values())

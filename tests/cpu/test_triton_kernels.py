@@ -266,3 +266,46 @@ def test_rank_sort_equals_torch_stable_sort(n):
         ref, ref_order = torch.sort(keys, stable=True)
         assert torch.equal(got, ref) and torch.equal(order, ref_order), high
         assert order.dtype == torch.long
+
+
+@pytest.mark.parametrize(
+    "S,r0,replicas,masked", [(1, 1, 1, False), (2, 0, 1, True), (3, 1, 2, True), (2, 0, 2, False)]
+)
+def test_pack_pairs_equals_torch_and_a_python_reference(S, r0, replicas, masked):
+    """Rank 0's send buffer of a static exchange: the Triton kernel and the torch path give the
+    same buffer (ids everywhere, rows wherever a pair went), the same slots and counts, and both
+    match a loop over the pairs: owner = replica (token + rotation) % replicas of the expert,
+    each shard's block holds its pairs in pair order, then id -1; masked pairs travel as -1."""
+    from specmoe_ray.moe import triton_dispatch
+    from specmoe_ray.moe.dispatch import pack_static, unpack_rows
+
+    g = torch.Generator().manual_seed(S * 10 + replicas)
+    T, A, D, E, C = 6, 4, 24, 10, 6 * 4
+    x = torch.randn(T, D, generator=g).to(DEVICE)
+    ids = torch.stack([torch.randperm(E, generator=g)[:A] for _ in range(T)]).reshape(-1).to(DEVICE)
+    table = torch.stack([torch.randperm(S, generator=g)[:replicas] for _ in range(E)]) + r0
+    num_replicas = torch.randint(1, replicas + 1, (E,), generator=g)
+    mask = (torch.arange(T * A) < 4 * A).long() if masked else None  # tokens 4, 5: padding
+    rotation = torch.tensor(3)
+    to = lambda t: None if t is None else t.to(DEVICE)  # noqa: E731
+    outs = []
+    for fn in (triton_dispatch.pack_pairs, pack_static):
+        counts = torch.zeros(S, dtype=torch.long, device=DEVICE)
+        payload, slot = fn(x, ids, to(mask), to(table), to(num_replicas), to(rotation), counts, S, C, A, r0)
+        rows, sent = unpack_rows(payload, D, x.dtype)
+        outs.append((rows.cpu(), sent.cpu(), slot.cpu(), counts.cpu()))
+    filled = [0] * S
+    want_ids = torch.full((S * C,), -1, dtype=torch.long)
+    want_slot, want_counts = [], [0] * S
+    for p in range(T * A):
+        e = int(ids[p])
+        s = int(table[e, (p // A + 3) % int(num_replicas[e])]) - r0
+        want_slot.append(s * C + filled[s])
+        keep = mask is None or bool(mask[p])
+        want_ids[want_slot[-1]] = e if keep else -1
+        want_counts[s] += keep
+        filled[s] += 1
+    for rows, sent, slot, counts in outs:
+        assert slot.tolist() == want_slot and counts.tolist() == want_counts
+        assert torch.equal(sent, want_ids)
+        assert torch.equal(rows[slot], x.cpu()[torch.arange(T * A) // A])
