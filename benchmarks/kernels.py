@@ -15,6 +15,10 @@ copy bandwidth.
 (3) One-row dense projections (q/k/v, o_proj, router): cuBLAS against the per-pair kernel as a
 matrix-vector product, block sizes swept with --sweep.
 
+(4) Rank 0's bookkeeping of a static expert exchange (no collective): the send buffer packed by
+torch ops (`pack_static`) against the Triton kernel (`pack_pairs`), plus the results' gather,
+for 2 and 4 shards at batch 1, 8 and 32.
+
     python benchmarks/kernels.py --layers 4 --batch 1 --tq 1 4
 """
 
@@ -351,6 +355,34 @@ def dense_matvecs(a, bandwidth: float) -> None:
             print(f"    {1e3 * ms:8.1f} us  {100 * floor / ms:5.1f}% of floor  4 rows: {label}")
 
 
+def exchange_packing(a) -> None:
+    from specmoe_ray.moe import triton_dispatch
+    from specmoe_ray.moe.dispatch import pack_static
+
+    D, E, A = 2048, 128, 8
+    g = torch.Generator(device="cuda").manual_seed(0)
+    print("(4) static exchange bookkeeping on rank 0 (graph replay, us per MoE layer)")
+    for S in (2, 4):
+        table = (torch.arange(E, device="cuda") % S)[:, None].clone()  # one replica, round robin
+        replicas = torch.ones(E, dtype=torch.long, device="cuda")
+        rotation = torch.zeros((), dtype=torch.long, device="cuda")
+        for T in (1, 8, 32):
+            x = torch.randn(T, D, device="cuda", dtype=torch.bfloat16, generator=g)
+            ids = torch.stack([torch.randperm(E, device="cuda", generator=g)[:A] for _ in range(T)])
+            ids = ids.reshape(-1)
+            counts = torch.zeros(S, dtype=torch.long, device="cuda")
+            results = torch.randn(S * T * A, D, device="cuda", dtype=torch.bfloat16, generator=g)
+            args = (x, ids, None, table, replicas, rotation, counts, S, T * A, A, 0)
+            us = {}
+            for name, pack in (("torch", pack_static), ("triton", triton_dispatch.pack_pairs)):
+
+                def run(pack=pack, args=args, results=results):
+                    return results[pack(*args)[1]]
+
+                us[name] = 1e3 * graph_ms(run)
+            print(f"  {S} shards, batch {T:2d}: " + ", ".join(f"{k} {v:.1f}" for k, v in us.items()))
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--layers", type=int, default=4)
@@ -362,6 +394,7 @@ def main(argv=None) -> None:
     p.add_argument("--skip-step", action="store_true")
     p.add_argument("--skip-experts", action="store_true")
     p.add_argument("--skip-dense", action="store_true")
+    p.add_argument("--skip-exchange", action="store_true")
     a = p.parse_args(argv)
     print(torch.cuda.get_device_name(), "torch", torch.__version__)
     bandwidth = copy_bandwidth("cuda")
@@ -371,6 +404,8 @@ def main(argv=None) -> None:
         torch.cuda.empty_cache()
     if not a.skip_dense:
         dense_matvecs(a, bandwidth)
+    if not a.skip_exchange:
+        exchange_packing(a)
     if not a.skip_step:
         step_profile(a, bandwidth)
 
