@@ -61,17 +61,14 @@ class LocalExperts(nn.Module):
         if self.triton and local.shape[0] <= self.triton_max_pairs:
             h = triton_experts.expert_pairs(x, self.gate_up, local, group=group, glu=True)
             return triton_experts.expert_pairs(h, self.down, local)
+        local, order = triton_experts.stable_sort(local)
+        few_rows = local.shape[0] <= self.triton_max_rows_per_expert * len(self.expert_ids)
+        if self.triton and (few_rows or not self.grouped):
+            return self._triton(x, local, order, group)
         if group > 1:
             x = x[:, None, :].expand(-1, group, x.shape[-1]).reshape(-1, x.shape[-1])
-        local, order = triton_experts.stable_sort(local)
         xs = x[order]
-        few_rows = xs.shape[0] <= self.triton_max_rows_per_expert * len(self.expert_ids)
-        if self.triton and (few_rows or not self.grouped):
-            out = self._triton(xs, local)
-        elif self.grouped:
-            out = self._grouped(xs, local)
-        else:
-            out = self._loop(xs, local)
+        out = self._grouped(xs, local) if self.grouped else self._loop(xs, local)
         y = torch.empty_like(out)
         y[order] = out
         return y
@@ -87,10 +84,12 @@ class LocalExperts(nn.Module):
         bincount: CUDA's bincount reads the max id back to the host, which a graph cannot capture."""
         return torch.searchsorted(local, self.bounds, out_int32=True)
 
-    def _triton(self, xs: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
+    def _triton(self, x: torch.Tensor, local: torch.Tensor, order: torch.Tensor, group: int) -> torch.Tensor:
+        """Two kernels: the gate/up projection reads each sorted pair's row of x itself and
+        applies silu(gate) * up; the down projection writes each result to its pair's row."""
         offsets = self._offsets(local)
-        h = silu_mul(triton_experts.expert_matmul(xs, self.gate_up, offsets))
-        return triton_experts.expert_matmul(h, self.down, offsets)
+        h = triton_experts.expert_matmul(x, self.gate_up, offsets, src=order, group=group, glu=True)
+        return triton_experts.expert_matmul(h, self.down, offsets, dst=order)
 
     def _grouped(self, xs: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
         # xs: rows sorted by local expert; local: their (sorted) local expert ids. Skipped rows

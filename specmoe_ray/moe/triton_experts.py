@@ -47,14 +47,21 @@ if AVAILABLE:
 
     @triton.jit
     def _experts_kernel(
-        x_ptr,  # [n, K] rows sorted by expert
-        w_ptr,  # [E, N, K] weights, K contiguous
-        out_ptr,  # [n, N]
+        x_ptr,  # rows sorted by expert [n, K], or any rows read through src (GATHER)
+        w_ptr,  # [E, N (x 2 with GLU: gate rows, then up rows), K] weights, K contiguous
+        out_ptr,  # [n, N]: sorted position r's row at r, or at dst[r] (SCATTER)
         offs_ptr,  # [E + 1] int32: expert e's rows are offs[e] .. offs[e + 1]
+        src_ptr,  # [n] int64 (GATHER): sorted position r reads row src[r] // GROUP of x
+        dst_ptr,  # [n] int64 (SCATTER): sorted position r writes row dst[r] of out
         N,
         K,
+        stride_x,
         stride_we,
         stride_wn,
+        GROUP: tl.constexpr,
+        GATHER: tl.constexpr,
+        SCATTER: tl.constexpr,
+        GLU: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
@@ -64,6 +71,7 @@ if AVAILABLE:
         pid_n = tl.program_id(1)
         start = tl.load(offs_ptr + e)
         end = tl.load(offs_ptr + e + 1)
+        dtype = out_ptr.dtype.element_ty
         if end > start:
             rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
             rk = tl.arange(0, BLOCK_K)
@@ -71,54 +79,76 @@ if AVAILABLE:
             for m0 in range(start, end, BLOCK_M):
                 rm = m0 + tl.arange(0, BLOCK_M)
                 row_ok = rm < end
+                if GATHER:  # noqa: SIM108 (a constexpr branch)
+                    src = tl.load(src_ptr + rm, mask=row_ok, other=0) // GROUP
+                else:
+                    src = rm
                 acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+                up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
                 for k0 in range(0, K, BLOCK_K):
                     kk = k0 + rk
                     xk = tl.load(
-                        x_ptr + rm[:, None].to(tl.int64) * K + kk[None, :],
+                        x_ptr + src[:, None].to(tl.int64) * stride_x + kk[None, :],
                         mask=row_ok[:, None] & (kk[None, :] < K),
                         other=0.0,
                     )
-                    wk = tl.load(w_base + kk[:, None], mask=(rn[None, :] < N) & (kk[:, None] < K), other=0.0)
+                    w_ok = (rn[None, :] < N) & (kk[:, None] < K)
+                    wk = tl.load(w_base + kk[:, None], mask=w_ok, other=0.0)
                     if IEEE:
                         acc += tl.dot(xk, wk, input_precision="ieee")
                     else:
                         acc += tl.dot(xk, wk)
-                out = out_ptr + rm[:, None].to(tl.int64) * N + rn[None, :]
-                tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & (rn[None, :] < N))
+                    if GLU:
+                        wu = tl.load(w_base + N * stride_wn + kk[:, None], mask=w_ok, other=0.0)
+                        if IEEE:
+                            up += tl.dot(xk, wu, input_precision="ieee")
+                        else:
+                            up += tl.dot(xk, wu)
+                if GLU:
+                    acc = _silu_mul(acc, up, dtype)
+                if SCATTER:  # noqa: SIM108 (a constexpr branch)
+                    dst = tl.load(dst_ptr + rm, mask=row_ok, other=0)
+                else:
+                    dst = rm
+                out = out_ptr + dst[:, None].to(tl.int64) * N + rn[None, :]
+                tl.store(out, acc.to(dtype), mask=row_ok[:, None] & (rn[None, :] < N))
 
 
-def expert_matmul(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """x [n, K] (rows sorted by expert), w [E, N, K], offsets [E + 1] int32 -> [n, N]."""
-    n, K = x.shape
-    E, N, _ = w.shape
+def expert_matmul(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    offsets: torch.Tensor,
+    src: torch.Tensor | None = None,
+    dst: torch.Tensor | None = None,
+    group: int = 1,
+    glu: bool = False,
+) -> torch.Tensor:
+    """Rows sorted by expert times their expert's weights: w [E, N, K] (glu: [E, 2N, K], and
+    out = silu(gate) * up), offsets [E + 1] int32 over the n sorted positions -> out [n, N].
+
+    x [n, K] in sorted order, or (src, [n] int64) any rows: sorted position r reads row
+    src[r] // group (the rows' gather folded into the loads). dst ([n] int64): position r's
+    result goes to out[dst[r]] (the scatter back to pair order folded into the stores).
+    Positions before offsets[0] (padding) and rows of x's K-contiguous layout only."""
+    n = src.shape[0] if src is not None else x.shape[0]
+    K = x.shape[1]
+    E, rows, _ = w.shape
+    N = rows // 2 if glu else rows
     out = torch.empty(n, N, dtype=x.dtype, device=x.device)
     if n == 0:
         return out
-    x = x.contiguous()
+    if x.stride(-1) != 1:
+        x = x.contiguous()
     block_n, block_k = (32, 128) if x.dtype != torch.float32 else (32, 64)
     grid = (E, triton.cdiv(N, block_n))
     with launch_on(x.device):
-        _launch_sorted(grid, x, w, out, offsets, N, K, block_n, block_k)
+        _experts_kernel[grid](
+            x, w, out, offsets, src if src is not None else offsets, dst if dst is not None else offsets,
+            N, K, x.stride(0), w.stride(0), w.stride(1),
+            GROUP=group, GATHER=src is not None, SCATTER=dst is not None, GLU=glu,
+            BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=block_k, IEEE=x.dtype == torch.float32, num_warps=4,
+        )  # fmt: skip
     return out
-
-
-def _launch_sorted(grid, x, w, out, offsets, N, K, block_n, block_k) -> None:
-    _experts_kernel[grid](
-        x,
-        w,
-        out,
-        offsets,
-        N,
-        K,
-        w.stride(0),
-        w.stride(1),
-        BLOCK_M=16,
-        BLOCK_N=block_n,
-        BLOCK_K=block_k,
-        IEEE=x.dtype == torch.float32,
-        num_warps=4,
-    )
 
 
 if AVAILABLE:
