@@ -50,14 +50,20 @@ class LocalExperts(nn.Module):
         self.triton_max_rows_per_expert = 8
 
     @torch.inference_mode()
-    def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, group: int = 1) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, expert_ids: torch.Tensor, group: int = 1, counts: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """x: [n / group, D], row r serving the `group` consecutive pairs r * group ..; expert_ids:
         [n] global ids, one per (token, expert) pair -> [n, D] the pairs' expert outputs.
 
         Pairs whose expert is not held here, or whose id is -1 (padding), are skipped: their
         output rows are unspecified (zeros on the per-pair and CPU paths) and callers drop them.
-        No path reads the ids back to the host except the CPU loop: CUDA graphs capture it."""
+        No path reads the ids back to the host except the CPU loop: CUDA graphs capture it.
+        counts ([E_local + 1] int64): += pairs per held expert at 1 + its local id (skipped pairs
+        at 0), in place with static shapes (a graph replays it)."""
         local = expert_ids if self.identity else self.to_local[expert_ids]
+        if counts is not None:
+            counts.scatter_add_(0, local + 1, local.new_ones(()).expand(local.shape[0]))
         if self.triton and local.shape[0] <= self.triton_max_pairs:
             h = triton_experts.expert_pairs(x, self.gate_up, local, group=group, glu=True)
             return triton_experts.expert_pairs(h, self.down, local)
@@ -115,7 +121,7 @@ class ExpertStore(nn.Module):
     def __init__(self, layers: dict[int, LocalExperts]):
         super().__init__()
         self.by_layer = nn.ModuleDict({str(layer): experts for layer, experts in layers.items()})
-        self.computed: dict[int, torch.Tensor] = {}  # layer -> [E] pairs computed here, cumulative
+        self.computed: dict[int, torch.Tensor] = {}  # layer -> [1 + held] pairs computed, cumulative
         self.count = True  # off where the caller counts the load itself (LoopbackDispatch)
 
     def forward(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, group: int = 1) -> torch.Tensor:
@@ -123,16 +129,21 @@ class ExpertStore(nn.Module):
         experts = self.by_layer[str(layer)]
         if not self.count:
             return experts(x, expert_ids, group)
-        if layer not in self.computed:
-            self.computed[layer] = torch.zeros(experts.num_experts, dtype=torch.long, device=x.device)
-        # In place, with static shapes: a CUDA graph replays this add into the same counters.
-        # Padding (id -1) and experts held elsewhere count nothing.
-        valid = experts.to_local[expert_ids] >= 0
-        self.computed[layer].scatter_add_(0, expert_ids.clamp(min=0), valid.long())
-        return experts(x, expert_ids, group)
+        counts = self.computed.get(layer)
+        if counts is None:  # [1 + held experts]: slot 0 takes padding (id -1) and experts held elsewhere
+            counts = self.computed[layer] = x.new_zeros(len(experts.expert_ids) + 1, dtype=torch.long)
+        return experts(x, expert_ids, group, counts=counts)
 
     def computed_counts(self) -> dict[int, list[int]]:
-        return {layer: c.tolist() for layer, c in sorted(self.computed.items())}
+        """{layer: [pairs computed here per expert (global ids)]}, cumulative (one host sync)."""
+        out = {}
+        for layer, counts in sorted(self.computed.items()):
+            experts = self.by_layer[str(layer)]
+            per_expert = [0] * experts.num_experts
+            for e, c in zip(experts.expert_ids, counts[1:].tolist()):
+                per_expert[e] += c
+            out[layer] = per_expert
+        return out
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
