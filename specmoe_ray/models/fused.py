@@ -180,6 +180,14 @@ def combine(y: torch.Tensor, weights: torch.Tensor, like: torch.Tensor) -> torch
 
 
 @fused
+def combine_rows(rows: torch.Tensor, index: torch.Tensor, weights: torch.Tensor, like: torch.Tensor):
+    """`combine` of y = rows[index] viewed [T, A, D] (an exchange's results, gathered back to
+    pair order by the same kernel that weighs and sums them) -> [T, D]."""
+    T, A = weights.shape
+    return combine.__wrapped__(rows[index].view(T, A, rows.shape[-1]), weights, like)
+
+
+@fused
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """[n, 2I] (gate first) -> silu(gate) * up, [n, I]."""
     gate, up = gate_up.chunk(2, dim=-1)

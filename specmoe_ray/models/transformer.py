@@ -35,7 +35,9 @@ from specmoe_ray.moe.router import TopKRouter, make_router
 
 class ExpertBackend(Protocol):
     """Runs the routed experts of one MoE layer: `[T, D]` tokens, `[T, A]` expert ids ->
-    `[T, A, D]` unweighted expert outputs (the MoE block combines them with the gate weights)."""
+    `[T, A, D]` unweighted expert outputs (the MoE block combines them with the gate weights).
+    A backend with `combines = True` also takes `weights=` ([T, A]) and returns the combined
+    `[T, D]` itself (`fused.combine`'s arithmetic, in top-k slot order)."""
 
     def __call__(
         self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, counted: bool = False
@@ -362,9 +364,12 @@ class MoEBlock(nn.Module):
     ) -> torch.Tensor:
         """From the router's weights and expert ids ([T, A] each) on; counted: the expert load
         was counted while routing."""
-        y = self.backend(self.layer, x, expert_ids, counted=counted)  # [T, A, D]
-        # Combine in top-k slot order: the same order however the experts are placed.
-        out = combine(y, weights, x)
+        if getattr(self.backend, "combines", False):  # gathers and combines in one kernel
+            out = self.backend(self.layer, x, expert_ids, counted=counted, weights=weights)
+        else:
+            y = self.backend(self.layer, x, expert_ids, counted=counted)  # [T, A, D]
+            # Combine in top-k slot order: the same order however the experts are placed.
+            out = combine(y, weights, x)
         if self.shared_expert is not None:
             out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         if self.shared_experts is not None:

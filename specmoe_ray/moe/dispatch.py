@@ -37,6 +37,7 @@ import time
 import torch
 import torch.distributed as dist
 
+from specmoe_ray.models.fused import combine, combine_rows
 from specmoe_ray.moe import triton_dispatch
 from specmoe_ray.moe.experts import ExpertStore
 from specmoe_ray.moe.placement import PlacementPlan
@@ -277,9 +278,22 @@ class DistributedDispatch(_Masked):
             static = [a + b for a, b in zip(static, counts.tolist())]
         return [a + b for a, b in zip(self._tokens_per_shard, static)]
 
-    def __call__(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, counted: bool = False):
+    combines = True  # takes the gate weights: results gathered and combined in one kernel
+
+    def __call__(
+        self,
+        layer: int,
+        x: torch.Tensor,
+        expert_ids: torch.Tensor,
+        counted: bool = False,
+        weights: torch.Tensor | None = None,
+    ):
+        """-> [T, A, D] expert outputs, or with `weights` [T, A] their combination [T, D]."""
         if self._capacity is not None:
-            return self._static_exchange(layer, x, expert_ids, counted)
+            results, slot = self._static_exchange(layer, x, expert_ids, counted)
+            if weights is not None:
+                return combine_rows(results, slot, weights, x)
+            return results[slot].view(*expert_ids.shape, -1)
         T, A = expert_ids.shape
         D = x.shape[-1]
         flat_ids = expert_ids.reshape(-1)  # [T*A]
@@ -306,7 +320,7 @@ class DistributedDispatch(_Masked):
             self._tokens_per_shard[s] += c
         y = torch.empty_like(results)
         y[order] = results
-        return y.view(T, A, D)
+        return y.view(T, A, D) if weights is None else combine(y.view(T, A, D), weights, x)
 
     @contextlib.contextmanager
     def static_step(self, num_tokens: int, top_k: int):
@@ -326,8 +340,10 @@ class DistributedDispatch(_Masked):
                 self.last_exchange = time.monotonic()
 
     def _static_exchange(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, counted: bool):
+        """One layer's fixed-size exchange -> (results [S * C, D], slot [T * A]): pair p's
+        output is results[slot[p]]."""
         T, A = expert_ids.shape
-        D, S, C, n = x.shape[-1], self.plan.num_shards, self._capacity, T * A
+        S, C, n = self.plan.num_shards, self._capacity, T * A
         if n > C:
             raise ValueError(f"static step sized for {C} (token, expert) pairs got {n}")
         flat_ids = expert_ids.reshape(-1)
@@ -345,7 +361,7 @@ class DistributedDispatch(_Masked):
         payload, slot = pack(x, flat_ids, pair_mask, table, replicas, counter, counts, S, C, A, r0)
         splits = [0] * self.first_rank + [C] * S  # rows to each rank (rank 0 too when it holds shard 0)
         results = self._exchange(layer, payload, splits, S * C, x.dtype, static=True)
-        return results[slot].view(T, A, D)
+        return results, slot  # pair p's output: results[slot[p]]
 
     def ping(self) -> None:
         """An empty exchange, so idle shards' collectives never reach their timeout."""
