@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from specmoe_ray.moe.triton_experts import launch_on
+from specmoe_ray.moe.triton_experts import dot_precision, launch_on
 
 try:
     import triton
@@ -251,7 +251,7 @@ def decode_attention(
             BLOCK_L=block_l,
             SPLITS=splits,
             WINDOW=window is not None,
-            PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+            PRECISION=dot_precision(q.dtype),
             num_warps=4,
         )
         if splits > 1:

@@ -37,6 +37,11 @@ AVAILABLE = triton is not None
 INTERPRETED = AVAILABLE and os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def dot_precision(dtype: torch.dtype) -> str:
+    """`tl.dot`'s input_precision: float32 multiplies in full precision ("ieee", not TF32)."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
 def launch_on(device: torch.device):
     """Triton launches on the current CUDA device: make it `device`. CPU tensors run under
     Triton's interpreter (TRITON_INTERPRET=1: the CPU tests check the kernels' arithmetic)."""
@@ -65,7 +70,7 @@ if AVAILABLE:
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
-        IEEE: tl.constexpr,
+        PRECISION: tl.constexpr,  # "ieee" for float32 (no TF32), else "tf32" (unused by 16-bit dots)
     ):
         e = tl.program_id(0)
         pid_n = tl.program_id(1)
@@ -94,16 +99,10 @@ if AVAILABLE:
                     )
                     w_ok = (rn[None, :] < N) & (kk[:, None] < K)
                     wk = tl.load(w_base + kk[:, None], mask=w_ok, other=0.0)
-                    if IEEE:
-                        acc += tl.dot(xk, wk, input_precision="ieee")
-                    else:
-                        acc += tl.dot(xk, wk)
+                    acc += tl.dot(xk, wk, input_precision=PRECISION)
                     if GLU:
                         wu = tl.load(w_base + N * stride_wn + kk[:, None], mask=w_ok, other=0.0)
-                        if IEEE:
-                            up += tl.dot(xk, wu, input_precision="ieee")
-                        else:
-                            up += tl.dot(xk, wu)
+                        up += tl.dot(xk, wu, input_precision=PRECISION)
                 if GLU:
                     acc = _silu_mul(acc, up, dtype)
                 if SCATTER:  # noqa: SIM108 (a constexpr branch)
@@ -146,7 +145,7 @@ def expert_matmul(
             x, w, out, offsets, src if src is not None else offsets, dst if dst is not None else offsets,
             N, K, x.stride(0), w.stride(0), w.stride(1),
             GROUP=group, GATHER=src is not None, SCATTER=dst is not None, GLU=glu,
-            BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=block_k, IEEE=x.dtype == torch.float32, num_warps=4,
+            BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=block_k, PRECISION=dot_precision(x.dtype), num_warps=4,
         )  # fmt: skip
     return out
 
@@ -288,7 +287,7 @@ if AVAILABLE:
         stride_wn,
         GROUP: tl.constexpr,
         GLU: tl.constexpr,
-        IEEE: tl.constexpr,
+        PRECISION: tl.constexpr,  # "ieee" for float32 (no TF32), else "tf32" (unused by 16-bit dots)
         P_PAD: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
@@ -323,16 +322,10 @@ if AVAILABLE:
                     xk = tl.load(x_rows + kk[None, :], mask=r_ok[:, None] & k_ok[None, :], other=0.0)
                     ok = n_ok[:, None] & k_ok[None, :]
                     wg = tl.trans(tl.load(w + kk[None, :], mask=ok, other=0.0))
-                    if IEEE:
-                        acc += tl.dot(xk, wg, input_precision="ieee")
-                    else:
-                        acc += tl.dot(xk, wg)
+                    acc += tl.dot(xk, wg, input_precision=PRECISION)
                     if GLU:
                         wu = tl.trans(tl.load(w + N * stride_wn + kk[None, :], mask=ok, other=0.0))
-                        if IEEE:
-                            up += tl.dot(xk, wu, input_precision="ieee")
-                        else:
-                            up += tl.dot(xk, wu)
+                        up += tl.dot(xk, wu, input_precision=PRECISION)
                 if GLU:
                     acc = _silu_mul(acc, up, dtype)
                 dst = out_ptr + pair.to(tl.int64)[:, None] * N + rn[None, :]
@@ -366,7 +359,7 @@ def dedup_matmul(
     with launch_on(x.device):
         _dedup_kernel[grid](
             x.contiguous(), ids.contiguous(), w, out, P, N, K, w.stride(0), w.stride(1),
-            GROUP=group, GLU=glu, IEEE=x.dtype == torch.float32, P_PAD=triton.next_power_of_2(P),
+            GROUP=group, GLU=glu, PRECISION=dot_precision(x.dtype), P_PAD=triton.next_power_of_2(P),
             BLOCK_M=16, BLOCK_N=cfg["block_n"], BLOCK_K=cfg["block_k"], num_warps=cfg["num_warps"],
         )  # fmt: skip
     return out
