@@ -145,6 +145,7 @@ def step_profile(a, bandwidth: float) -> None:
         "attention split every 64 keys (opt-in)": [(triton_kernels, "SPLIT_KEYS", 64)],
         "add + norm inside the projections (opt-in)": [(fused, "FUSED_NORM_MATVEC", True)],
         "projections of <= 16 rows by rows_matmul (opt-in)": [(fused, "MATMUL_ROWS", 16)],
+        "programmatic dependent launches (opt-in)": [(triton_experts, "PDL", True)],
         "all (again)": [],
     }
     slots = [engine.cache.allocate()]

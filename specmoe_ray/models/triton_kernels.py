@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from specmoe_ray.moe.triton_experts import dot_precision, launch_on
+from specmoe_ray.moe.triton_experts import dot_precision, launch_on, pdl_launch
 
 try:
     import triton
@@ -31,6 +31,8 @@ except ImportError:  # CPU wheels of torch come without Triton
     triton = None
 
 AVAILABLE = triton is not None
+if AVAILABLE:
+    from specmoe_ray.moe.triton_experts import _grid_dependency
 # Switches for benchmarks/kernels.py's ablations (each kernel off = the library path it replaces).
 ATTENTION = ROUTING = True
 COUNT_IN_ROUTING = True  # the routing kernel counts the expert load (else the backend's scatter)
@@ -66,7 +68,9 @@ if AVAILABLE:
         SPLITS: tl.constexpr,
         WINDOW: tl.constexpr,
         PRECISION: tl.constexpr,  # "ieee" for float32 (no TF32), else "tf32" (unused by 16-bit dots)
+        PDL: tl.constexpr = False,  # programmatic dependent launch (`pdl_launch`)
     ):
+        _grid_dependency(PDL)
         b = tl.program_id(0)
         kvh = tl.program_id(1)
         z = tl.program_id(2)
@@ -126,7 +130,9 @@ if AVAILABLE:
         HD: tl.constexpr,
         BLOCK_M: tl.constexpr,
         SPLITS: tl.constexpr,
+        PDL: tl.constexpr = False,  # programmatic dependent launch (`pdl_launch`)
     ):
+        _grid_dependency(PDL)
         b = tl.program_id(0)
         kvh = tl.program_id(1)
         H = tl.num_programs(1) * G
@@ -164,7 +170,9 @@ if AVAILABLE:
         RENORM: tl.constexpr,
         COUNT: tl.constexpr,
         MASKED: tl.constexpr,
+        PDL: tl.constexpr = False,  # programmatic dependent launch (`pdl_launch`)
     ):
+        _grid_dependency(PDL)
         t = tl.program_id(0).to(tl.int64)
         re = tl.arange(0, BLOCK_E)
         x = tl.load(logits_ptr + t * E + re, mask=re < E, other=float("-inf")).to(tl.float32)
@@ -253,9 +261,21 @@ def decode_attention(
             WINDOW=window is not None,
             PRECISION=dot_precision(q.dtype),
             num_warps=4,
+            **pdl_launch(q.device),
         )
         if splits > 1:
-            _merge_kernel[(B, Hkv)](part, ml, out, Tq, G, HD=hd, BLOCK_M=block_m, SPLITS=splits, num_warps=4)
+            _merge_kernel[(B, Hkv)](
+                part,
+                ml,
+                out,
+                Tq,
+                G,
+                HD=hd,
+                BLOCK_M=block_m,
+                SPLITS=splits,
+                num_warps=4,
+                **pdl_launch(q.device),
+            )
     return out
 
 
@@ -288,6 +308,7 @@ def softmax_topk(
                 RENORM=renorm,
                 COUNT=counts is not None,
                 MASKED=token_mask is not None,
+                **pdl_launch(logits.device),
             )
     return weights, ids
 
@@ -309,7 +330,9 @@ if AVAILABLE:
         NORMED: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
+        PDL: tl.constexpr = False,  # programmatic dependent launch (`pdl_launch`)
     ):
+        _grid_dependency(PDL)
         pid = tl.program_id(0)
         dtype = x_ptr.dtype.element_ty
         rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -368,5 +391,6 @@ def add_norm_matvec(
         _add_norm_matvec_kernel[(triton.cdiv(N, cfg["block_n"]),)](
             x, residual, gamma, weight, out, total, h, N, K, eps, NORMED=normed,
             BLOCK_N=cfg["block_n"], BLOCK_K=cfg["block_k"], num_warps=cfg["num_warps"],
+            **pdl_launch(x.device),
         )  # fmt: skip
     return out, (h if normed else None), total

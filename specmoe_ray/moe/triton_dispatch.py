@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import torch
 
-from specmoe_ray.moe.triton_experts import AVAILABLE, INTERPRETED, launch_on
+from specmoe_ray.moe.triton_experts import AVAILABLE, INTERPRETED, launch_on, pdl_launch
 
 if AVAILABLE:
     import triton
     import triton.language as tl
+
+    from specmoe_ray.moe.triton_experts import _grid_dependency
 
 # benchmarks/kernels.py ablates it (off: the torch bookkeeping, same layout).
 PACK = True
@@ -63,7 +65,9 @@ if AVAILABLE:
         BLOCK_I: tl.constexpr,
         BLOCK_J: tl.constexpr,
         BLOCK_D: tl.constexpr,
+        PDL: tl.constexpr = False,  # programmatic dependent launch (`pdl_launch`)
     ):
+        _grid_dependency(PDL)
         i = tl.program_id(0) * BLOCK_I + tl.arange(0, BLOCK_I)
         i_ok = i < n
         rot = tl.load(rotation_ptr)
@@ -137,6 +141,6 @@ def pack_pairs(
             x, x.stride(0), ids.contiguous(), pair_mask if pair_mask is not None else ids,
             owner_table, num_replicas, rotation, rows, rows.stride(0), idcol, idcol.stride(0), slot,
             counts, n, D, capacity, owner_table.shape[1], top_k, first_rank,
-            HAS_MASK=pair_mask is not None, BLOCK_I=32, BLOCK_J=128, BLOCK_D=256,
+            HAS_MASK=pair_mask is not None, BLOCK_I=32, BLOCK_J=128, BLOCK_D=256, **pdl_launch(x.device),
         )  # fmt: skip
     return payload, slot

@@ -37,6 +37,33 @@ AVAILABLE = triton is not None
 INTERPRETED = AVAILABLE and os.environ.get("TRITON_INTERPRET") == "1"
 
 
+# Programmatic dependent launch (Hopper and later): each kernel is launched as soon as the one
+# before it lets it, and its programs wait (`griddepcontrol.wait`) for that kernel's results
+# before reading anything, so launch latency overlaps the previous kernel's tail inside a CUDA
+# graph. Opt-in until measured (benchmarks/kernels.py ablation, tests/gpu switch test).
+PDL = False
+PDL_SUPPORTED = AVAILABLE and hasattr(getattr(getattr(tl, "extra", None), "cuda", None), "gdc_wait")
+
+
+def pdl_launch(device: torch.device) -> dict:
+    """A kernel launch's extra arguments: with PDL on a CUDA device, the launch option and the
+    kernels' `PDL` constexpr (`_grid_dependency`); else nothing."""
+    if PDL and PDL_SUPPORTED and device.type == "cuda":
+        return {"launch_pdl": True, "PDL": True}
+    return {}
+
+
+if AVAILABLE:
+
+    @triton.jit
+    def _grid_dependency(PDL: tl.constexpr):
+        """First thing in every kernel launched by `pdl_launch`: wait for the previous kernel's
+        writes, then let the next kernel launch (its programs wait in turn)."""
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     """`tl.dot`'s input_precision: float32 multiplies in full precision ("ieee", not TF32)."""
     return "ieee" if dtype == torch.float32 else "tf32"
@@ -71,7 +98,9 @@ if AVAILABLE:
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
         PRECISION: tl.constexpr,  # "ieee" for float32 (no TF32), else "tf32" (unused by 16-bit dots)
+        PDL: tl.constexpr = False,  # programmatic dependent launch (`pdl_launch`)
     ):
+        _grid_dependency(PDL)
         e = tl.program_id(0)
         pid_n = tl.program_id(1)
         start = tl.load(offs_ptr + e)
@@ -146,6 +175,7 @@ def expert_matmul(
             N, K, x.stride(0), w.stride(0), w.stride(1),
             GROUP=group, GATHER=src is not None, SCATTER=dst is not None, GLU=glu,
             BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=block_k, PRECISION=dot_precision(x.dtype), num_warps=4,
+            **pdl_launch(x.device),
         )  # fmt: skip
     return out
 
@@ -173,7 +203,9 @@ if AVAILABLE:
         GLU: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
+        PDL: tl.constexpr = False,  # programmatic dependent launch (`pdl_launch`)
     ):
+        _grid_dependency(PDL)
         p = tl.program_id(0)
         rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = rn < N
@@ -235,6 +267,7 @@ def _launch_pairs(grid, x, ids, w, out, N, K, group, glu, cfg) -> None:
         BLOCK_N=cfg["block_n"],
         BLOCK_K=cfg["block_k"],
         num_warps=cfg["num_warps"],
+        **pdl_launch(x.device),
     )
 
 
@@ -292,7 +325,9 @@ if AVAILABLE:
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
+        PDL: tl.constexpr = False,  # programmatic dependent launch (`pdl_launch`)
     ):
+        _grid_dependency(PDL)
         p = tl.program_id(0)
         rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = rn < N
@@ -361,6 +396,7 @@ def dedup_matmul(
             x.contiguous(), ids.contiguous(), w, out, P, N, K, w.stride(0), w.stride(1),
             GROUP=group, GLU=glu, PRECISION=dot_precision(x.dtype), P_PAD=triton.next_power_of_2(P),
             BLOCK_M=16, BLOCK_N=cfg["block_n"], BLOCK_K=cfg["block_k"], num_warps=cfg["num_warps"],
+            **pdl_launch(x.device),
         )  # fmt: skip
     return out
 
@@ -380,9 +416,18 @@ SORT_MAX = 4096  # above it, torch.sort (prefill)
 if AVAILABLE:
 
     @triton.jit
-    def _rank_sort_kernel(keys_ptr, sorted_ptr, order_ptr, n, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr):
+    def _rank_sort_kernel(
+        keys_ptr,
+        sorted_ptr,
+        order_ptr,
+        n,
+        BLOCK_I: tl.constexpr,
+        BLOCK_J: tl.constexpr,
+        PDL: tl.constexpr = False,
+    ):
         """pos[i] = #{j: key[j] < key[i]} + #{j < i: key[j] == key[i]} (stable); then
         sorted[pos[i]] = key[i] and order[pos[i]] = i."""
+        _grid_dependency(PDL)
         i = tl.program_id(0) * BLOCK_I + tl.arange(0, BLOCK_I)
         i_ok = i < n
         ki = tl.load(keys_ptr + i, mask=i_ok, other=0)
@@ -413,5 +458,7 @@ def rank_sort(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     order = torch.empty(n, dtype=torch.long, device=keys.device)
     block_i = 32 if n <= 256 else 64
     with launch_on(keys.device):
-        _rank_sort_kernel[(triton.cdiv(n, block_i),)](keys, out, order, n, BLOCK_I=block_i, BLOCK_J=128)
+        _rank_sort_kernel[(triton.cdiv(n, block_i),)](
+            keys, out, order, n, BLOCK_I=block_i, BLOCK_J=128, **pdl_launch(keys.device)
+        )
     return out, order

@@ -199,6 +199,7 @@ def test_capture_failure_falls_back_to_eager_static_steps(checkpoints):
         ("triton_experts", "DEDUP", False),
         ("triton_kernels", "SPLIT_KEYS", 64),
         ("triton_kernels", "COUNT_IN_ROUTING", False),
+        ("triton_experts", "PDL", True),
     ],
 )
 def test_fast_path_switches_give_the_tokens_of_transformers(checkpoints, monkeypatch, module, switch, value):
