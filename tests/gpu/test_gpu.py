@@ -209,6 +209,8 @@ def test_fast_path_switches_give_the_tokens_of_transformers(checkpoints, monkeyp
     from specmoe_ray.moe import triton_experts
 
     mod = {"fused": fused, "triton_kernels": triton_kernels, "triton_experts": triton_experts}[module]
+    if switch == "PDL" and not triton_experts.PDL_SUPPORTED:
+        pytest.skip("this Triton has no grid dependency control (tl.extra.cuda.gdc_wait)")
     monkeypatch.setattr(mod, switch, value)
     path = checkpoints("qwen3_moe")
     for prompts, draft in (([PROMPTS[1]], None), (PROMPTS, "ngram")):
