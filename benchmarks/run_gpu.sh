@@ -10,7 +10,8 @@
 # Stages: tests (tests/gpu but NCCL), nccl (the NCCL tests one by one), kernels (per-kernel table of a batch-1 step, kernel ablations, the
 # expert kernels' block sizes), shape (Qwen3-30B-A3B shape on one GPU: HF vs ours, verify
 # sweep), gpus (the same shape with experts over 1, 2 and 4 GPUs; writes a ~61 GB checkpoint to
-# $CKPT), demo (the shipped demo pair). STAGE_TIMEOUT bounds each stage (seconds, default 540).
+# $CKPT), trace (8 layers of it on 1 and 2 GPUs, profiled on both sides, Chrome traces), demo
+# (the shipped demo pair). STAGE_TIMEOUT bounds each stage (seconds, default 540).
 set -u
 OUT=${OUT:-gpu-out}
 CKPT=${CKPT:-/tmp/specmoe-bench-ckpt}
@@ -70,11 +71,19 @@ for stage in "${@:-tests nccl kernels shape}"; do
           --skip-hf --skip-sweep --repeats ${REPEATS:-2} --skip-demo --variants graphs --gpus $g --save-dir "$CKPT" \
           --json "$OUT/gpus.json" --png "$OUT/gpus.png" >"$OUT/gpus.log" 2>&1
         quiet "$OUT/gpus.log" 45 ;;
+      trace)
+        # Where a step's time goes with and without shards: 8 layers of the 30B shape, tables
+        # (engine and shard side) in trace.log, Chrome traces in traces.tgz.
+        timeout "$T" python -u benchmarks/gpu.py --shape qwen3-30b-a3b --layers 8 --batch 1 32 --new-tokens 32 \
+          --skip-hf --skip-sweep --repeats 1 --skip-demo --variants graphs --gpus 1 2 --profile \
+          --profile-batch 32 --trace-dir /tmp/traces --save-dir /tmp/ck8 >"$OUT/trace.log" 2>&1
+        tar czf "$OUT/traces.tgz" -C /tmp traces
+        grep -E "batch|profile:|expert shard|forwards" "$OUT/trace.log" | tail -n 20 ;;
       demo)
         timeout "$T" python benchmarks/gpu.py --skip-shape --batch 1 8 32 --new-tokens 64 --repeats 2 \
           --json "$OUT/demo.json" >"$OUT/demo.log" 2>&1
         quiet "$OUT/demo.log" 20 ;;
-      *) echo "unknown stage $s (tests nccl kernels shape gpus demo)"; exit 2 ;;
+      *) echo "unknown stage $s (tests nccl kernels shape gpus trace demo)"; exit 2 ;;
     esac
   done
 done
