@@ -227,7 +227,9 @@ class DistributedDispatch(_Masked):
         self._tokens_per_shard = [0] * plan.num_shards  # pairs sent by dynamic exchanges, cumulative
         # Static steps (`static_step`): fixed-capacity exchanges, counters kept on the device.
         self._capacity: int | None = None
-        self._rotation: dict[int, torch.Tensor] = {}  # layer -> exchanges so far (replica rotation)
+        # Static forwards so far, the replica rotation of all their layers: each static forward
+        # exchanges once at every MoE layer, so one counter, advanced once per forward, serves all.
+        self._rotation = torch.zeros((), dtype=torch.long, device=self.device)
         self._shard_pairs: dict[int, torch.Tensor] = {}  # layer -> [S] pairs sent, cumulative
         self._static_headers: dict[int, torch.Tensor] = {}
         # Made here, once: the heartbeat thread then broadcasts without a host-to-device copy of
@@ -332,6 +334,7 @@ class DistributedDispatch(_Masked):
             header = self._static_headers[capacity] = self._header(OP_STATIC, capacity)
         with self.lock:
             dist.broadcast(header, src=0)
+            self._rotation.add_(1)
             self._capacity = capacity
             try:
                 yield
@@ -351,8 +354,7 @@ class DistributedDispatch(_Masked):
         if not counted:
             self.load.record(layer, flat_ids, pair_mask)
         # Replica rotation as in the dynamic path, counted on the device (a graph replays it).
-        counter = self._rotation.setdefault(layer, torch.zeros((), dtype=torch.long, device=x.device))
-        counter.add_(1)
+        counter = self._rotation
         counts = self._shard_pairs.setdefault(layer, torch.zeros(S, dtype=torch.long, device=x.device))
         table, replicas = self.owner_table[layer], self.num_replicas[layer]
         # GPUs: one Triton kernel for pack_static's ~15 small ones (same buffer, same slots).
