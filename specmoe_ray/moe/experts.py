@@ -61,20 +61,27 @@ class LocalExperts(nn.Module):
         No path reads the ids back to the host except the CPU loop: CUDA graphs capture it.
         counts ([E_local + 1] int64): += pairs per held expert at 1 + its local id (skipped pairs
         at 0), in place with static shapes (a graph replays it)."""
-        local = expert_ids if self.identity else self.to_local[expert_ids]
-        if counts is not None:
-            counts.scatter_add_(0, local + 1, local.new_ones(()).expand(local.shape[0]))
-        if self.triton and local.shape[0] <= self.triton_max_pairs:
-            h = triton_experts.expert_pairs(x, self.gate_up, local, group=group, glu=True)
-            return triton_experts.expert_pairs(h, self.down, local)
-        local, order = triton_experts.stable_sort(local)
-        few_rows = local.shape[0] <= self.triton_max_rows_per_expert * len(self.expert_ids)
+        n = expert_ids.shape[0]
+        if self.triton and n > self.triton_max_pairs and triton_experts.sortable(expert_ids):
+            # One kernel: local ids, their stable sort, the experts' offsets and the counts.
+            table = None if self.identity else self.to_local
+            local, order, offsets = triton_experts.sort_pairs(expert_ids, table, len(self.expert_ids), counts)
+        else:
+            local = expert_ids if self.identity else self.to_local[expert_ids]
+            if counts is not None:
+                counts.scatter_add_(0, local + 1, local.new_ones(()).expand(n))
+            if self.triton and n <= self.triton_max_pairs:
+                h = triton_experts.expert_pairs(x, self.gate_up, local, group=group, glu=True)
+                return triton_experts.expert_pairs(h, self.down, local)
+            local, order = triton_experts.stable_sort(local)
+            offsets = self._offsets(local)
+        few_rows = n <= self.triton_max_rows_per_expert * len(self.expert_ids)
         if self.triton and (few_rows or not self.grouped):
-            return self._triton(x, local, order, group)
+            return self._triton(x, offsets, order, group)
         if group > 1:
             x = x[:, None, :].expand(-1, group, x.shape[-1]).reshape(-1, x.shape[-1])
         xs = x[order]
-        out = self._grouped(xs, local) if self.grouped else self._loop(xs, local)
+        out = self._grouped(xs, offsets) if self.grouped else self._loop(xs, offsets)
         y = torch.empty_like(out)
         y[order] = out
         return y
@@ -90,23 +97,22 @@ class LocalExperts(nn.Module):
         bincount: CUDA's bincount reads the max id back to the host, which a graph cannot capture."""
         return torch.searchsorted(local, self.bounds, out_int32=True)
 
-    def _triton(self, x: torch.Tensor, local: torch.Tensor, order: torch.Tensor, group: int) -> torch.Tensor:
+    def _triton(self, x: torch.Tensor, offsets: torch.Tensor, order: torch.Tensor, group: int):
         """Two kernels: the gate/up projection reads each sorted pair's row of x itself and
         applies silu(gate) * up; the down projection writes each result to its pair's row."""
-        offsets = self._offsets(local)
         h = triton_experts.expert_matmul(x, self.gate_up, offsets, src=order, group=group, glu=True)
         return triton_experts.expert_matmul(h, self.down, offsets, dst=order)
 
-    def _grouped(self, xs: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
-        # xs: rows sorted by local expert; local: their (sorted) local expert ids. Skipped rows
-        # (id < 0) come first and are computed by expert 0: wasted work, not wrong results.
-        offs = self._offsets(local)[1:]
+    def _grouped(self, xs: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        # xs: rows sorted by local expert, `_offsets` of their ids. Skipped rows (id < 0) come
+        # first and are computed by expert 0: wasted work, not wrong results.
+        offs = offsets[1:]
         h = silu_mul(torch._grouped_mm(xs, self.gate_up.transpose(1, 2), offs=offs))
         return torch._grouped_mm(h, self.down.transpose(1, 2), offs=offs)
 
-    def _loop(self, xs: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
+    def _loop(self, xs: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         # One host sync per layer call: the offsets drive the per-expert loop.
-        offsets = self._offsets(local).tolist()
+        offsets = offsets.tolist()
         out = torch.zeros_like(xs)
         for e, (start, end) in enumerate(zip(offsets, offsets[1:])):
             if end > start:

@@ -416,29 +416,96 @@ SORT_MAX = 4096  # above it, torch.sort (prefill)
 if AVAILABLE:
 
     @triton.jit
+    def _sort_keys(ids_ptr, table_ptr, j, ok, E_GLOBAL, MAP: tl.constexpr):
+        """Keys j: the ids, or (MAP) table[id] with id -1 read at table[E_GLOBAL] (-1: padding)."""
+        k = tl.load(ids_ptr + j, mask=ok, other=0)
+        if MAP:
+            k = tl.load(table_ptr + tl.where(k < 0, E_GLOBAL, k), mask=ok, other=-1)
+        return k
+
+    @triton.jit
     def _rank_sort_kernel(
-        keys_ptr,
-        sorted_ptr,
-        order_ptr,
+        keys_ptr,  # [n] int64
+        table_ptr,  # [E_GLOBAL + 1] int64 (MAP): key = table[keys[i]]
+        sorted_ptr,  # [n] out
+        order_ptr,  # [n] int64 out
+        offs_ptr,  # [E_LOCAL + 1] int32 out (OFFSETS): keys below e, for e = 0 .. E_LOCAL
+        counts_ptr,  # [1 + E_LOCAL] int64 (COUNT): counts[1 + e] += keys equal to e
         n,
+        E_GLOBAL,
+        E_LOCAL,
+        MAP: tl.constexpr,
+        OFFSETS: tl.constexpr,
+        COUNT: tl.constexpr,
         BLOCK_I: tl.constexpr,
         BLOCK_J: tl.constexpr,
-        PDL: tl.constexpr = False,
+        BLOCK_E: tl.constexpr,
+        PDL: tl.constexpr = False,  # programmatic dependent launch (`pdl_launch`)
     ):
         """pos[i] = #{j: key[j] < key[i]} + #{j < i: key[j] == key[i]} (stable); then
-        sorted[pos[i]] = key[i] and order[pos[i]] = i."""
+        sorted[pos[i]] = key[i] and order[pos[i]] = i. Program 0 also writes the offsets of
+        keys 0 .. E_LOCAL (and the counts), comparing every key with each of them."""
         _grid_dependency(PDL)
         i = tl.program_id(0) * BLOCK_I + tl.arange(0, BLOCK_I)
         i_ok = i < n
-        ki = tl.load(keys_ptr + i, mask=i_ok, other=0)
+        ki = _sort_keys(keys_ptr, table_ptr, i, i_ok, E_GLOBAL, MAP)
         pos = tl.zeros([BLOCK_I], dtype=tl.int32)
         for j0 in range(0, n, BLOCK_J):
             j = j0 + tl.arange(0, BLOCK_J)
-            kj = tl.load(keys_ptr + j, mask=j < n, other=0)
+            kj = _sort_keys(keys_ptr, table_ptr, j, j < n, E_GLOBAL, MAP)
             before = (kj[None, :] < ki[:, None]) | ((kj[None, :] == ki[:, None]) & (j[None, :] < i[:, None]))
             pos += tl.sum((before & (j[None, :] < n)).to(tl.int32), axis=1)
         tl.store(sorted_ptr + pos, ki, mask=i_ok)
         tl.store(order_ptr + pos, i.to(tl.int64), mask=i_ok)
+        if OFFSETS:  # noqa: SIM102 (a constexpr branch, then a runtime one)
+            if tl.program_id(0) == 0:
+                for e0 in range(0, E_LOCAL + 1, BLOCK_E):
+                    e = e0 + tl.arange(0, BLOCK_E)
+                    below = tl.zeros([BLOCK_E], dtype=tl.int32)
+                    same = tl.zeros([BLOCK_E], dtype=tl.int64)
+                    for j0 in range(0, n, BLOCK_J):
+                        j = j0 + tl.arange(0, BLOCK_J)
+                        j_ok = j < n
+                        kj = _sort_keys(keys_ptr, table_ptr, j, j_ok, E_GLOBAL, MAP)
+                        below += tl.sum(((kj[None, :] < e[:, None]) & j_ok[None, :]).to(tl.int32), axis=1)
+                        if COUNT:
+                            same += tl.sum(((kj[None, :] == e[:, None]) & j_ok[None, :]).to(tl.int64), axis=1)
+                    tl.store(offs_ptr + e, below, mask=e <= E_LOCAL)
+                    if COUNT:
+                        held = e < E_LOCAL
+                        before = tl.load(counts_ptr + 1 + e, mask=held, other=0)
+                        tl.store(counts_ptr + 1 + e, before + same, mask=held)
+
+
+def sortable(ids: torch.Tensor) -> bool:
+    """Whether `sort_pairs` (one kernel) sorts these pairs: few of them, on a GPU (or Triton's
+    interpreter, for callers that run Triton kernels there: tests)."""
+    return STABLE_SORT and AVAILABLE and (ids.is_cuda or INTERPRETED) and 0 < ids.shape[0] <= SORT_MAX
+
+
+def sort_pairs(
+    ids: torch.Tensor, table: torch.Tensor | None, num_local: int, counts: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A step's pairs sorted by the expert that computes them, in one kernel: ids [n] global
+    expert ids (-1: padding), table [E + 1] global -> local id (-1: held elsewhere; its last
+    entry, -1, serves id -1) or None (local == global) -> (local ids sorted, stably; order [n]
+    int64: sorted position -> pair; offsets [num_local + 1] int32: local expert e's rows are
+    offsets[e] .. offsets[e + 1], rows before offsets[0] are skipped). counts [1 + num_local]:
+    += pairs per local expert at 1 + e (slot 0 untouched). As torch.sort + searchsorted."""
+    n = ids.shape[0]
+    ids = ids.contiguous()
+    local = torch.empty_like(ids)
+    order = torch.empty(n, dtype=torch.long, device=ids.device)
+    offsets = torch.empty(num_local + 1, dtype=torch.int32, device=ids.device)
+    block_i = 32 if n <= 256 else 64
+    with launch_on(ids.device):
+        _rank_sort_kernel[(triton.cdiv(n, block_i),)](
+            ids, table if table is not None else ids, local, order, offsets,
+            counts if counts is not None else ids, n, 0 if table is None else table.shape[0] - 1, num_local,
+            MAP=table is not None, OFFSETS=True, COUNT=counts is not None,
+            BLOCK_I=block_i, BLOCK_J=128, BLOCK_E=64, **pdl_launch(ids.device),
+        )  # fmt: skip
+    return local, order, offsets
 
 
 def stable_sort(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -459,6 +526,7 @@ def rank_sort(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     block_i = 32 if n <= 256 else 64
     with launch_on(keys.device):
         _rank_sort_kernel[(triton.cdiv(n, block_i),)](
-            keys, out, order, n, BLOCK_I=block_i, BLOCK_J=128, **pdl_launch(keys.device)
-        )
+            keys, keys, out, order, keys, keys, n, 0, 0, MAP=False, OFFSETS=False, COUNT=False,
+            BLOCK_I=block_i, BLOCK_J=128, BLOCK_E=64, **pdl_launch(keys.device),
+        )  # fmt: skip
     return out, order

@@ -318,3 +318,33 @@ def test_pack_pairs_equals_torch_and_a_python_reference(S, r0, replicas, masked)
         assert slot.tolist() == want_slot and counts.tolist() == want_counts
         assert torch.equal(sent, want_ids)
         assert torch.equal(rows[slot], x.cpu()[torch.arange(T * A) // A])
+
+
+@pytest.mark.parametrize("n", [3, 64, 300, 1100])
+@pytest.mark.parametrize("mapped", [False, True])
+def test_sort_pairs_equals_torch(n, mapped):
+    """The experts' one-kernel sort (`sort_pairs`): local ids (global ids through the holder's
+    table, -1 for padding and experts held elsewhere), their stable order, the experts' offsets
+    and the counts, against torch.sort, searchsorted and scatter_add."""
+    from specmoe_ray.moe.experts import LocalExperts
+
+    g = torch.Generator().manual_seed(n)
+    E = 100
+    held = sorted(torch.randperm(E, generator=g)[:70].tolist()) if mapped else list(range(E))
+    experts = LocalExperts(held, torch.zeros(len(held), 2, 1), torch.zeros(len(held), 1, 1), E)
+    ids = torch.randint(-1, E, (n,), generator=g)
+    table = experts.to_local if mapped else None
+    before = torch.randint(0, 5, (len(held) + 1,), generator=g)
+    counts = before.to(DEVICE)  # a copy on GPUs; the same tensor on CPUs, hence `before`'s clone
+    before = before.clone()
+    local, order, offsets = triton_experts.sort_pairs(
+        ids.to(DEVICE), None if table is None else table.to(DEVICE), len(held), counts
+    )
+    want = experts.to_local[ids] if mapped else ids
+    ref, ref_order = torch.sort(want, stable=True)
+    assert torch.equal(local.cpu(), ref) and torch.equal(order.cpu(), ref_order)
+    bounds = torch.arange(len(held) + 1)
+    assert torch.equal(offsets.cpu(), torch.searchsorted(ref, bounds, out_int32=True))
+    added = torch.zeros(len(held) + 1, dtype=torch.long).scatter_add_(0, want + 1, torch.ones_like(want))
+    added[0] = 0  # slot 0 (skipped pairs) is left as it was
+    assert torch.equal(counts.cpu(), before + added)
