@@ -146,29 +146,32 @@ def step_profile(a, bandwidth: float) -> None:
         "add + norm inside the projections (opt-in)": [(fused, "FUSED_NORM_MATVEC", True)],
         "projections of <= 16 rows by rows_matmul (opt-in)": [(fused, "MATMUL_ROWS", 16)],
         "programmatic dependent launches (opt-in)": [(triton_experts, "PDL", True)],
+        "torch's sort for > 64 pairs": [(triton_experts, "STABLE_SORT", False)],
         "all (again)": [],
     }
-    slots = [engine.cache.allocate()]
-    for T in a.tq:
-        feeds = torch.randint(1, cfg.vocab_size, (1, T)).tolist()
-        captured = {}
-        for name, flags in variants.items():  # the switches act when a graph is captured
-            saved = [(mod, k, getattr(mod, k)) for mod, k, _ in flags]
-            for mod, k, v in flags:
-                setattr(mod, k, v)
-            g2 = StepGraphs(engine.model, engine.cache, 1, max(a.tq), capture=True)
-            key = g2.key(1, T, a.context + T)
-            g2.run(key, feeds, [a.context], slots, [0])
-            for mod, k, v in saved:
-                setattr(mod, k, v)
-            captured[name] = (g2, key)
-        times = defaultdict(list)
-        for _ in range(5):  # interleaved: clock and temperature drift reach every variant alike
-            for name, (g2, key) in captured.items():
-                times[name].append(graph_replay_ms(g2, key))
-        print(f"  B=1 T={T}: " + ", ".join(f"{n} {statistics.median(t):.3f}" for n, t in times.items()))
-        del captured
-    engine.cache.free(slots[0])
+    for B in a.batch:
+        slots = [engine.cache.allocate() for _ in range(B)]
+        for T in a.tq:
+            feeds = torch.randint(1, cfg.vocab_size, (B, T)).tolist()
+            captured = {}
+            for name, flags in variants.items():  # the switches act when a graph is captured
+                saved = [(mod, k, getattr(mod, k)) for mod, k, _ in flags]
+                for mod, k, v in flags:
+                    setattr(mod, k, v)
+                g2 = StepGraphs(engine.model, engine.cache, B, max(a.tq), capture=True)
+                key = g2.key(B, T, a.context + T)
+                g2.run(key, feeds, [a.context] * B, slots, [0] * B)
+                for mod, k, v in saved:
+                    setattr(mod, k, v)
+                captured[name] = (g2, key)
+            times = defaultdict(list)
+            for _ in range(5):  # interleaved: clock and temperature drift reach every variant alike
+                for name, (g2, key) in captured.items():
+                    times[name].append(graph_replay_ms(g2, key))
+            print(f"  B={B} T={T}: " + ", ".join(f"{n} {statistics.median(t):.3f}" for n, t in times.items()))
+            del captured
+        for s in slots:
+            engine.cache.free(s)
     rows = prompts_for(1, 32, cfg.vocab_size, 0)
     run = ours_run(engine, rows, 64)
     run()

@@ -7,8 +7,9 @@
 #   bash benchmarks/run_gpu.sh gpus                 # 30B shape over 1, 2 (and 4) GPUs
 #   RAY_BUNDLE=.gpu/py312-ray OUT=$OUT bash benchmarks/run_gpu.sh tests   # install Ray first
 #
-# Stages: tests (tests/gpu but NCCL), nccl (the NCCL tests one by one), kernels (per-kernel table of a batch-1 step, kernel ablations, the
-# expert kernels' block sizes), shape (Qwen3-30B-A3B shape on one GPU: HF vs ours, verify
+# Stages: tests (tests/gpu but NCCL), nccl (the NCCL tests one by one), kernels (per-kernel
+# tables of batch-1 and batch-32 steps, kernel ablations at both, the expert kernels, the exchange
+# packing; SWEEP=--sweep adds the block-size sweeps), shape (Qwen3-30B-A3B shape on one GPU: HF vs ours, verify
 # sweep), gpus (the same shape with experts over 1, 2 and 4 GPUs; writes a ~61 GB checkpoint to
 # $CKPT), trace (8 layers of it on 1 and 2 GPUs, profiled on both sides, Chrome traces), demo
 # (the shipped demo pair). STAGE_TIMEOUT bounds each stage (seconds, default 540).
@@ -57,7 +58,7 @@ for stage in "${@:-tests nccl kernels shape}"; do
         done
         tar czf "$OUT/nccl-ray-logs.tgz" /tmp/ray/session_*/logs/worker-* 2>/dev/null ;;
       kernels)
-        timeout "$T" python benchmarks/kernels.py --layers 4 --batch 1 --tq 1 4 --sweep >"$OUT/kernels.log" 2>&1
+        timeout "$T" python benchmarks/kernels.py --layers 4 --batch 1 32 --tq 1 4 ${SWEEP:-} >"$OUT/kernels.log" 2>&1
         quiet "$OUT/kernels.log" 120 ;;
       shape)
         timeout "$T" python benchmarks/gpu.py --shape qwen3-30b-a3b --batch 1 8 32 --new-tokens 64 \
