@@ -528,6 +528,8 @@ class Engine:
         if scaler is None or self.shard_group is None:
             return
         now = time.monotonic()
+        if self._window is not None and now - self._window[0] < scaler.config.interval_s:
+            return  # (before reading the device's counters: no host sync on most steps)
         dispatch = self.shard_group.dispatch
         pairs, steps, busy = (
             sum(dispatch.tokens_per_shard),
@@ -538,8 +540,6 @@ class Engine:
             self._window = (now, pairs, steps, busy)
             return
         t0, pairs0, steps0, busy0 = self._window
-        if now - t0 < scaler.config.interval_s:
-            return
         self._window = (now, pairs, steps, busy)
         step_s = (busy - busy0) / (steps - steps0) if steps > steps0 else 0.0
         decision = scaler.decide(now, (pairs - pairs0) / (now - t0), step_s, self.shard_group.plan.num_shards)

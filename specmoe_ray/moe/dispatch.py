@@ -276,8 +276,8 @@ class DistributedDispatch(_Masked):
     def tokens_per_shard(self) -> list[int]:
         """(token, expert) pairs sent to each shard, cumulative (dynamic and static exchanges)."""
         static = [0] * self.plan.num_shards
-        for counts in self._shard_pairs.values():
-            static = [a + b for a, b in zip(static, counts.tolist())]
+        if self._shard_pairs:  # one host sync for all layers
+            static = torch.stack(list(self._shard_pairs.values())).sum(0).tolist()
         return [a + b for a, b in zip(self._tokens_per_shard, static)]
 
     combines = True  # takes the gate weights: results gathered and combined in one kernel
