@@ -399,7 +399,22 @@ def main(argv=None) -> None:
     p.add_argument("--skip-experts", action="store_true")
     p.add_argument("--skip-dense", action="store_true")
     p.add_argument("--skip-exchange", action="store_true")
+    p.add_argument(
+        "--pdl",
+        action="store_true",
+        help="programmatic dependent launch for every kernel from the start: ours (triton_experts.PDL) "
+        "and torch.compile's (inductor's triton.enable_pdl, where this torch has it); compare a run "
+        "with and one without",
+    )
     a = p.parse_args(argv)
+    if a.pdl:
+        import torch._inductor.config as inductor_config
+
+        triton_experts.PDL = True
+        inductor = hasattr(inductor_config.triton, "enable_pdl")
+        if inductor:
+            inductor_config.triton.enable_pdl = True
+        print(f"PDL: our kernels {triton_experts.PDL_SUPPORTED}, torch.compile's {inductor}")
     print(torch.cuda.get_device_name(), "torch", torch.__version__)
     bandwidth = copy_bandwidth("cuda")
     print(f"copy bandwidth {bandwidth / 1e9:.0f} GB/s")
