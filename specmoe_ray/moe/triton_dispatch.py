@@ -48,7 +48,7 @@ if AVAILABLE:
         mask_ptr,  # [n] int64 0/1 per pair (HAS_MASK)
         table_ptr,  # [E, R] int64 ranks of each expert's replicas
         replicas_ptr,  # [E] int64
-        rotation_ptr,  # [] int64 exchanges so far at this layer
+        rotation_ptr,  # [] int64 static forwards so far (the replica rotation)
         rows_ptr,  # send buffer in x's dtype, [S * C, row_stride]
         row_stride,
         idcol_ptr,  # send buffer as int64, [S * C, id_stride]; the id is at column id_stride - 1
