@@ -487,21 +487,39 @@ def plot(results: dict[str, Any], path: str) -> None:
     except ImportError:
         print("matplotlib is not installed: no plot")
         return
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    verify = results["shape"].get("verify", [])
+    fig, axes = plt.subplots(1, 2 if verify else 1, figsize=(12 if verify else 6.5, 4.5), squeeze=False)
+    ax1 = axes[0][0]
     runs = results["shape"]["runs"]
     whos = list(dict.fromkeys(r["who"] for r in runs))
     batches = sorted({r["batch"] for r in runs})
     width = 0.8 / len(whos)
+    several = any(w.endswith(" devices") for w in whos)  # experts over several GPUs: ratios to one
     for i, who in enumerate(whos):
         vals = [next((r["tok_s"] for r in runs if r["who"] == who and r["batch"] == b), 0) for b in batches]
-        ax1.bar([j + i * width for j in range(len(batches))], vals, width, label=who)
+        xs = [j + i * width for j in range(len(batches))]
+        label = f"{who} (1 device)" if several and who == "graphs" else who
+        ax1.bar(xs, vals, width, label=label)
+        if several and who.endswith(" devices"):
+            for x, b, v in zip(xs, batches, vals):
+                one = next((r["tok_s"] for r in runs if r["who"] == "graphs" and r["batch"] == b), 0)
+                if one and v:
+                    ax1.text(x, v, f"{v / one:.2f}x", ha="center", va="bottom", fontsize=7)
     ax1.set_xticks([j + 0.4 - width / 2 for j in range(len(batches))], [f"batch {b}" for b in batches])
     ax1.set_ylabel("tokens/s")
     ax1.set_yscale("log")
     ax1.set_title(f"{results['shape_name']}: generate throughput")
     ax1.legend()
+    if verify:
+        plot_verify(axes[0][1], verify, batches)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"plot: {path}")
+
+
+def plot_verify(ax2, verify: list[dict[str, Any]], batches: list[int]) -> None:
     for b in batches:
-        rows = [r for r in results["shape"].get("verify", []) if r["batch"] == b]
+        rows = [r for r in verify if r["batch"] == b]
         (line,) = ax2.plot([r["T"] for r in rows], [r["ms"] for r in rows], "o-", label=f"B={b} measured")
         ax2.plot(
             [r["T"] for r in rows],
@@ -514,9 +532,6 @@ def plot(results: dict[str, Any], path: str) -> None:
     ax2.set_ylabel("ms per forward")
     ax2.set_title("verify forward vs memory roofline")
     ax2.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    print(f"plot: {path}")
 
 
 def main(argv=None) -> dict[str, Any]:
