@@ -114,7 +114,7 @@ class ShardsConfig(_Strict):
         "the verifier's included, hold experts (num_shards - 1 actors).",
     )
     cuda_graphs: bool = Field(
-        False,
+        True,
         description="GPUs: capture steps with their NCCL exchanges in CUDA graphs (shards too). "
         "A failed capture falls back to eager steps.",
     )

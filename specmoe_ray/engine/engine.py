@@ -330,7 +330,7 @@ class Engine:
 
     def _make_step_graphs(self) -> StepGraphs | None:
         # With expert shards, "auto" captures static steps (fixed-size NCCL exchanges, moe/dispatch.py)
-        # only where the shard options ask for it (not yet run on GPUs); else steps run eagerly.
+        # where the shard options ask for it (the default); else steps run eagerly.
         shards = self.shard_group
         if shards is not None and self.config.step_graphs == "auto" and not shards.options.cuda_graphs:
             return None

@@ -47,9 +47,10 @@ class ShardOptions:
     # engine's device holds none.
     local_shard: bool = False
     # CUDA graphs for steps with expert shards: the engine captures its static steps, NCCL
-    # exchanges included, and each shard captures its side of a forward. Off by default until
-    # it has run on GPUs (tests/gpu: test_nccl_cuda_graph_steps); off, such steps run eagerly.
-    cuda_graphs: bool = False
+    # exchanges included, and each shard captures its side of a forward (tests/gpu's NCCL tests
+    # and the 30B benchmark on 2 and 4 H100s). Off: such steps run eagerly. A failed capture
+    # turns it off and re-forms the group.
+    cuda_graphs: bool = True
     # Environment for the group's communicators (e.g. {"NCCL_GRAPH_REGISTER": "0"}): set in the
     # shards' processes and, before it joins, in this one (NCCL reads it when a group forms).
     env_vars: dict[str, str] = dataclasses.field(default_factory=dict)
