@@ -68,6 +68,9 @@ if AVAILABLE:
         PDL: tl.constexpr = False,  # programmatic dependent launch (`pdl_launch`)
     ):
         _grid_dependency(PDL)
+        # Program (i, d): pairs i's slots (each program of the row finds them: n^2 compares of a
+        # few hundred ids, cheaper than a second kernel), then their columns d. Program (i, 0)
+        # also writes the slots, the ids and the counts.
         i = tl.program_id(0) * BLOCK_I + tl.arange(0, BLOCK_I)
         i_ok = i < n
         rot = tl.load(rotation_ptr)
@@ -83,21 +86,21 @@ if AVAILABLE:
             rank += tl.sum(earlier.to(tl.int64), axis=1)
         shard = own_i - first_rank
         slot = shard * C + rank
-        tl.store(slot_ptr + i, slot, mask=i_ok)
-        if HAS_MASK:
-            keep = tl.load(mask_ptr + i, mask=i_ok, other=0)
-            sent_id = tl.where(keep > 0, ids_i, -1)
-        else:
-            keep = tl.zeros([BLOCK_I], dtype=tl.int64) + 1
-            sent_id = ids_i
-        tl.atomic_add(counts_ptr + shard, keep, mask=i_ok)
-        tl.store(idcol_ptr + slot * id_stride + (id_stride - 1), sent_id, mask=i_ok)
+        if tl.program_id(1) == 0:
+            tl.store(slot_ptr + i, slot, mask=i_ok)
+            if HAS_MASK:
+                keep = tl.load(mask_ptr + i, mask=i_ok, other=0)
+                sent_id = tl.where(keep > 0, ids_i, -1)
+            else:
+                keep = tl.zeros([BLOCK_I], dtype=tl.int64) + 1
+                sent_id = ids_i
+            tl.atomic_add(counts_ptr + shard, keep, mask=i_ok)
+            tl.store(idcol_ptr + slot * id_stride + (id_stride - 1), sent_id, mask=i_ok)
         token = (i // A).to(tl.int64)
-        for d0 in range(0, D, BLOCK_D):
-            d = d0 + tl.arange(0, BLOCK_D)
-            ok = i_ok[:, None] & (d < D)[None, :]
-            row = tl.load(x_ptr + token[:, None] * stride_x + d[None, :], mask=ok)
-            tl.store(rows_ptr + slot[:, None] * row_stride + d[None, :], row, mask=ok)
+        d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        ok = i_ok[:, None] & (d < D)[None, :]
+        row = tl.load(x_ptr + token[:, None] * stride_x + d[None, :], mask=ok)
+        tl.store(rows_ptr + slot[:, None] * row_stride + d[None, :], row, mask=ok)
 
 
 def packable(x: torch.Tensor, n: int) -> bool:
@@ -136,11 +139,14 @@ def pack_pairs(
     rows, idcol = payload.view(x.dtype), payload.view(torch.int64)
     idcol[:, -1].fill_(-1)  # unused rows
     slot = torch.empty(n, dtype=torch.long, device=x.device)
+    # Enough programs to keep the copy's loads in flight (8 programs of 32 whole rows took 17.7 us
+    # for 256 pairs of 2048 columns on an H200; benchmarks/RESULTS.md, session 6).
+    block_i, block_d = 16, (128 if n <= 64 else 256)
     with launch_on(x.device):
-        _pack_kernel[(triton.cdiv(n, 32),)](
+        _pack_kernel[(triton.cdiv(n, block_i), triton.cdiv(D, block_d))](
             x, x.stride(0), ids.contiguous(), pair_mask if pair_mask is not None else ids,
             owner_table, num_replicas, rotation, rows, rows.stride(0), idcol, idcol.stride(0), slot,
-            counts, n, D, capacity, owner_table.shape[1], top_k, first_rank,
-            HAS_MASK=pair_mask is not None, BLOCK_I=32, BLOCK_J=128, BLOCK_D=256, **pdl_launch(x.device),
+            counts, n, D, capacity, owner_table.shape[1], top_k, first_rank, HAS_MASK=pair_mask is not None,
+            BLOCK_I=block_i, BLOCK_J=128, BLOCK_D=block_d, **pdl_launch(x.device),
         )  # fmt: skip
     return payload, slot

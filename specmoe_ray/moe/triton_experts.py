@@ -443,38 +443,41 @@ if AVAILABLE:
         PDL: tl.constexpr = False,  # programmatic dependent launch (`pdl_launch`)
     ):
         """pos[i] = #{j: key[j] < key[i]} + #{j < i: key[j] == key[i]} (stable); then
-        sorted[pos[i]] = key[i] and order[pos[i]] = i. Program 0 also writes the offsets of
-        keys 0 .. E_LOCAL (and the counts), comparing every key with each of them."""
+        sorted[pos[i]] = key[i] and order[pos[i]] = i. With OFFSETS, the programs after the
+        keys' ones each write the offsets of BLOCK_E of the keys 0 .. E_LOCAL (and their counts),
+        comparing every key with each of them: beside the ranking, not after it."""
         _grid_dependency(PDL)
-        i = tl.program_id(0) * BLOCK_I + tl.arange(0, BLOCK_I)
-        i_ok = i < n
-        ki = _sort_keys(keys_ptr, table_ptr, i, i_ok, E_GLOBAL, MAP)
-        pos = tl.zeros([BLOCK_I], dtype=tl.int32)
-        for j0 in range(0, n, BLOCK_J):
-            j = j0 + tl.arange(0, BLOCK_J)
-            kj = _sort_keys(keys_ptr, table_ptr, j, j < n, E_GLOBAL, MAP)
-            before = (kj[None, :] < ki[:, None]) | ((kj[None, :] == ki[:, None]) & (j[None, :] < i[:, None]))
-            pos += tl.sum((before & (j[None, :] < n)).to(tl.int32), axis=1)
-        tl.store(sorted_ptr + pos, ki, mask=i_ok)
-        tl.store(order_ptr + pos, i.to(tl.int64), mask=i_ok)
-        if OFFSETS:  # noqa: SIM102 (a constexpr branch, then a runtime one)
-            if tl.program_id(0) == 0:
-                for e0 in range(0, E_LOCAL + 1, BLOCK_E):
-                    e = e0 + tl.arange(0, BLOCK_E)
-                    below = tl.zeros([BLOCK_E], dtype=tl.int32)
-                    same = tl.zeros([BLOCK_E], dtype=tl.int64)
-                    for j0 in range(0, n, BLOCK_J):
-                        j = j0 + tl.arange(0, BLOCK_J)
-                        j_ok = j < n
-                        kj = _sort_keys(keys_ptr, table_ptr, j, j_ok, E_GLOBAL, MAP)
-                        below += tl.sum(((kj[None, :] < e[:, None]) & j_ok[None, :]).to(tl.int32), axis=1)
-                        if COUNT:
-                            same += tl.sum(((kj[None, :] == e[:, None]) & j_ok[None, :]).to(tl.int64), axis=1)
-                    tl.store(offs_ptr + e, below, mask=e <= E_LOCAL)
-                    if COUNT:
-                        held = e < E_LOCAL
-                        before = tl.load(counts_ptr + 1 + e, mask=held, other=0)
-                        tl.store(counts_ptr + 1 + e, before + same, mask=held)
+        pid = tl.program_id(0)
+        key_blocks = tl.cdiv(n, BLOCK_I)
+        if pid < key_blocks:
+            i = pid * BLOCK_I + tl.arange(0, BLOCK_I)
+            i_ok = i < n
+            ki = _sort_keys(keys_ptr, table_ptr, i, i_ok, E_GLOBAL, MAP)
+            pos = tl.zeros([BLOCK_I], dtype=tl.int32)
+            for j0 in range(0, n, BLOCK_J):
+                j = j0 + tl.arange(0, BLOCK_J)
+                kj = _sort_keys(keys_ptr, table_ptr, j, j < n, E_GLOBAL, MAP)
+                tie = (kj[None, :] == ki[:, None]) & (j[None, :] < i[:, None])
+                before = (kj[None, :] < ki[:, None]) | tie
+                pos += tl.sum((before & (j[None, :] < n)).to(tl.int32), axis=1)
+            tl.store(sorted_ptr + pos, ki, mask=i_ok)
+            tl.store(order_ptr + pos, i.to(tl.int64), mask=i_ok)
+        elif OFFSETS:
+            e = (pid - key_blocks) * BLOCK_E + tl.arange(0, BLOCK_E)
+            below = tl.zeros([BLOCK_E], dtype=tl.int32)
+            same = tl.zeros([BLOCK_E], dtype=tl.int64)
+            for j0 in range(0, n, BLOCK_J):
+                j = j0 + tl.arange(0, BLOCK_J)
+                j_ok = j < n
+                kj = _sort_keys(keys_ptr, table_ptr, j, j_ok, E_GLOBAL, MAP)
+                below += tl.sum(((kj[None, :] < e[:, None]) & j_ok[None, :]).to(tl.int32), axis=1)
+                if COUNT:
+                    same += tl.sum(((kj[None, :] == e[:, None]) & j_ok[None, :]).to(tl.int64), axis=1)
+            tl.store(offs_ptr + e, below, mask=e <= E_LOCAL)
+            if COUNT:
+                held = e < E_LOCAL
+                before = tl.load(counts_ptr + 1 + e, mask=held, other=0)
+                tl.store(counts_ptr + 1 + e, before + same, mask=held)
 
 
 def sortable(ids: torch.Tensor) -> bool:
@@ -497,13 +500,14 @@ def sort_pairs(
     local = torch.empty_like(ids)
     order = torch.empty(n, dtype=torch.long, device=ids.device)
     offsets = torch.empty(num_local + 1, dtype=torch.int32, device=ids.device)
-    block_i = 32 if n <= 256 else 64
+    block_i, block_e = (32 if n <= 256 else 64), 16
+    grid = triton.cdiv(n, block_i) + triton.cdiv(num_local + 1, block_e)  # keys' programs, offsets'
     with launch_on(ids.device):
-        _rank_sort_kernel[(triton.cdiv(n, block_i),)](
+        _rank_sort_kernel[(grid,)](
             ids, table if table is not None else ids, local, order, offsets,
             counts if counts is not None else ids, n, 0 if table is None else table.shape[0] - 1, num_local,
             MAP=table is not None, OFFSETS=True, COUNT=counts is not None,
-            BLOCK_I=block_i, BLOCK_J=128, BLOCK_E=64, **pdl_launch(ids.device),
+            BLOCK_I=block_i, BLOCK_J=128, BLOCK_E=block_e, **pdl_launch(ids.device),
         )  # fmt: skip
     return local, order, offsets
 

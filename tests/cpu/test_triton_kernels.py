@@ -278,23 +278,26 @@ def test_rank_sort_equals_torch_stable_sort(n):
 
 
 @pytest.mark.parametrize(
-    "S,r0,replicas,masked", [(1, 1, 1, False), (2, 0, 1, True), (3, 1, 2, True), (2, 0, 2, False)]
+    "S,r0,replicas,masked,T,D",
+    [(1, 1, 1, False, 6, 24), (2, 0, 1, True, 6, 24), (3, 1, 2, True, 6, 24), (2, 0, 2, False, 40, 600)],
 )
-def test_pack_pairs_equals_torch_and_a_python_reference(S, r0, replicas, masked):
+def test_pack_pairs_equals_torch_and_a_python_reference(S, r0, replicas, masked, T, D):
     """Rank 0's send buffer of a static exchange: the Triton kernel and the torch path give the
     same buffer (ids everywhere, rows wherever a pair went), the same slots and counts, and both
     match a loop over the pairs: owner = replica (token + rotation) % replicas of the expert,
-    each shard's block holds its pairs in pair order, then id -1; masked pairs travel as -1."""
+    each shard's block holds its pairs in pair order, then id -1; masked pairs travel as -1.
+    T = 40, D = 600: several programs along the pairs and along the columns."""
     from specmoe_ray.moe import triton_dispatch
     from specmoe_ray.moe.dispatch import pack_static, unpack_rows
 
     g = torch.Generator().manual_seed(S * 10 + replicas)
-    T, A, D, E, C = 6, 4, 24, 10, 6 * 4
+    A, E = 4, 10
+    C = T * A
     x = torch.randn(T, D, generator=g).to(DEVICE)
     ids = torch.stack([torch.randperm(E, generator=g)[:A] for _ in range(T)]).reshape(-1).to(DEVICE)
     table = torch.stack([torch.randperm(S, generator=g)[:replicas] for _ in range(E)]) + r0
     num_replicas = torch.randint(1, replicas + 1, (E,), generator=g)
-    mask = (torch.arange(T * A) < 4 * A).long() if masked else None  # tokens 4, 5: padding
+    mask = (torch.arange(T * A) < (T - 2) * A).long() if masked else None  # last 2 tokens: padding
     rotation = torch.tensor(3)
     to = lambda t: None if t is None else t.to(DEVICE)  # noqa: E731
     outs = []
