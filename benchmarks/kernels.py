@@ -138,15 +138,23 @@ def step_profile(a, bandwidth: float) -> None:
         "no attention kernel": [(triton_kernels, "ATTENTION", False)],
         "no routing kernel": [(triton_kernels, "ROUTING", False)],
         "load counted apart from routing": [(triton_kernels, "COUNT_IN_ROUTING", False)],
-        "cuBLAS for one-row projections": [(fused, "MATVEC", False)],
+        "one-row projections by the per-pair kernel": [(fused, "MATVEC", True)],
         "per-pair experts (no dedup)": [(triton_experts, "DEDUP", False)],
-        "cache write in the compiled rope (opt-in)": [(fused, "FUSED_CACHE_WRITE", True)],
-        "one-row projections by dedup (opt-in)": [(triton_experts, "MATVEC_KERNEL", "dedup")],
+        "cache write by index_put (not in the rope)": [(fused, "FUSED_CACHE_WRITE", False)],
+        "one-row projections by dedup (opt-in)": [
+            (fused, "MATVEC", True),
+            (triton_experts, "MATVEC_KERNEL", "dedup"),
+        ],
         "attention split every 64 keys (opt-in)": [(triton_kernels, "SPLIT_KEYS", 64)],
         "add + norm inside the projections (opt-in)": [(fused, "FUSED_NORM_MATVEC", True)],
         "projections of <= 16 rows by rows_matmul (opt-in)": [(fused, "MATMUL_ROWS", 16)],
-        "programmatic dependent launches (opt-in)": [(triton_experts, "PDL", True)],
+        "no programmatic dependent launches": [(triton_experts, "PDL", False)],
         "torch's sort for > 64 pairs": [(triton_experts, "STABLE_SORT", False)],
+        "session 5's defaults (per-pair one-row, index_put, no PDL)": [
+            (fused, "MATVEC", True),
+            (fused, "FUSED_CACHE_WRITE", False),
+            (triton_experts, "PDL", False),
+        ],
         "all (again)": [],
     }
     for B in a.batch:

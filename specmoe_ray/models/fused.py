@@ -30,10 +30,14 @@ from specmoe_ray.moe import triton_experts
 log = logging.getLogger(__name__)
 
 ENABLED = True  # module switch (tests compare fused against eager)
-MATVEC = True  # one-row projections by the per-pair kernel inside static steps (see `linear`)
+# One-row projections by the per-pair kernel inside static steps (see `linear`). Off: cuBLAS
+# was faster in the step (kernels.py ablation, H200, 4 layers at batch 1: 0.505 against
+# 0.543 ms; benchmarks/RESULTS.md, session 6).
+MATVEC = False
 # K/V written into the cache by the compiled q/k norm + rope (`qk_rope_write`) instead of an
-# index_put kernel of its own. Opt-in until measured (benchmarks/kernels.py ablations).
-FUSED_CACHE_WRITE = False
+# index_put kernel of its own (same ablation: 0.534 against 0.543 ms at batch 1; no change at
+# batch 32).
+FUSED_CACHE_WRITE = True
 # Batch-1 static steps: each residual add + RMS norm inside the one-row projection after it
 # (`triton_kernels.add_norm_matvec`; `DecoderLayer`). Opt-in until measured.
 FUSED_NORM_MATVEC = False

@@ -40,8 +40,9 @@ INTERPRETED = AVAILABLE and os.environ.get("TRITON_INTERPRET") == "1"
 # Programmatic dependent launch (Hopper and later): each kernel is launched as soon as the one
 # before it lets it, and its programs wait (`griddepcontrol.wait`) for that kernel's results
 # before reading anything, so launch latency overlaps the previous kernel's tail inside a CUDA
-# graph. Opt-in until measured (benchmarks/kernels.py ablation, tests/gpu switch test).
-PDL = False
+# graph (kernels.py ablation, H200, 4 layers at batch 1: 0.532 against 0.543 ms; with cuBLAS
+# one-row projections and the rope's cache write as well, 0.492; benchmarks/RESULTS.md, session 6).
+PDL = True
 PDL_SUPPORTED = AVAILABLE and hasattr(getattr(getattr(tl, "extra", None), "cuda", None), "gdc_wait")
 
 
@@ -280,9 +281,9 @@ MATVEC_CONFIG: dict[str, int] = {}
 
 
 def matvec(x: torch.Tensor, weight: torch.Tensor, kernel: str | None = None, **config) -> torch.Tensor:
-    """x [1, K] @ weight [N, K]^T -> [1, N] by a few-pairs kernel (one pair, expert 0): a dense
-    projection of one token at ~80-95% of the copy bandwidth, where cuBLAS's split-K GEMMs for
-    one row reach ~60% plus a reduction kernel (benchmarks/RESULTS.md)."""
+    """x [1, K] @ weight [N, K]^T -> [1, N] by a few-pairs kernel (one pair, expert 0). Alone it
+    matches cuBLAS (kernels.py table 3), but inside a batch-1 step cuBLAS was faster (session 6),
+    so `fused.MATVEC` (the engine's use of it) is off."""
     ids = _ZERO_IDS.get(x.device)
     if ids is None:
         ids = _ZERO_IDS[x.device] = torch.zeros(1, dtype=torch.long, device=x.device)
