@@ -11,8 +11,9 @@
 # tables of batch-1 and batch-32 steps, kernel ablations at both, the expert kernels, the exchange
 # packing; SWEEP=--sweep adds the block-size sweeps), shape (Qwen3-30B-A3B shape on one GPU: HF vs ours, verify
 # sweep), gpus (the same shape with experts over 1, 2 and 4 GPUs; writes a ~61 GB checkpoint to
-# $CKPT), trace (8 layers of it on 1 and 2 GPUs, profiled on both sides, Chrome traces), demo
-# (the shipped demo pair). STAGE_TIMEOUT bounds each stage (seconds, default 540).
+# $CKPT), trace (8 layers of it on 1 and 2 GPUs, profiled on both sides, Chrome traces), probe
+# (the same 8 layers unprofiled, beside another revision with BASE_DIR), demo (the shipped demo
+# pair). STAGE_TIMEOUT bounds each stage (seconds, default 540).
 set -u
 OUT=${OUT:-gpu-out}
 CKPT=${CKPT:-/tmp/specmoe-bench-ckpt}
@@ -80,11 +81,25 @@ for stage in "${@:-tests nccl kernels shape}"; do
           --profile-batch 32 --trace-dir /tmp/traces --save-dir /tmp/ck8 >"$OUT/trace.log" 2>&1
         tar czf "$OUT/traces.tgz" -C /tmp traces
         grep -E "batch|profile:|expert shard|forwards" "$OUT/trace.log" | tail -n 20 ;;
+      probe)
+        # 8 layers of the 30B shape, 1 vs 2 GPUs at batch 1 and 32, no profiler: the working tree,
+        # then (with BASE_DIR: a folder holding another revision's specmoe_ray, made here by
+        # `bash benchmarks/base_copy.sh REV .gpu/base` and carried) that revision, then the tree
+        # again: the spread of the two runs of the tree is the noise of the comparison.
+        probe() { timeout "$T" python -u "$ROOT/benchmarks/gpu.py" --shape qwen3-30b-a3b --layers 8 --batch 1 32 \
+          --new-tokens 32 --skip-hf --skip-sweep --repeats 1 --skip-demo --variants graphs --gpus 1 2 \
+          --save-dir /tmp/ck8 2>&1 | grep -E "batch|copy band"; }
+        ROOT=$PWD
+        echo "-- working tree"; probe | tee "$OUT/probe.log"
+        if [ -n "${BASE_DIR:-}" ]; then
+          echo "-- $BASE_DIR"; (cd "$BASE_DIR" && PYTHONPATH=$PWD${RAY_BUNDLE:+:/tmp/site} probe) | tee "$OUT/probe-base.log"
+          echo "-- working tree again"; probe | tee "$OUT/probe-again.log"
+        fi ;;
       demo)
         timeout "$T" python benchmarks/gpu.py --skip-shape --batch 1 8 32 --new-tokens 64 --repeats 2 \
           --json "$OUT/demo.json" >"$OUT/demo.log" 2>&1
         quiet "$OUT/demo.log" 20 ;;
-      *) echo "unknown stage $s (tests nccl kernels shape gpus trace demo)"; exit 2 ;;
+      *) echo "unknown stage $s (tests nccl kernels shape gpus trace probe demo)"; exit 2 ;;
     esac
   done
 done
