@@ -10,7 +10,9 @@ a radix top-k and a bitonic sort, ~10 us for 128 numbers per token).
   copy), causal by position, optionally within a sliding window. One program per (sequence,
   KV head) holds the G query heads of that KV head for all Tq tokens (grouped-query attention
   without expanding K/V); long caches split the keys over several programs (flash-decoding)
-  and a second kernel merges them. Online softmax in float32.
+  and a second kernel merges them. Online softmax in float32. With `new` (`ROPE_IN_ATTENTION`,
+  opt-in) it also applies the per-head q/k norms and rope and writes the step's K/V into the
+  cache first, replacing the compiled norm + rope + cache-write kernels before it.
 - `softmax_topk`: one program per token: float32 softmax over the experts, then k rounds of
   arg-max, weights renormalised over the k if asked.
 
@@ -20,9 +22,11 @@ static batches against SDPA and torch.topk; `tests/gpu` checks the kernels again
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
-from specmoe_ray.moe.triton_experts import dot_precision, launch_on, pdl_launch
+from specmoe_ray.moe.triton_experts import INTERPRETED, dot_precision, launch_on, pdl_launch
 
 try:
     import triton
@@ -39,35 +43,73 @@ COUNT_IN_ROUTING = True  # the routing kernel counts the expert load (else the b
 # Keys per program at least before a cache is split over several programs (+ one merge kernel):
 # fewer keys per program, more programs at small batches (kernels.py ablates 64).
 SPLIT_KEYS = 256
+# Static steps: the attention kernel also applies the q/k norms and rope and writes the step's
+# K/V into the cache (`NewKeys`), instead of a compiled norm + rope + cache-write function of
+# 2-3 kernels before it. Opt-in until measured (kernels.py ablation).
+ROPE_IN_ATTENTION = False
 
 if AVAILABLE:
 
     @triton.jit
+    def _norm_rope(rows, ok, w_ptr, cos_rows, sin_rows, eps, like_ptr, HD: tl.constexpr, NORM: tl.constexpr):
+        """Rows [M] of HD (pointers to each row's start) -> float32 [M, HD]: the per-head RMS
+        norm (NORM; rounded to the model's dtype as `fused.rms_norm`), then rope by rotating
+        halves (`fused.apply_rope`) with each row's cos and sin."""
+        rd = tl.arange(0, HD)
+        partner = (rd + HD // 2) % HD
+        dt = like_ptr.dtype.element_ty
+        x = tl.load(rows[:, None] + rd[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
+        xp = tl.load(rows[:, None] + partner[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
+        if NORM:
+            r = tl.rsqrt(tl.sum(x * x, 1) / HD + eps)[:, None]
+            x = (x * r).to(dt).to(tl.float32) * tl.load(w_ptr + rd).to(tl.float32)[None, :]
+            xp = (xp * r).to(dt).to(tl.float32) * tl.load(w_ptr + partner).to(tl.float32)[None, :]
+            x, xp = x.to(dt).to(tl.float32), xp.to(dt).to(tl.float32)
+        cos = tl.load(cos_rows[:, None] + rd[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
+        sin = tl.load(sin_rows[:, None] + rd[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
+        return x * cos + tl.where(rd[None, :] < HD // 2, -xp, xp) * sin
+
+    @triton.jit
     def _attention_kernel(
-        q_ptr,  # [B * Tq, H, HD]
+        q_ptr,  # [B * Tq, H, HD] (ROPE: before the norm and rope)
         kv_ptr,  # [slots, 2, Hkv, Lmax, HD]
         slots_ptr,  # [B]
         qpos_ptr,  # [B, Tq]
         out_ptr,  # [B * Tq, H, HD] (SPLITS == 1)
         part_ptr,  # [B, Hkv, SPLITS, BLOCK_M, HD] float32 (SPLITS > 1)
         ml_ptr,  # [B, Hkv, SPLITS, 2, BLOCK_M] float32: running max, sum
+        k_ptr,  # ROPE: the step's keys [B * Tq, Hkv, HD] before norm and rope, and values (same strides)
+        v_ptr,
+        qw_ptr,  # ROPE and NORM: the q and k norms' weights [HD]
+        kw_ptr,
+        cos_ptr,  # ROPE: [B * Tq, HD] each
+        sin_ptr,
+        wslots_ptr,  # ROPE: [B * Tq] each token's cache slot and position to write
+        wpos_ptr,
         stride_qn,
         stride_qh,
         stride_s,
         stride_c,
         stride_h,
         stride_l,
+        stride_kn,
+        stride_kh,
+        stride_cn,
         Tq,
         G,
         window,
         scale,
         chunk,
+        eps,
         HD: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_L: tl.constexpr,
         SPLITS: tl.constexpr,
         WINDOW: tl.constexpr,
         PRECISION: tl.constexpr,  # "ieee" for float32 (no TF32), else "tf32" (unused by 16-bit dots)
+        ROPE: tl.constexpr = False,
+        NORM: tl.constexpr = False,
+        BLOCK_T: tl.constexpr = 1,  # ROPE: >= Tq
         PDL: tl.constexpr = False,  # programmatic dependent launch (`pdl_launch`)
     ):
         _grid_dependency(PDL)
@@ -81,8 +123,36 @@ if AVAILABLE:
         n = b * Tq + t
         hq = kvh * G + g
         rd = tl.arange(0, HD)
-        q_rows = q_ptr + n[:, None] * stride_qn + hq[:, None] * stride_qh
-        q = tl.load(q_rows + rd[None, :], mask=row_ok[:, None], other=0.0)
+        if ROPE:
+            # This sequence's new keys for this KV head: normed, roped, written into the cache
+            # with their values (every program of the head writes the same rows), then a
+            # barrier: the reads below see them. Then the queries, normed and roped.
+            tt = tl.arange(0, BLOCK_T)
+            t_ok = tt < Tq
+            nt = b * Tq + tt
+            k_rows = k_ptr + nt * stride_kn + kvh * stride_kh
+            c_rows = nt * stride_cn
+            k_new = _norm_rope(
+                k_rows, t_ok, kw_ptr, cos_ptr + c_rows, sin_ptr + c_rows, eps, kv_ptr, HD, NORM
+            )
+            w_slot = tl.load(wslots_ptr + nt, mask=t_ok, other=0).to(tl.int64)
+            w_pos = tl.load(wpos_ptr + nt, mask=t_ok, other=0).to(tl.int64)
+            dst = (
+                kv_ptr + w_slot[:, None] * stride_s + kvh * stride_h + w_pos[:, None] * stride_l + rd[None, :]
+            )
+            tl.store(dst, k_new.to(kv_ptr.dtype.element_ty), mask=t_ok[:, None])
+            v_new = tl.load(
+                v_ptr + (nt * stride_kn + kvh * stride_kh)[:, None] + rd[None, :], mask=t_ok[:, None]
+            )
+            tl.store(dst + stride_c, v_new, mask=t_ok[:, None])
+            tl.debug_barrier()
+            q_rows = q_ptr + n * stride_qn + hq * stride_qh
+            c_rows = n * stride_cn
+            q = _norm_rope(q_rows, row_ok, qw_ptr, cos_ptr + c_rows, sin_ptr + c_rows, eps, kv_ptr, HD, NORM)
+            q = q.to(kv_ptr.dtype.element_ty)
+        else:
+            q_rows = q_ptr + n[:, None] * stride_qn + hq[:, None] * stride_qh
+            q = tl.load(q_rows + rd[None, :], mask=row_ok[:, None], other=0.0)
         qpos = tl.load(qpos_ptr + b * Tq + t, mask=row_ok, other=-1)
         end = tl.load(qpos_ptr + b * Tq + Tq - 1) + 1  # positions ascend within a sequence
         slot = tl.load(slots_ptr + b).to(tl.int64)
@@ -206,6 +276,39 @@ def routing_supported(logits: torch.Tensor) -> bool:
     return ROUTING and AVAILABLE and logits.is_cuda
 
 
+class NewKeys(NamedTuple):
+    """A step's keys and values before the cache (`decode_attention`'s `new`): k, v [B * Tq,
+    Hkv, hd] as projected (before the k norm and rope; last dim contiguous, same strides), cos
+    and sin [B * Tq, 1 or none, hd], the q and k norms' weights [hd] (None: no per-head norm)
+    and eps, each token's cache slot and position to write [B * Tq]."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    cos: torch.Tensor
+    sin: torch.Tensor
+    q_weight: torch.Tensor | None
+    k_weight: torch.Tensor | None
+    eps: float
+    write_slots: torch.Tensor
+    positions: torch.Tensor
+
+
+def rope_in_attention(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, head_dim: int, rows: int) -> bool:
+    """`ROPE_IN_ATTENTION` serves this step: the attention kernel would (`attention_supported`;
+    or Triton's interpreter, for tests), rope over the whole head, rows of contiguous heads."""
+    return (
+        ROPE_IN_ATTENTION
+        and ATTENTION
+        and AVAILABLE
+        and (q.is_cuda or INTERPRETED)
+        and head_dim in (64, 128, 256)
+        and rows <= 64
+        and cos.shape[-1] == head_dim
+        and q.stride(-1) == 1
+        and k.stride(-1) == 1
+    )
+
+
 def decode_attention(
     q: torch.Tensor,
     kv: torch.Tensor,
@@ -213,11 +316,15 @@ def decode_attention(
     query_positions: torch.Tensor,
     kv_len: int,
     window: int | None,
+    new: NewKeys | None = None,
 ) -> torch.Tensor:
     """q [B * Tq, H, hd] (padded batch, rope applied), kv [slots, 2, Hkv, Lmax, hd] one layer of
     the cache, slots [B], query_positions [B, Tq], kv_len: keys per sequence at most (the step's
     bucket; the loop stops at each sequence's last query) -> [B * Tq, H * hd], softmax(q k^T /
-    sqrt(hd)) v over keys at positions <= the query's (and > position - window)."""
+    sqrt(hd)) v over keys at positions <= the query's (and > position - window).
+
+    new: the step's keys and values are not in the cache yet, and q and k are not normed nor
+    roped: the kernel does both and writes K/V into the cache first (`ROPE_IN_ATTENTION`)."""
     B, Tq = query_positions.shape
     q = q if q.stride(2) == 1 else q.contiguous()
     H, hd = q.shape[1], q.shape[2]
@@ -234,6 +341,19 @@ def decode_attention(
         ml = torch.empty(B, Hkv, splits, 2, block_m, dtype=torch.float32, device=q.device)
     else:
         part = ml = out
+    if new is not None:
+        cos, sin = new.cos.reshape(B * Tq, hd), new.sin.reshape(B * Tq, hd)
+        if cos.stride(-1) != 1 or sin.stride() != cos.stride():
+            cos, sin = cos.contiguous(), sin.contiguous()
+        norm = new.q_weight is not None
+        rope = (
+            new.k, new.v, new.q_weight if norm else q, new.k_weight if norm else q, cos, sin,
+            new.write_slots, new.positions,
+        )  # fmt: skip
+        rope_strides = (new.k.stride(0), new.k.stride(1), cos.stride(0))
+        eps = new.eps
+    else:
+        norm, rope, rope_strides, eps = False, (q,) * 8, (0, 0, 0), 0.0
     with launch_on(q.device):
         _attention_kernel[(B, Hkv, splits)](
             q,
@@ -243,23 +363,29 @@ def decode_attention(
             out,
             part,
             ml,
+            *rope,
             q.stride(0),
             q.stride(1),
             kv.stride(0),
             kv.stride(1),
             kv.stride(2),
             kv.stride(3),
+            *rope_strides,
             Tq,
             G,
             window or 0,
             hd**-0.5,
             chunk,
+            eps,
             HD=hd,
             BLOCK_M=block_m,
             BLOCK_L=block_l,
             SPLITS=splits,
             WINDOW=window is not None,
             PRECISION=dot_precision(q.dtype),
+            ROPE=new is not None,
+            NORM=norm,
+            BLOCK_T=max(2, triton.next_power_of_2(Tq)),
             num_warps=4,
             **pdl_launch(q.device),
         )

@@ -142,6 +142,55 @@ def test_decode_attention_kernel_equals_float64_reference(dtype, B, Tq, L, windo
     assert rel < (1e-5 if dtype == torch.float32 else 2e-2), rel
 
 
+@pytest.mark.parametrize("norm", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("B,Tq,L,split_keys", [(1, 1, 256, 256), (3, 4, 300, 256), (2, 2, 700, 64)])
+def test_attention_with_norm_rope_and_cache_write_equals_the_separate_steps(
+    B, Tq, L, split_keys, dtype, norm, monkeypatch
+):
+    """`decode_attention(..., new=NewKeys(...))` (`ROPE_IN_ATTENTION`): the kernel norms and
+    ropes q and the step's keys, writes K/V into the cache (each token at its write slot and
+    position; a padding token at the scratch slot) and attends, == `fused.qk_rope` + the cache
+    write + the plain kernel: the same cache, the same output (one or several programs per head)."""
+    from specmoe_ray.models import fused, triton_kernels
+    from specmoe_ray.models.triton_kernels import NewKeys, decode_attention
+
+    skip_bf16_on_interpreter(dtype)
+    monkeypatch.setattr(triton_kernels, "SPLIT_KEYS", split_keys)
+    g = torch.Generator().manual_seed(B * Tq + L)
+    H, Hkv, hd, S, Lmax = 8, 2, 128, 5, 1024
+    N = B * Tq
+    kv = torch.randn(S + 1, 2, Hkv, Lmax, hd, generator=g).to(dtype)
+    qkv = torch.randn(N, (H + 2 * Hkv) * hd, generator=g).to(dtype)  # one projection's output
+    q, k, v = (t.view(N, -1, hd) for t in qkv.split([H * hd, Hkv * hd, Hkv * hd], -1))
+    slots = torch.tensor([4, 0, 2][:B])
+    lasts = [L - 1, L // 2, 17][:B]
+    qpos = torch.tensor([[p - Tq + 1 + t for t in range(Tq)] for p in lasts])
+    write_slots = slots.repeat_interleave(Tq)
+    if Tq > 1:
+        write_slots[Tq - 1] = S  # the first sequence's last token is padding: the scratch slot
+    angles = qpos.reshape(-1, 1).double() * torch.rand(hd // 2, generator=g).double()
+    emb = torch.cat((angles, angles), -1)[:, None, :]
+    cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
+    qw = (1 + 0.1 * torch.randn(hd, generator=g)).to(dtype) if norm else None
+    kw = (1 + 0.1 * torch.randn(hd, generator=g)).to(dtype) if norm else None
+    eps = 1e-6
+    to = lambda t: None if t is None else t.to(DEVICE)  # noqa: E731
+    new = NewKeys(to(k), to(v), to(cos), to(sin), to(qw), to(kw), eps, to(write_slots), to(qpos.reshape(-1)))
+    got_cache = kv.clone().to(DEVICE)
+    got = decode_attention(to(q), got_cache, to(slots), to(qpos), L, None, new=new)
+    # The separate steps: norm + rope (fused.qk_rope, eager), the cache write, the plain kernel.
+    rq, rkv = fused.qk_rope.__wrapped__(q, k, v, cos, sin, qw, kw, eps)
+    ref_cache = kv.clone()
+    ref_cache[write_slots, :, :, qpos.reshape(-1)] = rkv
+    ref = decode_attention(to(rq), ref_cache.to(DEVICE), to(slots), to(qpos), L, None)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    cache_err = (got_cache.cpu().double() - ref_cache.double()).abs().max().item()
+    assert cache_err <= (1e-5 if dtype == torch.float32 else 0.05), cache_err  # bf16: one rounding
+    rel = ((got.cpu().double() - ref.cpu().double()).norm() / ref.cpu().double().norm()).item()
+    assert rel < tol, rel
+
+
 @pytest.mark.parametrize("E,renorm", [(128, True), (60, False)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_softmax_topk_kernel_equals_torch(E, renorm, dtype):
@@ -251,6 +300,37 @@ def test_norms_inside_projections_give_the_tokens_of_transformers(checkpoints, m
     # dense. 7 decode steps (the prompt's step has 6 tokens).
     assert len(calls) == 2 * 7
     assert got == hf_greedy(path, prompt, 8)
+
+
+def test_rope_in_attention_gives_the_tokens_of_transformers(tmp_path, monkeypatch):
+    """`triton_kernels.ROPE_IN_ATTENTION`: static steps norm and rope q and k, write K/V into the
+    cache and attend in one kernel (Triton's interpreter here): greedy decode of one sequence
+    and n-gram verify steps of several (padding tokens included) give transformers' tokens."""
+    from conftest import hf_greedy, make_checkpoint
+
+    from specmoe_ray import Engine, SamplingParams
+    from specmoe_ray.models import triton_kernels
+
+    # The tests' qwen3_moe with heads of 64 (the kernel's tensor-core products want >= 16).
+    path = make_checkpoint(str(tmp_path / "qwen3_moe_hd64"), "qwen3_moe", seed=3, head_dim=64)
+    calls = []
+    kernel = triton_kernels.decode_attention
+    monkeypatch.setattr(
+        triton_kernels,
+        "decode_attention",
+        lambda *a, **k: calls.append(k.get("new") is not None) or kernel(*a, **k),
+    )
+    monkeypatch.setattr(triton_kernels, "ROPE_IN_ATTENTION", True)
+    prompts = [[5, 9, 17, 3, 60, 2], [7, 7, 7, 7, 7, 7, 7, 7, 7, 7], [30, 31, 32]]
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    for batch, draft in (([prompts[0]], None), (prompts, "ngram")):
+        calls.clear()
+        with Engine.from_pretrained(
+            path, device=DEVICE, draft=draft, step_graphs="padded", max_model_len=64
+        ) as e:
+            got = [o.token_ids for o in e.generate(batch, params)]
+        assert calls and all(calls), (draft, calls)
+        assert got == hf_greedy(path, batch, 8), draft
 
 
 @pytest.mark.parametrize("rows", [2, 5, 16])

@@ -199,21 +199,23 @@ def test_capture_failure_falls_back_to_eager_static_steps(checkpoints):
         [("fused", "MATMUL_ROWS", 16)],
         [("triton_experts", "DEDUP", False)],
         [("triton_kernels", "SPLIT_KEYS", 64)],
+        [("triton_kernels", "ROPE_IN_ATTENTION", True)],
         [("triton_kernels", "COUNT_IN_ROUTING", False)],
         [("triton_experts", "PDL", False)],
     ],
     ids=lambda flips: "+".join(f"{switch}={value}" for _, switch, value in flips),
 )
-def test_fast_path_switches_give_the_tokens_of_transformers(checkpoints, monkeypatch, flips):
+def test_fast_path_switches_give_the_tokens_of_transformers(tmp_path, monkeypatch, flips):
     """Each kernel switch of the static steps (kernels.py ablates them) flipped from its default:
-    batch-1 decode and n-gram verify steps, replayed from graphs, == transformers (float32)."""
+    batch-1 decode and n-gram verify steps, replayed from graphs, == transformers (float32).
+    Heads of 64, so the attention kernel (and its switches) serve the steps."""
     from specmoe_ray.models import fused, triton_kernels
     from specmoe_ray.moe import triton_experts
 
     modules = {"fused": fused, "triton_kernels": triton_kernels, "triton_experts": triton_experts}
     for module, switch, value in flips:
         monkeypatch.setattr(modules[module], switch, value)
-    path = checkpoints("qwen3_moe")
+    path = wide_checkpoint(tmp_path)
     for prompts, draft in (([PROMPTS[1]], None), (PROMPTS, "ngram")):
         with Engine.from_pretrained(path, device="cuda", draft=draft, max_model_len=128) as engine:
             got = [o.token_ids for o in engine.generate(prompts, GREEDY)]
