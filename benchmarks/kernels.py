@@ -19,6 +19,11 @@ matrix-vector product, block sizes swept with --sweep.
 torch ops (`pack_static`) against the Triton kernel (`pack_pairs`), plus the results' gather,
 for 2 and 4 shards at batch 1, 8 and 32.
 
+(5) The sorted expert path of a batch-32 decode step (256 pairs: sort_pairs + gate_up + down),
+as one GPU holding all 128 experts and as one of 2 or 4 shards (64 or 32 experts; its static
+exchange's 256 rows: its own pairs, then padding, id -1); the sorted kernel's block sizes swept
+with --sweep (`triton_experts.SORTED_CONFIG`).
+
     python benchmarks/kernels.py --layers 4 --batch 1 --tq 1 4
 """
 
@@ -396,6 +401,57 @@ def exchange_packing(a) -> None:
             print(f"  {S} shards, batch {T:2d}: " + ", ".join(f"{k} {v:.1f}" for k, v in us.items()))
 
 
+def sharded_experts(a, bandwidth: float) -> None:
+    E, D, I, A, T, n_layers = 128, 2048, 768, 8, 32, 4
+    g = torch.Generator(device="cuda").manual_seed(1)
+    expert_bytes = 3 * D * I * 2
+    configs = [{}]
+    if a.sweep:
+        configs += [
+            {"block_n": bn, "block_k": bk, "num_warps": w}
+            for bn in (16, 32, 64)
+            for bk in (64, 128, 256)
+            for w in (4, 8)
+            if (bn, bk, w) != (32, 128, 4)
+        ]
+    print(f"(5) sorted expert path at batch {T} ({T * A} rows), us per layer (graph replay)")
+    for held in (128, 64, 32):
+        layers = [
+            LocalExperts(
+                list(range(held)),
+                torch.randn(held, 2 * I, D, device="cuda", dtype=torch.bfloat16, generator=g) * 0.02,
+                torch.randn(held, D, I, device="cuda", dtype=torch.bfloat16, generator=g) * 0.02,
+                E,
+            )
+            for _ in range(n_layers)
+        ]
+        ids = routed_ids(T, E, A, False, g)
+        mine = ids[ids < held]  # the pairs a shard holding experts 0 .. held - 1 receives
+        rows = torch.full((T * A,), -1, dtype=torch.long, device="cuda")
+        rows[: mine.numel()] = mine
+        x = torch.randn(T * A, D, device="cuda", dtype=torch.bfloat16, generator=g)
+        floor = 1e3 * mine.unique().numel() * expert_bytes / bandwidth  # ms
+        res = {}
+        for cfg in configs:
+            triton_experts.SORTED_CONFIG = cfg
+
+            def run(x=x, rows=rows, layers=layers):
+                for layer in layers:
+                    layer(x, rows)
+
+            name = (
+                " ".join(f"{k} {v}" for k, v in cfg.items()) or "default (block_n 32, block_k 128, 4 warps)"
+            )
+            res[name] = graph_ms(run) / n_layers
+        triton_experts.SORTED_CONFIG = {}
+        touched = mine.unique().numel()
+        print(f"  {held} experts held, {mine.numel()} pairs, {touched} experts: floor {1e3 * floor:.1f} us")
+        for name, ms in sorted(res.items(), key=lambda kv: kv[1])[:6]:
+            print(f"    {1e3 * ms:8.1f} us  {100 * floor / ms:5.1f}% of floor  {name}")
+        del layers
+        torch.cuda.empty_cache()
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--layers", type=int, default=4)
@@ -408,6 +464,7 @@ def main(argv=None) -> None:
     p.add_argument("--skip-experts", action="store_true")
     p.add_argument("--skip-dense", action="store_true")
     p.add_argument("--skip-exchange", action="store_true")
+    p.add_argument("--skip-sharded", action="store_true")
     p.add_argument(
         "--pdl",
         action="store_true",
@@ -434,6 +491,8 @@ def main(argv=None) -> None:
         dense_matvecs(a, bandwidth)
     if not a.skip_exchange:
         exchange_packing(a)
+    if not a.skip_sharded:
+        sharded_experts(a, bandwidth)
     if not a.skip_step:
         step_profile(a, bandwidth)
 

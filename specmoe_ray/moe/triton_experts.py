@@ -143,6 +143,11 @@ if AVAILABLE:
                 tl.store(out, acc.to(dtype), mask=row_ok[:, None] & (rn[None, :] < N))
 
 
+# The sorted kernel's block sizes and warps (block_n, block_k, num_warps; unset: 32, 128 and 4,
+# or 32, 64 and 4 for float32): benchmarks/kernels.py (5) sweeps them with --sweep.
+SORTED_CONFIG: dict[str, int] = {}
+
+
 def expert_matmul(
     x: torch.Tensor,
     w: torch.Tensor,
@@ -168,15 +173,16 @@ def expert_matmul(
         return out
     if x.stride(-1) != 1:
         x = x.contiguous()
-    block_n, block_k = (32, 128) if x.dtype != torch.float32 else (32, 64)
+    block_n = SORTED_CONFIG.get("block_n", 32)
+    block_k = SORTED_CONFIG.get("block_k", 128 if x.dtype != torch.float32 else 64)
     grid = (E, triton.cdiv(N, block_n))
     with launch_on(x.device):
         _experts_kernel[grid](
             x, w, out, offsets, src if src is not None else offsets, dst if dst is not None else offsets,
             N, K, x.stride(0), w.stride(0), w.stride(1),
             GROUP=group, GATHER=src is not None, SCATTER=dst is not None, GLU=glu,
-            BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=block_k, PRECISION=dot_precision(x.dtype), num_warps=4,
-            **pdl_launch(x.device),
+            BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=block_k, PRECISION=dot_precision(x.dtype),
+            num_warps=SORTED_CONFIG.get("num_warps", 4), **pdl_launch(x.device),
         )  # fmt: skip
     return out
 
