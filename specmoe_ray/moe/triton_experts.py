@@ -46,12 +46,20 @@ PDL = True
 PDL_SUPPORTED = AVAILABLE and hasattr(getattr(getattr(tl, "extra", None), "cuda", None), "gdc_wait")
 
 
+_PDL_DEVICES: dict[int, bool] = {}  # CUDA device index -> Hopper or later (griddepcontrol)
+
+
 def pdl_launch(device: torch.device) -> dict:
-    """A kernel launch's extra arguments: with PDL on a CUDA device, the launch option and the
-    kernels' `PDL` constexpr (`_grid_dependency`); else nothing."""
-    if PDL and PDL_SUPPORTED and device.type == "cuda":
-        return {"launch_pdl": True, "PDL": True}
-    return {}
+    """A kernel launch's extra arguments: with PDL on a CUDA device of compute capability 9 or
+    more (older ones lack the instructions), the launch option and the kernels' `PDL` constexpr
+    (`_grid_dependency`); else nothing."""
+    if not (PDL and PDL_SUPPORTED and device.type == "cuda"):
+        return {}
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    hopper = _PDL_DEVICES.get(index)
+    if hopper is None:
+        hopper = _PDL_DEVICES[index] = torch.cuda.get_device_capability(index)[0] >= 9
+    return {"launch_pdl": True, "PDL": True} if hopper else {}
 
 
 if AVAILABLE:

@@ -347,6 +347,22 @@ def test_rows_matmul_equals_float64_reference(rows):
     assert ((out - ref).norm() / ref.norm()).item() < 1e-6
 
 
+def test_programmatic_dependent_launch_only_on_hopper_or_later(monkeypatch):
+    """PDL (on by default) asks for griddepcontrol instructions, which GPUs before compute
+    capability 9 lack: launches there (and on CPUs, and with PDL off) get no PDL arguments."""
+    monkeypatch.setattr(triton_experts, "PDL_SUPPORTED", True)
+    monkeypatch.setattr(triton_experts, "_PDL_DEVICES", {})
+    capability = {0: (8, 0), 1: (9, 0), 2: (10, 0)}
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i: capability[i])
+    pdl = {"launch_pdl": True, "PDL": True}
+    assert triton_experts.pdl_launch(torch.device("cuda", 0)) == {}  # an A100
+    assert triton_experts.pdl_launch(torch.device("cuda", 1)) == pdl  # an H100
+    assert triton_experts.pdl_launch(torch.device("cuda", 2)) == pdl
+    assert triton_experts.pdl_launch(torch.device("cpu")) == {}
+    monkeypatch.setattr(triton_experts, "PDL", False)
+    assert triton_experts.pdl_launch(torch.device("cuda", 1)) == {}
+
+
 @pytest.mark.parametrize("n", [1, 5, 64, 256, 300, 1030])
 def test_rank_sort_equals_torch_stable_sort(n):
     """The pairs' sorting kernel against torch's stable sort: the same keys and the same order
