@@ -152,6 +152,11 @@ def step_profile(a, bandwidth: float) -> None:
         ],
         "attention split every 64 keys (opt-in)": [(triton_kernels, "SPLIT_KEYS", 64)],
         "norm + rope + cache write inside attention (opt-in)": [(triton_kernels, "ROPE_IN_ATTENTION", True)],
+        "router + routing in one kernel (opt-in)": [(triton_kernels, "ROUTER_TOPK", True)],
+        "both of the above (opt-in)": [
+            (triton_kernels, "ROPE_IN_ATTENTION", True),
+            (triton_kernels, "ROUTER_TOPK", True),
+        ],
         "add + norm inside the projections (opt-in)": [(fused, "FUSED_NORM_MATVEC", True)],
         "projections of <= 16 rows by rows_matmul (opt-in)": [(fused, "MATMUL_ROWS", 16)],
         "no programmatic dependent launches": [(triton_experts, "PDL", False)],

@@ -364,17 +364,23 @@ class MoEBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if isinstance(self.gate, TopKRouter):
+            if fused.is_active() and triton_kernels.router_topk_supported(x):
+                return self.forward_routed(x, *self.gate.route_tokens(x, self._load_counter(x)))
             return self.forward_logits(x, linear(x, self.gate.weight))
         return self.forward_routed(x, *self.gate(x))
+
+    def _load_counter(self, x: torch.Tensor):
+        """A backend that keeps load counters: a callable for the routing kernel to count into
+        them (`TopKRouter.route`); else None."""
+        load_counter = getattr(self.backend, "load_counter", None)
+        if load_counter is not None and triton_kernels.COUNT_IN_ROUTING:
+            return lambda: load_counter(self.layer, x.device)
+        return None
 
     def forward_logits(self, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         """From a top-k router's logits on: a backend that keeps load counters has the routing
         kernel count into them (no counting kernel of its own)."""
-        load_counter = getattr(self.backend, "load_counter", None)
-        counter = None
-        if load_counter is not None and triton_kernels.COUNT_IN_ROUTING:
-            counter = lambda: load_counter(self.layer, x.device)  # noqa: E731
-        return self.forward_routed(x, *self.gate.route(logits, x, counter))
+        return self.forward_routed(x, *self.gate.route(logits, x, self._load_counter(x)))
 
     def forward_routed(
         self, x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor, counted: bool = False

@@ -14,7 +14,9 @@ a radix top-k and a bitonic sort, ~10 us for 128 numbers per token).
   opt-in) it also applies the per-head q/k norms and rope and writes the step's K/V into the
   cache first, replacing the compiled norm + rope + cache-write kernels before it.
 - `softmax_topk`: one program per token: float32 softmax over the experts, then k rounds of
-  arg-max, weights renormalised over the k if asked.
+  arg-max, weights renormalised over the k if asked. `router_topk` (`ROUTER_TOPK`, opt-in):
+  the router's logits too, for a few tokens: programs of 2 experts each, the last to finish
+  routes every token.
 
 Used only on CUDA inside static steps (`fused.active()`), where CPU tests check the same
 static batches against SDPA and torch.topk; `tests/gpu` checks the kernels against them.
@@ -47,6 +49,11 @@ SPLIT_KEYS = 256
 # K/V into the cache (`NewKeys`), instead of a compiled norm + rope + cache-write function of
 # 2-3 kernels before it. Opt-in until measured (kernels.py ablation).
 ROPE_IN_ATTENTION = False
+# Static steps of <= ROUTER_TOPK_MAX_TOKENS tokens: the router's logits and their softmax +
+# top-k in one kernel (`router_topk`: its last program to finish routes), instead of cuBLAS
+# plus the routing kernel. Opt-in until measured (kernels.py ablation).
+ROUTER_TOPK = False
+ROUTER_TOPK_MAX_TOKENS = 4
 
 if AVAILABLE:
 
@@ -520,3 +527,138 @@ def add_norm_matvec(
             **pdl_launch(x.device),
         )  # fmt: skip
     return out, (h if normed else None), total
+
+
+if AVAILABLE:
+
+    @triton.jit
+    def _router_topk_kernel(
+        x_ptr,  # [T, D] the normed tokens
+        r_ptr,  # [E, D] the router's weight
+        logits_ptr,  # [T, E] out, in the tokens' dtype (as the router's matmul would give them)
+        done_ptr,  # [1] int32 programs finished; 0 before and after the launch
+        w_ptr,  # [T, K] out
+        ids_ptr,  # [T, K] int64 out
+        counts_ptr,  # [E] int64 (COUNT)
+        mask_ptr,  # [T] int64 0/1 (MASKED)
+        T,
+        E,
+        D,
+        stride_x,
+        K: tl.constexpr,
+        BLOCK_T: tl.constexpr,
+        BLOCK_R: tl.constexpr,  # experts (logits) per program
+        BLOCK_D: tl.constexpr,
+        BLOCK_E: tl.constexpr,  # >= E
+        BLOCK_K: tl.constexpr,
+        RENORM: tl.constexpr,
+        COUNT: tl.constexpr,
+        MASKED: tl.constexpr,
+        PDL: tl.constexpr = False,  # programmatic dependent launch (`pdl_launch`)
+    ):
+        """Each program: BLOCK_R experts' logits for all T tokens. The last program to finish
+        (a counter of finished programs, reset by it) reads them all and routes each token as
+        `_softmax_topk_kernel` does."""
+        _grid_dependency(PDL)
+        rt = tl.arange(0, BLOCK_T)
+        t_ok = rt < T
+        rr = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        r_ok = rr < E
+        acc = tl.zeros((BLOCK_T, BLOCK_R), tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            rd = d0 + tl.arange(0, BLOCK_D)
+            d_ok = rd < D
+            xt = tl.load(
+                x_ptr + rt[:, None] * stride_x + rd[None, :], mask=t_ok[:, None] & d_ok[None, :], other=0.0
+            )
+            w = tl.load(
+                r_ptr + rr[:, None].to(tl.int64) * D + rd[None, :],
+                mask=r_ok[:, None] & d_ok[None, :],
+                other=0.0,
+            )
+            acc += tl.sum(xt.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+        out = logits_ptr + rt[:, None] * E + rr[None, :]
+        tl.store(out, acc.to(logits_ptr.dtype.element_ty), mask=t_ok[:, None] & r_ok[None, :])
+        tl.debug_barrier()  # every thread's logits stored before the counter says so
+        finished = tl.atomic_add(done_ptr, 1, sem="acq_rel")
+        if finished == tl.num_programs(0) - 1:
+            re = tl.arange(0, BLOCK_E)
+            e_ok = re < E
+            ok = t_ok[:, None] & e_ok[None, :]
+            lg = tl.load(
+                logits_ptr + rt[:, None] * E + re[None, :], mask=ok, other=float("-inf"), cache_modifier=".cg"
+            ).to(tl.float32)
+            m = tl.where(t_ok, tl.max(lg, 1), 0.0)
+            p = tl.exp(lg - m[:, None])
+            p = p / tl.where(t_ok, tl.sum(p, 1), 1.0)[:, None]
+            p = tl.where(e_ok[None, :], p, -1.0)
+            rk = tl.arange(0, BLOCK_K)
+            vals = tl.zeros((BLOCK_T, BLOCK_K), tl.float32)
+            idx = tl.zeros((BLOCK_T, BLOCK_K), tl.int64)
+            for i in tl.static_range(K):
+                best = tl.max(p, 1)
+                at = tl.min(tl.where(p == best[:, None], re[None, :], BLOCK_E), 1)  # lowest index among ties
+                vals = tl.where(rk[None, :] == i, best[:, None], vals)
+                idx = tl.where(rk[None, :] == i, at[:, None].to(tl.int64), idx)
+                p = tl.where(re[None, :] == at[:, None], -1.0, p)
+            if RENORM:
+                total = tl.sum(vals, 1)
+                vals = vals / tl.where(total > 0, total, 1.0)[:, None]  # (padding rows: 0)
+            k_ok = t_ok[:, None] & (rk < K)[None, :]
+            dst = rt[:, None] * K + rk[None, :]
+            tl.store(w_ptr + dst, vals.to(w_ptr.dtype.element_ty), mask=k_ok)
+            tl.store(ids_ptr + dst, idx, mask=k_ok)
+            if COUNT:
+                one = (
+                    tl.load(mask_ptr + rt, mask=t_ok, other=0)
+                    if MASKED
+                    else tl.where(t_ok, 1, 0).to(tl.int64)
+                )
+                tl.atomic_add(
+                    counts_ptr + idx, tl.zeros((BLOCK_T, BLOCK_K), tl.int64) + one[:, None], mask=k_ok
+                )
+            tl.store(done_ptr, 0)  # ready for the next launch (graph replays)
+
+
+def router_topk_supported(x: torch.Tensor) -> bool:
+    """`ROUTER_TOPK` serves these tokens: few of them, on a GPU (or Triton's interpreter: tests)."""
+    return (
+        ROUTER_TOPK
+        and ROUTING
+        and AVAILABLE
+        and (x.is_cuda or INTERPRETED)
+        and 0 < x.shape[0] <= ROUTER_TOPK_MAX_TOKENS
+        and x.stride(-1) == 1
+    )
+
+
+def router_topk(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    done: torch.Tensor,
+    top_k: int,
+    renorm: bool,
+    dtype: torch.dtype,
+    counts: torch.Tensor | None = None,
+    token_mask: torch.Tensor | None = None,
+):
+    """`softmax_topk(x @ weight^T, ...)` in one kernel: x [T, D] (T <= ROUTER_TOPK_MAX_TOKENS),
+    weight [E, D]; done: an int32 [1] zero tensor of the caller's (the kernel counts its
+    finished programs there and leaves it 0; one per router, as two launches must not share it)."""
+    T, D = x.shape
+    E = weight.shape[0]
+    weight = weight if weight.stride(-1) == 1 and weight.stride(0) == D else weight.contiguous()
+    logits = torch.empty(T, E, dtype=x.dtype, device=x.device)
+    weights = torch.empty(T, top_k, dtype=dtype, device=x.device)
+    ids = torch.empty(T, top_k, dtype=torch.long, device=x.device)
+    block_r = 2
+    with launch_on(x.device):
+        _router_topk_kernel[(triton.cdiv(E, block_r),)](
+            x, weight, logits, done, weights, ids,
+            ids if counts is None else counts, ids if token_mask is None else token_mask,
+            T, E, D, x.stride(0),
+            K=top_k, BLOCK_T=max(2, triton.next_power_of_2(T)), BLOCK_R=block_r, BLOCK_D=512,
+            BLOCK_E=triton.next_power_of_2(E), BLOCK_K=triton.next_power_of_2(top_k), RENORM=renorm,
+            COUNT=counts is not None, MASKED=token_mask is not None, **pdl_launch(x.device),
+        )  # fmt: skip
+    return weights, ids

@@ -34,6 +34,7 @@ class TopKRouter(nn.Module):
         # Mixtral keeps the combine weights in float32; the others cast to the model dtype.
         self.float_weights = args.model_type == "mixtral"
         self.weight = nn.Parameter(torch.zeros(args.num_experts, args.hidden_size))
+        self._done: dict[torch.device, torch.Tensor] = {}  # `route_tokens`' counters, per device
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # x: [T, D] -> weights [T, A], expert_ids [T, A]
@@ -52,6 +53,19 @@ class TopKRouter(nn.Module):
             return weights, ids, counts is not None
         weights, ids = softmax_topk(logits, self.top_k, self.norm_topk_prob, x, not self.float_weights)
         return weights, ids, False
+
+    def route_tokens(self, x: torch.Tensor, counter=None):
+        """`route(x @ weight^T, x, counter)` in one kernel (`triton_kernels.router_topk`; static
+        steps of a few tokens, `router_topk_supported`)."""
+        dtype = torch.float32 if self.float_weights else x.dtype
+        done = self._done.get(x.device)
+        if done is None:  # the kernel's counter of finished programs: this router's own
+            done = self._done[x.device] = torch.zeros(1, dtype=torch.int32, device=x.device)
+        counts, mask = counter() if counter is not None else (None, None)
+        weights, ids = triton_kernels.router_topk(
+            x, self.weight, done, self.top_k, self.norm_topk_prob, dtype, counts, mask
+        )
+        return weights, ids, counts is not None
 
 
 class GroupedTopKRouter(nn.Module):

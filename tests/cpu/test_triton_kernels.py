@@ -194,6 +194,41 @@ def test_attention_with_norm_rope_and_cache_write_equals_the_separate_steps(
     assert rel < tol, rel
 
 
+@pytest.mark.parametrize("T", [1, 3, 4])
+@pytest.mark.parametrize("E,renorm,masked", [(128, True, True), (60, False, False)])
+def test_router_topk_kernel_equals_router_then_routing(T, E, renorm, masked):
+    """`router_topk` (`ROUTER_TOPK`): the router's logits and the routing in one kernel (its last
+    program routes) == float64 logits through torch's softmax + top-k: the same experts, the same
+    weights, the same load counts (padding tokens count nothing); twice in a row (the kernel
+    leaves its counter of finished programs at 0 for the next launch)."""
+    from specmoe_ray.models import triton_kernels
+
+    g = torch.Generator().manual_seed(T * E)
+    D, k = 320, 8
+    x, weight = torch.randn(T, D, generator=g), torch.randn(E, D, generator=g) / D**0.5
+    mask = (torch.arange(T) != 1).long() if masked else None  # token 1 is padding
+    logits = x.double() @ weight.double().T
+    p = torch.softmax(logits, -1)
+    want_w, want_ids = p.topk(k, -1)
+    if renorm:
+        want_w = want_w / want_w.sum(-1, keepdim=True)
+    done = torch.zeros(1, dtype=torch.int32, device=DEVICE)
+    counts = torch.zeros(E, dtype=torch.long, device=DEVICE)
+    for round in (1, 2):
+        w, ids = triton_kernels.router_topk(
+            x.to(DEVICE), weight.to(DEVICE), done, k, renorm, torch.float32, counts,
+            None if mask is None else mask.to(DEVICE),
+        )  # fmt: skip
+        assert torch.equal(ids.cpu(), want_ids), round
+        assert torch.allclose(w.cpu().double(), want_w, atol=1e-5), round
+        assert done.item() == 0
+    want_counts = torch.zeros(E, dtype=torch.long)
+    for t in range(T):
+        if mask is None or mask[t]:
+            want_counts[want_ids[t]] += 2
+    assert torch.equal(counts.cpu(), want_counts)
+
+
 @pytest.mark.parametrize("E,renorm", [(128, True), (60, False)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_softmax_topk_kernel_equals_torch(E, renorm, dtype):
@@ -334,6 +369,36 @@ def test_rope_in_attention_gives_the_tokens_of_transformers(tmp_path, monkeypatc
             got = [o.token_ids for o in e.generate(batch, params)]
         assert calls and all(calls), (draft, calls)
         assert got == hf_greedy(path, batch, 8), draft
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral"])
+def test_router_topk_gives_the_tokens_of_transformers(checkpoints, monkeypatch, arch):
+    """`triton_kernels.ROUTER_TOPK`: static steps of <= 4 tokens route with the one-kernel
+    router + top-k (Triton's interpreter here; Mixtral's float32 combine weights too): greedy
+    decode and n-gram verify steps of one sequence give transformers' tokens."""
+    from conftest import hf_greedy
+
+    from specmoe_ray import Engine, SamplingParams
+    from specmoe_ray.models import triton_kernels
+
+    tokens = []
+    kernel = triton_kernels.router_topk
+    monkeypatch.setattr(
+        triton_kernels, "router_topk", lambda x, *a, **k: tokens.append(x.shape[0]) or kernel(x, *a, **k)
+    )
+    monkeypatch.setattr(triton_kernels, "ROUTER_TOPK", True)
+    path = checkpoints(arch)
+    prompt = [[5, 9, 17, 3, 60, 2, 5, 9, 17, 3]]
+    params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+    for draft in (None, "ngram"):
+        tokens.clear()
+        with Engine.from_pretrained(
+            path, device=DEVICE, draft=draft, step_graphs="padded", max_model_len=64
+        ) as e:
+            got = [o.token_ids for o in e.generate(prompt, params)]
+        assert tokens and set(tokens) <= {1, 2, 3, 4}, tokens
+        assert got == hf_greedy(path, prompt, 10), draft
+    assert max(tokens) > 1  # verify steps with drafted tokens
 
 
 @pytest.mark.parametrize("rows", [2, 5, 16])
