@@ -153,9 +153,14 @@ def step_profile(a, bandwidth: float) -> None:
         "attention split every 64 keys (opt-in)": [(triton_kernels, "SPLIT_KEYS", 64)],
         "norm + rope + cache write inside attention (opt-in)": [(triton_kernels, "ROPE_IN_ATTENTION", True)],
         "router + routing in one kernel (opt-in)": [(triton_kernels, "ROUTER_TOPK", True)],
-        "both of the above (opt-in)": [
+        "add + norm + router + routing in one kernel (opt-in)": [
+            (triton_kernels, "ROUTER_TOPK", True),
+            (triton_kernels, "ROUTER_TOPK_NORM", True),
+        ],
+        "rope in attention + add, norm, router, routing in one (opt-in)": [
             (triton_kernels, "ROPE_IN_ATTENTION", True),
             (triton_kernels, "ROUTER_TOPK", True),
+            (triton_kernels, "ROUTER_TOPK_NORM", True),
         ],
         "add + norm inside the projections (opt-in)": [(fused, "FUSED_NORM_MATVEC", True)],
         "projections of <= 16 rows by rows_matmul (opt-in)": [(fused, "MATMUL_ROWS", 16)],

@@ -425,10 +425,25 @@ class DecoderLayer(nn.Module):
             return self._forward_norms_in_projections(x, residual, cos, sin, batch, cache)
         else:
             h, residual = self._add_norm(self.input_layernorm, x, residual)
-        h, residual = self._add_norm(
-            self.post_attention_layernorm, self.self_attn(h, cos, sin, batch, cache), residual
-        )
+        out = self.self_attn(h, cos, sin, batch, cache)
+        if self._norm_in_router(out):  # add + norm, router and routing: one kernel
+            mlp, norm = self.mlp, self.post_attention_layernorm
+            weights, ids, counted, h, residual = mlp.gate.route_tokens(
+                out, mlp._load_counter(out), (residual, norm.weight, norm.eps)
+            )
+            return mlp.forward_routed(h, weights, ids, counted), residual
+        h, residual = self._add_norm(self.post_attention_layernorm, out, residual)
         return self.mlp(h), residual
+
+    def _norm_in_router(self, x: torch.Tensor) -> bool:
+        """`triton_kernels.ROUTER_TOPK_NORM` and the one-kernel router serve this MoE block."""
+        return (
+            triton_kernels.ROUTER_TOPK_NORM
+            and isinstance(self.mlp, MoEBlock)
+            and isinstance(self.mlp.gate, TopKRouter)
+            and fused.is_active()
+            and triton_kernels.router_topk_supported(x)
+        )
 
     @staticmethod
     def _add_norm(norm: RMSNorm, x: torch.Tensor, residual: torch.Tensor):

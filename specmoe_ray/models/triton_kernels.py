@@ -54,6 +54,9 @@ ROPE_IN_ATTENTION = False
 # plus the routing kernel. Opt-in until measured (kernels.py ablation).
 ROUTER_TOPK = False
 ROUTER_TOPK_MAX_TOKENS = 4
+# With ROUTER_TOPK: the residual add + RMS norm before an MoE block inside that kernel too (each
+# program norms the few rows itself; `DecoderLayer`). Opt-in until measured.
+ROUTER_TOPK_NORM = False
 
 if AVAILABLE:
 
@@ -533,7 +536,7 @@ if AVAILABLE:
 
     @triton.jit
     def _router_topk_kernel(
-        x_ptr,  # [T, D] the normed tokens
+        x_ptr,  # [T, D] the normed tokens (NORM: the attention's output, before the add + norm)
         r_ptr,  # [E, D] the router's weight
         logits_ptr,  # [T, E] out, in the tokens' dtype (as the router's matmul would give them)
         done_ptr,  # [1] int32 programs finished; 0 before and after the launch
@@ -541,10 +544,16 @@ if AVAILABLE:
         ids_ptr,  # [T, K] int64 out
         counts_ptr,  # [E] int64 (COUNT)
         mask_ptr,  # [T] int64 0/1 (MASKED)
+        res_ptr,  # NORM: [T, D] the residual stream
+        gamma_ptr,  # NORM: [D] the norm's weight
+        h_ptr,  # NORM: [T, D] out, the normed tokens (program 0 writes them)
+        sum_ptr,  # NORM: [T, D] out, x + residual (the next residual stream; program 0)
         T,
         E,
         D,
         stride_x,
+        stride_r,
+        eps,
         K: tl.constexpr,
         BLOCK_T: tl.constexpr,
         BLOCK_R: tl.constexpr,  # experts (logits) per program
@@ -554,29 +563,51 @@ if AVAILABLE:
         RENORM: tl.constexpr,
         COUNT: tl.constexpr,
         MASKED: tl.constexpr,
+        NORM: tl.constexpr = False,
         PDL: tl.constexpr = False,  # programmatic dependent launch (`pdl_launch`)
     ):
-        """Each program: BLOCK_R experts' logits for all T tokens. The last program to finish
-        (a counter of finished programs, reset by it) reads them all and routes each token as
-        `_softmax_topk_kernel` does."""
+        """Each program: BLOCK_R experts' logits for all T tokens (NORM: of rms_norm(x +
+        residual), each program norming the few rows itself, program 0 writing them out). The
+        last program to finish (a counter of finished programs, reset by it) reads every logit
+        and routes each token as `_softmax_topk_kernel` does."""
         _grid_dependency(PDL)
         rt = tl.arange(0, BLOCK_T)
         t_ok = rt < T
         rr = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
         r_ok = rr < E
+        dt = logits_ptr.dtype.element_ty
+        first = tl.program_id(0) == 0
+        if NORM:  # the rows' mean square, of the sum rounded to the model's dtype (as torch adds)
+            ss = tl.zeros((BLOCK_T,), tl.float32)
+            for d0 in range(0, D, BLOCK_D):
+                rd = d0 + tl.arange(0, BLOCK_D)
+                ok = t_ok[:, None] & (rd < D)[None, :]
+                xt = tl.load(x_ptr + rt[:, None] * stride_x + rd[None, :], mask=ok, other=0.0)
+                rs = tl.load(res_ptr + rt[:, None] * stride_r + rd[None, :], mask=ok, other=0.0)
+                sm = (xt.to(tl.float32) + rs.to(tl.float32)).to(dt).to(tl.float32)
+                ss += tl.sum(sm * sm, 1)
+            inv = tl.rsqrt(ss / D + eps)
         acc = tl.zeros((BLOCK_T, BLOCK_R), tl.float32)
         for d0 in range(0, D, BLOCK_D):
             rd = d0 + tl.arange(0, BLOCK_D)
             d_ok = rd < D
-            xt = tl.load(
-                x_ptr + rt[:, None] * stride_x + rd[None, :], mask=t_ok[:, None] & d_ok[None, :], other=0.0
-            )
+            ok = t_ok[:, None] & d_ok[None, :]
+            xt = tl.load(x_ptr + rt[:, None] * stride_x + rd[None, :], mask=ok, other=0.0).to(tl.float32)
+            if NORM:  # h = gamma * (sum * inv) as `fused.rms_norm` (rounded where torch rounds)
+                rs = tl.load(res_ptr + rt[:, None] * stride_r + rd[None, :], mask=ok, other=0.0)
+                sm = (xt + rs.to(tl.float32)).to(dt)
+                g = tl.load(gamma_ptr + rd, mask=d_ok, other=0.0).to(tl.float32)
+                h = ((sm.to(tl.float32) * inv[:, None]).to(dt).to(tl.float32) * g[None, :]).to(dt)
+                if first:
+                    tl.store(sum_ptr + rt[:, None] * D + rd[None, :], sm, mask=ok)
+                    tl.store(h_ptr + rt[:, None] * D + rd[None, :], h, mask=ok)
+                xt = h.to(tl.float32)
             w = tl.load(
                 r_ptr + rr[:, None].to(tl.int64) * D + rd[None, :],
                 mask=r_ok[:, None] & d_ok[None, :],
                 other=0.0,
             )
-            acc += tl.sum(xt.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+            acc += tl.sum(xt[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
         out = logits_ptr + rt[:, None] * E + rr[None, :]
         tl.store(out, acc.to(logits_ptr.dtype.element_ty), mask=t_ok[:, None] & r_ok[None, :])
         tl.debug_barrier()  # every thread's logits stored before the counter says so
@@ -641,24 +672,41 @@ def router_topk(
     dtype: torch.dtype,
     counts: torch.Tensor | None = None,
     token_mask: torch.Tensor | None = None,
+    norm: tuple[torch.Tensor, torch.Tensor, float] | None = None,
 ):
     """`softmax_topk(x @ weight^T, ...)` in one kernel: x [T, D] (T <= ROUTER_TOPK_MAX_TOKENS),
     weight [E, D]; done: an int32 [1] zero tensor of the caller's (the kernel counts its
-    finished programs there and leaves it 0; one per router, as two launches must not share it)."""
+    finished programs there and leaves it 0; one per router, as two launches must not share it)
+    -> (weights, ids). norm = (residual [T, D], the norm's weight [D], eps): x is the layer's
+    attention output, routed as `add_rms_norm(x, residual, ...)` -> (weights, ids, the normed
+    tokens, x + residual)."""
     T, D = x.shape
     E = weight.shape[0]
     weight = weight if weight.stride(-1) == 1 and weight.stride(0) == D else weight.contiguous()
     logits = torch.empty(T, E, dtype=x.dtype, device=x.device)
     weights = torch.empty(T, top_k, dtype=dtype, device=x.device)
     ids = torch.empty(T, top_k, dtype=torch.long, device=x.device)
+    if norm is not None:
+        residual, gamma, eps = norm
+        residual = residual if residual.stride(-1) == 1 else residual.contiguous()
+        h, total = (
+            torch.empty(T, D, dtype=x.dtype, device=x.device),
+            torch.empty(T, D, dtype=x.dtype, device=x.device),
+        )
+        extra, stride_r = (residual, gamma, h, total), residual.stride(0)
+    else:
+        extra, stride_r, eps = (x,) * 4, 0, 0.0
     block_r = 2
     with launch_on(x.device):
         _router_topk_kernel[(triton.cdiv(E, block_r),)](
             x, weight, logits, done, weights, ids,
-            ids if counts is None else counts, ids if token_mask is None else token_mask,
-            T, E, D, x.stride(0),
+            ids if counts is None else counts, ids if token_mask is None else token_mask, *extra,
+            T, E, D, x.stride(0), stride_r, eps,
             K=top_k, BLOCK_T=max(2, triton.next_power_of_2(T)), BLOCK_R=block_r, BLOCK_D=512,
             BLOCK_E=triton.next_power_of_2(E), BLOCK_K=triton.next_power_of_2(top_k), RENORM=renorm,
-            COUNT=counts is not None, MASKED=token_mask is not None, **pdl_launch(x.device),
+            COUNT=counts is not None, MASKED=token_mask is not None, NORM=norm is not None,
+            **pdl_launch(x.device),
         )  # fmt: skip
+    if norm is not None:
+        return weights, ids, h, total
     return weights, ids

@@ -54,18 +54,20 @@ class TopKRouter(nn.Module):
         weights, ids = softmax_topk(logits, self.top_k, self.norm_topk_prob, x, not self.float_weights)
         return weights, ids, False
 
-    def route_tokens(self, x: torch.Tensor, counter=None):
+    def route_tokens(self, x: torch.Tensor, counter=None, norm=None):
         """`route(x @ weight^T, x, counter)` in one kernel (`triton_kernels.router_topk`; static
-        steps of a few tokens, `router_topk_supported`)."""
+        steps of a few tokens, `router_topk_supported`) -> (weights, ids, counted). norm =
+        (residual, the norm's weight, eps): x is routed as `add_rms_norm(x, residual, ...)` ->
+        (weights, ids, counted, the normed tokens, x + residual)."""
         dtype = torch.float32 if self.float_weights else x.dtype
         done = self._done.get(x.device)
         if done is None:  # the kernel's counter of finished programs: this router's own
             done = self._done[x.device] = torch.zeros(1, dtype=torch.int32, device=x.device)
         counts, mask = counter() if counter is not None else (None, None)
-        weights, ids = triton_kernels.router_topk(
-            x, self.weight, done, self.top_k, self.norm_topk_prob, dtype, counts, mask
+        out = triton_kernels.router_topk(
+            x, self.weight, done, self.top_k, self.norm_topk_prob, dtype, counts, mask, norm
         )
-        return weights, ids, counts is not None
+        return (*out[:2], counts is not None, *out[2:])
 
 
 class GroupedTopKRouter(nn.Module):

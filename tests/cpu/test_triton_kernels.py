@@ -194,19 +194,28 @@ def test_attention_with_norm_rope_and_cache_write_equals_the_separate_steps(
     assert rel < tol, rel
 
 
+@pytest.mark.parametrize("norm", [False, True])
 @pytest.mark.parametrize("T", [1, 3, 4])
 @pytest.mark.parametrize("E,renorm,masked", [(128, True, True), (60, False, False)])
-def test_router_topk_kernel_equals_router_then_routing(T, E, renorm, masked):
+def test_router_topk_kernel_equals_router_then_routing(T, E, renorm, masked, norm):
     """`router_topk` (`ROUTER_TOPK`): the router's logits and the routing in one kernel (its last
     program routes) == float64 logits through torch's softmax + top-k: the same experts, the same
     weights, the same load counts (padding tokens count nothing); twice in a row (the kernel
-    leaves its counter of finished programs at 0 for the next launch)."""
-    from specmoe_ray.models import triton_kernels
+    leaves its counter of finished programs at 0 for the next launch). norm
+    (`ROUTER_TOPK_NORM`): the tokens are first `add_rms_norm(x, residual)`'s, which the kernel
+    also returns (normed rows, x + residual)."""
+    from specmoe_ray.models import fused, triton_kernels
 
     g = torch.Generator().manual_seed(T * E)
-    D, k = 320, 8
+    D, k = 600, 8  # D: more than one 512-column block
     x, weight = torch.randn(T, D, generator=g), torch.randn(E, D, generator=g) / D**0.5
     mask = (torch.arange(T) != 1).long() if masked else None  # token 1 is padding
+    args = None
+    if norm:
+        residual, gamma = torch.randn(T, D, generator=g), 1 + 0.1 * torch.randn(D, generator=g)
+        args = (residual.to(DEVICE), gamma.to(DEVICE), 1e-6)
+        want_h, want_sum = fused.add_rms_norm.__wrapped__(x, residual, gamma, 1e-6)
+        x_in, x = x, want_h
     logits = x.double() @ weight.double().T
     p = torch.softmax(logits, -1)
     want_w, want_ids = p.topk(k, -1)
@@ -215,10 +224,13 @@ def test_router_topk_kernel_equals_router_then_routing(T, E, renorm, masked):
     done = torch.zeros(1, dtype=torch.int32, device=DEVICE)
     counts = torch.zeros(E, dtype=torch.long, device=DEVICE)
     for round in (1, 2):
-        w, ids = triton_kernels.router_topk(
-            x.to(DEVICE), weight.to(DEVICE), done, k, renorm, torch.float32, counts,
-            None if mask is None else mask.to(DEVICE),
+        out = triton_kernels.router_topk(
+            (x_in if norm else x).to(DEVICE), weight.to(DEVICE), done, k, renorm, torch.float32, counts,
+            None if mask is None else mask.to(DEVICE), args,
         )  # fmt: skip
+        w, ids = out[:2]
+        if norm:
+            assert torch.allclose(out[2].cpu(), want_h, atol=1e-5) and torch.allclose(out[3].cpu(), want_sum)
         assert torch.equal(ids.cpu(), want_ids), round
         assert torch.allclose(w.cpu().double(), want_w, atol=1e-5), round
         assert done.item() == 0
@@ -371,11 +383,12 @@ def test_rope_in_attention_gives_the_tokens_of_transformers(tmp_path, monkeypatc
         assert got == hf_greedy(path, batch, 8), draft
 
 
-@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral"])
-def test_router_topk_gives_the_tokens_of_transformers(checkpoints, monkeypatch, arch):
+@pytest.mark.parametrize("arch,norm", [("qwen3_moe", False), ("mixtral", False), ("qwen3_moe", True)])
+def test_router_topk_gives_the_tokens_of_transformers(checkpoints, monkeypatch, arch, norm):
     """`triton_kernels.ROUTER_TOPK`: static steps of <= 4 tokens route with the one-kernel
-    router + top-k (Triton's interpreter here; Mixtral's float32 combine weights too): greedy
-    decode and n-gram verify steps of one sequence give transformers' tokens."""
+    router + top-k (Triton's interpreter here; Mixtral's float32 combine weights too), with
+    `ROUTER_TOPK_NORM` the add + norm before it inside the same kernel: greedy decode and n-gram
+    verify steps of one sequence give transformers' tokens."""
     from conftest import hf_greedy
 
     from specmoe_ray import Engine, SamplingParams
@@ -384,9 +397,12 @@ def test_router_topk_gives_the_tokens_of_transformers(checkpoints, monkeypatch, 
     tokens = []
     kernel = triton_kernels.router_topk
     monkeypatch.setattr(
-        triton_kernels, "router_topk", lambda x, *a, **k: tokens.append(x.shape[0]) or kernel(x, *a, **k)
+        triton_kernels,
+        "router_topk",
+        lambda x, *a: tokens.append((x.shape[0], a[7] is not None)) or kernel(x, *a),
     )
     monkeypatch.setattr(triton_kernels, "ROUTER_TOPK", True)
+    monkeypatch.setattr(triton_kernels, "ROUTER_TOPK_NORM", norm)
     path = checkpoints(arch)
     prompt = [[5, 9, 17, 3, 60, 2, 5, 9, 17, 3]]
     params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
@@ -396,9 +412,10 @@ def test_router_topk_gives_the_tokens_of_transformers(checkpoints, monkeypatch, 
             path, device=DEVICE, draft=draft, step_graphs="padded", max_model_len=64
         ) as e:
             got = [o.token_ids for o in e.generate(prompt, params)]
-        assert tokens and set(tokens) <= {1, 2, 3, 4}, tokens
+        assert tokens and {n for n, _ in tokens} <= {1, 2, 3, 4}, tokens
+        assert all(normed == norm for _, normed in tokens)  # the add + norm inside, or not
         assert got == hf_greedy(path, prompt, 10), draft
-    assert max(tokens) > 1  # verify steps with drafted tokens
+    assert max(n for n, _ in tokens) > 1  # verify steps with drafted tokens
 
 
 @pytest.mark.parametrize("rows", [2, 5, 16])

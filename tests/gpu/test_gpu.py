@@ -201,6 +201,7 @@ def test_capture_failure_falls_back_to_eager_static_steps(checkpoints):
         [("triton_kernels", "SPLIT_KEYS", 64)],
         [("triton_kernels", "ROPE_IN_ATTENTION", True)],
         [("triton_kernels", "ROUTER_TOPK", True)],
+        [("triton_kernels", "ROUTER_TOPK", True), ("triton_kernels", "ROUTER_TOPK_NORM", True)],
         [("triton_kernels", "COUNT_IN_ROUTING", False)],
         [("triton_experts", "PDL", False)],
     ],
