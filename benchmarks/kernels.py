@@ -151,6 +151,10 @@ def step_profile(a, bandwidth: float) -> None:
             (triton_experts, "MATVEC_KERNEL", "dedup"),
         ],
         "attention split every 64 keys (opt-in)": [(triton_kernels, "SPLIT_KEYS", 64)],
+        "attention split every 64 keys, merged by the last program (opt-in)": [
+            (triton_kernels, "SPLIT_KEYS", 64),
+            (triton_kernels, "SPLIT_MERGE_LAST", True),
+        ],
         "norm + rope + cache write inside attention (opt-in)": [(triton_kernels, "ROPE_IN_ATTENTION", True)],
         "router + routing in one kernel (opt-in)": [(triton_kernels, "ROUTER_TOPK", True)],
         "add + norm + router + routing in one kernel (opt-in)": [

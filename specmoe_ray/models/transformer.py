@@ -237,6 +237,7 @@ class Attention(nn.Module):
         self.clip_qkv = args.clip_qkv
         self.sliding_window = args.sliding_window
         self._qkv: tuple[torch.Tensor, torch.Tensor | None] | None = None  # see fuse_projections
+        self._heads_done: dict[torch.device, torch.Tensor] = {}  # the attention kernel's counters
 
     def fuse_projections(self) -> None:
         """q, k and v projections as one matmul: their weights become views of one tensor (the
@@ -267,6 +268,16 @@ class Attention(nn.Module):
         """From the fused q/k/v projection's output ([N, (H + 2 Hkv) * hd]) on."""
         q, k, v = qkv.split([p.weight.shape[0] for p in (self.q_proj, self.k_proj, self.v_proj)], -1)
         return self.forward_projected(q, k, v, cos, sin, batch, cache)
+
+    def _counters(self, device: torch.device) -> torch.Tensor:
+        """This layer's per-head counters for the attention kernel (`SPLIT_MERGE_LAST`): zeros,
+        left zero by every launch; enough for 512 sequences."""
+        counters = self._heads_done.get(device)
+        if counters is None:
+            counters = self._heads_done[device] = torch.zeros(
+                512 * self.num_kv_heads, dtype=torch.int32, device=device
+            )
+        return counters
 
     def forward_projected(self, q, k, v, cos, sin, batch: ForwardBatch, cache: KVCache) -> torch.Tensor:
         N = q.shape[0]
@@ -299,6 +310,7 @@ class Attention(nn.Module):
                 batch.kv_len,
                 self.sliding_window,
                 new=new,
+                counters=self._counters(q.device),
             )
             return linear(out, self.o_proj.weight)
         if fused.FUSED_CACHE_WRITE and fused.is_active() and q.is_cuda:
@@ -317,6 +329,7 @@ class Attention(nn.Module):
                 batch.query_positions,
                 batch.kv_len,
                 self.sliding_window,
+                counters=self._counters(q.device),
             )
             return linear(out, self.o_proj.weight)
         keys, values = cache.read(self.layer, batch.read_slots, batch.kv_len)  # [B, Hkv, L, hd]

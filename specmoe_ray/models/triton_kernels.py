@@ -53,6 +53,10 @@ ROPE_IN_ATTENTION = False
 # top-k in one kernel (`router_topk`: its last program to finish routes), instead of cuBLAS
 # plus the routing kernel. Opt-in until measured (kernels.py ablation).
 ROUTER_TOPK = False
+# Attention split over several programs per head (long caches, SPLIT_KEYS): the head's last
+# program to finish merges the parts (a counter per head, `decode_attention(counters=)`)
+# instead of a merge kernel after it. Opt-in until measured.
+SPLIT_MERGE_LAST = False
 ROUTER_TOPK_MAX_TOKENS = 4
 # With ROUTER_TOPK: the residual add + RMS norm before an MoE block inside that kernel too (each
 # program norms the few rows itself; `DecoderLayer`). Opt-in until measured.
@@ -96,6 +100,7 @@ if AVAILABLE:
         sin_ptr,
         wslots_ptr,  # ROPE: [B * Tq] each token's cache slot and position to write
         wpos_ptr,
+        counters_ptr,  # MERGE_LAST: [B * Hkv] int32 programs of each (sequence, KV head) done; 0 after
         stride_qn,
         stride_qh,
         stride_s,
@@ -120,6 +125,7 @@ if AVAILABLE:
         ROPE: tl.constexpr = False,
         NORM: tl.constexpr = False,
         BLOCK_T: tl.constexpr = 1,  # ROPE: >= Tq
+        MERGE_LAST: tl.constexpr = False,  # SPLITS > 1: the last program of a head merges
         PDL: tl.constexpr = False,  # programmatic dependent launch (`pdl_launch`)
     ):
         _grid_dependency(PDL)
@@ -199,6 +205,53 @@ if AVAILABLE:
             tl.store(part_ptr + (base * BLOCK_M + rm[:, None]) * HD + rd[None, :], acc)
             tl.store(ml_ptr + (base * 2) * BLOCK_M + rm, m_i)
             tl.store(ml_ptr + (base * 2 + 1) * BLOCK_M + rm, l_i)
+            if MERGE_LAST:  # no merge kernel: the head's last program to finish merges
+                tl.debug_barrier()  # every thread's part stored before the counter says so
+                head = b * tl.num_programs(1) + kvh
+                if tl.atomic_add(counters_ptr + head, 1, sem="acq_rel") == SPLITS - 1:
+                    _merge_parts(
+                        part_ptr, ml_ptr, out_ptr, b, kvh, tl.num_programs(1), Tq, G, HD, BLOCK_M, SPLITS
+                    )
+                    tl.store(counters_ptr + head, 0)  # ready for the next launch (graph replays)
+
+    @triton.jit
+    def _merge_parts(
+        part_ptr,
+        ml_ptr,
+        out_ptr,
+        b,
+        kvh,
+        Hkv,
+        Tq,
+        G,
+        HD: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        SPLITS: tl.constexpr,
+    ):
+        """One (sequence, KV head)'s SPLITS partial softmax sums -> its rows of out."""
+        H = Hkv * G
+        rm = tl.arange(0, BLOCK_M)
+        rd = tl.arange(0, HD)
+        first = (b * Hkv + kvh) * SPLITS
+        m = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+        for z in range(SPLITS):
+            m = tl.maximum(m, tl.load(ml_ptr + ((first + z) * 2) * BLOCK_M + rm, cache_modifier=".cg"))
+        m_safe = tl.where(m == float("-inf"), 0.0, m)
+        l_sum = tl.zeros((BLOCK_M,), tl.float32)
+        acc = tl.zeros((BLOCK_M, HD), tl.float32)
+        for z in range(SPLITS):
+            w = tl.exp(tl.load(ml_ptr + ((first + z) * 2) * BLOCK_M + rm, cache_modifier=".cg") - m_safe)
+            l_sum += w * tl.load(ml_ptr + ((first + z) * 2 + 1) * BLOCK_M + rm, cache_modifier=".cg")
+            part = tl.load(
+                part_ptr + ((first + z) * BLOCK_M + rm[:, None]) * HD + rd[None, :], cache_modifier=".cg"
+            )
+            acc += w[:, None] * part
+        o = acc / tl.where(l_sum > 0, l_sum, 1.0)[:, None]
+        row_ok = rm < G * Tq
+        n = b * Tq + rm % Tq
+        hq = kvh * G + rm // Tq
+        dst = out_ptr + n[:, None] * (H * HD) + hq[:, None] * HD + rd[None, :]
+        tl.store(dst, o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
 
     @triton.jit
     def _merge_kernel(
@@ -213,28 +266,19 @@ if AVAILABLE:
         PDL: tl.constexpr = False,  # programmatic dependent launch (`pdl_launch`)
     ):
         _grid_dependency(PDL)
-        b = tl.program_id(0)
-        kvh = tl.program_id(1)
-        H = tl.num_programs(1) * G
-        rm = tl.arange(0, BLOCK_M)
-        rd = tl.arange(0, HD)
-        first = (b * tl.num_programs(1) + kvh) * SPLITS
-        m = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-        for z in range(SPLITS):
-            m = tl.maximum(m, tl.load(ml_ptr + ((first + z) * 2) * BLOCK_M + rm))
-        m_safe = tl.where(m == float("-inf"), 0.0, m)
-        l_sum = tl.zeros((BLOCK_M,), tl.float32)
-        acc = tl.zeros((BLOCK_M, HD), tl.float32)
-        for z in range(SPLITS):
-            w = tl.exp(tl.load(ml_ptr + ((first + z) * 2) * BLOCK_M + rm) - m_safe)
-            l_sum += w * tl.load(ml_ptr + ((first + z) * 2 + 1) * BLOCK_M + rm)
-            acc += w[:, None] * tl.load(part_ptr + ((first + z) * BLOCK_M + rm[:, None]) * HD + rd[None, :])
-        o = acc / tl.where(l_sum > 0, l_sum, 1.0)[:, None]
-        row_ok = rm < G * Tq
-        n = b * Tq + rm % Tq
-        hq = kvh * G + rm // Tq
-        dst = out_ptr + n[:, None] * (H * HD) + hq[:, None] * HD + rd[None, :]
-        tl.store(dst, o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+        _merge_parts(
+            part_ptr,
+            ml_ptr,
+            out_ptr,
+            tl.program_id(0),
+            tl.program_id(1),
+            tl.num_programs(1),
+            Tq,
+            G,
+            HD,
+            BLOCK_M,
+            SPLITS,
+        )
 
     @triton.jit
     def _softmax_topk_kernel(
@@ -327,6 +371,7 @@ def decode_attention(
     kv_len: int,
     window: int | None,
     new: NewKeys | None = None,
+    counters: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """q [B * Tq, H, hd] (padded batch, rope applied), kv [slots, 2, Hkv, Lmax, hd] one layer of
     the cache, slots [B], query_positions [B, Tq], kv_len: keys per sequence at most (the step's
@@ -334,7 +379,9 @@ def decode_attention(
     sqrt(hd)) v over keys at positions <= the query's (and > position - window).
 
     new: the step's keys and values are not in the cache yet, and q and k are not normed nor
-    roped: the kernel does both and writes K/V into the cache first (`ROPE_IN_ATTENTION`)."""
+    roped: the kernel does both and writes K/V into the cache first (`ROPE_IN_ATTENTION`).
+    counters: int32 zeros, at least B * Hkv, of the caller's (one per attention layer): with
+    SPLIT_MERGE_LAST, split heads merge in their last program, not in a kernel after."""
     B, Tq = query_positions.shape
     q = q if q.stride(2) == 1 else q.contiguous()
     H, hd = q.shape[1], q.shape[2]
@@ -364,6 +411,7 @@ def decode_attention(
         eps = new.eps
     else:
         norm, rope, rope_strides, eps = False, (q,) * 8, (0, 0, 0), 0.0
+    merge_last = SPLIT_MERGE_LAST and splits > 1 and counters is not None and counters.numel() >= B * Hkv
     with launch_on(q.device):
         _attention_kernel[(B, Hkv, splits)](
             q,
@@ -374,6 +422,7 @@ def decode_attention(
             part,
             ml,
             *rope,
+            counters if merge_last else q,
             q.stride(0),
             q.stride(1),
             kv.stride(0),
@@ -396,10 +445,11 @@ def decode_attention(
             ROPE=new is not None,
             NORM=norm,
             BLOCK_T=max(2, triton.next_power_of_2(Tq)),
+            MERGE_LAST=merge_last,
             num_warps=4,
             **pdl_launch(q.device),
         )
-        if splits > 1:
+        if splits > 1 and not merge_last:
             _merge_kernel[(B, Hkv)](
                 part,
                 ml,

@@ -105,19 +105,24 @@ def test_pair_kernel_reads_token_rows_and_skips_experts_not_held(dtype, path, mo
     assert rel < (1e-5 if dtype == torch.float32 else 2e-2), rel
 
 
-@pytest.mark.parametrize("split_keys", [256, 64])
+@pytest.mark.parametrize("split_keys,merge_last", [(256, False), (64, False), (64, True)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(
     "B,Tq,L,window", [(1, 1, 256, None), (3, 4, 300, None), (2, 2, 1200, None), (3, 3, 200, 50)]
 )
-def test_decode_attention_kernel_equals_float64_reference(dtype, B, Tq, L, window, split_keys, monkeypatch):
+def test_decode_attention_kernel_equals_float64_reference(
+    dtype, B, Tq, L, window, split_keys, merge_last, monkeypatch
+):
     """The static steps' attention kernel (keys read from the cache by slot, grouped query heads,
-    causal by position, sliding window, long caches split over programs and merged) against
+    causal by position, sliding window, long caches split over programs and merged, by a kernel
+    or by each head's last program: `SPLIT_MERGE_LAST`, whose counters end at 0) against
     float64 math."""
     from specmoe_ray.models import triton_kernels
     from specmoe_ray.models.triton_kernels import decode_attention
 
     monkeypatch.setattr(triton_kernels, "SPLIT_KEYS", split_keys)
+    monkeypatch.setattr(triton_kernels, "SPLIT_MERGE_LAST", merge_last)
+    counters = torch.zeros(8, dtype=torch.int32, device=DEVICE)
 
     skip_bf16_on_interpreter(dtype)
     g = torch.Generator().manual_seed(B * Tq + L)
@@ -129,7 +134,10 @@ def test_decode_attention_kernel_equals_float64_reference(dtype, B, Tq, L, windo
     lasts = [L - 1, L // 2, 17][:B]  # each sequence's last query position
     qpos = torch.tensor([[p - Tq + 1 + t for t in range(Tq)] for p in lasts])
     slots_t = torch.tensor(slots)
-    out = decode_attention(q.to(DEVICE), kv.to(DEVICE), slots_t.to(DEVICE), qpos.to(DEVICE), L, window)
+    out = decode_attention(
+        q.to(DEVICE), kv.to(DEVICE), slots_t.to(DEVICE), qpos.to(DEVICE), L, window, counters=counters
+    )
+    assert not counters.any()
     out = out.double().cpu().view(B * Tq, H, hd)
     ref = torch.empty(B * Tq, H, hd, dtype=torch.float64)
     for b in range(B):
@@ -352,10 +360,13 @@ def test_norms_inside_projections_give_the_tokens_of_transformers(checkpoints, m
     assert got == hf_greedy(path, prompt, 8)
 
 
-def test_rope_in_attention_gives_the_tokens_of_transformers(tmp_path, monkeypatch):
+@pytest.mark.parametrize("merge_last", [False, True])
+def test_rope_in_attention_gives_the_tokens_of_transformers(tmp_path, monkeypatch, merge_last):
     """`triton_kernels.ROPE_IN_ATTENTION`: static steps norm and rope q and k, write K/V into the
     cache and attend in one kernel (Triton's interpreter here): greedy decode of one sequence
-    and n-gram verify steps of several (padding tokens included) give transformers' tokens."""
+    and n-gram verify steps of several (padding tokens included) give transformers' tokens.
+    merge_last: the keys split over programs every 16, merged by each head's last program
+    (`SPLIT_MERGE_LAST`, the layer's counters)."""
     from conftest import hf_greedy, make_checkpoint
 
     from specmoe_ray import Engine, SamplingParams
@@ -371,6 +382,9 @@ def test_rope_in_attention_gives_the_tokens_of_transformers(tmp_path, monkeypatc
         lambda *a, **k: calls.append(k.get("new") is not None) or kernel(*a, **k),
     )
     monkeypatch.setattr(triton_kernels, "ROPE_IN_ATTENTION", True)
+    if merge_last:
+        monkeypatch.setattr(triton_kernels, "SPLIT_KEYS", 16)
+        monkeypatch.setattr(triton_kernels, "SPLIT_MERGE_LAST", True)
     prompts = [[5, 9, 17, 3, 60, 2], [7, 7, 7, 7, 7, 7, 7, 7, 7, 7], [30, 31, 32]]
     params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
     for batch, draft in (([prompts[0]], None), (prompts, "ngram")):

@@ -199,6 +199,7 @@ def test_capture_failure_falls_back_to_eager_static_steps(checkpoints):
         [("fused", "MATMUL_ROWS", 16)],
         [("triton_experts", "DEDUP", False)],
         [("triton_kernels", "SPLIT_KEYS", 64)],
+        [("triton_kernels", "SPLIT_KEYS", 64), ("triton_kernels", "SPLIT_MERGE_LAST", True)],
         [("triton_kernels", "ROPE_IN_ATTENTION", True)],
         [("triton_kernels", "ROUTER_TOPK", True)],
         [("triton_kernels", "ROUTER_TOPK", True), ("triton_kernels", "ROUTER_TOPK_NORM", True)],
