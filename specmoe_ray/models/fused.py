@@ -22,6 +22,7 @@ import functools
 import logging
 import threading
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
@@ -44,6 +45,10 @@ FUSED_NORM_MATVEC = False
 # Projections of 2 .. this many rows (verify steps) inside static steps by `triton_experts.
 # rows_matmul` instead of cuBLAS; 1 = off. Opt-in until measured (kernels.py ablations).
 MATMUL_ROWS = 1
+# Static steps: an MoE block's output stays uncombined (`Pending`: expert rows and gate weights)
+# until the next layer's residual add + norm, which combines, adds and norms in one compiled
+# kernel (`combine_add_rms_norm`) instead of two. Opt-in until measured (kernels.py ablation).
+DEFER_COMBINE = False
 RECOMPILE_LIMIT = 64
 _state = threading.local()
 
@@ -181,6 +186,36 @@ def qk_rope_write(
 def combine(y: torch.Tensor, weights: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """Experts' outputs [T, A, D] weighted by the gate [T, A], summed -> [T, D] in like's dtype."""
     return (y * weights[..., None]).to(like.dtype).sum(1)
+
+
+class Pending(NamedTuple):
+    """An MoE block's output, not combined yet (`DEFER_COMBINE`): y [T, A, D] expert outputs,
+    weights [T, A], like: a tensor of the output's dtype."""
+
+    y: torch.Tensor
+    weights: torch.Tensor
+    like: torch.Tensor
+
+    def combined(self) -> torch.Tensor:
+        return combine(self.y, self.weights, self.like)
+
+
+def materialize(x):
+    """x, or a `Pending` output combined."""
+    return x.combined() if isinstance(x, Pending) else x
+
+
+@fused
+def combine_add_rms_norm(
+    y: torch.Tensor, weights: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+):
+    """`add_rms_norm(combine(y, weights, residual), residual, weight, eps)` as one kernel: the
+    combine unrolled over the experts (pointwise, so the norm's kernel computes it), products
+    rounded to the output's dtype and summed in float32 as `combine`."""
+    total = (y[:, 0] * weights[:, 0, None]).to(residual.dtype).float()
+    for a in range(1, y.shape[1]):
+        total = total + (y[:, a] * weights[:, a, None]).to(residual.dtype).float()
+    return add_rms_norm.__wrapped__(total.to(residual.dtype), residual, weight, eps)
 
 
 @fused

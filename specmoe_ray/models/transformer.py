@@ -404,6 +404,12 @@ class MoEBlock(nn.Module):
             out = self.backend(self.layer, x, expert_ids, counted=counted, weights=weights)
         else:
             y = self.backend(self.layer, x, expert_ids, counted=counted)  # [T, A, D]
+            if (
+                fused.DEFER_COMBINE
+                and fused.is_active()
+                and self.shared_expert is self.shared_experts is None
+            ):
+                return fused.Pending(y, weights, x)  # combined inside the next add + norm
             # Combine in top-k slot order: the same order however the experts are placed.
             out = combine(y, weights, x)
         if self.shared_expert is not None:
@@ -426,12 +432,14 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x, cos, sin, batch: ForwardBatch, cache: KVCache) -> torch.Tensor:
         out, residual = self.forward_residual(x, None, cos, sin, batch, cache)
-        return out + residual
+        return fused.materialize(out) + residual
 
     def forward_residual(self, x, residual, cos, sin, batch: ForwardBatch, cache: KVCache):
         """The layer on a residual stream kept apart: the stream is `x + residual` (residual None:
         just x) -> (out, residual') whose sum is the layer's output. The adds run inside the
         norms (`add_rms_norm`), one kernel each instead of two."""
+        if isinstance(x, fused.Pending) and (residual is None or fused.FUSED_NORM_MATVEC):
+            x = x.combined()  # (the add + norm below combines it otherwise)
         if residual is None:
             residual, h = x, self.input_layernorm(x)
         elif self._norms_in_projections(x):
@@ -459,7 +467,9 @@ class DecoderLayer(nn.Module):
         )
 
     @staticmethod
-    def _add_norm(norm: RMSNorm, x: torch.Tensor, residual: torch.Tensor):
+    def _add_norm(norm: RMSNorm, x, residual: torch.Tensor):
+        if isinstance(x, fused.Pending):  # an MoE block's output, combined here (DEFER_COMBINE)
+            return fused.combine_add_rms_norm(x.y, x.weights, residual, norm.weight, norm.eps)
         return add_rms_norm(x, residual, norm.weight, norm.eps)
 
     def _norms_in_projections(self, x: torch.Tensor) -> bool:
@@ -555,6 +565,7 @@ class Transformer(nn.Module):
         residual = None
         for layer in self.model.layers:
             x, residual = layer.forward_residual(x, residual, cos, sin, batch, cache)
+        x = fused.materialize(x)
         norm = self.model.norm
         if return_hidden:
             hidden = add_rms_norm(x, residual, norm.weight, norm.eps)[0]

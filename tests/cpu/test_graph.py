@@ -196,3 +196,22 @@ def test_static_exchange_with_shards_replicas_and_a_killed_shard(
     busy = [x for x in split if x is not None]
     assert busy and sum(x > 0 for x in busy) >= 0.75 * len(busy), split
     assert sum(busy) / len(busy) > 0.2, split
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral", "qwen2_moe"])
+def test_deferred_combine_gives_the_tokens_of_transformers(checkpoints, monkeypatch, arch):
+    """`fused.DEFER_COMBINE`: static steps leave an MoE block's output uncombined until the next
+    layer's add + norm (`combine_add_rms_norm`), or the final norm; Qwen2-MoE's shared expert
+    keeps the plain combine. Ragged batches with n-gram speculation == transformers, and every
+    MoE layer without a shared expert deferred its combine."""
+    from specmoe_ray.models import fused
+
+    monkeypatch.setattr(fused, "DEFER_COMBINE", True)
+    calls = []
+    fn = fused.combine_add_rms_norm
+    monkeypatch.setattr(fused, "combine_add_rms_norm", lambda *a: calls.append(1) or fn(*a))
+    path = checkpoints(arch)
+    got, _, stats, _ = run(path, "padded", RAGGED, GREEDY, draft="ngram")
+    assert got == hf_greedy(path, RAGGED, NEW)
+    assert stats["num_static_steps"] > 0
+    assert bool(calls) == (arch != "qwen2_moe")
