@@ -236,18 +236,23 @@ def routed_ids(T: int, E: int, A: int, overlap: bool, g: torch.Generator) -> tor
     return torch.stack(rows).reshape(-1)
 
 
-def expert_variants(a, bandwidth: float) -> None:
-    E, D, I, A, n_layers = 128, 2048, 768, 8, 4
-    g = torch.Generator(device="cuda").manual_seed(0)
-    layers = [
+def random_experts(held: int, E: int, D: int, I: int, n_layers: int, g: torch.Generator) -> list:
+    """n_layers layers of experts 0 .. held - 1 of E (random bf16, Qwen3-30B-A3B's scale)."""
+    return [
         LocalExperts(
-            list(range(E)),
-            torch.randn(E, 2 * I, D, device="cuda", dtype=torch.bfloat16, generator=g) * 0.02,
-            torch.randn(E, D, I, device="cuda", dtype=torch.bfloat16, generator=g) * 0.02,
+            list(range(held)),
+            torch.randn(held, 2 * I, D, device="cuda", dtype=torch.bfloat16, generator=g) * 0.02,
+            torch.randn(held, D, I, device="cuda", dtype=torch.bfloat16, generator=g) * 0.02,
             E,
         )
         for _ in range(n_layers)
     ]
+
+
+def expert_variants(a, bandwidth: float) -> None:
+    E, D, I, A, n_layers = 128, 2048, 768, 8, 4
+    g = torch.Generator(device="cuda").manual_seed(0)
+    layers = random_experts(E, E, D, I, n_layers, g)
     expert_bytes = 3 * D * I * 2
     blocks = [(8, 256, 8)] + (
         [(bn, bk, w) for bn in (8, 16, 32) for bk in (256, 512) for w in (4, 8)] if a.sweep else []
@@ -439,15 +444,7 @@ def sharded_experts(a, bandwidth: float) -> None:
         ]
     print(f"(5) sorted expert path at batch {T} ({T * A} rows), us per layer (graph replay)")
     for held in (128, 64, 32):
-        layers = [
-            LocalExperts(
-                list(range(held)),
-                torch.randn(held, 2 * I, D, device="cuda", dtype=torch.bfloat16, generator=g) * 0.02,
-                torch.randn(held, D, I, device="cuda", dtype=torch.bfloat16, generator=g) * 0.02,
-                E,
-            )
-            for _ in range(n_layers)
-        ]
+        layers = random_experts(held, E, D, I, n_layers, g)
         ids = routed_ids(T, E, A, False, g)
         mine = ids[ids < held]  # the pairs a shard holding experts 0 .. held - 1 receives
         rows = torch.full((T * A,), -1, dtype=torch.long, device="cuda")

@@ -295,13 +295,22 @@ class Attention(nn.Module):
             self.q_norm.eps if head_norm else 0.0,
         )
         rows = self.num_heads // self.num_kv_heads * batch.max_new
-        if (
-            batch.padded
-            and fused.is_active()
-            and triton_kernels.rope_in_attention(q, k, cos, self.head_dim, rows)
-        ):
-            # Norms, rope, the cache write and attention in one kernel (`ROPE_IN_ATTENTION`).
+        # Static steps on GPUs: one kernel reads the keys from the cache by slot.
+        kernel = batch.padded and fused.is_active()
+        new = None
+        if kernel and triton_kernels.rope_in_attention(q, k, cos, self.head_dim, rows):
+            # Norms, rope and the cache write inside that kernel too (`ROPE_IN_ATTENTION`).
             new = triton_kernels.NewKeys(k, v, cos, sin, *norms, batch.write_slots, batch.positions)
+        else:
+            if fused.FUSED_CACHE_WRITE and fused.is_active() and q.is_cuda:
+                q = fused.qk_rope_write(
+                    q, k, v, cos, sin, *norms, cache.kv[self.layer], batch.write_slots, batch.positions
+                )
+            else:
+                q, kv = qk_rope(q, k, v, cos, sin, *norms)
+                cache.write_kv(self.layer, batch.write_slots, batch.positions, kv)
+            kernel = kernel and triton_kernels.attention_supported(q, self.head_dim, rows)
+        if kernel:
             out = triton_kernels.decode_attention(
                 q,
                 cache.kv[self.layer],
@@ -310,25 +319,6 @@ class Attention(nn.Module):
                 batch.kv_len,
                 self.sliding_window,
                 new=new,
-                counters=self._counters(q.device),
-            )
-            return linear(out, self.o_proj.weight)
-        if fused.FUSED_CACHE_WRITE and fused.is_active() and q.is_cuda:
-            q = fused.qk_rope_write(
-                q, k, v, cos, sin, *norms, cache.kv[self.layer], batch.write_slots, batch.positions
-            )
-        else:
-            q, kv = qk_rope(q, k, v, cos, sin, *norms)
-            cache.write_kv(self.layer, batch.write_slots, batch.positions, kv)
-        if batch.padded and fused.is_active() and triton_kernels.attention_supported(q, self.head_dim, rows):
-            # Static steps on GPUs: one kernel reads the keys from the cache by slot.
-            out = triton_kernels.decode_attention(
-                q,
-                cache.kv[self.layer],
-                batch.read_slots,
-                batch.query_positions,
-                batch.kv_len,
-                self.sliding_window,
                 counters=self._counters(q.device),
             )
             return linear(out, self.o_proj.weight)
