@@ -215,3 +215,31 @@ def test_deferred_combine_gives_the_tokens_of_transformers(checkpoints, monkeypa
     assert got == hf_greedy(path, RAGGED, NEW)
     assert stats["num_static_steps"] > 0
     assert bool(calls) == (arch != "qwen2_moe")
+
+
+def test_one_kernel_router_with_shards_counts_the_same_load(ray_cluster, checkpoints, monkeypatch):
+    """`ROUTER_TOPK` + `ROUTER_TOPK_NORM` (Triton's interpreter) with 2 expert shards (the
+    engine's process serving one): decode and verify steps of <= 4 tokens route in one kernel
+    that counts into the exchange's load counters, padding masked: the same tokens as
+    transformers and the same expert load as the plain routing path."""
+    from test_shards import pinned
+
+    from specmoe_ray.models import triton_kernels
+
+    if not triton_kernels.INTERPRETED:
+        pytest.skip("runs the kernel on Triton's interpreter (CPU-only machines)")
+    path = checkpoints("qwen3_moe")
+    opts = pinned(2, collective_timeout_s=20)
+    opts.local_shard = True
+    prompts = [PROMPTS[0]]  # one sequence: its steps have <= 4 tokens
+    args = dict(draft="ngram", num_shards=2, shard_options=opts)
+    plain, plain_load, _, _ = run(path, "padded", prompts, GREEDY, **args)
+    monkeypatch.setattr(triton_kernels, "ROUTER_TOPK", True)
+    monkeypatch.setattr(triton_kernels, "ROUTER_TOPK_NORM", True)
+    calls = []
+    fn = triton_kernels.router_topk
+    monkeypatch.setattr(triton_kernels, "router_topk", lambda *a: calls.append(a[6] is not None) or fn(*a))
+    got, load, _, _ = run(path, "padded", prompts, GREEDY, **args)
+    assert calls and all(calls)  # counted inside the kernel
+    assert got == plain == hf_greedy(path, prompts, NEW)
+    assert load == plain_load and sum(map(sum, load.values())) > 0
