@@ -1,0 +1,179 @@
+"""Compiles every Triton kernel of the package for NVIDIA GPUs, without a GPU: Triton's code
+generator and ptxas for a Hopper target (sm90, programmatic dependent launch on; every constexpr
+branch the engine launches, in bf16), an Ampere one (sm80, off) and float32. Triton's
+interpreter (the CPU tests) runs the kernels' arithmetic but not their lowering: a kernel that
+only fails to compile for a GPU fails here. Run by tests/cpu/test_triton_kernels.py in a
+process of its own (the interpreter is chosen when the kernels are defined); prints "ok NAME"
+or "FAIL NAME: error" per variant and exits 1 if any failed.
+
+    python tests/cpu/compile_kernels.py
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import sys
+
+os.environ.pop("TRITON_INTERPRET", None)  # before the kernels are defined
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from specmoe_ray.models import triton_kernels as tk  # noqa: E402
+from specmoe_ray.moe import triton_dispatch as td  # noqa: E402
+from specmoe_ray.moe import triton_experts as te  # noqa: E402
+
+I64, I32, F32 = "*i64", "*i32", "*fp32"
+
+
+def signature(fn, consts: dict, ptrs: dict, floats=(), dtype: str = "bf16") -> dict:
+    """Every argument's type: constexprs, pointers (`_ptr`: as given, else the model's dtype),
+    float scalars, else int32."""
+    sig = {}
+    for name in fn.arg_names:
+        if name in consts:
+            sig[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            sig[name] = ptrs.get(name, "*" + dtype)
+        else:
+            sig[name] = "fp32" if name in floats else "i32"
+    return sig
+
+
+def variants(base: dict, **choices) -> list[dict]:
+    """base with every combination of the choices."""
+    keys = list(choices)
+    return [{**base, **dict(zip(keys, combo))} for combo in itertools.product(*(choices[k] for k in keys))]
+
+
+def kernels() -> list[tuple[str, object, list[dict], dict, tuple]]:
+    """(name, kernel, constexpr variants, pointer types, float scalars)."""
+    attention_ptrs = dict(
+        slots_ptr=I64, qpos_ptr=I64, part_ptr=F32, ml_ptr=F32, wslots_ptr=I64, wpos_ptr=I64, counters_ptr=I32
+    )
+    attention = variants(
+        dict(HD=128, BLOCK_M=16, BLOCK_L=64, WINDOW=False, BLOCK_T=2),
+        SPLITS=(1, 4),
+        ROPE=(False, True),
+        NORM=(False, True),
+        MERGE_LAST=(False, True),
+    )
+    attention = [
+        v for v in attention if (v["ROPE"] or not v["NORM"]) and (v["SPLITS"] > 1 or not v["MERGE_LAST"])
+    ]
+    attention.append(
+        dict(HD=64, BLOCK_M=32, BLOCK_L=64, WINDOW=True, BLOCK_T=4, SPLITS=1, ROPE=False, NORM=False)
+    )
+    routing_ptrs = dict(ids_ptr=I64, counts_ptr=I64, mask_ptr=I64, done_ptr=I32)
+    sort_ptrs = dict(keys_ptr=I64, table_ptr=I64, sorted_ptr=I64, order_ptr=I64, offs_ptr=I32, counts_ptr=I64)
+    pack_ptrs = dict(
+        ids_ptr=I64, mask_ptr=I64, table_ptr=I64, replicas_ptr=I64, rotation_ptr=I64, idcol_ptr=I64,
+        slot_ptr=I64, counts_ptr=I64,
+    )  # fmt: skip
+    return [
+        ("attention", tk._attention_kernel, attention, attention_ptrs, ("scale", "eps")),
+        ("merge", tk._merge_kernel, [dict(HD=128, BLOCK_M=16, SPLITS=4)], dict(part_ptr=F32, ml_ptr=F32), ()),
+        (
+            "softmax_topk",
+            tk._softmax_topk_kernel,
+            variants(
+                dict(K=8, BLOCK_E=128, BLOCK_K=8),
+                RENORM=(False, True),
+                COUNT=(False, True),
+                MASKED=(False, True),
+            ),
+            routing_ptrs,
+            (),
+        ),
+        (
+            "router_topk",
+            tk._router_topk_kernel,
+            variants(
+                dict(K=8, BLOCK_T=4, BLOCK_R=2, BLOCK_D=512, BLOCK_E=128, BLOCK_K=8, RENORM=True),
+                COUNT=(False, True),
+                MASKED=(False, True),
+                NORM=(False, True),
+            ),
+            routing_ptrs,
+            ("eps",),
+        ),
+        (
+            "add_norm_matvec",
+            tk._add_norm_matvec_kernel,
+            variants(dict(BLOCK_N=4, BLOCK_K=2048), NORMED=(False, True)),
+            {},
+            ("eps",),
+        ),
+        (
+            "experts (sorted)",
+            te._experts_kernel,
+            variants(
+                dict(GROUP=8, BLOCK_M=16, BLOCK_N=32, BLOCK_K=128),
+                GATHER=(False, True),
+                SCATTER=(False, True),
+                GLU=(False, True),
+            ),
+            dict(offs_ptr=I32, src_ptr=I64, dst_ptr=I64),
+            (),
+        ),
+        (
+            "experts (per pair)",
+            te._pair_kernel,
+            variants(dict(GROUP=8, BLOCK_N=8, BLOCK_K=256), GLU=(False, True)),
+            dict(ids_ptr=I64),
+            (),
+        ),
+        (
+            "experts (dedup)",
+            te._dedup_kernel,
+            variants(dict(GROUP=8, P_PAD=64, BLOCK_M=16, BLOCK_N=32, BLOCK_K=128), GLU=(False, True)),
+            dict(ids_ptr=I64),
+            (),
+        ),
+        (
+            "rank_sort",
+            te._rank_sort_kernel,
+            variants(
+                dict(BLOCK_I=32, BLOCK_J=128, BLOCK_E=16),
+                MAP=(False, True),
+                OFFSETS=(False, True),
+                COUNT=(False, True),
+            ),
+            sort_ptrs,
+            (),
+        ),
+        (
+            "pack",
+            td._pack_kernel,
+            variants(dict(BLOCK_I=16, BLOCK_J=128, BLOCK_D=256), HAS_MASK=(False, True)),
+            pack_ptrs,
+            (),
+        ),
+    ]
+
+
+def main() -> int:
+    failed = 0
+    for name, fn, consts_list, ptrs, floats in kernels():
+        for i, consts in enumerate(consts_list):
+            # Every variant for Hopper in bf16; the first also for Ampere and in float32.
+            targets = [(90, "bf16")] + ([(80, "bf16"), (90, "fp32")] if i == 0 else [])
+            for arch, dtype in targets:
+                c = dict(consts, PDL=arch >= 90)
+                if "PRECISION" in fn.arg_names:
+                    c["PRECISION"] = "ieee" if dtype == "fp32" else "tf32"
+                label = f"{name} sm{arch} {dtype} " + " ".join(f"{k}={v}" for k, v in consts.items())
+                src = ASTSource(fn=fn, signature=signature(fn, c, ptrs, floats, dtype), constexprs=c)
+                try:
+                    triton.compile(src, target=GPUTarget("cuda", arch, 32))
+                    print("ok", label)
+                except Exception as e:  # noqa: BLE001 (every failure reported, then the exit code)
+                    failed += 1
+                    print(f"FAIL {label}: {type(e).__name__}: {str(e)[:1500]}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
