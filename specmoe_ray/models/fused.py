@@ -42,13 +42,18 @@ FUSED_CACHE_WRITE = True
 # Batch-1 static steps: each residual add + RMS norm inside the one-row projection after it
 # (`triton_kernels.add_norm_matvec`; `DecoderLayer`). Opt-in until measured.
 FUSED_NORM_MATVEC = False
+# Batch-1 static steps: o_proj after the attention kernel by the matrix-vector kernel, which
+# (with `triton_experts.PREFETCH`) asks L2 for its weights while the attention's few programs
+# run, before waiting for their output (PDL). Opt-in: slower than cuBLAS in the step on an H100,
+# with the prefetch or without (kernels.py ablations, RESULTS.md session 7).
+MATVEC_O_PROJ = False
 # Projections of 2 .. this many rows (verify steps) inside static steps by `triton_experts.
 # rows_matmul` instead of cuBLAS; 1 = off. Opt-in until measured (kernels.py ablations).
 MATMUL_ROWS = 1
 # Static steps: an MoE block's output stays uncombined (`Pending`: expert rows and gate weights)
 # until the next layer's residual add + norm, which combines, adds and norms in one compiled
-# kernel (`combine_add_rms_norm`) instead of two. Opt-in until measured (kernels.py ablation).
-DEFER_COMBINE = False
+# kernel (`combine_add_rms_norm`) instead of two (kernels.py ablation; RESULTS.md session 7).
+DEFER_COMBINE = True
 RECOMPILE_LIMIT = 64
 _state = threading.local()
 
@@ -69,9 +74,12 @@ def is_active() -> bool:
     return ENABLED and getattr(_state, "depth", 0) > 0
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, matvec: bool = False
+) -> torch.Tensor:
     """F.linear; inside static steps on GPUs a single row (batch-1 decode) runs the experts'
-    per-pair matrix-vector kernel instead of cuBLAS (`triton_experts.matvec`)."""
+    per-pair matrix-vector kernel instead of cuBLAS (`triton_experts.matvec`) with `MATVEC`, or
+    where the caller asks (matvec: `MATVEC_O_PROJ`)."""
     if (
         bias is None
         and x.dim() == 2
@@ -80,7 +88,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         and triton_experts.AVAILABLE
         and weight.stride(1) == 1
     ):
-        if MATVEC and x.shape[0] == 1:
+        if (MATVEC or matvec) and x.shape[0] == 1:
             return triton_experts.matvec(x, weight)
         if 1 < x.shape[0] <= MATMUL_ROWS:
             return triton_experts.rows_matmul(x, weight)

@@ -321,7 +321,7 @@ class Attention(nn.Module):
                 new=new,
                 counters=self._counters(q.device),
             )
-            return linear(out, self.o_proj.weight)
+            return linear(out, self.o_proj.weight, matvec=fused.MATVEC_O_PROJ)
         keys, values = cache.read(self.layer, batch.read_slots, batch.kv_len)  # [B, Hkv, L, hd]
 
         # Query head h uses kv head h // G: fold the G heads of a group into the query rows.

@@ -10,13 +10,14 @@ a radix top-k and a bitonic sort, ~10 us for 128 numbers per token).
   copy), causal by position, optionally within a sliding window. One program per (sequence,
   KV head) holds the G query heads of that KV head for all Tq tokens (grouped-query attention
   without expanding K/V); long caches split the keys over several programs (flash-decoding)
-  and a second kernel merges them. Online softmax in float32. With `new` (`ROPE_IN_ATTENTION`,
-  opt-in) it also applies the per-head q/k norms and rope and writes the step's K/V into the
-  cache first, replacing the compiled norm + rope + cache-write kernels before it.
+  and a second kernel merges them (or, `SPLIT_MERGE_LAST`, each head's last program). Online
+  softmax in float32. With `new` (`ROPE_IN_ATTENTION`, static steps) it also applies the
+  per-head q/k norms and rope and writes the step's K/V into the cache first, replacing the
+  compiled norm + rope + cache-write kernels before it.
 - `softmax_topk`: one program per token: float32 softmax over the experts, then k rounds of
-  arg-max, weights renormalised over the k if asked. `router_topk` (`ROUTER_TOPK`, opt-in):
-  the router's logits too, for a few tokens: programs of 2 experts each, the last to finish
-  routes every token.
+  arg-max, weights renormalised over the k if asked. `router_topk` (`ROUTER_TOPK`, steps of
+  <= 4 tokens): the router's logits too (and the add + norm before, `ROUTER_TOPK_NORM`):
+  programs of 2 experts each, the last to finish routes every token.
 
 Used only on CUDA inside static steps (`fused.active()`), where CPU tests check the same
 static batches against SDPA and torch.topk; `tests/gpu` checks the kernels against them.
@@ -43,24 +44,28 @@ if AVAILABLE:
 ATTENTION = ROUTING = True
 COUNT_IN_ROUTING = True  # the routing kernel counts the expert load (else the backend's scatter)
 # Keys per program at least before a cache is split over several programs (+ one merge kernel):
-# fewer keys per program, more programs at small batches (kernels.py ablates 64).
-SPLIT_KEYS = 256
+# fewer keys per program, more programs at small batches (with SPLIT_MERGE_LAST: measured,
+# RESULTS.md session 7).
+SPLIT_KEYS = 64
 # Static steps: the attention kernel also applies the q/k norms and rope and writes the step's
 # K/V into the cache (`NewKeys`), instead of a compiled norm + rope + cache-write function of
-# 2-3 kernels before it. Opt-in until measured (kernels.py ablation).
-ROPE_IN_ATTENTION = False
+# 2-3 kernels before it (kernels.py ablation; RESULTS.md session 7).
+ROPE_IN_ATTENTION = True
 # Static steps of <= ROUTER_TOPK_MAX_TOKENS tokens: the router's logits and their softmax +
 # top-k in one kernel (`router_topk`: its last program to finish routes), instead of cuBLAS
-# plus the routing kernel. Opt-in until measured (kernels.py ablation).
-ROUTER_TOPK = False
+# plus the routing kernel (kernels.py ablation; RESULTS.md session 7).
+ROUTER_TOPK = True
 # Attention split over several programs per head (long caches, SPLIT_KEYS): the head's last
 # program to finish merges the parts (a counter per head, `decode_attention(counters=)`)
-# instead of a merge kernel after it. Opt-in until measured.
-SPLIT_MERGE_LAST = False
+# instead of a merge kernel after it.
+SPLIT_MERGE_LAST = True
 ROUTER_TOPK_MAX_TOKENS = 4
 # With ROUTER_TOPK: the residual add + RMS norm before an MoE block inside that kernel too (each
-# program norms the few rows itself; `DecoderLayer`). Opt-in until measured.
-ROUTER_TOPK_NORM = False
+# program norms the few rows itself; `DecoderLayer`).
+ROUTER_TOPK_NORM = True
+# `router_topk` reads whole rows at once up to this many products per program (BLOCK_T x
+# BLOCK_R x BLOCK_D; 0: always 512 columns at a time, session 6's kernel).
+ROUTER_TOPK_ONE_PASS = 16384
 
 if AVAILABLE:
 
@@ -139,6 +144,10 @@ if AVAILABLE:
         n = b * Tq + t
         hq = kvh * G + g
         rd = tl.arange(0, HD)
+        # The step's positions and slot first: their loads overlap the rope's below.
+        qpos = tl.load(qpos_ptr + b * Tq + t, mask=row_ok, other=-1)
+        end = tl.load(qpos_ptr + b * Tq + Tq - 1) + 1  # positions ascend within a sequence
+        slot = tl.load(slots_ptr + b).to(tl.int64)
         if ROPE:
             # This sequence's new keys for this KV head: normed, roped, written into the cache
             # with their values (every program of the head writes the same rows), then a
@@ -169,9 +178,6 @@ if AVAILABLE:
         else:
             q_rows = q_ptr + n[:, None] * stride_qn + hq[:, None] * stride_qh
             q = tl.load(q_rows + rd[None, :], mask=row_ok[:, None], other=0.0)
-        qpos = tl.load(qpos_ptr + b * Tq + t, mask=row_ok, other=-1)
-        end = tl.load(qpos_ptr + b * Tq + Tq - 1) + 1  # positions ascend within a sequence
-        slot = tl.load(slots_ptr + b).to(tl.int64)
         k_base = kv_ptr + slot * stride_s + kvh * stride_h
         lo = z * chunk
         hi = tl.minimum(end, lo + chunk)
@@ -234,12 +240,12 @@ if AVAILABLE:
         rd = tl.arange(0, HD)
         first = (b * Hkv + kvh) * SPLITS
         m = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-        for z in range(SPLITS):
+        for z in tl.static_range(SPLITS):  # unrolled: the parts' loads are issued together
             m = tl.maximum(m, tl.load(ml_ptr + ((first + z) * 2) * BLOCK_M + rm, cache_modifier=".cg"))
         m_safe = tl.where(m == float("-inf"), 0.0, m)
         l_sum = tl.zeros((BLOCK_M,), tl.float32)
         acc = tl.zeros((BLOCK_M, HD), tl.float32)
-        for z in range(SPLITS):
+        for z in tl.static_range(SPLITS):
             w = tl.exp(tl.load(ml_ptr + ((first + z) * 2) * BLOCK_M + rm, cache_modifier=".cg") - m_safe)
             l_sum += w * tl.load(ml_ptr + ((first + z) * 2 + 1) * BLOCK_M + rm, cache_modifier=".cg")
             part = tl.load(
@@ -615,6 +621,7 @@ if AVAILABLE:
         MASKED: tl.constexpr,
         NORM: tl.constexpr = False,
         PDL: tl.constexpr = False,  # programmatic dependent launch (`pdl_launch`)
+        ONE_PASS: tl.constexpr = False,  # BLOCK_D >= D: every row read once, in one round of loads
     ):
         """Each program: BLOCK_R experts' logits for all T tokens (NORM: of rms_norm(x +
         residual), each program norming the few rows itself, program 0 writing them out). The
@@ -627,7 +634,7 @@ if AVAILABLE:
         r_ok = rr < E
         dt = logits_ptr.dtype.element_ty
         first = tl.program_id(0) == 0
-        if NORM:  # the rows' mean square, of the sum rounded to the model's dtype (as torch adds)
+        if NORM and not ONE_PASS:  # the rows' mean square, of the sum rounded to the model's dtype
             ss = tl.zeros((BLOCK_T,), tl.float32)
             for d0 in range(0, D, BLOCK_D):
                 rd = d0 + tl.arange(0, BLOCK_D)
@@ -646,6 +653,8 @@ if AVAILABLE:
             if NORM:  # h = gamma * (sum * inv) as `fused.rms_norm` (rounded where torch rounds)
                 rs = tl.load(res_ptr + rt[:, None] * stride_r + rd[None, :], mask=ok, other=0.0)
                 sm = (xt + rs.to(tl.float32)).to(dt)
+                if ONE_PASS:  # the whole rows are here: their mean square now (as torch adds)
+                    inv = tl.rsqrt(tl.sum(sm.to(tl.float32) * sm.to(tl.float32), 1) / D + eps)
                 g = tl.load(gamma_ptr + rd, mask=d_ok, other=0.0).to(tl.float32)
                 h = ((sm.to(tl.float32) * inv[:, None]).to(dt).to(tl.float32) * g[None, :]).to(dt)
                 if first:
@@ -746,15 +755,20 @@ def router_topk(
         extra, stride_r = (residual, gamma, h, total), residual.stride(0)
     else:
         extra, stride_r, eps = (x,) * 4, 0, 0.0
-    block_r = 2
+    block_r, block_t = 2, max(2, triton.next_power_of_2(T))
+    # Whole rows per load where the [T, R, D] product fits the registers (D <= 4096 at T <= 2):
+    # one round of loads, not a loop of dependent ones (H100: 11 us per layer with 512 wide).
+    block_d = triton.next_power_of_2(D)
+    one_pass = block_t * block_r * block_d <= ROUTER_TOPK_ONE_PASS
     with launch_on(x.device):
         _router_topk_kernel[(triton.cdiv(E, block_r),)](
             x, weight, logits, done, weights, ids,
             ids if counts is None else counts, ids if token_mask is None else token_mask, *extra,
             T, E, D, x.stride(0), stride_r, eps,
-            K=top_k, BLOCK_T=max(2, triton.next_power_of_2(T)), BLOCK_R=block_r, BLOCK_D=512,
+            K=top_k, BLOCK_T=block_t, BLOCK_R=block_r, BLOCK_D=block_d if one_pass else 512,
             BLOCK_E=triton.next_power_of_2(E), BLOCK_K=triton.next_power_of_2(top_k), RENORM=renorm,
             COUNT=counts is not None, MASKED=token_mask is not None, NORM=norm is not None,
+            ONE_PASS=one_pass, num_warps=8 if one_pass and block_t * block_r * block_d > 8192 else 4,
             **pdl_launch(x.device),
         )  # fmt: skip
     if norm is not None:

@@ -72,6 +72,45 @@ if AVAILABLE:
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
 
+    @triton.jit
+    def _prefetch_rows(w, rn, stride_wn, K, STEP: tl.constexpr, LINES: tl.constexpr):
+        """Ask L2 for rows rn of w (K elements each): one `prefetch.global.L2` per 128-byte line
+        (STEP elements), LINES >= the lines of a row. Issued before `_grid_dependency`, it reads
+        weights that do not depend on the kernel before while that kernel still runs."""
+        col = tl.minimum(tl.arange(0, LINES) * STEP, K - 1)
+        ptrs = w + rn[:, None].to(tl.int64) * stride_wn + col[None, :]
+        tl.inline_asm_elementwise(
+            "prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32, is_pure=False, pack=1
+        )
+
+    @triton.jit
+    def _prefetch_expert(
+        w_ptr, e, stride_we, rn, N, stride_wn, K, GLU: tl.constexpr, STEP: tl.constexpr, LINES: tl.constexpr
+    ):
+        """`_prefetch_rows` for rows rn (clamped to N) of expert e (GLU: its up rows too)."""
+        w = w_ptr + e.to(tl.int64) * stride_we
+        rows = tl.minimum(rn, N - 1)
+        _prefetch_rows(w, rows, stride_wn, K, STEP, LINES)
+        if GLU:
+            _prefetch_rows(w + N * stride_wn, rows, stride_wn, K, STEP, LINES)
+
+
+# Kernels whose weights are known before the kernel ahead of them finishes ask L2 for their
+# block of weights first, then wait (PDL): the one-row projections (`matvec`; o_proj comes after
+# the attention kernel, whose few programs leave HBM idle) and the experts' down projection (its
+# experts were routed two kernels back, so its weights stream during the gate/up kernel's tail).
+# Opt-in: slower in the step on an H100 (kernels.py ablations, RESULTS.md session 7).
+PREFETCH = False
+
+
+def prefetch_args(x: torch.Tensor, w: torch.Tensor, on: bool) -> dict:
+    """The kernels' prefetch constexprs: lines of 128 bytes per weight row (0: off; only with
+    PDL, on a GPU: the interpreter has no inline assembly)."""
+    if not (on and "PDL" in pdl_launch(x.device)):
+        return {}
+    step = 128 // w.element_size()
+    return {"PREFETCH_STEP": step, "PREFETCH_LINES": triton.next_power_of_2(triton.cdiv(w.shape[-1], step))}
+
 
 def dot_precision(dtype: torch.dtype) -> str:
     """`tl.dot`'s input_precision: float32 multiplies in full precision ("ieee", not TF32)."""
@@ -219,11 +258,17 @@ if AVAILABLE:
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
         PDL: tl.constexpr = False,  # programmatic dependent launch (`pdl_launch`)
+        PREFETCH_STEP: tl.constexpr = 64,  # elements per 128-byte line
+        PREFETCH_LINES: tl.constexpr = 0,  # > 0: the block's weights into L2 first (`PREFETCH`)
     ):
-        _grid_dependency(PDL)
         p = tl.program_id(0)
         rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = rn < N
+        if PREFETCH_LINES > 0:  # ids written before the kernel ahead of this one (`PREFETCH`)
+            e = tl.load(ids_ptr + p)
+            if e >= 0:
+                _prefetch_expert(w_ptr, e, stride_we, rn, N, stride_wn, K, GLU, PREFETCH_STEP, PREFETCH_LINES)
+        _grid_dependency(PDL)
         e = tl.load(ids_ptr + p)
         acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
         up = tl.zeros((BLOCK_N,), dtype=tl.float32)
@@ -249,11 +294,18 @@ PAIR_CONFIG = {"block_n": 8, "block_k": 256, "num_warps": 8}  # best on H100 (be
 
 
 def pair_matmul(
-    x: torch.Tensor, w: torch.Tensor, ids: torch.Tensor, group: int = 1, glu: bool = False, **config
+    x: torch.Tensor,
+    w: torch.Tensor,
+    ids: torch.Tensor,
+    group: int = 1,
+    glu: bool = False,
+    prefetch: bool = False,
+    **config,
 ):
     """Pair p (expert ids[p], row x[p // group]) -> out[p] = x[p // group] @ w[ids[p]]^T, [n, N];
     glu: w holds gate rows then up rows ([E, 2N, K]) and out[p] = silu(gate) * up. ids < 0 give
-    zero rows."""
+    zero rows. prefetch: ids were final before the kernel ahead of this one started; each
+    program asks L2 for its weights before waiting for that kernel (`PREFETCH`)."""
     n = ids.shape[0]
     E, rows, K = w.shape
     N = rows // 2 if glu else rows
@@ -263,11 +315,11 @@ def pair_matmul(
     cfg = {**PAIR_CONFIG, **config}
     grid = (n, triton.cdiv(N, cfg["block_n"]))
     with launch_on(x.device):
-        _launch_pairs(grid, x, ids, w, out, N, K, group, glu, cfg)
+        _launch_pairs(grid, x, ids, w, out, N, K, group, glu, cfg, prefetch_args(x, w, prefetch))
     return out
 
 
-def _launch_pairs(grid, x, ids, w, out, N, K, group, glu, cfg) -> None:
+def _launch_pairs(grid, x, ids, w, out, N, K, group, glu, cfg, prefetch: dict) -> None:
     _pair_kernel[grid](
         x.contiguous(),
         ids.contiguous(),
@@ -283,6 +335,7 @@ def _launch_pairs(grid, x, ids, w, out, N, K, group, glu, cfg) -> None:
         BLOCK_K=cfg["block_k"],
         num_warps=cfg["num_warps"],
         **pdl_launch(x.device),
+        **prefetch,
     )
 
 
@@ -302,7 +355,8 @@ def matvec(x: torch.Tensor, weight: torch.Tensor, kernel: str | None = None, **c
     if ids is None:
         ids = _ZERO_IDS[x.device] = torch.zeros(1, dtype=torch.long, device=x.device)
     fn = dedup_matmul if (kernel or MATVEC_KERNEL) == "dedup" else pair_matmul
-    return fn(x, weight.unsqueeze(0), ids, **{**MATVEC_CONFIG, **config})
+    # Expert 0 of one: no id the kernel ahead writes, so the weights may stream before it ends.
+    return fn(x, weight.unsqueeze(0), ids, prefetch=PREFETCH, **{**MATVEC_CONFIG, **config})
 
 
 _ROW_IDS: dict[tuple[torch.device, int], torch.Tensor] = {}
@@ -341,13 +395,20 @@ if AVAILABLE:
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
         PDL: tl.constexpr = False,  # programmatic dependent launch (`pdl_launch`)
+        PREFETCH_STEP: tl.constexpr = 64,  # elements per 128-byte line
+        PREFETCH_LINES: tl.constexpr = 0,  # > 0: the block's weights into L2 first (`PREFETCH`)
     ):
-        _grid_dependency(PDL)
         p = tl.program_id(0)
         rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = rn < N
         dtype = out_ptr.dtype.element_ty
         rp = tl.arange(0, P_PAD)
+        if PREFETCH_LINES > 0:  # ids written before the kernel ahead of this one (`PREFETCH`)
+            all_ids = tl.load(ids_ptr + rp, mask=rp < P, other=-2)
+            e = tl.load(ids_ptr + p)
+            if (e >= 0) & (tl.min(tl.where(all_ids == e, rp, P_PAD), 0) == p):  # computes e's pairs
+                _prefetch_expert(w_ptr, e, stride_we, rn, N, stride_wn, K, GLU, PREFETCH_STEP, PREFETCH_LINES)
+        _grid_dependency(PDL)
         all_ids = tl.load(ids_ptr + rp, mask=rp < P, other=-2)
         e = tl.load(ids_ptr + p)
         match = all_ids == e
@@ -392,12 +453,19 @@ DEDUP_CONFIG = {"block_n": 32, "block_k": 128, "num_warps": 4}
 
 
 def dedup_matmul(
-    x: torch.Tensor, w: torch.Tensor, ids: torch.Tensor, group: int = 1, glu: bool = False, **config
+    x: torch.Tensor,
+    w: torch.Tensor,
+    ids: torch.Tensor,
+    group: int = 1,
+    glu: bool = False,
+    prefetch: bool = False,
+    **config,
 ):
-    """As `pair_matmul` (pair p: expert ids[p], row x[p // group]; ids < 0 give zero rows), each
-    distinct expert's weights read once: the grid is still one program per (pair, block of
-    features), but the first pair of an expert computes all of its pairs, 16 rows per tensor-core
-    product, and the others return at once. For few pairs (all ids are scanned per program)."""
+    """As `pair_matmul` (pair p: expert ids[p], row x[p // group]; ids < 0 give zero rows;
+    prefetch as there), each distinct expert's weights read once: the grid is still one program
+    per (pair, block of features), but the first pair of an expert computes all of its pairs, 16
+    rows per tensor-core product, and the others return at once. For few pairs (all ids are
+    scanned per program)."""
     P = ids.shape[0]
     E, rows, K = w.shape
     N = rows // 2 if glu else rows
@@ -411,14 +479,16 @@ def dedup_matmul(
             x.contiguous(), ids.contiguous(), w, out, P, N, K, w.stride(0), w.stride(1),
             GROUP=group, GLU=glu, PRECISION=dot_precision(x.dtype), P_PAD=triton.next_power_of_2(P),
             BLOCK_M=16, BLOCK_N=cfg["block_n"], BLOCK_K=cfg["block_k"], num_warps=cfg["num_warps"],
-            **pdl_launch(x.device),
+            **pdl_launch(x.device), **prefetch_args(x, w, prefetch),
         )  # fmt: skip
     return out
 
 
 def expert_pairs(x: torch.Tensor, w: torch.Tensor, ids: torch.Tensor, group: int = 1, glu: bool = False):
-    """The experts' few-pairs kernel: `dedup_matmul`, or `pair_matmul` with DEDUP off."""
-    return (dedup_matmul if DEDUP else pair_matmul)(x, w, ids, group=group, glu=glu)
+    """The experts' few-pairs kernel: `dedup_matmul`, or `pair_matmul` with DEDUP off. The down
+    projection (glu off) runs right after the gate/up one on the same ids: it may prefetch."""
+    fn = dedup_matmul if DEDUP else pair_matmul
+    return fn(x, w, ids, group=group, glu=glu, prefetch=PREFETCH and not glu)
 
 
 # Sorting a step's (token, expert) pairs by key: torch's stable sort of a few hundred int64 keys

@@ -90,12 +90,16 @@ def kernels() -> list[tuple[str, object, list[dict], dict, tuple]]:
         (
             "router_topk",
             tk._router_topk_kernel,
-            variants(
-                dict(K=8, BLOCK_T=4, BLOCK_R=2, BLOCK_D=512, BLOCK_E=128, BLOCK_K=8, RENORM=True),
-                COUNT=(False, True),
-                MASKED=(False, True),
-                NORM=(False, True),
-            ),
+            [
+                dict(v, ONE_PASS=v["BLOCK_D"] > 512)  # whole rows (hidden 2048) in one block
+                for v in variants(
+                    dict(K=8, BLOCK_T=4, BLOCK_R=2, BLOCK_E=128, BLOCK_K=8, RENORM=True),
+                    COUNT=(False, True),
+                    MASKED=(False, True),
+                    NORM=(False, True),
+                    BLOCK_D=(512, 2048),
+                )
+            ],
             routing_ptrs,
             ("eps",),
         ),
@@ -121,14 +125,22 @@ def kernels() -> list[tuple[str, object, list[dict], dict, tuple]]:
         (
             "experts (per pair)",
             te._pair_kernel,
-            variants(dict(GROUP=8, BLOCK_N=8, BLOCK_K=256), GLU=(False, True)),
+            variants(
+                dict(GROUP=8, BLOCK_N=8, BLOCK_K=256, PREFETCH_STEP=64),
+                GLU=(False, True),
+                PREFETCH_LINES=(0, 64),
+            ),
             dict(ids_ptr=I64),
             (),
         ),
         (
             "experts (dedup)",
             te._dedup_kernel,
-            variants(dict(GROUP=8, P_PAD=64, BLOCK_M=16, BLOCK_N=32, BLOCK_K=128), GLU=(False, True)),
+            variants(
+                dict(GROUP=8, P_PAD=64, BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, PREFETCH_STEP=64),
+                GLU=(False, True),
+                PREFETCH_LINES=(0, 16),
+            ),
             dict(ids_ptr=I64),
             (),
         ),

@@ -205,14 +205,18 @@ def test_attention_with_norm_rope_and_cache_write_equals_the_separate_steps(
 @pytest.mark.parametrize("norm", [False, True])
 @pytest.mark.parametrize("T", [1, 3, 4])
 @pytest.mark.parametrize("E,renorm,masked", [(128, True, True), (60, False, False)])
-def test_router_topk_kernel_equals_router_then_routing(T, E, renorm, masked, norm):
+@pytest.mark.parametrize("one_pass", [True, False])
+def test_router_topk_kernel_equals_router_then_routing(T, E, renorm, masked, norm, one_pass, monkeypatch):
     """`router_topk` (`ROUTER_TOPK`): the router's logits and the routing in one kernel (its last
     program routes) == float64 logits through torch's softmax + top-k: the same experts, the same
     weights, the same load counts (padding tokens count nothing); twice in a row (the kernel
     leaves its counter of finished programs at 0 for the next launch). norm
     (`ROUTER_TOPK_NORM`): the tokens are first `add_rms_norm(x, residual)`'s, which the kernel
-    also returns (normed rows, x + residual)."""
+    also returns (normed rows, x + residual). one_pass: whole rows in one block (else 512
+    columns at a time, two passes with the norm)."""
     from specmoe_ray.models import fused, triton_kernels
+
+    monkeypatch.setattr(triton_kernels, "ROUTER_TOPK_ONE_PASS", 16384 if one_pass else 0)
 
     g = torch.Generator().manual_seed(T * E)
     D, k = 600, 8  # D: more than one 512-column block
@@ -455,6 +459,8 @@ def test_every_kernel_compiles_for_hopper_and_ampere():
 
     script = Path(__file__).with_name("compile_kernels.py")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = str(Path(__file__).resolve().parents[2])  # this checkout, installed or not
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=900)
     lines = proc.stdout.splitlines()
     assert proc.returncode == 0, (
