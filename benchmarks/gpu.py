@@ -6,7 +6,9 @@ tensors* (no copy, no checkpoint on disk), experts in-process. Per batch size it
 
 - `HF`: transformers' greedy `generate` (exactly --new-tokens tokens; the baseline);
 - `eager`: our engine, plain eager steps (`step_graphs="off"`), no speculation;
-- `graphs`: our engine with CUDA-graph steps (the default on GPUs), no speculation;
+- `graphs`: our engine with CUDA-graph steps (the default on GPUs), no speculation; decode
+  steps run ahead, up to 4 per host sync (`decode_steps`, the default);
+- `sync`: `graphs` with one host sync per step (`decode_steps=1`: what running ahead gains);
 - `ngram`: graphs + prompt-lookup drafts (k = --k);
 - `draft`: graphs + a draft model: a random dense Qwen3 of Qwen3-0.6B's shape (the family's
   small model) with the target's vocabulary, k = --k. Random weights agree only by accident,
@@ -342,6 +344,7 @@ def bench_shape(a, device: str, dtype: torch.dtype, bandwidth: float) -> dict[st
     variants = {
         "eager": dict(step_graphs="off"),
         "graphs": dict(step_graphs="auto" if device != "cpu" else "padded"),
+        "sync": dict(step_graphs="auto" if device != "cpu" else "padded", decode_steps=1),
         "ngram": dict(step_graphs="auto" if device != "cpu" else "padded", ngram=True),
         "draft": dict(step_graphs="auto" if device != "cpu" else "padded", draft=True),
     }
@@ -552,7 +555,7 @@ def main(argv=None) -> dict[str, Any]:
     p.add_argument(
         "--variants",
         nargs="+",
-        default=["eager", "graphs", "ngram", "draft"],
+        default=["eager", "graphs", "sync", "ngram", "draft"],
         help="our engine's runs in (a); draft: a random Qwen3-0.6B-shaped draft model",
     )
     p.add_argument("--skip-shape", action="store_true", help="only (b), the demo pair")

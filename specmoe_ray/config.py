@@ -68,6 +68,13 @@ class EngineSettings(_Strict):
         "fixed", description="Speculation length: fixed k, or chosen per step."
     )
     draft_top_n: int = Field(32, ge=1, description="Support size of the sparse draft distributions.")
+    decode_steps: int = Field(
+        4,
+        ge=1,
+        le=64,
+        description="Decode steps run back to back per host sync when nothing is verified (k = 0; "
+        "static steps). Streams then get up to this many tokens at a time.",
+    )
 
 
 class ShardAutoscale(_Strict):

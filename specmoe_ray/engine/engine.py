@@ -14,6 +14,7 @@ is a proposer object (local, or a client of a remote draft pool).
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import logging
 import time
@@ -271,18 +272,23 @@ class Engine:
         result = rejection.verify(
             target_logits, proposal, [q.params for q in seqs], [q.generator for q in seqs]
         )
-        emitted = result.tokens.tolist()  # the step's one host sync
+        tokens = result.tokens  # [B, k + 1]
+        ahead = self._decode_ahead(scheduled, key, chosen_k, proposal, tokens)  # [B, extra]
+        extra = ahead.shape[1] if ahead is not None else 0
+        if ahead is not None:
+            tokens = torch.cat([tokens, ahead], dim=1)
+        emitted = tokens.tolist()  # the step's one host sync
         accepted = result.num_accepted.tolist()
         verify_s = time.perf_counter() - t0
         if hidden is not None:  # before finished sequences release their proposer state
             self._observe_hidden(scheduled, feeds, hidden, {id(s): a for s, a in zip(samplers, accepted)})
 
         m = self.metrics
-        m.num_steps += 1
+        m.num_steps += 1 + extra
         m.draft_time_s += draft_s
         m.verify_time_s += verify_s
         if key is not None:
-            m.num_static_steps += 1
+            m.num_static_steps += 1 + extra
             m.static_time_s += verify_s
         m.num_drafted += sum(num_draft)
         m.num_accepted += sum(accepted)
@@ -293,7 +299,7 @@ class Engine:
             self.policy.record(
                 batch_size=len(samplers),
                 k=chosen_k,
-                verify_s=verify_s,
+                verify_s=verify_s / (1 + extra),  # a step's cost, run-ahead steps included
                 draft_s=draft_s,
                 num_drafted=sum(num_draft),
                 num_accepted=sum(accepted),
@@ -302,13 +308,13 @@ class Engine:
         outputs = []
         for s, n, a, toks in zip(samplers, num_draft, accepted, emitted):
             seq = s.seq
-            # Keep the accepted drafts' KV entries; forget the rejected ones.
-            self.cache.rollback(seq.slot, s.start + len(s.tokens) + a)
+            # Keep the accepted drafts' KV entries (and the run-ahead steps'); forget the rejected ones.
+            self.cache.rollback(seq.slot, s.start + len(s.tokens) + a + extra)
             seq.metrics.num_drafted += n
             seq.metrics.num_accepted += a
-            seq.metrics.num_steps += 1
+            seq.metrics.num_steps += 1 + extra
             new = []
-            for token in toks[: a + 1]:
+            for token in toks[: a + 1 + extra]:  # (a sequence that finishes drops the rest)
                 seq.append(token, self.tokenizer)
                 new.append(token)
                 if seq.finish_reason is not None:
@@ -318,6 +324,45 @@ class Engine:
                 self._retire(seq)
             outputs.append(self._output(seq, new))
         return outputs
+
+    def _decode_ahead(
+        self, scheduled: list[ScheduledSeq], key, k: int, proposal, tokens: torch.Tensor
+    ) -> torch.Tensor | None:
+        """More decode steps after this one, before the host reads any token: each feeds the
+        last one's sampled tokens on the device (`StepGraphs.run(fed=)`) -> their tokens
+        `[B, extra]`, or None. Only static steps of one token per sequence with nothing to
+        verify (k = 0) run ahead, at most `decode_steps - 1` steps, no more than any sequence
+        still wants and no further than every sequence's cache room. A sequence that finishes
+        on an earlier token drops the later ones (computed, never emitted)."""
+        n = self.config.decode_steps
+        if n <= 1 or key is None or k or self.graphs.hidden:
+            return None
+        if not all(s.samples and len(s.tokens) == 1 for s in scheduled):
+            return None
+        n = min(
+            n,
+            max(s.seq.max_len - len(s.seq.tokens) for s in scheduled),  # tokens still wanted
+            min(self.cache.max_len - s.start for s in scheduled),  # positions left to write
+        )
+        B = len(scheduled)
+        seqs = [s.seq for s in scheduled]
+        params, generators = [q.params for q in seqs], [q.generator for q in seqs]
+        starts = [s.start for s in scheduled]
+        slots = [q.slot for q in seqs]
+        out = []
+        for _ in range(n - 1):
+            starts = [p + 1 for p in starts]
+            step_key = self.graphs.key(B, 1, max(starts) + 1, B)
+            if step_key is None:  # past the largest bucket
+                break
+            fed = tokens[:, -1]
+            run = functools.partial(self.graphs.run, step_key, [[0]] * B, starts, slots, [0] * B, fed=fed)
+            logits = self._recovering(run)
+            for slot in slots:
+                self.cache.advance(slot, 1)
+            tokens = rejection.verify(logits.view(B, 1, -1), proposal, params, generators).tokens
+            out.append(tokens)
+        return torch.cat(out, dim=1) if out else None
 
     def _graph_key(self, scheduled: list[ScheduledSeq], feeds: list[list[int]]):
         """The CUDA-graph bucket of this step, or None to run it eagerly (prompt chunks in it,

@@ -30,9 +30,13 @@ class EngineConfig:
     # Prompts (whole, or a chunk) of up to this many tokens prefill in static steps too (CUDA
     # graphs on GPUs: no per-kernel launches from Python); 0: prompts always run eagerly.
     graph_prompt_tokens: int = 128
+    # A static decode step with nothing to verify (k = 0, every sequence decoding) runs up to this
+    # many steps back to back: each feeds the last one's tokens on the device, and the host syncs
+    # once for all of them (its bookkeeping no longer idles the GPU each token). 1: sync each step.
+    decode_steps: int = 4
 
     def validate(self, max_position_embeddings: int) -> None:
-        for name in ("max_num_seqs", "max_num_batched_tokens", "draft_top_n"):
+        for name in ("max_num_seqs", "max_num_batched_tokens", "draft_top_n", "decode_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.num_speculative_tokens < 0:

@@ -233,6 +233,7 @@ def test_one_kernel_router_with_shards_counts_the_same_load(ray_cluster, checkpo
     opts.local_shard = True
     prompts = [PROMPTS[0]]  # one sequence: its steps have <= 4 tokens
     args = dict(draft="ngram", num_shards=2, shard_options=opts)
+    monkeypatch.setattr(triton_kernels, "ROUTER_TOPK", False)  # the plain routing path first
     plain, plain_load, _, _ = run(path, "padded", prompts, GREEDY, **args)
     monkeypatch.setattr(triton_kernels, "ROUTER_TOPK", True)
     monkeypatch.setattr(triton_kernels, "ROUTER_TOPK_NORM", True)
@@ -243,3 +244,97 @@ def test_one_kernel_router_with_shards_counts_the_same_load(ray_cluster, checkpo
     assert calls and all(calls)  # counted inside the kernel
     assert got == plain == hf_greedy(path, prompts, NEW)
     assert load == plain_load and sum(map(sum, load.values())) > 0
+
+
+def test_decode_steps_run_ahead_emit_the_same_tokens(checkpoints):
+    """`decode_steps`: static decode steps with nothing to verify run up to 4 steps per host sync,
+    each fed the last one's tokens on the device. Greedy tokens equal transformers' and the
+    one-step-per-sync engine's through a stop token and a max_tokens mid-run, a sequence whose
+    cache room ends first (finishes by length) and a request joining mid-run; seeded sampling
+    draws the same tokens; steps count each run-ahead step."""
+    path = checkpoints("qwen3_moe")
+    ref = hf_greedy(path, RAGGED, NEW)
+    stop = ref[1][6]  # sequence 1 stops on its 7th token (inside its second run-ahead)
+    first = ref[1].index(stop)
+    params = [
+        GREEDY,
+        SamplingParams(max_tokens=NEW, temperature=0.0, stop_token_ids=[stop]),
+        SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True),  # ends mid-run
+        GREEDY,
+        GREEDY,
+    ]
+    want = [ref[0], ref[1][: first + 1], ref[2][:10], ref[3], ref[4]]
+
+    def generate(decode_steps: int, late: list[int] | None = None, **kwargs):
+        with Engine.from_pretrained(
+            path, step_graphs="padded", decode_steps=decode_steps, max_model_len=128, **kwargs
+        ) as engine:
+            ids = [engine.add_request(p, q) for p, q in zip(RAGGED, params)]
+            done, sizes, calls = {}, [], 0
+            while engine.has_unfinished():
+                calls += 1
+                if calls == 4 and late is not None:  # joins while the others decode
+                    ids.append(engine.add_request(late, GREEDY))
+                for out in engine.step():
+                    sizes.append(len(out.new_token_ids))
+                    if out.finished:
+                        done[out.request_id] = out
+            return [done[i] for i in ids], engine.stats(), sizes, calls
+
+    one, one_stats, one_sizes, one_calls = generate(1, late=[9, 8, 7])
+    four, four_stats, four_sizes, four_calls = generate(4, late=[9, 8, 7])
+    late_ref = hf_greedy(path, [[9, 8, 7]], NEW)
+    assert [o.token_ids for o in one] == [o.token_ids for o in four] == want + late_ref
+    assert [o.finish_reason for o in four] == ["length", "stop", "length", "length", "length", "length"]
+    assert max(one_sizes) == 1 and max(four_sizes) == 4
+    assert four_calls < one_calls / 2, (four_calls, one_calls)  # fewer host round trips
+    # Each run-ahead step counts as a step: at least one per token of the longest sequence.
+    assert four_stats["num_steps"] >= NEW > four_calls
+    assert four_stats["num_static_steps"] > four_calls
+
+    # Cache room: 24 prompt tokens + 20 wanted, 40 positions: the sequence stops by length at 40
+    # (run-ahead never writes past the cache), the short one decodes on.
+    room = dict(max_model_len=40)
+    prompts = [RAGGED[3], [4, 4]]
+    with Engine.from_pretrained(path, step_graphs="padded", decode_steps=4, **room) as engine:
+        got = [o.token_ids for o in engine.generate(prompts, GREEDY)]
+    assert got == [hf_greedy(path, prompts[:1], 16)[0], hf_greedy(path, prompts[1:], NEW)[0]]
+
+    seeded = [SamplingParams(max_tokens=NEW, temperature=1.0, top_p=0.9, seed=i) for i in range(3)]
+    draws = []
+    for n in (1, 4):
+        with Engine.from_pretrained(path, step_graphs="padded", decode_steps=n, max_model_len=128) as engine:
+            draws.append([o.token_ids for o in engine.generate(PROMPTS, seeded)])
+    assert draws[0] == draws[1]
+    with pytest.raises(ValueError, match="decode_steps"):
+        Engine.from_pretrained(path, decode_steps=0)
+
+
+def test_decode_run_ahead_over_shards_survives_a_killed_shard(ray_cluster, checkpoints):
+    """Run-ahead decode steps over 2 expert shards (padded static exchanges): a shard killed
+    just before a run-ahead step (tokens only on the device) is detected in that step, the group
+    re-forms and the step is replayed from the device's tokens: every request finishes with
+    transformers' tokens."""
+    import ray
+    from test_shards import pinned
+
+    path = checkpoints("qwen3_moe")
+    ref = hf_greedy(path, RAGGED, NEW)
+    opts = pinned(2, collective_timeout_s=20)
+    with Engine.from_pretrained(
+        path, num_shards=2, step_graphs="padded", decode_steps=4, max_model_len=128, shard_options=opts
+    ) as engine:
+        run, ahead = engine.graphs.run, []
+
+        def run_killing_once(*args, fed=None):
+            if fed is not None:
+                ahead.append(1)
+                if len(ahead) == 3:  # the third run-ahead step: kill a shard first
+                    ray.kill(engine.shard_group.actors[-1], no_restart=True)
+            return run(*args, fed=fed)
+
+        engine.graphs.run = run_killing_once
+        got = [o.token_ids for o in engine.generate(RAGGED, GREEDY)]
+        stats = engine.stats()
+    assert got == ref
+    assert len(ahead) > 6 and stats["num_recoveries"] == 1  # ran ahead after the recovery too
