@@ -175,6 +175,7 @@ def step_profile(a, bandwidth: float) -> None:
             (fused, "MATVEC", True),
             (triton_experts, "PREFETCH", True),
         ],
+        "one-row projections by cuBLAS on column-major weights (opt-in)": [(fused, "COLUMN_MAJOR", True)],
         "add + norm inside the projections (opt-in)": [(fused, "FUSED_NORM_MATVEC", True)],
         "projections of <= 16 rows by rows_matmul (opt-in)": [(fused, "MATMUL_ROWS", 16)],
         "no programmatic dependent launches": [(triton_experts, "PDL", False)],
@@ -306,6 +307,17 @@ def expert_variants(a, bandwidth: float) -> None:
                         triton_experts.dedup_matmul(h, layer.down, ids, **cfg)
 
                 res[f"dedup n{bn} k{bk} w{w}"] = graph_ms(dedup) / n_layers
+            # The down projection's blocks apart (`DEDUP_DOWN_CONFIG`), gate/up at the default.
+            down_blocks = [(16, 128, 4), (64, 128, 4), (64, 64, 4), (32, 256, 4), (64, 256, 8), (128, 64, 8)]
+            for bn, bk, w in down_blocks:
+
+                def dedup_down(cfg=(bn, bk, w), x=x, ids=ids):
+                    cfg = dict(zip(("block_n", "block_k", "num_warps"), cfg))
+                    for layer in layers:
+                        h = triton_experts.dedup_matmul(x, layer.gate_up, ids, group=A, glu=True)
+                        triton_experts.dedup_matmul(h, layer.down, ids, **cfg)
+
+                res[f"dedup, down n{bn} k{bk} w{w}"] = graph_ms(dedup_down) / n_layers
             errs = []
             for fn in (triton_experts.pair_matmul, triton_experts.dedup_matmul):
                 h = fn(x, layers[0].gate_up, ids, group=A, glu=True)
@@ -349,7 +361,18 @@ def dense_matvecs(a, bandwidth: float) -> None:
             for w in ws:
                 triton_experts.matvec(x, w, kernel, **cfg)
 
-        res = {"cuBLAS": graph_ms(cublas) / 4}
+        cols = [w.t().contiguous().t() for w in ws]  # the same values, column-major
+
+        def cublas_cols(x=x, cols=cols):
+            for w in cols:
+                torch.nn.functional.linear(x, w)
+
+        def mv(x=x, ws=ws):
+            for w in ws:
+                torch.mv(w, x[0])
+
+        res = {"cuBLAS": graph_ms(cublas) / 4, "cuBLAS, column-major weight": graph_ms(cublas_cols) / 4}
+        res["torch.mv"] = graph_ms(mv) / 4
         for kernel, bn, bk, nw in configs:
             cfg = {"block_n": bn, "block_k": bk, "num_warps": nw}
             out = triton_experts.matvec(x, ws[0], kernel, **cfg).float()

@@ -21,6 +21,7 @@ import contextlib
 import functools
 import logging
 import threading
+import weakref
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -47,6 +48,12 @@ FUSED_NORM_MATVEC = False
 # run, before waiting for their output (PDL). Opt-in: slower than cuBLAS in the step on an H100,
 # with the prefetch or without (kernels.py ablations, RESULTS.md session 7).
 MATVEC_O_PROJ = False
+# Opt-in, for the ablation: one-row projections inside static steps by cuBLAS on a column-major
+# copy of the weight, kept beside it (twice the projections' memory), which cuBLAS serves with
+# other kernels than the row-major split-K GEMM (o_proj: ~10 us for ~5.5 us of bytes on an
+# H100). If it wins, the layout becomes the loader's, without the copy.
+COLUMN_MAJOR = False
+_COLUMN_MAJOR: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 # Projections of 2 .. this many rows (verify steps) inside static steps by `triton_experts.
 # rows_matmul` instead of cuBLAS; 1 = off. Opt-in until measured (kernels.py ablations).
 MATMUL_ROWS = 1
@@ -88,11 +95,21 @@ def linear(
         and triton_experts.AVAILABLE
         and weight.stride(1) == 1
     ):
+        if COLUMN_MAJOR and x.shape[0] == 1 and not matvec:
+            return torch.nn.functional.linear(x, column_major(weight))
         if (MATVEC or matvec) and x.shape[0] == 1:
             return triton_experts.matvec(x, weight)
         if 1 < x.shape[0] <= MATMUL_ROWS:
             return triton_experts.rows_matmul(x, weight)
     return torch.nn.functional.linear(x, weight, bias)
+
+
+def column_major(weight: torch.Tensor) -> torch.Tensor:
+    """weight's values in column-major order (`COLUMN_MAJOR`), made once per weight."""
+    w = _COLUMN_MAJOR.get(weight)
+    if w is None:
+        w = _COLUMN_MAJOR[weight] = weight.t().contiguous().t()
+    return w
 
 
 def fused(fn: Callable) -> Callable:

@@ -450,6 +450,9 @@ if AVAILABLE:
 # overlapping routing (benchmarks/RESULTS.md). DEDUP False: the per-pair kernel instead.
 DEDUP = True
 DEDUP_CONFIG = {"block_n": 32, "block_k": 128, "num_warps": 4}
+# The down projection's blocks, where they differ (its K is the experts' 768, not 2048: fewer,
+# shorter rows; kernels.py (2) sweeps it apart from gate/up).
+DEDUP_DOWN_CONFIG: dict[str, int] = {}
 
 
 def dedup_matmul(
@@ -487,8 +490,10 @@ def dedup_matmul(
 def expert_pairs(x: torch.Tensor, w: torch.Tensor, ids: torch.Tensor, group: int = 1, glu: bool = False):
     """The experts' few-pairs kernel: `dedup_matmul`, or `pair_matmul` with DEDUP off. The down
     projection (glu off) runs right after the gate/up one on the same ids: it may prefetch."""
-    fn = dedup_matmul if DEDUP else pair_matmul
-    return fn(x, w, ids, group=group, glu=glu, prefetch=PREFETCH and not glu)
+    if not DEDUP:
+        return pair_matmul(x, w, ids, group=group, glu=glu, prefetch=PREFETCH and not glu)
+    config = {} if glu else DEDUP_DOWN_CONFIG
+    return dedup_matmul(x, w, ids, group=group, glu=glu, prefetch=PREFETCH and not glu, **config)
 
 
 # Sorting a step's (token, expert) pairs by key: torch's stable sort of a few hundred int64 keys
