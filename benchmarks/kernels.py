@@ -155,6 +155,7 @@ def step_profile(a, bandwidth: float) -> None:
         "norm + rope + cache write before attention": [(triton_kernels, "ROPE_IN_ATTENTION", False)],
         "router by cuBLAS + routing kernel": [(triton_kernels, "ROUTER_TOPK", False)],
         "one-kernel router 512 columns at a time (session 6)": [(triton_kernels, "ROUTER_TOPK_ONE_PASS", 0)],
+        "top-k picks by packed (value, expert) keys (opt-in)": [(triton_kernels, "TOPK_PACKED", True)],
         "add + norm before the one-kernel router": [(triton_kernels, "ROUTER_TOPK_NORM", False)],
         "MoE combine apart from the next add + norm": [(fused, "DEFER_COMBINE", False)],
         "session 6's defaults (session 7's kernel-count switches off)": [

@@ -66,6 +66,9 @@ ROUTER_TOPK_NORM = True
 # `router_topk` reads whole rows at once up to this many products per program (BLOCK_T x
 # BLOCK_R x BLOCK_D; 0: always 512 columns at a time, session 6's kernel).
 ROUTER_TOPK_ONE_PASS = 16384
+# The routing kernels pick each of the k experts by one reduction over packed (value, expert)
+# keys instead of two (maximum, then its lowest expert). Opt-in until measured (kernels.py).
+TOPK_PACKED = False
 
 if AVAILABLE:
 
@@ -287,6 +290,35 @@ if AVAILABLE:
         )
 
     @triton.jit
+    def _top_k(p, re, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, K: tl.constexpr, PACKED: tl.constexpr):
+        """Rows of p [R, BLOCK_E] (probabilities >= 0; columns < 0 are never picked) -> their K
+        largest values (float32 [R, BLOCK_K]) and columns (int64), the lowest column first among
+        equal values. Per pick: the maximum, then the lowest column holding it (two reductions);
+        PACKED (`TOPK_PACKED`): one reduction over the value's bits and its column packed in one
+        int64 key (non-negative floats order as their bits do)."""
+        rk = tl.arange(0, BLOCK_K)[None, :]
+        vals = tl.zeros((p.shape[0], BLOCK_K), tl.float32)
+        idx = tl.zeros((p.shape[0], BLOCK_K), tl.int64)
+        if PACKED:
+            bits = p.to(tl.int32, bitcast=True).to(tl.int64)
+            key = tl.where(p >= 0, (bits << 32) | (BLOCK_E - 1 - re)[None, :], -1)
+            for i in tl.static_range(K):
+                best = tl.max(key, 1)
+                col = BLOCK_E - 1 - (best & 0xFFFFFFFF)
+                val = (best >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+                vals = tl.where(rk == i, val[:, None], vals)
+                idx = tl.where(rk == i, col[:, None], idx)
+                key = tl.where(key == best[:, None], -1, key)
+        else:
+            for i in tl.static_range(K):
+                best = tl.max(p, 1)
+                at = tl.min(tl.where(p == best[:, None], re[None, :], BLOCK_E), 1)  # lowest among ties
+                vals = tl.where(rk == i, best[:, None], vals)
+                idx = tl.where(rk == i, at[:, None].to(tl.int64), idx)
+                p = tl.where(re[None, :] == at[:, None], -1.0, p)
+        return vals, idx
+
+    @triton.jit
     def _softmax_topk_kernel(
         logits_ptr,  # [T, E]
         w_ptr,  # [T, K]
@@ -301,6 +333,7 @@ if AVAILABLE:
         COUNT: tl.constexpr,
         MASKED: tl.constexpr,
         PDL: tl.constexpr = False,  # programmatic dependent launch (`pdl_launch`)
+        PACKED: tl.constexpr = False,  # `_top_k`'s one reduction per pick (`TOPK_PACKED`)
     ):
         _grid_dependency(PDL)
         t = tl.program_id(0).to(tl.int64)
@@ -310,14 +343,8 @@ if AVAILABLE:
         p = p / tl.sum(p, 0)
         p = tl.where(re < E, p, -1.0)
         rk = tl.arange(0, BLOCK_K)
-        vals = tl.zeros((BLOCK_K,), tl.float32)
-        idx = tl.zeros((BLOCK_K,), tl.int64)
-        for i in tl.static_range(K):
-            best = tl.max(p, 0)
-            at = tl.min(tl.where(p == best, re, BLOCK_E), 0)  # the lowest index among ties
-            vals = tl.where(rk == i, best, vals)
-            idx = tl.where(rk == i, at.to(tl.int64), idx)
-            p = tl.where(re == at, -1.0, p)
+        vals, idx = _top_k(p[None, :], re, BLOCK_E, BLOCK_K, K, PACKED)
+        vals, idx = tl.reshape(vals, (BLOCK_K,)), tl.reshape(idx, (BLOCK_K,))
         if RENORM:
             vals = vals / tl.sum(vals, 0)
         tl.store(w_ptr + t * K + rk, vals.to(w_ptr.dtype.element_ty), mask=rk < K)
@@ -500,6 +527,7 @@ def softmax_topk(
                 RENORM=renorm,
                 COUNT=counts is not None,
                 MASKED=token_mask is not None,
+                PACKED=TOPK_PACKED,
                 **pdl_launch(logits.device),
             )
     return weights, ids
@@ -622,6 +650,7 @@ if AVAILABLE:
         NORM: tl.constexpr = False,
         PDL: tl.constexpr = False,  # programmatic dependent launch (`pdl_launch`)
         ONE_PASS: tl.constexpr = False,  # BLOCK_D >= D: every row read once, in one round of loads
+        PACKED: tl.constexpr = False,  # `_top_k`'s one reduction per pick (`TOPK_PACKED`)
     ):
         """Each program: BLOCK_R experts' logits for all T tokens (NORM: of rms_norm(x +
         residual), each program norming the few rows itself, program 0 writing them out). The
@@ -683,14 +712,7 @@ if AVAILABLE:
             p = p / tl.where(t_ok, tl.sum(p, 1), 1.0)[:, None]
             p = tl.where(e_ok[None, :], p, -1.0)
             rk = tl.arange(0, BLOCK_K)
-            vals = tl.zeros((BLOCK_T, BLOCK_K), tl.float32)
-            idx = tl.zeros((BLOCK_T, BLOCK_K), tl.int64)
-            for i in tl.static_range(K):
-                best = tl.max(p, 1)
-                at = tl.min(tl.where(p == best[:, None], re[None, :], BLOCK_E), 1)  # lowest index among ties
-                vals = tl.where(rk[None, :] == i, best[:, None], vals)
-                idx = tl.where(rk[None, :] == i, at[:, None].to(tl.int64), idx)
-                p = tl.where(re[None, :] == at[:, None], -1.0, p)
+            vals, idx = _top_k(p, re, BLOCK_E, BLOCK_K, K, PACKED)
             if RENORM:
                 total = tl.sum(vals, 1)
                 vals = vals / tl.where(total > 0, total, 1.0)[:, None]  # (padding rows: 0)
@@ -769,6 +791,7 @@ def router_topk(
             BLOCK_E=triton.next_power_of_2(E), BLOCK_K=triton.next_power_of_2(top_k), RENORM=renorm,
             COUNT=counts is not None, MASKED=token_mask is not None, NORM=norm is not None,
             ONE_PASS=one_pass, num_warps=8 if one_pass and block_t * block_r * block_d > 8192 else 4,
+            PACKED=TOPK_PACKED,
             **pdl_launch(x.device),
         )  # fmt: skip
     if norm is not None:

@@ -83,6 +83,7 @@ def kernels() -> list[tuple[str, object, list[dict], dict, tuple]]:
                 RENORM=(False, True),
                 COUNT=(False, True),
                 MASKED=(False, True),
+                PACKED=(False, True),
             ),
             routing_ptrs,
             (),
@@ -98,6 +99,7 @@ def kernels() -> list[tuple[str, object, list[dict], dict, tuple]]:
                     MASKED=(False, True),
                     NORM=(False, True),
                     BLOCK_D=(512, 2048),
+                    PACKED=(False, True),
                 )
             ],
             routing_ptrs,

@@ -205,18 +205,19 @@ def test_attention_with_norm_rope_and_cache_write_equals_the_separate_steps(
 @pytest.mark.parametrize("norm", [False, True])
 @pytest.mark.parametrize("T", [1, 3, 4])
 @pytest.mark.parametrize("E,renorm,masked", [(128, True, True), (60, False, False)])
-@pytest.mark.parametrize("one_pass", [True, False])
-def test_router_topk_kernel_equals_router_then_routing(T, E, renorm, masked, norm, one_pass, monkeypatch):
+@pytest.mark.parametrize("variant", ["one pass", "512 columns", "packed top-k"])
+def test_router_topk_kernel_equals_router_then_routing(T, E, renorm, masked, norm, variant, monkeypatch):
     """`router_topk` (`ROUTER_TOPK`): the router's logits and the routing in one kernel (its last
     program routes) == float64 logits through torch's softmax + top-k: the same experts, the same
     weights, the same load counts (padding tokens count nothing); twice in a row (the kernel
     leaves its counter of finished programs at 0 for the next launch). norm
     (`ROUTER_TOPK_NORM`): the tokens are first `add_rms_norm(x, residual)`'s, which the kernel
-    also returns (normed rows, x + residual). one_pass: whole rows in one block (else 512
-    columns at a time, two passes with the norm)."""
+    also returns (normed rows, x + residual). Variants: whole rows in one block, 512 columns
+    at a time (two passes with the norm), whole rows with the packed top-k (`TOPK_PACKED`)."""
     from specmoe_ray.models import fused, triton_kernels
 
-    monkeypatch.setattr(triton_kernels, "ROUTER_TOPK_ONE_PASS", 16384 if one_pass else 0)
+    monkeypatch.setattr(triton_kernels, "ROUTER_TOPK_ONE_PASS", 0 if variant == "512 columns" else 16384)
+    monkeypatch.setattr(triton_kernels, "TOPK_PACKED", variant == "packed top-k")
 
     g = torch.Generator().manual_seed(T * E)
     D, k = 600, 8  # D: more than one 512-column block
@@ -255,9 +256,13 @@ def test_router_topk_kernel_equals_router_then_routing(T, E, renorm, masked, nor
 
 @pytest.mark.parametrize("E,renorm", [(128, True), (60, False)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_softmax_topk_kernel_equals_torch(E, renorm, dtype):
+@pytest.mark.parametrize("packed", [False, True])
+def test_softmax_topk_kernel_equals_torch(E, renorm, dtype, packed, monkeypatch):
+    """The routing kernel == torch's softmax + top-k; among tied logits (bfloat16) the lowest
+    expert first. packed: each pick by one reduction over (value, expert) keys (`TOPK_PACKED`)."""
     from specmoe_ray.models import fused, triton_kernels
 
+    monkeypatch.setattr(triton_kernels, "TOPK_PACKED", packed)
     logits = torch.randn(37, E, generator=torch.Generator().manual_seed(E)).to(dtype)
     weights, ids = triton_kernels.softmax_topk(logits.to(DEVICE), 8, renorm, torch.float32)
     ref_w, ref_ids = fused.softmax_topk.__wrapped__(logits, 8, renorm, logits, False)
@@ -268,6 +273,8 @@ def test_softmax_topk_kernel_equals_torch(E, renorm, dtype):
     assert all(len(set(row)) == 8 for row in ids.tolist())
     tied = (logits.gather(1, ref_ids)[:, :, None] == logits[:, None, :]).sum(-1).gt(1).any(-1)
     assert torch.equal(ids[~tied], ref_ids[~tied]) and (~tied).sum() > 10
+    lowest_first = torch.sort(-logits.float(), dim=1, stable=True).indices[:, :8]
+    assert torch.equal(ids, lowest_first) and (dtype == torch.float32 or tied.any())
     torch.testing.assert_close(weights.cpu(), ref_w, rtol=1e-5, atol=1e-7)
 
 
