@@ -145,6 +145,7 @@ def step_profile(a, bandwidth: float) -> None:
         "load counted apart from routing": [(triton_kernels, "COUNT_IN_ROUTING", False)],
         "one-row projections by the per-pair kernel": [(fused, "MATVEC", True)],
         "per-pair experts (no dedup)": [(triton_experts, "DEDUP", False)],
+        "per-pair experts for one token's pairs": [(triton_experts, "DEDUP_ONE_ROW", False)],
         "cache write by index_put (not in the rope)": [(fused, "FUSED_CACHE_WRITE", False)],
         "one-row projections by dedup (opt-in)": [
             (fused, "MATVEC", True),

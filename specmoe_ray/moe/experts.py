@@ -71,8 +71,9 @@ class LocalExperts(nn.Module):
             if counts is not None:
                 counts.scatter_add_(0, local + 1, local.new_ones(()).expand(n))
             if self.triton and n <= self.triton_max_pairs:
-                h = triton_experts.expert_pairs(x, self.gate_up, local, group=group, glu=True)
-                return triton_experts.expert_pairs(h, self.down, local)
+                one = n <= group  # one token's pairs: distinct experts, nothing to share
+                h = triton_experts.expert_pairs(x, self.gate_up, local, group=group, glu=True, one_row=one)
+                return triton_experts.expert_pairs(h, self.down, local, one_row=one)
             local, order = triton_experts.stable_sort(local)
             offsets = self._offsets(local)
         few_rows = n <= self.triton_max_rows_per_expert * len(self.expert_ids)

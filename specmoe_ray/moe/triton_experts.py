@@ -450,6 +450,10 @@ if AVAILABLE:
 # overlapping routing (benchmarks/RESULTS.md). DEDUP False: the per-pair kernel instead.
 DEDUP = True
 DEDUP_CONFIG = {"block_n": 32, "block_k": 128, "num_warps": 4}
+# One token's pairs (batch-1 decode) by the deduplicating kernel too; off: by the per-pair
+# kernel, as no expert repeats (kernels.py ablation "per-pair experts": ~1% faster at B = 1,
+# T = 1 in one H100 call, session 7). Opt-out until measured again.
+DEDUP_ONE_ROW = True
 # The down projection's blocks, where they differ (its K is the experts' 768, not 2048: fewer,
 # shorter rows; kernels.py (2) sweeps it apart from gate/up).
 DEDUP_DOWN_CONFIG: dict[str, int] = {}
@@ -487,10 +491,18 @@ def dedup_matmul(
     return out
 
 
-def expert_pairs(x: torch.Tensor, w: torch.Tensor, ids: torch.Tensor, group: int = 1, glu: bool = False):
-    """The experts' few-pairs kernel: `dedup_matmul`, or `pair_matmul` with DEDUP off. The down
+def expert_pairs(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    ids: torch.Tensor,
+    group: int = 1,
+    glu: bool = False,
+    one_row: bool = False,
+):
+    """The experts' few-pairs kernel: `dedup_matmul`, or `pair_matmul` with DEDUP off (or for
+    one token's pairs, one_row, with DEDUP_ONE_ROW off: its experts are distinct). The down
     projection (glu off) runs right after the gate/up one on the same ids: it may prefetch."""
-    if not DEDUP:
+    if not DEDUP or (one_row and not DEDUP_ONE_ROW):
         return pair_matmul(x, w, ids, group=group, glu=glu, prefetch=PREFETCH and not glu)
     config = {} if glu else DEDUP_DOWN_CONFIG
     return dedup_matmul(x, w, ids, group=group, glu=glu, prefetch=PREFETCH and not glu, **config)

@@ -57,6 +57,44 @@ def test_triton_experts_equal_float64_reference(dtype, n, path, monkeypatch):
     assert rel < (1e-5 if dtype == torch.float32 else 2e-2), rel
 
 
+@pytest.mark.parametrize("one_row_dedup", [True, False])
+def test_one_tokens_pairs_by_the_kernel_dedup_one_row_picks(one_row_dedup, monkeypatch):
+    """A batch-1 decode step's pairs (one token row, `group` = its k distinct experts) go to
+    the deduplicating kernel, or with `DEDUP_ONE_ROW` off to the per-pair kernel (nothing to
+    share); a step of several tokens stays deduplicated. Both == float64."""
+    import torch.nn.functional as F
+
+    from specmoe_ray.moe.experts import LocalExperts
+
+    monkeypatch.setattr(triton_experts, "DEDUP_ONE_ROW", one_row_dedup)
+    used = []
+    for name in ("pair_matmul", "dedup_matmul"):
+        fn = getattr(triton_experts, name)
+        monkeypatch.setattr(
+            triton_experts, name, lambda *a, _f=fn, _n=name, **k: used.append(_n) or _f(*a, **k)
+        )
+    g = torch.Generator().manual_seed(5)
+    E, D, I, A = 8, 64, 48, 4
+    gate_up, down = torch.randn(E, 2 * I, D, generator=g) / D**0.5, torch.randn(E, D, I, generator=g) / I**0.5
+    experts = LocalExperts(list(range(E)), gate_up.to(DEVICE), down.to(DEVICE), E)
+    experts.triton = True
+    for T in (1, 2):
+        used.clear()
+        x = torch.randn(T, D, generator=g)
+        ids = torch.stack([torch.randperm(E, generator=g)[:A] for _ in range(T)]).reshape(-1)
+        out = experts(x.to(DEVICE), ids.to(DEVICE), group=A).double().cpu()
+        ref = torch.stack(
+            [
+                F.linear(F.silu(gu[:I]) * gu[I:], down[e].double())
+                for p, e in enumerate(ids.tolist())
+                for gu in [F.linear(x[p // A].double(), gate_up[e].double())]
+            ]
+        )
+        assert ((out - ref).norm() / ref.norm()).item() < 1e-5
+        per_pair = T == 1 and not one_row_dedup
+        assert used == (["pair_matmul"] * 2 if per_pair else ["dedup_matmul"] * 2), (T, used)
+
+
 @pytest.mark.parametrize("path", ["pairs", "dedup", "sorted"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_pair_kernel_reads_token_rows_and_skips_experts_not_held(dtype, path, monkeypatch):
