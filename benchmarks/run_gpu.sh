@@ -12,8 +12,8 @@
 # packing; SWEEP=--sweep adds the block-size sweeps), shape (Qwen3-30B-A3B shape on one GPU: HF vs ours, verify
 # sweep), gpus (the same shape with experts over 1, 2 and 4 GPUs; writes a ~61 GB checkpoint to
 # $CKPT), trace (8 layers of it on 1 and 2 GPUs, profiled on both sides, Chrome traces), probe
-# (the same 8 layers unprofiled, beside another revision with BASE_DIR), demo (the shipped demo
-# pair). STAGE_TIMEOUT bounds each stage (seconds, default 540).
+# (the same 8 layers unprofiled, beside another revision with BASE_DIR), batch1 (switch tests,
+# batch-1 ablations and sweeps, 48 layers at batch 1 and 8), demo (the shipped demo pair). STAGE_TIMEOUT bounds each stage (seconds, default 540).
 set -u
 OUT=${OUT:-gpu-out}
 CKPT=${CKPT:-/tmp/specmoe-bench-ckpt}
@@ -95,11 +95,23 @@ for stage in "${@:-tests nccl kernels shape}"; do
           echo "-- $BASE_DIR"; (cd "$BASE_DIR" && PYTHONPATH=$PWD${RAY_BUNDLE:+:/tmp/site} probe) | tee "$OUT/probe-base.log"
           echo "-- working tree again"; probe | tee "$OUT/probe-again.log"
         fi ;;
+      batch1)
+        # The batch-1 target's loop in one stage: every kernel switch == transformers (tests/gpu
+        # switch test), the 4-layer ablations with the expert and one-row projection sweeps
+        # (kernels.py (1)-(3)), then 48 layers with decode steps run ahead and with one sync each.
+        timeout 300 python -m pytest -p no:warnings -q tests/gpu -k switches >"$OUT/switches.log" 2>&1
+        grep -E "passed|failed" "$OUT/switches.log" | tail -3
+        timeout "$T" python benchmarks/kernels.py --layers 4 --batch 1 --tq 1 4 --skip-exchange --skip-sharded \
+          >"$OUT/kernels-b1.log" 2>&1
+        grep -E "^  B=|<- best|cuBLAS|engine batch" "$OUT/kernels-b1.log" | sed 's/, /\n    /g'
+        timeout 200 python benchmarks/gpu.py --shape qwen3-30b-a3b --batch 1 8 --new-tokens 64 --skip-hf \
+          --skip-sweep --repeats 2 --skip-demo --variants graphs sync --json "$OUT/b1.json" >"$OUT/b1.log" 2>&1
+        grep -E "batch|copy band" "$OUT/b1.log" ;;
       demo)
         timeout "$T" python benchmarks/gpu.py --skip-shape --batch 1 8 32 --new-tokens 64 --repeats 2 \
           --json "$OUT/demo.json" >"$OUT/demo.log" 2>&1
         quiet "$OUT/demo.log" 20 ;;
-      *) echo "unknown stage $s (tests nccl kernels shape gpus trace probe demo)"; exit 2 ;;
+      *) echo "unknown stage $s (tests nccl kernels shape gpus trace probe batch1 demo)"; exit 2 ;;
     esac
   done
 done
