@@ -306,17 +306,22 @@ def pair_matmul(
     glu: w holds gate rows then up rows ([E, 2N, K]) and out[p] = silu(gate) * up. ids < 0 give
     zero rows. prefetch: ids were final before the kernel ahead of this one started; each
     program asks L2 for its weights before waiting for that kernel (`PREFETCH`)."""
-    n = ids.shape[0]
-    E, rows, K = w.shape
-    N = rows // 2 if glu else rows
-    out = torch.empty(n, N, dtype=x.dtype, device=x.device)
-    if n == 0:
-        return out
-    cfg = {**PAIR_CONFIG, **config}
-    grid = (n, triton.cdiv(N, cfg["block_n"]))
-    with launch_on(x.device):
-        _launch_pairs(grid, x, ids, w, out, N, K, group, glu, cfg, prefetch_args(x, w, prefetch))
+    out, N, K, cfg, grid = _pairs_setup(x, w, ids, glu, PAIR_CONFIG, config)
+    if out.shape[0]:
+        with launch_on(x.device):
+            _launch_pairs(grid, x, ids, w, out, N, K, group, glu, cfg, prefetch_args(x, w, prefetch))
     return out
+
+
+def _pairs_setup(x: torch.Tensor, w: torch.Tensor, ids: torch.Tensor, glu: bool, defaults: dict, config):
+    """A few-pairs kernel's output [P, N] (empty), N, K, blocks and grid (a program per pair
+    and block of output features)."""
+    P = ids.shape[0]
+    _, rows, K = w.shape
+    N = rows // 2 if glu else rows
+    cfg = {**defaults, **config}
+    out = torch.empty(P, N, dtype=x.dtype, device=x.device)
+    return out, N, K, cfg, (P, triton.cdiv(N, cfg["block_n"]))
 
 
 def _launch_pairs(grid, x, ids, w, out, N, K, group, glu, cfg, prefetch: dict) -> None:
@@ -473,14 +478,10 @@ def dedup_matmul(
     per (pair, block of features), but the first pair of an expert computes all of its pairs, 16
     rows per tensor-core product, and the others return at once. For few pairs (all ids are
     scanned per program)."""
-    P = ids.shape[0]
-    E, rows, K = w.shape
-    N = rows // 2 if glu else rows
-    out = torch.empty(P, N, dtype=x.dtype, device=x.device)
+    out, N, K, cfg, grid = _pairs_setup(x, w, ids, glu, DEDUP_CONFIG, config)
+    P = out.shape[0]
     if P == 0:
         return out
-    cfg = {**DEDUP_CONFIG, **config}
-    grid = (P, triton.cdiv(N, cfg["block_n"]))
     with launch_on(x.device):
         _dedup_kernel[grid](
             x.contiguous(), ids.contiguous(), w, out, P, N, K, w.stride(0), w.stride(1),
