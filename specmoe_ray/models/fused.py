@@ -21,11 +21,11 @@ import contextlib
 import functools
 import logging
 import threading
-import weakref
 from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from specmoe_ray.moe import triton_experts
 
@@ -53,7 +53,7 @@ MATVEC_O_PROJ = False
 # other kernels than the row-major split-K GEMM (o_proj: ~10 us for ~5.5 us of bytes on an
 # H100). If it wins, the layout becomes the loader's, without the copy.
 COLUMN_MAJOR = False
-_COLUMN_MAJOR: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_COLUMN_MAJOR = WeakIdKeyDictionary()  # by identity: a tensor's == is elementwise
 # Projections of 2 .. this many rows (verify steps) inside static steps by `triton_experts.
 # rows_matmul` instead of cuBLAS; 1 = off. Opt-in until measured (kernels.py ablations).
 MATMUL_ROWS = 1

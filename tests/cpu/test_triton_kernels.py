@@ -57,6 +57,23 @@ def test_triton_experts_equal_float64_reference(dtype, n, path, monkeypatch):
     assert rel < (1e-5 if dtype == torch.float32 else 2e-2), rel
 
 
+def test_column_major_copy_is_made_once_per_weight():
+    """`fused.column_major` (`COLUMN_MAJOR`): the weight's values, column-major, one copy per
+    weight however often asked (looked up by identity), released with the weight."""
+    import gc
+
+    from specmoe_ray.models import fused
+
+    w, other = torch.randn(6, 5), torch.randn(6, 5)
+    c = fused.column_major(w)
+    assert torch.equal(c, w) and c.stride() == (1, 6) and fused.column_major(w) is c
+    assert fused.column_major(other) is not c and torch.equal(fused.column_major(other), other)
+    n = len(fused._COLUMN_MAJOR)
+    del w, c
+    gc.collect()
+    assert len(fused._COLUMN_MAJOR) == n - 1
+
+
 @pytest.mark.parametrize("one_row_dedup", [True, False])
 def test_one_tokens_pairs_by_the_kernel_dedup_one_row_picks(one_row_dedup, monkeypatch):
     """A batch-1 decode step's pairs (one token row, `group` = its k distinct experts) go to
