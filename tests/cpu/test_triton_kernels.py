@@ -20,13 +20,14 @@ def skip_bf16_on_interpreter(dtype: torch.dtype, uses_dot: bool = True, why: str
         pytest.skip(why or "Triton's interpreter multiplies bfloat16 matrices wrongly")
 
 
-@pytest.mark.parametrize("path", ["pairs", "dedup", "sorted", "sorted-config"])
+@pytest.mark.parametrize("path", ["pairs", "dedup", "dedup-down-config", "sorted", "sorted-config"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("n", [1, 8, 40, 300])
 def test_triton_experts_equal_float64_reference(dtype, n, path, monkeypatch):
     """The Triton expert kernel (few rows per expert: decode/verify) against float64 per-row math,
     including an expert with more rows than one 16-row block and experts with none; the sorted
-    kernel also with other block sizes (`SORTED_CONFIG`, what kernels.py (5) sweeps)."""
+    kernel also with other block sizes (`SORTED_CONFIG`, what kernels.py (5) sweeps), the
+    deduplicating one with the down projection's own (`DEDUP_DOWN_CONFIG`, kernels.py (2))."""
     import torch.nn.functional as F
 
     from specmoe_ray.moe.experts import LocalExperts
@@ -44,8 +45,10 @@ def test_triton_experts_equal_float64_reference(dtype, n, path, monkeypatch):
     experts = LocalExperts(list(range(E)), gate_up.to(DEVICE).to(dtype), down.to(DEVICE).to(dtype), E)
     experts.triton = True  # (on the interpreter too)
     experts.triton_max_rows_per_expert = 10**6  # always a Triton kernel, whatever n
-    experts.triton_max_pairs = 10**6 if path in ("pairs", "dedup") else 0
-    monkeypatch.setattr(triton_experts, "DEDUP", path == "dedup")
+    experts.triton_max_pairs = 10**6 if path in ("pairs", "dedup", "dedup-down-config") else 0
+    monkeypatch.setattr(triton_experts, "DEDUP", path.startswith("dedup"))
+    if path == "dedup-down-config":
+        monkeypatch.setattr(triton_experts, "DEDUP_DOWN_CONFIG", {"block_n": 16, "block_k": 32})
     if path == "sorted-config":
         monkeypatch.setattr(triton_experts, "SORTED_CONFIG", {"block_n": 16, "block_k": 32, "num_warps": 8})
     out = experts(x.to(DEVICE).to(dtype), ids.to(DEVICE)).double().cpu()
