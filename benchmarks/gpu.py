@@ -9,6 +9,8 @@ tensors* (no copy, no checkpoint on disk), experts in-process. Per batch size it
 - `graphs`: our engine with CUDA-graph steps (the default on GPUs), no speculation; decode
   steps run ahead, up to 4 per host sync (`decode_steps`, the default);
 - `sync`: `graphs` with one host sync per step (`decode_steps=1`: what running ahead gains);
+- `--switch NAME:module.ATTR=value,...`: `graphs` with fast-path switches flipped while that
+  variant runs (e.g. `--switch matvec:fused.MATVEC=True`), side by side with `graphs`;
 - `ngram`: graphs + prompt-lookup drafts (k = --k);
 - `draft`: graphs + a draft model: a random dense Qwen3 of Qwen3-0.6B's shape (the family's
   small model) with the target's vocabulary, k = --k. Random weights agree only by accident,
@@ -33,10 +35,14 @@ Everything goes to --json, and a plot to --png (matplotlib, if installed).
 from __future__ import annotations
 
 import argparse
+import ast
+import contextlib
 import gc
+import importlib
 import json
 import os
 import platform
+import re
 import shlex
 import statistics
 import sys
@@ -349,48 +355,108 @@ def bench_shape(a, device: str, dtype: torch.dtype, bandwidth: float) -> dict[st
         "draft": dict(step_graphs="auto" if device != "cpu" else "padded", draft=True),
     }
     variants = {k: v for k, v in variants.items() if k in a.variants or k == "graphs"}  # graphs: the sweep
+    for name in a.switch:
+        variants[name] = dict(variants["graphs"])
     sweep_engine = None
     for name, v in variants.items():
-        proposer = NgramProposer(device=device) if v.pop("ngram", False) else None
-        if v.pop("draft", False):
-            proposer = draft_proposer(a, device, dtype, max(max_len, a.context + 9))
-        engine = engine_on_hf_weights(
-            hf,
-            max_num_seqs=max(a.batch),
-            max_model_len=max(max_len, a.context + 9),
-            proposer=proposer,
-            num_speculative_tokens=a.k,
-            **v,
-        )
-        for b in a.batch:
-            r = timed(ours_run(engine, rows[b], a.new_tokens), a.repeats, device, engine)
-            r["speculation_length"] = engine.stats()["speculation_length"]
-            res["runs"].append({"who": name, "batch": b, **r})
-            print(
-                f"  {name:7s} batch {b:3d}: {r['tok_s']:9.1f} tok/s  {r['ms_per_step']:7.2f} ms/step  "
-                f"({r['ms_per_static_step']:.2f} per decode/verify step)  {r['tokens_per_step']:.2f} tok/step"
-                + (
-                    f"  acceptance {r['acceptance_rate']:.2f}, k now {r['speculation_length']}"
-                    if proposer
-                    else ""
-                )
-            )
+        with switched(a.switch.get(name, [])):
+            engine = bench_variant(a, res, hf, rows, name, v, device, dtype, max_len)
         if name == "graphs":
             sweep_engine = engine
             if a.profile:
                 trace = os.path.join(a.trace_dir, "engine-1gpu.json") if a.trace_dir else None
                 profile_steps(engine, rows[a.profile_batch or min(a.batch)], device, trace=trace)
+        else:
+            del engine
+            gc.collect()
     if not a.skip_sweep:
         print("(c) verify sweep (graph replay), context", a.context)
         res["verify"] = verify_sweep(sweep_engine, a.batch, 8, a.context, bandwidth, device)
     if any(g > 1 for g in a.gpus):  # expert shards load from a checkpoint: write this one
-        del engine, sweep_engine
+        del sweep_engine
         t0 = time.perf_counter()
         # From host memory: saving splits the fused expert tensors into per-expert ones (the
         # checkpoint format), which does not fit beside them on one 80 GB GPU.
         hf.to("cpu").save_pretrained(a.save_dir)
         print(f"  saved the random checkpoint to {a.save_dir} in {time.perf_counter() - t0:.0f}s")
     return res
+
+
+def parse_switch(text: str) -> tuple[str, list[tuple[str, str, Any]]]:
+    """--switch "NAME:module.ATTR=value,..." -> (NAME, [(module, ATTR, value)]): modules of
+    specmoe_ray by their last name (fused, triton_kernels, triton_experts), values as Python
+    literals (True, 0, {"block_n": 4}); no flips: the default switches once more (noise)."""
+    name, _, flips = text.partition(":")
+    out = []
+    for flip in filter(None, (f.strip() for f in re.split(r",(?![^{]*})", flips))):
+        target, _, value = flip.partition("=")
+        module, _, attr = target.rpartition(".")
+        if module not in SWITCH_MODULES or not attr or not value:
+            raise argparse.ArgumentTypeError(
+                f"--switch {text!r}: expected module.ATTR=value, module one of {sorted(SWITCH_MODULES)}"
+            )
+        mod = importlib.import_module(SWITCH_MODULES[module])
+        if not hasattr(mod, attr):
+            raise argparse.ArgumentTypeError(f"--switch {text!r}: {module} has no {attr}")
+        out.append((SWITCH_MODULES[module], attr, ast.literal_eval(value)))
+    if not name or name in ("eager", "graphs", "sync", "ngram", "draft"):
+        raise argparse.ArgumentTypeError(f"--switch {text!r}: give the variant a new NAME before ':'")
+    return name, out
+
+
+SWITCH_MODULES = {
+    "fused": "specmoe_ray.models.fused",
+    "triton_kernels": "specmoe_ray.models.triton_kernels",
+    "triton_experts": "specmoe_ray.moe.triton_experts",
+}
+
+
+@contextlib.contextmanager
+def switched(flips: list[tuple[str, str, Any]]):
+    """The switches flipped for the block (they act when a step's graph is captured)."""
+    saved = []
+    try:
+        for module, attr, value in flips:
+            mod = importlib.import_module(module)
+            saved.append((mod, attr, getattr(mod, attr)))
+            setattr(mod, attr, value)
+        yield
+    finally:
+        for mod, attr, value in reversed(saved):
+            setattr(mod, attr, value)
+
+
+def bench_variant(a, res, hf, rows, name: str, v: dict, device: str, dtype, max_len: int) -> Engine:
+    """One engine variant of (a) on the model's tensors, timed at each batch size."""
+    proposer = NgramProposer(device=device) if v.pop("ngram", False) else None
+    if v.pop("draft", False):
+        proposer = draft_proposer(a, device, dtype, max(max_len, a.context + 9))
+    engine = engine_on_hf_weights(
+        hf,
+        max_num_seqs=max(a.batch),
+        max_model_len=max(max_len, a.context + 9),
+        proposer=proposer,
+        num_speculative_tokens=a.k,
+        **v,
+    )
+    for b in a.batch:
+        r = timed(ours_run(engine, rows[b], a.new_tokens), a.repeats, device, engine)
+        r["speculation_length"] = engine.stats()["speculation_length"]
+        base = [x["tok_s"] for x in res["runs"] if x["who"] == "graphs" and x["batch"] == b]
+        if name in a.switch and base:
+            r["vs_graphs"] = r["tok_s"] / base[0]
+        res["runs"].append({"who": name, "batch": b, **r})
+        print(
+            f"  {name:7s} batch {b:3d}: {r['tok_s']:9.1f} tok/s  {r['ms_per_step']:7.2f} ms/step  "
+            f"({r['ms_per_static_step']:.2f} per decode/verify step)  {r['tokens_per_step']:.2f} tok/step"
+            + (
+                f"  acceptance {r['acceptance_rate']:.2f}, k now {r['speculation_length']}"
+                if proposer
+                else ""
+            )
+            + (f"  {r['vs_graphs']:.3f}x graphs" if "vs_graphs" in r else "")
+        )
+    return engine
 
 
 def bench_gpus(
@@ -558,6 +624,14 @@ def main(argv=None) -> dict[str, Any]:
         default=["eager", "graphs", "sync", "ngram", "draft"],
         help="our engine's runs in (a); draft: a random Qwen3-0.6B-shaped draft model",
     )
+    p.add_argument(
+        "--switch",
+        type=parse_switch,
+        action="append",
+        default=[],
+        metavar="NAME:module.ATTR=value,...",
+        help="a further (a) variant: graphs with these fast-path switches flipped (repeatable)",
+    )
     p.add_argument("--skip-shape", action="store_true", help="only (b), the demo pair")
     p.add_argument(
         "--gpus", type=int, nargs="+", default=[1], help="devices holding experts for (a): 1 = in-process"
@@ -578,6 +652,7 @@ def main(argv=None) -> dict[str, Any]:
     p.add_argument("--json")
     p.add_argument("--png")
     a = p.parse_args(argv)
+    a.switch = dict(a.switch)
     if a.shape == "qwen3-30b-a3b" and a.device == "cpu":
         p.error("--shape qwen3-30b-a3b needs a GPU (~61 GB of bf16 weights)")
     device = a.device

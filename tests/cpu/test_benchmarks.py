@@ -1,0 +1,77 @@
+"""benchmarks/gpu.py's `--switch` variants: parsed with errors naming what is wrong, flipped only
+while their variant runs, timed beside `graphs` in the same process."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.fixture(scope="module")
+def gpu():
+    """benchmarks/gpu.py as a module (benchmarks/ is not a package)."""
+    name = "specmoe_benchmarks_gpu"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "benchmarks", "gpu.py"))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+def test_switch_parses_modules_attributes_and_literals(gpu):
+    name, flips = gpu.parse_switch(
+        "combo:triton_experts.DEDUP_ONE_ROW=True, triton_experts.MATVEC_CONFIG={'block_n': 4, 'block_k': 64}"
+    )
+    assert name == "combo"
+    assert flips == [
+        ("specmoe_ray.moe.triton_experts", "DEDUP_ONE_ROW", True),
+        ("specmoe_ray.moe.triton_experts", "MATVEC_CONFIG", {"block_n": 4, "block_k": 64}),
+    ]
+    assert gpu.parse_switch("again:") == ("again", [])
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        ("x:nope.MATVEC=True", "module one of"),
+        ("x:fused.NOT_A_SWITCH=1", "fused has no NOT_A_SWITCH"),
+        ("x:fused.MATVEC", "module.ATTR=value"),
+        ("graphs:fused.MATVEC=True", "new NAME"),
+        (":fused.MATVEC=True", "new NAME"),
+    ],
+)
+def test_bad_switches_name_what_is_wrong(gpu, text, match):
+    with pytest.raises(argparse.ArgumentTypeError, match=match):
+        gpu.parse_switch(text)
+
+
+def test_switch_variants_run_flipped_beside_graphs_and_restore(gpu, monkeypatch):
+    """A small model on CPU: each --switch variant runs with its flips set (seen from inside the
+    timed engine runs), gets its ratio to `graphs`, and leaves the switches as they were."""
+    from specmoe_ray.moe import triton_experts
+
+    before = triton_experts.DEDUP_ONE_ROW
+    seen = []
+    ours_run = gpu.ours_run
+
+    def spy(engine, rows, new):
+        run = ours_run(engine, rows, new)
+        return lambda: seen.append(triton_experts.DEDUP_ONE_ROW) or run()
+
+    monkeypatch.setattr(gpu, "ours_run", spy)
+    args = ["--shape", "small", "--device", "cpu", "--batch", "1", "--new-tokens", "4", "--repeats", "1"]
+    args += ["--skip-hf", "--skip-demo", "--skip-sweep", "--variants", "graphs"]
+    args += ["--switch", f"flip:triton_experts.DEDUP_ONE_ROW={not before}", "--switch", "again:"]
+    runs = gpu.main(args)["shape"]["runs"]
+    assert [r["who"] for r in runs] == ["graphs", "flip", "again"]
+    assert all(r["tok_s"] > 0 for r in runs) and "vs_graphs" not in runs[0]
+    assert runs[1]["vs_graphs"] == pytest.approx(runs[1]["tok_s"] / runs[0]["tok_s"])
+    assert seen == [before] * 2 + [not before] * 2 + [before] * 2  # warm-up + 1 timed run each
+    assert triton_experts.DEDUP_ONE_ROW is before
