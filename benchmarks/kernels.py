@@ -107,6 +107,12 @@ def print_table(title: str, rows, total: float, layers: int, top: int = 30) -> N
         print(f"    {us:8.1f} us  {100 * us / max(total, 1e-9):5.1f}%  x{n:5.1f}  {name[:100]}")
 
 
+PAIR_BLOCKS = {
+    (n, k, w): {"block_n": n, "block_k": k, "num_warps": w}
+    for n, k, w in [(4, 2048, 4), (4, 1024, 4), (16, 256, 8), (16, 256, 4), (8, 512, 4), (8, 256, 8)]
+}
+
+
 def step_profile(a, bandwidth: float) -> None:
     from transformers import AutoModelForCausalLM
 
@@ -144,8 +150,45 @@ def step_profile(a, bandwidth: float) -> None:
         "no routing kernel": [(triton_kernels, "ROUTING", False)],
         "load counted apart from routing": [(triton_kernels, "COUNT_IN_ROUTING", False)],
         "one-row projections by the per-pair kernel": [(fused, "MATVEC", True)],
+        "one-row projections by the per-pair kernel n8 k256 w8 (session 7)": [
+            (fused, "MATVEC", True),
+            (triton_experts, "MATVEC_CONFIG", PAIR_BLOCKS[8, 256, 8]),
+        ],
+        "one-row projections by the per-pair kernel n4 k1024 w4": [
+            (fused, "MATVEC", True),
+            (triton_experts, "MATVEC_CONFIG", PAIR_BLOCKS[4, 1024, 4]),
+        ],
         "per-pair experts (no dedup)": [(triton_experts, "DEDUP", False)],
-        "per-pair experts for one token's pairs": [(triton_experts, "DEDUP_ONE_ROW", False)],
+        "dedup experts for one token's pairs": [(triton_experts, "DEDUP_ONE_ROW", True)],
+        "dedup down projection with gate/up's blocks (session 7)": [
+            (triton_experts, "DEDUP_DOWN_CONFIG", {})
+        ],
+        "dedup down n64 k128 w4": [
+            (triton_experts, "DEDUP_DOWN_CONFIG", {"block_n": 64, "block_k": 128, "num_warps": 4})
+        ],
+        "experts' projections in one launch (opt-in)": [(triton_experts, "FUSED_MLP", True)],
+        "experts' projections in one launch, 2 programs per SM": [
+            (triton_experts, "FUSED_MLP", True),
+            (triton_experts, "MLP_PROGRAMS", 2),
+        ],
+        "experts' projections in one launch, 8 programs per SM": [
+            (triton_experts, "FUSED_MLP", True),
+            (triton_experts, "MLP_PROGRAMS", 8),
+        ],
+        "experts' projections in one launch, a program per block": [
+            (triton_experts, "FUSED_MLP", True),
+            (triton_experts, "MLP_PROGRAMS", 0),
+        ],
+        "experts' projections in one launch, down n16": [
+            (triton_experts, "FUSED_MLP", True),
+            (triton_experts, "MLP_CONFIG", {**triton_experts.MLP_CONFIG, "block_n2": 16}),
+        ],
+        "per-pair gate/up n4 k2048 w4": [(triton_experts, "PAIR_CONFIG", PAIR_BLOCKS[4, 2048, 4])],
+        "per-pair gate/up n4 k1024 w4": [(triton_experts, "PAIR_CONFIG", PAIR_BLOCKS[4, 1024, 4])],
+        "per-pair gate/up n16 k256 w8": [(triton_experts, "PAIR_CONFIG", PAIR_BLOCKS[16, 256, 8])],
+        "per-pair down n4 k1024 w4": [(triton_experts, "PAIR_DOWN_CONFIG", PAIR_BLOCKS[4, 1024, 4])],
+        "per-pair down n16 k256 w4": [(triton_experts, "PAIR_DOWN_CONFIG", PAIR_BLOCKS[16, 256, 4])],
+        "per-pair down n8 k512 w4": [(triton_experts, "PAIR_DOWN_CONFIG", PAIR_BLOCKS[8, 512, 4])],
         "cache write by index_put (not in the rope)": [(fused, "FUSED_CACHE_WRITE", False)],
         "one-row projections by dedup (opt-in)": [
             (fused, "MATVEC", True),

@@ -72,6 +72,8 @@ class LocalExperts(nn.Module):
                 counts.scatter_add_(0, local + 1, local.new_ones(()).expand(n))
             if self.triton and n <= self.triton_max_pairs:
                 one = n <= group  # one token's pairs: distinct experts, nothing to share
+                if one and triton_experts.FUSED_MLP:
+                    return triton_experts.expert_mlp(x, self.gate_up, self.down, local, group=group)
                 h = triton_experts.expert_pairs(x, self.gate_up, local, group=group, glu=True, one_row=one)
                 return triton_experts.expert_pairs(h, self.down, local, one_row=one)
             local, order = triton_experts.stable_sort(local)

@@ -270,16 +270,32 @@ if AVAILABLE:
                 _prefetch_expert(w_ptr, e, stride_we, rn, N, stride_wn, K, GLU, PREFETCH_STEP, PREFETCH_LINES)
         _grid_dependency(PDL)
         e = tl.load(ids_ptr + p)
+        dtype = out_ptr.dtype.element_ty
+        acc = _pair_block(x_ptr + (p // GROUP).to(tl.int64) * K, w_ptr, e, stride_we, rn, N, K, stride_wn,
+                          GLU, BLOCK_N, BLOCK_K, dtype, False)  # fmt: skip
+        tl.store(out_ptr + p.to(tl.int64) * N + rn, acc.to(dtype), mask=n_ok)
+
+    @triton.jit
+    def _pair_block(
+        x_row, w_ptr, e, stride_we, rn, N, K, stride_wn,
+        GLU: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, dtype: tl.constexpr,
+        SHARED_X: tl.constexpr,
+    ):  # fmt: skip
+        """Features rn of one pair: x_row [K] @ w[e, rn]^T (GLU: silu(gate) * up), float32;
+        zeros for e < 0. SHARED_X: x_row was written by other programs of this launch (read
+        from L2, past this SM's L1)."""
+        n_ok = rn < N
         acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
         up = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        dtype = out_ptr.dtype.element_ty
         if e >= 0:
-            x_row = x_ptr + (p // GROUP).to(tl.int64) * K
             w = w_ptr + e.to(tl.int64) * stride_we + rn[:, None].to(tl.int64) * stride_wn
             for k0 in range(0, K, BLOCK_K):
                 kk = k0 + tl.arange(0, BLOCK_K)
                 k_ok = kk < K
-                xk = tl.load(x_row + kk, mask=k_ok, other=0.0).to(tl.float32)
+                if SHARED_X:
+                    xk = tl.load(x_row + kk, mask=k_ok, other=0.0, cache_modifier=".cg").to(tl.float32)
+                else:
+                    xk = tl.load(x_row + kk, mask=k_ok, other=0.0).to(tl.float32)
                 ok = n_ok[:, None] & k_ok[None, :]
                 acc += tl.sum(tl.load(w + kk[None, :], mask=ok, other=0.0).to(tl.float32) * xk[None, :], 1)
                 if GLU:
@@ -287,10 +303,84 @@ if AVAILABLE:
                     up += tl.sum(wu * xk[None, :], 1)
             if GLU:
                 acc = _silu_mul(acc, up, dtype)
-        tl.store(out_ptr + p.to(tl.int64) * N + rn, acc.to(dtype), mask=n_ok)
+        return acc
+
+    @triton.jit
+    def _expert_mlp_kernel(
+        x_ptr,  # [n / GROUP, D]: pair p reads row p // GROUP
+        ids_ptr,  # [P] expert of each pair (< 0: none; its output row is zeros)
+        gu_ptr,  # [E, 2I, D] gate rows, then up rows
+        down_ptr,  # [E, D, I]
+        h_ptr,  # [P, I] scratch: silu(gate) * up of each pair
+        out_ptr,  # [P, D]
+        sync_ptr,  # int32 [2 + P] zeros: tickets taken, programs finished, gate/up blocks done per pair
+        P,
+        I,
+        D,
+        stride_gue,
+        stride_gun,
+        stride_de,
+        stride_dn,
+        GROUP: tl.constexpr,
+        BLOCK_N1: tl.constexpr,
+        BLOCK_K1: tl.constexpr,
+        BLOCK_N2: tl.constexpr,
+        BLOCK_K2: tl.constexpr,
+        TICKETS: tl.constexpr = True,
+        PDL: tl.constexpr = False,  # programmatic dependent launch (`pdl_launch`)
+    ):
+        """Both projections of a few pairs in one launch: each program takes numbered blocks
+        (tickets) in turn, the gate/up blocks of every pair first, then the down blocks; a down
+        block of pair p waits until p's gate/up blocks are counted done. A ticket is taken only
+        by a running program and gate/up blocks wait for nothing, so the waits end whatever the
+        grid's size and order (TICKETS off: block = program id, the order GPUs start programs
+        in). The last program to finish zeroes the counters (graph replays)."""
+        _grid_dependency(PDL)
+        dtype = out_ptr.dtype.element_ty
+        nb1 = tl.cdiv(I, BLOCK_N1)
+        tiles1 = P * nb1
+        total = tiles1 + P * tl.cdiv(D, BLOCK_N2)
+        if TICKETS:  # noqa: SIM108 (a constexpr branch)
+            t = tl.atomic_add(sync_ptr, 1)
+        else:  # one block per program, in program order (GPUs start a grid's programs in order)
+            t = tl.program_id(0)
+        while t < total:
+            if t < tiles1:
+                p1 = t // nb1
+                rn1 = (t % nb1) * BLOCK_N1 + tl.arange(0, BLOCK_N1)
+                e1 = tl.load(ids_ptr + p1)
+                h = _pair_block(x_ptr + (p1 // GROUP).to(tl.int64) * D, gu_ptr, e1, stride_gue, rn1, I, D,
+                                stride_gun, True, BLOCK_N1, BLOCK_K1, dtype, False)  # fmt: skip
+                tl.store(h_ptr + p1.to(tl.int64) * I + rn1, h.to(dtype), mask=rn1 < I)
+                tl.debug_barrier()  # every thread's h stored before the count says so
+                tl.atomic_add(sync_ptr + 2 + p1, 1, sem="release")
+            else:
+                nb2 = tl.cdiv(D, BLOCK_N2)
+                p2 = (t - tiles1) // nb2
+                rn2 = ((t - tiles1) % nb2) * BLOCK_N2 + tl.arange(0, BLOCK_N2)
+                done = tl.atomic_add(sync_ptr + 2 + p2, 0, sem="acquire")
+                while done < nb1:
+                    done = tl.atomic_add(sync_ptr + 2 + p2, 0, sem="acquire")
+                tl.debug_barrier()
+                e2 = tl.load(ids_ptr + p2)
+                y = _pair_block(h_ptr + p2.to(tl.int64) * I, down_ptr, e2, stride_de, rn2, D, I, stride_dn,
+                                False, BLOCK_N2, BLOCK_K2, dtype, True)  # fmt: skip
+                tl.store(out_ptr + p2.to(tl.int64) * D + rn2, y.to(dtype), mask=rn2 < D)
+            if TICKETS:  # noqa: SIM108 (a constexpr branch)
+                t = tl.atomic_add(sync_ptr, 1)
+            else:
+                t = total
+        finished = tl.atomic_add(sync_ptr + 1, 1, sem="acq_rel")
+        if finished == tl.num_programs(0) - 1:  # every program is past its last ticket
+            rp = tl.arange(0, 128)
+            for p0 in range(0, P + 2, 128):
+                tl.store(sync_ptr + p0 + rp, tl.zeros((128,), tl.int32), mask=p0 + rp < P + 2)
 
 
 PAIR_CONFIG = {"block_n": 8, "block_k": 256, "num_warps": 8}  # best on H100 (benchmarks/kernels.py)
+# The experts' down projection by the per-pair kernel, where its blocks differ (K is the experts'
+# 768, not 2048; kernels.py ablations "per-pair down ..."; n16 k256 w4: 1.000x at 48 layers).
+PAIR_DOWN_CONFIG: dict[str, int] = {}
 
 
 def pair_matmul(
@@ -310,6 +400,56 @@ def pair_matmul(
     if out.shape[0]:
         with launch_on(x.device):
             _launch_pairs(grid, x, ids, w, out, N, K, group, glu, cfg, prefetch_args(x, w, prefetch))
+    return out
+
+
+# One token's pairs (batch-1 decode): gate/up and down projections in one launch
+# (`expert_mlp`), one kernel boundary fewer per MoE layer. Opt-in: slower on an H100 (48 layers,
+# batch 1: 0.90x with 4 programs per SM, 0.71x with 2, 0.93x a program per block; session 8).
+FUSED_MLP = False
+MLP_CONFIG = {"block_n1": 8, "block_k1": 256, "block_n2": 8, "block_k2": 256, "num_warps": 8}
+# Programs per SM, each taking blocks by ticket until none are left; 0: one program per block,
+# no tickets (a down block then waits on programs started before it: GPUs start a grid's
+# programs in order, but CUDA does not promise it).
+MLP_PROGRAMS = 4
+_SYNC: dict[tuple[torch.device, int], torch.Tensor] = {}
+_SMS: dict[torch.device, int] = {}
+
+
+def expert_mlp(
+    x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, ids: torch.Tensor, group: int = 1, **config
+) -> torch.Tensor:
+    """`pair_matmul(pair_matmul(x, gate_up, ids, group, glu=True), down, ids)` in one kernel with
+    the same blocks (the same sums, bit for bit): pair p (expert ids[p], row x[p // group]) ->
+    out[p], [P, D]. Its counters are shared by the launches on a device and stream order keeps
+    them apart, as it keeps the launches of one CUDA graph."""
+    P = ids.shape[0]
+    _, two_i, D = gate_up.shape
+    I = two_i // 2
+    assert down.shape[1:] == (D, I) and gate_up.stride(2) == down.stride(2) == 1, (gate_up.shape, down.shape)
+    cfg = {**MLP_CONFIG, **config}
+    out = torch.empty(P, D, dtype=x.dtype, device=x.device)
+    if P == 0:
+        return out
+    h = torch.empty(P, I, dtype=x.dtype, device=x.device)
+    key = (x.device, P)
+    sync = _SYNC.get(key)
+    if sync is None:
+        sync = _SYNC[key] = torch.zeros(2 + P, dtype=torch.int32, device=x.device)
+    tiles = P * (triton.cdiv(I, cfg["block_n1"]) + triton.cdiv(D, cfg["block_n2"]))
+    sms = _SMS.get(x.device)
+    if sms is None:
+        sms = _SMS[x.device] = (
+            torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 4
+        )
+    with launch_on(x.device):
+        _expert_mlp_kernel[(min(tiles, MLP_PROGRAMS * sms) if MLP_PROGRAMS else tiles,)](
+            x.contiguous(), ids.contiguous(), gate_up, down, h, out, sync, P, I, D,
+            gate_up.stride(0), gate_up.stride(1), down.stride(0), down.stride(1),
+            GROUP=group, BLOCK_N1=cfg["block_n1"], BLOCK_K1=cfg["block_k1"], BLOCK_N2=cfg["block_n2"],
+            BLOCK_K2=cfg["block_k2"], TICKETS=MLP_PROGRAMS > 0, num_warps=cfg["num_warps"],
+            **pdl_launch(x.device),
+        )  # fmt: skip
     return out
 
 
@@ -349,7 +489,11 @@ _ZERO_IDS: dict[torch.device, torch.Tensor] = {}
 # features) or "dedup" (`dedup_matmul`: tensor-core products, pipelined loads), and its blocks
 # (benchmarks/kernels.py (3) sweeps both against cuBLAS).
 MATVEC_KERNEL = "pairs"
-MATVEC_CONFIG: dict[str, int] = {}
+# The per-pair kernel's blocks as a matrix-vector product: whole rows of K <= 2048 in one
+# block, 4 features per program: 10.2 us for q/k/v and 10.7 for o_proj against cuBLAS's 11.0
+# and 11.5 alone (H100, kernels.py (3), session 8; n8 k256 w8, the experts' blocks: 11.1 and
+# 15.5). "dedup" keeps its own blocks.
+MATVEC_CONFIG: dict[str, int] = {"block_n": 4, "block_k": 2048, "num_warps": 4}
 
 
 def matvec(x: torch.Tensor, weight: torch.Tensor, kernel: str | None = None, **config) -> torch.Tensor:
@@ -359,9 +503,12 @@ def matvec(x: torch.Tensor, weight: torch.Tensor, kernel: str | None = None, **c
     ids = _ZERO_IDS.get(x.device)
     if ids is None:
         ids = _ZERO_IDS[x.device] = torch.zeros(1, dtype=torch.long, device=x.device)
-    fn = dedup_matmul if (kernel or MATVEC_KERNEL) == "dedup" else pair_matmul
+    if (kernel or MATVEC_KERNEL) == "dedup":
+        fn, blocks = dedup_matmul, {}  # (its own blocks: tensor-core products need >= 16 features)
+    else:
+        fn, blocks = pair_matmul, MATVEC_CONFIG
     # Expert 0 of one: no id the kernel ahead writes, so the weights may stream before it ends.
-    return fn(x, weight.unsqueeze(0), ids, prefetch=PREFETCH, **{**MATVEC_CONFIG, **config})
+    return fn(x, weight.unsqueeze(0), ids, prefetch=PREFETCH, **{**blocks, **config})
 
 
 _ROW_IDS: dict[tuple[torch.device, int], torch.Tensor] = {}
@@ -455,13 +602,15 @@ if AVAILABLE:
 # overlapping routing (benchmarks/RESULTS.md). DEDUP False: the per-pair kernel instead.
 DEDUP = True
 DEDUP_CONFIG = {"block_n": 32, "block_k": 128, "num_warps": 4}
-# One token's pairs (batch-1 decode) by the deduplicating kernel too; off: by the per-pair
-# kernel, as no expert repeats (kernels.py ablation "per-pair experts": ~1% faster at B = 1,
-# T = 1 in one H100 call, session 7). Opt-out until measured again.
-DEDUP_ONE_ROW = True
+# One token's pairs (batch-1 decode) by the deduplicating kernel too; off (the default): by the
+# per-pair kernel, as no expert repeats (kernels.py ablations "per-pair experts ...", H100,
+# 4 layers at B = 1, T = 1: 0.542 and 0.553 ms against 0.557 and 0.563 for dedup; session 8).
+DEDUP_ONE_ROW = False
 # The down projection's blocks, where they differ (its K is the experts' 768, not 2048: fewer,
-# shorter rows; kernels.py (2) sweeps it apart from gate/up).
-DEDUP_DOWN_CONFIG: dict[str, int] = {}
+# shorter rows; kernels.py (2) sweeps it apart from gate/up). H100 (session 8, kernels.py (2),
+# us per layer, gate/up's blocks -> these): T = 4 106.2 -> 106.6 independent routing, 53.0 ->
+# 52.3 overlapping; T = 8 169.9 -> 168.3 and 62.3 -> 58.7; T = 2 within 0.5 us.
+DEDUP_DOWN_CONFIG: dict[str, int] = {"block_n": 64, "block_k": 64, "num_warps": 4}
 
 
 def dedup_matmul(
@@ -504,7 +653,8 @@ def expert_pairs(
     one token's pairs, one_row, with DEDUP_ONE_ROW off: its experts are distinct). The down
     projection (glu off) runs right after the gate/up one on the same ids: it may prefetch."""
     if not DEDUP or (one_row and not DEDUP_ONE_ROW):
-        return pair_matmul(x, w, ids, group=group, glu=glu, prefetch=PREFETCH and not glu)
+        config = {} if glu else PAIR_DOWN_CONFIG
+        return pair_matmul(x, w, ids, group=group, glu=glu, prefetch=PREFETCH and not glu, **config)
     config = {} if glu else DEDUP_DOWN_CONFIG
     return dedup_matmul(x, w, ids, group=group, glu=glu, prefetch=PREFETCH and not glu, **config)
 

@@ -147,6 +147,17 @@ def kernels() -> list[tuple[str, object, list[dict], dict, tuple]]:
             (),
         ),
         (
+            "experts (gate/up and down in one launch)",
+            te._expert_mlp_kernel,
+            variants(
+                dict(GROUP=8, BLOCK_N1=8, BLOCK_K1=256, BLOCK_K2=256),
+                BLOCK_N2=(8, 16),
+                TICKETS=(True, False),
+            ),
+            dict(ids_ptr=I64, sync_ptr=I32),
+            (),
+        ),
+        (
             "rank_sort",
             te._rank_sort_kernel,
             variants(

@@ -115,6 +115,52 @@ def test_one_tokens_pairs_by_the_kernel_dedup_one_row_picks(one_row_dedup, monke
         assert used == (["pair_matmul"] * 2 if per_pair else ["dedup_matmul"] * 2), (T, used)
 
 
+@pytest.mark.parametrize("programs", [0, 1, 64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_expert_mlp_in_one_launch_equals_the_two_pair_kernels(dtype, programs, monkeypatch):
+    """`expert_mlp` (`FUSED_MLP`: both projections of one token's pairs in one launch, down
+    blocks waiting on their pair's gate/up blocks) == `pair_matmul` twice with the same blocks,
+    bit for bit, and float64 math; a pair of an expert held elsewhere (-1) gives zeros; the
+    counters are left zero, so the next launch (a graph replay) works. programs per SM: 1 makes
+    each program take many blocks in turn, 64 more programs than blocks, 0 one block each."""
+    import torch.nn.functional as F
+
+    from specmoe_ray.moe.experts import LocalExperts
+
+    monkeypatch.setattr(triton_experts, "MLP_PROGRAMS", programs)
+    monkeypatch.setattr(triton_experts, "FUSED_MLP", True)
+    g = torch.Generator().manual_seed(7)
+    E, D, I, A = 8, 64, 40, 4  # I not a multiple of the blocks: masked tails
+    gate_up, down = torch.randn(E, 2 * I, D, generator=g) / D**0.5, torch.randn(E, D, I, generator=g) / I**0.5
+    held = [0, 2, 3, 5, 6, 7]
+    experts = LocalExperts(held, gate_up[held].to(DEVICE, dtype), down[held].to(DEVICE, dtype), E)
+    experts.triton = True
+    cfg = dict(block_n1=16, block_k1=32, block_n2=16, block_k2=16, num_warps=4)
+    monkeypatch.setattr(triton_experts, "MLP_CONFIG", cfg)
+    x = torch.randn(1, D, generator=g).to(dtype)
+    ids = torch.tensor([3, 1, 7, 0])  # expert 1 is held elsewhere
+    outs = [experts(x.to(DEVICE), ids.to(DEVICE), group=A) for _ in range(2)]
+    local = experts.to_local[ids.to(DEVICE)]
+    h = triton_experts.pair_matmul(
+        x.to(DEVICE), experts.gate_up, local, group=A, glu=True, block_n=16, block_k=32, num_warps=4
+    )
+    two = triton_experts.pair_matmul(h, experts.down, local, block_n=16, block_k=16, num_warps=4)
+    assert torch.equal(outs[0], two) and torch.equal(outs[1], two)
+    assert not outs[0][1].any()
+    sync = triton_experts._SYNC[(torch.device(DEVICE) if DEVICE == "cpu" else outs[0].device, 4)]
+    assert not sync.any(), sync
+    ref = torch.stack(
+        [
+            F.linear(F.silu(gu[:I]) * gu[I:], down[e].double())
+            for e in ids.tolist()
+            for gu in [F.linear(x[0].double(), gate_up[e].double())]
+        ]
+    )
+    ref[1] = 0
+    rel = ((outs[0].double().cpu() - ref).norm() / ref.norm()).item()
+    assert rel < (1e-5 if dtype == torch.float32 else 2e-2), rel
+
+
 @pytest.mark.parametrize("path", ["pairs", "dedup", "sorted"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_pair_kernel_reads_token_rows_and_skips_experts_not_held(dtype, path, monkeypatch):

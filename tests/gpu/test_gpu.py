@@ -217,9 +217,10 @@ def test_capture_failure_falls_back_to_eager_static_steps(checkpoints):
         ],
         [("fused", "COLUMN_MAJOR", True)],
         [("triton_kernels", "TOPK_PACKED", True)],
-        [("triton_experts", "DEDUP_ONE_ROW", False)],
+        [("triton_experts", "DEDUP_ONE_ROW", True)],
         [("triton_kernels", "ROUTER_TOPK_ONE_PASS", 0)],
-        [("triton_experts", "DEDUP_DOWN_CONFIG", {"block_n": 64, "block_k": 64, "num_warps": 4})],
+        [("triton_experts", "FUSED_MLP", True)],
+        [("triton_experts", "DEDUP_DOWN_CONFIG", {})],
         # Opt-in: weights asked of L2 before waiting for the kernel ahead.
         [("fused", "MATVEC_O_PROJ", True)],
         [("triton_experts", "PREFETCH", True)],
