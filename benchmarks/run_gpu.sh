@@ -104,8 +104,12 @@ for stage in "${@:-tests nccl kernels shape}"; do
         timeout "$T" python benchmarks/kernels.py --layers 4 --batch 1 --tq 1 4 --skip-exchange --skip-sharded \
           >"$OUT/kernels-b1.log" 2>&1
         grep -E "^  B=|<- best|cuBLAS|engine batch" "$OUT/kernels-b1.log" | sed 's/, /\n    /g'
-        timeout 200 python benchmarks/gpu.py --shape qwen3-30b-a3b --batch 1 8 --new-tokens 64 --skip-hf \
-          --skip-sweep --repeats 2 --skip-demo --variants graphs sync --json "$OUT/b1.json" >"$OUT/b1.log" 2>&1
+        # SWITCHES: gpu.py --switch arguments, shell-quoted (e.g. SWITCHES="--switch 'a:fused.MATVEC=True'
+        # --switch again:"): those variants run beside graphs and sync in the same process.
+        eval "switches=(${SWITCHES:-})"
+        timeout 300 python benchmarks/gpu.py --shape qwen3-30b-a3b --batch 1 8 --new-tokens 64 --skip-hf \
+          --skip-sweep --repeats 2 --skip-demo --variants graphs sync "${switches[@]}" --json "$OUT/b1.json" \
+          >"$OUT/b1.log" 2>&1
         grep -E "batch|copy band" "$OUT/b1.log" ;;
       demo)
         timeout "$T" python benchmarks/gpu.py --skip-shape --batch 1 8 32 --new-tokens 64 --repeats 2 \
