@@ -31,6 +31,21 @@ MOE_ARCHS = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe")
 DENSE_ARCHS = ("llama", "qwen2", "qwen3")
 
 
+def benchmark_module(name: str):
+    """benchmarks/NAME.py as a module (benchmarks/ is not a package), loaded once per process."""
+    import importlib.util
+    import sys
+
+    key = f"specmoe_benchmarks_{name}"
+    if key not in sys.modules:
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        spec = importlib.util.spec_from_file_location(key, os.path.join(root, "benchmarks", f"{name}.py"))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[key] = module  # dataclasses look their module up while the class is built
+        spec.loader.exec_module(module)
+    return sys.modules[key]
+
+
 def hf_config(arch: str, **overrides):
     import transformers as T
 

@@ -4,25 +4,14 @@ while their variant runs, timed beside `graphs` in the same process."""
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import os
-import sys
 
 import pytest
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from conftest import benchmark_module
 
 
 @pytest.fixture(scope="module")
 def gpu():
-    """benchmarks/gpu.py as a module (benchmarks/ is not a package)."""
-    name = "specmoe_benchmarks_gpu"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "benchmarks", "gpu.py"))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+    return benchmark_module("gpu")
 
 
 def test_switch_parses_modules_attributes_and_literals(gpu):

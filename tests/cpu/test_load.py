@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import sys
 import time
 
 import pytest
+from conftest import benchmark_module
 
 from specmoe_ray import ServeConfig
 
@@ -17,14 +16,7 @@ DEMO_YAML = os.path.join(ROOT, "deployments", "demo.yaml")
 
 @pytest.fixture(scope="module")
 def load():
-    """benchmarks/load.py as a module (benchmarks/ is not a package)."""
-    name = "specmoe_benchmarks_load"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "benchmarks", "load.py"))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module  # dataclasses look their module up while the class is built
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+    return benchmark_module("load")
 
 
 @pytest.mark.parametrize(
