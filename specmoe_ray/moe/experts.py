@@ -48,6 +48,7 @@ class LocalExperts(nn.Module):
         # while rows per expert average at most the second; grouped GEMM above it.
         self.triton_max_pairs = 64
         self.triton_max_rows_per_expert = 8
+        self._mlp_sync: dict[int, torch.Tensor] = {}  # pairs -> `expert_mlp`'s counters (FUSED_MLP)
 
     @torch.inference_mode()
     def forward(
@@ -73,7 +74,12 @@ class LocalExperts(nn.Module):
             if self.triton and n <= self.triton_max_pairs:
                 one = n <= group  # one token's pairs: distinct experts, nothing to share
                 if one and triton_experts.FUSED_MLP:
-                    return triton_experts.expert_mlp(x, self.gate_up, self.down, local, group=group)
+                    sync = self._mlp_sync.get(n)
+                    if sync is None:  # this layer's own counters (`expert_mlp`)
+                        sync = self._mlp_sync[n] = torch.zeros(2 + n, dtype=torch.int32, device=x.device)
+                    return triton_experts.expert_mlp(
+                        x, self.gate_up, self.down, local, group=group, sync=sync
+                    )
                 h = triton_experts.expert_pairs(x, self.gate_up, local, group=group, glu=True, one_row=one)
                 return triton_experts.expert_pairs(h, self.down, local, one_row=one)
             local, order = triton_experts.stable_sort(local)

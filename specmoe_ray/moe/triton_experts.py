@@ -417,12 +417,19 @@ _SMS: dict[torch.device, int] = {}
 
 
 def expert_mlp(
-    x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, ids: torch.Tensor, group: int = 1, **config
+    x: torch.Tensor,
+    gate_up: torch.Tensor,
+    down: torch.Tensor,
+    ids: torch.Tensor,
+    group: int = 1,
+    sync: torch.Tensor | None = None,
+    **config,
 ) -> torch.Tensor:
     """`pair_matmul(pair_matmul(x, gate_up, ids, group, glu=True), down, ids)` in one kernel with
     the same blocks (the same sums, bit for bit): pair p (expert ids[p], row x[p // group]) ->
-    out[p], [P, D]. Its counters are shared by the launches on a device and stream order keeps
-    them apart, as it keeps the launches of one CUDA graph."""
+    out[p], [P, D]. sync: the launch's counters, int32 [2 + P] zeros, left zero (a caller's own,
+    as two launches running at once must not share them; default: one per device and P, for
+    launches that stream order keeps apart)."""
     P = ids.shape[0]
     _, two_i, D = gate_up.shape
     I = two_i // 2
@@ -432,10 +439,12 @@ def expert_mlp(
     if P == 0:
         return out
     h = torch.empty(P, I, dtype=x.dtype, device=x.device)
-    key = (x.device, P)
-    sync = _SYNC.get(key)
     if sync is None:
-        sync = _SYNC[key] = torch.zeros(2 + P, dtype=torch.int32, device=x.device)
+        key = (x.device, P)
+        sync = _SYNC.get(key)
+        if sync is None:
+            sync = _SYNC[key] = torch.zeros(2 + P, dtype=torch.int32, device=x.device)
+    assert sync.dtype == torch.int32 and sync.numel() >= 2 + P, (sync.dtype, sync.shape, P)
     tiles = P * (triton.cdiv(I, cfg["block_n1"]) + triton.cdiv(D, cfg["block_n2"]))
     sms = _SMS.get(x.device)
     if sms is None:

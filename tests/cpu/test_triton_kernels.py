@@ -147,8 +147,9 @@ def test_expert_mlp_in_one_launch_equals_the_two_pair_kernels(dtype, programs, m
     two = triton_experts.pair_matmul(h, experts.down, local, block_n=16, block_k=16, num_warps=4)
     assert torch.equal(outs[0], two) and torch.equal(outs[1], two)
     assert not outs[0][1].any()
-    sync = triton_experts._SYNC[(torch.device(DEVICE) if DEVICE == "cpu" else outs[0].device, 4)]
-    assert not sync.any(), sync
+    assert list(experts._mlp_sync) == [4] and not experts._mlp_sync[4].any(), experts._mlp_sync
+    again = triton_experts.expert_mlp(x.to(DEVICE), experts.gate_up, experts.down, local, group=A)
+    assert torch.equal(again, two)  # the shared counters of a launch without its own
     ref = torch.stack(
         [
             F.linear(F.silu(gu[:I]) * gu[I:], down[e].double())
