@@ -467,8 +467,6 @@ def bench_gpus(
     one_device: the same process's one-device "graphs" runs, the baseline of the ratios."""
     import ray
 
-    from specmoe_ray.serving.shards import ShardOptions
-
     out = []
     for g in sorted(x for x in a.gpus if x > 1):
         if device != "cpu" and torch.cuda.device_count() < g:
@@ -487,32 +485,56 @@ def bench_gpus(
             if visible is not None:
                 os.environ["CUDA_VISIBLE_DEVICES"] = visible
         try:
-            engine = Engine.from_pretrained(
-                a.save_dir,
-                num_shards=g,
-                device="cuda:0" if device != "cpu" else "cpu",
-                dtype="bfloat16" if device != "cpu" else "float32",
-                shard_options=ShardOptions(local_shard=True, num_cpus=1, cuda_graphs=a.shard_steps == "auto"),
-                step_graphs=a.shard_steps,
-                max_num_seqs=max(a.batch),
-                max_model_len=a.prompt_len + a.new_tokens + 8,
-            )
-            with engine:
-                for b in a.batch:
-                    r = timed(ours_run(engine, rows[b], a.new_tokens), a.repeats, device, engine)
-                    out.append({"who": f"{g} devices", "batch": b, **r})
-                    tok_s, ms, static = r["tok_s"], r["ms_per_step"], r["ms_per_static_step"]
-                    one = next((x["tok_s"] for x in one_device if x["batch"] == b), None)
-                    vs = f"  {tok_s / one:.2f}x one device (graphs)" if one else ""
-                    print(
-                        f"  {g} devices batch {b:3d}: {tok_s:9.1f} tok/s  {ms:7.2f} ms/step  "
-                        f"({static:.2f} per decode/verify step){vs}"
-                    )
-                if a.profile:  # rank 0's side, then each shard's
-                    trace = os.path.join(a.trace_dir, f"engine-{g}gpus.json") if a.trace_dir else None
-                    profile_steps(engine, rows[a.profile_batch or min(a.batch)], device, trace=trace)
+            for layout in a.layout:
+                out += bench_layout(a, device, rows, one_device, g, layout)
         finally:
             ray.shutdown()
+    return out
+
+
+def bench_layout(
+    a, device: str, rows: dict[int, list[list[int]]], one_device: list[dict], g: int, layout: str
+) -> list[dict[str, Any]]:
+    """`bench_gpus` for one layout: "coordinator" (the engine's GPU runs the trunk, every GPU
+    holds experts, two exchanges per MoE layer) or "replicas" (`ShardOptions.replicate_trunk`:
+    every GPU runs the trunk too, one all_reduce per MoE layer; "replicas-exact": of the pairs'
+    outputs, `ShardOptions.replica_exact`)."""
+    from specmoe_ray.serving.shards import ShardOptions
+
+    options = ShardOptions(
+        local_shard=True,
+        num_cpus=1,
+        cuda_graphs=a.shard_steps == "auto",
+        replicate_trunk=layout.startswith("replicas"),
+        replica_exact=layout == "replicas-exact",
+    )
+    engine = Engine.from_pretrained(
+        a.save_dir,
+        num_shards=g,
+        device="cuda:0" if device != "cpu" else "cpu",
+        dtype="bfloat16" if device != "cpu" else "float32",
+        shard_options=options,
+        step_graphs=a.shard_steps,
+        max_num_seqs=max(a.batch),
+        max_model_len=a.prompt_len + a.new_tokens + 8,
+    )
+    out = []
+    who = f"{g} devices" + (f" ({layout})" if layout != "coordinator" else "")
+    with engine:
+        for b in a.batch:
+            r = timed(ours_run(engine, rows[b], a.new_tokens), a.repeats, device, engine)
+            out.append({"who": who, "layout": layout, "batch": b, **r})
+            tok_s, ms, static = r["tok_s"], r["ms_per_step"], r["ms_per_static_step"]
+            one = next((x["tok_s"] for x in one_device if x["batch"] == b), None)
+            vs = f"  {tok_s / one:.2f}x one device (graphs)" if one else ""
+            print(
+                f"  {who} batch {b:3d}: {tok_s:9.1f} tok/s  {ms:7.2f} ms/step  "
+                f"({static:.2f} per decode/verify step){vs}"
+            )
+        if a.profile:  # rank 0's side, then each shard's
+            name = f"engine-{g}gpus" + (f"-{layout}" if layout != "coordinator" else "")
+            trace = os.path.join(a.trace_dir, f"{name}.json") if a.trace_dir else None
+            profile_steps(engine, rows[a.profile_batch or min(a.batch)], device, trace=trace)
     return out
 
 
@@ -637,6 +659,13 @@ def main(argv=None) -> dict[str, Any]:
         "--gpus", type=int, nargs="+", default=[1], help="devices holding experts for (a): 1 = in-process"
     )
     p.add_argument("--save-dir", default="/tmp/specmoe-bench-ckpt", help="checkpoint for --gpus > 1")
+    p.add_argument(
+        "--layout",
+        nargs="+",
+        choices=["coordinator", "replicas", "replicas-exact"],
+        default=["coordinator"],
+        help="--gpus > 1: the engine's GPU runs the trunk (coordinator) or every GPU does (replicas)",
+    )
     p.add_argument(
         "--shard-steps",
         default="auto",

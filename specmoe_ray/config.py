@@ -125,6 +125,18 @@ class ShardsConfig(_Strict):
         description="GPUs: capture steps with their NCCL exchanges in CUDA graphs (shards too). "
         "A failed capture falls back to eager steps.",
     )
+    replicate_trunk: bool = Field(
+        False,
+        description="Every shard also runs the dense trunk with a KV cache of its own (shard 0 in the "
+        "verifier's process, as local_shard): one all_reduce per MoE layer instead of two exchanges, no "
+        "idle GPU while the trunk runs. Faster on GPUs (RESULTS.md session 9); costs the trunk's "
+        "weights and a KV cache per GPU.",
+    )
+    replica_exact: bool = Field(
+        False,
+        description="With replicate_trunk: sum the experts' unweighted outputs (exact) instead of float32 "
+        "partial sums, so bf16 tokens match experts in-process bit for bit; more bytes per all_reduce.",
+    )
     env_vars: dict[str, str] = Field(
         default_factory=dict,
         description="Environment for the shard group's communicators, e.g. {NCCL_GRAPH_REGISTER: '0'}.",
@@ -132,6 +144,12 @@ class ShardsConfig(_Strict):
     autoscale: ShardAutoscale | None = Field(
         None, description="Scale shards with measured load; num_shards is where it starts."
     )
+
+    @model_validator(mode="after")
+    def _exact_needs_replicas(self) -> ShardsConfig:
+        if self.replica_exact and not self.replicate_trunk:
+            raise ValueError("shards.replica_exact applies to trunk replicas: set shards.replicate_trunk too")
+        return self
 
 
 def _check_autoscaling(value: dict[str, Any] | None) -> dict[str, Any] | None:

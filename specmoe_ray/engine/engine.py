@@ -144,6 +144,7 @@ class Engine:
                 model.lm_head.weight.dtype,
                 device,
                 shard_options or ShardOptions(),
+                cache_shape=(config.max_num_seqs, config.max_model_len),
             )
             model.set_expert_backend(shard_group.start())
         try:
@@ -413,7 +414,14 @@ class Engine:
         Replaying is exact: experts hold no per-request state, KV entries past a sequence's
         recorded length are dead until rewritten, and nothing was sampled yet.
         """
-        return self._recovering(lambda: self.model(batch, self.cache, return_hidden=return_hidden))
+        return self._recovering(lambda: self._run_model(batch, return_hidden))
+
+    def _run_model(self, batch, return_hidden: bool = False):
+        """One forward of the target; trunk replicas (`moe/replica.py`) run it beside this one."""
+        dispatch = self.shard_group.dispatch if self.shard_group is not None else None
+        replica_step = getattr(dispatch, "replica_step", None)
+        with replica_step(batch) if replica_step is not None else contextlib.nullcontext():
+            return self.model(batch, self.cache, return_hidden=return_hidden)
 
     def _recovering(self, forward):
         """forward(), re-forming the expert shard group and replaying it if the group fails."""
@@ -558,7 +566,8 @@ class Engine:
         """Re-form the expert shard group with `num_shards` shards (or a given plan), between steps.
 
         Running requests continue: their KV caches live here, and experts hold no per-request
-        state, so the next step runs on the new group with the same results.
+        state, so the next step runs on the new group with the same results (trunk replicas
+        get the running sequences' caches refilled first).
         """
         if self.shard_group is None:
             raise ValueError("this engine keeps its experts in-process (num_shards=0): nothing to reshard")
@@ -604,6 +613,21 @@ class Engine:
         if self.graphs is not None:
             self.graphs.drop()  # graphs captured with the old group's collectives
         self.model.set_expert_backend(self.shard_group.reform(plan, failed=failed))
+        if self.shard_group.options.replicate_trunk:
+            self._refill_replicas()
+
+    def _refill_replicas(self) -> None:
+        """New trunk replicas start with empty KV caches: run every running sequence's cached
+        tokens through the group again (prompt-sized chunks), so all ranks hold them. This
+        process rewrites its own entries with what it computes again (the same values, up to
+        the kernels' rounding of a prompt chunk against a decode step)."""
+        budget = self.config.max_num_batched_tokens
+        for seq in list(self.scheduler.running):
+            length = self.cache.lengths[seq.slot]
+            for start in range(0, length, budget):
+                chunk = seq.tokens[start : min(start + budget, length)]
+                batch = build_forward_batch([chunk], [start], [seq.slot], [len(chunk) - 1], self.device)
+                self._run_model(batch)
 
     def shutdown(self) -> None:
         """Stop the expert shards (if any). Safe to call twice."""

@@ -157,7 +157,7 @@ class StepGraphs:
     @property
     def has_shards(self) -> bool:
         """Whether a backend exchanges with expert shards (static steps hold collectives)."""
-        return any(hasattr(b, "static_step") for b, _ in self.backends.values())
+        return any(hasattr(b, "static_step") or hasattr(b, "replica_step") for b, _ in self.backends.values())
 
     @property
     def captured(self) -> list[tuple[int, int, int]]:
@@ -263,6 +263,8 @@ class StepGraphs:
                 for backend, _ in self.backends.values():
                     if hasattr(backend, "static_step"):  # expert shards: fixed-size exchanges
                         stack.enter_context(backend.static_step(mask.shape[0], top_k))
+                    if hasattr(backend, "replica_step"):  # trunk replicas run the same batch
+                        stack.enter_context(backend.replica_step(batch, capture=self.capture))
                 out = self.model(batch, self.cache, return_hidden=self.hidden)
             logits = out[0] if self.hidden else out
             self._logits[: logits.shape[0]].copy_(logits)

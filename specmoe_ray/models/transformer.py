@@ -536,14 +536,9 @@ class Transformer(nn.Module):
         return KVCache(a.num_layers, num_slots, max_len, a.num_kv_heads, a.head_dim, p.dtype, p.device)
 
     @torch.inference_mode()
-    def forward(
-        self, batch: ForwardBatch, cache: KVCache, return_hidden: bool = False
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """-> logits `[M, V]` (float32) for the tokens `batch.logits_index` names.
-
-        return_hidden: also return the final-normed hidden states of every packed token, `[N, D]`
-        (what DeepSeek's multi-token-prediction head takes as input).
-        """
+    def forward_layers(self, batch: ForwardBatch, cache: KVCache) -> tuple[torch.Tensor, torch.Tensor]:
+        """Embeddings and decoder layers -> (x, residual) `[N, D]` each, whose sum is the last
+        layer's output (before the final norm). A trunk replica (`moe/replica.py`) runs only this."""
         batch.masks = {}  # built by the first layer that needs one (the batch may be reused)
         x = self.model.embed_tokens(batch.tokens)  # [N, D]
         freqs = batch.positions[:, None].float() * self.inv_freq  # [N, hd/2]
@@ -555,7 +550,18 @@ class Transformer(nn.Module):
         residual = None
         for layer in self.model.layers:
             x, residual = layer.forward_residual(x, residual, cos, sin, batch, cache)
-        x = fused.materialize(x)
+        return fused.materialize(x), residual
+
+    @torch.inference_mode()
+    def forward(
+        self, batch: ForwardBatch, cache: KVCache, return_hidden: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """-> logits `[M, V]` (float32) for the tokens `batch.logits_index` names.
+
+        return_hidden: also return the final-normed hidden states of every packed token, `[N, D]`
+        (what DeepSeek's multi-token-prediction head takes as input).
+        """
+        x, residual = self.forward_layers(batch, cache)
         norm = self.model.norm
         if return_hidden:
             hidden = add_rms_norm(x, residual, norm.weight, norm.eps)[0]

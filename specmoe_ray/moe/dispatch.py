@@ -186,7 +186,29 @@ class LoopbackDispatch(_Masked):
         return self.store(layer, x, expert_ids.reshape(-1), group=A).view(T, A, -1)
 
 
-class DistributedDispatch(_Masked):
+class Rank0:
+    """Rank 0's side of a group's control: one lock serialises its collectives (the engine
+    loop's and the idle heartbeat's); `ping` and `stop` broadcast headers made beforehand
+    (`_ping`, `_stop`), so the heartbeat thread makes no host-to-device copy of its own (which
+    would run on the device's default stream, beside graph captures)."""
+
+    lock: threading.Lock
+    last_exchange: float
+    _ping: torch.Tensor
+    _stop: torch.Tensor
+
+    def ping(self) -> None:
+        """An empty exchange, so idle shards' collectives never reach their timeout."""
+        with self.lock:
+            dist.broadcast(self._ping, src=0)
+            self.last_exchange = time.monotonic()
+
+    def stop(self) -> None:
+        with self.lock:
+            dist.broadcast(self._stop, src=0)
+
+
+class DistributedDispatch(_Masked, Rank0):
     """Rank 0's side of the expert exchange over the default process group.
 
     local_store: rank 0's own experts (the plan's shard 0), when the engine's device holds
@@ -232,8 +254,6 @@ class DistributedDispatch(_Masked):
         self._rotation = torch.zeros((), dtype=torch.long, device=self.device)
         self._shard_pairs: dict[int, torch.Tensor] = {}  # layer -> [S] pairs sent, cumulative
         self._static_headers: dict[int, torch.Tensor] = {}
-        # Made here, once: the heartbeat thread then broadcasts without a host-to-device copy of
-        # its own (which would run on the device's default stream, beside graph captures).
         self._ping, self._stop = self._header(OP_PING), self._header(OP_STOP)
 
     def _header(self, op: int, arg: int = 0, counts: list[int] | None = None) -> torch.Tensor:
@@ -365,16 +385,6 @@ class DistributedDispatch(_Masked):
         results = self._exchange(layer, payload, splits, S * C, x.dtype, static=True)
         return results, slot  # pair p's output: results[slot[p]]
 
-    def ping(self) -> None:
-        """An empty exchange, so idle shards' collectives never reach their timeout."""
-        with self.lock:
-            dist.broadcast(self._ping, src=0)
-            self.last_exchange = time.monotonic()
-
-    def stop(self) -> None:
-        with self.lock:
-            dist.broadcast(self._stop, src=0)
-
 
 def serve_experts(
     store: ExpertStore,
@@ -418,21 +428,7 @@ def serve_experts(
         for layer in layers:
             exchange(layer, n)
 
-    served = 0
-    profiling: ShardProfile | None = None
-    while True:
-        if profiling is None and control is not None and control.get("profile") is not None:
-            profiling = control.pop("profile")
-            profiling.start(device)
-        dist.broadcast(header, src=0)
-        op, arg, *counts = header.tolist()
-        if op == OP_STOP:
-            graphs.clear()  # captured collectives go before the communicator (leave_process_group)
-            if profiling is not None:
-                profiling.finish(device)
-            return served
-        if op == OP_PING:
-            continue
+    def handle(op: int, arg: int, counts: list[int]) -> None:
         if op == OP_STATIC:  # one forward: every MoE layer, `arg` rows each
             if arg in graphs:
                 graphs[arg].replay()
@@ -442,6 +438,34 @@ def serve_experts(
                     graphs[arg] = capture_graph(lambda n=arg: static_forward(n), device)
         else:
             exchange(arg, counts[rank])
+
+    return serve_loop(header, device, handle, graphs.clear, control)
+
+
+def serve_loop(
+    header: torch.Tensor, device: torch.device, handle, on_stop, control: dict | None = None
+) -> int:
+    """A rank's loop: receive rank 0's headers (`[op, arg, ...]`) and `handle(op, arg, rest)`
+    each until OP_STOP (then `on_stop()`: captured collectives go before the communicator,
+    `leave_process_group`); pings only keep the group alive. Returns the number served.
+    control: a dict another thread may put `"profile": ShardProfile` in: the next
+    `ShardProfile.forwards` forwards run under torch.profiler (waits for rank 0 included)."""
+    served = 0
+    profiling: ShardProfile | None = None
+    while True:
+        if profiling is None and control is not None and control.get("profile") is not None:
+            profiling = control.pop("profile")
+            profiling.start(device)
+        dist.broadcast(header, src=0)
+        op, arg, *rest = header.tolist()
+        if op == OP_STOP:
+            on_stop()
+            if profiling is not None:
+                profiling.finish(device)
+            return served
+        if op == OP_PING:
+            continue
+        handle(op, arg, rest)
         served += 1
         if profiling is not None and profiling.count():
             profiling.finish(device)
@@ -502,13 +526,13 @@ def leave_process_group() -> None:
         dist.destroy_process_group()
 
 
-def capture_graph(fn, device: torch.device) -> torch.cuda.CUDAGraph:
+def capture_graph(fn, device: torch.device, pool=None) -> torch.cuda.CUDAGraph:
     """fn's kernels and collectives recorded, not run: nothing reaches the peers until replay.
     Thread-local capture: the actor's other thread (stats calls) may touch CUDA meanwhile. A
     capture stream on `device` (torch's default one lives on the first device that captured)."""
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.device(device):
         stream = torch.cuda.Stream(device)
-        with torch.cuda.graph(graph, stream=stream, capture_error_mode="thread_local"):
+        with torch.cuda.graph(graph, pool=pool, stream=stream, capture_error_mode="thread_local"):
             fn()
     return graph

@@ -26,6 +26,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from specmoe_ray.errors import ShardStartupError
 from specmoe_ray.moe.dispatch import DistributedDispatch, ShardProfile, leave_process_group, serve_experts
 from specmoe_ray.moe.placement import PlacementPlan
+from specmoe_ray.moe.replica import ReplicaDispatch, serve_replica
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,14 @@ class ShardOptions:
     # Environment for the group's communicators (e.g. {"NCCL_GRAPH_REGISTER": "0"}): set in the
     # shards' processes and, before it joins, in this one (NCCL reads it when a group forms).
     env_vars: dict[str, str] = dataclasses.field(default_factory=dict)
+    # Trunk replicas (`moe/replica.py`): every shard also holds the dense trunk and a KV cache
+    # and runs each forward beside the engine, which holds shard 0 (as with local_shard): one
+    # all_reduce per MoE layer instead of two exchanges, and no shard idles while the trunk runs.
+    replicate_trunk: bool = False
+    # Trunk replicas sum the pairs' unweighted outputs (model dtype, exact) and combine as one
+    # process does: bit for bit the tokens of experts in-process, for 2 x top_k / 4 times the
+    # bytes per all_reduce. Off: each rank's weighted sum in float32 (the combine re-associated).
+    replica_exact: bool = False
 
 
 def _free_port() -> int:
@@ -67,9 +76,17 @@ class ExpertShard:
     """Holds some experts of some MoE layers and serves them over the process group."""
 
     def __init__(
-        self, path: str, assignment: dict[int, list[int]], rank: int, world_size: int, dtype: str, device: str
+        self,
+        path: str,
+        assignment: dict[int, list[int]],
+        rank: int,
+        world_size: int,
+        dtype: str,
+        device: str,
+        replica: tuple[PlacementPlan, int, int, bool] | None = None,
     ):
-        from specmoe_ray.models.loader import load_experts, read_config
+        """replica: (plan, cache slots, cache length, exact) for a trunk replica (`replicate_trunk`)."""
+        from specmoe_ray.models.loader import load_experts, load_trunk, read_config
 
         if device == "cpu":
             torch.set_num_threads(1)  # shards share the host's cores with the engine
@@ -77,10 +94,18 @@ class ExpertShard:
         self.device = "cuda:0" if device == "cuda" else "cpu"  # Ray sets CUDA_VISIBLE_DEVICES
         self.served = 0
         self.error: str | None = None
-        self.control: dict[str, Any] = {}  # read by the serving loop (serve_experts)
+        self.control: dict[str, Any] = {}  # read by the serving loop (serve_experts, serve_replica)
+        self.model = self.cache = self.replica = None
         try:
             self.args, _ = read_config(path)
             self.store = load_experts(path, assignment, dtype=dtype, device=self.device, args=self.args)
+            if replica is not None:
+                plan, num_slots, max_len, exact = replica
+                self.model = load_trunk(path, dtype=dtype, device=self.device)
+                self.model.fuse_projections()  # as the engine's: every rank runs the same kernels
+                self.replica = ReplicaDispatch(plan, self.store, rank, self.device, exact)
+                self.model.set_expert_backend(self.replica)
+                self.cache = self.model.make_cache(num_slots, max_len)
         except Exception as e:  # reported by info(), so the engine can say what went wrong
             self.error = f"{type(e).__name__}: {e}"
             return
@@ -93,8 +118,10 @@ class ExpertShard:
             "rank": self.rank,
             "node_id": ray.get_runtime_context().get_node_id(),
             "pid": os.getpid(),
-            "num_parameters": self.store.num_parameters(),
+            "num_parameters": self.store.num_parameters()
+            + (sum(p.numel() for p in self.model.parameters()) if self.model is not None else 0),
             "held": self.store.held(),
+            "trunk": self.model is not None,
         }
 
     def computed(self) -> dict[int, list[int]]:
@@ -123,6 +150,11 @@ class ExpertShard:
             **kwargs,
         )
         try:
+            if self.replica is not None:
+                self.served = serve_replica(
+                    self.model, self.cache, self.replica, self.device, capture=capture, control=self.control
+                )
+                return self.served
             self.served = serve_experts(
                 self.store,
                 self.rank,
@@ -155,31 +187,43 @@ class ShardGroup:
         dtype: torch.dtype,
         device: str,
         options: ShardOptions | None = None,
+        cache_shape: tuple[int, int] | None = None,
     ):
+        """cache_shape: the engine's KV cache (slots, length), which trunk replicas copy."""
         self.path, self.plan, self.hidden_size, self.dtype = path, plan, hidden_size, dtype
         self.device = "cuda" if device.startswith("cuda") else "cpu"  # the shards' kind of device
         self.local_device = torch.device(device)  # the engine's own (rank 0's collectives, local shard)
         self.options = options or ShardOptions()
+        if self.options.replicate_trunk and cache_shape is None:
+            raise ValueError("ShardOptions.replicate_trunk: the shard group needs the engine's cache_shape")
+        if self.options.replica_exact and not self.options.replicate_trunk:
+            raise ValueError("ShardOptions.replica_exact applies to trunk replicas: set replicate_trunk too")
+        self.cache_shape = cache_shape
         self.actors: list[Any] = []
         self.serve_refs: list[Any] = []
         self.pg = None
-        self.dispatch: DistributedDispatch | None = None
+        self.dispatch: DistributedDispatch | ReplicaDispatch | None = None
         self._stop = threading.Event()
         self._heartbeat: threading.Thread | None = None
 
     @property
+    def local_shard(self) -> bool:
+        """Whether this process holds shard 0 (`local_shard`, and always with trunk replicas)."""
+        return self.options.local_shard or self.options.replicate_trunk
+
+    @property
     def world_size(self) -> int:
-        return self.plan.num_shards + (0 if self.options.local_shard else 1)
+        return self.plan.num_shards + (0 if self.local_shard else 1)
 
     @property
     def remote_shards(self) -> range:
         """Shards run by actors (all of them, or all but shard 0 when it is local)."""
-        return range(1 if self.options.local_shard else 0, self.plan.num_shards)
+        return range(1 if self.local_shard else 0, self.plan.num_shards)
 
     def rank_of(self, shard: int) -> int:
-        return shard if self.options.local_shard else shard + 1
+        return shard if self.local_shard else shard + 1
 
-    def start(self) -> DistributedDispatch:
+    def start(self) -> DistributedDispatch | ReplicaDispatch:
         if dist.is_initialized():
             raise ShardStartupError(
                 "this process already has a torch.distributed group (another Engine with expert shards?); "
@@ -220,6 +264,8 @@ class ShardGroup:
                 f"cluster resources available: {ray.available_resources()}"
             )
         dtype_name = str(self.dtype).removeprefix("torch.")
+        opt = self.options
+        replica = (self.plan, *self.cache_shape, opt.replica_exact) if opt.replicate_trunk else None
         for i, s in enumerate(self.remote_shards):
             actor = ExpertShard.options(
                 num_cpus=bundles[i].get("CPU", 0),
@@ -230,7 +276,13 @@ class ShardGroup:
                 name=None,
                 runtime_env={"env_vars": dict(opt.env_vars)} if opt.env_vars else None,
             ).remote(
-                self.path, self.plan.experts_of(s), self.rank_of(s), self.world_size, dtype_name, self.device
+                self.path,
+                self.plan.experts_of(s),
+                self.rank_of(s),
+                self.world_size,
+                dtype_name,
+                self.device,
+                replica,
             )
             self.actors.append(actor)
         deadline = time.monotonic() + opt.startup_timeout_s
@@ -278,13 +330,15 @@ class ShardGroup:
                 f"{opt.collective_timeout_s:g}s ({type(e).__name__}: {e}){detail}"
             ) from e
         device = local if backend == "nccl" else torch.device("cpu")
-        self.dispatch = DistributedDispatch(
-            self.plan, self.hidden_size, self.dtype, device, self._load_local(device)
-        )
+        store = self._load_local(device)
+        if self.options.replicate_trunk:
+            self.dispatch = ReplicaDispatch(self.plan, store, 0, device, self.options.replica_exact)
+        else:
+            self.dispatch = DistributedDispatch(self.plan, self.hidden_size, self.dtype, device, store)
 
     def _load_local(self, device: torch.device):
         """Shard 0's experts, in this process, when the options make shard 0 local."""
-        if not self.options.local_shard:
+        if not self.local_shard:
             return None
         from specmoe_ray.models.loader import load_experts
 
@@ -322,10 +376,11 @@ class ShardGroup:
                     log.error("expert shard heartbeat failed: %s", e)
                     return
 
-    def reform(self, plan: PlacementPlan, failed: bool = False) -> DistributedDispatch:
+    def reform(self, plan: PlacementPlan, failed: bool = False) -> DistributedDispatch | ReplicaDispatch:
         """Tear the group down and form it again with another membership (e.g. a new shard count).
 
-        Call it between engine steps: experts hold no per-request state, so nothing is lost.
+        Call it between engine steps: experts hold no per-request state, so nothing is lost
+        (trunk replicas start with empty KV caches: the engine refills them, `Engine._reform`).
         failed: the group broke (a collective failed or timed out); its shards are not asked to
         stop (they would not hear it), only stopped.
         """

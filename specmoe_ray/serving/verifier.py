@@ -97,6 +97,8 @@ def build_engine(cfg: ServeConfig, draft_pool=None) -> Engine:
         collective_timeout_s=s.collective_timeout_s,
         local_shard=s.local_shard,
         cuda_graphs=s.cuda_graphs,
+        replicate_trunk=s.replicate_trunk,
+        replica_exact=s.replica_exact,
         env_vars=dict(s.env_vars),
     )
     draft, proposer = cfg.model.draft, None

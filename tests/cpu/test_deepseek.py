@@ -172,6 +172,13 @@ def test_expert_shards_and_self_draft(ray_cluster, deepseek, arch):
     for info in stats["shards"]:  # only routed experts live on shards: not the shared ones
         assert info["num_parameters"] == sum(len(v) for v in info["held"].values()) * per_expert
     assert all(c > 0 for c in stats["tokens_per_shard"])
+    # Trunk replicas: MLA caches on every rank, shared experts added after the all_reduce.
+    opts.replicate_trunk = True
+    with Engine.from_pretrained(
+        path, num_shards=2, max_model_len=128, step_graphs="padded", shard_options=opts
+    ) as engine:
+        assert [o.token_ids for o in engine.generate(PROMPTS, GREEDY)] == ref
+        assert engine.stats()["shards"]["shards"][1]["trunk"]
 
     with Engine.from_pretrained(path, draft=path, num_speculative_tokens=3, max_model_len=128) as engine:
         outs = engine.generate(PROMPTS, GREEDY)

@@ -323,6 +323,10 @@ def test_api_key(server, models):
         ({"model": {"target": "x"}, "verifier": {"num_replicas": 0}}, "verifier.num_replicas"),
         ({"modle": {"target": "x"}}, "modle: Extra inputs"),
         (
+            {"model": {"target": "x"}, "shards": {"num_shards": 2, "replica_exact": True}},
+            "shards: Value error, shards.replica_exact applies to trunk replicas",
+        ),
+        (
             {"model": {"target": "x"}, "draft_pool": {"autoscaling_config": {"max_replica": 3}}},
             "draft_pool.autoscaling_config: Value error, unknown autoscaling_config keys",
         ),

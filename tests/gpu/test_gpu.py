@@ -383,3 +383,61 @@ def test_nccl_bfloat16_graphs_after_a_one_gpu_engine_on_another_gpu(tmp_path):
         assert got["auto"] == got["padded"]
     finally:
         ray.shutdown()
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_nccl_trunk_replicas_equal_one_gpu_and_transformers(tmp_path, checkpoints):
+    """`ShardOptions.replicate_trunk` over NCCL: every GPU runs the trunk and its own experts,
+    one all_reduce per MoE layer. Eager, padded and captured steps (the replicas capture and
+    replay theirs) with n-gram drafts: float32 == transformers. bfloat16 (hidden 512, prompt
+    buckets captured too): `replica_exact` == the one-GPU engine's graphed steps bit for bit,
+    and the float32 partial sums' graphed steps == their own padded steps."""
+    import ray
+
+    n = torch.cuda.device_count()
+    ray.init(num_gpus=n - 1, num_cpus=8, include_dashboard=False)
+    options = dict(replicate_trunk=True, cuda_graphs=True, collective_timeout_s=30)
+    try:
+        path = checkpoints("qwen3_moe")
+        ref = hf_greedy(path, PROMPTS, NEW)
+        for steps in ("off", "padded", "auto"):
+            with Engine.from_pretrained(
+                path,
+                device=f"cuda:{n - 1}",
+                num_shards=n,
+                draft="ngram",
+                max_model_len=128,
+                step_graphs=steps,
+                shard_options=ShardOptions(**options),
+            ) as engine:
+                got = [o.token_ids for o in engine.generate(PROMPTS, GREEDY)]
+                assert engine.metrics.num_recoveries == 0, steps
+                if steps == "auto":
+                    assert engine.graphs.capture and engine.graphs.num_replays > 3
+            assert got == ref, steps
+        wide = wide_checkpoint(tmp_path)
+        runs = {}
+        for name, shards, exact, steps in (
+            ("one GPU", 0, False, "auto"),
+            ("exact", n, True, "auto"),
+            ("partial sums", n, False, "auto"),
+            ("partial sums, padded", n, False, "padded"),
+        ):
+            with Engine.from_pretrained(
+                wide,
+                device=f"cuda:{n - 1}",
+                dtype="bfloat16",
+                num_shards=shards,
+                max_model_len=128,
+                step_graphs=steps,
+                shard_options=ShardOptions(**options, replica_exact=exact),
+            ) as engine:
+                runs[name] = [o.token_ids for o in engine.generate(BUCKET_PROMPTS, GREEDY)]
+                assert engine.metrics.num_recoveries == 0, name
+                if steps == "auto":
+                    assert engine.graphs.capture and engine.graphs.num_replays > 3
+                    assert any(tq >= 16 for _, tq, _ in engine.graphs.captured)
+        assert runs["exact"] == runs["one GPU"]
+        assert runs["partial sums"] == runs["partial sums, padded"]
+    finally:
+        ray.shutdown()

@@ -1,0 +1,241 @@
+"""Trunk replicas: every rank runs the dense trunk, each computes its own experts' share.
+
+`ShardOptions.replicate_trunk`. In the coordinator layout (`dispatch.py`) rank 0 alone runs the
+trunk (attention, norms, router) while the shards wait, then every MoE layer sends the routed
+rows out and back (two all_to_alls, a pack and a gather on rank 0's critical path). With trunk
+replicas, rank r holds the whole trunk, a KV cache of its own and the plan's shard r (rank 0,
+the engine, shard 0), and runs every forward the engine runs, on the same inputs:
+
+    broadcast  header [op, N, B, P, kv_len, max_new, flags, 0]   rank 0 -> all
+    broadcast  the forward's index tensors (`pack_batch`: tokens, positions, slots, ...)
+    per MoE layer, on every rank: the same routing of the same tokens; the pairs whose expert
+    this rank owns, computed, weighed by their gates and summed in float32 -> [T, D];
+    all_reduce(SUM) of those partial sums: the layer's combined output, on every rank.
+
+One collective per MoE layer instead of two, nothing to pack, and no rank idles while rank 0
+runs the trunk: the trunk is computed S times, but it is latency-bound (it costs about the same
+at any batch size), while the experts' bytes split S ways.
+
+Results: each gate-weighted product is rounded to the model's dtype as in `fused.combine` and
+the products are summed in float32, as `combine` sums them; the all_reduce only re-associates
+that float32 sum. A replicated expert's pairs go to one replica each (by token position and a
+per-forward rotation every rank advances alike), so every pair is computed exactly once.
+Every rank must route alike, so every rank runs the same kernels: the header carries whether
+rank 0 runs the forward fused (`fused.active`), padded and captured.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+
+import torch
+import torch.distributed as dist
+
+from specmoe_ray.models import fused
+from specmoe_ray.models.transformer import ForwardBatch, Transformer
+from specmoe_ray.moe.dispatch import OP_PING, OP_STOP, ExpertLoad, Rank0, _Masked, capture_graph, serve_loop
+from specmoe_ray.moe.experts import ExpertStore
+from specmoe_ray.moe.placement import PlacementPlan
+
+OP_FORWARD = 4
+HEADER = 8  # [op, N, B, P, kv_len, max_new, flags, 0]
+PADDED, FUSED, CAPTURE = 1, 2, 4  # header flags
+
+
+def pack_batch(batch: ForwardBatch) -> torch.Tensor:
+    """The index tensors a replica needs to run `batch` ([4 N + B + 2 P] int64; logits_index
+    stays behind: replicas compute no logits)."""
+    parts = (batch.tokens, batch.positions, batch.write_slots, batch.unpad_index, batch.read_slots)
+    return torch.cat([*parts, batch.pad_index, batch.query_positions.reshape(-1)])
+
+
+def unpack_batch(payload: torch.Tensor, key: tuple[int, ...]) -> ForwardBatch:
+    """`pack_batch`'s inverse (views of payload) for the header's (N, B, P, kv_len, max_new, flags)."""
+    N, B, P, kv_len, max_new, flags = key
+    tokens, positions, write_slots, unpad, read_slots, pad, query = payload.split([N, N, N, N, B, P, P])
+    return ForwardBatch(
+        tokens=tokens,
+        positions=positions,
+        write_slots=write_slots,
+        read_slots=read_slots,
+        pad_index=pad,
+        unpad_index=unpad,
+        query_positions=query.view(B, max_new),
+        kv_len=kv_len,
+        max_new=max_new,
+        logits_index=payload[:0],
+        padded=bool(flags & PADDED),
+    )
+
+
+@fused.fused
+def partial_combine(y: torch.Tensor, weights: torch.Tensor, own: torch.Tensor, like: torch.Tensor):
+    """y [T, A, D] expert outputs (rows not owned here unspecified), weights [T, A], own [T, A]
+    bool -> [T, D] float32: the owned pairs' products, each rounded to like's dtype, summed."""
+    products = (y * weights[..., None]).to(like.dtype)
+    return torch.where(own[..., None], products, 0).float().sum(1)
+
+
+class ReplicaDispatch(_Masked, Rank0):
+    """One rank's MoE layers in a group of trunk replicas (rank r holds the plan's shard r), and
+    on rank 0 the control of the group (`replica_step`, `ping`, `stop`).
+
+    exact: all_reduce the pairs' unweighted outputs `[T, A, D]` in the model's dtype instead
+    (each row is nonzero on one rank only, so the sum is exact) and leave the combine to the
+    MoE block, as one process does: results bit for bit those of the engine with every expert
+    in-process, for 2 A / 4 times the bytes per all_reduce (`ShardOptions.replica_exact`)."""
+
+    def __init__(
+        self,
+        plan: PlacementPlan,
+        store: ExpertStore,
+        rank: int,
+        device: torch.device | str,
+        exact: bool = False,
+    ):
+        self.exact = exact
+        self.combines = not exact  # takes the gate weights, returns the combined [T, D]
+        self.plan = plan
+        self.local = store
+        self.rank = rank
+        self.world_size = plan.num_shards
+        self.device = torch.device(device)
+        store.count = False  # pairs computed are counted by `load` (rank 0) instead
+        self.load = ExpertLoad(plan.num_experts, self.device)
+        self.num_pairs = 0
+        # Per layer: held[e] (bool [E]) where every expert has one owner; else owner_table
+        # [E, R] and num_replicas [E], as DistributedDispatch's (ranks = shards here).
+        self._held: dict[int, torch.Tensor] = {}
+        self._owners: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        for layer, row in plan.owner.items():
+            if all(len(shards) == 1 for shards in row):
+                held = torch.tensor([shards[0] == rank for shards in row], device=self.device)
+                self._held[layer] = held
+            else:
+                R = max(len(shards) for shards in row)
+                table = [list(shards) + [shards[0]] * (R - len(shards)) for shards in row]
+                self._owners[layer] = (
+                    torch.tensor(table, dtype=torch.long, device=self.device),
+                    torch.tensor([len(s) for s in row], dtype=torch.long, device=self.device),
+                )
+        self._rotation = torch.zeros((), dtype=torch.long, device=self.device)  # forwards so far
+        self._headers: dict[tuple[int, ...], torch.Tensor] = {}
+        self.lock = threading.Lock()
+        self.last_exchange = time.monotonic()
+        self._ping, self._stop = self._header(OP_PING), self._header(OP_STOP)
+
+    def _header(self, op: int, key: tuple[int, ...] = ()) -> torch.Tensor:
+        values = [op, *key] + [0] * (HEADER - 1 - len(key))
+        return torch.tensor(values, dtype=torch.long, device=self.device)
+
+    def _owned(self, layer: int, ids: torch.Tensor, top_k: int) -> torch.Tensor:
+        """[n] bool: pair p (expert ids[p]) is computed on this rank."""
+        held = self._held.get(layer)
+        if held is not None:
+            return held[ids]
+        table, replicas = self._owners[layer]
+        position = torch.arange(ids.shape[0], device=ids.device) // top_k + self._rotation
+        return table[ids, position % replicas[ids]] == self.rank
+
+    def __call__(
+        self,
+        layer: int,
+        x: torch.Tensor,
+        expert_ids: torch.Tensor,
+        counted: bool = False,
+        weights: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """-> [T, D]: the layer's combined expert output (the same on every rank); `exact`:
+        [T, A, D] the pairs' outputs."""
+        if (weights is None) != self.exact:
+            raise TypeError("ReplicaDispatch takes the gate weights unless exact, and only then")
+        T, A = expert_ids.shape
+        flat = expert_ids.reshape(-1)
+        self.num_pairs += T * A
+        if not counted:
+            self.load.record(layer, flat, self.pair_mask(A))
+        if str(layer) not in self.local.by_layer:  # no expert of this layer here: every rank
+            shape = (T, A, x.shape[-1]) if self.exact else (T, x.shape[-1])  # still joins the sum
+            total = torch.zeros(shape, dtype=x.dtype if self.exact else torch.float32, device=x.device)
+        else:
+            own = self._owned(layer, flat, A)
+            ids = flat if layer in self._held else torch.where(own, flat, -1)
+            y = self.local(layer, x, ids, group=A).view(T, A, -1)
+            if self.exact:
+                total = torch.where(own.view(T, A, 1), y, 0)
+            else:
+                total = partial_combine(y, weights, own.view(T, A), x)
+        dist.all_reduce(total)
+        return total if self.exact else total.to(x.dtype)
+
+    @property
+    def tokens_per_shard(self) -> list[int]:
+        """(token, expert) pairs computed by each shard, cumulative (from the load counters)."""
+        return [round(t) for t in self.plan.shard_loads(self.load.snapshot())]
+
+    def begin_forward(self) -> None:
+        """Every rank, at the start of each forward: the replicas' rotation advances alike."""
+        self._rotation.add_(1)
+
+    @contextlib.contextmanager
+    def replica_step(self, batch: ForwardBatch, capture: bool = False):
+        """Rank 0: within this block the model runs `batch`; the replicas run it too. capture:
+        rank 0 captures it in a CUDA graph (the replicas then capture theirs)."""
+        N, B, P = batch.tokens.shape[0], batch.read_slots.shape[0], batch.pad_index.shape[0]
+        flags = PADDED if batch.padded else 0
+        flags |= (FUSED if fused.is_active() else 0) | (CAPTURE if capture else 0)
+        key = (N, B, P, batch.kv_len, batch.max_new, flags)
+        header = self._headers.get(key)
+        if header is None:  # made outside any capture (a warm-up runs the same shape first)
+            header = self._headers[key] = self._header(OP_FORWARD, key)
+        payload = pack_batch(batch)
+        with self.lock:
+            dist.broadcast(header, src=0)
+            dist.broadcast(payload, src=0)
+            self.begin_forward()
+            try:
+                yield
+            finally:
+                self.last_exchange = time.monotonic()
+
+
+def serve_replica(
+    model: Transformer,
+    cache,
+    dispatch: ReplicaDispatch,
+    device,
+    capture: bool = False,
+    control: dict | None = None,
+) -> int:
+    """A trunk replica's loop: run rank 0's forwards (`forward_layers`, no logits) until OP_STOP.
+    capture (CUDA): a forward rank 0 captures is captured here too, per header, after serving
+    its first one eagerly, and replayed after. Returns the number of forwards served."""
+    device = torch.device(device)
+    header = torch.empty(HEADER, dtype=torch.long, device=device)
+    graphs: dict[tuple[int, ...], torch.cuda.CUDAGraph] = {}
+    pool = torch.cuda.graph_pool_handle() if capture and device.type == "cuda" else None
+
+    def forward(key: tuple[int, ...]) -> None:
+        N, B, P = key[:3]
+        payload = torch.empty(4 * N + B + 2 * P, dtype=torch.long, device=device)
+        dist.broadcast(payload, src=0)
+        batch = unpack_batch(payload, key)
+        dispatch.begin_forward()
+        with fused.active() if key[-1] & FUSED else contextlib.nullcontext():
+            model.forward_layers(batch, cache)
+
+    def handle(op: int, arg: int, rest: list[int]) -> None:
+        if op != OP_FORWARD:
+            raise RuntimeError(f"trunk replica: unknown op {op}")
+        key = (arg, *rest[:5])
+        if key in graphs:
+            graphs[key].replay()
+            return
+        forward(key)  # serves this forward (and warms its graph up)
+        if pool is not None and key[-1] & CAPTURE:
+            graphs[key] = capture_graph(lambda: forward(key), device, pool)
+
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        return serve_loop(header, device, handle, graphs.clear, control)

@@ -1,0 +1,148 @@
+"""Trunk replicas (`ShardOptions.replicate_trunk`): every rank runs the trunk, each its own
+experts, one all_reduce per MoE layer; real Ray actors and a gloo group on CPUs."""
+
+from __future__ import annotations
+
+import pytest
+import ray
+import torch
+import torch.distributed as dist
+from conftest import PROMPTS, hf_greedy
+from test_graph import RAGGED
+from test_shards import pinned
+
+from specmoe_ray import Engine, SamplingParams
+from specmoe_ray.models.loader import read_config
+from specmoe_ray.moe.experts import ExpertStore
+from specmoe_ray.moe.placement import PlacementPlan
+from specmoe_ray.moe.replica import ReplicaDispatch, pack_batch, unpack_batch
+
+NEW = 24
+GREEDY = SamplingParams(max_tokens=NEW, temperature=0.0, ignore_eos=True)
+
+
+def replicas(num_shards: int, **kw):
+    opts = pinned(num_shards, collective_timeout_s=30, **kw)
+    opts.replicate_trunk = True
+    return opts
+
+
+@pytest.mark.parametrize(
+    "arch,num_shards,exact", [("qwen3_moe", 2, False), ("qwen2_moe", 3, False), ("mixtral", 2, True)]
+)
+def test_trunk_replicas_give_the_tokens_of_transformers(ray_cluster, checkpoints, arch, num_shards, exact):
+    """Prompts, then decode and n-gram verify steps, eager and padded (the static batches CUDA
+    graphs capture): the same greedy tokens as transformers, with float32 partial sums or the
+    pairs' outputs summed (`replica_exact`). Each actor holds the trunk and only its own
+    experts; the engine's process holds shard 0."""
+    path = checkpoints(arch)
+    args, _ = read_config(path)
+    ref = hf_greedy(path, RAGGED, NEW)
+    for step_graphs in ("off", "padded"):
+        with Engine.from_pretrained(
+            path,
+            num_shards=num_shards,
+            draft="ngram",
+            step_graphs=step_graphs,
+            max_model_len=128,
+            shard_options=replicas(num_shards, replica_exact=exact),
+        ) as engine:
+            got = [o.token_ids for o in engine.generate(RAGGED, GREEDY)]
+            stats = engine.stats()
+            static = stats["num_static_steps"]
+            shards = stats["shards"]["shards"]
+        assert got == ref, step_graphs
+        assert (static > 0) == (step_graphs == "padded")
+        assert [s.get("local", False) for s in shards] == [True] + [False] * (num_shards - 1)
+        assert all(s["trunk"] for s in shards[1:])
+        held = [sum(len(v) for v in s["held"].values()) for s in shards]
+        assert sum(held) == len(args.moe_layers) * args.num_experts and all(held)
+        assert all(c > 0 for c in stats["shards"]["tokens_per_shard"])
+        assert not dist.is_initialized()
+
+
+def test_replicas_refilled_after_a_replicated_plan_and_a_killed_shard(ray_cluster, checkpoints):
+    """Mid-generation: a re-placement with every expert on both shards (each pair computed by
+    one replica, by position and rotation), then a killed shard (the group re-forms and the
+    step replays). New replicas start with empty KV caches and are refilled from the running
+    sequences: the tokens still equal transformers'."""
+    path = checkpoints("qwen3_moe")
+    args, _ = read_config(path)
+    ref = hf_greedy(path, RAGGED, NEW)
+    owner = {layer: tuple((0, 1) for _ in range(args.num_experts)) for layer in args.moe_layers}
+    replicated = PlacementPlan(2, args.num_experts, owner)
+    with Engine.from_pretrained(
+        path, num_shards=2, draft="ngram", step_graphs="padded", max_model_len=128, shard_options=replicas(2)
+    ) as engine:
+        ids = [engine.add_request(p, GREEDY) for p in RAGGED]
+        done, step = {}, 0
+        while len(done) < len(ids):
+            step += 1
+            if step == 3:
+                engine.reshard(plan=replicated)
+            if step == 6:
+                ray.kill(engine.shard_group.actors[-1], no_restart=True)
+            for out in engine.step():
+                if out.finished:
+                    done[out.request_id] = out.token_ids
+        stats = engine.stats()
+    assert [done[i] for i in ids] == ref
+    assert stats["num_recoveries"] == 1
+
+
+def test_every_pair_is_computed_by_exactly_one_rank():
+    """Ownership over 3 ranks with replicated experts (two and three copies): each (token,
+    expert) pair is owned by exactly one rank, and over forwards the rotation spreads a
+    replicated expert's pairs over all of its replicas."""
+    E, A, T = 6, 2, 5
+    owner = {0: ((0,), (1,), (2,), (0, 1), (1, 2), (0, 1, 2))}
+    plan = PlacementPlan(3, E, owner)
+    store = ExpertStore({})
+    ranks = [ReplicaDispatch(plan, store, r, "cpu") for r in range(3)]
+    ids = torch.tensor([[3, 5], [5, 4], [0, 3], [1, 2], [5, 3]]).reshape(-1)
+    seen: dict[int, set[int]] = {e: set() for e in range(E)}
+    for _ in range(4):
+        for d in ranks:
+            d.begin_forward()
+        owned = torch.stack([d._owned(0, ids, A) for d in ranks]).long()  # [ranks, T * A]
+        assert owned.sum(0).tolist() == [1] * (T * A)
+        for p, e in enumerate(ids.tolist()):
+            rank = int(owned[:, p].argmax())
+            assert rank in owner[0][e]
+            seen[e].add(rank)
+    assert all(seen[e] == set(owner[0][e]) for e in (3, 5)), seen
+
+
+def test_batches_travel_whole():
+    """`pack_batch` / `unpack_batch`: a ragged batch's index tensors come back equal."""
+    from specmoe_ray.models.transformer import build_forward_batch
+
+    batch = build_forward_batch([[5, 6, 7], [8]], [0, 4], [1, 0], [2, 0], "cpu")
+    payload = pack_batch(batch)
+    key = (3 + 1, 2, 2 * 3, batch.kv_len, batch.max_new, 0)
+    got = unpack_batch(payload, key)
+    names = ("tokens", "positions", "write_slots", "read_slots", "pad_index", "unpad_index")
+    names += ("query_positions",)
+    for name in names:
+        assert torch.equal(getattr(got, name), getattr(batch, name)), name
+    assert (got.kv_len, got.max_new, got.padded) == (batch.kv_len, 3, False)
+
+
+def test_replicas_need_the_cache_shape(checkpoints):
+    from specmoe_ray.serving.shards import ShardGroup, ShardOptions
+
+    path = checkpoints("qwen3_moe")
+    args, _ = read_config(path)
+    plan = PlacementPlan.contiguous(args.moe_layers, args.num_experts, 2)
+    with pytest.raises(ValueError, match="cache_shape"):
+        ShardGroup(path, plan, args.hidden_size, torch.float32, "cpu", ShardOptions(replicate_trunk=True))
+
+
+def test_prompts_as_strings_unaffected(ray_cluster, checkpoints):
+    """A one-shard group of replicas is the engine's process alone (no actor, world of one)."""
+    path = checkpoints("qwen3_moe")
+    ref = hf_greedy(path, PROMPTS[:1], NEW)
+    with Engine.from_pretrained(path, num_shards=1, max_model_len=128, shard_options=replicas(1)) as engine:
+        got = engine.generate(PROMPTS[:1], GREEDY)[0].token_ids
+        assert not engine.shard_group.actors
+    assert got == ref[0]
