@@ -162,6 +162,21 @@ def hf_greedy(path: str, prompts: list[list[int]], max_new_tokens: int) -> list[
     return outs
 
 
+def generate_stepwise(engine, prompts, params, at: dict | None = None) -> list[list[int]]:
+    """Step `engine` through `prompts` by hand, running `at[step](engine)` before step `step`
+    (1-based; e.g. a reshard or a killed shard mid-generation) -> each prompt's tokens, in order."""
+    ids = [engine.add_request(p, params) for p in prompts]
+    done, step = {}, 0
+    while len(done) < len(ids):
+        step += 1
+        if at and step in at:
+            at[step](engine)
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out.token_ids
+    return [done[i] for i in ids]
+
+
 def hf_logits(path: str, tokens: list[int], dtype=torch.float32) -> torch.Tensor:
     """transformers' logits [len(tokens), V] for one sequence."""
     import transformers as T

@@ -8,7 +8,7 @@ one-buffer upload, the scratch slot for padding, the masked load counters) runs 
 from __future__ import annotations
 
 import pytest
-from conftest import PROMPTS, hf_greedy
+from conftest import PROMPTS, generate_stepwise, hf_greedy
 
 from specmoe_ray import Engine, SamplingParams
 from specmoe_ray.engine.graph import MIN_KV_BUCKET, bucket
@@ -126,6 +126,22 @@ def test_step_graphs_setting_is_checked(checkpoints):
         Engine.from_pretrained(checkpoints("qwen3_moe"), step_graphs="always")
 
 
+def replicate_then_kill(args) -> dict:
+    """`generate_stepwise` events: at step 3 a re-placement with every expert on both of 2
+    shards (each expert's pairs alternate between its replicas), at step 6 the last shard
+    actor killed (the group re-forms and the step replays)."""
+    import ray
+
+    from specmoe_ray.moe.placement import PlacementPlan
+
+    owner = {layer: tuple((0, 1) for _ in range(args.num_experts)) for layer in args.moe_layers}
+    replicated = PlacementPlan(2, args.num_experts, owner)
+    return {
+        3: lambda e: e.reshard(plan=replicated),
+        6: lambda e: ray.kill(e.shard_group.actors[-1], no_restart=True),
+    }
+
+
 @pytest.mark.parametrize("local_shard,kernel", [(False, False), (True, False), (True, True)])
 def test_static_exchange_with_shards_replicas_and_a_killed_shard(
     ray_cluster, checkpoints, local_shard, kernel, monkeypatch
@@ -135,12 +151,10 @@ def test_static_exchange_with_shards_replicas_and_a_killed_shard(
     shard (re-formed, step replayed); every routed pair is computed exactly once, padding never.
     local_shard: shard 0 is the engine's own process (rank 0 serves experts too). kernel: rank 0
     packs the exchanges with the GPUs' Triton kernel (`pack_pairs`, on Triton's interpreter)."""
-    import ray
     from test_shards import pinned
 
     from specmoe_ray.models.loader import read_config
     from specmoe_ray.moe import triton_dispatch
-    from specmoe_ray.moe.placement import PlacementPlan
 
     if kernel:
         if not triton_dispatch.INTERPRETED:
@@ -153,26 +167,13 @@ def test_static_exchange_with_shards_replicas_and_a_killed_shard(
     path = checkpoints("qwen3_moe")
     args, _ = read_config(path)
     ref = hf_greedy(path, RAGGED, NEW)
-    # Every expert on both shards: each expert's pairs alternate between its replicas.
-    owner = {layer: tuple((0, 1) for _ in range(args.num_experts)) for layer in args.moe_layers}
-    replicated = PlacementPlan(2, args.num_experts, owner)
     opts = pinned(2, collective_timeout_s=20)
     opts.local_shard = local_shard
     opts.cuda_graphs = True  # (captures on GPUs only; a recovery turns it off)
     with Engine.from_pretrained(
         path, num_shards=2, draft="ngram", step_graphs="padded", max_model_len=128, shard_options=opts
     ) as engine:
-        ids = [engine.add_request(p, GREEDY) for p in RAGGED]
-        done, step = {}, 0
-        while len(done) < len(ids):
-            step += 1
-            if step == 3:
-                engine.reshard(plan=replicated)
-            if step == 6:
-                ray.kill(engine.shard_group.actors[-1], no_restart=True)
-            for out in engine.step():
-                if out.finished:
-                    done[out.request_id] = out.token_ids
+        got = generate_stepwise(engine, RAGGED, GREEDY, at=replicate_then_kill(args))
         stats = engine.stats()
         routed = engine.shard_group.dispatch.load.snapshot()
         computed = engine.shard_group.computed_counts()
@@ -180,7 +181,7 @@ def test_static_exchange_with_shards_replicas_and_a_killed_shard(
         assert not engine.shard_group.options.cuda_graphs  # off since the recovery
         assert len(engine.shard_group.actors) == (1 if local_shard else 2)
         assert [info.get("local", False) for info in stats["shards"]["shards"]] == [local_shard, False]
-    assert [done[i] for i in ids] == ref
+    assert got == ref
     assert not kernel or calls, "the packing kernel never ran"
     assert stats["num_recoveries"] == 1
     # Counters restart with each group: after the last re-form, replicas split each expert's pairs.

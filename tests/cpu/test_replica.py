@@ -4,11 +4,10 @@ experts, one all_reduce per MoE layer; real Ray actors and a gloo group on CPUs.
 from __future__ import annotations
 
 import pytest
-import ray
 import torch
 import torch.distributed as dist
-from conftest import PROMPTS, hf_greedy
-from test_graph import RAGGED
+from conftest import PROMPTS, generate_stepwise, hf_greedy
+from test_graph import RAGGED, replicate_then_kill
 from test_shards import pinned
 
 from specmoe_ray import Engine, SamplingParams
@@ -69,24 +68,12 @@ def test_replicas_refilled_after_a_replicated_plan_and_a_killed_shard(ray_cluste
     path = checkpoints("qwen3_moe")
     args, _ = read_config(path)
     ref = hf_greedy(path, RAGGED, NEW)
-    owner = {layer: tuple((0, 1) for _ in range(args.num_experts)) for layer in args.moe_layers}
-    replicated = PlacementPlan(2, args.num_experts, owner)
     with Engine.from_pretrained(
         path, num_shards=2, draft="ngram", step_graphs="padded", max_model_len=128, shard_options=replicas(2)
     ) as engine:
-        ids = [engine.add_request(p, GREEDY) for p in RAGGED]
-        done, step = {}, 0
-        while len(done) < len(ids):
-            step += 1
-            if step == 3:
-                engine.reshard(plan=replicated)
-            if step == 6:
-                ray.kill(engine.shard_group.actors[-1], no_restart=True)
-            for out in engine.step():
-                if out.finished:
-                    done[out.request_id] = out.token_ids
+        got = generate_stepwise(engine, RAGGED, GREEDY, at=replicate_then_kill(args))
         stats = engine.stats()
-    assert [done[i] for i in ids] == ref
+    assert got == ref
     assert stats["num_recoveries"] == 1
 
 

@@ -9,7 +9,7 @@ import time
 import pytest
 import ray
 import torch.distributed as dist
-from conftest import NODE_RESOURCES, PROMPTS, hf_greedy
+from conftest import NODE_RESOURCES, PROMPTS, generate_stepwise, hf_greedy
 from safetensors.torch import load_file, save_file
 
 from specmoe_ray import Engine, SamplingParams, ShardStartupError
@@ -154,18 +154,12 @@ def test_reshard_mid_generation_keeps_outputs(ray_cluster, checkpoints):
     with Engine.from_pretrained(
         path, num_shards=2, draft="ngram", max_model_len=128, shard_options=pinned(3)
     ) as engine:
-        ids = [engine.add_request(p, GREEDY) for p in PROMPTS]
-        done, step = {}, 0
-        while len(done) < len(ids):
-            step += 1
-            if step in (3, 7):
-                engine.reshard(3 if step == 3 else 1)
-            for out in engine.step():
-                if out.finished:
-                    done[out.request_id] = out.token_ids
+        got = generate_stepwise(
+            engine, PROMPTS, GREEDY, at={3: lambda e: e.reshard(3), 7: lambda e: e.reshard(1)}
+        )
         assert engine.shard_group.plan.num_shards == 1
         assert len(engine.stats()["shards"]["shards"]) == 1
-    assert [done[i] for i in ids] == ref
+    assert got == ref
 
 
 def test_killed_shard_is_replaced_and_the_step_replayed(ray_cluster, checkpoints):
@@ -175,17 +169,10 @@ def test_killed_shard_is_replaced_and_the_step_replayed(ray_cluster, checkpoints
     with Engine.from_pretrained(
         path, num_shards=2, draft="ngram", max_model_len=128, shard_options=opts
     ) as engine:
-        ids = [engine.add_request(p, GREEDY) for p in PROMPTS]
-        done, step = {}, 0
-        while len(done) < len(ids):
-            step += 1
-            if step == 4:
-                ray.kill(engine.shard_group.actors[1], no_restart=True)
-            for out in engine.step():
-                if out.finished:
-                    done[out.request_id] = out.token_ids
+        kill = {4: lambda e: ray.kill(e.shard_group.actors[1], no_restart=True)}
+        got = generate_stepwise(engine, PROMPTS, GREEDY, at=kill)
         stats = engine.stats()
-    assert [done[i] for i in ids] == ref
+    assert got == ref
     assert stats["num_recoveries"] == 1
     print(f"recovered from a killed shard in {stats['recovery_time_s']:.1f}s")
     assert stats["recovery_time_s"] < 60
@@ -198,20 +185,14 @@ def test_scale_1_3_2_while_ten_requests_stream(ray_cluster, checkpoints):
     with Engine.from_pretrained(
         path, num_shards=1, max_model_len=128, max_num_seqs=10, shard_options=pinned(3)
     ) as engine:
-        ids = [engine.add_request(p, GREEDY) for p in prompts]
-        done, step = {}, 0
-        while len(done) < len(ids):
-            step += 1
-            if step == 4:
-                engine.reshard(3)
-            if step == 9:  # to 2 shards, balanced by the load measured so far
-                load = engine.shard_group.dispatch.load.snapshot()
-                engine.reshard(plan=PlacementPlan.balanced(load, 2, replicate_top=1))
-            for out in engine.step():
-                if out.finished:
-                    done[out.request_id] = out.token_ids
+
+        def balanced(e):  # to 2 shards, balanced by the load measured so far
+            load = e.shard_group.dispatch.load.snapshot()
+            e.reshard(plan=PlacementPlan.balanced(load, 2, replicate_top=1))
+
+        got = generate_stepwise(engine, prompts, GREEDY, at={4: lambda e: e.reshard(3), 9: balanced})
         assert engine.shard_group.plan.num_shards == 2
-    assert [done[i] for i in ids] == ref
+    assert got == ref
 
 
 def test_hot_expert_replicas_split_its_tokens(ray_cluster, checkpoints):
