@@ -326,6 +326,13 @@ def profile_steps(engine: Engine, rows, device: str, steps: int = 8, trace: str 
     if shards:
         import ray
 
+        # A shard counts forwards, not engine steps: run-ahead decode steps (`decode_steps`) send
+        # several steps as one forward, so step on with short requests until every shard has
+        # profiled its `steps` forwards (at most 4 * steps more).
+        for _ in range(4 * steps):
+            if len(ray.wait(shards, num_returns=len(shards), timeout=0)[0]) == len(shards):
+                break
+            engine.generate([rows[0]], SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True))
         for table in ray.get(shards, timeout=180):
             print("expert shard", table)
 

@@ -125,7 +125,7 @@ def test_replicas_need_the_cache_shape(checkpoints):
         ShardGroup(path, plan, args.hidden_size, torch.float32, "cpu", ShardOptions(replicate_trunk=True))
 
 
-def test_prompts_as_strings_unaffected(ray_cluster, checkpoints):
+def test_one_replica_is_the_engine_alone(ray_cluster, checkpoints):
     """A one-shard group of replicas is the engine's process alone (no actor, world of one)."""
     path = checkpoints("qwen3_moe")
     ref = hf_greedy(path, PROMPTS[:1], NEW)
