@@ -48,9 +48,9 @@ for stage in "${@:-tests nccl kernels shape}"; do
           PYTHONFAULTHANDLER=1 python -u -m pytest -s -p no:warnings -q --tb=short -o log_cli=true \
             --log-cli-level=INFO "tests/gpu/test_gpu.py::$t" >"$OUT/$t.log" 2>&1 &
           pid=$!
-          for _ in $(seq "${NCCL_TEST_TIMEOUT:-90}"); do sleep 1; kill -0 $pid 2>/dev/null || break; done
+          for _ in $(seq "${NCCL_TEST_TIMEOUT:-240}"); do sleep 1; kill -0 $pid 2>/dev/null || break; done
           if kill -0 $pid 2>/dev/null; then
-            echo "$t: still running after ${NCCL_TEST_TIMEOUT:-90}s: stacks in $OUT/$t.log and Ray logs"
+            echo "$t: still running after ${NCCL_TEST_TIMEOUT:-240}s: stacks in $OUT/$t.log and Ray logs"
             pkill -ABRT -f 'ray::ExpertShard'; kill -ABRT $pid; sleep 5; kill -9 $pid 2>/dev/null
             pkill -9 -f 'ray::'; pkill -9 -f raylet; pkill -9 -f gcs_server
           fi
