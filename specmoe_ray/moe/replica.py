@@ -18,10 +18,16 @@ at any batch size), while the experts' bytes split S ways.
 
 Results: each gate-weighted product is rounded to the model's dtype as in `fused.combine` and
 the products are summed in float32, as `combine` sums them; the all_reduce only re-associates
-that float32 sum. A replicated expert's pairs go to one replica each (by token position and a
-per-forward rotation every rank advances alike), so every pair is computed exactly once.
-Every rank must route alike, so every rank runs the same kernels: the header carries whether
-rank 0 runs the forward fused (`fused.active`), padded and captured.
+that float32 sum, and the sum is rounded to the model's dtype before the residual add. One
+process's static steps defer the combine into the next add + norm without that rounding
+(`fused.DEFER_COMBINE`), so in bf16 greedy tokens can part from the one-GPU engine's after many
+steps; `exact` (`ShardOptions.replica_exact`) sums the pairs' outputs instead and combines as one
+process does, bit for bit. A replicated expert's pairs go to one replica each (by token position
+and a per-forward rotation every rank advances alike), so every pair is computed exactly once.
+Every rank must route alike, so every rank runs the same kernels on the same inputs: the header
+carries whether rank 0 runs the forward fused (`fused.active`), padded and captured, and the
+kernels' module switches (`fused`, `triton_kernels`, `triton_experts`) must be the same in every
+process (their defaults).
 """
 
 from __future__ import annotations
