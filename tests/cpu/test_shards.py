@@ -178,12 +178,18 @@ def test_killed_shard_is_replaced_and_the_step_replayed(ray_cluster, checkpoints
     assert stats["recovery_time_s"] < 60
 
 
-def test_scale_1_3_2_while_ten_requests_stream(ray_cluster, checkpoints):
+@pytest.mark.parametrize("replicas", [False, True])
+def test_scale_1_3_2_while_ten_requests_stream(ray_cluster, checkpoints, replicas):
+    """Re-forms 1 -> 3 -> 2 shards (the last with a replicated hot expert per layer) while ten
+    requests run: the same tokens as transformers. replicas: trunk replicas, so each re-form
+    refills the new ranks' KV caches from the running sequences (from one rank, the engine
+    alone, to three)."""
     path = checkpoints("qwen2_moe")
     prompts = [PROMPTS[i % 3][: 2 + i] for i in range(10)]
     ref = hf_greedy(path, prompts, NEW)
+    opts = pinned(3, replicate_trunk=replicas)
     with Engine.from_pretrained(
-        path, num_shards=1, max_model_len=128, max_num_seqs=10, shard_options=pinned(3)
+        path, num_shards=1, max_model_len=128, max_num_seqs=10, shard_options=opts
     ) as engine:
 
         def balanced(e):  # to 2 shards, balanced by the load measured so far
