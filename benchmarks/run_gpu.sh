@@ -13,7 +13,8 @@
 # sweep), gpus (the same shape with experts over 1, 2 and 4 GPUs; writes a ~61 GB checkpoint to
 # $CKPT), trace (8 layers of it on 1 and 2 GPUs, profiled on both sides, Chrome traces), probe
 # (the same 8 layers unprofiled, beside another revision with BASE_DIR), batch1 (switch tests,
-# batch-1 ablations and sweeps, 48 layers at batch 1 and 8), demo (the shipped demo pair). STAGE_TIMEOUT bounds each stage (seconds, default 540).
+# batch-1 ablations and sweeps, 48 layers at batch 1 and 8), allreduce (the trunk replicas'
+# per-layer sum: NCCL vs symmetric memory), demo (the shipped demo pair). STAGE_TIMEOUT bounds each stage (seconds, default 540).
 set -u
 OUT=${OUT:-gpu-out}
 CKPT=${CKPT:-/tmp/specmoe-bench-ckpt}
@@ -113,11 +114,14 @@ for stage in "${@:-tests nccl kernels shape}"; do
           --skip-sweep --repeats 2 --skip-demo --variants graphs sync "${switches[@]}" --json "$OUT/b1.json" \
           >"$OUT/b1.log" 2>&1
         grep -E "batch|copy band" "$OUT/b1.log" ;;
+      allreduce)
+        # The trunk replicas' per-layer sum at its sizes: NCCL vs symmetric memory (2 GPUs).
+        timeout 300 python benchmarks/allreduce.py 2>&1 | tee "$OUT/allreduce.log" | grep -E "all_reduce|us" ;;
       demo)
         timeout "$T" python benchmarks/gpu.py --skip-shape --batch 1 8 32 --new-tokens 64 --repeats 2 \
           --json "$OUT/demo.json" >"$OUT/demo.log" 2>&1
         quiet "$OUT/demo.log" 20 ;;
-      *) echo "unknown stage $s (tests nccl kernels shape gpus trace probe batch1 demo)"; exit 2 ;;
+      *) echo "unknown stage $s (tests nccl kernels shape gpus trace probe batch1 allreduce demo)"; exit 2 ;;
     esac
   done
 done

@@ -1,5 +1,5 @@
-"""benchmarks/gpu.py's `--switch` variants: parsed with errors naming what is wrong, flipped only
-while their variant runs, timed beside `graphs` in the same process."""
+"""benchmarks/: gpu.py's `--switch` variants (parsed with errors naming what is wrong, flipped
+only while their variant runs, timed beside `graphs` in the same process); allreduce.py's sums."""
 
 from __future__ import annotations
 
@@ -64,3 +64,24 @@ def test_switch_variants_run_flipped_beside_graphs_and_restore(gpu, monkeypatch)
     assert runs[1]["vs_graphs"] == pytest.approx(runs[1]["tok_s"] / runs[0]["tok_s"])
     assert seen == [before] * 2 + [not before] * 2 + [before] * 2  # warm-up + 1 timed run each
     assert triton_experts.DEDUP_ONE_ROW is before
+
+
+def test_allreduce_benchmark_sums_right_on_two_gloo_ranks():
+    """benchmarks/allreduce.py (the replicas' per-layer sum, 2 processes): on CPUs over gloo
+    every size's chained sums come out right and a time per layer is printed."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    script = os.path.join(root, "benchmarks", "allreduce.py")
+    run = subprocess.run(
+        [sys.executable, script, "--device", "cpu", "--tokens", "1", "4", "--reps", "1"],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    lines = [line for line in run.stdout.splitlines() if "us/layer" in line]
+    assert len(lines) == 4, run.stdout  # 2 token counts x (partial sums, exact)
+    assert not any("WRONG" in line for line in lines), run.stdout
