@@ -76,10 +76,19 @@ class EngineMetrics:
                     self.expert_load.set(n, tags={"layer": str(layer), "expert": str(e)})
 
 
-def build_engine(cfg: ServeConfig, draft_pool=None) -> Engine:
-    """The engine a Verifier replica (or a batch job) runs, from a validated config."""
+def to_shard_options(shards) -> Any:
+    """A `ShardsConfig` as the engine's `ShardOptions`: every config field of the same name (all
+    but num_shards and autoscale, which the engine and the autoscaler take)."""
+    import dataclasses
+
     from specmoe_ray.serving.shards import ShardOptions
 
+    names = {f.name for f in dataclasses.fields(ShardOptions)}
+    return ShardOptions(**{k: v for k, v in shards.model_dump().items() if k in names})
+
+
+def build_engine(cfg: ServeConfig, draft_pool=None) -> Engine:
+    """The engine a Verifier replica (or a batch job) runs, from a validated config."""
     cfg.check_paths()
     s = cfg.shards
     autoscale = None
@@ -87,20 +96,7 @@ def build_engine(cfg: ServeConfig, draft_pool=None) -> Engine:
         from specmoe_ray.serving.autoscale import ShardAutoscaleConfig
 
         autoscale = ShardAutoscaleConfig(**s.autoscale.model_dump())
-    shard_options = ShardOptions(
-        num_cpus=s.num_cpus,
-        num_gpus=s.num_gpus,
-        resources=dict(s.resources),
-        strategy=s.strategy,
-        bundle_resources=s.bundle_resources,
-        startup_timeout_s=s.startup_timeout_s,
-        collective_timeout_s=s.collective_timeout_s,
-        local_shard=s.local_shard,
-        cuda_graphs=s.cuda_graphs,
-        replicate_trunk=s.replicate_trunk,
-        replica_exact=s.replica_exact,
-        env_vars=dict(s.env_vars),
-    )
+    shard_options = to_shard_options(s)
     draft, proposer = cfg.model.draft, None
     if draft not in (None, "ngram"):
         # Without a DraftPool handle (offline batch jobs) the draft runs in this process.

@@ -545,11 +545,16 @@ def test_greedy_mtp_chunked_prefill_joining_requests_and_drafts_match_reference(
         assert stats["acceptance_rate"] > 0.4, stats
 
 
-def test_greedy_mtp_with_expert_shards(ray_cluster, mtp_ckpts):
-    """Trunk experts on 2 Ray actors, the MTP layer's experts in-process: the same tokens."""
+@pytest.mark.parametrize("replicas", [False, True])
+def test_greedy_mtp_with_expert_shards(ray_cluster, mtp_ckpts, replicas):
+    """Trunk experts on 2 Ray actors (replicas: on 2 trunk replicas, the engine's process one of
+    them), the MTP layer's experts in-process: the same tokens."""
     path, ref = mtp_ckpts["useful"]
     opts = ShardOptions(
-        num_cpus=0.5, strategy="SPREAD", bundle_resources=[{NODE_RESOURCES[s]: 1} for s in range(2)]
+        num_cpus=0.5,
+        strategy="SPREAD",
+        bundle_resources=[{NODE_RESOURCES[s]: 1} for s in range(2)],
+        replicate_trunk=replicas,
     )
     outs, stats, engine = _run(
         path, PROMPTS, draft="mtp", num_shards=2, num_speculative_tokens=3, shard_options=opts

@@ -337,6 +337,35 @@ def test_config_errors_fail_at_load(change, message):
         ServeConfig.from_dict(change)
 
 
+def test_every_shards_setting_reaches_the_shard_options():
+    """Each `shards:` key of the config (but num_shards and autoscale) is a `ShardOptions` field
+    and arrives with its value: a new setting cannot be silently dropped on the way."""
+    import dataclasses
+
+    from specmoe_ray.config import ShardsConfig
+    from specmoe_ray.serving.shards import ShardOptions
+    from specmoe_ray.serving.verifier import to_shard_options
+
+    values = {
+        "num_cpus": 0.5,
+        "num_gpus": 2.0,
+        "resources": {"accel": 1.0},
+        "bundle_resources": [{"node_b": 1.0}],
+        "strategy": "SPREAD",
+        "startup_timeout_s": 7.0,
+        "collective_timeout_s": 9.0,
+        "local_shard": True,
+        "cuda_graphs": False,
+        "env_vars": {"NCCL_GRAPH_REGISTER": "0"},
+        "replicate_trunk": True,
+        "replica_exact": True,
+    }
+    assert set(values) == set(ShardsConfig.model_fields) - {"num_shards", "autoscale"}, "update this test"
+    options = to_shard_options(ShardsConfig(**values))
+    assert set(values) <= {f.name for f in dataclasses.fields(ShardOptions)}
+    assert {k: getattr(options, k) for k in values} == values
+
+
 def test_missing_checkpoint_path_fails_at_build(models, tmp_path):
     target, _ = models
     cfg = ServeConfig.from_dict({"model": {"target": target, "draft": str(tmp_path / "nope")}})
