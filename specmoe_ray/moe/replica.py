@@ -41,9 +41,10 @@ import torch.distributed as dist
 
 from specmoe_ray.models import fused
 from specmoe_ray.models.transformer import ForwardBatch, Transformer
-from specmoe_ray.moe.dispatch import OP_PING, OP_STOP, ExpertLoad, Rank0, _Masked, capture_graph, serve_loop
+from specmoe_ray.moe.dispatch import OP_PING, OP_STOP, ExpertLoad, Rank0, _Masked
 from specmoe_ray.moe.experts import ExpertStore
 from specmoe_ray.moe.placement import PlacementPlan
+from specmoe_ray.moe.shard_loop import capture_graph, serve_loop
 
 OP_FORWARD = 4
 HEADER = 8  # [op, N, B, P, kv_len, max_new, flags, 0]

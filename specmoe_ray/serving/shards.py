@@ -24,9 +24,10 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from specmoe_ray.errors import ShardStartupError
-from specmoe_ray.moe.dispatch import DistributedDispatch, ShardProfile, leave_process_group, serve_experts
+from specmoe_ray.moe.dispatch import DistributedDispatch
 from specmoe_ray.moe.placement import PlacementPlan
 from specmoe_ray.moe.replica import ReplicaDispatch, serve_replica
+from specmoe_ray.moe.shard_loop import ShardProfile, leave_process_group, serve_experts
 
 log = logging.getLogger(__name__)
 
