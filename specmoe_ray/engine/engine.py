@@ -628,6 +628,9 @@ class Engine:
                 chunk = seq.tokens[start : min(start + budget, length)]
                 batch = build_forward_batch([chunk], [start], [seq.slot], [len(chunk) - 1], self.device)
                 self._run_model(batch)
+        dispatch = self.shard_group.dispatch
+        dispatch.load.reset()  # the refill routed no request's tokens: the load starts at zero
+        dispatch.num_pairs = 0
 
     def shutdown(self) -> None:
         """Stop the expert shards (if any). Safe to call twice."""
