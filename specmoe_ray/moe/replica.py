@@ -180,7 +180,9 @@ class ReplicaDispatch(_Masked, Rank0):
     @property
     def tokens_per_shard(self) -> list[int]:
         """(token, expert) pairs computed by each shard, cumulative (from the load counters)."""
-        return [round(t) for t in self.plan.shard_loads(self.load.snapshot())]
+        load = self.load.snapshot()
+        zeros = [0] * self.plan.num_experts  # layers not routed yet (a new group)
+        return [round(t) for t in self.plan.shard_loads({k: load.get(k, zeros) for k in self.plan.owner})]
 
     def begin_forward(self) -> None:
         """Every rank, at the start of each forward: the replicas' rotation advances alike."""

@@ -73,6 +73,8 @@ def test_replicas_refilled_after_a_replicated_plan_and_a_killed_shard(ray_cluste
     ) as engine:
         got = generate_stepwise(engine, RAGGED, GREEDY, at=replicate_then_kill(args))
         stats = engine.stats()
+        engine.reshard(2)  # refilled nothing (no running sequence); nothing routed since
+        assert engine.stats()["expert_tokens_per_shard"] == [0, 0]
     assert got == ref
     assert stats["num_recoveries"] == 1
 
