@@ -26,6 +26,13 @@ def _generate(ns: argparse.Namespace) -> int:
             if ns.no_spec
             else (ns.draft if ns.draft in (None, "ngram", "mtp") else resolve_model_path(ns.draft))
         )
+        shard_options = None
+        if ns.replicate_trunk:
+            if ns.num_shards < 1:
+                raise ValueError("--replicate-trunk needs --num-shards 1 or more")
+            from specmoe_ray.serving.shards import ShardOptions
+
+            shard_options = ShardOptions(replicate_trunk=True)
         engine = Engine.from_pretrained(
             resolve_model_path(ns.model),
             draft=draft,
@@ -33,6 +40,7 @@ def _generate(ns: argparse.Namespace) -> int:
             device=ns.device,
             dtype=ns.dtype,
             num_speculative_tokens=ns.k,
+            shard_options=shard_options,
         )
     except (SpecMoEError, ValueError) as e:
         print(f"specmoe generate: {e}", file=sys.stderr)
@@ -231,6 +239,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-spec", action="store_true", help="plain decoding, to compare")
     g.add_argument("--k", type=int, default=4, help="speculative tokens per step")
     g.add_argument("--num-shards", type=int, default=0, help="expert shards as Ray actors (0 = in-process)")
+    g.add_argument(
+        "--replicate-trunk",
+        action="store_true",
+        help="every shard also runs the trunk; this process holds shard 0 (ShardOptions.replicate_trunk)",
+    )
     g.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     g.add_argument("--dtype", default="auto")
     g.add_argument("--max-tokens", type=int, default=64)

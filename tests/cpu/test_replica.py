@@ -135,3 +135,17 @@ def test_one_replica_is_the_engine_alone(ray_cluster, checkpoints):
         got = engine.generate(PROMPTS[:1], GREEDY)[0].token_ids
         assert not engine.shard_group.actors
     assert got == ref[0]
+
+
+def test_cli_generate_with_trunk_replicas(ray_cluster, capsys):
+    """`specmoe generate --num-shards 2 --replicate-trunk` on the demo target streams the text of
+    the in-process run; the flag without shards is refused, naming what it needs."""
+    from specmoe_ray import cli
+
+    args = ["generate", "def add(a, b):", "--no-spec", "--max-tokens", "12"]
+    assert cli.main(args) == 0
+    plain = capsys.readouterr().out
+    assert cli.main(args + ["--num-shards", "2", "--replicate-trunk"]) == 0
+    assert capsys.readouterr().out == plain and plain.strip()
+    assert cli.main(args + ["--replicate-trunk"]) == 2
+    assert "--replicate-trunk needs --num-shards" in capsys.readouterr().err
