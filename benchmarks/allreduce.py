@@ -19,6 +19,7 @@ import argparse
 import datetime
 import os
 import time
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -50,6 +51,10 @@ def symm_sum(kind: str):
         key = (x.numel(), x.dtype, x.device)
         buf = buffers.get(key)
         if buf is None:
+            if hasattr(symm_mem, "enable_symm_mem_for_group"):  # needed by older torch, a no-op after
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", FutureWarning)
+                    symm_mem.enable_symm_mem_for_group(group_name)
             buf = buffers[key] = symm_mem.empty(x.numel(), dtype=x.dtype, device=x.device)
             symm_mem.rendezvous(buf, group_name)
         buf.copy_(x.reshape(-1))
