@@ -622,12 +622,21 @@ class Engine:
         process rewrites its own entries with what it computes again (the same values, up to
         the kernels' rounding of a prompt chunk against a decode step)."""
         budget = self.config.max_num_batched_tokens
-        for seq in list(self.scheduler.running):
+        t0, tokens, running = time.perf_counter(), 0, list(self.scheduler.running)
+        for seq in running:
             length = self.cache.lengths[seq.slot]
             for start in range(0, length, budget):
                 chunk = seq.tokens[start : min(start + budget, length)]
                 batch = build_forward_batch([chunk], [start], [seq.slot], [len(chunk) - 1], self.device)
                 self._run_model(batch)
+            tokens += length
+        if running:
+            log.info(
+                "refilled the trunk replicas' KV caches: %d sequences, %d tokens in %.1fs",
+                len(running),
+                tokens,
+                time.perf_counter() - t0,
+            )
         dispatch = self.shard_group.dispatch
         dispatch.load.reset()  # the refill routed no request's tokens: the load starts at zero
         dispatch.num_pairs = 0
