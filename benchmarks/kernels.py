@@ -25,6 +25,14 @@ exchange's 256 rows: its own pairs, then padding, id -1); the sorted kernel's bl
 with --sweep (`triton_experts.SORTED_CONFIG`); and as a trunk replica calls them (the 32 tokens
 and all 256 pairs, those held elsewhere skipped).
 
+(6) A trunk replica's step on one GPU without its peer (`moe/replica.py`, rank 0 of 2, a process
+group of one: its all_reduce sums nothing): the same 8-layer step graph as (1) at --batch, with
+all 128 experts in-process, then as a replica holding experts 0-63 (partial sums; `exact`). A
+2-GPU step's time minus this one's is what the collective costs, peer skew included.
+
+(7) `--split`: one of 2 GPUs' expert stage at --expert-tokens tokens, experts split by expert
+(64 whole ones) or by intermediate size (all 128, half of I each), beside one GPU's.
+
     python benchmarks/kernels.py --layers 4 --batch 1 --tq 1 4
 """
 
@@ -199,6 +207,17 @@ def step_profile(a, bandwidth: float) -> None:
         "split attention merged by a kernel": [(triton_kernels, "SPLIT_MERGE_LAST", False)],
         "norm + rope + cache write before attention": [(triton_kernels, "ROPE_IN_ATTENTION", False)],
         "router by cuBLAS + routing kernel": [(triton_kernels, "ROUTER_TOPK", False)],
+        "one-kernel router up to 32 tokens": [(triton_kernels, "ROUTER_TOPK_MAX_TOKENS", 32)],
+        "one-kernel router up to 32 tokens, add + norm before it": [
+            (triton_kernels, "ROUTER_TOPK_MAX_TOKENS", 32),
+            (triton_kernels, "ROUTER_TOPK_NORM", False),
+        ],
+        "attention up to 256 programs": [(triton_kernels, "ATTENTION_PROGRAMS", 256)],
+        "attention up to 512 programs": [(triton_kernels, "ATTENTION_PROGRAMS", 512)],
+        "attention up to 512 programs, split every 32 keys": [
+            (triton_kernels, "ATTENTION_PROGRAMS", 512),
+            (triton_kernels, "SPLIT_KEYS", 32),
+        ],
         "one-kernel router 512 columns at a time (session 6)": [(triton_kernels, "ROUTER_TOPK_ONE_PASS", 0)],
         "top-k picks by packed (value, expert) keys (opt-in)": [(triton_kernels, "TOPK_PACKED", True)],
         "add + norm before the one-kernel router": [(triton_kernels, "ROUTER_TOPK_NORM", False)],
@@ -233,6 +252,8 @@ def step_profile(a, bandwidth: float) -> None:
         ],
         "all (again)": [],
     }
+    if a.only:  # the named variants (substrings), with "all" and "all (again)"
+        variants = {n: f for n, f in variants.items() if not f or any(w in n for w in a.only)}
     for B in a.batch:
         slots = [engine.cache.allocate() for _ in range(B)]
         for T in a.tq:
@@ -552,6 +573,96 @@ def sharded_experts(a, bandwidth: float) -> None:
         torch.cuda.empty_cache()
 
 
+def replica_alone(a) -> None:
+    import datetime
+    import socket
+
+    import torch.distributed as dist
+    from transformers import AutoModelForCausalLM
+
+    from specmoe_ray.moe.experts import ExpertStore
+    from specmoe_ray.moe.placement import PlacementPlan
+    from specmoe_ray.moe.replica import ReplicaDispatch
+
+    if not dist.is_initialized():
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        dev = torch.device("cuda", torch.cuda.current_device())
+        dist.init_process_group(
+            "nccl",
+            init_method=f"tcp://127.0.0.1:{port}",
+            rank=0,
+            world_size=1,
+            timeout=datetime.timedelta(seconds=60),
+            device_id=dev,
+        )
+    cfg = qwen3_30b_a3b_config()
+    cfg.num_hidden_layers = a.layers
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        hf = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).eval()
+    engine = engine_on_hf_weights(hf, max_num_seqs=max(a.batch), max_model_len=a.context + 16)
+    model, full = engine.model, engine.local_experts
+    E, held = cfg.num_experts, cfg.num_experts // 2
+    plan = PlacementPlan.contiguous(model.args.moe_layers, E, 2)
+    half = ExpertStore(
+        {
+            layer: LocalExperts(list(range(held)), ex.gate_up[:held], ex.down[:held], E)
+            for layer, ex in ((int(k), v) for k, v in full.store.by_layer.items())
+        }
+    )
+    backends = {
+        "one GPU, all 128 experts": full,
+        "replica rank 0 of 2, no peer (partial sums)": ReplicaDispatch(plan, half, 0, "cuda"),
+        "replica rank 0 of 2, no peer (exact)": ReplicaDispatch(plan, half, 0, "cuda", exact=True),
+    }
+    print(f"(6) a trunk replica's step without its peer, {a.layers} layers, context {a.context}")
+    for B in a.batch:
+        slots = [engine.cache.allocate() for _ in range(B)]
+        feeds = torch.randint(1, cfg.vocab_size, (B, 1)).tolist()
+        for name, backend in backends.items():
+            model.set_expert_backend(backend)
+            graphs = StepGraphs(model, engine.cache, B, 1, capture=True)
+            key = graphs.key(B, 1, a.context + 1)
+            graphs.run(key, feeds, [a.context] * B, slots, [0] * B)  # capture
+            ms = min(graph_replay_ms(graphs, key) for _ in range(3))
+            print(f"  B={B}: {1e3 * ms / a.layers:6.1f} us per layer  {name}")
+            if name.endswith("(partial sums)"):
+                rows, total = kernel_table(lambda g=graphs, k=key: g._graphs[k].replay(), 5)
+                print_table("replica, replay", rows, total, a.layers, top=22)
+            graphs.drop()
+        for s in slots:
+            engine.cache.free(s)
+    model.set_expert_backend(full)
+    dist.destroy_process_group()
+
+
+def split_experts(a, bandwidth: float) -> None:
+    """(7) One of 2 GPUs' expert stage as trunk replicas call it (x [T, D], all T x 8 pairs), by
+    experts (64 of 128 whole experts held, `PlacementPlan`) against by intermediate size (every
+    expert, half its I: each GPU reads half of every touched expert), beside one GPU's."""
+    E, D, I, A, n_layers = 128, 2048, 768, 8, 4
+    g = torch.Generator(device="cuda").manual_seed(2)
+    layouts = {
+        "one GPU (128 experts, I 768)": random_experts(E, E, D, I, n_layers, g),
+        "by experts (64 experts, I 768)": random_experts(E // 2, E, D, I, n_layers, g),
+        "by intermediate size (128 experts, I 384)": random_experts(E, E, D, I // 2, n_layers, g),
+    }
+    print("(7) one of 2 GPUs' experts, as a trunk replica calls them, us per layer (graph replay)")
+    for T in a.expert_tokens:
+        ids = routed_ids(T, E, A, False, g)
+        tokens = torch.randn(T, D, device="cuda", dtype=torch.bfloat16, generator=g)
+        for name, layers in layouts.items():
+
+            def run(x=tokens, ids=ids, layers=layers):
+                for layer in layers:
+                    layer(x, ids, A)
+
+            ms = min(graph_ms(run) for _ in range(3)) / n_layers
+            print(f"  T={T:3d} {1e3 * ms:8.1f} us  {name}")
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--layers", type=int, default=4)
@@ -565,6 +676,11 @@ def main(argv=None) -> None:
     p.add_argument("--skip-dense", action="store_true")
     p.add_argument("--skip-exchange", action="store_true")
     p.add_argument("--skip-sharded", action="store_true")
+    p.add_argument("--only", nargs="+", default=[], help="(1)'s ablations: only variants naming one of these")
+    p.add_argument(
+        "--split", action="store_true", help="(7): experts split by expert or by intermediate size"
+    )
+    p.add_argument("--replica", action="store_true", help="(6): a trunk replica's step without its peer")
     p.add_argument(
         "--pdl",
         action="store_true",
@@ -595,6 +711,10 @@ def main(argv=None) -> None:
         sharded_experts(a, bandwidth)
     if not a.skip_step:
         step_profile(a, bandwidth)
+    if a.replica:
+        replica_alone(a)
+    if a.split:
+        split_experts(a, bandwidth)
 
 
 if __name__ == "__main__":

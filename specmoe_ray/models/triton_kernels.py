@@ -47,6 +47,9 @@ COUNT_IN_ROUTING = True  # the routing kernel counts the expert load (else the b
 # fewer keys per program, more programs at small batches (with SPLIT_MERGE_LAST: measured,
 # RESULTS.md session 7).
 SPLIT_KEYS = 64
+# ... up to this many programs in all (sequences x KV heads x splits; 128: no split at B x Hkv
+# >= 128, e.g. batch 32 with 4 KV heads).
+ATTENTION_PROGRAMS = 128
 # Static steps: the attention kernel also applies the q/k norms and rope and writes the step's
 # K/V into the cache (`NewKeys`), instead of a compiled norm + rope + cache-write function of
 # 2-3 kernels before it (kernels.py ablation; RESULTS.md session 7).
@@ -423,7 +426,7 @@ def decode_attention(
     block_m = max(16, triton.next_power_of_2(G * Tq))
     block_l = 64 if hd <= 128 else 32
     # Enough programs to keep the GPU's memory busy: split long caches over several (flash-decoding).
-    splits = max(1, min(16, kv_len // SPLIT_KEYS, 128 // (B * Hkv)))
+    splits = max(1, min(16, kv_len // SPLIT_KEYS, ATTENTION_PROGRAMS // (B * Hkv)))
     chunk = triton.cdiv(triton.cdiv(kv_len, splits), block_l) * block_l
     out = torch.empty(B * Tq, H * hd, dtype=q.dtype, device=q.device)
     if splits > 1:
@@ -782,15 +785,19 @@ def router_topk(
     # one round of loads, not a loop of dependent ones (H100: 11 us per layer with 512 wide).
     block_d = triton.next_power_of_2(D)
     one_pass = block_t * block_r * block_d <= ROUTER_TOPK_ONE_PASS
+    if not one_pass:  # columns at a time: as many as that budget allows (512 without one)
+        block_d = (
+            max(32, min(512, ROUTER_TOPK_ONE_PASS // (block_t * block_r))) if ROUTER_TOPK_ONE_PASS else 512
+        )
     with launch_on(x.device):
         _router_topk_kernel[(triton.cdiv(E, block_r),)](
             x, weight, logits, done, weights, ids,
             ids if counts is None else counts, ids if token_mask is None else token_mask, *extra,
             T, E, D, x.stride(0), stride_r, eps,
-            K=top_k, BLOCK_T=block_t, BLOCK_R=block_r, BLOCK_D=block_d if one_pass else 512,
+            K=top_k, BLOCK_T=block_t, BLOCK_R=block_r, BLOCK_D=block_d,
             BLOCK_E=triton.next_power_of_2(E), BLOCK_K=triton.next_power_of_2(top_k), RENORM=renorm,
             COUNT=counts is not None, MASKED=token_mask is not None, NORM=norm is not None,
-            ONE_PASS=one_pass, num_warps=8 if one_pass and block_t * block_r * block_d > 8192 else 4,
+            ONE_PASS=one_pass, num_warps=8 if block_t * block_r * block_d > 8192 else 4,
             PACKED=TOPK_PACKED,
             **pdl_launch(x.device),
         )  # fmt: skip

@@ -308,7 +308,7 @@ def test_attention_with_norm_rope_and_cache_write_equals_the_separate_steps(
 
 
 @pytest.mark.parametrize("norm", [False, True])
-@pytest.mark.parametrize("T", [1, 3, 4])
+@pytest.mark.parametrize("T", [1, 3, 4, 32])
 @pytest.mark.parametrize("E,renorm,masked", [(128, True, True), (60, False, False)])
 @pytest.mark.parametrize("variant", ["one pass", "512 columns", "packed top-k"])
 def test_router_topk_kernel_equals_router_then_routing(T, E, renorm, masked, norm, variant, monkeypatch):
@@ -318,7 +318,8 @@ def test_router_topk_kernel_equals_router_then_routing(T, E, renorm, masked, nor
     leaves its counter of finished programs at 0 for the next launch). norm
     (`ROUTER_TOPK_NORM`): the tokens are first `add_rms_norm(x, residual)`'s, which the kernel
     also returns (normed rows, x + residual). Variants: whole rows in one block, 512 columns
-    at a time (two passes with the norm), whole rows with the packed top-k (`TOPK_PACKED`)."""
+    at a time (two passes with the norm), whole rows with the packed top-k (`TOPK_PACKED`).
+    T = 32 (`ROUTER_TOPK_MAX_TOKENS` raised): rows in blocks sized to the product budget."""
     from specmoe_ray.models import fused, triton_kernels
 
     monkeypatch.setattr(triton_kernels, "ROUTER_TOPK_ONE_PASS", 0 if variant == "512 columns" else 16384)
