@@ -505,7 +505,8 @@ def bench_layout(
     """`bench_gpus` for one layout: "coordinator" (the engine's GPU runs the trunk, every GPU
     holds experts, two exchanges per MoE layer) or "replicas" (`ShardOptions.replicate_trunk`:
     every GPU runs the trunk too, one all_reduce per MoE layer; "replicas-exact": of the pairs'
-    outputs, `ShardOptions.replica_exact`)."""
+    outputs, `ShardOptions.replica_exact`; "replicas-split": every GPU holds a slice of every
+    expert's intermediate size, `ShardOptions.replica_split`)."""
     from specmoe_ray.serving.shards import ShardOptions
 
     options = ShardOptions(
@@ -514,6 +515,7 @@ def bench_layout(
         cuda_graphs=a.shard_steps == "auto",
         replicate_trunk=layout.startswith("replicas"),
         replica_exact=layout == "replicas-exact",
+        replica_split="intermediate" if layout == "replicas-split" else "experts",
     )
     engine = Engine.from_pretrained(
         a.save_dir,
@@ -669,7 +671,7 @@ def main(argv=None) -> dict[str, Any]:
     p.add_argument(
         "--layout",
         nargs="+",
-        choices=["coordinator", "replicas", "replicas-exact"],
+        choices=["coordinator", "replicas", "replicas-exact", "replicas-split"],
         default=["coordinator"],
         help="--gpus > 1: the engine's GPU runs the trunk (coordinator) or every GPU does (replicas)",
     )

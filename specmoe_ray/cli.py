@@ -27,12 +27,14 @@ def _generate(ns: argparse.Namespace) -> int:
             else (ns.draft if ns.draft in (None, "ngram", "mtp") else resolve_model_path(ns.draft))
         )
         shard_options = None
+        if ns.replica_split is not None and not ns.replicate_trunk:
+            raise ValueError("--replica-split applies to trunk replicas: add --replicate-trunk")
         if ns.replicate_trunk:
             if ns.num_shards < 1:
                 raise ValueError("--replicate-trunk needs --num-shards 1 or more")
             from specmoe_ray.serving.shards import ShardOptions
 
-            shard_options = ShardOptions(replicate_trunk=True)
+            shard_options = ShardOptions(replicate_trunk=True, replica_split=ns.replica_split or "experts")
         engine = Engine.from_pretrained(
             resolve_model_path(ns.model),
             draft=draft,
@@ -243,6 +245,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--replicate-trunk",
         action="store_true",
         help="every shard also runs the trunk; this process holds shard 0 (ShardOptions.replicate_trunk)",
+    )
+    g.add_argument(
+        "--replica-split",
+        choices=["experts", "intermediate"],
+        help="with --replicate-trunk: shards hold whole experts (default) or a slice of every expert",
     )
     g.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     g.add_argument("--dtype", default="auto")

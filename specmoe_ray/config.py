@@ -137,6 +137,13 @@ class ShardsConfig(_Strict):
         description="With replicate_trunk: sum the experts' unweighted outputs (exact) instead of float32 "
         "partial sums, so bf16 tokens match experts in-process bit for bit; more bytes per all_reduce.",
     )
+    replica_split: Literal["experts", "intermediate"] = Field(
+        "experts",
+        description="With replicate_trunk: 'experts': each shard holds whole experts (the placement "
+        "plan's); 'intermediate': every shard holds every expert's 1 / num_shards slice of its "
+        "intermediate size, so every GPU reads the same bytes whatever the routing (no load imbalance; "
+        "not with replica_exact, and autoscaling's placement plans do not apply).",
+    )
     env_vars: dict[str, str] = Field(
         default_factory=dict,
         description="Environment for the shard group's communicators, e.g. {NCCL_GRAPH_REGISTER: '0'}.",
@@ -149,6 +156,11 @@ class ShardsConfig(_Strict):
     def _exact_needs_replicas(self) -> ShardsConfig:
         if self.replica_exact and not self.replicate_trunk:
             raise ValueError("shards.replica_exact applies to trunk replicas: set shards.replicate_trunk too")
+        if self.replica_split == "intermediate" and (self.replica_exact or not self.replicate_trunk):
+            raise ValueError(
+                "shards.replica_split 'intermediate' applies to trunk replicas (set shards.replicate_trunk) "
+                "and sums partial outputs, so it cannot be shards.replica_exact"
+            )
         return self
 
 

@@ -215,13 +215,16 @@ def combine(y: torch.Tensor, weights: torch.Tensor, like: torch.Tensor) -> torch
 
 class Pending(NamedTuple):
     """An MoE block's output, not combined yet (`DEFER_COMBINE`): y [T, A, D] expert outputs,
-    weights [T, A], like: a tensor of the output's dtype."""
+    weights [T, A], like: a tensor of the output's dtype. weights None: y is the combined
+    output's float32 sum [T, D] (trunk replicas' all_reduce), rounded to like's dtype there."""
 
     y: torch.Tensor
-    weights: torch.Tensor
+    weights: torch.Tensor | None
     like: torch.Tensor
 
     def combined(self) -> torch.Tensor:
+        if self.weights is None:
+            return self.y.to(self.like.dtype)
         return combine(self.y, self.weights, self.like)
 
 
@@ -240,6 +243,13 @@ def combine_add_rms_norm(
     total = (y[:, 0] * weights[:, 0, None]).to(residual.dtype).float()
     for a in range(1, y.shape[1]):
         total = total + (y[:, a] * weights[:, a, None]).to(residual.dtype).float()
+    return add_rms_norm.__wrapped__(total.to(residual.dtype), residual, weight, eps)
+
+
+@fused
+def sum_add_rms_norm(total: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
+    """`add_rms_norm(total.to(residual.dtype), residual, weight, eps)` as one kernel: a float32
+    combined output (`Pending` without weights) rounded, added and normed."""
     return add_rms_norm.__wrapped__(total.to(residual.dtype), residual, weight, eps)
 
 

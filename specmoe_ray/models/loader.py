@@ -214,13 +214,21 @@ def load_experts(
     dtype: str | torch.dtype | None = "auto",
     device: str = "cpu",
     args: ModelArgs | None = None,
+    part: tuple[int, int] = (0, 1),
 ) -> ExpertStore:
-    """Load only the experts in `assignment` ({moe layer: [expert ids]})."""
+    """Load only the experts in `assignment` ({moe layer: [expert ids]}). part = (p, parts):
+    of each expert, only slice p of `parts` near-equal slices of its intermediate size (gate and
+    up rows, down columns): the expert's output is then the sum of its parts' outputs
+    (`ShardOptions.replica_split = "intermediate"`)."""
     if args is None:
         args, _ = read_config(path)
     dtype = resolve_dtype(dtype, args)
     index = CheckpointIndex(path, args.fp8_block)
     D, I = args.hidden_size, args.moe_intermediate_size
+    p, parts = part
+    if not 0 <= p < parts <= I:
+        raise ValueError(f"part {part}: expected 0 <= p < parts <= the intermediate size {I}")
+    lo, hi = I * p // parts, I * (p + 1) // parts
     layers: dict[int, LocalExperts] = {}
     for layer, experts in assignment.items():
         if not experts:
@@ -246,8 +254,11 @@ def load_experts(
                         f"{path!r}: layer {layer} expert {e} {what} has shape {tuple(t.shape)}, "
                         f"expected {shape}"
                     )
+            if parts > 1:  # gate rows lo..hi, then up rows lo..hi; down columns lo..hi
+                gu = torch.cat([gu[lo:hi], gu[I + lo : I + hi]])
+                dn = dn[:, lo:hi]
             gate_up.append(gu.to(dtype))
-            down.append(dn.to(dtype))
+            down.append(dn.to(dtype).contiguous())
         layers[layer] = LocalExperts(
             experts, torch.stack(gate_up).to(device), torch.stack(down).to(device), args.num_experts
         )

@@ -37,7 +37,8 @@ class ExpertBackend(Protocol):
     """Runs the routed experts of one MoE layer: `[T, D]` tokens, `[T, A]` expert ids ->
     `[T, A, D]` unweighted expert outputs (the MoE block combines them with the gate weights).
     A backend with `combines = True` also takes `weights=` ([T, A]) and returns the combined
-    `[T, D]` itself (`fused.combine`'s arithmetic, in top-k slot order)."""
+    `[T, D]` itself (`fused.combine`'s arithmetic, in top-k slot order), or a `fused.Pending`
+    of its float32 sum, rounded to the model's dtype by the next add + norm."""
 
     def __call__(
         self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, counted: bool = False
@@ -390,15 +391,18 @@ class MoEBlock(nn.Module):
     ) -> torch.Tensor:
         """From the router's weights and expert ids ([T, A] each) on; counted: the expert load
         was counted while routing."""
+        defer = (
+            fused.DEFER_COMBINE and fused.is_active() and self.shared_expert is self.shared_experts is None
+        )
         if getattr(self.backend, "combines", False):  # gathers and combines in one kernel
             out = self.backend(self.layer, x, expert_ids, counted=counted, weights=weights)
+            if isinstance(out, fused.Pending):  # a float32 sum: rounded inside the next add + norm
+                if defer:
+                    return out
+                out = out.combined()
         else:
             y = self.backend(self.layer, x, expert_ids, counted=counted)  # [T, A, D]
-            if (
-                fused.DEFER_COMBINE
-                and fused.is_active()
-                and self.shared_expert is self.shared_experts is None
-            ):
+            if defer:
                 return fused.Pending(y, weights, x)  # combined inside the next add + norm
             # Combine in top-k slot order: the same order however the experts are placed.
             out = combine(y, weights, x)
@@ -459,6 +463,8 @@ class DecoderLayer(nn.Module):
     @staticmethod
     def _add_norm(norm: RMSNorm, x, residual: torch.Tensor):
         if isinstance(x, fused.Pending):  # an MoE block's output, combined here (DEFER_COMBINE)
+            if x.weights is None:
+                return fused.sum_add_rms_norm(x.y, residual, norm.weight, norm.eps)
             return fused.combine_add_rms_norm(x.y, x.weights, residual, norm.weight, norm.eps)
         return add_rms_norm(x, residual, norm.weight, norm.eps)
 

@@ -78,11 +78,25 @@ def unpack_batch(payload: torch.Tensor, key: tuple[int, ...]) -> ForwardBatch:
 
 
 @fused.fused
-def partial_combine(y: torch.Tensor, weights: torch.Tensor, own: torch.Tensor, like: torch.Tensor):
-    """y [T, A, D] expert outputs (rows not owned here unspecified), weights [T, A], own [T, A]
-    bool -> [T, D] float32: the owned pairs' products, each rounded to like's dtype, summed."""
+def owned_rows(y: torch.Tensor, held: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
+    """y [T, A, D] expert outputs, rows not computed here unspecified -> those rows zeroed. The
+    pairs computed here: held[index] (held [E] bool per expert, index [T, A] expert ids: the
+    lookup runs inside the same kernel), or held itself ([T, A] bool) with index None."""
+    if held is None:  # every pair computed here (`split`)
+        return y
+    own = held[index] if index is not None else held
+    return torch.where(own[..., None], y, 0)
+
+
+@fused.fused
+def partial_combine(
+    y: torch.Tensor, weights: torch.Tensor, held: torch.Tensor, index: torch.Tensor | None, like: torch.Tensor
+):
+    """y [T, A, D] expert outputs, weights [T, A], held / index as `owned_rows` -> [T, D]
+    float32: the pairs computed here, each product rounded to like's dtype as `fused.combine`
+    rounds it, summed."""
     products = (y * weights[..., None]).to(like.dtype)
-    return torch.where(own[..., None], products, 0).float().sum(1)
+    return owned_rows.__wrapped__(products, held, index).float().sum(1)
 
 
 class ReplicaDispatch(_Masked, Rank0):
@@ -92,7 +106,11 @@ class ReplicaDispatch(_Masked, Rank0):
     exact: all_reduce the pairs' unweighted outputs `[T, A, D]` in the model's dtype instead
     (each row is nonzero on one rank only, so the sum is exact) and leave the combine to the
     MoE block, as one process does: results bit for bit those of the engine with every expert
-    in-process, for 2 A / 4 times the bytes per all_reduce (`ShardOptions.replica_exact`)."""
+    in-process, for 2 A / 4 times the bytes per all_reduce (`ShardOptions.replica_exact`).
+
+    split: the store holds every expert, slice `rank` of its intermediate size
+    (`ShardOptions.replica_split = "intermediate"`, `load_experts(part=)`): every rank computes
+    every pair's share (the plan's ownership does not apply) and the all_reduce sums the shares."""
 
     def __init__(
         self,
@@ -101,8 +119,13 @@ class ReplicaDispatch(_Masked, Rank0):
         rank: int,
         device: torch.device | str,
         exact: bool = False,
+        split: bool = False,
     ):
-        self.exact = exact
+        if split and exact:
+            raise ValueError(
+                "ReplicaDispatch: a split of every expert sums partial outputs: it cannot be exact"
+            )
+        self.exact, self.split = exact, split
         self.combines = not exact  # takes the gate weights, returns the combined [T, D]
         self.plan = plan
         self.local = store
@@ -117,6 +140,8 @@ class ReplicaDispatch(_Masked, Rank0):
         self._held: dict[int, torch.Tensor] = {}
         self._owners: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         for layer, row in plan.owner.items():
+            if split:
+                continue  # no ownership: every pair is computed on every rank (its share)
             if all(len(shards) == 1 for shards in row):
                 held = torch.tensor([shards[0] == rank for shards in row], device=self.device)
                 self._held[layer] = held
@@ -154,8 +179,8 @@ class ReplicaDispatch(_Masked, Rank0):
         counted: bool = False,
         weights: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """-> [T, D]: the layer's combined expert output (the same on every rank); `exact`:
-        [T, A, D] the pairs' outputs."""
+        """-> the layer's combined expert output, the same on every rank: a `fused.Pending` of
+        its float32 sum [T, D]; `exact`: [T, A, D] the pairs' outputs."""
         if (weights is None) != self.exact:
             raise TypeError("ReplicaDispatch takes the gate weights unless exact, and only then")
         T, A = expert_ids.shape
@@ -167,20 +192,27 @@ class ReplicaDispatch(_Masked, Rank0):
             shape = (T, A, x.shape[-1]) if self.exact else (T, x.shape[-1])  # still joins the sum
             total = torch.zeros(shape, dtype=x.dtype if self.exact else torch.float32, device=x.device)
         else:
-            own = self._owned(layer, flat, A)
-            ids = flat if layer in self._held else torch.where(own, flat, -1)
-            y = self.local(layer, x, ids, group=A).view(T, A, -1)
-            if self.exact:
-                total = torch.where(own.view(T, A, 1), y, 0)
+            # split: every pair, this rank's share of it. Experts of one owner each: the kernels
+            # skip the pairs of experts held elsewhere (ownership looked up inside the combine).
+            held = self._held.get(layer)
+            if self.split or held is not None:
+                y = self.local(layer, x, flat, group=A).view(T, A, -1)
+                own, index = (None, None) if self.split else (held, expert_ids)
             else:
-                total = partial_combine(y, weights, own.view(T, A), x)
+                own = self._owned(layer, flat, A)
+                y = self.local(layer, x, torch.where(own, flat, -1), group=A).view(T, A, -1)
+                own, index = own.view(T, A), None
+            total = owned_rows(y, own, index) if self.exact else partial_combine(y, weights, own, index, x)
         dist.all_reduce(total)
-        return total if self.exact else total.to(x.dtype)
+        # The float32 sum is rounded to x's dtype by the next add + norm (or by the MoE block).
+        return total if self.exact else fused.Pending(total, None, x)
 
     @property
     def tokens_per_shard(self) -> list[int]:
         """(token, expert) pairs computed by each shard, cumulative (from the load counters)."""
         load = self.load.snapshot()
+        if self.split:  # every rank computes (a share of) every pair
+            return [round(sum(sum(row) for row in load.values()))] * self.world_size
         zeros = [0] * self.plan.num_experts  # layers not routed yet (a new group)
         return [round(t) for t in self.plan.shard_loads({k: load.get(k, zeros) for k in self.plan.owner})]
 

@@ -64,6 +64,11 @@ class ShardOptions:
     # process does: bit for bit the tokens of experts in-process, for 2 x top_k / 4 times the
     # bytes per all_reduce. Off: each rank's weighted sum in float32 (the combine re-associated).
     replica_exact: bool = False
+    # How trunk replicas split the experts: "experts" (rank r holds the plan's shard r, whole
+    # experts) or "intermediate" (every rank holds every expert, 1 / num_shards of its
+    # intermediate size: each rank computes every pair's share, the same bytes on every rank
+    # whatever the routing; not with replica_exact).
+    replica_split: str = "experts"
 
 
 def _free_port() -> int:
@@ -84,9 +89,10 @@ class ExpertShard:
         world_size: int,
         dtype: str,
         device: str,
-        replica: tuple[PlacementPlan, int, int, bool] | None = None,
+        replica: tuple[PlacementPlan, int, int, bool, str] | None = None,
     ):
-        """replica: (plan, cache slots, cache length, exact) for a trunk replica (`replicate_trunk`)."""
+        """replica: (plan, cache slots, cache length, exact, split) for a trunk replica
+        (`replicate_trunk`; split "intermediate": every expert, slice `rank` of its intermediate size)."""
         from specmoe_ray.models.loader import load_experts, load_trunk, read_config
 
         if device == "cpu":
@@ -99,12 +105,16 @@ class ExpertShard:
         self.model = self.cache = self.replica = None
         try:
             self.args, _ = read_config(path)
-            self.store = load_experts(path, assignment, dtype=dtype, device=self.device, args=self.args)
+            split = replica is not None and replica[4] == "intermediate"
+            part = (rank, world_size) if split else (0, 1)
+            self.store = load_experts(
+                path, assignment, dtype=dtype, device=self.device, args=self.args, part=part
+            )
             if replica is not None:
-                plan, num_slots, max_len, exact = replica
+                plan, num_slots, max_len, exact, _ = replica
                 self.model = load_trunk(path, dtype=dtype, device=self.device)
                 self.model.fuse_projections()  # as the engine's: every rank runs the same kernels
-                self.replica = ReplicaDispatch(plan, self.store, rank, self.device, exact)
+                self.replica = ReplicaDispatch(plan, self.store, rank, self.device, exact, split)
                 self.model.set_expert_backend(self.replica)
                 self.cache = self.model.make_cache(num_slots, max_len)
         except Exception as e:  # reported by info(), so the engine can say what went wrong
@@ -197,8 +207,18 @@ class ShardGroup:
         self.options = options or ShardOptions()
         if self.options.replicate_trunk and cache_shape is None:
             raise ValueError("ShardOptions.replicate_trunk: the shard group needs the engine's cache_shape")
-        if self.options.replica_exact and not self.options.replicate_trunk:
+        opt = self.options
+        if opt.replica_exact and not opt.replicate_trunk:
             raise ValueError("ShardOptions.replica_exact applies to trunk replicas: set replicate_trunk too")
+        if opt.replica_split not in ("experts", "intermediate"):
+            raise ValueError(
+                f"ShardOptions.replica_split {opt.replica_split!r}: expected 'experts' or 'intermediate'"
+            )
+        if opt.replica_split == "intermediate" and (opt.replica_exact or not opt.replicate_trunk):
+            raise ValueError(
+                "ShardOptions.replica_split 'intermediate' applies to trunk replicas (set replicate_trunk) "
+                "and sums partial outputs, so it cannot be replica_exact"
+            )
         self.cache_shape = cache_shape
         self.actors: list[Any] = []
         self.serve_refs: list[Any] = []
@@ -223,6 +243,17 @@ class ShardGroup:
 
     def rank_of(self, shard: int) -> int:
         return shard if self.local_shard else shard + 1
+
+    @property
+    def split(self) -> bool:
+        """Trunk replicas split every expert by its intermediate size (`replica_split`)."""
+        return self.options.replica_split == "intermediate"
+
+    def assignment(self, shard: int) -> dict[int, list[int]]:
+        """The experts shard `shard` loads: the plan's, or every one (of which a slice: `split`)."""
+        if self.split:
+            return {layer: list(range(self.plan.num_experts)) for layer in self.plan.owner}
+        return self.plan.experts_of(shard)
 
     def start(self) -> DistributedDispatch | ReplicaDispatch:
         if dist.is_initialized():
@@ -266,7 +297,9 @@ class ShardGroup:
             )
         dtype_name = str(self.dtype).removeprefix("torch.")
         opt = self.options
-        replica = (self.plan, *self.cache_shape, opt.replica_exact) if opt.replicate_trunk else None
+        replica = None
+        if opt.replicate_trunk:
+            replica = (self.plan, *self.cache_shape, opt.replica_exact, opt.replica_split)
         for i, s in enumerate(self.remote_shards):
             actor = ExpertShard.options(
                 num_cpus=bundles[i].get("CPU", 0),
@@ -278,7 +311,7 @@ class ShardGroup:
                 runtime_env={"env_vars": dict(opt.env_vars)} if opt.env_vars else None,
             ).remote(
                 self.path,
-                self.plan.experts_of(s),
+                self.assignment(s),
                 self.rank_of(s),
                 self.world_size,
                 dtype_name,
@@ -333,7 +366,9 @@ class ShardGroup:
         device = local if backend == "nccl" else torch.device("cpu")
         store = self._load_local(device)
         if self.options.replicate_trunk:
-            self.dispatch = ReplicaDispatch(self.plan, store, 0, device, self.options.replica_exact)
+            self.dispatch = ReplicaDispatch(
+                self.plan, store, 0, device, self.options.replica_exact, self.split
+            )
         else:
             self.dispatch = DistributedDispatch(self.plan, self.hidden_size, self.dtype, device, store)
 
@@ -343,7 +378,8 @@ class ShardGroup:
             return None
         from specmoe_ray.models.loader import load_experts
 
-        store = load_experts(self.path, self.plan.experts_of(0), dtype=self.dtype, device=str(device))
+        part = (0, self.plan.num_shards) if self.split else (0, 1)
+        store = load_experts(self.path, self.assignment(0), dtype=self.dtype, device=str(device), part=part)
         self.shard_info.insert(
             0,
             {

@@ -27,16 +27,27 @@ def replicas(num_shards: int, **kw):
 
 
 @pytest.mark.parametrize(
-    "arch,num_shards,exact", [("qwen3_moe", 2, False), ("qwen2_moe", 3, False), ("mixtral", 2, True)]
+    "arch,num_shards,mode",
+    [
+        ("qwen3_moe", 2, "partial"),
+        ("qwen2_moe", 3, "partial"),
+        ("mixtral", 2, "exact"),
+        ("qwen3_moe", 3, "split"),
+    ],
 )
-def test_trunk_replicas_give_the_tokens_of_transformers(ray_cluster, checkpoints, arch, num_shards, exact):
+def test_trunk_replicas_give_the_tokens_of_transformers(ray_cluster, checkpoints, arch, num_shards, mode):
     """Prompts, then decode and n-gram verify steps, eager and padded (the static batches CUDA
-    graphs capture): the same greedy tokens as transformers, with float32 partial sums or the
-    pairs' outputs summed (`replica_exact`). Each actor holds the trunk and only its own
-    experts; the engine's process holds shard 0."""
+    graphs capture): the same greedy tokens as transformers, with float32 partial sums, the
+    pairs' outputs summed (`replica_exact`), or every expert split by its intermediate size
+    (`replica_split`). Each actor holds the trunk and only its own experts (split: a third of
+    every expert); the engine's process holds shard 0."""
     path = checkpoints(arch)
     args, _ = read_config(path)
     ref = hf_greedy(path, RAGGED, NEW)
+    options = {
+        "replica_exact": mode == "exact",
+        "replica_split": "intermediate" if mode == "split" else "experts",
+    }
     for step_graphs in ("off", "padded"):
         with Engine.from_pretrained(
             path,
@@ -44,7 +55,7 @@ def test_trunk_replicas_give_the_tokens_of_transformers(ray_cluster, checkpoints
             draft="ngram",
             step_graphs=step_graphs,
             max_model_len=128,
-            shard_options=replicas(num_shards, replica_exact=exact),
+            shard_options=replicas(num_shards, **options),
         ) as engine:
             got = [o.token_ids for o in engine.generate(RAGGED, GREEDY)]
             stats = engine.stats()
@@ -55,7 +66,8 @@ def test_trunk_replicas_give_the_tokens_of_transformers(ray_cluster, checkpoints
         assert [s.get("local", False) for s in shards] == [True] + [False] * (num_shards - 1)
         assert all(s["trunk"] for s in shards[1:])
         held = [sum(len(v) for v in s["held"].values()) for s in shards]
-        assert sum(held) == len(args.moe_layers) * args.num_experts and all(held)
+        every = len(args.moe_layers) * args.num_experts
+        assert held == [every] * num_shards if mode == "split" else sum(held) == every and all(held)
         assert all(c > 0 for c in stats["shards"]["tokens_per_shard"])
         assert not dist.is_initialized()
 
@@ -102,6 +114,68 @@ def test_every_pair_is_computed_by_exactly_one_rank():
     assert all(seen[e] == set(owner[0][e]) for e in (3, 5)), seen
 
 
+@pytest.mark.parametrize("lookup", ["held[index]", "mask"])
+def test_partial_sums_match_float64(lookup):
+    """`partial_combine` (and `owned_rows`, the exact mode's masking): the pairs computed here,
+    each product rounded to bf16 as `fused.combine` rounds it, summed == the same sum in
+    float64; rows of pairs computed elsewhere (garbage here) never reach it. Then the
+    deferred rounding (`Pending` without weights): `sum_add_rms_norm` == add_rms_norm of the
+    sum rounded to bf16."""
+    from specmoe_ray.models import fused
+    from specmoe_ray.moe.replica import owned_rows, partial_combine
+
+    g = torch.Generator().manual_seed(3)
+    T, A, D, E = 5, 4, 16, 10
+    y = torch.randn(T, A, D, generator=g).to(torch.bfloat16)
+    weights = torch.rand(T, A, generator=g).to(torch.bfloat16)
+    ids = torch.stack([torch.randperm(E, generator=g)[:A] for _ in range(T)])
+    held = torch.rand(E, generator=g) < 0.5
+    own = held[ids]
+    y = torch.where(own[..., None], y, torch.tensor(float("nan"), dtype=y.dtype))  # not computed here
+    args = (held, ids) if lookup == "held[index]" else (own, None)
+    like = torch.empty(0, dtype=torch.bfloat16)
+    got = partial_combine(y, weights, *args, like)
+    products = (y.double() * weights.double()[..., None]).to(torch.bfloat16).double()
+    want = torch.where(own[..., None], products, 0).sum(1)
+    assert got.dtype == torch.float32 and not got.isnan().any()
+    torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-6)
+    masked = owned_rows(y, *args)
+    assert torch.equal(masked, torch.where(own[..., None], y, 0))
+    residual = torch.randn(T, D, generator=g).to(torch.bfloat16)
+    weight, eps = torch.rand(D, generator=g).to(torch.bfloat16), 1e-6
+    pending = fused.Pending(got, None, residual)
+    assert torch.equal(pending.combined(), got.to(torch.bfloat16))
+    fused_out = fused.sum_add_rms_norm(got, residual, weight, eps)
+    apart = fused.add_rms_norm(got.to(torch.bfloat16), residual, weight, eps)
+    for a, b in zip(fused_out, apart):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("parts", [2, 3])
+def test_expert_parts_sum_to_the_expert(checkpoints, parts):
+    """`load_experts(part=(p, parts))`: slices of each expert's intermediate size whose outputs
+    sum to the whole expert's (float64); a part out of range is refused, naming it."""
+    from specmoe_ray.models.loader import load_experts
+
+    path = checkpoints("qwen3_moe")
+    args, _ = read_config(path)
+    layer, experts = args.moe_layers[0], [0, 3]
+    whole = load_experts(path, {layer: experts}, dtype=torch.float32, args=args).double()
+    pieces = [
+        load_experts(path, {layer: experts}, dtype=torch.float32, args=args, part=(p, parts)).double()
+        for p in range(parts)
+    ]
+    I = args.moe_intermediate_size
+    assert sum(s.by_layer[str(layer)].down.shape[-1] for s in pieces) == I
+    x = torch.randn(4, args.hidden_size, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    ids = torch.tensor([0, 3, 3, 0])
+    want = whole(layer, x, ids)
+    got = sum(s(layer, x, ids) for s in pieces)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match=r"part \(2, 2\)"):
+        load_experts(path, {layer: experts}, args=args, part=(2, 2))
+
+
 def test_batches_travel_whole():
     """`pack_batch` / `unpack_batch`: a ragged batch's index tensors come back equal."""
     from specmoe_ray.models.transformer import build_forward_batch
@@ -138,8 +212,9 @@ def test_one_replica_is_the_engine_alone(ray_cluster, checkpoints):
 
 
 def test_cli_generate_with_trunk_replicas(ray_cluster, capsys):
-    """`specmoe generate --num-shards 2 --replicate-trunk` on the demo target streams the text of
-    the in-process run; the flag without shards is refused, naming what it needs."""
+    """`specmoe generate --num-shards 2 --replicate-trunk` (experts whole, or split by their
+    intermediate size) on the demo target streams the text of the in-process run; the flags
+    without what they need are refused, naming it."""
     from specmoe_ray import cli
 
     args = ["generate", "def add(a, b):", "--no-spec", "--max-tokens", "12"]
@@ -147,5 +222,9 @@ def test_cli_generate_with_trunk_replicas(ray_cluster, capsys):
     plain = capsys.readouterr().out
     assert cli.main(args + ["--num-shards", "2", "--replicate-trunk"]) == 0
     assert capsys.readouterr().out == plain and plain.strip()
+    assert cli.main(args + ["--num-shards", "2", "--replicate-trunk", "--replica-split", "intermediate"]) == 0
+    assert capsys.readouterr().out == plain
     assert cli.main(args + ["--replicate-trunk"]) == 2
     assert "--replicate-trunk needs --num-shards" in capsys.readouterr().err
+    assert cli.main(args + ["--num-shards", "2", "--replica-split", "intermediate"]) == 2
+    assert "--replica-split applies to trunk replicas" in capsys.readouterr().err

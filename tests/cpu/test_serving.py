@@ -327,6 +327,14 @@ def test_api_key(server, models):
             "shards: Value error, shards.replica_exact applies to trunk replicas",
         ),
         (
+            {"model": {"target": "x"}, "shards": {"num_shards": 2, "replica_split": "intermediate"}},
+            "shards: Value error, shards.replica_split 'intermediate' applies to trunk replicas",
+        ),
+        (
+            {"model": {"target": "x"}, "shards": {"replicate_trunk": True, "replica_split": "by_rows"}},
+            "shards.replica_split: Input should be 'experts' or 'intermediate'",
+        ),
+        (
             {"model": {"target": "x"}, "draft_pool": {"autoscaling_config": {"max_replica": 3}}},
             "draft_pool.autoscaling_config: Value error, unknown autoscaling_config keys",
         ),
@@ -359,11 +367,14 @@ def test_every_shards_setting_reaches_the_shard_options():
         "env_vars": {"NCCL_GRAPH_REGISTER": "0"},
         "replicate_trunk": True,
         "replica_exact": True,
+        "replica_split": "experts",
     }
     assert set(values) == set(ShardsConfig.model_fields) - {"num_shards", "autoscale"}, "update this test"
     options = to_shard_options(ShardsConfig(**values))
     assert set(values) <= {f.name for f in dataclasses.fields(ShardOptions)}
     assert {k: getattr(options, k) for k in values} == values
+    split = {**values, "replica_exact": False, "replica_split": "intermediate"}  # (not with exact)
+    assert to_shard_options(ShardsConfig(**split)).replica_split == "intermediate"
 
 
 def test_missing_checkpoint_path_fails_at_build(models, tmp_path):
