@@ -122,7 +122,8 @@ PAIR_BLOCKS = {
 }
 
 
-def step_profile(a, bandwidth: float) -> None:
+def random_engine(a):
+    """(config, our engine) of --layers layers of the 30B shape, random bf16 weights (seed 0)."""
     from transformers import AutoModelForCausalLM
 
     cfg = qwen3_30b_a3b_config()
@@ -130,7 +131,11 @@ def step_profile(a, bandwidth: float) -> None:
     torch.manual_seed(0)
     with torch.device("cuda"):
         hf = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).eval()
-    engine = engine_on_hf_weights(hf, max_num_seqs=max(a.batch), max_model_len=a.context + 16)
+    return cfg, engine_on_hf_weights(hf, max_num_seqs=max(a.batch), max_model_len=a.context + 16)
+
+
+def step_profile(a, bandwidth: float) -> None:
+    cfg, engine = random_engine(a)
     graphs = StepGraphs(engine.model, engine.cache, max(a.batch), max(a.tq), capture=True)
     print(f"(1) {a.layers} layers of qwen3-30b-a3b, context {a.context}")
     for B in a.batch:
@@ -578,7 +583,6 @@ def replica_alone(a) -> None:
     import socket
 
     import torch.distributed as dist
-    from transformers import AutoModelForCausalLM
 
     from specmoe_ray.moe.experts import ExpertStore
     from specmoe_ray.moe.placement import PlacementPlan
@@ -597,12 +601,7 @@ def replica_alone(a) -> None:
             timeout=datetime.timedelta(seconds=60),
             device_id=dev,
         )
-    cfg = qwen3_30b_a3b_config()
-    cfg.num_hidden_layers = a.layers
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        hf = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).eval()
-    engine = engine_on_hf_weights(hf, max_num_seqs=max(a.batch), max_model_len=a.context + 16)
+    cfg, engine = random_engine(a)
     model, full = engine.model, engine.local_experts
     E, held = cfg.num_experts, cfg.num_experts // 2
     plan = PlacementPlan.contiguous(model.args.moe_layers, E, 2)

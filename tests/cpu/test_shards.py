@@ -178,16 +178,18 @@ def test_killed_shard_is_replaced_and_the_step_replayed(ray_cluster, checkpoints
     assert stats["recovery_time_s"] < 60
 
 
-@pytest.mark.parametrize("replicas", [False, True])
-def test_scale_1_3_2_while_ten_requests_stream(ray_cluster, checkpoints, replicas):
+@pytest.mark.parametrize("layout", ["coordinator", "replicas", "split"])
+def test_scale_1_3_2_while_ten_requests_stream(ray_cluster, checkpoints, layout):
     """Re-forms 1 -> 3 -> 2 shards (the last with a replicated hot expert per layer) while ten
     requests run: the same tokens as transformers. replicas: trunk replicas, so each re-form
     refills the new ranks' KV caches from the running sequences (from one rank, the engine
-    alone, to three)."""
+    alone, to three); split: trunk replicas holding slices of every expert, re-cut into 3 and
+    then 2 parts (the plan's placement does not apply)."""
     path = checkpoints("qwen2_moe")
     prompts = [PROMPTS[i % 3][: 2 + i] for i in range(10)]
     ref = hf_greedy(path, prompts, NEW)
-    opts = pinned(3, replicate_trunk=replicas)
+    split = "intermediate" if layout == "split" else "experts"
+    opts = pinned(3, replicate_trunk=layout != "coordinator", replica_split=split)
     with Engine.from_pretrained(
         path, num_shards=1, max_model_len=128, max_num_seqs=10, shard_options=opts
     ) as engine:
@@ -198,6 +200,9 @@ def test_scale_1_3_2_while_ten_requests_stream(ray_cluster, checkpoints, replica
 
         got = generate_stepwise(engine, prompts, GREEDY, at={4: lambda e: e.reshard(3), 9: balanced})
         assert engine.shard_group.plan.num_shards == 2
+        if layout == "split":  # both ranks hold every expert, half of each
+            held = [s["held"] for s in engine.stats()["shards"]["shards"]]
+            assert held[0] == held[1] and all(len(v) == 8 for v in held[0].values())
     assert got == ref
 
 
