@@ -179,6 +179,17 @@ def test_expert_shards_and_self_draft(ray_cluster, deepseek, arch):
     ) as engine:
         assert [o.token_ids for o in engine.generate(PROMPTS, GREEDY)] == ref
         assert engine.stats()["shards"]["shards"][1]["trunk"]
+    opts.replica_split = "intermediate"  # every rank half of every routed expert
+    with Engine.from_pretrained(
+        path, num_shards=2, max_model_len=128, step_graphs="padded", shard_options=opts
+    ) as engine:
+        assert [o.token_ids for o in engine.generate(PROMPTS, GREEDY)] == ref
+        shards = engine.stats()["shards"]["shards"]
+    assert (
+        shards[0]["held"]
+        == shards[1]["held"]
+        == {layer: list(range(args.num_experts)) for layer in args.moe_layers}
+    )
 
     with Engine.from_pretrained(path, draft=path, num_speculative_tokens=3, max_model_len=128) as engine:
         outs = engine.generate(PROMPTS, GREEDY)
@@ -456,6 +467,15 @@ def test_fp8_block_checkpoint_matches_dequantized_reference(deepseek, fp8_pair):
     for layer in args.moe_layers:
         assert torch.equal(a.by_layer[str(layer)].gate_up, b.by_layer[str(layer)].gate_up)
         assert torch.equal(a.by_layer[str(layer)].down, b.by_layer[str(layer)].down)
+    # A slice of each expert's intermediate size (replica_split): cut after the dequantization,
+    # so it is the same slice of the reference's tensors.
+    half = load_experts(fp8, want, dtype="bfloat16", args=args, part=(1, 2))
+    lo, I = args.moe_intermediate_size // 2, args.moe_intermediate_size
+    for layer in args.moe_layers:
+        gate_up, down = b.by_layer[str(layer)].gate_up, b.by_layer[str(layer)].down
+        want_gu = torch.cat([gate_up[:, lo:I], gate_up[:, I + lo :]], dim=1)
+        assert torch.equal(half.by_layer[str(layer)].gate_up, want_gu)
+        assert torch.equal(half.by_layer[str(layer)].down, down[:, :, lo:])
 
     with Engine.from_pretrained(fp8, max_model_len=128) as engine:
         got = [o.token_ids for o in engine.generate(PROMPTS, GREEDY)]
