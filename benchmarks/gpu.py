@@ -466,15 +466,13 @@ def bench_variant(a, res, hf, rows, name: str, v: dict, device: str, dtype, max_
     return engine
 
 
-def bench_gpus(
-    a, device: str, rows: dict[int, list[list[int]]], one_device: list[dict]
-) -> list[dict[str, Any]]:
+def bench_gpus(a, device: str, rows: dict[int, list[list[int]]], one_device: list[dict]):
     """Our engine with experts over g devices (g > 1): the engine's own device holds shard 0
     (`local_shard`), g - 1 Ray actors the others, all from the checkpoint `bench_shape` wrote.
-    one_device: the same process's one-device "graphs" runs, the baseline of the ratios."""
+    one_device: the same process's one-device "graphs" runs, the baseline of the ratios. Yields
+    each (device count, layout)'s runs as they finish (the caller saves them at once)."""
     import ray
 
-    out = []
     for g in sorted(x for x in a.gpus if x > 1):
         if device != "cpu" and torch.cuda.device_count() < g:
             print(f"  {g} GPUs: skipped, this machine has {torch.cuda.device_count()}")
@@ -493,10 +491,9 @@ def bench_gpus(
                 os.environ["CUDA_VISIBLE_DEVICES"] = visible
         try:
             for layout in a.layout:
-                out += bench_layout(a, device, rows, one_device, g, layout)
+                yield bench_layout(a, device, rows, one_device, g, layout)
         finally:
             ray.shutdown()
-    return out
 
 
 def bench_layout(
@@ -708,25 +705,34 @@ def main(argv=None) -> dict[str, Any]:
     bandwidth = copy_bandwidth(device, 1.0 if device != "cpu" else 0.125)
     print(f"copy bandwidth: {bandwidth / 1e9:.0f} GB/s (read + write)")
     results: dict[str, Any] = {"info": info, "bandwidth_Bps": bandwidth, "shape_name": a.shape}
+    rows = None
     if not a.skip_shape:
         results["shape"] = bench_shape(a, device, dtype, bandwidth)
+        rows = results["shape"].pop("rows")  # prompts for the multi-device rows; not saved
+        save_json(a.json, results)
     gc.collect()
     if device != "cpu":
         torch.cuda.empty_cache()
     if not a.skip_shape and any(g > 1 for g in a.gpus):
         print("(a) experts over several devices (engine + expert shards, NCCL on GPUs)")
         one = [r for r in results["shape"]["runs"] if r["who"] == "graphs"]
-        results["shape"]["runs"] += bench_gpus(a, device, results["shape"]["rows"], one)
-    if "shape" in results:
-        results["shape"].pop("rows")
+        for runs in bench_gpus(a, device, rows, one):
+            results["shape"]["runs"] += runs
+            save_json(a.json, results)  # a run cut short keeps what it measured
     if not a.skip_demo:
         results["demo"] = bench_demo(a, device)
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(results, f, indent=1)
+    save_json(a.json, results)
     if a.png and "shape" in results:
         plot(results, a.png)
     return results
+
+
+def save_json(path: str | None, results: dict[str, Any]) -> None:
+    """Write results to path (if given) whole or not at all: a temporary file, then renamed."""
+    if path:
+        with open(path + ".tmp", "w") as f:
+            json.dump(results, f, indent=1)
+        os.replace(path + ".tmp", path)
 
 
 if __name__ == "__main__":
