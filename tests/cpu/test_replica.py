@@ -191,7 +191,9 @@ def test_batches_travel_whole():
     assert (got.kv_len, got.max_new, got.padded) == (batch.kv_len, 3, False)
 
 
-def test_replicas_need_the_cache_shape(checkpoints):
+def test_replica_options_are_checked(checkpoints):
+    """Trunk replicas need the engine's cache shape; `replica_split` takes two values, applies
+    to trunk replicas only and not with `replica_exact`: each refused, naming what is wrong."""
     from specmoe_ray.serving.shards import ShardGroup, ShardOptions
 
     path = checkpoints("qwen3_moe")
@@ -199,6 +201,16 @@ def test_replicas_need_the_cache_shape(checkpoints):
     plan = PlacementPlan.contiguous(args.moe_layers, args.num_experts, 2)
     with pytest.raises(ValueError, match="cache_shape"):
         ShardGroup(path, plan, args.hidden_size, torch.float32, "cpu", ShardOptions(replicate_trunk=True))
+    shape = (4, 128)
+    for options, message in (
+        (ShardOptions(replica_split="intermediate"), "'intermediate' applies to trunk replicas"),
+        (ShardOptions(replicate_trunk=True, replica_exact=True, replica_split="intermediate"), "cannot be"),
+        (ShardOptions(replicate_trunk=True, replica_split="rows"), "expected 'experts' or 'intermediate'"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            ShardGroup(path, plan, args.hidden_size, torch.float32, "cpu", options, cache_shape=shape)
+    with pytest.raises(ValueError, match="cannot be exact"):
+        ReplicaDispatch(plan, ExpertStore({}), 0, "cpu", exact=True, split=True)
 
 
 def test_one_replica_is_the_engine_alone(ray_cluster, checkpoints):
