@@ -212,7 +212,17 @@ def step_profile(a, bandwidth: float) -> None:
         "split attention merged by a kernel": [(triton_kernels, "SPLIT_MERGE_LAST", False)],
         "norm + rope + cache write before attention": [(triton_kernels, "ROPE_IN_ATTENTION", False)],
         "router by cuBLAS + routing kernel": [(triton_kernels, "ROUTER_TOPK", False)],
-        "one-kernel router up to 32 tokens": [(triton_kernels, "ROUTER_TOPK_MAX_TOKENS", 32)],
+        "one-kernel router up to 32 tokens (tensor cores from 16)": [
+            (triton_kernels, "ROUTER_TOPK_MAX_TOKENS", 32)
+        ],
+        "one-kernel router up to 32 tokens, tensor cores from 8": [
+            (triton_kernels, "ROUTER_TOPK_MAX_TOKENS", 32),
+            (triton_kernels, "ROUTER_TOPK_DOT_ROWS", 8),
+        ],
+        "one-kernel router up to 32 tokens, CUDA cores (session 10)": [
+            (triton_kernels, "ROUTER_TOPK_MAX_TOKENS", 32),
+            (triton_kernels, "ROUTER_TOPK_DOT_ROWS", 1 << 20),
+        ],
         "one-kernel router up to 32 tokens, add + norm before it": [
             (triton_kernels, "ROUTER_TOPK_MAX_TOKENS", 32),
             (triton_kernels, "ROUTER_TOPK_NORM", False),

@@ -66,6 +66,9 @@ ROUTER_TOPK_MAX_TOKENS = 4
 # With ROUTER_TOPK: the residual add + RMS norm before an MoE block inside that kernel too (each
 # program norms the few rows itself; `DecoderLayer`).
 ROUTER_TOPK_NORM = True
+# `router_topk` with at least this many rows (ROUTER_TOPK_MAX_TOKENS raised to serve them)
+# multiplies by tensor cores (tl.dot, 16 experts per program); fewer: products on CUDA cores.
+ROUTER_TOPK_DOT_ROWS = 16
 # `router_topk` reads whole rows at once up to this many products per program (BLOCK_T x
 # BLOCK_R x BLOCK_D; 0: always 512 columns at a time, session 6's kernel).
 ROUTER_TOPK_ONE_PASS = 16384
@@ -654,6 +657,8 @@ if AVAILABLE:
         PDL: tl.constexpr = False,  # programmatic dependent launch (`pdl_launch`)
         ONE_PASS: tl.constexpr = False,  # BLOCK_D >= D: every row read once, in one round of loads
         PACKED: tl.constexpr = False,  # `_top_k`'s one reduction per pick (`TOPK_PACKED`)
+        DOT: tl.constexpr = False,  # the products by tensor cores (`ROUTER_TOPK_DOT_ROWS`)
+        PRECISION: tl.constexpr = "tf32",  # tl.dot's input_precision ("ieee" for float32)
     ):
         """Each program: BLOCK_R experts' logits for all T tokens (NORM: of rms_norm(x +
         residual), each program norming the few rows itself, program 0 writing them out). The
@@ -698,7 +703,10 @@ if AVAILABLE:
                 mask=r_ok[:, None] & d_ok[None, :],
                 other=0.0,
             )
-            acc += tl.sum(xt[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+            if DOT:  # x and the weight share the model's dtype here: exact back from float32
+                acc += tl.dot(xt.to(dt), tl.trans(w), input_precision=PRECISION)
+            else:
+                acc += tl.sum(xt[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
         out = logits_ptr + rt[:, None] * E + rr[None, :]
         tl.store(out, acc.to(logits_ptr.dtype.element_ty), mask=t_ok[:, None] & r_ok[None, :])
         tl.debug_barrier()  # every thread's logits stored before the counter says so
@@ -780,15 +788,18 @@ def router_topk(
         extra, stride_r = (residual, gamma, h, total), residual.stride(0)
     else:
         extra, stride_r, eps = (x,) * 4, 0, 0.0
-    block_r, block_t = 2, max(2, triton.next_power_of_2(T))
-    # Whole rows per load where the [T, R, D] product fits the registers (D <= 4096 at T <= 2):
-    # one round of loads, not a loop of dependent ones (H100: 11 us per layer with 512 wide).
-    block_d = triton.next_power_of_2(D)
-    one_pass = block_t * block_r * block_d <= ROUTER_TOPK_ONE_PASS
-    if not one_pass:  # columns at a time: as many as that budget allows (512 without one)
-        block_d = (
-            max(32, min(512, ROUTER_TOPK_ONE_PASS // (block_t * block_r))) if ROUTER_TOPK_ONE_PASS else 512
-        )
+    dot = T >= ROUTER_TOPK_DOT_ROWS and weight.dtype == x.dtype
+    if dot:  # [T, D] x [D, 16 experts] per program by tl.dot, 128 columns at a time
+        block_r, block_t, block_d, one_pass = 16, max(16, triton.next_power_of_2(T)), 128, False
+    else:
+        block_r, block_t = 2, max(2, triton.next_power_of_2(T))
+        # Whole rows per load where the [T, R, D] product fits the registers (D <= 4096 at T <= 2):
+        # one round of loads, not a loop of dependent ones (H100: 11 us per layer with 512 wide).
+        block_d = triton.next_power_of_2(D)
+        one_pass = block_t * block_r * block_d <= ROUTER_TOPK_ONE_PASS
+        if not one_pass:  # columns at a time: as many as that budget allows (512 without one)
+            budget = ROUTER_TOPK_ONE_PASS // (block_t * block_r)
+            block_d = max(32, min(512, budget)) if ROUTER_TOPK_ONE_PASS else 512
     with launch_on(x.device):
         _router_topk_kernel[(triton.cdiv(E, block_r),)](
             x, weight, logits, done, weights, ids,
@@ -797,8 +808,8 @@ def router_topk(
             K=top_k, BLOCK_T=block_t, BLOCK_R=block_r, BLOCK_D=block_d,
             BLOCK_E=triton.next_power_of_2(E), BLOCK_K=triton.next_power_of_2(top_k), RENORM=renorm,
             COUNT=counts is not None, MASKED=token_mask is not None, NORM=norm is not None,
-            ONE_PASS=one_pass, num_warps=8 if block_t * block_r * block_d > 8192 else 4,
-            PACKED=TOPK_PACKED,
+            ONE_PASS=one_pass, num_warps=8 if not dot and block_t * block_r * block_d > 8192 else 4,
+            PACKED=TOPK_PACKED, DOT=dot, PRECISION=dot_precision(x.dtype),
             **pdl_launch(x.device),
         )  # fmt: skip
     if norm is not None:

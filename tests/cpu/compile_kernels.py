@@ -101,7 +101,16 @@ def kernels() -> list[tuple[str, object, list[dict], dict, tuple]]:
                     BLOCK_D=(512, 2048),
                     PACKED=(False, True),
                 )
-            ],
+            ]
+            + variants(  # 32 rows, products by tensor cores (ROUTER_TOPK_DOT_ROWS)
+                dict(K=8, BLOCK_T=32, BLOCK_R=16, BLOCK_E=128, BLOCK_K=8, RENORM=True, BLOCK_D=128),
+                ONE_PASS=(False,),
+                DOT=(True,),
+                PACKED=(False,),
+                COUNT=(True,),
+                MASKED=(True,),
+                NORM=(False, True),
+            ),
             routing_ptrs,
             ("eps",),
         ),

@@ -310,7 +310,7 @@ def test_attention_with_norm_rope_and_cache_write_equals_the_separate_steps(
 @pytest.mark.parametrize("norm", [False, True])
 @pytest.mark.parametrize("T", [1, 3, 4, 32])
 @pytest.mark.parametrize("E,renorm,masked", [(128, True, True), (60, False, False)])
-@pytest.mark.parametrize("variant", ["one pass", "512 columns", "packed top-k"])
+@pytest.mark.parametrize("variant", ["one pass", "512 columns", "packed top-k", "tensor cores"])
 def test_router_topk_kernel_equals_router_then_routing(T, E, renorm, masked, norm, variant, monkeypatch):
     """`router_topk` (`ROUTER_TOPK`): the router's logits and the routing in one kernel (its last
     program routes) == float64 logits through torch's softmax + top-k: the same experts, the same
@@ -319,11 +319,13 @@ def test_router_topk_kernel_equals_router_then_routing(T, E, renorm, masked, nor
     (`ROUTER_TOPK_NORM`): the tokens are first `add_rms_norm(x, residual)`'s, which the kernel
     also returns (normed rows, x + residual). Variants: whole rows in one block, 512 columns
     at a time (two passes with the norm), whole rows with the packed top-k (`TOPK_PACKED`).
-    T = 32 (`ROUTER_TOPK_MAX_TOKENS` raised): rows in blocks sized to the product budget."""
+    T = 32 (`ROUTER_TOPK_MAX_TOKENS` raised): rows in blocks sized to the product budget. Tensor
+    cores: the products by tl.dot, 16 experts per program (`ROUTER_TOPK_DOT_ROWS`)."""
     from specmoe_ray.models import fused, triton_kernels
 
     monkeypatch.setattr(triton_kernels, "ROUTER_TOPK_ONE_PASS", 0 if variant == "512 columns" else 16384)
     monkeypatch.setattr(triton_kernels, "TOPK_PACKED", variant == "packed top-k")
+    monkeypatch.setattr(triton_kernels, "ROUTER_TOPK_DOT_ROWS", 1 if variant == "tensor cores" else 1 << 20)
 
     g = torch.Generator().manual_seed(T * E)
     D, k = 600, 8  # D: more than one 512-column block

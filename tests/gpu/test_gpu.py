@@ -221,6 +221,14 @@ def test_capture_failure_falls_back_to_eager_static_steps(checkpoints):
         [("triton_kernels", "ROUTER_TOPK_ONE_PASS", 0)],
         [("triton_experts", "FUSED_MLP", True)],
         [("triton_experts", "DEDUP_DOWN_CONFIG", {})],
+        # Session 10's batch-32 candidates: the one-kernel router for up to 32 rows (tensor
+        # cores from 16 rows, or CUDA cores), the attention over up to 512 programs.
+        [("triton_kernels", "ROUTER_TOPK_MAX_TOKENS", 32)],
+        [
+            ("triton_kernels", "ROUTER_TOPK_MAX_TOKENS", 32),
+            ("triton_kernels", "ROUTER_TOPK_DOT_ROWS", 1 << 20),
+        ],
+        [("triton_kernels", "ATTENTION_PROGRAMS", 512)],
         # Opt-in: weights asked of L2 before waiting for the kernel ahead.
         [("fused", "MATVEC_O_PROJ", True)],
         [("triton_experts", "PREFETCH", True)],
