@@ -18,12 +18,19 @@ at any batch size), while the experts' bytes split S ways.
 
 Results: each gate-weighted product is rounded to the model's dtype as in `fused.combine` and
 the products are summed in float32, as `combine` sums them; the all_reduce only re-associates
-that float32 sum, and the sum is rounded to the model's dtype before the residual add. One
-process's static steps defer the combine into the next add + norm without that rounding
+that float32 sum, and the sum is rounded to the model's dtype before the residual add (inside
+the next layer's add + norm in static steps: a `fused.Pending` without weights). One process's
+static steps defer the combine into the next add + norm without that rounding
 (`fused.DEFER_COMBINE`), so in bf16 greedy tokens can part from the one-GPU engine's after many
 steps; `exact` (`ShardOptions.replica_exact`) sums the pairs' outputs instead and combines as one
 process does, bit for bit. A replicated expert's pairs go to one replica each (by token position
 and a per-forward rotation every rank advances alike), so every pair is computed exactly once.
+
+`split` (`ShardOptions.replica_split = "intermediate"`): no ownership; rank r holds slice r of
+every expert's intermediate size, so every rank computes every pair's partial output (its
+slice's contribution to the down projection), and the same all_reduce sums the slices. Every
+rank then reads the same bytes whatever the routing (with whole experts, each layer's sum waits
+for the rank whose experts the tokens picked more), and one token's pairs keep their launches.
 Every rank must route alike, so every rank runs the same kernels on the same inputs: the header
 carries whether rank 0 runs the forward fused (`fused.active`), padded and captured, and the
 kernels' module switches (`fused`, `triton_kernels`, `triton_experts`) must be the same in every
