@@ -514,6 +514,8 @@ def bench_layout(
         replica_exact=layout == "replicas-exact",
         replica_split="intermediate" if layout == "replicas-split" else "experts",
     )
+    t0 = time.perf_counter()
+    print(f"  {g} devices ({layout}): starting the engine and {g - 1} shard(s)", flush=True)
     engine = Engine.from_pretrained(
         a.save_dir,
         num_shards=g,
@@ -526,6 +528,8 @@ def bench_layout(
     )
     out = []
     who = f"{g} devices" + (f" ({layout})" if layout != "coordinator" else "")
+    loads = ", ".join(f"rank {x['rank']} {x.get('load_s', '?')}s" for x in engine.stats()["shards"]["shards"])
+    print(f"  {who}: ready in {time.perf_counter() - t0:.0f}s (experts loaded: {loads})", flush=True)
     with engine:
         for b in a.batch:
             r = timed(ours_run(engine, rows[b], a.new_tokens), a.repeats, device, engine)

@@ -208,6 +208,26 @@ def _expert_names(index: CheckpointIndex, layer: int, expert: int) -> tuple[str,
     return None
 
 
+def _expert_weights(
+    index: CheckpointIndex, path: str, layer: int, e: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Expert e's (gate [I, D], up [I, D], down [D, I]) of an MoE layer, from fused
+    `experts.gate_up_proj` / `down_proj` tensors or per-expert ones (dequantized if fp8)."""
+    fused = f"model.layers.{layer}.mlp.experts.gate_up_proj"
+    if fused in index:
+        gu = index.get_weight(fused, e)
+        dn = index.get_weight(f"model.layers.{layer}.mlp.experts.down_proj", e)
+        half = gu.shape[0] // 2  # an odd count: gate and up differ, which the caller reports
+        return gu[:half], gu[half:], dn
+    names = _expert_names(index, layer, e)
+    if names is None:
+        raise CheckpointError(
+            f"{path!r}: no weights for expert {e} of layer {layer} (looked for {fused!r} "
+            f"and model.layers.{layer}.mlp.experts.{e}.gate_proj.weight)"
+        )
+    return tuple(index.get_weight(n) for n in names)
+
+
 def load_experts(
     path: str,
     assignment: dict[int, list[int]],
@@ -233,35 +253,24 @@ def load_experts(
     for layer, experts in assignment.items():
         if not experts:
             continue
-        gate_up, down = [], []
-        fused = f"model.layers.{layer}.mlp.experts.gate_up_proj"
-        for e in experts:
-            if fused in index:
-                gu = index.get_weight(fused, e)
-                dn = index.get_weight(f"model.layers.{layer}.mlp.experts.down_proj", e)
-            else:
-                names = _expert_names(index, layer, e)
-                if names is None:
+        # Written in place on the device, expert by expert: no stacked host copy of the layer.
+        gate_up = torch.empty(len(experts), 2 * (hi - lo), D, dtype=dtype, device=device)
+        down = torch.empty(len(experts), D, hi - lo, dtype=dtype, device=device)
+        for i, e in enumerate(experts):
+            gate, up, dn = _expert_weights(index, path, layer, e)
+            for what, shape, want in (
+                ("gate_up", (gate.shape[0] + up.shape[0], *gate.shape[1:]), (2 * I, D)),
+                ("down", tuple(dn.shape), (D, I)),
+            ):
+                if tuple(shape) != want or (what == "gate_up" and gate.shape != up.shape):
                     raise CheckpointError(
-                        f"{path!r}: no weights for expert {e} of layer {layer} (looked for {fused!r} "
-                        f"and model.layers.{layer}.mlp.experts.{e}.gate_proj.weight)"
+                        f"{path!r}: layer {layer} expert {e} {what} has shape {tuple(shape)}, expected {want}"
                     )
-                gu = torch.cat([index.get_weight(names[0]), index.get_weight(names[1])], dim=0)
-                dn = index.get_weight(names[2])
-            for what, t, shape in (("gate_up", gu, (2 * I, D)), ("down", dn, (D, I))):
-                if tuple(t.shape) != shape:
-                    raise CheckpointError(
-                        f"{path!r}: layer {layer} expert {e} {what} has shape {tuple(t.shape)}, "
-                        f"expected {shape}"
-                    )
-            if parts > 1:  # gate rows lo..hi, then up rows lo..hi; down columns lo..hi
-                gu = torch.cat([gu[lo:hi], gu[I + lo : I + hi]])
-                dn = dn[:, lo:hi]
-            gate_up.append(gu.to(dtype))
-            down.append(dn.to(dtype).contiguous())
-        layers[layer] = LocalExperts(
-            experts, torch.stack(gate_up).to(device), torch.stack(down).to(device), args.num_experts
-        )
+            # Of a part: gate rows lo..hi, then up rows lo..hi; down columns lo..hi.
+            gate_up[i, : hi - lo].copy_(gate[lo:hi])
+            gate_up[i, hi - lo :].copy_(up[lo:hi])
+            down[i].copy_(dn[:, lo:hi])
+        layers[layer] = LocalExperts(experts, gate_up, down, args.num_experts)
     index.close()
     return ExpertStore(layers)
 

@@ -107,9 +107,11 @@ class ExpertShard:
             self.args, _ = read_config(path)
             split = replica is not None and replica[4] == "intermediate"
             part = (rank, world_size) if split else (0, 1)
+            t0 = time.monotonic()
             self.store = load_experts(
                 path, assignment, dtype=dtype, device=self.device, args=self.args, part=part
             )
+            self.load_s = time.monotonic() - t0  # the experts' load (not the trunk's)
             if replica is not None:
                 plan, num_slots, max_len, exact, _ = replica
                 self.model = load_trunk(path, dtype=dtype, device=self.device)
@@ -133,6 +135,7 @@ class ExpertShard:
             + (sum(p.numel() for p in self.model.parameters()) if self.model is not None else 0),
             "held": self.store.held(),
             "trunk": self.model is not None,
+            "load_s": round(self.load_s, 1),
         }
 
     def computed(self) -> dict[int, list[int]]:
@@ -226,6 +229,7 @@ class ShardGroup:
         self.dispatch: DistributedDispatch | ReplicaDispatch | None = None
         self._stop = threading.Event()
         self._heartbeat: threading.Thread | None = None
+        self._startup_deadline = 0.0  # the actors' (`_start_actors`)
 
     @property
     def local_shard(self) -> bool:
@@ -264,8 +268,14 @@ class ShardGroup:
         if not ray.is_initialized():
             ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True)
         try:
+            self.shard_info = []
             self._start_actors()
-            self._join()
+            # Shard 0's experts load here while the actors load theirs, and before the group
+            # forms: once joined, the shards wait in a collective (collective_timeout_s), and a
+            # long local load (every expert's slice of a 48-layer model: minutes) outlasted it.
+            local = self._load_local(self._rank0_device())
+            self._await_actors()
+            self._join(local)
         except BaseException:
             self._teardown()
             raise
@@ -284,7 +294,6 @@ class ShardGroup:
             if opt.bundle_resources:
                 bundle.update(opt.bundle_resources[s % len(opt.bundle_resources)])
             bundles.append({k: v for k, v in bundle.items() if v})
-        self.shard_info = []
         if not bundles:  # one local shard and no actor
             return
         self.pg = placement_group(bundles, strategy=opt.strategy)
@@ -319,7 +328,12 @@ class ShardGroup:
                 replica,
             )
             self.actors.append(actor)
-        deadline = time.monotonic() + opt.startup_timeout_s
+        self._startup_deadline = time.monotonic() + opt.startup_timeout_s
+
+    def _await_actors(self) -> None:
+        """Each actor's info once its experts are loaded; a clear error for one that failed."""
+        opt = self.options
+        deadline = self._startup_deadline
         for s, actor in zip(self.remote_shards, self.actors):
             remaining = max(0.1, deadline - time.monotonic())
             where = f"expert shard {s} (rank {self.rank_of(s)})"
@@ -334,7 +348,16 @@ class ShardGroup:
                 raise ShardStartupError(f"{where} failed to start: {info['error']}")
             self.shard_info.append(info)
 
-    def _join(self) -> None:
+    def _rank0_device(self) -> torch.device:
+        """Where rank 0's collectives (and shard 0's experts, when local) run."""
+        if self.device != "cuda":
+            return torch.device("cpu")
+        local = self.local_device
+        return local if local.index is not None else torch.device("cuda", torch.cuda.current_device())
+
+    def _join(self, store) -> None:
+        """Form the process group with the started actors (rank 0: this process); store: shard
+        0's experts when local (`_load_local`), else None."""
         opt = self.options
         addr = ray.util.get_node_ip_address()
         port = _free_port()
@@ -342,10 +365,8 @@ class ShardGroup:
             a.serve.remote(addr, port, opt.collective_timeout_s, opt.cuda_graphs) for a in self.actors
         ]
         backend = "nccl" if self.device == "cuda" else "gloo"
-        local = self.local_device
-        if backend == "nccl" and local.index is None:
-            local = torch.device("cuda", torch.cuda.current_device())
-        kwargs = {"device_id": local} if backend == "nccl" else {}
+        device = self._rank0_device()
+        kwargs = {"device_id": device} if backend == "nccl" else {}
         os.environ.update(opt.env_vars)
         try:
             dist.init_process_group(
@@ -363,8 +384,6 @@ class ShardGroup:
                 f"expert shards did not join the process group at {addr}:{port} within "
                 f"{opt.collective_timeout_s:g}s ({type(e).__name__}: {e}){detail}"
             ) from e
-        device = local if backend == "nccl" else torch.device("cpu")
-        store = self._load_local(device)
         if self.options.replicate_trunk:
             self.dispatch = ReplicaDispatch(
                 self.plan, store, 0, device, self.options.replica_exact, self.split
@@ -379,7 +398,14 @@ class ShardGroup:
         from specmoe_ray.models.loader import load_experts
 
         part = (0, self.plan.num_shards) if self.split else (0, 1)
+        t0 = time.monotonic()
         store = load_experts(self.path, self.assignment(0), dtype=self.dtype, device=str(device), part=part)
+        load_s = time.monotonic() - t0
+        log.info(
+            "shard 0's experts (%d parameters) loaded in this process in %.1fs",
+            store.num_parameters(),
+            load_s,
+        )
         self.shard_info.insert(
             0,
             {
@@ -389,6 +415,7 @@ class ShardGroup:
                 "num_parameters": store.num_parameters(),
                 "held": store.held(),
                 "local": True,
+                "load_s": round(load_s, 1),
             },
         )
         return store

@@ -117,6 +117,30 @@ def test_idle_group_survives_past_collective_timeout(ray_cluster, checkpoints):
     os.environ.pop("SPECMOE_TEST_GROUP_ENV")
 
 
+def test_slow_local_load_does_not_outlast_the_collective_timeout(ray_cluster, checkpoints, monkeypatch):
+    """Shard 0's experts load in the engine's process before the group forms, while the actors
+    load theirs: a local load longer than collective_timeout_s (a 48-layer split took minutes on
+    an H200) leaves no shard waiting in a collective meanwhile."""
+    from specmoe_ray.models import loader
+
+    real, calls = loader.load_experts, []
+
+    def slow_load(*args, **kwargs):
+        calls.append(dist.is_initialized())
+        time.sleep(6)  # 3x the collective timeout below
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loader, "load_experts", slow_load)
+    path = checkpoints("qwen2_moe")
+    ref = hf_greedy(path, PROMPTS, NEW)
+    opts = pinned(2, collective_timeout_s=2.0, heartbeat_interval_s=0.3, local_shard=True)
+    with Engine.from_pretrained(path, num_shards=2, max_model_len=128, shard_options=opts) as engine:
+        got = [o.token_ids for o in engine.generate(PROMPTS, GREEDY)]
+        recoveries = engine.stats()["num_recoveries"]
+    assert calls == [False]  # loaded once, before the group formed
+    assert got == ref and recoveries == 0
+
+
 def test_unschedulable_shards_fail_with_clear_error(ray_cluster, checkpoints):
     path = checkpoints("mixtral")
     opts = ShardOptions(resources={"no_such_accelerator": 1}, startup_timeout_s=2)
