@@ -6,11 +6,18 @@ one CUDA graph and replayed; the same chain without the collectives is the basel
     python benchmarks/allreduce.py                      # NCCL, then symmetric memory where it runs
     python benchmarks/allreduce.py --device cpu         # gloo, eager: checks the script only
 
-Sizes: the float32 partial sums [T, 2048] (default replicas) and the bf16 pairs' outputs
+(1) Sizes: the float32 partial sums [T, 2048] (default replicas) and the bf16 pairs' outputs
 [T, 8, 2048] (`replica_exact`) at T = 1, 8, 32 tokens. Variants: NCCL's all_reduce, and
 `torch.ops.symm_mem` one-shot / two-shot all-reduce on a symmetric buffer (peer loads over
 NVLink, no NCCL kernel) when this torch build and machine support them; a variant that fails
 prints its error. Every variant's sum is checked against the expected values.
+
+(2) GPUs: the sum with the next layer's residual add + RMS norm, as a replica's layer ends:
+a kernel writes the float32 partial [T, 2048], then NCCL's all_reduce and the compiled
+`fused.sum_add_rms_norm`, against `moe/peer_sum.py` (the partial written into a symmetric slot,
+a signal kernel, then one kernel that waits for the peers' rows, sums, adds and norms) and
+against the add + norm with no sum at all. One layer of each is checked against float64 math,
+and after the timed replays the ranks must hold the same rows.
 """
 
 from __future__ import annotations
@@ -134,8 +141,106 @@ def worker(rank: int, port: int, device: str, tokens: list[int], reps: int) -> N
                 line.append(f"{vname}: {type(e).__name__}: {str(e).splitlines()[0][:80]}")
         if rank == 0:
             print("  " + "; ".join(line), flush=True)
+    if dev.type == "cuda":
+        if rank == 0:
+            print(f"(2) the sum and the next add + norm, {LAYERS} layers chained", flush=True)
+        for T in tokens:
+            try:
+                line = fold_variants(rank, dev, T, reps, group_name)
+            except Exception as e:  # a machine or build without symmetric memory
+                line = f"T={T}: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
+            if rank == 0:
+                print("  " + line, flush=True)
     dist.barrier()
     dist.destroy_process_group()
+
+
+EPS = 1e-6
+
+
+def fold_layers(h, res, w, variant: str, partial, peer, scale: float):
+    """LAYERS replica layer ends: partial = h * scale (float32), summed over the ranks and added
+    to the residual, normed -> (h, res) for the next layer. variant: "nccl" (all_reduce, then
+    the compiled add + norm), "peer" (`PeerSum`), "alone" (no sum)."""
+    from specmoe_ray.models import fused
+
+    for layer in range(LAYERS):
+        if variant == "peer":
+            torch.mul(h, scale, out=peer.slot(layer, h.shape[0]))
+            peer.signal(h.shape[0])
+            h, res = peer.sum_add_rms_norm(layer, res, w, EPS)
+        else:
+            torch.mul(h, scale, out=partial)
+            if variant == "nccl":
+                dist.all_reduce(partial)
+            h, res = fused.sum_add_rms_norm(partial, res, w, EPS)
+    return h, res
+
+
+def fold_variants(rank: int, dev: torch.device, T: int, reps: int, group_name: str) -> str:
+    """(2) at T rows: microseconds per layer of each variant, replayed from CUDA graphs."""
+    from specmoe_ray.models import fused
+    from specmoe_ray.moe.peer_sum import PeerSum
+
+    g = torch.Generator(device="cpu").manual_seed(0)  # the same inputs on both ranks
+    h0 = torch.randn(T, HIDDEN, generator=g).to(dev, torch.bfloat16)
+    res0 = torch.randn(T, HIDDEN, generator=g).to(dev, torch.bfloat16)
+    w = (1 + 0.1 * torch.randn(HIDDEN, generator=g)).to(dev, torch.bfloat16)
+    scales = (0.5, 0.25)  # rank r's partial is h * scales[r] (exact in bf16 and float32)
+    peer = PeerSum(T, HIDDEN, dev, group_name)
+    partial = torch.empty(T, HIDDEN, dtype=torch.float32, device=dev)
+    out = {}
+    with fused.active():
+        # One layer against float64: sum, round, add, norm.
+        total = (h0.double() * scales[0]).float().double() + (h0.double() * scales[1]).float().double()
+        x_ref = (total.float().to(torch.bfloat16).double() + res0.double()).to(torch.bfloat16).double()
+        ref = w.double() * (x_ref * torch.rsqrt(x_ref.pow(2).mean(-1, keepdim=True) + EPS))
+        checks = []
+        for variant in ("nccl", "peer"):
+            torch.mul(h0, scales[rank], out=peer.slot(0, T) if variant == "peer" else partial)
+            if variant == "peer":
+                peer.signal(T)
+                hn, xn = peer.sum_add_rms_norm(0, res0.clone(), w, EPS)
+            else:
+                dist.all_reduce(partial)
+                hn, xn = fused.sum_add_rms_norm(partial, res0.clone(), w, EPS)
+            err = ((hn.double() - ref).norm() / ref.norm()).item()
+            x_off = (xn.double() != x_ref).float().mean().item()  # double rounding: rarely 1 ulp
+            ok = err < 1e-2 and x_off < 1e-3
+            checks.append(f"{variant} {'ok' if ok else 'WRONG'} (norm {err:.1e}, residual {x_off:.0e})")
+        for variant in ("alone", "nccl", "peer"):
+            h, res = h0.clone(), res0.clone()
+            stream = torch.cuda.Stream(dev)
+            stream.wait_stream(torch.cuda.current_stream(dev))
+            with torch.cuda.stream(stream):
+                fold_layers(h, res, w, variant, partial, peer, scales[rank])  # warm-up, compiles
+            torch.cuda.current_stream(dev).wait_stream(stream)
+            torch.cuda.synchronize(dev)
+            dist.barrier()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, stream=stream):
+                h_out, _ = fold_layers(h, res, w, variant, partial, peer, scales[rank])
+            for _ in range(3):
+                graph.replay()
+            torch.cuda.synchronize(dev)
+            dist.barrier()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(reps):
+                graph.replay()
+            end.record()
+            end.synchronize()
+            out[variant] = 1e3 * start.elapsed_time(end) / (reps * LAYERS)
+            if variant != "alone":  # replicas must stay equal: every rank the same rows
+                mine = h_out.float().sum().reshape(1)
+                both = [torch.empty_like(mine) for _ in range(2)]
+                dist.all_gather(both, mine)
+                checks.append(f"{variant} ranks {'agree' if torch.equal(both[0], both[1]) else 'DIFFER'}")
+    nccl, fold, alone = out["nccl"], out["peer"], out["alone"]
+    return (
+        f"T={T}: add + norm alone {alone:5.1f} us/layer, NCCL sum + add + norm {nccl:5.1f}, "
+        f"peer sum folded in {fold:5.1f} ({nccl / fold:.2f}x); {', '.join(checks)}"
+    )
 
 
 def main(argv=None) -> None:

@@ -22,6 +22,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from specmoe_ray.models import triton_kernels as tk  # noqa: E402
+from specmoe_ray.moe import peer_sum as ps  # noqa: E402
 from specmoe_ray.moe import triton_dispatch as td  # noqa: E402
 from specmoe_ray.moe import triton_experts as te  # noqa: E402
 
@@ -185,6 +186,21 @@ def kernels() -> list[tuple[str, object, list[dict], dict, tuple]]:
             pack_ptrs,
             (),
         ),
+        # Symmetric-memory flags (inline PTX: system-scope atomics) and the folded sum + norm.
+        (
+            "peer_sum signal",
+            ps._signal_kernel,
+            [dict(RANK=1, WORLD=2), dict(RANK=3, WORLD=4)],
+            dict(pads_ptr=I64),
+            (),
+        ),
+        (
+            "peer_sum add_norm",
+            ps._sum_add_norm_kernel,
+            variants(dict(BLOCK_D=2048), RANK=(0,), WORLD=(2, 4)),
+            dict(slots_ptr=I64, pads_ptr=I64),
+            ("eps",),
+        ),
     ]
 
 
@@ -195,7 +211,7 @@ def main() -> int:
             # Every variant for Hopper in bf16; the first also for Ampere and in float32.
             targets = [(90, "bf16")] + ([(80, "bf16"), (90, "fp32")] if i == 0 else [])
             for arch, dtype in targets:
-                c = dict(consts, PDL=arch >= 90)
+                c = dict(consts, PDL=arch >= 90) if "PDL" in fn.arg_names else dict(consts)
                 if "PRECISION" in fn.arg_names:
                     c["PRECISION"] = "ieee" if dtype == "fp32" else "tf32"
                 label = f"{name} sm{arch} {dtype} " + " ".join(f"{k}={v}" for k, v in consts.items())

@@ -582,7 +582,13 @@ def test_every_kernel_compiles_for_hopper_and_ampere():
         "\n".join(line for line in lines if line.startswith("FAIL")) or proc.stderr[-3000:]
     )
     names = {"attention", "merge", "softmax_topk", "router_topk", "add_norm_matvec", "rank_sort", "pack"}
-    names |= {"experts (sorted)", "experts (per pair)", "experts (dedup)"}
+    names |= {
+        "experts (sorted)",
+        "experts (per pair)",
+        "experts (dedup)",
+        "peer_sum signal",
+        "peer_sum add_norm",
+    }
     for name in names:
         assert any(line.startswith(f"ok {name} sm80") for line in lines), name
         assert sum(line.startswith(f"ok {name} sm90") for line in lines) >= 2, name
