@@ -200,7 +200,7 @@ def fold_variants(rank: int, dev: torch.device, T: int, reps: int, group_name: s
             torch.mul(h0, scales[rank], out=peer.slot(0, T) if variant == "peer" else partial)
             if variant == "peer":
                 peer.signal(T)
-                hn, xn = peer.sum_add_rms_norm(0, res0.clone(), w, EPS)
+                hn, xn = peer.sum_add_rms_norm(0, res0, w, EPS)
             else:
                 dist.all_reduce(partial)
                 hn, xn = fused.sum_add_rms_norm(partial, res0.clone(), w, EPS)

@@ -503,7 +503,8 @@ def bench_layout(
     holds experts, two exchanges per MoE layer) or "replicas" (`ShardOptions.replicate_trunk`:
     every GPU runs the trunk too, one all_reduce per MoE layer; "replicas-exact": of the pairs'
     outputs, `ShardOptions.replica_exact`; "replicas-split": every GPU holds a slice of every
-    expert's intermediate size, `ShardOptions.replica_split`)."""
+    expert's intermediate size, `ShardOptions.replica_split`; "-peer": the sums of graphed steps
+    by peer loads, `ShardOptions.replica_peer_sum`)."""
     from specmoe_ray.serving.shards import ShardOptions
 
     options = ShardOptions(
@@ -512,7 +513,8 @@ def bench_layout(
         cuda_graphs=a.shard_steps == "auto",
         replicate_trunk=layout.startswith("replicas"),
         replica_exact=layout == "replicas-exact",
-        replica_split="intermediate" if layout == "replicas-split" else "experts",
+        replica_split="intermediate" if layout.startswith("replicas-split") else "experts",
+        replica_peer_sum=256 if layout.endswith("-peer") else 0,
     )
     t0 = time.perf_counter()
     print(f"  {g} devices ({layout}): starting the engine and {g - 1} shard(s)", flush=True)
@@ -672,7 +674,14 @@ def main(argv=None) -> dict[str, Any]:
     p.add_argument(
         "--layout",
         nargs="+",
-        choices=["coordinator", "replicas", "replicas-exact", "replicas-split"],
+        choices=[
+            "coordinator",
+            "replicas",
+            "replicas-exact",
+            "replicas-split",
+            "replicas-peer",
+            "replicas-split-peer",
+        ],
         default=["coordinator"],
         help="--gpus > 1: the engine's GPU runs the trunk (coordinator) or every GPU does (replicas)",
     )

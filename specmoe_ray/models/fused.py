@@ -22,7 +22,7 @@ import functools
 import logging
 import threading
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
@@ -216,13 +216,19 @@ def combine(y: torch.Tensor, weights: torch.Tensor, like: torch.Tensor) -> torch
 class Pending(NamedTuple):
     """An MoE block's output, not combined yet (`DEFER_COMBINE`): y [T, A, D] expert outputs,
     weights [T, A], like: a tensor of the output's dtype. weights None: y is the combined
-    output's float32 sum [T, D] (trunk replicas' all_reduce), rounded to like's dtype there."""
+    output's float32 sum [T, D] (trunk replicas' all_reduce), rounded to like's dtype there.
+    peer: (a `moe.peer_sum.PeerSum`, layer): y is only this rank's share, in its symmetric slot;
+    the ranks' shares are summed where the output is used (once: that takes the peers' signals)."""
 
     y: torch.Tensor
     weights: torch.Tensor | None
     like: torch.Tensor
+    peer: Any = None
 
     def combined(self) -> torch.Tensor:
+        if self.peer is not None:
+            peer_sum, layer = self.peer
+            return peer_sum.sum(layer, self.like)
         if self.weights is None:
             return self.y.to(self.like.dtype)
         return combine(self.y, self.weights, self.like)

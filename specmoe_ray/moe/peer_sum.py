@@ -94,18 +94,20 @@ if AVAILABLE:
     def _sum_add_norm_kernel(
         slots_ptr,  # int64 [WORLD] addresses of each rank's slot (float32 [rows, D])
         pads_ptr,  # int64 [WORLD] addresses of each rank's signal pad (int32 flags)
-        res_ptr,  # [rows, D] residual in, the new residual out (in place)
-        w_ptr,  # [D] norm weight
-        out_ptr,  # [rows, D] normed
+        res_ptr,  # [rows, D] residual (NORM)
+        w_ptr,  # [D] norm weight (NORM)
+        x_ptr,  # [rows, D] out: the rounded sum, plus the residual (NORM)
+        out_ptr,  # [rows, D] out: x normed (NORM)
         D,
         eps,
         RANK: tl.constexpr,
         WORLD: tl.constexpr,
         BLOCK_D: tl.constexpr,
+        NORM: tl.constexpr,
     ):
         """Row t: wait for every rank's flag (t, r), sum the WORLD slots' row t in rank order
-        (every rank the same sum), round to the residual's dtype, add, RMS-norm (as
-        `fused.sum_add_rms_norm`)."""
+        (every rank the same sum), round to x's dtype; NORM: add the residual and RMS-norm, as
+        `fused.sum_add_rms_norm`."""
         t = tl.program_id(0)
         flags = tl.load(pads_ptr + RANK).to(tl.pointer_type(tl.int32)) + t * WORLD + tl.arange(0, WORLD)
         if _thread_id() < WORLD:
@@ -117,15 +119,27 @@ if AVAILABLE:
         for r in tl.static_range(WORLD):
             slot = tl.load(slots_ptr + r).to(tl.pointer_type(tl.float32))
             total += tl.load(slot + t * D + cols, mask=ok, other=0.0, volatile=True)
-        dtype = res_ptr.dtype.element_ty
-        res = tl.load(res_ptr + t * D + cols, mask=ok, other=0.0)
-        x = (total.to(dtype).to(tl.float32) + res.to(tl.float32)).to(dtype)
-        tl.store(res_ptr + t * D + cols, x, mask=ok)
-        xf = x.to(tl.float32)
-        rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, 0) / D + eps)
-        normed = (xf * rstd).to(dtype)
-        w = tl.load(w_ptr + cols, mask=ok, other=0.0)
-        tl.store(out_ptr + t * D + cols, (w.to(tl.float32) * normed.to(tl.float32)).to(dtype), mask=ok)
+        dtype = x_ptr.dtype.element_ty
+        x = total.to(dtype)
+        if NORM:
+            res = tl.load(res_ptr + t * D + cols, mask=ok, other=0.0)
+            x = (x.to(tl.float32) + res.to(tl.float32)).to(dtype)
+        tl.store(x_ptr + t * D + cols, x, mask=ok)
+        if NORM:
+            xf = x.to(tl.float32)
+            rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, 0) / D + eps)
+            normed = (xf * rstd).to(dtype)
+            w = tl.load(w_ptr + cols, mask=ok, other=0.0)
+            tl.store(out_ptr + t * D + cols, (w.to(tl.float32) * normed.to(tl.float32)).to(dtype), mask=ok)
+
+
+def pad_rows(world: int) -> int:
+    """The most rows a `PeerSum` of `world` ranks can flag: each rank's signal pad holds one
+    int32 flag per (row, rank)."""
+    import torch.distributed._symmetric_memory as symm_mem
+
+    pad_bytes = symm_mem.get_signal_pad_size() if hasattr(symm_mem, "get_signal_pad_size") else 2048
+    return pad_bytes // (4 * world)
 
 
 class PeerSum:
@@ -141,11 +155,10 @@ class PeerSum:
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         if self.world & (self.world - 1):
             raise ValueError(f"PeerSum: the group has {self.world} ranks; it takes a power of 2")
-        pad_bytes = symm_mem.get_signal_pad_size() if hasattr(symm_mem, "get_signal_pad_size") else 2048
-        if max_rows * self.world * 4 > pad_bytes:
+        if max_rows > pad_rows(self.world):
             raise ValueError(
-                f"PeerSum: {max_rows} rows x {self.world} ranks of flags need "
-                f"{max_rows * self.world * 4} bytes of signal pad; it has {pad_bytes}"
+                f"PeerSum: {max_rows} rows x {self.world} ranks of flags do not fit the signal pad "
+                f"(at most {pad_rows(self.world)} rows)"
             )
         self.max_rows, self.hidden = max_rows, hidden
         self.buffer = symm_mem.empty((2, max_rows, hidden), dtype=torch.float32, device=device)
@@ -154,7 +167,7 @@ class PeerSum:
         bases = torch.tensor(self.handle.buffer_ptrs, dtype=torch.int64, device=device)
         step = max_rows * hidden * 4  # bytes per slot
         self.slot_ptrs = [bases, bases + step]  # int64 [world] addresses of slot 0 / 1
-        self.handle.barrier()
+        dist.barrier()  # every rank's pads (zeroed) exist before any flag is set
 
     def slot(self, layer: int, rows: int) -> torch.Tensor:
         """This rank's slot for `layer`'s partial sum: write [rows, hidden] float32 into it."""
@@ -167,21 +180,32 @@ class PeerSum:
     def sum_add_rms_norm(
         self, layer: int, residual: torch.Tensor, weight: torch.Tensor, eps: float
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """`fused.sum_add_rms_norm` of every rank's `slot(layer)`: -> (normed, residual + sum);
-        the new residual is written over `residual` (in place)."""
-        rows, D = residual.shape
-        out = torch.empty_like(residual)
+        """`fused.sum_add_rms_norm` of every rank's `slot(layer)`: -> (normed, residual + sum).
+        Takes the layer's signals: call it (or `sum`) once per layer and signal."""
+        x, out = torch.empty_like(residual), torch.empty_like(residual)
+        self._launch(layer, residual, weight, x, out, eps, True)
+        return out, x
+
+    def sum(self, layer: int, like: torch.Tensor) -> torch.Tensor:
+        """Every rank's `slot(layer)` summed, in like's dtype ([rows, hidden]; takes the signals)."""
+        x = torch.empty_like(like)
+        self._launch(layer, x, x, x, x, 0.0, False)
+        return x
+
+    def _launch(self, layer, residual, weight, x, out, eps: float, norm: bool) -> None:
+        rows, D = x.shape
         _sum_add_norm_kernel[(rows,)](
             self.slot_ptrs[layer % 2],
             self.pads,
             residual,
             weight,
+            x,
             out,
             D,
             eps,
             RANK=self.rank,
             WORLD=self.world,
             BLOCK_D=triton.next_power_of_2(D),
+            NORM=norm,
             num_warps=8,
         )
-        return out, residual

@@ -96,6 +96,20 @@ def owned_rows(y: torch.Tensor, held: torch.Tensor, index: torch.Tensor | None) 
 
 
 @fused.fused
+def partial_combine_into(
+    out: torch.Tensor,
+    y: torch.Tensor,
+    weights: torch.Tensor,
+    held: torch.Tensor,
+    index: torch.Tensor | None,
+    like: torch.Tensor,
+) -> torch.Tensor:
+    """`partial_combine` written into out (a `PeerSum` slot) by the same kernel."""
+    out.copy_(partial_combine.__wrapped__(y, weights, held, index, like))
+    return out
+
+
+@fused.fused
 def partial_combine(
     y: torch.Tensor, weights: torch.Tensor, held: torch.Tensor, index: torch.Tensor | None, like: torch.Tensor
 ):
@@ -117,7 +131,12 @@ class ReplicaDispatch(_Masked, Rank0):
 
     split: the store holds every expert, slice `rank` of its intermediate size
     (`ShardOptions.replica_split = "intermediate"`, `load_experts(part=)`): every rank computes
-    every pair's share (the plan's ownership does not apply) and the all_reduce sums the shares."""
+    every pair's share (the plan's ownership does not apply) and the all_reduce sums the shares.
+
+    peer_rows: static steps (inside `fused.active()`, on GPUs) of up to this many tokens sum the
+    ranks' shares through symmetric memory instead (`moe/peer_sum.py`: each rank's share written
+    into its slot, the sum done by the next layer's add + norm reading the peers' slots;
+    `ShardOptions.replica_peer_sum`); 0: NCCL's all_reduce always. Not with exact."""
 
     def __init__(
         self,
@@ -127,12 +146,21 @@ class ReplicaDispatch(_Masked, Rank0):
         device: torch.device | str,
         exact: bool = False,
         split: bool = False,
+        peer_rows: int = 0,
     ):
         if split and exact:
             raise ValueError(
                 "ReplicaDispatch: a split of every expert sums partial outputs: it cannot be exact"
             )
+        if peer_rows and exact:
+            raise ValueError("ReplicaDispatch: peer sums add partial sums: not with exact")
         self.exact, self.split = exact, split
+        if peer_rows:  # no more rows than the signal pads have flags for
+            from specmoe_ray.moe.peer_sum import pad_rows
+
+            peer_rows = min(peer_rows, pad_rows(plan.num_shards))
+        self.peer_rows = peer_rows
+        self.peer = None  # the `PeerSum`, made by the first static step that uses it
         self.combines = not exact  # takes the gate weights, returns the combined [T, D]
         self.plan = plan
         self.local = store
@@ -195,9 +223,13 @@ class ReplicaDispatch(_Masked, Rank0):
         self.num_pairs += T * A
         if not counted:
             self.load.record(layer, flat, self.pair_mask(A))
+        peer = self._peer_sum(x)
         if str(layer) not in self.local.by_layer:  # no expert of this layer here: every rank
             shape = (T, A, x.shape[-1]) if self.exact else (T, x.shape[-1])  # still joins the sum
-            total = torch.zeros(shape, dtype=x.dtype if self.exact else torch.float32, device=x.device)
+            if peer is not None:
+                total = peer.slot(layer, T).zero_()
+            else:
+                total = torch.zeros(shape, dtype=x.dtype if self.exact else torch.float32, device=x.device)
         else:
             # split: every pair, this rank's share of it. Experts of one owner each: the kernels
             # skip the pairs of experts held elsewhere (ownership looked up inside the combine).
@@ -209,10 +241,31 @@ class ReplicaDispatch(_Masked, Rank0):
                 own = self._owned(layer, flat, A)
                 y = self.local(layer, x, torch.where(own, flat, -1), group=A).view(T, A, -1)
                 own, index = own.view(T, A), None
-            total = owned_rows(y, own, index) if self.exact else partial_combine(y, weights, own, index, x)
+            if self.exact:
+                total = owned_rows(y, own, index)
+            elif peer is not None:
+                total = partial_combine_into(peer.slot(layer, T), y, weights, own, index, x)
+            else:
+                total = partial_combine(y, weights, own, index, x)
+        if peer is not None:  # the peers read this share where the output is used
+            peer.signal(T)
+            return fused.Pending(total, None, x, (peer, layer))
         dist.all_reduce(total)
         # The float32 sum is rounded to x's dtype by the next add + norm (or by the MoE block).
         return total if self.exact else fused.Pending(total, None, x)
+
+    def _peer_sum(self, x: torch.Tensor):
+        """The `PeerSum` for this forward's sums, or None (NCCL): every rank decides alike (the
+        same tokens, the same static or eager step)."""
+        if not (self.peer_rows and x.is_cuda and fused.is_active() and x.shape[0] <= self.peer_rows):
+            return None
+        if self.peer is None:  # collective: every rank reaches its first peer sum together
+            if torch.cuda.is_current_stream_capturing():
+                raise RuntimeError("ReplicaDispatch: the first peer sum must run before a graph capture")
+            from specmoe_ray.moe.peer_sum import PeerSum
+
+            self.peer = PeerSum(self.peer_rows, x.shape[-1], x.device, dist.group.WORLD.group_name)
+        return self.peer
 
     @property
     def tokens_per_shard(self) -> list[int]:

@@ -69,6 +69,10 @@ class ShardOptions:
     # intermediate size: each rank computes every pair's share, the same bytes on every rank
     # whatever the routing; not with replica_exact).
     replica_split: str = "experts"
+    # Trunk replicas, static steps (CUDA graphs) of up to this many tokens: each MoE layer's sum
+    # by peer loads over NVLink inside the next add + norm (`moe/peer_sum.py`, symmetric memory)
+    # instead of NCCL's all_reduce; 0: off. Opt-in until measured (benchmarks/allreduce.py (2)).
+    replica_peer_sum: int = 0
 
 
 def _free_port() -> int:
@@ -89,10 +93,11 @@ class ExpertShard:
         world_size: int,
         dtype: str,
         device: str,
-        replica: tuple[PlacementPlan, int, int, bool, str] | None = None,
+        replica: tuple[PlacementPlan, int, int, bool, str, int] | None = None,
     ):
-        """replica: (plan, cache slots, cache length, exact, split) for a trunk replica
-        (`replicate_trunk`; split "intermediate": every expert, slice `rank` of its intermediate size)."""
+        """replica: (plan, cache slots, cache length, exact, split, peer sum rows) for a trunk
+        replica (`replicate_trunk`; split "intermediate": every expert, slice `rank` of its
+        intermediate size; `replica_peer_sum`)."""
         from specmoe_ray.models.loader import load_experts, load_trunk, read_config
 
         if device == "cpu":
@@ -113,10 +118,10 @@ class ExpertShard:
             )
             self.load_s = time.monotonic() - t0  # the experts' load (not the trunk's)
             if replica is not None:
-                plan, num_slots, max_len, exact, _ = replica
+                plan, num_slots, max_len, exact, _, peer_rows = replica
                 self.model = load_trunk(path, dtype=dtype, device=self.device)
                 self.model.fuse_projections()  # as the engine's: every rank runs the same kernels
-                self.replica = ReplicaDispatch(plan, self.store, rank, self.device, exact, split)
+                self.replica = ReplicaDispatch(plan, self.store, rank, self.device, exact, split, peer_rows)
                 self.model.set_expert_backend(self.replica)
                 self.cache = self.model.make_cache(num_slots, max_len)
         except Exception as e:  # reported by info(), so the engine can say what went wrong
@@ -222,6 +227,12 @@ class ShardGroup:
                 "ShardOptions.replica_split 'intermediate' applies to trunk replicas (set replicate_trunk) "
                 "and sums partial outputs, so it cannot be replica_exact"
             )
+        peer = opt.replica_peer_sum
+        if peer and (peer < 0 or opt.replica_exact or not opt.replicate_trunk):
+            raise ValueError(
+                f"ShardOptions.replica_peer_sum {opt.replica_peer_sum}: a token count >= 0 for trunk "
+                "replicas (set replicate_trunk) that sum partial outputs (not replica_exact)"
+            )
         self.cache_shape = cache_shape
         self.actors: list[Any] = []
         self.serve_refs: list[Any] = []
@@ -308,7 +319,13 @@ class ShardGroup:
         opt = self.options
         replica = None
         if opt.replicate_trunk:
-            replica = (self.plan, *self.cache_shape, opt.replica_exact, opt.replica_split)
+            replica = (
+                self.plan,
+                *self.cache_shape,
+                opt.replica_exact,
+                opt.replica_split,
+                opt.replica_peer_sum,
+            )
         for i, s in enumerate(self.remote_shards):
             actor = ExpertShard.options(
                 num_cpus=bundles[i].get("CPU", 0),
@@ -385,8 +402,9 @@ class ShardGroup:
                 f"{opt.collective_timeout_s:g}s ({type(e).__name__}: {e}){detail}"
             ) from e
         if self.options.replicate_trunk:
+            opt = self.options
             self.dispatch = ReplicaDispatch(
-                self.plan, store, 0, device, self.options.replica_exact, self.split
+                self.plan, store, 0, device, opt.replica_exact, self.split, opt.replica_peer_sum
             )
         else:
             self.dispatch = DistributedDispatch(self.plan, self.hidden_size, self.dtype, device, store)

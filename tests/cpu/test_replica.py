@@ -47,6 +47,7 @@ def test_trunk_replicas_give_the_tokens_of_transformers(ray_cluster, checkpoints
     options = {
         "replica_exact": mode == "exact",
         "replica_split": "intermediate" if mode == "split" else "experts",
+        "replica_peer_sum": 64 if mode == "split" else 0,  # GPUs only: CPUs keep the all_reduce
     }
     for step_graphs in ("off", "padded"):
         with Engine.from_pretrained(
@@ -193,7 +194,8 @@ def test_batches_travel_whole():
 
 def test_replica_options_are_checked(checkpoints):
     """Trunk replicas need the engine's cache shape; `replica_split` takes two values, applies
-    to trunk replicas only and not with `replica_exact`: each refused, naming what is wrong."""
+    to trunk replicas only and not with `replica_exact`; so does `replica_peer_sum`, a token
+    count: each refused, naming what is wrong."""
     from specmoe_ray.serving.shards import ShardGroup, ShardOptions
 
     path = checkpoints("qwen3_moe")
@@ -206,11 +208,16 @@ def test_replica_options_are_checked(checkpoints):
         (ShardOptions(replica_split="intermediate"), "'intermediate' applies to trunk replicas"),
         (ShardOptions(replicate_trunk=True, replica_exact=True, replica_split="intermediate"), "cannot be"),
         (ShardOptions(replicate_trunk=True, replica_split="rows"), "expected 'experts' or 'intermediate'"),
+        (ShardOptions(replica_peer_sum=32), "replica_peer_sum 32: .*set replicate_trunk"),
+        (ShardOptions(replicate_trunk=True, replica_exact=True, replica_peer_sum=32), "not replica_exact"),
+        (ShardOptions(replicate_trunk=True, replica_peer_sum=-1), "replica_peer_sum -1: a token count"),
     ):
         with pytest.raises(ValueError, match=message):
             ShardGroup(path, plan, args.hidden_size, torch.float32, "cpu", options, cache_shape=shape)
     with pytest.raises(ValueError, match="cannot be exact"):
         ReplicaDispatch(plan, ExpertStore({}), 0, "cpu", exact=True, split=True)
+    with pytest.raises(ValueError, match="peer sums add partial sums"):
+        ReplicaDispatch(plan, ExpertStore({}), 0, "cpu", exact=True, peer_rows=8)
 
 
 def test_one_replica_is_the_engine_alone(ray_cluster, checkpoints):
