@@ -166,9 +166,9 @@ def fold_layers(h, res, w, variant: str, partial, peer, scale: float):
 
     for layer in range(LAYERS):
         if variant == "peer":
-            torch.mul(h, scale, out=peer.slot(layer, h.shape[0]))
+            torch.mul(h, scale, out=peer.slot(layer % 2, h.shape[0]))  # LAYERS even: `slot_order`
             peer.signal(h.shape[0])
-            h, res = peer.sum_add_rms_norm(layer, res, w, EPS)
+            h, res = peer.sum_add_rms_norm(layer % 2, res, w, EPS)
         else:
             torch.mul(h, scale, out=partial)
             if variant == "nccl":

@@ -217,7 +217,7 @@ class Pending(NamedTuple):
     """An MoE block's output, not combined yet (`DEFER_COMBINE`): y [T, A, D] expert outputs,
     weights [T, A], like: a tensor of the output's dtype. weights None: y is the combined
     output's float32 sum [T, D] (trunk replicas' all_reduce), rounded to like's dtype there.
-    peer: (a `moe.peer_sum.PeerSum`, layer): y is only this rank's share, in its symmetric slot;
+    peer: (a `moe.peer_sum.PeerSum`, slot): y is only this rank's share, in its symmetric slot;
     the ranks' shares are summed where the output is used (once: that takes the peers' signals)."""
 
     y: torch.Tensor
@@ -227,8 +227,8 @@ class Pending(NamedTuple):
 
     def combined(self) -> torch.Tensor:
         if self.peer is not None:
-            peer_sum, layer = self.peer
-            return peer_sum.sum(layer, self.like)
+            peer_sum, slot = self.peer
+            return peer_sum.sum(slot, self.like)
         if self.weights is None:
             return self.y.to(self.like.dtype)
         return combine(self.y, self.weights, self.like)

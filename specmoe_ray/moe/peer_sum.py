@@ -10,9 +10,13 @@ small kernel and the norm's own instead of NCCL's all_reduce kernel and the norm
 
 Signals are per (row, sender) flags in each rank's signal pad: a sender sets its flag 0 -> 1
 (waiting while the receiver has not taken the last one), the receiver takes it 1 -> 0. The flags
-return to 0 by themselves, so CUDA graphs replay the same launches. Two slots alternate by layer:
-a rank writes layer l + 2's partial into l's slot only after its layer l + 2 add + norm saw every
-peer's layer l + 1 signal, which each peer sends after it read layer l's slots.
+return to 0 by themselves, so CUDA graphs replay the same launches.
+
+Slots: the caller gives consecutive sums different slots, the last sum of a forward and the first
+of the next one too (`slot_order`). A rank then writes sum i + 1's slot only after its add + norm
+took every peer's signal of sum i, which each peer sends after it read sum i - 1's slots, the
+last ones that used it; the first sum of a forward follows no wait, and its slot is not the one
+the peers may still be reading (the last sum's).
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ except ImportError:  # CPUs without Triton: NCCL (gloo) sums only
     AVAILABLE = False
 
 import torch
+
+SLOTS = 3  # `slot_order`
 
 if AVAILABLE:
 
@@ -133,6 +139,18 @@ if AVAILABLE:
             tl.store(out_ptr + t * D + cols, (w.to(tl.float32) * normed.to(tl.float32)).to(dtype), mask=ok)
 
 
+def slot_order(layers: list[int]) -> dict[int, int]:
+    """{layer: slot} for the sums of these layers, in order, once per forward: alternating
+    0, 1, and the last one 2 when their number is odd (the last and the next forward's first
+    differ too). Fewer than 2 layers: {} (their sum cannot alternate; use NCCL)."""
+    if len(layers) < 2:
+        return {}
+    order = {layer: i % 2 for i, layer in enumerate(sorted(layers))}
+    if len(layers) % 2:
+        order[max(layers)] = 2
+    return order
+
+
 def pad_rows(world: int) -> int:
     """The most rows a `PeerSum` of `world` ranks can flag: each rank's signal pad holds one
     int32 flag per (row, rank)."""
@@ -161,41 +179,47 @@ class PeerSum:
                 f"(at most {pad_rows(self.world)} rows)"
             )
         self.max_rows, self.hidden = max_rows, hidden
-        self.buffer = symm_mem.empty((2, max_rows, hidden), dtype=torch.float32, device=device)
+        if hasattr(symm_mem, "enable_symm_mem_for_group"):  # needed by older torch, a no-op after
+            import warnings
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)
+                symm_mem.enable_symm_mem_for_group(group_name)
+        self.buffer = symm_mem.empty((SLOTS, max_rows, hidden), dtype=torch.float32, device=device)
         self.handle = symm_mem.rendezvous(self.buffer, group_name)
         self.pads = torch.tensor(self.handle.signal_pad_ptrs, dtype=torch.int64, device=device)
         bases = torch.tensor(self.handle.buffer_ptrs, dtype=torch.int64, device=device)
         step = max_rows * hidden * 4  # bytes per slot
-        self.slot_ptrs = [bases, bases + step]  # int64 [world] addresses of slot 0 / 1
+        self.slot_ptrs = [bases + i * step for i in range(SLOTS)]  # int64 [world] addresses each
         dist.barrier()  # every rank's pads (zeroed) exist before any flag is set
 
-    def slot(self, layer: int, rows: int) -> torch.Tensor:
-        """This rank's slot for `layer`'s partial sum: write [rows, hidden] float32 into it."""
-        return self.buffer[layer % 2, :rows]
+    def slot(self, index: int, rows: int) -> torch.Tensor:
+        """This rank's slot `index` (`slot_order`): write a partial sum [rows, hidden] into it."""
+        return self.buffer[index, :rows]
 
     def signal(self, rows: int) -> None:
         """Tell every peer that this rank's slot holds its rows (after the kernel that wrote them)."""
         _signal_kernel[(rows,)](self.pads, RANK=self.rank, WORLD=self.world, num_warps=1)
 
     def sum_add_rms_norm(
-        self, layer: int, residual: torch.Tensor, weight: torch.Tensor, eps: float
+        self, index: int, residual: torch.Tensor, weight: torch.Tensor, eps: float
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """`fused.sum_add_rms_norm` of every rank's `slot(layer)`: -> (normed, residual + sum).
-        Takes the layer's signals: call it (or `sum`) once per layer and signal."""
+        """`fused.sum_add_rms_norm` of every rank's slot `index`: -> (normed, residual + sum).
+        Takes the signals: call it (or `sum`) once per `signal`."""
         x, out = torch.empty_like(residual), torch.empty_like(residual)
-        self._launch(layer, residual, weight, x, out, eps, True)
+        self._launch(index, residual, weight, x, out, eps, True)
         return out, x
 
-    def sum(self, layer: int, like: torch.Tensor) -> torch.Tensor:
-        """Every rank's `slot(layer)` summed, in like's dtype ([rows, hidden]; takes the signals)."""
+    def sum(self, index: int, like: torch.Tensor) -> torch.Tensor:
+        """Every rank's slot `index` summed, in like's dtype ([rows, hidden]; takes the signals)."""
         x = torch.empty_like(like)
-        self._launch(layer, x, x, x, x, 0.0, False)
+        self._launch(index, x, x, x, x, 0.0, False)
         return x
 
-    def _launch(self, layer, residual, weight, x, out, eps: float, norm: bool) -> None:
+    def _launch(self, index: int, residual, weight, x, out, eps: float, norm: bool) -> None:
         rows, D = x.shape
         _sum_add_norm_kernel[(rows,)](
-            self.slot_ptrs[layer % 2],
+            self.slot_ptrs[index],
             self.pads,
             residual,
             weight,

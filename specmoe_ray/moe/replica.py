@@ -155,10 +155,12 @@ class ReplicaDispatch(_Masked, Rank0):
         if peer_rows and exact:
             raise ValueError("ReplicaDispatch: peer sums add partial sums: not with exact")
         self.exact, self.split = exact, split
+        self._slots: dict[int, int] = {}  # {MoE layer: PeerSum slot}
         if peer_rows:  # no more rows than the signal pads have flags for
-            from specmoe_ray.moe.peer_sum import pad_rows
+            from specmoe_ray.moe.peer_sum import pad_rows, slot_order
 
-            peer_rows = min(peer_rows, pad_rows(plan.num_shards))
+            self._slots = slot_order(list(plan.owner))
+            peer_rows = min(peer_rows, pad_rows(plan.num_shards)) if self._slots else 0
         self.peer_rows = peer_rows
         self.peer = None  # the `PeerSum`, made by the first static step that uses it
         self.combines = not exact  # takes the gate weights, returns the combined [T, D]
@@ -227,7 +229,7 @@ class ReplicaDispatch(_Masked, Rank0):
         if str(layer) not in self.local.by_layer:  # no expert of this layer here: every rank
             shape = (T, A, x.shape[-1]) if self.exact else (T, x.shape[-1])  # still joins the sum
             if peer is not None:
-                total = peer.slot(layer, T).zero_()
+                total = peer.slot(self._slots[layer], T).zero_()
             else:
                 total = torch.zeros(shape, dtype=x.dtype if self.exact else torch.float32, device=x.device)
         else:
@@ -244,12 +246,12 @@ class ReplicaDispatch(_Masked, Rank0):
             if self.exact:
                 total = owned_rows(y, own, index)
             elif peer is not None:
-                total = partial_combine_into(peer.slot(layer, T), y, weights, own, index, x)
+                total = partial_combine_into(peer.slot(self._slots[layer], T), y, weights, own, index, x)
             else:
                 total = partial_combine(y, weights, own, index, x)
         if peer is not None:  # the peers read this share where the output is used
             peer.signal(T)
-            return fused.Pending(total, None, x, (peer, layer))
+            return fused.Pending(total, None, x, (peer, self._slots[layer]))
         dist.all_reduce(total)
         # The float32 sum is rounded to x's dtype by the next add + norm (or by the MoE block).
         return total if self.exact else fused.Pending(total, None, x)

@@ -220,6 +220,22 @@ def test_replica_options_are_checked(checkpoints):
         ReplicaDispatch(plan, ExpertStore({}), 0, "cpu", exact=True, peer_rows=8)
 
 
+@pytest.mark.parametrize("layers", [[0, 1], [3, 4, 5], list(range(48)), [1, 3, 5, 7, 9], [2]])
+def test_peer_sum_slots_alternate_across_forwards(layers):
+    """`peer_sum.slot_order`: consecutive sums use different symmetric slots, the last sum of
+    a forward and the first of the next one too (a rank writes the first one without waiting,
+    while its peers may still read the last), and no more slots than the buffer has."""
+    from specmoe_ray.moe.peer_sum import SLOTS, slot_order
+
+    order = slot_order(layers)
+    if len(layers) < 2:
+        assert order == {}
+        return
+    slots = [order[layer] for layer in sorted(layers)] * 2  # two forwards in a row
+    assert all(a != b for a, b in zip(slots, slots[1:]))
+    assert set(slots) <= set(range(SLOTS))
+
+
 def test_one_replica_is_the_engine_alone(ray_cluster, checkpoints):
     """A one-shard group of replicas is the engine's process alone (no actor, world of one)."""
     path = checkpoints("qwen3_moe")
