@@ -185,7 +185,7 @@ class PeerSum:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", FutureWarning)
                 symm_mem.enable_symm_mem_for_group(group_name)
-        self.buffer = symm_mem.empty((SLOTS, max_rows, hidden), dtype=torch.float32, device=device)
+        self.buffer = symm_mem.empty(SLOTS, max_rows, hidden, dtype=torch.float32, device=device)
         self.handle = symm_mem.rendezvous(self.buffer, group_name)
         self.pads = torch.tensor(self.handle.signal_pad_ptrs, dtype=torch.int64, device=device)
         bases = torch.tensor(self.handle.buffer_ptrs, dtype=torch.int64, device=device)

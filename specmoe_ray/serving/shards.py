@@ -191,6 +191,8 @@ class ExpertShard:
             log.exception("expert shard rank %d stopped serving", self.rank)
             raise
         finally:
+            if self.replica is not None:
+                self.replica.peer = None  # symmetric memory goes before its group
             leave_process_group()
         return self.served
 
@@ -515,6 +517,8 @@ class ShardGroup:
         self._teardown()
 
     def _teardown(self) -> None:
+        if isinstance(self.dispatch, ReplicaDispatch):
+            self.dispatch.peer = None  # symmetric memory goes before its group
         leave_process_group()  # after the shards returned from serve(), or gave up on them
         for actor in self.actors:
             ray.kill(actor, no_restart=True)
