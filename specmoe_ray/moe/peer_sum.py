@@ -110,15 +110,17 @@ if AVAILABLE:
         WORLD: tl.constexpr,
         BLOCK_D: tl.constexpr,
         NORM: tl.constexpr,
+        FLAGS: tl.constexpr = True,  # False: the slots are known written (Triton's interpreter)
     ):
         """Row t: wait for every rank's flag (t, r), sum the WORLD slots' row t in rank order
         (every rank the same sum), round to x's dtype; NORM: add the residual and RMS-norm, as
         `fused.sum_add_rms_norm`."""
         t = tl.program_id(0)
         flags = tl.load(pads_ptr + RANK).to(tl.pointer_type(tl.int32)) + t * WORLD + tl.arange(0, WORLD)
-        if _thread_id() < WORLD:
-            _take(flags)
-        tl.debug_barrier()  # the flags taken before any thread reads the peers' rows
+        if FLAGS:
+            if _thread_id() < WORLD:
+                _take(flags)
+            tl.debug_barrier()  # the flags taken before any thread reads the peers' rows
         cols = tl.arange(0, BLOCK_D)
         ok = cols < D
         total = tl.zeros((BLOCK_D,), tl.float32)
@@ -217,19 +219,37 @@ class PeerSum:
         return x
 
     def _launch(self, index: int, residual, weight, x, out, eps: float, norm: bool) -> None:
-        rows, D = x.shape
-        _sum_add_norm_kernel[(rows,)](
-            self.slot_ptrs[index],
-            self.pads,
-            residual,
-            weight,
-            x,
-            out,
-            D,
-            eps,
-            RANK=self.rank,
-            WORLD=self.world,
-            BLOCK_D=triton.next_power_of_2(D),
-            NORM=norm,
-            num_warps=8,
-        )
+        launch_sum(self.slot_ptrs[index], self.pads, self.rank, residual, weight, x, out, eps, norm)
+
+
+def launch_sum(
+    slot_ptrs: torch.Tensor,
+    pads: torch.Tensor,
+    rank: int,
+    residual: torch.Tensor,
+    weight: torch.Tensor,
+    x: torch.Tensor,
+    out: torch.Tensor,
+    eps: float,
+    norm: bool,
+    flags: bool = True,
+) -> None:
+    """The sum (+ add + norm) kernel over x's rows: slot_ptrs / pads int64 [world] addresses;
+    writes x (and out when norm). flags False: no waiting (the slots are known written)."""
+    rows, D = x.shape
+    _sum_add_norm_kernel[(rows,)](
+        slot_ptrs,
+        pads,
+        residual,
+        weight,
+        x,
+        out,
+        D,
+        eps,
+        RANK=rank,
+        WORLD=slot_ptrs.shape[0],
+        BLOCK_D=triton.next_power_of_2(D),
+        NORM=norm,
+        FLAGS=flags,
+        num_warps=8,
+    )

@@ -697,3 +697,41 @@ def test_sort_pairs_equals_torch(n, mapped):
     added = torch.zeros(len(held) + 1, dtype=torch.long).scatter_add_(0, want + 1, torch.ones_like(want))
     added[0] = 0  # slot 0 (skipped pairs) is left as it was
     assert torch.equal(counts.cpu(), before + added)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_peer_sum_kernel_equals_float64(world, dtype):
+    """`moe/peer_sum.py`'s sum + add + norm kernel (without its flags: the interpreter runs no
+    PTX; tests/gpu run them on 2 GPUs) against float64: the world's slots (read through their
+    addresses) summed in rank order, rounded, added to the residual, RMS-normed as
+    `fused.sum_add_rms_norm`; every rank's launch gives the same rows; without the norm, the
+    rounded sum alone."""
+    from specmoe_ray.moe import peer_sum
+
+    skip_bf16_on_interpreter(dtype, why="Triton's interpreter rounds float32 to bfloat16 otherwise than GPUs")
+    T, D, eps = 5, 300, 1e-6  # D not a power of 2: masked columns
+    g = torch.Generator().manual_seed(world)
+    slots = [torch.randn(T, D, generator=g).to(DEVICE) for _ in range(world)]
+    ptrs = torch.tensor([s.data_ptr() for s in slots], dtype=torch.int64, device=DEVICE)
+    pads = torch.zeros(world, dtype=torch.int64, device=DEVICE)  # not read without flags
+    residual = torch.randn(T, D, generator=g).to(DEVICE, dtype)
+    weight = (1 + 0.1 * torch.randn(D, generator=g)).to(DEVICE, dtype)
+    total = slots[0].double()
+    for s in slots[1:]:
+        total = (total + s.double()).float().double()  # float32 adds, in rank order
+    x_ref = (total.to(dtype).double() + residual.double()).to(dtype).double()
+    ref = weight.double() * (x_ref * torch.rsqrt(x_ref.pow(2).mean(-1, keepdim=True) + eps))
+    runs = []
+    for rank in range(world):
+        x, out = torch.empty_like(residual), torch.empty_like(residual)
+        peer_sum.launch_sum(ptrs, pads, rank, residual, weight, x, out, eps, True, flags=False)
+        runs.append((x, out))
+    x, out = runs[0]
+    assert all(torch.equal(x, r[0]) and torch.equal(out, r[1]) for r in runs[1:])
+    assert (x.double() != x_ref).float().mean().item() < 0.01  # bf16: a double rounding, rarely
+    tol = 1e-2 if dtype == torch.bfloat16 else 1e-6
+    assert ((out.double() - ref).norm() / ref.norm()).item() < tol
+    alone = torch.empty_like(residual)
+    peer_sum.launch_sum(ptrs, pads, 1, alone, alone, alone, alone, 0.0, False, flags=False)
+    assert torch.equal(alone, total.to(dtype))
