@@ -516,6 +516,11 @@ def bench_layout(
         replica_split="intermediate" if layout.startswith("replicas-split") else "experts",
         replica_peer_sum=256 if layout.endswith("-peer") else 0,
     )
+    if layout.endswith("-peer") and device != "cpu":
+        # Ray started with GPU 0 hidden (the engine's); peer sums need every GPU visible in the
+        # actors (`ShardOptions.replica_peer_sum` keeps Ray from narrowing it): this process's set.
+        every = os.environ.get("CUDA_VISIBLE_DEVICES") or ",".join(map(str, range(torch.cuda.device_count())))
+        options.env_vars = {"CUDA_VISIBLE_DEVICES": every}
     t0 = time.perf_counter()
     print(f"  {g} devices ({layout}): starting the engine and {g - 1} shard(s)", flush=True)
     engine = Engine.from_pretrained(

@@ -81,6 +81,23 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+NOSET_VISIBLE = "RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES"
+
+
+def _actor_device(device: str) -> str:
+    """A shard actor's device: Ray's GPU for it, which Ray makes the only visible one ("cuda:0"),
+    unless NOSET_VISIBLE keeps every GPU visible (peer sums map the peers' memory, which CUDA
+    needs visible): then the one with Ray's id, found among CUDA_VISIBLE_DEVICES if set."""
+    if device != "cuda":
+        return "cpu"
+    ids = ray.get_gpu_ids()
+    if not (os.environ.get(NOSET_VISIBLE) and ids):
+        return "cuda:0"
+    gpu = str(ids[0])
+    visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+    return f"cuda:{visible.index(gpu) if gpu in visible else int(gpu)}"
+
+
 @ray.remote(max_concurrency=3)  # serve(), and beside it stats calls and profile()
 class ExpertShard:
     """Holds some experts of some MoE layers and serves them over the process group."""
@@ -103,7 +120,7 @@ class ExpertShard:
         if device == "cpu":
             torch.set_num_threads(1)  # shards share the host's cores with the engine
         self.rank, self.world_size = rank, world_size
-        self.device = "cuda:0" if device == "cuda" else "cpu"  # Ray sets CUDA_VISIBLE_DEVICES
+        self.device = _actor_device(device)
         self.served = 0
         self.error: str | None = None
         self.control: dict[str, Any] = {}  # read by the serving loop (serve_experts, serve_replica)
@@ -328,6 +345,9 @@ class ShardGroup:
                 opt.replica_split,
                 opt.replica_peer_sum,
             )
+        env = dict(opt.env_vars)
+        if opt.replicate_trunk and opt.replica_peer_sum and self.device == "cuda":
+            env.setdefault(NOSET_VISIBLE, "1")  # every GPU visible: symmetric memory maps the peers'
         for i, s in enumerate(self.remote_shards):
             actor = ExpertShard.options(
                 num_cpus=bundles[i].get("CPU", 0),
@@ -336,7 +356,7 @@ class ShardGroup:
                     placement_group=self.pg, placement_group_bundle_index=i
                 ),
                 name=None,
-                runtime_env={"env_vars": dict(opt.env_vars)} if opt.env_vars else None,
+                runtime_env={"env_vars": env} if env else None,
             ).remote(
                 self.path,
                 self.assignment(s),

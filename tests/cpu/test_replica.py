@@ -220,6 +220,30 @@ def test_replica_options_are_checked(checkpoints):
         ReplicaDispatch(plan, ExpertStore({}), 0, "cpu", exact=True, peer_rows=8)
 
 
+def test_shard_actor_device_with_every_gpu_visible(monkeypatch):
+    """Peer sums keep every GPU visible in the shard actors (Ray's NOSET switch): an actor then
+    takes the GPU with Ray's id, as an index into CUDA_VISIBLE_DEVICES where that is set; without
+    the switch Ray narrows visibility to its GPU, "cuda:0". (No GPU here: Ray's id is given.)"""
+    from specmoe_ray.serving import shards
+
+    monkeypatch.setattr(shards.ray, "get_gpu_ids", lambda: ["1"])
+    monkeypatch.delenv(shards.NOSET_VISIBLE, raising=False)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
+    assert shards._actor_device("cuda") == "cuda:0"
+    assert shards._actor_device("cpu") == "cpu"
+    monkeypatch.setenv(shards.NOSET_VISIBLE, "1")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    assert shards._actor_device("cuda") == "cuda:1"
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,1,2")
+    assert shards._actor_device("cuda") == "cuda:1"
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "6,7")
+    monkeypatch.setattr(shards.ray, "get_gpu_ids", lambda: ["7"])
+    assert shards._actor_device("cuda") == "cuda:1"
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    monkeypatch.setattr(shards.ray, "get_gpu_ids", lambda: [3])
+    assert shards._actor_device("cuda") == "cuda:3"
+
+
 @pytest.mark.parametrize("layers", [[0, 1], [3, 4, 5], list(range(48)), [1, 3, 5, 7, 9], [2]])
 def test_peer_sum_slots_alternate_across_forwards(layers):
     """`peer_sum.slot_order`: consecutive sums use different symmetric slots, the last sum of
