@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import os
 import time
 import warnings
@@ -88,15 +89,22 @@ def time_variant(x: torch.Tensor, reduce, group_name: str, dev: torch.device, re
         for _ in range(reps):
             chain(x, reduce, group_name)
         return 1e6 * (time.perf_counter() - t0) / (reps * LAYERS)
+    return graph_us(lambda: chain(x, reduce, group_name), dev, reps)[0]
+
+
+def graph_us(run, dev: torch.device, reps: int) -> tuple[float, object]:
+    """run() (LAYERS layers) warmed up on a side stream, captured in a CUDA graph and replayed
+    in step with the other rank -> (microseconds per layer, what the captured run returned)."""
     stream = torch.cuda.Stream(dev)
     stream.wait_stream(torch.cuda.current_stream(dev))
     with torch.cuda.stream(stream):
-        chain(x, reduce, group_name)  # warm-up (and symmetric buffers' rendezvous) off the graph
+        run()  # warm-up (compilations, symmetric buffers' rendezvous) off the graph
     torch.cuda.current_stream(dev).wait_stream(stream)
     torch.cuda.synchronize(dev)
+    dist.barrier()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph, stream=stream):
-        chain(x, reduce, group_name)
+        out = run()
     for _ in range(3):
         graph.replay()
     torch.cuda.synchronize(dev)
@@ -107,7 +115,7 @@ def time_variant(x: torch.Tensor, reduce, group_name: str, dev: torch.device, re
         graph.replay()
     end.record()
     end.synchronize()
-    return 1e3 * start.elapsed_time(end) / (reps * LAYERS)
+    return 1e3 * start.elapsed_time(end) / (reps * LAYERS), out
 
 
 def worker(rank: int, port: int, device: str, tokens: list[int], reps: int) -> None:
@@ -210,27 +218,8 @@ def fold_variants(rank: int, dev: torch.device, T: int, reps: int, group_name: s
             checks.append(f"{variant} {'ok' if ok else 'WRONG'} (norm {err:.1e}, residual {x_off:.0e})")
         for variant in ("alone", "nccl", "peer"):
             h, res = h0.clone(), res0.clone()
-            stream = torch.cuda.Stream(dev)
-            stream.wait_stream(torch.cuda.current_stream(dev))
-            with torch.cuda.stream(stream):
-                fold_layers(h, res, w, variant, partial, peer, scales[rank])  # warm-up, compiles
-            torch.cuda.current_stream(dev).wait_stream(stream)
-            torch.cuda.synchronize(dev)
-            dist.barrier()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, stream=stream):
-                h_out, _ = fold_layers(h, res, w, variant, partial, peer, scales[rank])
-            for _ in range(3):
-                graph.replay()
-            torch.cuda.synchronize(dev)
-            dist.barrier()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(reps):
-                graph.replay()
-            end.record()
-            end.synchronize()
-            out[variant] = 1e3 * start.elapsed_time(end) / (reps * LAYERS)
+            run = functools.partial(fold_layers, h, res, w, variant, partial, peer, scales[rank])
+            out[variant], (h_out, _) = graph_us(run, dev, reps)
             if variant != "alone":  # replicas must stay equal: every rank the same rows
                 mine = h_out.float().sum().reshape(1)
                 both = [torch.empty_like(mine) for _ in range(2)]

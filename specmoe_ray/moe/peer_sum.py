@@ -41,50 +41,29 @@ if AVAILABLE:
             "mov.u32 $0, %tid.x;", "=r", [], dtype=tl.int32, is_pure=True, pack=1
         )
 
-    @triton.jit
-    def _send(addrs):
-        """Set each flag 0 -> 1 (system scope, release: the slot's writes come first), waiting
-        while the receiver still holds the last one."""
-        tl.inline_asm_elementwise(
-            """
-            {
+    def _cas_loop(sem: str, old: int, new: int, label: str) -> tl.constexpr:
+        """PTX: compare-and-swap a flag old -> new at system scope (`sem`: release or acquire),
+        retried until it was `old`."""
+        return tl.constexpr(
+            f"""{{
             .reg .u32 %prev;
             .reg .pred %done;
-            peer_sum_send:
-            atom.global.release.sys.cas.b32 %prev, [$1], 0, 1;
-            setp.eq.u32 %done, %prev, 0;
-            @!%done bra peer_sum_send;
+            {label}:
+            atom.global.{sem}.sys.cas.b32 %prev, [$1], {old}, {new};
+            setp.eq.u32 %done, %prev, {old};
+            @!%done bra {label};
             mov.u32 $0, %prev;
-            }
-            """,
-            "=r, l",
-            [addrs],
-            dtype=tl.int32,
-            is_pure=False,
-            pack=1,
+            }}"""
         )
 
+    # Set a flag 0 -> 1 (release: the slot's writes come first), waiting while the receiver still
+    # holds the last one; take it 1 -> 0 (acquire), waiting for it.
+    _SEND = _cas_loop("release", 0, 1, "peer_sum_send")
+    _TAKE = _cas_loop("acquire", 1, 0, "peer_sum_take")
+
     @triton.jit
-    def _take(addrs):
-        """Wait for each flag to be 1 and take it back to 0 (system scope, acquire)."""
-        tl.inline_asm_elementwise(
-            """
-            {
-            .reg .u32 %prev;
-            .reg .pred %done;
-            peer_sum_take:
-            atom.global.acquire.sys.cas.b32 %prev, [$1], 1, 0;
-            setp.eq.u32 %done, %prev, 1;
-            @!%done bra peer_sum_take;
-            mov.u32 $0, %prev;
-            }
-            """,
-            "=r, l",
-            [addrs],
-            dtype=tl.int32,
-            is_pure=False,
-            pack=1,
-        )
+    def _cas(addrs, ASM: tl.constexpr):
+        tl.inline_asm_elementwise(ASM, "=r, l", [addrs], dtype=tl.int32, is_pure=False, pack=1)
 
     @triton.jit
     def _signal_kernel(pads_ptr, RANK: tl.constexpr, WORLD: tl.constexpr):
@@ -94,7 +73,7 @@ if AVAILABLE:
         ranks = tl.arange(0, WORLD)
         flags = tl.load(pads_ptr + ranks).to(tl.pointer_type(tl.int32)) + t * WORLD + RANK
         if _thread_id() < WORLD:  # thread r holds rank r's flag; the others hold copies
-            _send(flags)
+            _cas(flags, _SEND)
 
     @triton.jit
     def _sum_add_norm_kernel(
@@ -119,7 +98,7 @@ if AVAILABLE:
         flags = tl.load(pads_ptr + RANK).to(tl.pointer_type(tl.int32)) + t * WORLD + tl.arange(0, WORLD)
         if FLAGS:
             if _thread_id() < WORLD:
-                _take(flags)
+                _cas(flags, _TAKE)
             tl.debug_barrier()  # the flags taken before any thread reads the peers' rows
         cols = tl.arange(0, BLOCK_D)
         ok = cols < D

@@ -452,17 +452,24 @@ def test_nccl_trunk_replicas_equal_one_gpu_and_transformers(tmp_path, checkpoint
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
-def test_nccl_trunk_replicas_split_by_intermediate_size(tmp_path, checkpoints):
+@pytest.mark.parametrize("peer_rows", [0, 64])
+def test_nccl_trunk_replicas_split_by_intermediate_size(tmp_path, checkpoints, peer_rows):
     """`ShardOptions.replica_split = "intermediate"` over NCCL: every GPU holds every expert's
-    slice of its intermediate size and computes every pair's share; one all_reduce sums them.
-    float32 with captured steps and n-gram drafts == transformers; bfloat16 (prompt buckets
-    captured too): graphed steps == the same group's padded steps."""
+    slice of its intermediate size and computes every pair's share; one all_reduce sums them
+    (peer_rows: static steps sum by peer loads inside the next add + norm instead,
+    `replica_peer_sum`, `moe/peer_sum.py`). float32 with captured steps and n-gram drafts (verify
+    rows included) == transformers; bfloat16 (prompt buckets captured too): graphed steps == the
+    same group's padded steps."""
     import ray
 
     n = torch.cuda.device_count()
     ray.init(num_gpus=n - 1, num_cpus=8, include_dashboard=False)
     options = ShardOptions(
-        replicate_trunk=True, replica_split="intermediate", cuda_graphs=True, collective_timeout_s=30
+        replicate_trunk=True,
+        replica_split="intermediate",
+        replica_peer_sum=peer_rows,
+        cuda_graphs=True,
+        collective_timeout_s=30,
     )
     try:
         path = checkpoints("qwen3_moe")
@@ -477,6 +484,8 @@ def test_nccl_trunk_replicas_split_by_intermediate_size(tmp_path, checkpoints):
         ) as engine:
             got = [o.token_ids for o in engine.generate(PROMPTS, GREEDY)]
             assert engine.graphs.capture and engine.graphs.num_replays > 3
+            assert (engine.shard_group.dispatch.peer is not None) == bool(peer_rows)
+            assert engine.metrics.num_recoveries == 0
             shards = engine.stats()["shards"]["shards"]
         assert got == ref
         assert all(len(s["held"]) and all(len(v) == 8 for v in s["held"].values()) for s in shards)
@@ -494,59 +503,6 @@ def test_nccl_trunk_replicas_split_by_intermediate_size(tmp_path, checkpoints):
             ) as engine:
                 runs[steps] = [o.token_ids for o in engine.generate(BUCKET_PROMPTS, GREEDY)]
                 assert engine.metrics.num_recoveries == 0, steps
-        assert runs["auto"] == runs["padded"]
-    finally:
-        ray.shutdown()
-
-
-@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
-def test_nccl_trunk_replicas_peer_sum(tmp_path, checkpoints):
-    """`ShardOptions.replica_peer_sum`: static steps sum the replicas' shares by peer loads
-    (symmetric memory, `moe/peer_sum.py`) inside the next add + norm instead of NCCL. float32,
-    captured steps with n-gram drafts (verify rows included) == transformers; bfloat16 (prompt
-    buckets captured too): graphed steps == the same group's padded steps; the peer path ran."""
-    import ray
-
-    n = torch.cuda.device_count()
-    ray.init(num_gpus=n - 1, num_cpus=8, include_dashboard=False)
-    options = ShardOptions(
-        replicate_trunk=True,
-        replica_split="intermediate",
-        replica_peer_sum=64,
-        cuda_graphs=True,
-        collective_timeout_s=30,
-    )
-    try:
-        path = checkpoints("qwen3_moe")
-        ref = hf_greedy(path, PROMPTS, NEW)
-        with Engine.from_pretrained(
-            path,
-            device=f"cuda:{n - 1}",
-            num_shards=n,
-            draft="ngram",
-            max_model_len=128,
-            shard_options=options,
-        ) as engine:
-            got = [o.token_ids for o in engine.generate(PROMPTS, GREEDY)]
-            assert engine.graphs.capture and engine.graphs.num_replays > 3
-            assert engine.shard_group.dispatch.peer is not None
-            assert engine.metrics.num_recoveries == 0
-        assert got == ref
-        wide = wide_checkpoint(tmp_path)
-        runs = {}
-        for steps in ("auto", "padded"):
-            with Engine.from_pretrained(
-                wide,
-                device=f"cuda:{n - 1}",
-                dtype="bfloat16",
-                num_shards=n,
-                max_model_len=128,
-                step_graphs=steps,
-                shard_options=options,
-            ) as engine:
-                runs[steps] = [o.token_ids for o in engine.generate(BUCKET_PROMPTS, GREEDY)]
-                assert engine.metrics.num_recoveries == 0, steps
-                assert engine.shard_group.dispatch.peer is not None, steps
         assert runs["auto"] == runs["padded"]
     finally:
         ray.shutdown()
