@@ -71,7 +71,9 @@ class ShardOptions:
     replica_split: str = "experts"
     # Trunk replicas, static steps (CUDA graphs) of up to this many tokens: each MoE layer's sum
     # by peer loads over NVLink inside the next add + norm (`moe/peer_sum.py`, symmetric memory)
-    # instead of NCCL's all_reduce; 0: off. Opt-in until measured (benchmarks/allreduce.py (2)).
+    # instead of NCCL's all_reduce; 0: off. Opt-in until measured (benchmarks/allreduce.py (2)),
+    # and its waits have no timeout yet: a shard that dies inside such a step hangs it, where
+    # NCCL's collectives time out and the engine re-forms the group.
     replica_peer_sum: int = 0
 
 
