@@ -491,7 +491,11 @@ def bench_gpus(a, device: str, rows: dict[int, list[list[int]]], one_device: lis
                 os.environ["CUDA_VISIBLE_DEVICES"] = visible
         try:
             for layout in a.layout:
-                yield bench_layout(a, device, rows, one_device, g, layout)
+                try:
+                    yield bench_layout(a, device, rows, one_device, g, layout)
+                except Exception as e:  # one layout's failure (e.g. its startup) ends only that row
+                    print(f"  {g} devices ({layout}): FAILED: {type(e).__name__}: {e}", flush=True)
+                    yield []
         finally:
             ray.shutdown()
 

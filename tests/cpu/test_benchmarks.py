@@ -85,3 +85,46 @@ def test_allreduce_benchmark_sums_right_on_two_gloo_ranks():
     lines = [line for line in run.stdout.splitlines() if "us/layer" in line]
     assert len(lines) == 4, run.stdout  # 2 token counts x (partial sums, exact)
     assert not any("WRONG" in line for line in lines), run.stdout
+
+
+def test_gpu_benchmark_multi_device_rows_run_on_cpu(tmp_path):
+    """gpu.py's rows with experts over 2 devices (run over gloo on CPUs, as a check of the
+    script): each layout starts its group, prints the ranks' expert load times and each batch's
+    ratio to one device; the peer-sum layout's option is inert on CPUs. In a process of its own:
+    the script starts (and stops) its own Ray."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    args = ["--shape", "small", "--device", "cpu", "--batch", "1", "2", "--new-tokens", "4", "--repeats", "1"]
+    args += ["--skip-hf", "--skip-demo", "--skip-sweep", "--variants", "graphs", "--gpus", "1", "2"]
+    args += ["--layout", "replicas", "replicas-split-peer", "--save-dir", str(tmp_path / "ckpt")]
+    args += ["--json", str(tmp_path / "r.json")]
+    run = subprocess.run(
+        [sys.executable, os.path.join(root, "benchmarks", "gpu.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    for layout in ("replicas", "replicas-split-peer"):
+        ready = re.search(
+            rf"2 devices \({layout}\): ready in \d+s \(experts loaded: rank 0 [\d.]+s, rank 1 [\d.]+s\)",
+            run.stdout,
+        )
+        assert ready, run.stdout
+        for b in (1, 2):
+            assert re.search(rf"2 devices \({layout}\) batch +{b}: .* [\d.]+x one device", run.stdout), (
+                run.stdout
+            )
+    import json
+
+    runs = json.loads((tmp_path / "r.json").read_text())["shape"]["runs"]
+    assert sorted((r["layout"], r["batch"]) for r in runs if "layout" in r) == [
+        ("replicas", 1),
+        ("replicas", 2),
+        ("replicas-split-peer", 1),
+        ("replicas-split-peer", 2),
+    ]
