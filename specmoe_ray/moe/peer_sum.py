@@ -10,7 +10,9 @@ small kernel and the norm's own instead of NCCL's all_reduce kernel and the norm
 
 Signals are per (row, sender) flags in each rank's signal pad: a sender sets its flag 0 -> 1
 (waiting while the receiver has not taken the last one), the receiver takes it 1 -> 0. The flags
-return to 0 by themselves, so CUDA graphs replay the same launches.
+return to 0 by themselves, so CUDA graphs replay the same launches. A wait longer than the group's
+collective timeout traps (a peer died mid-step): the CUDA context fails loudly, as NCCL's
+watchdog takes a process down, instead of a step that never ends.
 
 Slots: the caller gives consecutive sums different slots, the last sum of a forward and the first
 of the next one too (`slot_order`). A rank then writes sum i + 1's slot only after its add + norm
@@ -43,15 +45,24 @@ if AVAILABLE:
 
     def _cas_loop(sem: str, old: int, new: int, label: str) -> tl.constexpr:
         """PTX: compare-and-swap a flag old -> new at system scope (`sem`: release or acquire),
-        retried until it was `old`."""
+        retried until it was `old`; after $2 nanoseconds (the group's collective timeout) a
+        device trap: the process's CUDA context fails loudly instead of spinning forever."""
         return tl.constexpr(
             f"""{{
             .reg .u32 %prev;
-            .reg .pred %done;
+            .reg .pred %done, %late;
+            .reg .u64 %t0, %t;
+            mov.u64 %t0, %globaltimer;
             {label}:
             atom.global.{sem}.sys.cas.b32 %prev, [$1], {old}, {new};
             setp.eq.u32 %done, %prev, {old};
-            @!%done bra {label};
+            @%done bra {label}_done;
+            mov.u64 %t, %globaltimer;
+            sub.u64 %t, %t, %t0;
+            setp.gt.u64 %late, %t, $2;
+            @!%late bra {label};
+            trap;
+            {label}_done:
             mov.u32 $0, %prev;
             }}"""
         )
@@ -62,18 +73,18 @@ if AVAILABLE:
     _TAKE = _cas_loop("acquire", 1, 0, "peer_sum_take")
 
     @triton.jit
-    def _cas(addrs, ASM: tl.constexpr):
-        tl.inline_asm_elementwise(ASM, "=r, l", [addrs], dtype=tl.int32, is_pure=False, pack=1)
+    def _cas(addrs, timeout_ns, ASM: tl.constexpr):
+        tl.inline_asm_elementwise(ASM, "=r, l, l", [addrs, timeout_ns], dtype=tl.int32, is_pure=False, pack=1)
 
     @triton.jit
-    def _signal_kernel(pads_ptr, RANK: tl.constexpr, WORLD: tl.constexpr):
+    def _signal_kernel(pads_ptr, timeout_ns, RANK: tl.constexpr, WORLD: tl.constexpr):
         """Program t: flag (t, RANK) in every rank's pad, this one's too (pads_ptr: int64
         [WORLD] addresses), so that a rank's add + norm waits on WORLD flags alike."""
         t = tl.program_id(0)
         ranks = tl.arange(0, WORLD)
         flags = tl.load(pads_ptr + ranks).to(tl.pointer_type(tl.int32)) + t * WORLD + RANK
         if _thread_id() < WORLD:  # thread r holds rank r's flag; the others hold copies
-            _cas(flags, _SEND)
+            _cas(flags, timeout_ns.to(tl.int64), _SEND)
 
     @triton.jit
     def _sum_add_norm_kernel(
@@ -85,6 +96,7 @@ if AVAILABLE:
         out_ptr,  # [rows, D] out: x normed (NORM)
         D,
         eps,
+        timeout_ns,  # the waits' limit (`_cas_loop`)
         RANK: tl.constexpr,
         WORLD: tl.constexpr,
         BLOCK_D: tl.constexpr,
@@ -98,7 +110,7 @@ if AVAILABLE:
         flags = tl.load(pads_ptr + RANK).to(tl.pointer_type(tl.int32)) + t * WORLD + tl.arange(0, WORLD)
         if FLAGS:
             if _thread_id() < WORLD:
-                _cas(flags, _TAKE)
+                _cas(flags, timeout_ns.to(tl.int64), _TAKE)
             tl.debug_barrier()  # the flags taken before any thread reads the peers' rows
         cols = tl.arange(0, BLOCK_D)
         ok = cols < D
@@ -145,7 +157,11 @@ class PeerSum:
     """Symmetric slots and signal pads for one process group's per-layer sums of [rows, D]
     float32 partials, rows <= max_rows. Every rank builds it at the same point (a collective)."""
 
-    def __init__(self, max_rows: int, hidden: int, device: torch.device, group_name: str):
+    def __init__(
+        self, max_rows: int, hidden: int, device: torch.device, group_name: str, timeout_s: float = 120.0
+    ):
+        """timeout_s: a rank that waits longer than this for a peer's flag traps (its CUDA
+        context fails; use the group's collective timeout)."""
         import torch.distributed as dist
         import torch.distributed._symmetric_memory as symm_mem
 
@@ -159,7 +175,7 @@ class PeerSum:
                 f"PeerSum: {max_rows} rows x {self.world} ranks of flags do not fit the signal pad "
                 f"(at most {pad_rows(self.world)} rows)"
             )
-        self.max_rows, self.hidden = max_rows, hidden
+        self.max_rows, self.hidden, self.timeout_s = max_rows, hidden, timeout_s
         if hasattr(symm_mem, "enable_symm_mem_for_group"):  # needed by older torch, a no-op after
             import warnings
 
@@ -180,7 +196,9 @@ class PeerSum:
 
     def signal(self, rows: int) -> None:
         """Tell every peer that this rank's slot holds its rows (after the kernel that wrote them)."""
-        _signal_kernel[(rows,)](self.pads, RANK=self.rank, WORLD=self.world, num_warps=1)
+        _signal_kernel[(rows,)](
+            self.pads, int(self.timeout_s * 1e9), RANK=self.rank, WORLD=self.world, num_warps=1
+        )
 
     def sum_add_rms_norm(
         self, index: int, residual: torch.Tensor, weight: torch.Tensor, eps: float
@@ -198,7 +216,19 @@ class PeerSum:
         return x
 
     def _launch(self, index: int, residual, weight, x, out, eps: float, norm: bool) -> None:
-        launch_sum(self.slot_ptrs[index], self.pads, self.rank, residual, weight, x, out, eps, norm)
+        launch_sum(
+            self.slot_ptrs[index],
+            self.pads,
+            self.rank,
+            residual,
+            weight,
+            x,
+            out,
+            eps,
+            norm,
+            True,
+            self.timeout_s,
+        )
 
 
 def launch_sum(
@@ -212,9 +242,11 @@ def launch_sum(
     eps: float,
     norm: bool,
     flags: bool = True,
+    timeout_s: float = 120.0,
 ) -> None:
     """The sum (+ add + norm) kernel over x's rows: slot_ptrs / pads int64 [world] addresses;
-    writes x (and out when norm). flags False: no waiting (the slots are known written)."""
+    writes x (and out when norm). flags False: no waiting (the slots are known written);
+    timeout_s: a wait longer than this traps (`_cas_loop`)."""
     rows, D = x.shape
     _sum_add_norm_kernel[(rows,)](
         slot_ptrs,
@@ -225,6 +257,7 @@ def launch_sum(
         out,
         D,
         eps,
+        int(timeout_s * 1e9),
         RANK=rank,
         WORLD=slot_ptrs.shape[0],
         BLOCK_D=triton.next_power_of_2(D),

@@ -163,6 +163,7 @@ class ReplicaDispatch(_Masked, Rank0):
             peer_rows = min(peer_rows, pad_rows(plan.num_shards)) if self._slots else 0
         self.peer_rows = peer_rows
         self.peer = None  # the `PeerSum`, made by the first static step that uses it
+        self.peer_timeout_s = 120.0  # its waits' limit: the group's collective timeout (set by the owner)
         self.combines = not exact  # takes the gate weights, returns the combined [T, D]
         self.plan = plan
         self.local = store
@@ -266,7 +267,8 @@ class ReplicaDispatch(_Masked, Rank0):
                 raise RuntimeError("ReplicaDispatch: the first peer sum must run before a graph capture")
             from specmoe_ray.moe.peer_sum import PeerSum
 
-            self.peer = PeerSum(self.peer_rows, x.shape[-1], x.device, dist.group.WORLD.group_name)
+            group = dist.group.WORLD.group_name
+            self.peer = PeerSum(self.peer_rows, x.shape[-1], x.device, group, self.peer_timeout_s)
         return self.peer
 
     @property

@@ -71,9 +71,10 @@ class ShardOptions:
     replica_split: str = "experts"
     # Trunk replicas, static steps (CUDA graphs) of up to this many tokens: each MoE layer's sum
     # by peer loads over NVLink inside the next add + norm (`moe/peer_sum.py`, symmetric memory)
-    # instead of NCCL's all_reduce; 0: off. Opt-in until measured (benchmarks/allreduce.py (2)),
-    # and its waits have no timeout yet: a shard that dies inside such a step hangs it, where
-    # NCCL's collectives time out and the engine re-forms the group.
+    # instead of NCCL's all_reduce; 0: off. Opt-in until measured (benchmarks/allreduce.py (2)).
+    # A rank that waits longer than collective_timeout_s for a peer there traps: its CUDA
+    # context fails (the engine process must restart), where NCCL's collectives time out and the
+    # engine re-forms the group in place.
     replica_peer_sum: int = 0
 
 
@@ -189,6 +190,7 @@ class ExpertShard:
         )
         try:
             if self.replica is not None:
+                self.replica.peer_timeout_s = timeout_s
                 self.served = serve_replica(
                     self.model, self.cache, self.replica, self.device, capture=capture, control=self.control
                 )
@@ -430,6 +432,7 @@ class ShardGroup:
             self.dispatch = ReplicaDispatch(
                 self.plan, store, 0, device, opt.replica_exact, self.split, opt.replica_peer_sum
             )
+            self.dispatch.peer_timeout_s = opt.collective_timeout_s
         else:
             self.dispatch = DistributedDispatch(self.plan, self.hidden_size, self.dtype, device, store)
 
