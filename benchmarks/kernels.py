@@ -28,7 +28,8 @@ and all 256 pairs, those held elsewhere skipped).
 (6) A trunk replica's step on one GPU without its peer (`moe/replica.py`, rank 0 of 2, a process
 group of one: its all_reduce sums nothing): the same 8-layer step graph as (1) at --batch, with
 all 128 experts in-process, then as a replica holding experts 0-63 (partial sums; `exact`). A
-2-GPU step's time minus this one's is what the collective costs, peer skew included.
+2-GPU step's time minus this one's is what the collective costs, peer skew included. Last, the
+trunk alone (routing, no expert stage): the part of a layer every replica repeats.
 
 (7) `--split`: one of 2 GPUs' expert stage at --expert-tokens tokens, experts split by expert
 (64 whole ones) or by intermediate size (all 128, half of I each), beside one GPU's.
@@ -588,6 +589,15 @@ def sharded_experts(a, bandwidth: float) -> None:
         torch.cuda.empty_cache()
 
 
+class NoExperts:
+    """An expert backend that computes nothing (zeros): the step's trunk alone, for (6)."""
+
+    combines = True
+
+    def __call__(self, layer, x, expert_ids, counted=False, weights=None):
+        return torch.zeros_like(x)
+
+
 def replica_alone(a) -> None:
     import datetime
     import socket
@@ -625,6 +635,7 @@ def replica_alone(a) -> None:
         "one GPU, all 128 experts": full,
         "replica rank 0 of 2, no peer (partial sums)": ReplicaDispatch(plan, half, 0, "cuda"),
         "replica rank 0 of 2, no peer (exact)": ReplicaDispatch(plan, half, 0, "cuda", exact=True),
+        "trunk alone (no expert stage: routing, then zeros)": NoExperts(),
     }
     print(f"(6) a trunk replica's step without its peer, {a.layers} layers, context {a.context}")
     for B in a.batch:
