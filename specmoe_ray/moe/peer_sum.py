@@ -23,6 +23,8 @@ the peers may still be reading (the last sum's).
 
 from __future__ import annotations
 
+import os
+
 try:
     import triton
     import triton.language as tl
@@ -176,6 +178,10 @@ class PeerSum:
                 f"(at most {pad_rows(self.world)} rows)"
             )
         self.max_rows, self.hidden, self.timeout_s = max_rows, hidden, timeout_s
+        # Plain peer mappings are all this needs: no NVLink multicast objects (NVLS) unless the
+        # environment asks for them (on shared hosts they can take the GPUs out of service).
+        os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
+        os.environ.setdefault("NVSHMEM_DISABLE_NVLS", "1")
         if hasattr(symm_mem, "enable_symm_mem_for_group"):  # needed by older torch, a no-op after
             import warnings
 
