@@ -484,7 +484,13 @@ def bench_gpus(a, device: str, rows: dict[int, list[list[int]]], one_device: lis
             ids = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
             os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(ids[1:g])
         try:
-            ray.init(num_gpus=g - 1 if device != "cpu" else 0, num_cpus=max(8, 2 * g), include_dashboard=0)
+            # A cluster of its own (address "local"), whatever RAY_ADDRESS says: it sizes the GPUs.
+            ray.init(
+                address="local",
+                num_gpus=g - 1 if device != "cpu" else 0,
+                num_cpus=max(8, 2 * g),
+                include_dashboard=0,
+            )
         finally:
             os.environ.pop("CUDA_VISIBLE_DEVICES", None)
             if visible is not None:
