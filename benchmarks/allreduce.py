@@ -14,7 +14,7 @@ prints its error. Every variant's sum is checked against the expected values.
 
 (2) GPUs: the sum with the next layer's residual add + RMS norm, as a replica's layer ends:
 a kernel writes the float32 partial [T, 2048], then NCCL's all_reduce and the compiled
-`fused.sum_add_rms_norm`, against `moe/peer_sum.py` (the partial written into a symmetric slot,
+`fused.sum_add_rms_norm`, against `moe/peer_sum.py` (the partial written into a shared slot,
 a signal kernel, then one kernel that waits for the peers' rows, sums, adds and norms) and
 against the add + norm with no sum at all. One layer of each is checked against float64 math,
 and after the timed replays the ranks must hold the same rows.
@@ -175,7 +175,7 @@ def fold_layers(h, res, w, variant: str, partial, peer, scale: float):
     for layer in range(LAYERS):
         if variant == "peer":
             torch.mul(h, scale, out=peer.slot(layer % 2, h.shape[0]))  # LAYERS even: `slot_order`
-            peer.signal(h.shape[0])
+            peer.signal()
             h, res = peer.sum_add_rms_norm(layer % 2, res, w, EPS)
         else:
             torch.mul(h, scale, out=partial)
@@ -195,25 +195,27 @@ def fold_variants(rank: int, dev: torch.device, T: int, reps: int, group_name: s
     res0 = torch.randn(T, HIDDEN, generator=g).to(dev, torch.bfloat16)
     w = (1 + 0.1 * torch.randn(HIDDEN, generator=g)).to(dev, torch.bfloat16)
     scales = (0.5, 0.25)  # rank r's partial is h * scales[r] (exact in bf16 and float32)
-    peer = PeerSum(T, HIDDEN, dev, group_name)
+    peer = PeerSum(T, HIDDEN, dev)
     partial = torch.empty(T, HIDDEN, dtype=torch.float32, device=dev)
     out = {}
     with fused.active():
         # One layer against float64: sum, round, add, norm.
         total = (h0.double() * scales[0]).float().double() + (h0.double() * scales[1]).float().double()
         x_ref = (total.float().to(torch.bfloat16).double() + res0.double()).to(torch.bfloat16).double()
+        # Inductor may keep the float32 sum through the add (one rounding, not two): either passes.
+        x_once = (total.float().double() + res0.double()).to(torch.bfloat16).double()
         ref = w.double() * (x_ref * torch.rsqrt(x_ref.pow(2).mean(-1, keepdim=True) + EPS))
         checks = []
         for variant in ("nccl", "peer"):
             torch.mul(h0, scales[rank], out=peer.slot(0, T) if variant == "peer" else partial)
             if variant == "peer":
-                peer.signal(T)
+                peer.signal()
                 hn, xn = peer.sum_add_rms_norm(0, res0, w, EPS)
             else:
                 dist.all_reduce(partial)
                 hn, xn = fused.sum_add_rms_norm(partial, res0.clone(), w, EPS)
             err = ((hn.double() - ref).norm() / ref.norm()).item()
-            x_off = (xn.double() != x_ref).float().mean().item()  # double rounding: rarely 1 ulp
+            x_off = min((xn.double() != ref_x).float().mean().item() for ref_x in (x_ref, x_once))
             ok = err < 1e-2 and x_off < 1e-3
             checks.append(f"{variant} {'ok' if ok else 'WRONG'} (norm {err:.1e}, residual {x_off:.0e})")
         for variant in ("alone", "nccl", "peer"):

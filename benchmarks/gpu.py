@@ -528,9 +528,11 @@ def bench_layout(
     )
     if layout.endswith("-peer") and device != "cpu":
         # Ray started with GPU 0 hidden (the engine's); peer sums need every GPU visible in the
-        # actors (`ShardOptions.replica_peer_sum` keeps Ray from narrowing it): this process's set.
-        every = os.environ.get("CUDA_VISIBLE_DEVICES") or ",".join(map(str, range(torch.cuda.device_count())))
-        options.env_vars = {"CUDA_VISIBLE_DEVICES": every}
+        # actors (`ShardOptions.replica_peer_sum` keeps Ray from narrowing it): this process's
+        # set, Ray's GPUs first, in Ray's order (an actor's Ray GPU slot i names entry i).
+        ids = os.environ.get("CUDA_VISIBLE_DEVICES") or ",".join(map(str, range(torch.cuda.device_count())))
+        ids = ids.split(",")
+        options.env_vars = {"CUDA_VISIBLE_DEVICES": ",".join(ids[1:] + ids[:1])}
     t0 = time.perf_counter()
     print(f"  {g} devices ({layout}): starting the engine and {g - 1} shard(s)", flush=True)
     engine = Engine.from_pretrained(

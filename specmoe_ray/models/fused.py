@@ -217,7 +217,7 @@ class Pending(NamedTuple):
     """An MoE block's output, not combined yet (`DEFER_COMBINE`): y [T, A, D] expert outputs,
     weights [T, A], like: a tensor of the output's dtype. weights None: y is the combined
     output's float32 sum [T, D] (trunk replicas' all_reduce), rounded to like's dtype there.
-    peer: (a `moe.peer_sum.PeerSum`, slot): y is only this rank's share, in its symmetric slot;
+    peer: (a `moe.peer_sum.PeerSum`, slot): y is only this rank's share, in its shared slot;
     the ranks' shares are summed where the output is used (once: that takes the peers' signals)."""
 
     y: torch.Tensor

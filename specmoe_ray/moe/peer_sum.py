@@ -1,29 +1,34 @@
 """Trunk replicas' per-layer sum folded into the next residual add + RMS norm, by peer loads
 over NVLink instead of an NCCL all_reduce (opt-in, measured by benchmarks/allreduce.py (2)).
 
-Each rank writes its float32 partial sum of a MoE layer into its own slot of a symmetric buffer
-(`torch.distributed._symmetric_memory`, mapped into every rank's address space), then
-`PeerSum.signal` tells every peer, row by row, that the slot is written; the next layer's
-add + norm (`PeerSum.sum_add_rms_norm`) waits for the peers' signals of its row, reads their
-slots and its own, sums them and rounds, adds and norms as `fused.sum_add_rms_norm` does: one
-small kernel and the norm's own instead of NCCL's all_reduce kernel and the norm.
+Each rank writes its float32 partial sum of a MoE layer into its own slot of a buffer that every
+rank maps (CUDA IPC), then `PeerSum.signal` tells every peer that the slot is written; the next
+layer's add + norm (`PeerSum.sum_add_rms_norm`) waits for the peers' signals, reads their slots
+and its own, sums them and rounds, adds and norms as `fused.sum_add_rms_norm` does: a one-warp
+kernel and the norm's own instead of NCCL's all_reduce kernel and the norm.
 
-Signals are per (row, sender) flags in each rank's signal pad: a sender sets its flag 0 -> 1
-(waiting while the receiver has not taken the last one), the receiver takes it 1 -> 0. The flags
-return to 0 by themselves, so CUDA graphs replay the same launches. A wait longer than the group's
+The buffers are shared by CUDA IPC handles exchanged over the process group, not by
+`torch.distributed._symmetric_memory`: its rendezvous names its store keys by a per-process
+sequence number, so an engine that re-forms its group (a shard restarted, a second engine in
+the process) waits for keys that the fresh peer never writes.
+
+Signals are counters: each rank's signal pad holds one int32 per sender, the number of sums
+that sender has signalled to it. `signal` (one warp) adds 1 to its counter in every rank's pad
+(system-scope release, after the slot's writes) and to the rank's own count of sums; the add +
+norm waits (acquire) until every sender's counter reached that count. Counters only grow (and
+compare by their wrapping difference), so nothing is taken back or reset and CUDA graphs replay
+the same launches; one release per sum, not one per row. A wait longer than the group's
 collective timeout traps (a peer died mid-step): the CUDA context fails loudly, as NCCL's
 watchdog takes a process down, instead of a step that never ends.
 
 Slots: the caller gives consecutive sums different slots, the last sum of a forward and the first
 of the next one too (`slot_order`). A rank then writes sum i + 1's slot only after its add + norm
-took every peer's signal of sum i, which each peer sends after it read sum i - 1's slots, the
-last ones that used it; the first sum of a forward follows no wait, and its slot is not the one
-the peers may still be reading (the last sum's).
+saw every peer's signal of sum i, which each peer sends after its add + norm read sum i - 1's
+slots, the last ones that used it; the first sum of a forward follows no wait, and its slot is
+not the one the peers may still be reading (the last sum's).
 """
 
 from __future__ import annotations
-
-import os
 
 try:
     import triton
@@ -45,81 +50,97 @@ if AVAILABLE:
             "mov.u32 $0, %tid.x;", "=r", [], dtype=tl.int32, is_pure=True, pack=1
         )
 
-    def _cas_loop(sem: str, old: int, new: int, label: str) -> tl.constexpr:
-        """PTX: compare-and-swap a flag old -> new at system scope (`sem`: release or acquire),
-        retried until it was `old`; after $2 nanoseconds (the group's collective timeout) a
+    @triton.jit
+    def _signal(addrs):
+        """Add 1 to each address's counter at system scope, released after this rank's writes."""
+        tl.inline_asm_elementwise(
+            "red.release.sys.global.add.u32 [$1], 1; mov.u32 $0, 0;",
+            "=r, l",
+            [addrs],
+            dtype=tl.int32,
+            is_pure=False,
+            pack=1,
+        )
+
+    @triton.jit
+    def _wait(addrs, target, timeout_ns):
+        """Wait (acquire, system scope) until each address's counter reached target (by their
+        wrapping difference); after timeout_ns nanoseconds (the group's collective timeout) a
         device trap: the process's CUDA context fails loudly instead of spinning forever."""
-        return tl.constexpr(
-            f"""{{
-            .reg .u32 %prev;
+        tl.inline_asm_elementwise(
+            """{
+            .reg .u32 %seen;
+            .reg .s32 %ahead;
             .reg .pred %done, %late;
             .reg .u64 %t0, %t;
             mov.u64 %t0, %globaltimer;
-            {label}:
-            atom.global.{sem}.sys.cas.b32 %prev, [$1], {old}, {new};
-            setp.eq.u32 %done, %prev, {old};
-            @%done bra {label}_done;
+            peer_sum_wait:
+            ld.acquire.sys.global.u32 %seen, [$1];
+            sub.s32 %ahead, %seen, $2;
+            setp.ge.s32 %done, %ahead, 0;
+            @%done bra peer_sum_seen;
             mov.u64 %t, %globaltimer;
             sub.u64 %t, %t, %t0;
-            setp.gt.u64 %late, %t, $2;
-            @!%late bra {label};
+            setp.gt.u64 %late, %t, $3;
+            @!%late bra peer_sum_wait;
             trap;
-            {label}_done:
-            mov.u32 $0, %prev;
-            }}"""
+            peer_sum_seen:
+            mov.u32 $0, %seen;
+            }""",
+            "=r, l, r, l",
+            [addrs, target, timeout_ns],
+            dtype=tl.int32,
+            is_pure=False,
+            pack=1,
         )
 
-    # Set a flag 0 -> 1 (release: the slot's writes come first), waiting while the receiver still
-    # holds the last one; take it 1 -> 0 (acquire), waiting for it.
-    _SEND = _cas_loop("release", 0, 1, "peer_sum_send")
-    _TAKE = _cas_loop("acquire", 1, 0, "peer_sum_take")
-
     @triton.jit
-    def _cas(addrs, timeout_ns, ASM: tl.constexpr):
-        tl.inline_asm_elementwise(ASM, "=r, l, l", [addrs, timeout_ns], dtype=tl.int32, is_pure=False, pack=1)
-
-    @triton.jit
-    def _signal_kernel(pads_ptr, timeout_ns, RANK: tl.constexpr, WORLD: tl.constexpr):
-        """Program t: flag (t, RANK) in every rank's pad, this one's too (pads_ptr: int64
-        [WORLD] addresses), so that a rank's add + norm waits on WORLD flags alike."""
-        t = tl.program_id(0)
+    def _signal_kernel(pads_ptr, count_ptr, RANK: tl.constexpr, WORLD: tl.constexpr):
+        """One program: counter RANK in every rank's pad (this one's too, so that a rank's add +
+        norm waits on WORLD counters alike; pads_ptr: int64 [WORLD] addresses) += 1, and this
+        rank's count of sums (count_ptr, int32 [1]) += 1."""
         ranks = tl.arange(0, WORLD)
-        flags = tl.load(pads_ptr + ranks).to(tl.pointer_type(tl.int32)) + t * WORLD + RANK
-        if _thread_id() < WORLD:  # thread r holds rank r's flag; the others hold copies
-            _cas(flags, timeout_ns.to(tl.int64), _SEND)
+        counters = tl.load(pads_ptr + ranks).to(tl.pointer_type(tl.int32)) + RANK
+        if _thread_id() < WORLD:  # thread r holds rank r's counter; the others hold copies
+            _signal(counters)
+        tl.store(count_ptr, tl.load(count_ptr) + 1)
 
     @triton.jit
     def _sum_add_norm_kernel(
         slots_ptr,  # int64 [WORLD] addresses of each rank's slot (float32 [rows, D])
-        pads_ptr,  # int64 [WORLD] addresses of each rank's signal pad (int32 flags)
+        pads_ptr,  # int64 [WORLD] addresses of each rank's signal pad (int32 counters)
+        count_ptr,  # int32 [1]: this rank's sums signalled so far (the counters' target)
         res_ptr,  # [rows, D] residual (NORM)
         w_ptr,  # [D] norm weight (NORM)
         x_ptr,  # [rows, D] out: the rounded sum, plus the residual (NORM)
         out_ptr,  # [rows, D] out: x normed (NORM)
         D,
         eps,
-        timeout_ns,  # the waits' limit (`_cas_loop`)
+        timeout_ns,  # the waits' limit (`_wait`)
         RANK: tl.constexpr,
         WORLD: tl.constexpr,
         BLOCK_D: tl.constexpr,
         NORM: tl.constexpr,
         FLAGS: tl.constexpr = True,  # False: the slots are known written (Triton's interpreter)
     ):
-        """Row t: wait for every rank's flag (t, r), sum the WORLD slots' row t in rank order
-        (every rank the same sum), round to x's dtype; NORM: add the residual and RMS-norm, as
-        `fused.sum_add_rms_norm`."""
+        """Row t: wait until every rank's counter in this rank's pad reached this rank's count,
+        sum the WORLD slots' row t in rank order (every rank the same sum), round to x's dtype;
+        NORM: add the residual and RMS-norm, as `fused.sum_add_rms_norm`."""
         t = tl.program_id(0)
-        flags = tl.load(pads_ptr + RANK).to(tl.pointer_type(tl.int32)) + t * WORLD + tl.arange(0, WORLD)
         if FLAGS:
+            counters = tl.load(pads_ptr + RANK).to(tl.pointer_type(tl.int32)) + tl.arange(0, WORLD)
+            target = tl.load(count_ptr) + tl.zeros((WORLD,), tl.int32)
             if _thread_id() < WORLD:
-                _cas(flags, timeout_ns.to(tl.int64), _TAKE)
-            tl.debug_barrier()  # the flags taken before any thread reads the peers' rows
+                _wait(counters, target, timeout_ns.to(tl.int64))
+            tl.debug_barrier()  # every signal seen before any thread reads the peers' rows
         cols = tl.arange(0, BLOCK_D)
         ok = cols < D
         total = tl.zeros((BLOCK_D,), tl.float32)
         for r in tl.static_range(WORLD):
-            slot = tl.load(slots_ptr + r).to(tl.pointer_type(tl.float32))
-            total += tl.load(slot + t * D + cols, mask=ok, other=0.0, volatile=True)
+            # Slots are 16-byte aligned (`PeerSum`): vector loads. Past L1 (".cg"): the peers'
+            # rows are read after the wait, never from lines an earlier read left.
+            slot = tl.multiple_of(tl.load(slots_ptr + r).to(tl.pointer_type(tl.float32)), 16)
+            total += tl.load(slot + t * D + cols, mask=ok, other=0.0, cache_modifier=".cg")
         dtype = x_ptr.dtype.element_ty
         x = total.to(dtype)
         if NORM:
@@ -146,77 +167,79 @@ def slot_order(layers: list[int]) -> dict[int, int]:
     return order
 
 
-def pad_rows(world: int) -> int:
-    """The most rows a `PeerSum` of `world` ranks can flag: each rank's signal pad holds one
-    int32 flag per (row, rank)."""
-    import torch.distributed._symmetric_memory as symm_mem
+def _open_here(rebuild, args: tuple, device: torch.device) -> torch.Tensor:
+    """A peer's tensor from its `reduce_tensor` handle, opened with this GPU current: CUDA IPC
+    (lazy peer access) maps it for this GPU's kernels. torch would open it on the owner's device
+    (the one in args), where only that device's kernels reach it (illegal addresses here). The
+    tensor then says it is on `device`: only its address is used."""
+    import inspect
 
-    pad_bytes = symm_mem.get_signal_pad_size() if hasattr(symm_mem, "get_signal_pad_size") else 2048
-    return pad_bytes // (4 * world)
+    args = list(args)
+    args[list(inspect.signature(rebuild).parameters).index("storage_device")] = device.index
+    return rebuild(*args)
 
 
 class PeerSum:
-    """Symmetric slots and signal pads for one process group's per-layer sums of [rows, D]
-    float32 partials, rows <= max_rows. Every rank builds it at the same point (a collective)."""
+    """Slots and signal counters for one process group's per-layer sums of [rows, D] float32
+    partials, rows <= max_rows, in memory every rank maps: each rank allocates its own and
+    shares it by a CUDA IPC handle (`torch.multiprocessing`'s, exchanged over the group), so
+    the peers' slots and pads are plain device addresses here. Every rank builds it at the same
+    point (a collective); ranks on one host, every GPU visible in each process (the same device
+    numbers)."""
 
     def __init__(
-        self, max_rows: int, hidden: int, device: torch.device, group_name: str, timeout_s: float = 120.0
+        self, max_rows: int, hidden: int, device: torch.device, group=None, timeout_s: float = 120.0
     ):
-        """timeout_s: a rank that waits longer than this for a peer's flag traps (its CUDA
-        context fails; use the group's collective timeout)."""
+        """group: the process group (None: the default one); timeout_s: a rank that waits
+        longer than this for a peer's signal traps (its CUDA context fails; use the group's
+        collective timeout)."""
         import torch.distributed as dist
-        import torch.distributed._symmetric_memory as symm_mem
+        from torch.multiprocessing.reductions import reduce_tensor
 
         if not AVAILABLE:
             raise RuntimeError("PeerSum needs Triton and CUDA GPUs")
-        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.rank, self.world = dist.get_rank(group), dist.get_world_size(group)
         if self.world & (self.world - 1):
             raise ValueError(f"PeerSum: the group has {self.world} ranks; it takes a power of 2")
-        if max_rows > pad_rows(self.world):
-            raise ValueError(
-                f"PeerSum: {max_rows} rows x {self.world} ranks of flags do not fit the signal pad "
-                f"(at most {pad_rows(self.world)} rows)"
-            )
+        if hidden % 4:
+            raise ValueError(f"PeerSum: hidden size {hidden} is not a multiple of 4 (16-byte float32 rows)")
         self.max_rows, self.hidden, self.timeout_s = max_rows, hidden, timeout_s
-        # Plain peer mappings are all this needs: no NVLink multicast objects (NVLS) unless the
-        # environment asks for them (on shared hosts they can take the GPUs out of service).
-        os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
-        os.environ.setdefault("NVSHMEM_DISABLE_NVLS", "1")
-        if hasattr(symm_mem, "enable_symm_mem_for_group"):  # needed by older torch, a no-op after
-            import warnings
-
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", FutureWarning)
-                symm_mem.enable_symm_mem_for_group(group_name)
-        self.buffer = symm_mem.empty(SLOTS, max_rows, hidden, dtype=torch.float32, device=device)
-        self.handle = symm_mem.rendezvous(self.buffer, group_name)
-        self.pads = torch.tensor(self.handle.signal_pad_ptrs, dtype=torch.int64, device=device)
-        bases = torch.tensor(self.handle.buffer_ptrs, dtype=torch.int64, device=device)
+        # One allocation: SLOTS float32 slots, then this rank's pad (an int32 counter per sender).
+        slot_bytes = SLOTS * max_rows * hidden * 4
+        raw = torch.zeros(slot_bytes + 4 * self.world, dtype=torch.uint8, device=device)
+        self.buffer = raw[:slot_bytes].view(torch.float32).view(SLOTS, max_rows, hidden)
+        with torch.cuda.device(device):  # the group's collectives on this rank's GPU
+            handles = [None] * self.world
+            dist.all_gather_object(handles, reduce_tensor(raw), group=group)
+        # The peers' allocations mapped here (CUDA IPC); kept while this object lives.
+        self._mapped = [raw if r == self.rank else _open_here(*h, raw.device) for r, h in enumerate(handles)]
+        bases = torch.tensor([m.data_ptr() for m in self._mapped], dtype=torch.int64, device=device)
+        self.pads = bases + slot_bytes
         step = max_rows * hidden * 4  # bytes per slot
         self.slot_ptrs = [bases + i * step for i in range(SLOTS)]  # int64 [world] addresses each
-        dist.barrier()  # every rank's pads (zeroed) exist before any flag is set
+        self.count = torch.zeros(1, dtype=torch.int32, device=device)  # sums signalled (`signal`)
+        torch.cuda.synchronize(device)
+        dist.barrier(group)  # every rank's pad (zeroed) mapped before any counter moves
 
     def slot(self, index: int, rows: int) -> torch.Tensor:
         """This rank's slot `index` (`slot_order`): write a partial sum [rows, hidden] into it."""
         return self.buffer[index, :rows]
 
-    def signal(self, rows: int) -> None:
-        """Tell every peer that this rank's slot holds its rows (after the kernel that wrote them)."""
-        _signal_kernel[(rows,)](
-            self.pads, int(self.timeout_s * 1e9), RANK=self.rank, WORLD=self.world, num_warps=1
-        )
+    def signal(self) -> None:
+        """Tell every peer that this rank's slot holds its share (after the kernel that wrote it)."""
+        _signal_kernel[(1,)](self.pads, self.count, RANK=self.rank, WORLD=self.world, num_warps=1)
 
     def sum_add_rms_norm(
         self, index: int, residual: torch.Tensor, weight: torch.Tensor, eps: float
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """`fused.sum_add_rms_norm` of every rank's slot `index`: -> (normed, residual + sum).
-        Takes the signals: call it (or `sum`) once per `signal`."""
+        Waits for the peers' signals of this sum: call it (or `sum`) after each `signal`."""
         x, out = torch.empty_like(residual), torch.empty_like(residual)
         self._launch(index, residual, weight, x, out, eps, True)
         return out, x
 
     def sum(self, index: int, like: torch.Tensor) -> torch.Tensor:
-        """Every rank's slot `index` summed, in like's dtype ([rows, hidden]; takes the signals)."""
+        """Every rank's slot `index` summed, in like's dtype ([rows, hidden]; waits as above)."""
         x = torch.empty_like(like)
         self._launch(index, x, x, x, x, 0.0, False)
         return x
@@ -225,6 +248,7 @@ class PeerSum:
         launch_sum(
             self.slot_ptrs[index],
             self.pads,
+            self.count,
             self.rank,
             residual,
             weight,
@@ -240,6 +264,7 @@ class PeerSum:
 def launch_sum(
     slot_ptrs: torch.Tensor,
     pads: torch.Tensor,
+    count: torch.Tensor,
     rank: int,
     residual: torch.Tensor,
     weight: torch.Tensor,
@@ -250,13 +275,15 @@ def launch_sum(
     flags: bool = True,
     timeout_s: float = 120.0,
 ) -> None:
-    """The sum (+ add + norm) kernel over x's rows: slot_ptrs / pads int64 [world] addresses;
-    writes x (and out when norm). flags False: no waiting (the slots are known written);
-    timeout_s: a wait longer than this traps (`_cas_loop`)."""
+    """The sum (+ add + norm) kernel over x's rows: slot_ptrs / pads int64 [world] addresses,
+    count int32 [1] the signals' target (`PeerSum.count`); writes x (and out when norm). flags
+    False: no waiting (the slots are known written); timeout_s: a wait longer than this traps
+    (`_wait`)."""
     rows, D = x.shape
     _sum_add_norm_kernel[(rows,)](
         slot_ptrs,
         pads,
+        count,
         residual,
         weight,
         x,

@@ -134,7 +134,7 @@ class ReplicaDispatch(_Masked, Rank0):
     every pair's share (the plan's ownership does not apply) and the all_reduce sums the shares.
 
     peer_rows: static steps (inside `fused.active()`, on GPUs) of up to this many tokens sum the
-    ranks' shares through symmetric memory instead (`moe/peer_sum.py`: each rank's share written
+    ranks' shares through memory every rank maps instead (`moe/peer_sum.py`: each rank's share written
     into its slot, the sum done by the next layer's add + norm reading the peers' slots;
     `ShardOptions.replica_peer_sum`); 0: NCCL's all_reduce always. Not with exact."""
 
@@ -156,11 +156,11 @@ class ReplicaDispatch(_Masked, Rank0):
             raise ValueError("ReplicaDispatch: peer sums add partial sums: not with exact")
         self.exact, self.split = exact, split
         self._slots: dict[int, int] = {}  # {MoE layer: PeerSum slot}
-        if peer_rows:  # no more rows than the signal pads have flags for
-            from specmoe_ray.moe.peer_sum import pad_rows, slot_order
+        if peer_rows:
+            from specmoe_ray.moe.peer_sum import slot_order
 
             self._slots = slot_order(list(plan.owner))
-            peer_rows = min(peer_rows, pad_rows(plan.num_shards)) if self._slots else 0
+            peer_rows = peer_rows if self._slots else 0  # one MoE layer: NCCL (`slot_order`)
         self.peer_rows = peer_rows
         self.peer = None  # the `PeerSum`, made by the first static step that uses it
         self.peer_timeout_s = 120.0  # its waits' limit: the group's collective timeout (set by the owner)
@@ -251,7 +251,7 @@ class ReplicaDispatch(_Masked, Rank0):
             else:
                 total = partial_combine(y, weights, own, index, x)
         if peer is not None:  # the peers read this share where the output is used
-            peer.signal(T)
+            peer.signal()
             return fused.Pending(total, None, x, (peer, self._slots[layer]))
         dist.all_reduce(total)
         # The float32 sum is rounded to x's dtype by the next add + norm (or by the MoE block).
@@ -267,8 +267,7 @@ class ReplicaDispatch(_Masked, Rank0):
                 raise RuntimeError("ReplicaDispatch: the first peer sum must run before a graph capture")
             from specmoe_ray.moe.peer_sum import PeerSum
 
-            group = dist.group.WORLD.group_name
-            self.peer = PeerSum(self.peer_rows, x.shape[-1], x.device, group, self.peer_timeout_s)
+            self.peer = PeerSum(self.peer_rows, x.shape[-1], x.device, None, self.peer_timeout_s)
         return self.peer
 
     @property

@@ -70,7 +70,7 @@ class ShardOptions:
     # whatever the routing; not with replica_exact).
     replica_split: str = "experts"
     # Trunk replicas, static steps (CUDA graphs) of up to this many tokens: each MoE layer's sum
-    # by peer loads over NVLink inside the next add + norm (`moe/peer_sum.py`, symmetric memory)
+    # by peer loads over NVLink inside the next add + norm (`moe/peer_sum.py`, CUDA IPC)
     # instead of NCCL's all_reduce; 0: off. Opt-in until measured (benchmarks/allreduce.py (2)).
     # A rank that waits longer than collective_timeout_s for a peer there traps: its CUDA
     # context fails (the engine process must restart), where NCCL's collectives time out and the
@@ -90,7 +90,9 @@ NOSET_VISIBLE = "RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES"
 def _actor_device(device: str) -> str:
     """A shard actor's device: Ray's GPU for it, which Ray makes the only visible one ("cuda:0"),
     unless NOSET_VISIBLE keeps every GPU visible (peer sums map the peers' memory, which CUDA
-    needs visible): then the one with Ray's id, found among CUDA_VISIBLE_DEVICES if set."""
+    needs visible): then the one with Ray's id, found among CUDA_VISIBLE_DEVICES if set. (Ray
+    names its GPU slot i by entry i of the CUDA_VISIBLE_DEVICES the worker starts with: an
+    `env_vars` override must list the GPUs Ray was given first, in Ray's order.)"""
     if device != "cuda":
         return "cpu"
     ids = ray.get_gpu_ids()
@@ -213,7 +215,7 @@ class ExpertShard:
             raise
         finally:
             if self.replica is not None:
-                self.replica.peer = None  # symmetric memory goes before its group
+                self.replica.peer = None  # the peers' mappings go before the group
             leave_process_group()
         return self.served
 
@@ -351,7 +353,7 @@ class ShardGroup:
             )
         env = dict(opt.env_vars)
         if opt.replicate_trunk and opt.replica_peer_sum and self.device == "cuda":
-            env.setdefault(NOSET_VISIBLE, "1")  # every GPU visible: symmetric memory maps the peers'
+            env.setdefault(NOSET_VISIBLE, "1")  # every GPU visible: CUDA IPC maps the peers'
         for i, s in enumerate(self.remote_shards):
             actor = ExpertShard.options(
                 num_cpus=bundles[i].get("CPU", 0),
@@ -543,7 +545,7 @@ class ShardGroup:
 
     def _teardown(self) -> None:
         if isinstance(self.dispatch, ReplicaDispatch):
-            self.dispatch.peer = None  # symmetric memory goes before its group
+            self.dispatch.peer = None  # the peers' mappings go before the group
         leave_process_group()  # after the shards returned from serve(), or gave up on them
         for actor in self.actors:
             ray.kill(actor, no_restart=True)

@@ -188,19 +188,19 @@ def kernels() -> list[tuple[str, object, list[dict], dict, tuple]]:
             pack_ptrs,
             (),
         ),
-        # Symmetric-memory flags (inline PTX: system-scope atomics) and the folded sum + norm.
+        # Peer-sum signals (inline PTX: system-scope atomics) and the folded sum + norm.
         (
             "peer_sum signal",
             ps._signal_kernel,
             [dict(RANK=1, WORLD=2), dict(RANK=3, WORLD=4)],
-            dict(pads_ptr=I64),
+            dict(pads_ptr=I64, count_ptr=I32),
             (),
         ),
         (
             "peer_sum add_norm",
             ps._sum_add_norm_kernel,
             variants(dict(BLOCK_D=2048, FLAGS=True), RANK=(0,), WORLD=(2, 4), NORM=(True, False)),
-            dict(slots_ptr=I64, pads_ptr=I64),
+            dict(slots_ptr=I64, pads_ptr=I64, count_ptr=I32),
             ("eps",),
         ),
     ]

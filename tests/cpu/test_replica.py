@@ -246,7 +246,7 @@ def test_shard_actor_device_with_every_gpu_visible(monkeypatch):
 
 @pytest.mark.parametrize("layers", [[0, 1], [3, 4, 5], list(range(48)), [1, 3, 5, 7, 9], [2]])
 def test_peer_sum_slots_alternate_across_forwards(layers):
-    """`peer_sum.slot_order`: consecutive sums use different symmetric slots, the last sum of
+    """`peer_sum.slot_order`: consecutive sums use different shared slots, the last sum of
     a forward and the first of the next one too (a rank writes the first one without waiting,
     while its peers may still read the last), and no more slots than the buffer has."""
     from specmoe_ray.moe.peer_sum import SLOTS, slot_order

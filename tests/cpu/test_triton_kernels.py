@@ -715,6 +715,7 @@ def test_peer_sum_kernel_equals_float64(world, dtype):
     slots = [torch.randn(T, D, generator=g).to(DEVICE) for _ in range(world)]
     ptrs = torch.tensor([s.data_ptr() for s in slots], dtype=torch.int64, device=DEVICE)
     pads = torch.zeros(world, dtype=torch.int64, device=DEVICE)  # not read without flags
+    count = torch.zeros(1, dtype=torch.int32, device=DEVICE)  # neither
     residual = torch.randn(T, D, generator=g).to(DEVICE, dtype)
     weight = (1 + 0.1 * torch.randn(D, generator=g)).to(DEVICE, dtype)
     total = slots[0].double()
@@ -725,7 +726,7 @@ def test_peer_sum_kernel_equals_float64(world, dtype):
     runs = []
     for rank in range(world):
         x, out = torch.empty_like(residual), torch.empty_like(residual)
-        peer_sum.launch_sum(ptrs, pads, rank, residual, weight, x, out, eps, True, flags=False)
+        peer_sum.launch_sum(ptrs, pads, count, rank, residual, weight, x, out, eps, True, flags=False)
         runs.append((x, out))
     x, out = runs[0]
     assert all(torch.equal(x, r[0]) and torch.equal(out, r[1]) for r in runs[1:])
@@ -733,5 +734,5 @@ def test_peer_sum_kernel_equals_float64(world, dtype):
     tol = 1e-2 if dtype == torch.bfloat16 else 1e-6
     assert ((out.double() - ref).norm() / ref.norm()).item() < tol
     alone = torch.empty_like(residual)
-    peer_sum.launch_sum(ptrs, pads, 1, alone, alone, alone, alone, 0.0, False, flags=False)
+    peer_sum.launch_sum(ptrs, pads, count, 1, alone, alone, alone, alone, 0.0, False, flags=False)
     assert torch.equal(alone, total.to(dtype))
