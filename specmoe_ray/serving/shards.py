@@ -71,8 +71,9 @@ class ShardOptions:
     replica_split: str = "experts"
     # Trunk replicas, static steps (CUDA graphs) of up to this many tokens: each MoE layer's sum
     # by peer loads over NVLink inside the next add + norm (`moe/peer_sum.py`, CUDA IPC)
-    # instead of NCCL's all_reduce; 0: off. Opt-in until measured (benchmarks/allreduce.py (2)).
-    # A rank that waits longer than collective_timeout_s for a peer there traps: its CUDA
+    # instead of NCCL's all_reduce (GPUs of one host); 0: off. Opt-in: ~3.8 us per layer faster
+    # than NCCL at 1 token, equal at 32 (RESULTS.md, session 12; not yet timed in a 48-layer
+    # step). A rank that waits longer than collective_timeout_s for a peer there traps: its CUDA
     # context fails (the engine process must restart), where NCCL's collectives time out and the
     # engine re-forms the group in place.
     replica_peer_sum: int = 0
@@ -85,6 +86,7 @@ def _free_port() -> int:
 
 
 NOSET_VISIBLE = "RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES"
+MAX_PEER_ROWS = 65536  # `ShardOptions.replica_peer_sum`'s bound (a decode or verify step is far smaller)
 
 
 def _actor_device(device: str) -> str:
@@ -253,10 +255,11 @@ class ShardGroup:
                 "and sums partial outputs, so it cannot be replica_exact"
             )
         peer = opt.replica_peer_sum
-        if peer and (peer < 0 or opt.replica_exact or not opt.replicate_trunk):
+        if peer and (not 0 < peer <= MAX_PEER_ROWS or opt.replica_exact or not opt.replicate_trunk):
             raise ValueError(
-                f"ShardOptions.replica_peer_sum {opt.replica_peer_sum}: a token count >= 0 for trunk "
-                "replicas (set replicate_trunk) that sum partial outputs (not replica_exact)"
+                f"ShardOptions.replica_peer_sum {opt.replica_peer_sum}: a token count from 0 to "
+                f"{MAX_PEER_ROWS} (each GPU holds 3 float32 rows of the hidden size per token) for "
+                "trunk replicas (set replicate_trunk) that sum partial outputs (not replica_exact)"
             )
         self.cache_shape = cache_shape
         self.actors: list[Any] = []

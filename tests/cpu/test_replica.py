@@ -211,6 +211,7 @@ def test_replica_options_are_checked(checkpoints):
         (ShardOptions(replica_peer_sum=32), "replica_peer_sum 32: .*set replicate_trunk"),
         (ShardOptions(replicate_trunk=True, replica_exact=True, replica_peer_sum=32), "not replica_exact"),
         (ShardOptions(replicate_trunk=True, replica_peer_sum=-1), "replica_peer_sum -1: a token count"),
+        (ShardOptions(replicate_trunk=True, replica_peer_sum=10**6), "replica_peer_sum 1000000: .* to 65536"),
     ):
         with pytest.raises(ValueError, match=message):
             ShardGroup(path, plan, args.hidden_size, torch.float32, "cpu", options, cache_shape=shape)
