@@ -260,6 +260,7 @@ def step_profile(a, bandwidth: float) -> None:
         "add + norm inside the projections (opt-in)": [(fused, "FUSED_NORM_MATVEC", True)],
         "projections of <= 16 rows by rows_matmul (opt-in)": [(fused, "MATMUL_ROWS", 16)],
         "no programmatic dependent launches": [(triton_experts, "PDL", False)],
+        "compiled pieces with programmatic dependent launch too (opt-in)": [(fused, "INDUCTOR_PDL", True)],
         "torch's sort for > 64 pairs": [(triton_experts, "STABLE_SORT", False)],
         "session 5's defaults (per-pair one-row, index_put, no PDL)": [
             (fused, "MATVEC", True),
@@ -710,13 +711,8 @@ def main(argv=None) -> None:
     )
     a = p.parse_args(argv)
     if a.pdl:
-        import torch._inductor.config as inductor_config
-
-        triton_experts.PDL = True
-        inductor = hasattr(inductor_config.triton, "enable_pdl")
-        if inductor:
-            inductor_config.triton.enable_pdl = True
-        print(f"PDL: our kernels {triton_experts.PDL_SUPPORTED}, torch.compile's {inductor}")
+        triton_experts.PDL = fused.INDUCTOR_PDL = True
+        print(f"PDL: our kernels {triton_experts.PDL_SUPPORTED}, torch.compile's {fused.inductor_pdl()}")
     print(torch.cuda.get_device_name(), "torch", torch.__version__)
     bandwidth = copy_bandwidth("cuda")
     print(f"copy bandwidth {bandwidth / 1e9:.0f} GB/s")

@@ -61,6 +61,12 @@ MATMUL_ROWS = 1
 # until the next layer's residual add + norm, which combines, adds and norms in one compiled
 # kernel (`combine_add_rms_norm`) instead of two (kernels.py ablation; RESULTS.md session 7).
 DEFER_COMBINE = True
+# The compiled pieces (add + norm, combine, ...) launched with programmatic dependent launch
+# where this torch's inductor offers it (`triton.enable_pdl`), as our Triton kernels are
+# (`triton_experts.PDL`): each may launch while the kernel ahead finishes, then waits for its
+# output. Each setting has its own compilation, so a process can switch between them. Opt-in
+# until measured (gpu.py --switch).
+INDUCTOR_PDL = False
 RECOMPILE_LIMIT = 64
 _state = threading.local()
 
@@ -112,14 +118,24 @@ def column_major(weight: torch.Tensor) -> torch.Tensor:
     return w
 
 
+def inductor_pdl() -> bool:
+    """Whether compiled pieces launch with PDL now: `INDUCTOR_PDL` and an inductor that has it."""
+    if not INDUCTOR_PDL:
+        return False
+    import torch._inductor.config as inductor_config
+
+    return hasattr(inductor_config.triton, "enable_pdl")
+
+
 def fused(fn: Callable) -> Callable:
-    compiled: list[Callable | None] = []
+    compiled: dict[bool, Callable | None] = {}  # by `inductor_pdl()`
 
     @functools.wraps(fn)
     def wrapper(x: torch.Tensor, *args):
         if not (ENABLED and x.is_cuda and getattr(_state, "depth", 0)):
             return fn(x, *args)
-        if not compiled:
+        pdl = inductor_pdl()
+        if pdl not in compiled:
             # Sizes 0 and 1 always specialise, and each dtype and width (hidden, head_dim) is its
             # own graph: a handful of compilations per function, more than dynamo's default 8
             # in a process that runs several models (e.g. a bf16 target and an fp32 test model).
@@ -127,18 +143,20 @@ def fused(fn: Callable) -> Callable:
             for name, limit in (("recompile_limit", RECOMPILE_LIMIT), ("accumulated_recompile_limit", 256)):
                 if hasattr(cfg, name):
                     setattr(cfg, name, max(getattr(cfg, name), limit))
+            options = {"triton.enable_pdl": True} if pdl else None
             try:
-                compiled.append(torch.compile(fn, dynamic=True, fullgraph=True))
+                compiled[pdl] = torch.compile(fn, dynamic=True, fullgraph=True, options=options)
             except Exception as e:  # pragma: no cover - depends on the installed torch
                 log.warning("torch.compile unavailable for %s (%s): running it eagerly", fn.__name__, e)
-                compiled.append(None)
-        if compiled[0] is None:
+                compiled[pdl] = None
+        run = compiled[pdl]
+        if run is None:
             return fn(x, *args)
         try:
-            return compiled[0](x, *args)
+            return run(x, *args)
         except Exception as e:  # pragma: no cover - compilation errors surface at the first call
             log.warning("compiling %s failed (%s): running it eagerly", fn.__name__, e)
-            compiled[0] = None
+            compiled[pdl] = None
             return fn(x, *args)
 
     return wrapper

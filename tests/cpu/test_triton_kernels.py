@@ -77,6 +77,26 @@ def test_column_major_copy_is_made_once_per_weight():
     assert len(fused._COLUMN_MAJOR) == n - 1
 
 
+def test_inductor_pdl_switch_compiles_with_this_torch(monkeypatch):
+    """`fused.INDUCTOR_PDL`: on where this torch's inductor has `triton.enable_pdl`, and the
+    option that `fused` then compiles with is one torch.compile takes (it refuses unknown ones):
+    a compiled add + norm with it (CPU inductor here) equals eager."""
+    import torch._inductor.config as inductor_config
+
+    from specmoe_ray.models import fused
+
+    assert not fused.inductor_pdl()  # opt-in
+    monkeypatch.setattr(fused, "INDUCTOR_PDL", True)
+    assert fused.inductor_pdl() == hasattr(inductor_config.triton, "enable_pdl")
+    if not fused.inductor_pdl():
+        pytest.skip("this torch's inductor has no PDL option")
+    fn = fused.add_rms_norm.__wrapped__
+    x, residual, w = torch.randn(3, 64), torch.randn(3, 64), torch.rand(64) + 0.5
+    compiled = torch.compile(fn, dynamic=True, fullgraph=True, options={"triton.enable_pdl": True})
+    for got, want in zip(compiled(x, residual, w, 1e-6), fn(x, residual, w, 1e-6)):
+        torch.testing.assert_close(got, want)
+
+
 @pytest.mark.parametrize("one_row_dedup", [True, False])
 def test_one_tokens_pairs_by_the_kernel_dedup_one_row_picks(one_row_dedup, monkeypatch):
     """A batch-1 decode step's pairs (one token row, `group` = its k distinct experts) go to

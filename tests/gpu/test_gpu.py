@@ -200,6 +200,7 @@ def test_capture_failure_falls_back_to_eager_static_steps(checkpoints):
         [("triton_experts", "DEDUP", False)],
         [("triton_kernels", "COUNT_IN_ROUTING", False)],
         [("triton_experts", "PDL", False)],
+        [("fused", "INDUCTOR_PDL", True)],  # opt-in: the compiled pieces launched with PDL too
         # Session 7's defaults, each back off, then all of them (session 6's defaults).
         [("fused", "DEFER_COMBINE", False)],
         [("triton_kernels", "ROPE_IN_ATTENTION", False)],
