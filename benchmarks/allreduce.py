@@ -12,12 +12,12 @@ one CUDA graph and replayed; the same chain without the collectives is the basel
 NVLink, no NCCL kernel) when this torch build and machine support them; a variant that fails
 prints its error. Every variant's sum is checked against the expected values.
 
-(2) GPUs: the sum with the next layer's residual add + RMS norm, as a replica's layer ends:
-a kernel writes the float32 partial [T, 2048], then NCCL's all_reduce and the compiled
-`fused.sum_add_rms_norm`, against `moe/peer_sum.py` (the partial written into a shared slot,
-a signal kernel, then one kernel that waits for the peers' rows, sums, adds and norms) and
-against the add + norm with no sum at all. One layer of each is checked against float64 math,
-and after the timed replays the ranks must hold the same rows.
+(2) GPUs: a replica's MoE layer end as the engine runs it, from the pairs' outputs [T, 8, 2048]
+and gate weights: the compiled partial combine (float32 [T, 2048]), NCCL's all_reduce and the
+compiled `fused.sum_add_rms_norm`, against `moe/peer_sum.py` (one kernel combines into a shared
+slot and signals the peers, one waits for them, sums, adds and norms) and against the combine
+and add + norm with no sum at all. One layer of each is checked against float64 math, and after
+the timed replays the ranks must hold the same rows.
 """
 
 from __future__ import annotations
@@ -166,19 +166,22 @@ def worker(rank: int, port: int, device: str, tokens: list[int], reps: int) -> N
 EPS = 1e-6
 
 
-def fold_layers(h, res, w, variant: str, partial, peer, scale: float):
-    """LAYERS replica layer ends: partial = h * scale (float32), summed over the ranks and added
-    to the residual, normed -> (h, res) for the next layer. variant: "nccl" (all_reduce, then
-    the compiled add + norm), "peer" (`PeerSum`), "alone" (no sum)."""
+def fold_layers(y, weights, res, w, variant: str, peer):
+    """LAYERS replica layer ends: this rank's share of a MoE layer (y [T, A, D] the pairs'
+    outputs, weights [T, A] its gate weights) combined in float32, summed over the ranks, added
+    to the residual and normed -> (h, res). variant: "nccl" (the compiled partial combine,
+    all_reduce, the compiled add + norm, as the engine's NCCL path), "peer" (`PeerSum`: the
+    combine + signal kernel, then the sum + add + norm), "alone" (combine and add + norm, no sum)."""
     from specmoe_ray.models import fused
+    from specmoe_ray.moe import replica
 
+    h = None
     for layer in range(LAYERS):
         if variant == "peer":
-            torch.mul(h, scale, out=peer.slot(layer % 2, h.shape[0]))  # LAYERS even: `slot_order`
-            peer.signal()
+            peer.combine_signal(layer % 2, y, weights)  # LAYERS even: `slot_order`
             h, res = peer.sum_add_rms_norm(layer % 2, res, w, EPS)
         else:
-            torch.mul(h, scale, out=partial)
+            partial = replica.partial_combine(y, weights, None, None, y)
             if variant == "nccl":
                 dist.all_reduce(partial)
             h, res = fused.sum_add_rms_norm(partial, res, w, EPS)
@@ -186,52 +189,66 @@ def fold_layers(h, res, w, variant: str, partial, peer, scale: float):
 
 
 def fold_variants(rank: int, dev: torch.device, T: int, reps: int, group_name: str) -> str:
-    """(2) at T rows: microseconds per layer of each variant, replayed from CUDA graphs."""
+    """(2) at T tokens: microseconds per layer of each variant, replayed from CUDA graphs."""
     from specmoe_ray.models import fused
     from specmoe_ray.moe.peer_sum import PeerSum
 
     g = torch.Generator(device="cpu").manual_seed(0)  # the same inputs on both ranks
-    h0 = torch.randn(T, HIDDEN, generator=g).to(dev, torch.bfloat16)
+    y = torch.randn(T, TOP_K, HIDDEN, generator=g).to(dev, torch.bfloat16)
+    gates = torch.rand(T, TOP_K, generator=g)
     res0 = torch.randn(T, HIDDEN, generator=g).to(dev, torch.bfloat16)
     w = (1 + 0.1 * torch.randn(HIDDEN, generator=g)).to(dev, torch.bfloat16)
-    scales = (0.5, 0.25)  # rank r's partial is h * scales[r] (exact in bf16 and float32)
+    scales = (0.5, 0.25)  # rank r's gate weights: gates * scales[r] (exact in bf16)
+    weights = [(gates * s).to(torch.bfloat16) for s in scales]
+    mine = weights[rank].to(dev)
     peer = PeerSum(T, HIDDEN, dev)
-    partial = torch.empty(T, HIDDEN, dtype=torch.float32, device=dev)
     out = {}
     with fused.active():
-        # One layer against float64: sum, round, add, norm.
-        total = (h0.double() * scales[0]).float().double() + (h0.double() * scales[1]).float().double()
-        x_ref = (total.float().to(torch.bfloat16).double() + res0.double()).to(torch.bfloat16).double()
+        # One layer against float64: each rank's products rounded, summed, the ranks' sums
+        # added in float32, rounded, added to the residual (rounded), normed.
+        shares = [
+            ((y.double().cpu() * wr.double()[..., None]).to(torch.bfloat16).double()).sum(1) for wr in weights
+        ]
+        total = shares[0].float().double() + shares[1].float().double()
+        res_d = res0.double().cpu()
+        x_ref = (total.float().to(torch.bfloat16).double() + res_d).to(torch.bfloat16).double()
         # Inductor may keep the float32 sum through the add (one rounding, not two): either passes.
-        x_once = (total.float().double() + res0.double()).to(torch.bfloat16).double()
-        ref = w.double() * (x_ref * torch.rsqrt(x_ref.pow(2).mean(-1, keepdim=True) + EPS))
+        x_once = (total.float().double() + res_d).to(torch.bfloat16).double()
+        ref = w.double().cpu() * (x_ref * torch.rsqrt(x_ref.pow(2).mean(-1, keepdim=True) + EPS))
         checks = []
         for variant in ("nccl", "peer"):
-            torch.mul(h0, scales[rank], out=peer.slot(0, T) if variant == "peer" else partial)
-            if variant == "peer":
-                peer.signal()
-                hn, xn = peer.sum_add_rms_norm(0, res0, w, EPS)
-            else:
-                dist.all_reduce(partial)
-                hn, xn = fused.sum_add_rms_norm(partial, res0.clone(), w, EPS)
-            err = ((hn.double() - ref).norm() / ref.norm()).item()
-            x_off = min((xn.double() != ref_x).float().mean().item() for ref_x in (x_ref, x_once))
+            hn, xn = fold_one(y, mine, res0, w, variant, peer)
+            hn, xn = hn.double().cpu(), xn.double().cpu()
+            err = ((hn - ref).norm() / ref.norm()).item()
+            x_off = min((xn != ref_x).float().mean().item() for ref_x in (x_ref, x_once))
             ok = err < 1e-2 and x_off < 1e-3
             checks.append(f"{variant} {'ok' if ok else 'WRONG'} (norm {err:.1e}, residual {x_off:.0e})")
         for variant in ("alone", "nccl", "peer"):
-            h, res = h0.clone(), res0.clone()
-            run = functools.partial(fold_layers, h, res, w, variant, partial, peer, scales[rank])
+            run = functools.partial(fold_layers, y, mine, res0.clone(), w, variant, peer)
             out[variant], (h_out, _) = graph_us(run, dev, reps)
             if variant != "alone":  # replicas must stay equal: every rank the same rows
-                mine = h_out.float().sum().reshape(1)
-                both = [torch.empty_like(mine) for _ in range(2)]
-                dist.all_gather(both, mine)
+                mine_sum = h_out.float().sum().reshape(1)
+                both = [torch.empty_like(mine_sum) for _ in range(2)]
+                dist.all_gather(both, mine_sum)
                 checks.append(f"{variant} ranks {'agree' if torch.equal(both[0], both[1]) else 'DIFFER'}")
     nccl, fold, alone = out["nccl"], out["peer"], out["alone"]
     return (
-        f"T={T}: add + norm alone {alone:5.1f} us/layer, NCCL sum + add + norm {nccl:5.1f}, "
-        f"peer sum folded in {fold:5.1f} ({nccl / fold:.2f}x); {', '.join(checks)}"
+        f"T={T}: combine + add + norm alone {alone:5.1f} us/layer, with NCCL's sum {nccl:5.1f}, "
+        f"peer sum {fold:5.1f} ({nccl / fold:.2f}x); {', '.join(checks)}"
     )
+
+
+def fold_one(y, weights, res, w, variant: str, peer):
+    """One layer end of `fold_layers` (its slot 0), eagerly: -> (normed, residual + sum)."""
+    from specmoe_ray.models import fused
+    from specmoe_ray.moe import replica
+
+    if variant == "peer":
+        peer.combine_signal(0, y, weights)
+        return peer.sum_add_rms_norm(0, res, w, EPS)
+    partial = replica.partial_combine(y, weights, None, None, y)
+    dist.all_reduce(partial)
+    return fused.sum_add_rms_norm(partial, res.clone(), w, EPS)
 
 
 def main(argv=None) -> None:

@@ -1,11 +1,13 @@
 """Trunk replicas' per-layer sum folded into the next residual add + RMS norm, by peer loads
 over NVLink instead of an NCCL all_reduce (opt-in, measured by benchmarks/allreduce.py (2)).
 
-Each rank writes its float32 partial sum of a MoE layer into its own slot of a buffer that every
-rank maps (CUDA IPC), then `PeerSum.signal` tells every peer that the slot is written; the next
-layer's add + norm (`PeerSum.sum_add_rms_norm`) waits for the peers' signals, reads their slots
-and its own, sums them and rounds, adds and norms as `fused.sum_add_rms_norm` does: a one-warp
-kernel and the norm's own instead of NCCL's all_reduce kernel and the norm.
+Each rank combines its share of a MoE layer (its pairs' outputs times their gate weights) into
+its own float32 slot of a buffer that every rank maps (CUDA IPC), and the same kernel's last
+program tells every peer that the slot is written (`PeerSum.combine_signal`; `signal` alone
+after a kernel of the caller's); the next layer's add + norm (`PeerSum.sum_add_rms_norm`) waits
+for the peers' signals, reads their slots and its own, sums them and rounds, adds and norms as
+`fused.sum_add_rms_norm` does: two kernels where NCCL's path runs three (the combine, the
+all_reduce, the norm).
 
 The buffers are shared by CUDA IPC handles exchanged over the process group, not by
 `torch.distributed._symmetric_memory`: its rendezvous names its store keys by a per-process
@@ -13,7 +15,7 @@ sequence number, so an engine that re-forms its group (a shard restarted, a seco
 the process) waits for keys that the fresh peer never writes.
 
 Signals are counters: each rank's signal pad holds one int32 per sender, the number of sums
-that sender has signalled to it. `signal` (one warp) adds 1 to its counter in every rank's pad
+that sender has signalled to it. A signal (`_signal_all`) adds 1 to its counter in every rank's pad
 (system-scope release, after the slot's writes) and to the rank's own count of sums; the add +
 norm waits (acquire) until every sender's counter reached that count. Counters only grow (and
 compare by their wrapping difference), so nothing is taken back or reset and CUDA graphs replay
@@ -95,15 +97,64 @@ if AVAILABLE:
         )
 
     @triton.jit
-    def _signal_kernel(pads_ptr, count_ptr, RANK: tl.constexpr, WORLD: tl.constexpr):
-        """One program: counter RANK in every rank's pad (this one's too, so that a rank's add +
-        norm waits on WORLD counters alike; pads_ptr: int64 [WORLD] addresses) += 1, and this
-        rank's count of sums (count_ptr, int32 [1]) += 1."""
+    def _signal_all(pads_ptr, count_ptr, RANK: tl.constexpr, WORLD: tl.constexpr):
+        """Counter RANK in every rank's pad (this one's too, so that a rank's add + norm waits on
+        WORLD counters alike; pads_ptr: int64 [WORLD] addresses) += 1, and this rank's count of
+        sums (count_ptr, int32 [1]) += 1."""
         ranks = tl.arange(0, WORLD)
         counters = tl.load(pads_ptr + ranks).to(tl.pointer_type(tl.int32)) + RANK
         if _thread_id() < WORLD:  # thread r holds rank r's counter; the others hold copies
             _signal(counters)
         tl.store(count_ptr, tl.load(count_ptr) + 1)
+
+    @triton.jit
+    def _signal_kernel(pads_ptr, count_ptr, RANK: tl.constexpr, WORLD: tl.constexpr):
+        """One program: `_signal_all`."""
+        _signal_all(pads_ptr, count_ptr, RANK, WORLD)
+
+    @triton.jit
+    def _combine_signal_kernel(
+        y_ptr,  # [rows, A, D] the pairs' expert outputs (rows of pairs not computed here: any)
+        w_ptr,  # [rows, A] gate weights
+        keep_ptr,  # MASK 1: [E] bool, experts computed here; MASK 2: [rows, A] bool, pairs
+        ids_ptr,  # MASK 1: [rows, A] int64 expert ids
+        slot_ptr,  # [rows, D] float32 out: this rank's share
+        pads_ptr,  # SIGNAL: int64 [WORLD] addresses of each rank's signal pad
+        count_ptr,  # SIGNAL: int32 [1], this rank's sums signalled
+        ticket_ptr,  # SIGNAL: int32 [1], programs done (0 between launches)
+        rows,
+        D,
+        A: tl.constexpr,
+        MASK: tl.constexpr,  # 0: every pair computed here (split experts); 1, 2: as keep_ptr
+        RANK: tl.constexpr,
+        WORLD: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        SIGNAL: tl.constexpr,  # False: the share only (Triton's interpreter runs no PTX)
+    ):
+        """Row t: `replica.partial_combine` (each pair's product with its gate weight rounded to
+        y's dtype, the pairs not computed here dropped, the rest summed in float32 in top-k
+        order) into the slot; SIGNAL: the last program to finish signals the peers
+        (`_signal_all`) for the whole launch, so no signal kernel follows."""
+        t = tl.program_id(0)
+        cols = tl.arange(0, BLOCK_D)
+        ok = cols < D
+        total = tl.zeros((BLOCK_D,), tl.float32)
+        for a in tl.static_range(A):
+            w = tl.load(w_ptr + t * A + a).to(tl.float32)
+            y = tl.load(y_ptr + (t * A + a) * D + cols, mask=ok, other=0.0)
+            product = (y.to(tl.float32) * w).to(y.dtype).to(tl.float32)
+            if MASK == 1:
+                product = tl.where(tl.load(keep_ptr + tl.load(ids_ptr + t * A + a)) != 0, product, 0.0)
+            elif MASK == 2:
+                product = tl.where(tl.load(keep_ptr + t * A + a) != 0, product, 0.0)
+            total += product
+        tl.store(slot_ptr + t * D + cols, total, mask=ok)
+        if SIGNAL:
+            tl.debug_barrier()  # every thread's stores before the release below
+            done = tl.atomic_add(ticket_ptr, 1, sem="acq_rel", scope="gpu")
+            if done == rows - 1:  # the last program: every row written (acquired)
+                tl.store(ticket_ptr, 0)  # for the next launch (graph replays too)
+                _signal_all(pads_ptr, count_ptr, RANK, WORLD)
 
     @triton.jit
     def _sum_add_norm_kernel(
@@ -218,6 +269,7 @@ class PeerSum:
         step = max_rows * hidden * 4  # bytes per slot
         self.slot_ptrs = [bases + i * step for i in range(SLOTS)]  # int64 [world] addresses each
         self.count = torch.zeros(1, dtype=torch.int32, device=device)  # sums signalled (`signal`)
+        self.ticket = torch.zeros(1, dtype=torch.int32, device=device)  # `combine_signal`'s programs
         torch.cuda.synchronize(device)
         dist.barrier(group)  # every rank's pad (zeroed) mapped before any counter moves
 
@@ -228,6 +280,21 @@ class PeerSum:
     def signal(self) -> None:
         """Tell every peer that this rank's slot holds its share (after the kernel that wrote it)."""
         _signal_kernel[(1,)](self.pads, self.count, RANK=self.rank, WORLD=self.world, num_warps=1)
+
+    def combine_signal(
+        self,
+        index: int,
+        y: torch.Tensor,
+        weights: torch.Tensor,
+        keep: torch.Tensor | None = None,
+        ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """`replica.partial_combine` into slot `index`, and `signal`, in one kernel: y [rows, A, D]
+        the pairs' outputs, weights [rows, A]; keep None (every pair computed here), [E] bool
+        with ids [rows, A] (experts computed here), or [rows, A] bool. -> the slot's rows."""
+        out = self.slot(index, y.shape[0])
+        launch_combine(y, weights, keep, ids, out, self, True)
+        return out
 
     def sum_add_rms_norm(
         self, index: int, residual: torch.Tensor, weight: torch.Tensor, eps: float
@@ -296,5 +363,45 @@ def launch_sum(
         BLOCK_D=triton.next_power_of_2(D),
         NORM=norm,
         FLAGS=flags,
+        num_warps=8,
+    )
+
+
+def launch_combine(
+    y: torch.Tensor,
+    weights: torch.Tensor,
+    keep: torch.Tensor | None,
+    ids: torch.Tensor | None,
+    out: torch.Tensor,
+    peer: PeerSum | None = None,
+    signal: bool = True,
+) -> None:
+    """The combine (+ signal) kernel over y's rows into out (float32 [rows, D]); keep / ids as
+    `PeerSum.combine_signal`. signal False (or no peer): the share only."""
+    rows, A, D = y.shape
+    if rows == 0:
+        return
+    y, weights = y.contiguous(), weights.contiguous()
+    keep, ids = (None if v is None else v.contiguous() for v in (keep, ids))
+    mask = 0 if keep is None else (1 if ids is not None else 2)
+    signal = signal and peer is not None
+    none = out  # an unread pointer for the absent arguments
+    _combine_signal_kernel[(rows,)](
+        y,
+        weights,
+        none if keep is None else keep,
+        none if ids is None else ids,
+        out,
+        peer.pads if signal else none,
+        peer.count if signal else none,
+        peer.ticket if signal else none,
+        rows,
+        D,
+        A=A,
+        MASK=mask,
+        RANK=peer.rank if signal else 0,
+        WORLD=peer.world if signal else 1,
+        BLOCK_D=triton.next_power_of_2(D),
+        SIGNAL=signal,
         num_warps=8,
     )

@@ -96,20 +96,6 @@ def owned_rows(y: torch.Tensor, held: torch.Tensor, index: torch.Tensor | None) 
 
 
 @fused.fused
-def partial_combine_into(
-    out: torch.Tensor,
-    y: torch.Tensor,
-    weights: torch.Tensor,
-    held: torch.Tensor,
-    index: torch.Tensor | None,
-    like: torch.Tensor,
-) -> torch.Tensor:
-    """`partial_combine` written into out (a `PeerSum` slot) by the same kernel."""
-    out.copy_(partial_combine.__wrapped__(y, weights, held, index, like))
-    return out
-
-
-@fused.fused
 def partial_combine(
     y: torch.Tensor, weights: torch.Tensor, held: torch.Tensor, index: torch.Tensor | None, like: torch.Tensor
 ):
@@ -231,6 +217,7 @@ class ReplicaDispatch(_Masked, Rank0):
             shape = (T, A, x.shape[-1]) if self.exact else (T, x.shape[-1])  # still joins the sum
             if peer is not None:
                 total = peer.slot(self._slots[layer], T).zero_()
+                peer.signal()
             else:
                 total = torch.zeros(shape, dtype=x.dtype if self.exact else torch.float32, device=x.device)
         else:
@@ -246,12 +233,11 @@ class ReplicaDispatch(_Masked, Rank0):
                 own, index = own.view(T, A), None
             if self.exact:
                 total = owned_rows(y, own, index)
-            elif peer is not None:
-                total = partial_combine_into(peer.slot(self._slots[layer], T), y, weights, own, index, x)
+            elif peer is not None:  # the share into the slot and the peers told, one kernel
+                total = peer.combine_signal(self._slots[layer], y, weights, own, index)
             else:
                 total = partial_combine(y, weights, own, index, x)
-        if peer is not None:  # the peers read this share where the output is used
-            peer.signal()
+        if peer is not None:  # signalled: the peers read this share where the output is used
             return fused.Pending(total, None, x, (peer, self._slots[layer]))
         dist.all_reduce(total)
         # The float32 sum is rounded to x's dtype by the next add + norm (or by the MoE block).

@@ -197,6 +197,13 @@ def kernels() -> list[tuple[str, object, list[dict], dict, tuple]]:
             (),
         ),
         (
+            "peer_sum combine",
+            ps._combine_signal_kernel,
+            variants(dict(A=8, BLOCK_D=2048, RANK=1, WORLD=2), SIGNAL=(True, False), MASK=(0, 1, 2)),
+            dict(keep_ptr="*i1", ids_ptr=I64, slot_ptr=F32, pads_ptr=I64, count_ptr=I32, ticket_ptr=I32),
+            (),
+        ),
+        (
             "peer_sum add_norm",
             ps._sum_add_norm_kernel,
             variants(dict(BLOCK_D=2048, FLAGS=True), RANK=(0,), WORLD=(2, 4), NORM=(True, False)),

@@ -607,6 +607,7 @@ def test_every_kernel_compiles_for_hopper_and_ampere():
         "experts (per pair)",
         "experts (dedup)",
         "peer_sum signal",
+        "peer_sum combine",
         "peer_sum add_norm",
     }
     for name in names:
@@ -717,6 +718,40 @@ def test_sort_pairs_equals_torch(n, mapped):
     added = torch.zeros(len(held) + 1, dtype=torch.long).scatter_add_(0, want + 1, torch.ones_like(want))
     added[0] = 0  # slot 0 (skipped pairs) is left as it was
     assert torch.equal(counts.cpu(), before + added)
+
+
+@pytest.mark.parametrize("mask", ["split", "held", "pairs"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_peer_sum_combine_kernel_equals_float64(mask, dtype):
+    """`PeerSum.combine_signal`'s kernel (without its signal: the interpreter runs no PTX): a
+    rank's share of a MoE layer, each pair's output times its gate weight rounded to the model's
+    dtype, the pairs not computed here dropped (whatever their rows hold: NaN here), summed in
+    float32 in top-k order; against float64 and against `replica.partial_combine`, which the
+    NCCL path runs. split: every pair; held: experts computed here ([E] bool, looked up by id);
+    pairs: [T, A] bool."""
+    from specmoe_ray.moe import peer_sum, replica
+
+    skip_bf16_on_interpreter(dtype, why="Triton's interpreter rounds float32 to bfloat16 otherwise than GPUs")
+    T, A, D, E = 5, 8, 300, 16
+    g = torch.Generator().manual_seed(3)
+    y = torch.randn(T, A, D, generator=g).to(dtype)
+    weights = torch.rand(T, A, generator=g).to(dtype)
+    ids = torch.stack([torch.randperm(E, generator=g)[:A] for _ in range(T)])
+    held = torch.zeros(E, dtype=torch.bool)
+    held[::3] = True
+    own = {"split": torch.ones(T, A, dtype=torch.bool), "held": held[ids], "pairs": held[ids.flip(1)]}[mask]
+    y[~own] = float("nan")  # rows computed elsewhere: unspecified
+    keep, index = {"split": (None, None), "held": (held, ids), "pairs": (own, None)}[mask]
+    products = (y.double() * weights.double()[..., None]).to(dtype).double()
+    ref = torch.where(own[..., None], products, 0.0).sum(1)
+    out = torch.full((T, D), float("nan"), device=DEVICE)
+    keep_d, index_d = (None if v is None else v.to(DEVICE) for v in (keep, index))
+    peer_sum.launch_combine(y.to(DEVICE), weights.to(DEVICE), keep_d, index_d, out, None, signal=False)
+    out = out.double().cpu()
+    assert torch.isfinite(out).all()
+    assert ((out - ref).norm() / ref.norm()).item() < 1e-6
+    nccl = replica.partial_combine.__wrapped__(y, weights, keep, index, y)
+    torch.testing.assert_close(out.float(), nccl, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("world", [2, 4])
