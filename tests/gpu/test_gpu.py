@@ -507,3 +507,34 @@ def test_nccl_trunk_replicas_split_by_intermediate_size(tmp_path, checkpoints, p
         assert runs["auto"] == runs["padded"]
     finally:
         ray.shutdown()
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_nccl_trunk_replicas_peer_sums_with_whole_experts(checkpoints):
+    """`replica_peer_sum` with whole experts (each rank the plan's shard: its pairs' share only,
+    the others' rows dropped inside the combine + signal kernel by their experts' ownership):
+    float32 graphed steps with n-gram drafts == transformers."""
+    import ray
+
+    n = torch.cuda.device_count()
+    ray.init(num_gpus=n - 1, num_cpus=8, include_dashboard=False)
+    options = ShardOptions(
+        replicate_trunk=True, replica_peer_sum=64, cuda_graphs=True, collective_timeout_s=30
+    )
+    try:
+        path = checkpoints("qwen3_moe")
+        with Engine.from_pretrained(
+            path,
+            device=f"cuda:{n - 1}",
+            num_shards=n,
+            draft="ngram",
+            max_model_len=128,
+            shard_options=options,
+        ) as engine:
+            got = [o.token_ids for o in engine.generate(PROMPTS, GREEDY)]
+            assert engine.graphs.capture and engine.graphs.num_replays > 3
+            assert engine.shard_group.dispatch.peer is not None
+            assert engine.metrics.num_recoveries == 0
+        assert got == hf_greedy(path, PROMPTS, NEW)
+    finally:
+        ray.shutdown()
