@@ -453,21 +453,22 @@ def test_nccl_trunk_replicas_equal_one_gpu_and_transformers(tmp_path, checkpoint
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
-@pytest.mark.parametrize("peer_rows", [0, 64])
-def test_nccl_trunk_replicas_split_by_intermediate_size(tmp_path, checkpoints, peer_rows):
+@pytest.mark.parametrize("split, peer_rows", [("intermediate", 0), ("intermediate", 64), ("experts", 64)])
+def test_nccl_trunk_replicas_split_by_intermediate_size(tmp_path, checkpoints, split, peer_rows):
     """`ShardOptions.replica_split = "intermediate"` over NCCL: every GPU holds every expert's
     slice of its intermediate size and computes every pair's share; one all_reduce sums them
     (peer_rows: static steps sum by peer loads inside the next add + norm instead,
-    `replica_peer_sum`, `moe/peer_sum.py`). float32 with captured steps and n-gram drafts (verify
-    rows included) == transformers; bfloat16 (prompt buckets captured too): graphed steps == the
-    same group's padded steps."""
+    `replica_peer_sum`, `moe/peer_sum.py`; with whole experts too, each rank's share then its
+    own experts' pairs). float32 with captured steps and n-gram drafts (verify rows included) ==
+    transformers; bfloat16 (prompt buckets captured too): graphed steps == the same group's
+    padded steps."""
     import ray
 
     n = torch.cuda.device_count()
     ray.init(num_gpus=n - 1, num_cpus=8, include_dashboard=False)
     options = ShardOptions(
         replicate_trunk=True,
-        replica_split="intermediate",
+        replica_split=split,
         replica_peer_sum=peer_rows,
         cuda_graphs=True,
         collective_timeout_s=30,
@@ -489,7 +490,8 @@ def test_nccl_trunk_replicas_split_by_intermediate_size(tmp_path, checkpoints, p
             assert engine.metrics.num_recoveries == 0
             shards = engine.stats()["shards"]["shards"]
         assert got == ref
-        assert all(len(s["held"]) and all(len(v) == 8 for v in s["held"].values()) for s in shards)
+        if split == "intermediate":  # every expert on every shard
+            assert all(len(s["held"]) and all(len(v) == 8 for v in s["held"].values()) for s in shards)
         wide = wide_checkpoint(tmp_path)
         runs = {}
         for steps in ("auto", "padded"):
@@ -505,36 +507,5 @@ def test_nccl_trunk_replicas_split_by_intermediate_size(tmp_path, checkpoints, p
                 runs[steps] = [o.token_ids for o in engine.generate(BUCKET_PROMPTS, GREEDY)]
                 assert engine.metrics.num_recoveries == 0, steps
         assert runs["auto"] == runs["padded"]
-    finally:
-        ray.shutdown()
-
-
-@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
-def test_nccl_trunk_replicas_peer_sums_with_whole_experts(checkpoints):
-    """`replica_peer_sum` with whole experts (each rank the plan's shard: its pairs' share only,
-    the others' rows dropped inside the combine + signal kernel by their experts' ownership):
-    float32 graphed steps with n-gram drafts == transformers."""
-    import ray
-
-    n = torch.cuda.device_count()
-    ray.init(num_gpus=n - 1, num_cpus=8, include_dashboard=False)
-    options = ShardOptions(
-        replicate_trunk=True, replica_peer_sum=64, cuda_graphs=True, collective_timeout_s=30
-    )
-    try:
-        path = checkpoints("qwen3_moe")
-        with Engine.from_pretrained(
-            path,
-            device=f"cuda:{n - 1}",
-            num_shards=n,
-            draft="ngram",
-            max_model_len=128,
-            shard_options=options,
-        ) as engine:
-            got = [o.token_ids for o in engine.generate(PROMPTS, GREEDY)]
-            assert engine.graphs.capture and engine.graphs.num_replays > 3
-            assert engine.shard_group.dispatch.peer is not None
-            assert engine.metrics.num_recoveries == 0
-        assert got == hf_greedy(path, PROMPTS, NEW)
     finally:
         ray.shutdown()
