@@ -77,6 +77,7 @@ def test_column_major_copy_is_made_once_per_weight():
     assert len(fused._COLUMN_MAJOR) == n - 1
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
 def test_inductor_pdl_switch_compiles_with_this_torch(monkeypatch):
     """`fused.INDUCTOR_PDL`: on where this torch's inductor has `triton.enable_pdl`, and the
     option that `fused` then compiles with is one torch.compile takes (it refuses unknown ones):
