@@ -509,3 +509,34 @@ def test_nccl_trunk_replicas_split_by_intermediate_size(tmp_path, checkpoints, s
         assert runs["auto"] == runs["padded"]
     finally:
         ray.shutdown()
+
+
+@pytest.fixture
+def ray_on_gpus():
+    """Ray with every GPU but one (the engine's, the last) for shard actors -> the GPU count."""
+    import ray
+
+    n = torch.cuda.device_count()
+    ray.init(num_gpus=n - 1, num_cpus=8, include_dashboard=False)
+    yield n
+    ray.shutdown()
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_nccl_killed_shard_is_replaced_and_the_step_replayed(checkpoints, ray_on_gpus):
+    """A shard actor killed mid-generation over NCCL (trunk replicas, graphed steps): the engine
+    re-forms the group with a new actor on the freed GPU, refills its KV cache and replays the
+    step: transformers' tokens, one recovery. The CPU tests prove this over gloo; over NCCL the
+    hung collective meets NCCL's own error handling (`TORCH_NCCL_ASYNC_ERROR_HANDLING`) first."""
+    import ray
+    from conftest import generate_stepwise
+
+    path, n = checkpoints("qwen3_moe"), ray_on_gpus
+    options = ShardOptions(replicate_trunk=True, cuda_graphs=True, collective_timeout_s=20)
+    with Engine.from_pretrained(
+        path, device=f"cuda:{n - 1}", num_shards=n, max_model_len=128, shard_options=options
+    ) as engine:
+        kill = {4: lambda e: ray.kill(e.shard_group.actors[0], no_restart=True)}
+        got = generate_stepwise(engine, PROMPTS, GREEDY, at=kill)
+        assert engine.metrics.num_recoveries == 1
+    assert got == hf_greedy(path, PROMPTS, NEW)
