@@ -32,6 +32,9 @@ not the one the peers may still be reading (the last sum's).
 
 from __future__ import annotations
 
+import socket
+from typing import Any
+
 try:
     import triton
     import triton.language as tl
@@ -218,6 +221,20 @@ def slot_order(layers: list[int]) -> dict[int, int]:
     return order
 
 
+class PeerSumUnavailable(RuntimeError):
+    """Peer sums cannot run in this group (every rank raises it alike): sum with NCCL instead."""
+
+
+def unavailable(shares: list[tuple[str, Any, str | None]]) -> str | None:
+    """Why a group cannot map each other's buffers, from every rank's (host, handle, error of
+    making the handle), or None: every rank on one host, every handle made."""
+    hosts = sorted({host for host, _, _ in shares})
+    if len(hosts) > 1:
+        return f"peer sums need every rank on one host; this group spans {', '.join(hosts)}"
+    errors = [f"rank {r}: {error}" for r, (_, _, error) in enumerate(shares) if error]
+    return "; ".join(errors) or None
+
+
 def _open_here(rebuild, args: tuple, device: torch.device) -> torch.Tensor:
     """A peer's tensor from its `reduce_tensor` handle, opened with this GPU current: CUDA IPC
     (lazy peer access) maps it for this GPU's kernels. torch would open it on the owner's device
@@ -259,11 +276,34 @@ class PeerSum:
         slot_bytes = SLOTS * max_rows * hidden * 4
         raw = torch.zeros(slot_bytes + 4 * self.world, dtype=torch.uint8, device=device)
         self.buffer = raw[:slot_bytes].view(torch.float32).view(SLOTS, max_rows, hidden)
+        # Both steps below agree over the group before any rank gives up, so that every rank
+        # raises `PeerSumUnavailable` alike (the caller then sums with NCCL) instead of one rank
+        # failing while the others wait for it in a collective.
+        try:
+            mine = (socket.gethostname(), reduce_tensor(raw), None)
+        except Exception as e:  # e.g. an allocator whose memory CUDA IPC cannot share
+            mine = (socket.gethostname(), None, f"{type(e).__name__}: {e}")
         with torch.cuda.device(device):  # the group's collectives on this rank's GPU
-            handles = [None] * self.world
-            dist.all_gather_object(handles, reduce_tensor(raw), group=group)
-        # The peers' allocations mapped here (CUDA IPC); kept while this object lives.
-        self._mapped = [raw if r == self.rank else _open_here(*h, raw.device) for r, h in enumerate(handles)]
+            shares = [None] * self.world
+            dist.all_gather_object(shares, mine, group=group)
+            why = unavailable(shares)
+            if why:
+                raise PeerSumUnavailable(why)
+            # The peers' allocations mapped here (CUDA IPC); kept while this object lives.
+            try:
+                self._mapped = [
+                    raw if r == self.rank else _open_here(*h, raw.device)
+                    for r, (_, h, _) in enumerate(shares)
+                ]
+                failed = ""
+            except Exception as e:  # e.g. a peer's GPU not visible in this process
+                self._mapped = []
+                failed = f"rank {self.rank} cannot map its peers' memory: {type(e).__name__}: {e}"
+            reasons = [None] * self.world
+            dist.all_gather_object(reasons, failed, group=group)
+            if any(reasons):
+                self._mapped = []
+                raise PeerSumUnavailable("; ".join(r for r in reasons if r))
         bases = torch.tensor([m.data_ptr() for m in self._mapped], dtype=torch.int64, device=device)
         self.pads = bases + slot_bytes
         step = max_rows * hidden * 4  # bytes per slot

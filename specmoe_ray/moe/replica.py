@@ -40,6 +40,7 @@ process (their defaults).
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 import time
 
@@ -52,6 +53,8 @@ from specmoe_ray.moe.dispatch import OP_PING, OP_STOP, ExpertLoad, Rank0, _Maske
 from specmoe_ray.moe.experts import ExpertStore
 from specmoe_ray.moe.placement import PlacementPlan
 from specmoe_ray.moe.shard_loop import capture_graph, serve_loop
+
+log = logging.getLogger(__name__)
 
 OP_FORWARD = 4
 HEADER = 8  # [op, N, B, P, kv_len, max_new, flags, 0]
@@ -251,9 +254,14 @@ class ReplicaDispatch(_Masked, Rank0):
         if self.peer is None:  # collective: every rank reaches its first peer sum together
             if torch.cuda.is_current_stream_capturing():
                 raise RuntimeError("ReplicaDispatch: the first peer sum must run before a graph capture")
-            from specmoe_ray.moe.peer_sum import PeerSum
+            from specmoe_ray.moe.peer_sum import PeerSum, PeerSumUnavailable
 
-            self.peer = PeerSum(self.peer_rows, x.shape[-1], x.device, None, self.peer_timeout_s)
+            try:
+                self.peer = PeerSum(self.peer_rows, x.shape[-1], x.device, None, self.peer_timeout_s)
+            except PeerSumUnavailable as e:  # every rank alike: NCCL's sums from now on
+                log.warning("replica_peer_sum is off, summing with NCCL: %s", e)
+                self.peer_rows = 0
+                return None
         return self.peer
 
     @property

@@ -245,6 +245,19 @@ def test_shard_actor_device_with_every_gpu_visible(monkeypatch):
     assert shards._actor_device("cuda") == "cuda:3"
 
 
+def test_peer_sums_unavailable_names_why():
+    """`peer_sum.unavailable`: from every rank's (host, handle, error), the reason the group
+    cannot map each other's buffers (ranks on several hosts; a rank that could not share its
+    buffer), the same on every rank (it sees every share), or None."""
+    from specmoe_ray.moe.peer_sum import unavailable
+
+    assert unavailable([("gpu-a", "h0", None), ("gpu-a", "h1", None)]) is None
+    why = unavailable([("gpu-a", "h0", None), ("gpu-b", "h1", None), ("gpu-a", "h2", None)])
+    assert why == "peer sums need every rank on one host; this group spans gpu-a, gpu-b"
+    why = unavailable([("gpu-a", "h0", None), ("gpu-a", None, "RuntimeError: no IPC")])
+    assert why == "rank 1: RuntimeError: no IPC"
+
+
 @pytest.mark.parametrize("layers", [[0, 1], [3, 4, 5], list(range(48)), [1, 3, 5, 7, 9], [2]])
 def test_peer_sum_slots_alternate_across_forwards(layers):
     """`peer_sum.slot_order`: consecutive sums use different shared slots, the last sum of
