@@ -14,7 +14,7 @@
 # $CKPT), trace (8 layers of it on 1 and 2 GPUs, profiled on both sides, Chrome traces), probe
 # (the same 8 layers unprofiled, beside another revision with BASE_DIR), batch1 (switch tests,
 # batch-1 ablations and sweeps, 48 layers at batch 1 and 8), allreduce (the trunk replicas'
-# per-layer sum: NCCL vs symmetric memory), demo (the shipped demo pair). STAGE_TIMEOUT bounds each stage (seconds, default 540).
+# per-layer sum: NCCL vs symmetric memory, and the layer end with NCCL vs peer sums), demo (the shipped demo pair). STAGE_TIMEOUT bounds each stage (seconds, default 540).
 set -u
 OUT=${OUT:-gpu-out}
 CKPT=${CKPT:-/tmp/specmoe-bench-ckpt}
