@@ -264,13 +264,14 @@ class PeerSum:
         import torch.distributed as dist
         from torch.multiprocessing.reductions import reduce_tensor
 
+        # Every rank meets these alike (the same group, model and install): no agreement needed.
         if not AVAILABLE:
-            raise RuntimeError("PeerSum needs Triton and CUDA GPUs")
+            raise PeerSumUnavailable("peer sums need Triton and CUDA GPUs")
         self.rank, self.world = dist.get_rank(group), dist.get_world_size(group)
         if self.world & (self.world - 1):
-            raise ValueError(f"PeerSum: the group has {self.world} ranks; it takes a power of 2")
+            raise PeerSumUnavailable(f"the group has {self.world} ranks; peer sums take a power of 2")
         if hidden % 4:
-            raise ValueError(f"PeerSum: hidden size {hidden} is not a multiple of 4 (16-byte float32 rows)")
+            raise PeerSumUnavailable(f"hidden size {hidden} is not a multiple of 4 (16-byte float32 rows)")
         self.max_rows, self.hidden, self.timeout_s = max_rows, hidden, timeout_s
         # One allocation: SLOTS float32 slots, then this rank's pad (an int32 counter per sender).
         slot_bytes = SLOTS * max_rows * hidden * 4

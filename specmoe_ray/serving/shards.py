@@ -72,8 +72,9 @@ class ShardOptions:
     # Trunk replicas, static steps (CUDA graphs) of up to this many tokens: each MoE layer's sum
     # by peer loads over NVLink inside the next add + norm (`moe/peer_sum.py`, CUDA IPC)
     # instead of NCCL's all_reduce; 0: off. Ranks on one host with every GPU visible (shard
-    # actors keep them so): elsewhere (several hosts, memory that CUDA IPC cannot share) every
-    # rank warns and sums with NCCL at its first static step. Opt-in: ~3.8 us per layer faster
+    # actors keep them so) and a power-of-2 count of them: elsewhere (several hosts, 3 ranks,
+    # memory that CUDA IPC cannot share) every rank warns and sums with NCCL at its first
+    # static step. Opt-in: ~3.8 us per layer faster
     # than NCCL at 1 token, equal at 32 (RESULTS.md, session 12; not yet timed in a 48-layer
     # step). A rank that waits longer than collective_timeout_s for a peer there traps: its CUDA
     # context fails (the engine process must restart), where NCCL's collectives time out and the
