@@ -506,6 +506,14 @@ def bench_gpus(a, device: str, rows: dict[int, list[list[int]]], one_device: lis
             ray.shutdown()
 
 
+def actor_gpus_first(visible: list[str]) -> str:
+    """CUDA_VISIBLE_DEVICES for shard actors that must see every GPU (peer sums) while Ray hands
+    them visible[1:] (the engine keeps visible[0]): Ray's GPUs first, in Ray's order, as Ray
+    names an actor's GPU slot i by entry i of the list its worker starts with (in the engine's
+    order, slot 0 would name the engine's GPU)."""
+    return ",".join(visible[1:] + visible[:1])
+
+
 def bench_layout(
     a, device: str, rows: dict[int, list[list[int]]], one_device: list[dict], g: int, layout: str
 ) -> list[dict[str, Any]]:
@@ -528,11 +536,9 @@ def bench_layout(
     )
     if layout.endswith("-peer") and device != "cpu":
         # Ray started with GPU 0 hidden (the engine's); peer sums need every GPU visible in the
-        # actors (`ShardOptions.replica_peer_sum` keeps Ray from narrowing it): this process's
-        # set, Ray's GPUs first, in Ray's order (an actor's Ray GPU slot i names entry i).
+        # actors (`ShardOptions.replica_peer_sum` keeps Ray from narrowing it).
         ids = os.environ.get("CUDA_VISIBLE_DEVICES") or ",".join(map(str, range(torch.cuda.device_count())))
-        ids = ids.split(",")
-        options.env_vars = {"CUDA_VISIBLE_DEVICES": ",".join(ids[1:] + ids[:1])}
+        options.env_vars = {"CUDA_VISIBLE_DEVICES": actor_gpus_first(ids.split(","))}
     t0 = time.perf_counter()
     print(f"  {g} devices ({layout}): starting the engine and {g - 1} shard(s)", flush=True)
     engine = Engine.from_pretrained(

@@ -128,3 +128,49 @@ def test_gpu_benchmark_multi_device_rows_run_on_cpu(tmp_path):
         ("replicas-split-peer", 1),
         ("replicas-split-peer", 2),
     ]
+
+
+RAY_GPU_SLOTS = """
+import json, os, sys
+sys.path.insert(0, sys.argv[1])
+from gpu import actor_gpus_first
+os.environ["CUDA_VISIBLE_DEVICES"] = "1,2"  # as gpu.py starts Ray: the engine's GPU 0 hidden
+import ray
+ray.init(address="local", num_gpus=2, num_cpus=2, include_dashboard=False)
+del os.environ["CUDA_VISIBLE_DEVICES"]
+from specmoe_ray.serving import shards
+env = {"CUDA_VISIBLE_DEVICES": actor_gpus_first(["0", "1", "2"]), shards.NOSET_VISIBLE: "1"}
+
+@ray.remote(num_gpus=1, num_cpus=0, runtime_env={"env_vars": env})
+class Shard:
+    def gpu(self):
+        visible = os.environ["CUDA_VISIBLE_DEVICES"].split(",")
+        return visible[int(shards._actor_device("cuda").split(":")[1])]
+
+actors = [Shard.remote() for _ in range(2)]
+print(json.dumps(sorted(ray.get([a.gpu.remote() for a in actors]))))
+ray.shutdown()
+"""
+
+
+def test_peer_layout_shard_actors_take_the_gpus_ray_gave_them():
+    """gpu.py's `-peer` layouts: Ray hands the shard actors GPUs 1 and 2 (the engine keeps 0)
+    while the actors must see every GPU; with `actor_gpus_first`'s CUDA_VISIBLE_DEVICES, each
+    actor's device (`shards._actor_device`) is its own Ray GPU, never the engine's. (Session 12
+    on 2 H200s: the engine's order made Ray's slot 0 name GPU 0: NCCL "duplicate GPU".) Real
+    Ray with GPU resources declared on this CPU machine, in a process of its own."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    run = subprocess.run(
+        [sys.executable, "-c", RAY_GPU_SLOTS, os.path.join(root, "benchmarks")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert json.loads(run.stdout.strip().splitlines()[-1]) == ["1", "2"]
