@@ -164,8 +164,10 @@ def hf_greedy(path: str, prompts: list[list[int]], max_new_tokens: int) -> list[
 
 def generate_stepwise(engine, prompts, params, at: dict | None = None) -> list[list[int]]:
     """Step `engine` through `prompts` by hand, running `at[step](engine)` before step `step`
-    (1-based; e.g. a reshard or a killed shard mid-generation) -> each prompt's tokens, in order."""
-    ids = [engine.add_request(p, params) for p in prompts]
+    (1-based; e.g. a reshard or a killed shard mid-generation) -> each prompt's tokens, in order.
+    params: one SamplingParams for all, or a list of one per prompt."""
+    each = params if isinstance(params, list) else [params] * len(prompts)
+    ids = [engine.add_request(p, q) for p, q in zip(prompts, each)]
     done, step = {}, 0
     while len(done) < len(ids):
         step += 1

@@ -234,52 +234,16 @@ class Engine:
         drafts, proposal, draft_s = self._propose(samplers, chosen_k)
 
         feeds = [s.tokens + drafts.get(id(s), []) for s in scheduled]
-        starts = [s.start for s in scheduled]
-        slots = [s.seq.slot for s in scheduled]
-        logits_from = [len(s.tokens) - 1 if s.samples else len(s.tokens) for s in scheduled]
+        num_draft = [len(drafts.get(id(s), [])) for s in samplers]
         t0 = time.perf_counter()
         key = self._graph_key(scheduled, feeds)
-        hidden = None  # [N, D]: final hidden states, for a proposer that reads them (MTP)
-        if key is not None:  # a decode/verify step: replay its CUDA graph (engine/graph.py)
-            logits = self._recovering(lambda: self.graphs.run(key, feeds, starts, slots, logits_from))
-            if self.graphs.hidden:
-                logits, hidden = logits
-        else:
-            batch = build_forward_batch(feeds, starts, slots, logits_from, self.device)
-            if self._wants_hidden:
-                logits, hidden = self._forward(batch, return_hidden=True)
-            else:
-                logits = self._forward(batch)  # [M, V]: k_b + 1 rows per sampling sequence
-        for s, feed in zip(scheduled, feeds):
-            self.cache.advance(s.seq.slot, len(feed))
+        run = functools.partial(self._compute, scheduled, samplers, feeds, key, num_draft, proposal, chosen_k)
+        hidden, emitted, accepted, extra = self._checked(scheduled, samplers, run)
         if not samplers:
             if hidden is not None:
                 self._observe_hidden(scheduled, feeds, hidden, {})
             self.metrics.num_steps += 1
             return []
-
-        num_draft = [len(drafts.get(id(s), [])) for s in samplers]
-        k = proposal.tokens.shape[1]
-        # Row r of `logits` belongs to sampler b at offset i: lay them out as [B, k + 1, V].
-        if all(n == k for n in num_draft):  # already in that layout (always when k = 0): no copy
-            target_logits = logits.view(len(samplers), k + 1, -1)
-        else:
-            index, row = [], 0
-            for n in num_draft:
-                index.append([row + min(i, n) for i in range(k + 1)])
-                row += n + 1
-            target_logits = logits[torch.tensor(index, device=logits.device)]
-        seqs = [s.seq for s in samplers]
-        result = rejection.verify(
-            target_logits, proposal, [q.params for q in seqs], [q.generator for q in seqs]
-        )
-        tokens = result.tokens  # [B, k + 1]
-        ahead = self._decode_ahead(scheduled, key, chosen_k, proposal, tokens)  # [B, extra]
-        extra = ahead.shape[1] if ahead is not None else 0
-        if ahead is not None:
-            tokens = torch.cat([tokens, ahead], dim=1)
-        emitted = tokens.tolist()  # the step's one host sync
-        accepted = result.num_accepted.tolist()
         verify_s = time.perf_counter() - t0
         if hidden is not None:  # before finished sequences release their proposer state
             self._observe_hidden(scheduled, feeds, hidden, {id(s): a for s, a in zip(samplers, accepted)})
@@ -325,6 +289,75 @@ class Engine:
                 self._retire(seq)
             outputs.append(self._output(seq, new))
         return outputs
+
+    def _compute(self, scheduled, samplers, feeds, key, num_draft: list[int], proposal, chosen_k: int):
+        """The step's target forward (and run-ahead decode steps) and verification, up to its one
+        host sync -> (final hidden states or None, emitted tokens per sampler, accepted drafts per
+        sampler, run-ahead steps); the KV cache advanced past every token fed."""
+        starts = [s.start for s in scheduled]
+        slots = [s.seq.slot for s in scheduled]
+        logits_from = [len(s.tokens) - 1 if s.samples else len(s.tokens) for s in scheduled]
+        hidden = None  # [N, D]: final hidden states, for a proposer that reads them (MTP)
+        if key is not None:  # a decode/verify step: replay its CUDA graph (engine/graph.py)
+            logits = self._recovering(lambda: self.graphs.run(key, feeds, starts, slots, logits_from))
+            if self.graphs.hidden:
+                logits, hidden = logits
+        else:
+            batch = build_forward_batch(feeds, starts, slots, logits_from, self.device)
+            if self._wants_hidden:
+                logits, hidden = self._forward(batch, return_hidden=True)
+            else:
+                logits = self._forward(batch)  # [M, V]: k_b + 1 rows per sampling sequence
+        for s, feed in zip(scheduled, feeds):
+            self.cache.advance(s.seq.slot, len(feed))
+        if not samplers:
+            if self.shard_group is not None and self.device.type == "cuda":
+                torch.cuda.current_stream(self.device).synchronize()  # before `_checked` looks
+            return hidden, [], [], 0
+
+        k = proposal.tokens.shape[1]
+        # Row r of `logits` belongs to sampler b at offset i: lay them out as [B, k + 1, V].
+        if all(n == k for n in num_draft):  # already in that layout (always when k = 0): no copy
+            target_logits = logits.view(len(samplers), k + 1, -1)
+        else:
+            index, row = [], 0
+            for n in num_draft:
+                index.append([row + min(i, n) for i in range(k + 1)])
+                row += n + 1
+            target_logits = logits[torch.tensor(index, device=logits.device)]
+        seqs = [s.seq for s in samplers]
+        result = rejection.verify(
+            target_logits, proposal, [q.params for q in seqs], [q.generator for q in seqs]
+        )
+        tokens = result.tokens  # [B, k + 1]
+        ahead = self._decode_ahead(scheduled, key, chosen_k, proposal, tokens)  # [B, extra]
+        extra = ahead.shape[1] if ahead is not None else 0
+        if ahead is not None:
+            tokens = torch.cat([tokens, ahead], dim=1)
+        emitted = tokens.tolist()  # the step's one host sync
+        return hidden, emitted, result.num_accepted.tolist(), extra
+
+    def _checked(self, scheduled, samplers, run):
+        """run() (`_compute`); with expert shards, rolled back (KV lengths, seeded generators) and
+        run again on a re-formed group if the group's watcher found it broken by the step's host
+        sync: an NCCL collective aborted for a dead rank returns garbage, not an error
+        (`ShardGroup._heartbeat_loop`)."""
+        if self.shard_group is None:
+            return run()
+        lengths = [self.cache.lengths[s.seq.slot] for s in scheduled]
+        generators = [(g, g.get_state()) for g in (s.seq.generator for s in samplers) if g is not None]
+        for attempt in range(self.max_recoveries + 1):
+            out = run()
+            try:
+                self.shard_group.check()
+                return out
+            except ShardGroupError as e:
+                for s, length in zip(scheduled, lengths):
+                    self.cache.rollback(s.seq.slot, length)
+                for g, state in generators:
+                    g.set_state(state)
+                self._recover(e, attempt)
+        raise AssertionError("unreachable")
 
     def _decode_ahead(
         self, scheduled: list[ScheduledSeq], key, k: int, proposal, tokens: torch.Tensor
@@ -429,34 +462,39 @@ class Engine:
             try:
                 return forward()
             except Exception as e:
-                if self.shard_group is None or attempt == self.max_recoveries:
-                    if self.shard_group is not None:
-                        raise ShardGroupError(f"expert shard group failed {attempt + 1} times: {e}") from e
+                if self.shard_group is None:
                     raise
-                log.warning(
-                    "expert shard group failed (%s: %s); re-forming it and replaying the step",
-                    type(e).__name__,
-                    e,
-                )
-                t0 = time.perf_counter()
-                if self.shard_group.options.cuda_graphs:
-                    # Replayed collectives are the least proven part of a step with shards (and a
-                    # failed capture lands here): the re-formed group serves static steps eagerly,
-                    # on both sides.
-                    log.warning("CUDA graphs for steps with expert shards are off from now on")
-                    if self.graphs is not None:
-                        self.graphs.capture = False
-                    self.shard_group.options.cuda_graphs = False
-                try:
-                    self._reform(self.shard_group.plan, failed=True)
-                except Exception as reform_error:
-                    raise ShardGroupError(
-                        f"expert shard group failed ({e}) and could not re-form: {reform_error}"
-                    ) from reform_error
-                self.metrics.num_recoveries += 1
-                self.metrics.recovery_time_s += time.perf_counter() - t0
-                log.warning("expert shard group re-formed in %.1fs", time.perf_counter() - t0)
+                self._recover(e, attempt)
         raise AssertionError("unreachable")
+
+    def _recover(self, e: Exception, attempt: int) -> None:
+        """Re-form the expert shard group that failed with e (its step is then replayed), or
+        raise ShardGroupError when it failed max_recoveries + 1 times in a row."""
+        if attempt == self.max_recoveries:
+            raise ShardGroupError(f"expert shard group failed {attempt + 1} times: {e}") from e
+        log.warning(
+            "expert shard group failed (%s: %s); re-forming it and replaying the step",
+            type(e).__name__,
+            e,
+        )
+        t0 = time.perf_counter()
+        if self.shard_group.options.cuda_graphs:
+            # Replayed collectives are the least proven part of a step with shards (and a
+            # failed capture lands here): the re-formed group serves static steps eagerly,
+            # on both sides.
+            log.warning("CUDA graphs for steps with expert shards are off from now on")
+            if self.graphs is not None:
+                self.graphs.capture = False
+            self.shard_group.options.cuda_graphs = False
+        try:
+            self._reform(self.shard_group.plan, failed=True)
+        except Exception as reform_error:
+            raise ShardGroupError(
+                f"expert shard group failed ({e}) and could not re-form: {reform_error}"
+            ) from reform_error
+        self.metrics.num_recoveries += 1
+        self.metrics.recovery_time_s += time.perf_counter() - t0
+        log.warning("expert shard group re-formed in %.1fs", time.perf_counter() - t0)
 
     def _propose(self, samplers: list[ScheduledSeq], k: int):
         """Up to k draft tokens per sampling sequence -> ({id(s): drafts}, proposal, seconds)."""

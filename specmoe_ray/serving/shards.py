@@ -23,7 +23,7 @@ import torch.distributed as dist
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from specmoe_ray.errors import ShardStartupError
+from specmoe_ray.errors import ShardGroupError, ShardStartupError
 from specmoe_ray.moe.dispatch import DistributedDispatch
 from specmoe_ray.moe.placement import PlacementPlan
 from specmoe_ray.moe.replica import ReplicaDispatch, serve_replica
@@ -271,6 +271,9 @@ class ShardGroup:
         self.dispatch: DistributedDispatch | ReplicaDispatch | None = None
         self._stop = threading.Event()
         self._heartbeat: threading.Thread | None = None
+        # Why the group broke, found by its watcher (`_heartbeat_loop`) while the engine stepped:
+        # the engine checks it after each step's host sync (`check`). None: healthy.
+        self.failure: str | None = None
         self._startup_deadline = 0.0  # the actors' (`_start_actors`)
 
     @property
@@ -321,7 +324,13 @@ class ShardGroup:
         except BaseException:
             self._teardown()
             raise
-        self._heartbeat = threading.Thread(target=self._heartbeat_loop, name="shard-heartbeat", daemon=True)
+        self.failure = None
+        self._heartbeat = threading.Thread(
+            target=self._heartbeat_loop,
+            args=(self._stop, list(self.serve_refs)),
+            name="shard-heartbeat",
+            daemon=True,
+        )
         self._heartbeat.start()
         return self.dispatch
 
@@ -483,15 +492,50 @@ class ShardGroup:
                 errors.append(f"shard {self.serve_refs.index(ref)}: {e}")
         return "; ".join(errors)
 
-    def _heartbeat_loop(self) -> None:
+    def _heartbeat_loop(self, stop: threading.Event, refs: list[Any]) -> None:
+        """The group's watcher (one per formation: stop and refs are that formation's). A shard's
+        serve() that returns or fails before `shutdown` (its actor died, or it raised) breaks the
+        group: record why (`failure`) and, over NCCL, abort the communicator. A collective that
+        waits for a dead GPU rank never fails by itself (NCCL's watchdog would end this process
+        after collective_timeout_s); aborted, it returns at once, its output garbage: the engine
+        checks `failure` after the step's host sync, rolls the step back and replays it on a
+        re-formed group. Between steps, ping the shards when the engine is idle."""
         interval = self.options.heartbeat_interval_s or self.options.collective_timeout_s / 4
-        while not self._stop.wait(min(interval, 1.0)):
+        while not stop.is_set():
+            done, _ = ray.wait(refs, num_returns=1, timeout=min(interval, 1.0))
+            if stop.is_set():
+                return
+            if done:
+                self._broken(refs.index(done[0]), done[0])
+                return
             if time.monotonic() - self.dispatch.last_exchange >= interval:
                 try:
                     self.dispatch.ping()
                 except Exception as e:  # the next engine step reports it too
                     log.error("expert shard heartbeat failed: %s", e)
                     return
+
+    def _broken(self, index: int, ref: Any) -> None:
+        """Shard actor `index`'s serve() ended while serving: set `failure`, abort NCCL."""
+        try:
+            ray.get(ref, timeout=0)
+            why = "its serving loop returned"
+        except Exception as e:  # what the shard raised, or why its actor died
+            first = (str(e).strip().splitlines() or [""])[0]
+            why = f"{type(e).__name__}: {first}"
+        shard = self.remote_shards[index]
+        self.failure = f"shard {shard} (rank {self.rank_of(shard)}) stopped: {why}"
+        log.error("expert shard group broken: %s", self.failure)
+        if dist.is_initialized() and dist.get_backend() == "nccl":
+            try:
+                dist.group.WORLD.abort()
+            except Exception as e:  # the engine's next collective or NCCL's watchdog then
+                log.warning("could not abort the NCCL communicator: %s", e)
+
+    def check(self) -> None:
+        """Raise ShardGroupError if the watcher found the group broken (`_heartbeat_loop`)."""
+        if self.failure is not None:
+            raise ShardGroupError(f"expert shard group broken: {self.failure}")
 
     def reform(self, plan: PlacementPlan, failed: bool = False) -> DistributedDispatch | ReplicaDispatch:
         """Tear the group down and form it again with another membership (e.g. a new shard count).

@@ -301,3 +301,51 @@ def test_cli_generate_with_trunk_replicas(ray_cluster, capsys):
     assert "--replicate-trunk needs --num-shards" in capsys.readouterr().err
     assert cli.main(args + ["--num-shards", "2", "--replica-split", "intermediate"]) == 2
     assert "--replica-split applies to trunk replicas" in capsys.readouterr().err
+
+
+def test_a_step_found_broken_after_its_sync_is_rolled_back_and_replayed(ray_cluster, checkpoints):
+    """An NCCL collective aborted for a dead rank returns garbage, not an error: the group's
+    watcher names the broken group (`ShardGroup.failure`) and the engine checks it after each
+    step's host sync. Here, injected before step 1 (a prompt chunk alone: 8 tokens a step) and
+    step 5 (decode and verify rows; each step runs whole on a healthy group, as one whose
+    collectives were aborted would), then for real: a shard actor killed after step 8, which the
+    watcher reports. Each time the step is rolled back (KV lengths, seeded generators) and
+    replayed on a re-formed group: greedy tokens equal transformers', the seeded samples those
+    of the same batch without failures."""
+    import time
+
+    import ray
+
+    path = checkpoints("qwen3_moe")
+    greedy = [PROMPTS[1], PROMPTS[0], PROMPTS[2]]  # the 17-token prompt first: chunked alone
+    ref = hf_greedy(path, greedy, NEW)
+    seeded = SamplingParams(max_tokens=NEW, temperature=1.0, seed=5, ignore_eos=True)
+    prompts, params = greedy + [PROMPTS[0]], [GREEDY] * len(greedy) + [seeded]
+    reports = []
+
+    def kill(e):
+        group = e.shard_group
+        ray.kill(group.actors[0], no_restart=True)
+        deadline = time.monotonic() + 30
+        while group.failure is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        reports.append(group.failure)
+
+    def inject(e):
+        e.shard_group.failure = "injected"
+
+    with Engine.from_pretrained(
+        path,
+        num_shards=2,
+        draft="ngram",
+        max_model_len=128,
+        max_num_batched_tokens=8,
+        shard_options=replicas(2),
+    ) as engine:
+        clean = generate_stepwise(engine, prompts, params)
+        got = generate_stepwise(engine, prompts, params, at={1: inject, 5: inject, 9: kill})
+        stats = engine.stats()
+    assert got[:-1] == ref
+    assert got[-1] == clean[-1] and clean[:-1] == ref
+    assert stats["num_recoveries"] == 3
+    assert reports[0] is not None and reports[0].startswith("shard 1 (rank 1) stopped: "), reports

@@ -524,19 +524,39 @@ def ray_on_gpus():
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
 def test_nccl_killed_shard_is_replaced_and_the_step_replayed(checkpoints, ray_on_gpus):
-    """A shard actor killed mid-generation over NCCL (trunk replicas, graphed steps): the engine
-    re-forms the group with a new actor on the freed GPU, refills its KV cache and replays the
-    step: transformers' tokens, one recovery. The CPU tests prove this over gloo; over NCCL the
-    hung collective meets NCCL's own error handling (`TORCH_NCCL_ASYNC_ERROR_HANDLING`) first."""
+    """Shard actors killed mid-generation over NCCL (trunk replicas, graphed steps): once with
+    the engine stepping on at once (the actor dies during a step or between steps), once after
+    the group's watcher reported it. NCCL's collectives would wait for the dead rank until the
+    watchdog ends the process; the watcher aborts the communicator instead, and the engine rolls
+    the step back, re-forms the group on the freed GPU, refills its KV cache and replays the
+    step: transformers' tokens, two recoveries, no process torn down."""
+    import time
+
     import ray
     from conftest import generate_stepwise
 
     path, n = checkpoints("qwen3_moe"), ray_on_gpus
     options = ShardOptions(replicate_trunk=True, cuda_graphs=True, collective_timeout_s=20)
+    reports = []
+
+    def kill(wait: bool):
+        def run(e):
+            group = e.shard_group
+            ray.kill(group.actors[0], no_restart=True)
+            deadline = time.monotonic() + 20
+            while wait and group.failure is None and time.monotonic() < deadline:
+                time.sleep(0.01)
+            reports.append(group.failure)
+
+        return run
+
     with Engine.from_pretrained(
         path, device=f"cuda:{n - 1}", num_shards=n, max_model_len=128, shard_options=options
     ) as engine:
-        kill = {4: lambda e: ray.kill(e.shard_group.actors[0], no_restart=True)}
-        got = generate_stepwise(engine, PROMPTS, GREEDY, at=kill)
-        assert engine.metrics.num_recoveries == 1
-    assert got == hf_greedy(path, PROMPTS, NEW)
+        # 64 tokens: decode steps run 4 tokens ahead (graphs), and eagerly after a recovery.
+        many = SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True)
+        got = generate_stepwise(engine, PROMPTS, many, at={4: kill(False), 8: kill(True)})
+        recoveries = engine.metrics.num_recoveries
+    assert got == hf_greedy(path, PROMPTS, 64)
+    assert recoveries == 2, reports
+    assert reports[1] is not None and reports[1].startswith("shard 1 (rank 1) stopped: "), reports
