@@ -144,6 +144,16 @@ class ShardsConfig(_Strict):
         "intermediate size, so every GPU reads the same bytes whatever the routing (no load imbalance; "
         "not with replica_exact, and autoscaling's placement plans do not apply).",
     )
+    replica_peer_sum: int = Field(
+        0,
+        ge=0,
+        le=65536,  # shards.MAX_PEER_ROWS
+        description="With replicate_trunk (not replica_exact), GPUs of one host: graphed steps of up to this "
+        "many tokens sum the shards' outputs by NVLink peer loads instead of NCCL (2 H200s, 48 layers, split "
+        "experts: 1.54x one GPU at batch 32 vs 1.51x; RESULTS.md session 13); 0: off. Elsewhere a warning "
+        "and NCCL. Experimental: a GPU that stops mid-sum ends the verifier's process after "
+        "collective_timeout_s instead of re-forming the group.",
+    )
     env_vars: dict[str, str] = Field(
         default_factory=dict,
         description="Environment for the shard group's communicators, e.g. {NCCL_GRAPH_REGISTER: '0'}.",
@@ -160,6 +170,11 @@ class ShardsConfig(_Strict):
             raise ValueError(
                 "shards.replica_split 'intermediate' applies to trunk replicas (set shards.replicate_trunk) "
                 "and sums partial outputs, so it cannot be shards.replica_exact"
+            )
+        if self.replica_peer_sum and (self.replica_exact or not self.replicate_trunk):
+            raise ValueError(
+                "shards.replica_peer_sum applies to trunk replicas (set shards.replicate_trunk) that sum "
+                "partial outputs, so it cannot be shards.replica_exact"
             )
         return self
 

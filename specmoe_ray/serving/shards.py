@@ -74,11 +74,11 @@ class ShardOptions:
     # instead of NCCL's all_reduce; 0: off. Ranks on one host with every GPU visible (shard
     # actors keep them so) and a power-of-2 count of them: elsewhere (several hosts, 3 ranks,
     # memory that CUDA IPC cannot share) every rank warns and sums with NCCL at its first
-    # static step. Opt-in: ~3.8 us per layer faster
-    # than NCCL at 1 token, equal at 32 (RESULTS.md, session 12; not yet timed in a 48-layer
-    # step). A rank that waits longer than collective_timeout_s for a peer there traps: its CUDA
-    # context fails (the engine process must restart), where NCCL's collectives time out and the
-    # engine re-forms the group in place.
+    # static step. Opt-in: ~5 us per MoE layer faster than NCCL (48 layers, 2 H200s, split
+    # experts: 1.54x one GPU at batch 32 vs 1.51x, 1.00x at batch 1 vs 0.92x; RESULTS.md, session
+    # 13). A rank that waits longer than collective_timeout_s for a peer there traps: its CUDA
+    # context fails (the engine process must restart), where NCCL's collectives are aborted by
+    # the group's watcher and the engine re-forms the group in place.
     replica_peer_sum: int = 0
 
 

@@ -335,6 +335,14 @@ def test_api_key(server, models):
             "shards.replica_split: Input should be 'experts' or 'intermediate'",
         ),
         (
+            {"model": {"target": "x"}, "shards": {"num_shards": 2, "replica_peer_sum": 32}},
+            "shards: Value error, shards.replica_peer_sum applies to trunk replicas",
+        ),
+        (
+            {"model": {"target": "x"}, "shards": {"replicate_trunk": True, "replica_peer_sum": 70000}},
+            "shards.replica_peer_sum: Input should be less than or equal to 65536",
+        ),
+        (
             {"model": {"target": "x"}, "draft_pool": {"autoscaling_config": {"max_replica": 3}}},
             "draft_pool.autoscaling_config: Value error, unknown autoscaling_config keys",
         ),
@@ -351,7 +359,7 @@ def test_every_shards_setting_reaches_the_shard_options():
     import dataclasses
 
     from specmoe_ray.config import ShardsConfig
-    from specmoe_ray.serving.shards import ShardOptions
+    from specmoe_ray.serving.shards import MAX_PEER_ROWS, ShardOptions
     from specmoe_ray.serving.verifier import to_shard_options
 
     values = {
@@ -368,6 +376,7 @@ def test_every_shards_setting_reaches_the_shard_options():
         "replicate_trunk": True,
         "replica_exact": True,
         "replica_split": "experts",
+        "replica_peer_sum": 0,
     }
     assert set(values) == set(ShardsConfig.model_fields) - {"num_shards", "autoscale"}, "update this test"
     options = to_shard_options(ShardsConfig(**values))
@@ -375,6 +384,9 @@ def test_every_shards_setting_reaches_the_shard_options():
     assert {k: getattr(options, k) for k in values} == values
     split = {**values, "replica_exact": False, "replica_split": "intermediate"}  # (not with exact)
     assert to_shard_options(ShardsConfig(**split)).replica_split == "intermediate"
+    peer = {**split, "replica_peer_sum": 64}
+    assert to_shard_options(ShardsConfig(**peer)).replica_peer_sum == 64
+    assert ShardsConfig.model_fields["replica_peer_sum"].metadata[-1].le == MAX_PEER_ROWS
 
 
 def test_missing_checkpoint_path_fails_at_build(models, tmp_path):
