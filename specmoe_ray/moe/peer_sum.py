@@ -20,8 +20,10 @@ that sender has signalled to it. A signal (`_signal_all`) adds 1 to its counter 
 norm waits (acquire) until every sender's counter reached that count. Counters only grow (and
 compare by their wrapping difference), so nothing is taken back or reset and CUDA graphs replay
 the same launches; one release per sum, not one per row. A wait longer than the group's
-collective timeout traps (a peer died mid-step): the CUDA context fails loudly, as NCCL's
-watchdog takes a process down, instead of a step that never ends.
+collective timeout traps (a peer hung mid-step): the CUDA context fails loudly, as NCCL's
+watchdog takes a process down, instead of a step that never ends. A peer that died is reported
+sooner by the group's watcher (its Ray actor's task fails), which sets the rank's stop flag
+(`PeerSum.abort`): the waits end, the step's garbage is rolled back and replayed on a new group.
 
 Slots: the caller gives consecutive sums different slots, the last sum of a forward and the first
 of the next one too (`slot_order`). A rank then writes sum i + 1's slot only after its add + norm
@@ -68,15 +70,18 @@ if AVAILABLE:
         )
 
     @triton.jit
-    def _wait(addrs, target, timeout_ns):
+    def _wait(addrs, target, timeout_ns, stops):
         """Wait (acquire, system scope) until each address's counter reached target (by their
-        wrapping difference); after timeout_ns nanoseconds (the group's collective timeout) a
-        device trap: the process's CUDA context fails loudly instead of spinning forever."""
+        wrapping difference). After 1 ms of waiting, each round also reads the stop flag (stops:
+        its address, host memory that `PeerSum.abort` sets when a peer died): set, the wait ends
+        as if seen (the caller's results are garbage; the engine replays the step on a new
+        group). After timeout_ns nanoseconds (the group's collective timeout) a device trap: the
+        process's CUDA context fails loudly instead of spinning forever."""
         tl.inline_asm_elementwise(
             """{
-            .reg .u32 %seen;
+            .reg .u32 %seen, %stop;
             .reg .s32 %ahead;
-            .reg .pred %done, %late;
+            .reg .pred %done, %early, %quit, %late;
             .reg .u64 %t0, %t;
             mov.u64 %t0, %globaltimer;
             peer_sum_wait:
@@ -86,14 +91,19 @@ if AVAILABLE:
             @%done bra peer_sum_seen;
             mov.u64 %t, %globaltimer;
             sub.u64 %t, %t, %t0;
+            setp.lt.u64 %early, %t, 1000000;
+            @%early bra peer_sum_wait;
+            ld.relaxed.sys.global.u32 %stop, [$4];
+            setp.ne.u32 %quit, %stop, 0;
+            @%quit bra peer_sum_seen;
             setp.gt.u64 %late, %t, $3;
             @!%late bra peer_sum_wait;
             trap;
             peer_sum_seen:
             mov.u32 $0, %seen;
             }""",
-            "=r, l, r, l",
-            [addrs, target, timeout_ns],
+            "=r, l, r, l, l",
+            [addrs, target, timeout_ns, stops],
             dtype=tl.int32,
             is_pure=False,
             pack=1,
@@ -171,6 +181,7 @@ if AVAILABLE:
         D,
         eps,
         timeout_ns,  # the waits' limit (`_wait`)
+        stop_addr,  # int64 address of the waits' stop flag (`_wait`, `PeerSum.abort`)
         RANK: tl.constexpr,
         WORLD: tl.constexpr,
         BLOCK_D: tl.constexpr,
@@ -185,7 +196,8 @@ if AVAILABLE:
             counters = tl.load(pads_ptr + RANK).to(tl.pointer_type(tl.int32)) + tl.arange(0, WORLD)
             target = tl.load(count_ptr) + tl.zeros((WORLD,), tl.int32)
             if _thread_id() < WORLD:
-                _wait(counters, target, timeout_ns.to(tl.int64))
+                stops = stop_addr.to(tl.pointer_type(tl.int32)) + tl.zeros((WORLD,), tl.int32)
+                _wait(counters, target, timeout_ns.to(tl.int64), stops)
             tl.debug_barrier()  # every signal seen before any thread reads the peers' rows
         cols = tl.arange(0, BLOCK_D)
         ok = cols < D
@@ -311,8 +323,17 @@ class PeerSum:
         self.slot_ptrs = [bases + i * step for i in range(SLOTS)]  # int64 [world] addresses each
         self.count = torch.zeros(1, dtype=torch.int32, device=device)  # sums signalled (`signal`)
         self.ticket = torch.zeros(1, dtype=torch.int32, device=device)  # `combine_signal`'s programs
+        # The waits' stop flag (`abort`): pinned host memory, which kernels read at its host
+        # address (unified addressing) and a host thread sets with a plain store.
+        self.stop = torch.zeros(1, dtype=torch.int32, pin_memory=True)
         torch.cuda.synchronize(device)
         dist.barrier(group)  # every rank's pad (zeroed) mapped before any counter moves
+
+    def abort(self) -> None:
+        """End this rank's waits for its peers, now and from now on (a peer died: the group's
+        watcher, `ShardGroup._heartbeat_loop`): its sums return garbage instead of trapping
+        after the timeout. No CUDA call: safe from another thread while kernels wait."""
+        self.stop[0] = 1
 
     def slot(self, index: int, rows: int) -> torch.Tensor:
         """This rank's slot `index` (`slot_order`): write a partial sum [rows, hidden] into it."""
@@ -366,6 +387,7 @@ class PeerSum:
             norm,
             True,
             self.timeout_s,
+            self.stop.data_ptr(),
         )
 
 
@@ -382,11 +404,14 @@ def launch_sum(
     norm: bool,
     flags: bool = True,
     timeout_s: float = 120.0,
+    stop_addr: int = 0,
 ) -> None:
     """The sum (+ add + norm) kernel over x's rows: slot_ptrs / pads int64 [world] addresses,
     count int32 [1] the signals' target (`PeerSum.count`); writes x (and out when norm). flags
     False: no waiting (the slots are known written); timeout_s: a wait longer than this traps
-    (`_wait`)."""
+    (`_wait`); stop_addr: the waits' stop flag (`PeerSum.stop`; needed with flags)."""
+    if flags and not stop_addr:
+        raise ValueError("launch_sum: waits need a stop flag's address (PeerSum.stop)")
     rows, D = x.shape
     _sum_add_norm_kernel[(rows,)](
         slot_ptrs,
@@ -399,6 +424,7 @@ def launch_sum(
         D,
         eps,
         int(timeout_s * 1e9),
+        stop_addr,
         RANK=rank,
         WORLD=slot_ptrs.shape[0],
         BLOCK_D=triton.next_power_of_2(D),

@@ -526,6 +526,9 @@ class ShardGroup:
         shard = self.remote_shards[index]
         self.failure = f"shard {shard} (rank {self.rank_of(shard)}) stopped: {why}"
         log.error("expert shard group broken: %s", self.failure)
+        peer = getattr(self.dispatch, "peer", None)
+        if peer is not None:  # peer sums' waits for the dead rank end (`PeerSum.abort`)
+            peer.abort()
         if dist.is_initialized() and dist.get_backend() == "nccl":
             try:
                 dist.group.WORLD.abort()

@@ -38,7 +38,7 @@ def signature(fn, consts: dict, ptrs: dict, floats=(), dtype: str = "bf16") -> d
             sig[name] = "constexpr"
         elif name.endswith("_ptr"):
             sig[name] = ptrs.get(name, "*" + dtype)
-        elif name.endswith("_ns"):  # nanoseconds: 64 bits
+        elif name.endswith(("_ns", "_addr")):  # nanoseconds, addresses: 64 bits
             sig[name] = "i64"
         else:
             sig[name] = "fp32" if name in floats else "i32"

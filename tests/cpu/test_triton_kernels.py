@@ -792,3 +792,5 @@ def test_peer_sum_kernel_equals_float64(world, dtype):
     alone = torch.empty_like(residual)
     peer_sum.launch_sum(ptrs, pads, count, 1, alone, alone, alone, alone, 0.0, False, flags=False)
     assert torch.equal(alone, total.to(dtype))
+    with pytest.raises(ValueError, match="stop flag"):  # a wait would read address 0 on a GPU
+        peer_sum.launch_sum(ptrs, pads, count, 1, alone, alone, alone, alone, 0.0, False, flags=True)

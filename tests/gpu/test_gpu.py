@@ -523,20 +523,25 @@ def ray_on_gpus():
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
-def test_nccl_killed_shard_is_replaced_and_the_step_replayed(checkpoints, ray_on_gpus):
+@pytest.mark.parametrize("peer_rows", [0, 64])
+def test_nccl_killed_shard_is_replaced_and_the_step_replayed(checkpoints, ray_on_gpus, peer_rows):
     """Shard actors killed mid-generation over NCCL (trunk replicas, graphed steps): once with
     the engine stepping on at once (the actor dies during a step or between steps), once after
     the group's watcher reported it. NCCL's collectives would wait for the dead rank until the
     watchdog ends the process; the watcher aborts the communicator instead, and the engine rolls
     the step back, re-forms the group on the freed GPU, refills its KV cache and replays the
-    step: transformers' tokens, two recoveries, no process torn down."""
+    step: transformers' tokens, two recoveries, no process torn down. peer_rows: graphed steps
+    sum by peer loads (`replica_peer_sum`), whose waits the watcher ends (`PeerSum.abort`)
+    instead of a trap after the timeout."""
     import time
 
     import ray
     from conftest import generate_stepwise
 
     path, n = checkpoints("qwen3_moe"), ray_on_gpus
-    options = ShardOptions(replicate_trunk=True, cuda_graphs=True, collective_timeout_s=20)
+    options = ShardOptions(
+        replicate_trunk=True, cuda_graphs=True, collective_timeout_s=20, replica_peer_sum=peer_rows
+    )
     reports = []
 
     def kill(wait: bool):
