@@ -523,16 +523,17 @@ def ray_on_gpus():
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
-@pytest.mark.parametrize("peer_rows", [0, 64])
-def test_nccl_killed_shard_is_replaced_and_the_step_replayed(checkpoints, ray_on_gpus, peer_rows):
-    """Shard actors killed mid-generation over NCCL (trunk replicas, graphed steps): once with
+@pytest.mark.parametrize("layout, peer_rows", [("replicas", 0), ("replicas", 64), ("local-shard", 0)])
+def test_nccl_killed_shard_is_replaced_and_the_step_replayed(checkpoints, ray_on_gpus, layout, peer_rows):
+    """Shard actors killed mid-generation over NCCL (graphed steps): once with
     the engine stepping on at once (the actor dies during a step or between steps), once after
     the group's watcher reported it. NCCL's collectives would wait for the dead rank until the
     watchdog ends the process; the watcher aborts the communicator instead, and the engine rolls
     the step back, re-forms the group on the freed GPU, refills its KV cache and replays the
     step: transformers' tokens, two recoveries, no process torn down. peer_rows: graphed steps
     sum by peer loads (`replica_peer_sum`), whose waits the watcher ends (`PeerSum.abort`)
-    instead of a trap after the timeout."""
+    instead of a trap after the timeout. local-shard: the engine alone runs the trunk, its GPU
+    holding shard 0, and exchanges tokens with the actor (`local_shard`)."""
     import time
 
     import ray
@@ -540,7 +541,11 @@ def test_nccl_killed_shard_is_replaced_and_the_step_replayed(checkpoints, ray_on
 
     path, n = checkpoints("qwen3_moe"), ray_on_gpus
     options = ShardOptions(
-        replicate_trunk=True, cuda_graphs=True, collective_timeout_s=20, replica_peer_sum=peer_rows
+        replicate_trunk=layout == "replicas",
+        local_shard=layout == "local-shard",
+        cuda_graphs=True,
+        collective_timeout_s=20,
+        replica_peer_sum=peer_rows,
     )
     reports = []
 
