@@ -502,7 +502,11 @@ class ShardGroup:
         re-formed group. Between steps, ping the shards when the engine is idle."""
         interval = self.options.heartbeat_interval_s or self.options.collective_timeout_s / 4
         while not stop.is_set():
-            done, _ = ray.wait(refs, num_returns=1, timeout=min(interval, 1.0))
+            if refs:
+                done, _ = ray.wait(refs, num_returns=1, timeout=min(interval, 1.0))
+            else:  # no actors (shard 0 local, alone): ray.wait would return at once
+                done = []
+                stop.wait(min(interval, 1.0))
             if stop.is_set():
                 return
             if done:
