@@ -478,10 +478,12 @@ class Engine:
             e,
         )
         t0 = time.perf_counter()
-        if self.shard_group.options.cuda_graphs:
-            # Replayed collectives are the least proven part of a step with shards (and a
-            # failed capture lands here): the re-formed group serves static steps eagerly,
-            # on both sides.
+        # A shard that stopped (the group's watcher saw its task end: a dead actor) says nothing
+        # against the graphs: the re-formed group captures anew. Any other failure (a collective
+        # that timed out, a failed capture) may come from replayed collectives, the least proven
+        # part of a step with shards: the re-formed group serves static steps eagerly, on both
+        # sides.
+        if self.shard_group.options.cuda_graphs and self.shard_group.failure is None:
             log.warning("CUDA graphs for steps with expert shards are off from now on")
             if self.graphs is not None:
                 self.graphs.capture = False

@@ -530,10 +530,10 @@ def test_nccl_killed_shard_is_replaced_and_the_step_replayed(checkpoints, ray_on
     the group's watcher reported it. NCCL's collectives would wait for the dead rank until the
     watchdog ends the process; the watcher aborts the communicator instead, and the engine rolls
     the step back, re-forms the group on the freed GPU, refills its KV cache and replays the
-    step: transformers' tokens, two recoveries, no process torn down. peer_rows: graphed steps
-    sum by peer loads (`replica_peer_sum`), whose waits the watcher ends (`PeerSum.abort`)
-    instead of a trap after the timeout. local-shard: the engine alone runs the trunk, its GPU
-    holding shard 0, and exchanges tokens with the actor (`local_shard`)."""
+    step: transformers' tokens, two recoveries, no process torn down, CUDA graphs still on.
+    peer_rows: graphed steps sum by peer loads (`replica_peer_sum`), whose waits the watcher
+    ends (`PeerSum.abort`) instead of a trap after the timeout. local-shard: the engine alone
+    runs the trunk, its GPU holding shard 0, and exchanges tokens with the actor."""
     import time
 
     import ray
@@ -563,10 +563,12 @@ def test_nccl_killed_shard_is_replaced_and_the_step_replayed(checkpoints, ray_on
     with Engine.from_pretrained(
         path, device=f"cuda:{n - 1}", num_shards=n, max_model_len=128, shard_options=options
     ) as engine:
-        # 64 tokens: decode steps run 4 tokens ahead (graphs), and eagerly after a recovery.
+        # 64 tokens: decode steps run up to 4 tokens ahead (graphs).
         many = SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True)
         got = generate_stepwise(engine, PROMPTS, many, at={4: kill(False), 8: kill(True)})
         recoveries = engine.metrics.num_recoveries
+        graphs_kept = engine.shard_group.options.cuda_graphs and engine.graphs.capture
     assert got == hf_greedy(path, PROMPTS, 64)
     assert recoveries == 2, reports
+    assert graphs_kept  # dead shards (the watcher saw them): the new groups capture anew
     assert reports[1] is not None and reports[1].startswith("shard 1 (rank 1) stopped: "), reports
