@@ -312,15 +312,20 @@ class ShardGroup:
             )
         if not ray.is_initialized():
             ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True)
+        marks = [time.monotonic()]
         try:
             self.shard_info = []
             self._start_actors()
+            marks.append(time.monotonic())
             # Shard 0's experts load here while the actors load theirs, and before the group
             # forms: once joined, the shards wait in a collective (collective_timeout_s), and a
             # long local load (every expert's slice of a 48-layer model: minutes) outlasted it.
             local = self._load_local(self._rank0_device())
+            marks.append(time.monotonic())
             self._await_actors()
+            marks.append(time.monotonic())
             self._join(local)
+            marks.append(time.monotonic())
         except BaseException:
             self._teardown()
             raise
@@ -332,6 +337,14 @@ class ShardGroup:
             daemon=True,
         )
         self._heartbeat.start()
+        spans = [b - a for a, b in zip(marks, marks[1:])]
+        log.info(
+            "expert shard group of %d formed in %.1fs (actors placed %.1fs, local experts %.1fs, "
+            "actors loaded %.1fs, process group %.1fs)",
+            self.world_size,
+            marks[-1] - marks[0],
+            *spans,
+        )
         return self.dispatch
 
     def _start_actors(self) -> None:
