@@ -528,12 +528,12 @@ class ShardGroup:
             if time.monotonic() - self.dispatch.last_exchange >= interval:
                 try:
                     self.dispatch.ping()
-                except Exception as e:  # the next engine step reports it too
-                    log.error("expert shard heartbeat failed: %s", e)
+                except Exception as e:  # gloo: a peer gone or stuck past the timeout
+                    self._break(f"heartbeat failed: {type(e).__name__}: {e}")
                     return
 
     def _broken(self, index: int, ref: Any) -> None:
-        """Shard actor `index`'s serve() ended while serving: set `failure`, abort NCCL."""
+        """Shard actor `index`'s serve() ended while serving: `_break` with what it raised."""
         try:
             ray.get(ref, timeout=0)
             why = "its serving loop returned"
@@ -541,8 +541,13 @@ class ShardGroup:
             first = (str(e).strip().splitlines() or [""])[0]
             why = f"{type(e).__name__}: {first}"
         shard = self.remote_shards[index]
-        self.failure = f"shard {shard} (rank {self.rank_of(shard)}) stopped: {why}"
-        log.error("expert shard group broken: %s", self.failure)
+        self._break(f"shard {shard} (rank {self.rank_of(shard)}) stopped: {why}")
+
+    def _break(self, reason: str) -> None:
+        """Mark the group broken (`failure`, which the engine checks after each step) and end
+        whatever waits for its peers: NCCL's collectives (abort), peer sums (`PeerSum.abort`)."""
+        self.failure = reason
+        log.error("expert shard group broken: %s", reason)
         peer = getattr(self.dispatch, "peer", None)
         if peer is not None:  # peer sums' waits for the dead rank end (`PeerSum.abort`)
             peer.abort()
