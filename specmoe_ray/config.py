@@ -144,15 +144,16 @@ class ShardsConfig(_Strict):
         "intermediate size, so every GPU reads the same bytes whatever the routing (no load imbalance; "
         "not with replica_exact, and autoscaling's placement plans do not apply).",
     )
-    replica_peer_sum: int = Field(
-        0,
+    replica_peer_sum: int | None = Field(
+        None,
         ge=0,
         le=65536,  # shards.MAX_PEER_ROWS
         description="With replicate_trunk (not replica_exact), GPUs of one host: graphed steps of up to this "
         "many tokens sum the shards' outputs by NVLink peer loads instead of NCCL (2 H200s, 48 layers, split "
-        "experts: 1.54x one GPU at batch 32 vs 1.51x; RESULTS.md session 13); 0: off. Elsewhere a warning "
-        "and NCCL. Experimental: a GPU that stops mid-sum ends the verifier's process after "
-        "collective_timeout_s instead of re-forming the group.",
+        "experts: 1.54x one GPU at batch 32 vs 1.51x, 1.00x at batch 1 vs 0.92x; RESULTS.md session 13); "
+        "0: off; null (default): 256 for trunk replicas on GPUs. Where they cannot run (several hosts, no "
+        "peer access) NCCL sums. A shard that dies mid-sum is replaced and the step replayed, as with NCCL; "
+        "one alive but stuck past collective_timeout_s ends the verifier's process.",
     )
     env_vars: dict[str, str] = Field(
         default_factory=dict,

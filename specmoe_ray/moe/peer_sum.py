@@ -247,15 +247,25 @@ def unavailable(shares: list[tuple[str, Any, str | None]]) -> str | None:
     return "; ".join(errors) or None
 
 
+def _device_arg(rebuild) -> int:
+    """Where a `reduce_tensor` handle's args name the owner's device."""
+    import inspect
+
+    return list(inspect.signature(rebuild).parameters).index("storage_device")
+
+
 def _open_here(rebuild, args: tuple, device: torch.device) -> torch.Tensor:
     """A peer's tensor from its `reduce_tensor` handle, opened with this GPU current: CUDA IPC
     (lazy peer access) maps it for this GPU's kernels. torch would open it on the owner's device
     (the one in args), where only that device's kernels reach it (illegal addresses here). The
-    tensor then says it is on `device`: only its address is used."""
-    import inspect
-
+    tensor then says it is on `device`: only its address is used. A GPU without peer access to
+    the owner's (no NVLink nor PCIe peer path) raises: its kernels could not load from there."""
+    at = _device_arg(rebuild)
+    owner = int(args[at])
+    if owner != device.index and not torch.cuda.can_device_access_peer(device.index, owner):
+        raise RuntimeError(f"GPU {device.index} has no peer access to GPU {owner}")
     args = list(args)
-    args[list(inspect.signature(rebuild).parameters).index("storage_device")] = device.index
+    args[at] = device.index
     return rebuild(*args)
 
 

@@ -125,7 +125,9 @@ class ReplicaDispatch(_Masked, Rank0):
     peer_rows: static steps (inside `fused.active()`, on GPUs) of up to this many tokens sum the
     ranks' shares through memory every rank maps instead (`moe/peer_sum.py`: each rank's share written
     into its slot, the sum done by the next layer's add + norm reading the peers' slots;
-    `ShardOptions.replica_peer_sum`); 0: NCCL's all_reduce always. Not with exact."""
+    `ShardOptions.replica_peer_sum`); 0: NCCL's all_reduce always. Not with exact.
+    peer_by_default: peer_rows is the options' default, not asked for: where peer sums cannot
+    run, say so at INFO rather than as a warning."""
 
     def __init__(
         self,
@@ -136,6 +138,7 @@ class ReplicaDispatch(_Masked, Rank0):
         exact: bool = False,
         split: bool = False,
         peer_rows: int = 0,
+        peer_by_default: bool = False,
     ):
         if split and exact:
             raise ValueError(
@@ -151,6 +154,7 @@ class ReplicaDispatch(_Masked, Rank0):
             self._slots = slot_order(list(plan.owner))
             peer_rows = peer_rows if self._slots else 0  # one MoE layer: NCCL (`slot_order`)
         self.peer_rows = peer_rows
+        self.peer_by_default = peer_by_default
         self.peer = None  # the `PeerSum`, made by the first static step that uses it
         self.peer_timeout_s = 120.0  # its waits' limit: the group's collective timeout (set by the owner)
         self.combines = not exact  # takes the gate weights, returns the combined [T, D]
@@ -259,7 +263,8 @@ class ReplicaDispatch(_Masked, Rank0):
             try:
                 self.peer = PeerSum(self.peer_rows, x.shape[-1], x.device, None, self.peer_timeout_s)
             except PeerSumUnavailable as e:  # every rank alike: NCCL's sums from now on
-                log.warning("replica_peer_sum is off, summing with NCCL: %s", e)
+                level = logging.INFO if self.peer_by_default else logging.WARNING
+                log.log(level, "replica_peer_sum is off, summing with NCCL: %s", e)
                 self.peer_rows = 0
                 return None
         return self.peer

@@ -71,15 +71,18 @@ class ShardOptions:
     replica_split: str = "experts"
     # Trunk replicas, static steps (CUDA graphs) of up to this many tokens: each MoE layer's sum
     # by peer loads over NVLink inside the next add + norm (`moe/peer_sum.py`, CUDA IPC)
-    # instead of NCCL's all_reduce; 0: off. Ranks on one host with every GPU visible (shard
-    # actors keep them so) and a power-of-2 count of them: elsewhere (several hosts, 3 ranks,
-    # memory that CUDA IPC cannot share) every rank warns and sums with NCCL at its first
-    # static step. Opt-in: ~5 us per MoE layer faster than NCCL (48 layers, 2 H200s, split
-    # experts: 1.54x one GPU at batch 32 vs 1.51x, 1.00x at batch 1 vs 0.92x; RESULTS.md, session
-    # 13). A rank that waits longer than collective_timeout_s for a peer there traps: its CUDA
-    # context fails (the engine process must restart), where NCCL's collectives are aborted by
-    # the group's watcher and the engine re-forms the group in place.
-    replica_peer_sum: int = 0
+    # instead of NCCL's all_reduce; 0: off; None (the default): DEFAULT_PEER_ROWS for trunk
+    # replicas on GPUs that are not replica_exact, else 0. Ranks on one host with every GPU
+    # visible (shard actors keep them so), each reaching its peers' memory, and a power-of-2
+    # count of them: elsewhere (several hosts, 3 ranks, no peer access, memory that CUDA IPC
+    # cannot share) every rank sums with NCCL from its first static step on (a warning when
+    # asked for by number, a line in the log by default). ~5 us per MoE layer faster than NCCL
+    # (48 layers, 2 H200s, split experts: 1.54x one GPU at batch 32 vs 1.51x, 1.00x at batch 1
+    # vs 0.92x; RESULTS.md, session 13). A shard that dies mid-sum is handled as over NCCL: the
+    # group's watcher ends the waits, the step is replayed on a re-formed group (tests/gpu). A
+    # rank that waits longer than collective_timeout_s for a peer that is alive but stuck
+    # traps: its CUDA context fails and its process must restart.
+    replica_peer_sum: int | None = None
 
 
 def _free_port() -> int:
@@ -90,6 +93,10 @@ def _free_port() -> int:
 
 NOSET_VISIBLE = "RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES"
 MAX_PEER_ROWS = 65536  # `ShardOptions.replica_peer_sum`'s bound (a decode or verify step is far smaller)
+# `replica_peer_sum`'s default for trunk replicas on GPUs: every decode step of up to 256
+# sequences, or verify steps of 32 sequences x 8 tokens (3 float32 slots of 256 rows per GPU:
+# 6 MiB at hidden 2048); larger steps sum with NCCL.
+DEFAULT_PEER_ROWS = 256
 
 
 def _actor_device(device: str) -> str:
@@ -120,11 +127,11 @@ class ExpertShard:
         world_size: int,
         dtype: str,
         device: str,
-        replica: tuple[PlacementPlan, int, int, bool, str, int] | None = None,
+        replica: tuple[PlacementPlan, int, int, bool, str, int, bool] | None = None,
     ):
-        """replica: (plan, cache slots, cache length, exact, split, peer sum rows) for a trunk
-        replica (`replicate_trunk`; split "intermediate": every expert, slice `rank` of its
-        intermediate size; `replica_peer_sum`)."""
+        """replica: (plan, cache slots, cache length, exact, split, peer sum rows, whether those
+        are the default) for a trunk replica (`replicate_trunk`; split "intermediate": every
+        expert, slice `rank` of its intermediate size; `replica_peer_sum`)."""
         from specmoe_ray.models.loader import load_experts, load_trunk, read_config
 
         if device == "cpu":
@@ -145,10 +152,12 @@ class ExpertShard:
             )
             self.load_s = time.monotonic() - t0  # the experts' load (not the trunk's)
             if replica is not None:
-                plan, num_slots, max_len, exact, _, peer_rows = replica
+                plan, num_slots, max_len, exact, _, peer_rows, by_default = replica
                 self.model = load_trunk(path, dtype=dtype, device=self.device)
                 self.model.fuse_projections()  # as the engine's: every rank runs the same kernels
-                self.replica = ReplicaDispatch(plan, self.store, rank, self.device, exact, split, peer_rows)
+                self.replica = ReplicaDispatch(
+                    plan, self.store, rank, self.device, exact, split, peer_rows, peer_by_default=by_default
+                )
                 self.model.set_expert_backend(self.replica)
                 self.cache = self.model.make_cache(num_slots, max_len)
         except Exception as e:  # reported by info(), so the engine can say what went wrong
@@ -258,6 +267,8 @@ class ShardGroup:
                 "and sums partial outputs, so it cannot be replica_exact"
             )
         peer = opt.replica_peer_sum
+        if peer is not None and not isinstance(peer, int):
+            raise ValueError(f"ShardOptions.replica_peer_sum {peer!r}: a token count (or None: the default)")
         if peer and (not 0 < peer <= MAX_PEER_ROWS or opt.replica_exact or not opt.replicate_trunk):
             raise ValueError(
                 f"ShardOptions.replica_peer_sum {opt.replica_peer_sum}: a token count from 0 to "
@@ -297,6 +308,16 @@ class ShardGroup:
     def split(self) -> bool:
         """Trunk replicas split every expert by its intermediate size (`replica_split`)."""
         return self.options.replica_split == "intermediate"
+
+    @property
+    def peer_rows(self) -> int:
+        """`replica_peer_sum` resolved: its number, or by default DEFAULT_PEER_ROWS for trunk
+        replicas on GPUs (not exact), else 0."""
+        opt = self.options
+        if opt.replica_peer_sum is not None:
+            return opt.replica_peer_sum
+        on = opt.replicate_trunk and not opt.replica_exact and self.device == "cuda"
+        return DEFAULT_PEER_ROWS if on else 0
 
     def assignment(self, shard: int) -> dict[int, list[int]]:
         """The experts shard `shard` loads: the plan's, or every one (of which a slice: `split`)."""
@@ -377,10 +398,11 @@ class ShardGroup:
                 *self.cache_shape,
                 opt.replica_exact,
                 opt.replica_split,
-                opt.replica_peer_sum,
+                self.peer_rows,
+                opt.replica_peer_sum is None,
             )
         env = dict(opt.env_vars)
-        if opt.replicate_trunk and opt.replica_peer_sum and self.device == "cuda":
+        if opt.replicate_trunk and self.peer_rows and self.device == "cuda":
             env.setdefault(NOSET_VISIBLE, "1")  # every GPU visible: CUDA IPC maps the peers'
         for i, s in enumerate(self.remote_shards):
             actor = ExpertShard.options(
@@ -460,8 +482,9 @@ class ShardGroup:
         if self.options.replicate_trunk:
             opt = self.options
             self.dispatch = ReplicaDispatch(
-                self.plan, store, 0, device, opt.replica_exact, self.split, opt.replica_peer_sum
-            )
+                self.plan, store, 0, device, opt.replica_exact, self.split, self.peer_rows,
+                peer_by_default=opt.replica_peer_sum is None,
+            )  # fmt: skip
             self.dispatch.peer_timeout_s = opt.collective_timeout_s
         else:
             self.dispatch = DistributedDispatch(self.plan, self.hidden_size, self.dtype, device, store)

@@ -212,6 +212,7 @@ def test_replica_options_are_checked(checkpoints):
         (ShardOptions(replicate_trunk=True, replica_exact=True, replica_peer_sum=32), "not replica_exact"),
         (ShardOptions(replicate_trunk=True, replica_peer_sum=-1), "replica_peer_sum -1: a token count"),
         (ShardOptions(replicate_trunk=True, replica_peer_sum=10**6), "replica_peer_sum 1000000: .* to 65536"),
+        (ShardOptions(replicate_trunk=True, replica_peer_sum="64"), "replica_peer_sum '64': a token count"),
     ):
         with pytest.raises(ValueError, match=message):
             ShardGroup(path, plan, args.hidden_size, torch.float32, "cpu", options, cache_shape=shape)
@@ -219,6 +220,32 @@ def test_replica_options_are_checked(checkpoints):
         ReplicaDispatch(plan, ExpertStore({}), 0, "cpu", exact=True, split=True)
     with pytest.raises(ValueError, match="peer sums add partial sums"):
         ReplicaDispatch(plan, ExpertStore({}), 0, "cpu", exact=True, peer_rows=8)
+
+
+def test_peer_sums_are_on_by_default_for_trunk_replicas_on_gpus(checkpoints):
+    """`replica_peer_sum` None (the default) resolves to DEFAULT_PEER_ROWS for trunk replicas
+    on GPUs that sum partial outputs, to 0 elsewhere (CPUs, exact sums, no replicas); a number
+    given is kept. (Building a ShardGroup starts nothing.)"""
+    from specmoe_ray.serving.shards import DEFAULT_PEER_ROWS, ShardGroup, ShardOptions
+
+    path = checkpoints("qwen3_moe")
+    args, _ = read_config(path)
+    plan = PlacementPlan.contiguous(args.moe_layers, args.num_experts, 2)
+
+    def rows(device, **options):
+        group = ShardGroup(
+            path, plan, args.hidden_size, torch.bfloat16, device, ShardOptions(**options), (4, 128)
+        )
+        return group.peer_rows
+
+    assert DEFAULT_PEER_ROWS == 256
+    assert rows("cuda:0", replicate_trunk=True) == DEFAULT_PEER_ROWS
+    assert rows("cuda:0", replicate_trunk=True, replica_split="intermediate") == DEFAULT_PEER_ROWS
+    assert rows("cuda:0", replicate_trunk=True, replica_exact=True) == 0
+    assert rows("cuda:0") == 0
+    assert rows("cpu", replicate_trunk=True) == 0
+    assert rows("cuda:0", replicate_trunk=True, replica_peer_sum=0) == 0
+    assert rows("cuda:0", replicate_trunk=True, replica_peer_sum=64) == 64
 
 
 def test_shard_actor_device_with_every_gpu_visible(monkeypatch):

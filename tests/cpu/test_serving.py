@@ -384,6 +384,8 @@ def test_every_shards_setting_reaches_the_shard_options():
     assert {k: getattr(options, k) for k in values} == values
     split = {**values, "replica_exact": False, "replica_split": "intermediate"}  # (not with exact)
     assert to_shard_options(ShardsConfig(**split)).replica_split == "intermediate"
+    assert ShardsConfig().replica_peer_sum is None  # the default: on for trunk replicas on GPUs
+    assert to_shard_options(ShardsConfig(num_shards=2)).replica_peer_sum is None
     peer = {**split, "replica_peer_sum": 64}
     assert to_shard_options(ShardsConfig(**peer)).replica_peer_sum == 64
     assert ShardsConfig.model_fields["replica_peer_sum"].metadata[-1].le == MAX_PEER_ROWS

@@ -397,7 +397,8 @@ def test_nccl_bfloat16_graphs_after_a_one_gpu_engine_on_another_gpu(tmp_path):
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
 def test_nccl_trunk_replicas_equal_one_gpu_and_transformers(tmp_path, checkpoints):
     """`ShardOptions.replicate_trunk` over NCCL: every GPU runs the trunk and its own experts,
-    one all_reduce per MoE layer. Eager, padded and captured steps (the replicas capture and
+    one sum per MoE layer (graphed steps: peer sums, the default; else NCCL's all_reduce).
+    Eager, padded and captured steps (the replicas capture and
     replay theirs) with n-gram drafts: float32 == transformers. bfloat16 (hidden 512, prompt
     buckets captured too): `replica_exact` == the one-GPU engine's graphed steps bit for bit,
     and the float32 partial sums' graphed steps == their own padded steps."""
@@ -423,6 +424,7 @@ def test_nccl_trunk_replicas_equal_one_gpu_and_transformers(tmp_path, checkpoint
                 assert engine.metrics.num_recoveries == 0, steps
                 if steps == "auto":
                     assert engine.graphs.capture and engine.graphs.num_replays > 3
+                    assert engine.shard_group.dispatch.peer is not None  # on by default (graphs)
             assert got == ref, steps
         wide = wide_checkpoint(tmp_path)
         runs = {}
@@ -446,6 +448,8 @@ def test_nccl_trunk_replicas_equal_one_gpu_and_transformers(tmp_path, checkpoint
                 if steps == "auto":
                     assert engine.graphs.capture and engine.graphs.num_replays > 3
                     assert any(tq >= 16 for _, tq, _ in engine.graphs.captured)
+                    if shards:  # peer sums by default, NCCL's with replica_exact
+                        assert (engine.shard_group.dispatch.peer is None) == exact
         assert runs["exact"] == runs["one GPU"]
         assert runs["partial sums"] == runs["partial sums, padded"]
     finally:
