@@ -317,7 +317,7 @@ def profile_steps(engine: Engine, rows, device: str, steps: int = 8, trace: str 
         sync(device)
     print(f"profile: {1e3 * (time.perf_counter() - t0) / steps:.2f} ms per step (profiled)")
     for key in ("self_cpu_time_total",) + (("self_device_time_total",) if device != "cpu" else ()):
-        print(prof.key_averages().table(sort_by=key, row_limit=18, max_name_column_width=48))
+        print(prof.key_averages().table(sort_by=key, row_limit=24, max_name_column_width=72))
     if trace:
         os.makedirs(os.path.dirname(trace) or ".", exist_ok=True)
         prof.export_chrome_trace(trace)
@@ -477,24 +477,16 @@ def bench_gpus(a, device: str, rows: dict[int, list[list[int]]], one_device: lis
         if device != "cpu" and torch.cuda.device_count() < g:
             print(f"  {g} GPUs: skipped, this machine has {torch.cuda.device_count()}")
             continue
-        # The engine stays on the one-device runs' GPU (0); Ray hands GPUs 1 .. g-1 to the shard
-        # actors (it assigns from the CUDA_VISIBLE_DEVICES it starts with).
-        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-        if device != "cpu":
-            ids = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
-            os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(ids[1:g])
-        try:
-            # A cluster of its own (address "local"), whatever RAY_ADDRESS says: it sizes the GPUs.
-            ray.init(
-                address="local",
-                num_gpus=g - 1 if device != "cpu" else 0,
-                num_cpus=max(8, 2 * g),
-                include_dashboard=0,
-            )
-        finally:
-            os.environ.pop("CUDA_VISIBLE_DEVICES", None)
-            if visible is not None:
-                os.environ["CUDA_VISIBLE_DEVICES"] = visible
+        # Ray hands GPUs 0 .. g-2 to the shard actors (the first g - 1 it sees) and the engine
+        # takes GPU g-1, Ray's no longer: every process sees every GPU, as in a deployment, so
+        # peer sums' actors (`replica_peer_sum`) need no CUDA_VISIBLE_DEVICES of their own.
+        # A cluster of its own (address "local"), whatever RAY_ADDRESS says: it sizes the GPUs.
+        ray.init(
+            address="local",
+            num_gpus=g - 1 if device != "cpu" else 0,
+            num_cpus=max(8, 2 * g),
+            include_dashboard=0,
+        )
         try:
             for layout in a.layout:
                 try:
@@ -504,14 +496,6 @@ def bench_gpus(a, device: str, rows: dict[int, list[list[int]]], one_device: lis
                     yield []
         finally:
             ray.shutdown()
-
-
-def actor_gpus_first(visible: list[str]) -> str:
-    """CUDA_VISIBLE_DEVICES for shard actors that must see every GPU (peer sums) while Ray hands
-    them visible[1:] (the engine keeps visible[0]): Ray's GPUs first, in Ray's order, as Ray
-    names an actor's GPU slot i by entry i of the list its worker starts with (in the engine's
-    order, slot 0 would name the engine's GPU)."""
-    return ",".join(visible[1:] + visible[:1])
 
 
 def bench_layout(
@@ -534,17 +518,12 @@ def bench_layout(
         replica_split="intermediate" if layout.startswith("replicas-split") else "experts",
         replica_peer_sum=256 if layout.endswith("-peer") else 0,
     )
-    if layout.endswith("-peer") and device != "cpu":
-        # Ray started with GPU 0 hidden (the engine's); peer sums need every GPU visible in the
-        # actors (`ShardOptions.replica_peer_sum` keeps Ray from narrowing it).
-        ids = os.environ.get("CUDA_VISIBLE_DEVICES") or ",".join(map(str, range(torch.cuda.device_count())))
-        options.env_vars = {"CUDA_VISIBLE_DEVICES": actor_gpus_first(ids.split(","))}
     t0 = time.perf_counter()
     print(f"  {g} devices ({layout}): starting the engine and {g - 1} shard(s)", flush=True)
     engine = Engine.from_pretrained(
         a.save_dir,
         num_shards=g,
-        device="cuda:0" if device != "cpu" else "cpu",
+        device=f"cuda:{g - 1}" if device != "cpu" else "cpu",
         dtype="bfloat16" if device != "cpu" else "float32",
         shard_options=options,
         step_graphs=a.shard_steps,

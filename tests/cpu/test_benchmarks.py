@@ -131,46 +131,46 @@ def test_gpu_benchmark_multi_device_rows_run_on_cpu(tmp_path):
 
 
 RAY_GPU_SLOTS = """
-import json, os, sys
-sys.path.insert(0, sys.argv[1])
-from gpu import actor_gpus_first
-os.environ["CUDA_VISIBLE_DEVICES"] = "1,2"  # as gpu.py starts Ray: the engine's GPU 0 hidden
+import json, os
 import ray
-ray.init(address="local", num_gpus=2, num_cpus=2, include_dashboard=False)
-del os.environ["CUDA_VISIBLE_DEVICES"]
+ray.init(address="local", num_gpus=2, num_cpus=2, include_dashboard=False)  # as gpu.py, 3 GPUs
 from specmoe_ray.serving import shards
-env = {"CUDA_VISIBLE_DEVICES": actor_gpus_first(["0", "1", "2"]), shards.NOSET_VISIBLE: "1"}
 
-@ray.remote(num_gpus=1, num_cpus=0, runtime_env={"env_vars": env})
+@ray.remote(num_gpus=1, num_cpus=0, runtime_env={"env_vars": {shards.NOSET_VISIBLE: "1"}})
 class Shard:
     def gpu(self):
-        visible = os.environ["CUDA_VISIBLE_DEVICES"].split(",")
-        return visible[int(shards._actor_device("cuda").split(":")[1])]
+        return shards._actor_device("cuda")
 
-actors = [Shard.remote() for _ in range(2)]
-print(json.dumps(sorted(ray.get([a.gpu.remote() for a in actors]))))
+seen = []
+for _ in range(3):  # three groups one after another, as gpu.py's layouts and re-forms make them
+    actors = [Shard.remote() for _ in range(2)]
+    seen.append(sorted(ray.get([a.gpu.remote() for a in actors])))
+    for a in actors:
+        ray.kill(a)
+print(json.dumps(seen))
 ray.shutdown()
 """
 
 
-def test_peer_layout_shard_actors_take_the_gpus_ray_gave_them():
-    """gpu.py's `-peer` layouts: Ray hands the shard actors GPUs 1 and 2 (the engine keeps 0)
-    while the actors must see every GPU; with `actor_gpus_first`'s CUDA_VISIBLE_DEVICES, each
-    actor's device (`shards._actor_device`) is its own Ray GPU, never the engine's. (Session 12
-    on 2 H200s: the engine's order made Ray's slot 0 name GPU 0: NCCL "duplicate GPU".) Real
-    Ray with GPU resources declared on this CPU machine, in a process of its own."""
+def test_shard_actors_take_the_gpus_ray_gave_them_not_the_engines():
+    """gpu.py on 3 GPUs: Ray holds GPUs 0 and 1 for the shard actors, the engine takes GPU 2.
+    Actors that keep every GPU visible (peer sums: Ray's NOSET switch) pick their device by
+    Ray's id (`shards._actor_device`): Ray's two GPUs, never the engine's, in every group of
+    actors started one after another. (Session 14 on 2 H200s: with the engine on GPU 0, hidden
+    from Ray, and the actors' CUDA_VISIBLE_DEVICES reordered to match, a second group's actor
+    took GPU 0: NCCL "duplicate GPU".) Real Ray with GPU resources declared on this CPU
+    machine, in a process of its own, no CUDA_VISIBLE_DEVICES set."""
     import json
     import os
     import subprocess
     import sys
 
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     run = subprocess.run(
-        [sys.executable, "-c", RAY_GPU_SLOTS, os.path.join(root, "benchmarks")],
+        [sys.executable, "-c", RAY_GPU_SLOTS],
         capture_output=True,
         text=True,
         timeout=300,
-        env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
+        env={k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "CUDA_VISIBLE_DEVICES")},
     )
     assert run.returncode == 0, run.stderr[-3000:]
-    assert json.loads(run.stdout.strip().splitlines()[-1]) == ["1", "2"]
+    assert json.loads(run.stdout.strip().splitlines()[-1]) == [["cuda:0", "cuda:1"]] * 3
