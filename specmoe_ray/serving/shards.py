@@ -134,6 +134,10 @@ class ExpertShard:
         expert, slice `rank` of its intermediate size; `replica_peer_sum`)."""
         from specmoe_ray.models.loader import load_experts, load_trunk, read_config
 
+        # Where a start's seconds go (`info`, logged by ShardGroup.start): when this process
+        # began the actor (wall clock: the group subtracts when it created it), then each phase.
+        self.began_at = time.time()
+        self.phases: dict[str, float] = {}
         if device == "cpu":
             torch.set_num_threads(1)  # shards share the host's cores with the engine
         self.rank, self.world_size = rank, world_size
@@ -142,24 +146,37 @@ class ExpertShard:
         self.error: str | None = None
         self.control: dict[str, Any] = {}  # read by the serving loop (serve_experts, serve_replica)
         self.model = self.cache = self.replica = None
+        t0 = time.monotonic()
+
+        def phase(name: str) -> None:
+            nonlocal t0
+            now = time.monotonic()
+            self.phases[name] = now - t0
+            t0 = now
+
         try:
+            if self.device.startswith("cuda"):
+                torch.zeros(1, device=self.device)  # the CUDA context
+                phase("cuda")
             self.args, _ = read_config(path)
             split = replica is not None and replica[4] == "intermediate"
             part = (rank, world_size) if split else (0, 1)
-            t0 = time.monotonic()
             self.store = load_experts(
                 path, assignment, dtype=dtype, device=self.device, args=self.args, part=part
             )
-            self.load_s = time.monotonic() - t0  # the experts' load (not the trunk's)
+            phase("experts")
+            self.load_s = self.phases["experts"]  # the experts' load (not the trunk's)
             if replica is not None:
                 plan, num_slots, max_len, exact, _, peer_rows, by_default = replica
                 self.model = load_trunk(path, dtype=dtype, device=self.device)
                 self.model.fuse_projections()  # as the engine's: every rank runs the same kernels
+                phase("trunk")
                 self.replica = ReplicaDispatch(
                     plan, self.store, rank, self.device, exact, split, peer_rows, peer_by_default=by_default
                 )
                 self.model.set_expert_backend(self.replica)
                 self.cache = self.model.make_cache(num_slots, max_len)
+                phase("cache")
         except Exception as e:  # reported by info(), so the engine can say what went wrong
             self.error = f"{type(e).__name__}: {e}"
             return
@@ -177,6 +194,8 @@ class ExpertShard:
             "held": self.store.held(),
             "trunk": self.model is not None,
             "load_s": round(self.load_s, 1),
+            "began_at": self.began_at,
+            "phases": {k: round(v, 2) for k, v in self.phases.items()},
         }
 
     def computed(self) -> dict[int, list[int]]:
@@ -286,6 +305,7 @@ class ShardGroup:
         # the engine checks it after each step's host sync (`check`). None: healthy.
         self.failure: str | None = None
         self._startup_deadline = 0.0  # the actors' (`_start_actors`)
+        self._created_at = 0.0  # when `_start_actors` created them (wall clock)
 
     @property
     def local_shard(self) -> bool:
@@ -361,12 +381,28 @@ class ShardGroup:
         spans = [b - a for a, b in zip(marks, marks[1:])]
         log.info(
             "expert shard group of %d formed in %.1fs (actors placed %.1fs, local experts %.1fs, "
-            "actors loaded %.1fs, process group %.1fs)",
+            "actors loaded %.1fs%s, process group %.1fs)",
             self.world_size,
             marks[-1] - marks[0],
-            *spans,
+            *spans[:3],
+            self._slowest_actor(),
+            spans[3],
         )
         return self.dispatch
+
+    def _slowest_actor(self) -> str:
+        """`start`'s log: the last actor ready, its seconds by phase: its process's start (from
+        its creation to its constructor: a worker process, imports; hosts' clocks apart count
+        here), then the constructor's (`ExpertShard.phases`)."""
+        actors = [info for info in self.shard_info if "began_at" in info]  # (not a local shard 0)
+        if not actors:
+            return ""
+        spans = []
+        for info in actors:
+            phases = {"process start": max(0.0, info["began_at"] - self._created_at), **info["phases"]}
+            spans.append((sum(phases.values()), info["rank"], phases))
+        _, rank, phases = max(spans, key=lambda x: x[0])
+        return f" (slowest: rank {rank}: " + ", ".join(f"{k} {v:.1f}s" for k, v in phases.items()) + ")"
 
     def _start_actors(self) -> None:
         opt = self.options
@@ -404,6 +440,7 @@ class ShardGroup:
         env = dict(opt.env_vars)
         if opt.replicate_trunk and self.peer_rows and self.device == "cuda":
             env.setdefault(NOSET_VISIBLE, "1")  # every GPU visible: CUDA IPC maps the peers'
+        self._created_at = time.time()  # (wall clock: the actors report when they began)
         for i, s in enumerate(self.remote_shards):
             actor = ExpertShard.options(
                 num_cpus=bundles[i].get("CPU", 0),

@@ -59,6 +59,11 @@ def test_shard_counts_give_identical_tokens(ray_cluster, checkpoints, arch):
             assert held_total == len(args.moe_layers) * args.num_experts
             assert len(nodes) == num_shards, "each shard was pinned to its own node"
             assert sum(stats["tokens_per_shard"]) > 0 and all(c > 0 for c in stats["tokens_per_shard"])
+            # Each actor says where its start went (logged by the group as its slowest actor's).
+            for info in stats["shards"]:
+                assert set(info["phases"]) == {"experts"} and info["phases"]["experts"] >= 0
+                assert 0 <= info["began_at"] - engine.shard_group._created_at < 120
+            assert "(slowest: rank " in engine.shard_group._slowest_actor()
             actors = list(engine.shard_group.actors)
         assert not dist.is_initialized()
         if num_shards:  # shutdown killed the actors (ray.kill is asynchronous: a call may still land)
