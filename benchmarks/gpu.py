@@ -505,8 +505,9 @@ def bench_layout(
     holds experts, two exchanges per MoE layer) or "replicas" (`ShardOptions.replicate_trunk`:
     every GPU runs the trunk too, one all_reduce per MoE layer; "replicas-exact": of the pairs'
     outputs, `ShardOptions.replica_exact`; "replicas-split": every GPU holds a slice of every
-    expert's intermediate size, `ShardOptions.replica_split`; "-peer": the sums of graphed steps
-    by peer loads, `ShardOptions.replica_peer_sum`)."""
+    expert's intermediate size, `ShardOptions.replica_split`; "-heads": every GPU its share of the
+    attention heads, `ShardOptions.replica_attention`; "-peer": the sums of graphed steps by peer
+    loads, `ShardOptions.replica_peer_sum`)."""
     from specmoe_ray.serving.shards import ShardOptions
 
     options = ShardOptions(
@@ -517,6 +518,7 @@ def bench_layout(
         replica_exact=layout == "replicas-exact",
         replica_split="intermediate" if layout.startswith("replicas-split") else "experts",
         replica_peer_sum=256 if layout.endswith("-peer") else 0,
+        replica_attention="heads" if "-heads" in layout else "replicated",
     )
     t0 = time.perf_counter()
     print(f"  {g} devices ({layout}): starting the engine and {g - 1} shard(s)", flush=True)
@@ -682,6 +684,8 @@ def main(argv=None) -> dict[str, Any]:
             "replicas-exact",
             "replicas-split",
             "replicas-peer",
+            "replicas-heads-peer",
+            "replicas-split-heads-peer",
             "replicas-split-peer",
         ],
         default=["coordinator"],

@@ -27,14 +27,22 @@ def _generate(ns: argparse.Namespace) -> int:
             else (ns.draft if ns.draft in (None, "ngram", "mtp") else resolve_model_path(ns.draft))
         )
         shard_options = None
-        if ns.replica_split is not None and not ns.replicate_trunk:
-            raise ValueError("--replica-split applies to trunk replicas: add --replicate-trunk")
+        for flag, value in (
+            ("--replica-split", ns.replica_split),
+            ("--replica-attention", ns.replica_attention),
+        ):
+            if value is not None and not ns.replicate_trunk:
+                raise ValueError(f"{flag} applies to trunk replicas: add --replicate-trunk")
         if ns.replicate_trunk:
             if ns.num_shards < 1:
                 raise ValueError("--replicate-trunk needs --num-shards 1 or more")
             from specmoe_ray.serving.shards import ShardOptions
 
-            shard_options = ShardOptions(replicate_trunk=True, replica_split=ns.replica_split or "experts")
+            shard_options = ShardOptions(
+                replicate_trunk=True,
+                replica_split=ns.replica_split or "experts",
+                replica_attention=ns.replica_attention or "replicated",
+            )
         engine = Engine.from_pretrained(
             resolve_model_path(ns.model),
             draft=draft,
@@ -250,6 +258,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--replica-split",
         choices=["experts", "intermediate"],
         help="with --replicate-trunk: shards hold whole experts (default) or a slice of every expert",
+    )
+    g.add_argument(
+        "--replica-attention",
+        choices=["replicated", "heads"],
+        help="with --replicate-trunk: every shard runs all attention heads (default) or its share of them",
     )
     g.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     g.add_argument("--dtype", default="auto")

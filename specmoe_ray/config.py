@@ -144,6 +144,14 @@ class ShardsConfig(_Strict):
         "intermediate size, so every GPU reads the same bytes whatever the routing (no load imbalance; "
         "not with replica_exact, and autoscaling's placement plans do not apply).",
     )
+    replica_attention: Literal["replicated", "heads"] = Field(
+        "replicated",
+        description="With replicate_trunk: 'replicated': every shard runs all attention heads with a full "
+        "KV cache; 'heads': each shard keeps 1 / num_shards of the heads and only their KV cache (memory per "
+        "GPU / num_shards), and each layer's attention output is summed over the shards too. num_shards must "
+        "divide the query and key/value head counts and stays fixed (no autoscale); not replica_exact, not "
+        "MLA models.",
+    )
     replica_peer_sum: int | None = Field(
         None,
         ge=0,
@@ -171,6 +179,14 @@ class ShardsConfig(_Strict):
             raise ValueError(
                 "shards.replica_split 'intermediate' applies to trunk replicas (set shards.replicate_trunk) "
                 "and sums partial outputs, so it cannot be shards.replica_exact"
+            )
+        if self.replica_attention == "heads" and (
+            self.replica_exact or not self.replicate_trunk or self.autoscale is not None
+        ):
+            raise ValueError(
+                "shards.replica_attention 'heads' applies to trunk replicas (set shards.replicate_trunk) "
+                "that sum partial outputs (not shards.replica_exact), over a fixed shard count (no "
+                "shards.autoscale)"
             )
         if self.replica_peer_sum and (self.replica_exact or not self.replicate_trunk):
             raise ValueError(

@@ -146,6 +146,13 @@ class Engine:
                 shard_options or ShardOptions(),
                 cache_shape=(config.max_num_seqs, config.max_model_len),
             )
+            if shard_group.attention_layers is not None:  # replica_attention "heads": rank 0's heads
+                if autoscaler is not None:
+                    raise ValueError(
+                        "replica_attention 'heads' fixes the shard count (it splits the attention heads "
+                        "over them): it cannot autoscale; use 'replicated' with shard autoscaling"
+                    )
+                model.split_attention(0, plan.num_shards)
             model.set_expert_backend(shard_group.start())
         try:
             if draft is not None:

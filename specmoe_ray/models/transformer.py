@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Protocol
+from collections.abc import Callable
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -218,6 +219,31 @@ def _yarn_inv_freq(rope: RopeArgs, dim: int) -> torch.Tensor:
     return (1.0 / (rope.factor * pos_freqs)) * (1 - extrapolate) + (1.0 / pos_freqs) * extrapolate
 
 
+def check_head_split(num_heads: int, num_kv_heads: int, qk_norm: str | None, world: int) -> None:
+    """Whether attention with these heads splits over `world` trunk replicas by heads
+    (`ShardOptions.replica_attention = "heads"`); a ValueError naming why not."""
+    if world < 1 or num_heads % world or num_kv_heads % world:
+        raise ValueError(
+            f"replica_attention 'heads': {num_heads} query and {num_kv_heads} key/value heads do not split "
+            f"evenly over {world} shards; use a shard count that divides both, or 'replicated'"
+        )
+    if qk_norm == "full":
+        raise ValueError(
+            "replica_attention 'heads': this model normalises q and k over all heads at once (a full-width "
+            "q/k norm), which no rank can compute from its heads alone; use 'replicated'"
+        )
+
+
+def check_args_head_split(args: ModelArgs, world: int) -> None:
+    """`check_head_split` for a checkpoint's args (MLA attention does not split by heads here)."""
+    if args.mla is not None:
+        raise ValueError(
+            f"replica_attention 'heads': {args.model_type}'s latent attention (MLA) is not split by heads "
+            "here; use 'replicated'"
+        )
+    check_head_split(args.num_heads, args.num_kv_heads, args.qk_norm, world)
+
+
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs, layer: int):
         super().__init__()
@@ -239,6 +265,36 @@ class Attention(nn.Module):
         self.sliding_window = args.sliding_window
         self._qkv: tuple[torch.Tensor, torch.Tensor | None] | None = None  # see fuse_projections
         self._heads_done: dict[torch.device, torch.Tensor] = {}  # the attention kernel's counters
+        # Heads split over trunk replicas (`split_heads`): (layer, o_proj's partial output [N, D])
+        # -> the sum over the ranks (a tensor, or a `fused.Pending` the next add + norm sums).
+        self.head_sum: Callable[[int, torch.Tensor], Any] | None = None
+
+    def split_heads(self, rank: int, world: int) -> None:
+        """Keep only rank's 1 / world of the heads (`ShardOptions.replica_attention = "heads"`):
+        its query heads and the key/value heads they read, and o_proj's columns for them, so its
+        KV cache holds only those; o_proj then gives a partial output that `head_sum` sums over
+        the ranks. Call before `fuse_projections`."""
+        check_head_split(self.num_heads, self.num_kv_heads, self.qk_norm, world)
+        if self._qkv is not None:
+            raise RuntimeError("Attention.split_heads: split before fuse_projections")
+        hd = self.head_dim
+        h, hk = self.num_heads // world, self.num_kv_heads // world
+        rows = {self.q_proj: slice(rank * h * hd, (rank + 1) * h * hd)}
+        rows.update({p: slice(rank * hk * hd, (rank + 1) * hk * hd) for p in (self.k_proj, self.v_proj)})
+        for p, keep in rows.items():
+            p.weight = nn.Parameter(p.weight.data[keep].clone(), requires_grad=False)
+            if p.bias is not None:
+                p.bias = nn.Parameter(p.bias.data[keep].clone(), requires_grad=False)
+            p.out_features = p.weight.shape[0]
+        o = self.o_proj
+        o.weight = nn.Parameter(o.weight.data[:, rows[self.q_proj]].clone(), requires_grad=False)
+        o.in_features = o.weight.shape[1]
+        self.num_heads, self.num_kv_heads = h, hk
+        self._heads_done = {}
+
+    def _output(self, y: torch.Tensor):
+        """o_proj's output; split heads: summed over the ranks (`head_sum`)."""
+        return y if self.head_sum is None else self.head_sum(self.layer, y)
 
     def fuse_projections(self) -> None:
         """q, k and v projections as one matmul: their weights become views of one tensor (the
@@ -322,7 +378,7 @@ class Attention(nn.Module):
                 new=new,
                 counters=self._counters(q.device),
             )
-            return linear(out, self.o_proj.weight, matvec=fused.MATVEC_O_PROJ)
+            return self._output(linear(out, self.o_proj.weight, matvec=fused.MATVEC_O_PROJ))
         keys, values = cache.read(self.layer, batch.read_slots, batch.kv_len)  # [B, Hkv, L, hd]
 
         # Query head h uses kv head h // G: fold the G heads of a group into the query rows.
@@ -333,7 +389,9 @@ class Attention(nn.Module):
         mask = attention_mask(batch, G, self.sliding_window, q.dtype)  # [B, 1, G * Tq, L]
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)  # [B, Hkv, G * Tq, hd]
         out = out.view(B, Hkv, G, Tq, hd).permute(0, 3, 1, 2, 4)  # [B, Tq, Hkv, G, hd]
-        return linear(to_packed(out.reshape(B, Tq, self.num_heads * hd), batch), self.o_proj.weight)
+        return self._output(
+            linear(to_packed(out.reshape(B, Tq, self.num_heads * hd), batch), self.o_proj.weight)
+        )
 
 
 class MLP(nn.Module):
@@ -451,9 +509,11 @@ class DecoderLayer(nn.Module):
         return self.mlp(h), residual
 
     def _norm_in_router(self, x: torch.Tensor) -> bool:
-        """`triton_kernels.ROUTER_TOPK_NORM` and the one-kernel router serve this MoE block."""
+        """`triton_kernels.ROUTER_TOPK_NORM` and the one-kernel router serve this MoE block
+        (not for split heads' output, summed by the add + norm: `Attention.head_sum`)."""
         return (
             triton_kernels.ROUTER_TOPK_NORM
+            and not isinstance(x, fused.Pending)
             and isinstance(self.mlp, MoEBlock)
             and isinstance(self.mlp.gate, TopKRouter)
             and fused.is_active()
@@ -482,6 +542,7 @@ class DecoderLayer(nn.Module):
             and fused.is_active()
             and triton_kernels.AVAILABLE
             and isinstance(attn, Attention)
+            and attn.head_sum is None
             and attn._qkv is not None
             and attn._qkv[1] is None
             and isinstance(mlp, MoEBlock)
@@ -534,15 +595,41 @@ class Transformer(nn.Module):
                 layer.self_attn.fuse_projections()
 
     def set_expert_backend(self, backend: ExpertBackend) -> None:
+        """The MoE layers' experts; with split heads (`split_attention`) the backend, a trunk
+        replicas' `ReplicaDispatch`, also sums the attention's partial outputs (`sum_heads`)."""
         self.backend_version = getattr(self, "backend_version", 0) + 1  # step graphs re-check theirs
+        head_sum = getattr(backend, "sum_heads", None) if self.head_split else None
+        if self.head_split and head_sum is None:
+            raise ValueError("attention heads split over trunk replicas: the experts' backend must sum them")
         for layer in self.model.layers:
             if isinstance(layer.mlp, MoEBlock):
                 layer.mlp.backend = backend
+            if self.head_split:
+                layer.self_attn.head_sum = head_sum
+
+    @property
+    def head_split(self) -> tuple[int, int] | None:
+        """(rank, world) when `split_attention` split the heads, else None."""
+        return getattr(self, "_head_split", None)
+
+    def split_attention(self, rank: int, world: int) -> None:
+        """Every layer keeps rank's 1 / world of the attention heads (`Attention.split_heads`);
+        the KV cache (`make_cache`) then holds only theirs. Before `fuse_projections`."""
+        for layer in self.model.layers:
+            if type(layer.self_attn) is not Attention:
+                raise ValueError(
+                    f"{self.args.model_type}: its attention ({type(layer.self_attn).__name__}) cannot be "
+                    "split by heads; use shards.replica_attention 'replicated'"
+                )
+        for layer in self.model.layers:
+            layer.self_attn.split_heads(rank, world)
+        self._head_split = (rank, world)
 
     def make_cache(self, num_slots: int, max_len: int) -> KVCache:
         p = self.lm_head.weight
         a = self.args
-        return KVCache(a.num_layers, num_slots, max_len, a.num_kv_heads, a.head_dim, p.dtype, p.device)
+        kv_heads = a.num_kv_heads // (self.head_split[1] if self.head_split else 1)
+        return KVCache(a.num_layers, num_slots, max_len, kv_heads, a.head_dim, p.dtype, p.device)
 
     @torch.inference_mode()
     def forward_layers(self, batch: ForwardBatch, cache: KVCache) -> tuple[torch.Tensor, torch.Tensor]:

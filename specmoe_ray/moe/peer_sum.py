@@ -221,15 +221,16 @@ if AVAILABLE:
             tl.store(out_ptr + t * D + cols, (w.to(tl.float32) * normed.to(tl.float32)).to(dtype), mask=ok)
 
 
-def slot_order(layers: list[int]) -> dict[int, int]:
-    """{layer: slot} for the sums of these layers, in order, once per forward: alternating
-    0, 1, and the last one 2 when their number is odd (the last and the next forward's first
-    differ too). Fewer than 2 layers: {} (their sum cannot alternate; use NCCL)."""
-    if len(layers) < 2:
+def slot_order(sums: list[Any]) -> dict[Any, int]:
+    """{sum: slot} for a forward's sums in the order it runs them (e.g. its MoE layers, or
+    with split attention heads ("attention", layer) before each layer's MoE sum), once per
+    forward: alternating 0, 1, and the last one 2 when their number is odd (the last and the
+    next forward's first differ too). Fewer than 2 sums: {} (they cannot alternate; use NCCL)."""
+    if len(sums) < 2:
         return {}
-    order = {layer: i % 2 for i, layer in enumerate(sorted(layers))}
-    if len(layers) % 2:
-        order[max(layers)] = 2
+    order = {key: i % 2 for i, key in enumerate(sums)}
+    if len(sums) % 2:
+        order[sums[-1]] = 2
     return order
 
 

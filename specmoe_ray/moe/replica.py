@@ -139,6 +139,7 @@ class ReplicaDispatch(_Masked, Rank0):
         split: bool = False,
         peer_rows: int = 0,
         peer_by_default: bool = False,
+        attention_layers: list[int] | None = None,
     ):
         if split and exact:
             raise ValueError(
@@ -148,10 +149,22 @@ class ReplicaDispatch(_Masked, Rank0):
             raise ValueError("ReplicaDispatch: peer sums add partial sums: not with exact")
         self.exact, self.split = exact, split
         self._slots: dict[int, int] = {}  # {MoE layer: PeerSum slot}
+        # Split attention heads (`attention_layers`: every layer, `Transformer.split_attention`):
+        # each layer's attention output is summed too, before its MoE layer's (`sum_heads`).
+        self.attention_layers = list(attention_layers or [])
         if peer_rows:
             from specmoe_ray.moe.peer_sum import slot_order
 
-            self._slots = slot_order(list(plan.owner))
+            moe = set(plan.owner)
+            if self.attention_layers:
+                sums = [
+                    k
+                    for layer in self.attention_layers
+                    for k in [("attention", layer)] + [layer] * (layer in moe)
+                ]
+            else:
+                sums = sorted(moe)
+            self._slots = slot_order(sums)
             peer_rows = peer_rows if self._slots else 0  # one MoE layer: NCCL (`slot_order`)
         self.peer_rows = peer_rows
         self.peer_by_default = peer_by_default
@@ -249,6 +262,22 @@ class ReplicaDispatch(_Masked, Rank0):
         dist.all_reduce(total)
         # The float32 sum is rounded to x's dtype by the next add + norm (or by the MoE block).
         return total if self.exact else fused.Pending(total, None, x)
+
+    def sum_heads(self, layer: int, y: torch.Tensor):
+        """Split attention heads (`Attention.head_sum`): o_proj's partial output [T, D] of this
+        rank's heads -> the sum over the ranks, as a `fused.Pending` the layer's next add + norm
+        takes (in float32, rounded there, as the MoE sums): peer loads in graphed steps
+        (`_peer_sum`), else NCCL's (gloo's) all_reduce. Every rank calls it alike."""
+        peer = self._peer_sum(y)
+        key = ("attention", layer)
+        if peer is not None and key in self._slots:
+            share = peer.slot(self._slots[key], y.shape[0])
+            share.copy_(y)
+            peer.signal()
+            return fused.Pending(share, None, y, (peer, self._slots[key]))
+        total = y.float() if y.dtype != torch.float32 else y
+        dist.all_reduce(total)
+        return fused.Pending(total, None, y)
 
     def _peer_sum(self, x: torch.Tensor):
         """The `PeerSum` for this forward's sums, or None (NCCL): every rank decides alike (the

@@ -24,6 +24,8 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from specmoe_ray.errors import ShardGroupError, ShardStartupError
+from specmoe_ray.models.loader import read_config
+from specmoe_ray.models.transformer import check_args_head_split
 from specmoe_ray.moe.dispatch import DistributedDispatch
 from specmoe_ray.moe.placement import PlacementPlan
 from specmoe_ray.moe.replica import ReplicaDispatch, serve_replica
@@ -69,6 +71,14 @@ class ShardOptions:
     # intermediate size: each rank computes every pair's share, the same bytes on every rank
     # whatever the routing; not with replica_exact).
     replica_split: str = "experts"
+    # How trunk replicas run attention: "replicated" (every rank all heads, a full KV cache each)
+    # or "heads" (rank r keeps 1 / num_shards of the query and key/value heads and only their
+    # KV cache, and each layer's attention output is summed over the ranks too, before the MoE
+    # layer's; `Transformer.split_attention`). Heads: KV cache memory per GPU / num_shards and
+    # attention's bytes split, for a second sum per layer; the shard count must divide both head
+    # counts and stays fixed (no reshard to another count, no autoscaling); not replica_exact,
+    # not MLA (DeepSeek) nor a full-width q/k norm (OLMoE).
+    replica_attention: str = "replicated"
     # Trunk replicas, static steps (CUDA graphs) of up to this many tokens: each MoE layer's sum
     # by peer loads over NVLink inside the next add + norm (`moe/peer_sum.py`, CUDA IPC)
     # instead of NCCL's all_reduce; 0: off; None (the default): DEFAULT_PEER_ROWS for trunk
@@ -127,11 +137,12 @@ class ExpertShard:
         world_size: int,
         dtype: str,
         device: str,
-        replica: tuple[PlacementPlan, int, int, bool, str, int, bool] | None = None,
+        replica: tuple[PlacementPlan, int, int, bool, str, int, bool, list[int] | None] | None = None,
     ):
         """replica: (plan, cache slots, cache length, exact, split, peer sum rows, whether those
-        are the default) for a trunk replica (`replicate_trunk`; split "intermediate": every
-        expert, slice `rank` of its intermediate size; `replica_peer_sum`)."""
+        are the default, the layers whose attention heads are split or None) for a trunk replica
+        (`replicate_trunk`; split "intermediate": every expert, slice `rank` of its intermediate
+        size; `replica_peer_sum`; `replica_attention`)."""
         from specmoe_ray.models.loader import load_experts, load_trunk, read_config
 
         # Where a start's seconds go (`info`, logged by ShardGroup.start): when this process
@@ -167,13 +178,16 @@ class ExpertShard:
             phase("experts")
             self.load_s = self.phases["experts"]  # the experts' load (not the trunk's)
             if replica is not None:
-                plan, num_slots, max_len, exact, _, peer_rows, by_default = replica
+                plan, num_slots, max_len, exact, _, peer_rows, by_default, heads = replica
                 self.model = load_trunk(path, dtype=dtype, device=self.device)
+                if heads:
+                    self.model.split_attention(rank, world_size)
                 self.model.fuse_projections()  # as the engine's: every rank runs the same kernels
                 phase("trunk")
                 self.replica = ReplicaDispatch(
-                    plan, self.store, rank, self.device, exact, split, peer_rows, peer_by_default=by_default
-                )
+                    plan, self.store, rank, self.device, exact, split, peer_rows,
+                    peer_by_default=by_default, attention_layers=heads,
+                )  # fmt: skip
                 self.model.set_expert_backend(self.replica)
                 self.cache = self.model.make_cache(num_slots, max_len)
                 phase("cache")
@@ -285,6 +299,20 @@ class ShardGroup:
                 "ShardOptions.replica_split 'intermediate' applies to trunk replicas (set replicate_trunk) "
                 "and sums partial outputs, so it cannot be replica_exact"
             )
+        if opt.replica_attention not in ("replicated", "heads"):
+            raise ValueError(
+                f"ShardOptions.replica_attention {opt.replica_attention!r}: expected 'replicated' or 'heads'"
+            )
+        self.attention_layers: list[int] | None = None  # split heads: every layer's attention sums
+        if opt.replica_attention == "heads":
+            if opt.replica_exact or not opt.replicate_trunk:
+                raise ValueError(
+                    "ShardOptions.replica_attention 'heads' applies to trunk replicas (set replicate_trunk) "
+                    "that sum partial outputs, so it cannot be replica_exact"
+                )
+            args, _ = read_config(path)
+            check_args_head_split(args, plan.num_shards)
+            self.attention_layers = list(range(args.num_layers))
         peer = opt.replica_peer_sum
         if peer is not None and not isinstance(peer, int):
             raise ValueError(f"ShardOptions.replica_peer_sum {peer!r}: a token count (or None: the default)")
@@ -436,6 +464,7 @@ class ShardGroup:
                 opt.replica_split,
                 self.peer_rows,
                 opt.replica_peer_sum is None,
+                self.attention_layers,
             )
         env = dict(opt.env_vars)
         if opt.replicate_trunk and self.peer_rows and self.device == "cuda":
@@ -520,7 +549,7 @@ class ShardGroup:
             opt = self.options
             self.dispatch = ReplicaDispatch(
                 self.plan, store, 0, device, opt.replica_exact, self.split, self.peer_rows,
-                peer_by_default=opt.replica_peer_sum is None,
+                peer_by_default=opt.replica_peer_sum is None, attention_layers=self.attention_layers,
             )  # fmt: skip
             self.dispatch.peer_timeout_s = opt.collective_timeout_s
         else:
@@ -630,6 +659,11 @@ class ShardGroup:
         failed: the group broke (a collective failed or timed out); its shards are not asked to
         stop (they would not hear it), only stopped.
         """
+        if self.attention_layers is not None and plan.num_shards != self.plan.num_shards:
+            raise ValueError(
+                f"replica_attention 'heads' split the attention over {self.plan.num_shards} shards: the "
+                f"count cannot change (asked for {plan.num_shards}); use 'replicated' to reshard"
+            )
         self.shutdown(graceful=not failed)
         self.plan = plan
         self._stop = threading.Event()

@@ -90,7 +90,8 @@ def test_allreduce_benchmark_sums_right_on_two_gloo_ranks():
 def test_gpu_benchmark_multi_device_rows_run_on_cpu(tmp_path):
     """gpu.py's rows with experts over 2 devices (run over gloo on CPUs, as a check of the
     script): each layout starts its group, prints the ranks' expert load times and each batch's
-    ratio to one device; the peer-sum layout's option is inert on CPUs. In a process of its own:
+    ratio to one device; the attention heads split too in the second (the peer sums' option is
+    inert on CPUs). In a process of its own:
     the script starts (and stops) its own Ray."""
     import os
     import re
@@ -100,7 +101,7 @@ def test_gpu_benchmark_multi_device_rows_run_on_cpu(tmp_path):
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     args = ["--shape", "small", "--device", "cpu", "--batch", "1", "2", "--new-tokens", "4", "--repeats", "1"]
     args += ["--skip-hf", "--skip-demo", "--skip-sweep", "--variants", "graphs", "--gpus", "1", "2"]
-    args += ["--layout", "replicas", "replicas-split-peer", "--save-dir", str(tmp_path / "ckpt")]
+    args += ["--layout", "replicas", "replicas-split-heads-peer", "--save-dir", str(tmp_path / "ckpt")]
     args += ["--json", str(tmp_path / "r.json")]
     run = subprocess.run(
         [sys.executable, os.path.join(root, "benchmarks", "gpu.py"), *args],
@@ -109,7 +110,7 @@ def test_gpu_benchmark_multi_device_rows_run_on_cpu(tmp_path):
         timeout=600,
     )
     assert run.returncode == 0, run.stderr[-3000:]
-    for layout in ("replicas", "replicas-split-peer"):
+    for layout in ("replicas", "replicas-split-heads-peer"):
         ready = re.search(
             rf"2 devices \({layout}\): ready in \d+s \(experts loaded: rank 0 [\d.]+s, rank 1 [\d.]+s\)",
             run.stdout,
@@ -125,8 +126,8 @@ def test_gpu_benchmark_multi_device_rows_run_on_cpu(tmp_path):
     assert sorted((r["layout"], r["batch"]) for r in runs if "layout" in r) == [
         ("replicas", 1),
         ("replicas", 2),
-        ("replicas-split-peer", 1),
-        ("replicas-split-peer", 2),
+        ("replicas-split-heads-peer", 1),
+        ("replicas-split-heads-peer", 2),
     ]
 
 

@@ -33,14 +33,17 @@ def replicas(num_shards: int, **kw):
         ("qwen2_moe", 3, "partial"),
         ("mixtral", 2, "exact"),
         ("qwen3_moe", 3, "split"),
+        ("qwen3_moe", 2, "heads"),
     ],
 )
 def test_trunk_replicas_give_the_tokens_of_transformers(ray_cluster, checkpoints, arch, num_shards, mode):
     """Prompts, then decode and n-gram verify steps, eager and padded (the static batches CUDA
     graphs capture): the same greedy tokens as transformers, with float32 partial sums, the
     pairs' outputs summed (`replica_exact`), or every expert split by its intermediate size
-    (`replica_split`). Each actor holds the trunk and only its own experts (split: a third of
-    every expert); the engine's process holds shard 0."""
+    (`replica_split`), or every rank half of the attention heads and their KV cache, each
+    layer's attention output summed too (`replica_attention` "heads"). Each actor holds the
+    trunk and only its own experts (split: a third of every expert); the engine's process holds
+    shard 0."""
     path = checkpoints(arch)
     args, _ = read_config(path)
     ref = hf_greedy(path, RAGGED, NEW)
@@ -48,6 +51,7 @@ def test_trunk_replicas_give_the_tokens_of_transformers(ray_cluster, checkpoints
         "replica_exact": mode == "exact",
         "replica_split": "intermediate" if mode == "split" else "experts",
         "replica_peer_sum": 64 if mode == "split" else 0,  # GPUs only: CPUs keep the all_reduce
+        "replica_attention": "heads" if mode == "heads" else "replicated",
     }
     for step_graphs in ("off", "padded"):
         with Engine.from_pretrained(
@@ -62,6 +66,12 @@ def test_trunk_replicas_give_the_tokens_of_transformers(ray_cluster, checkpoints
             stats = engine.stats()
             static = stats["num_static_steps"]
             shards = stats["shards"]["shards"]
+            kv_heads = engine.cache.kv[0].shape[2]  # [slots, 2, heads, length, head_dim]
+            if mode == "heads":  # its count is fixed: a reshard to another is refused, nothing torn down
+                with pytest.raises(ValueError, match="over 2 shards: the count cannot change"):
+                    engine.reshard(3)
+                assert engine.generate(RAGGED[:1], GREEDY)[0].token_ids == ref[0]
+        assert kv_heads == args.num_kv_heads // (num_shards if mode == "heads" else 1)
         assert got == ref, step_graphs
         assert (static > 0) == (step_graphs == "padded")
         assert [s.get("local", False) for s in shards] == [True] + [False] * (num_shards - 1)
@@ -74,16 +84,19 @@ def test_trunk_replicas_give_the_tokens_of_transformers(ray_cluster, checkpoints
         assert not dist.is_initialized()
 
 
-def test_replicas_refilled_after_a_replicated_plan_and_a_killed_shard(ray_cluster, checkpoints):
+@pytest.mark.parametrize("attention", ["replicated", "heads"])
+def test_replicas_refilled_after_a_replicated_plan_and_a_killed_shard(ray_cluster, checkpoints, attention):
     """Mid-generation: a re-placement with every expert on both shards (each pair computed by
     one replica, by position and rotation), then a killed shard (the group re-forms and the
     step replays). New replicas start with empty KV caches and are refilled from the running
-    sequences: the tokens still equal transformers'."""
+    sequences: the tokens still equal transformers'. heads: the new actor's half of the heads'
+    caches is refilled (the engine keeps its own half's)."""
     path = checkpoints("qwen3_moe")
     args, _ = read_config(path)
     ref = hf_greedy(path, RAGGED, NEW)
+    options = replicas(2, replica_attention=attention)
     with Engine.from_pretrained(
-        path, num_shards=2, draft="ngram", step_graphs="padded", max_model_len=128, shard_options=replicas(2)
+        path, num_shards=2, draft="ngram", step_graphs="padded", max_model_len=128, shard_options=options
     ) as engine:
         got = generate_stepwise(engine, RAGGED, GREEDY, at=replicate_then_kill(args))
         stats = engine.stats()
@@ -214,9 +227,24 @@ def test_replica_options_are_checked(checkpoints):
         (ShardOptions(replicate_trunk=True, replica_peer_sum=-1), "replica_peer_sum -1: a token count"),
         (ShardOptions(replicate_trunk=True, replica_peer_sum=10**6), "replica_peer_sum 1000000: .* to 65536"),
         (ShardOptions(replicate_trunk=True, replica_peer_sum="64"), "replica_peer_sum '64': a token count"),
+        (ShardOptions(replica_attention="heads"), "'heads' applies to trunk replicas"),
+        (
+            ShardOptions(replicate_trunk=True, replica_exact=True, replica_attention="heads"),
+            "cannot be replica_",
+        ),
+        (ShardOptions(replicate_trunk=True, replica_attention="rows"), "expected 'replicated' or 'heads'"),
     ):
         with pytest.raises(ValueError, match=message):
             ShardGroup(path, plan, args.hidden_size, torch.float32, "cpu", options, cache_shape=shape)
+    heads = ShardOptions(replicate_trunk=True, replica_attention="heads")
+    three = PlacementPlan.contiguous(args.moe_layers, args.num_experts, 3)  # 4 query, 2 key/value heads
+    with pytest.raises(ValueError, match="4 query and 2 key/value heads do not split evenly over 3 shards"):
+        ShardGroup(path, three, args.hidden_size, torch.float32, "cpu", heads, cache_shape=shape)
+    olmoe, _ = read_config(checkpoints("olmoe"))  # q and k normed over all heads at once
+    with pytest.raises(ValueError, match="full-width q/k norm"):
+        ShardGroup(
+            checkpoints("olmoe"), plan, olmoe.hidden_size, torch.float32, "cpu", heads, cache_shape=shape
+        )
     with pytest.raises(ValueError, match="cannot be exact"):
         ReplicaDispatch(plan, ExpertStore({}), 0, "cpu", exact=True, split=True)
     with pytest.raises(ValueError, match="peer sums add partial sums"):
@@ -286,18 +314,25 @@ def test_peer_sums_unavailable_names_why():
     assert why == "rank 1: RuntimeError: no IPC"
 
 
-@pytest.mark.parametrize("layers", [[0, 1], [3, 4, 5], list(range(48)), [1, 3, 5, 7, 9], [2]])
+HEADS_AND_MOE = [k for layer in range(3) for k in (("attention", layer), layer)]
+
+
+@pytest.mark.parametrize(
+    "layers", [[0, 1], [3, 4, 5], list(range(48)), [1, 3, 5, 7, 9], [2], HEADS_AND_MOE, HEADS_AND_MOE[:-1]]
+)
 def test_peer_sum_slots_alternate_across_forwards(layers):
     """`peer_sum.slot_order`: consecutive sums use different shared slots, the last sum of
     a forward and the first of the next one too (a rank writes the first one without waiting,
-    while its peers may still read the last), and no more slots than the buffer has."""
+    while its peers may still read the last), and no more slots than the buffer has; sums
+    named in the order a forward runs them (split heads: an attention sum before each MoE's)."""
     from specmoe_ray.moe.peer_sum import SLOTS, slot_order
 
     order = slot_order(layers)
     if len(layers) < 2:
         assert order == {}
         return
-    slots = [order[layer] for layer in sorted(layers)] * 2  # two forwards in a row
+    assert list(order) == layers
+    slots = [order[key] for key in layers] * 2  # two forwards in a row
     assert all(a != b for a, b in zip(slots, slots[1:]))
     assert set(slots) <= set(range(SLOTS))
 
@@ -314,8 +349,9 @@ def test_one_replica_is_the_engine_alone(ray_cluster, checkpoints):
 
 def test_cli_generate_with_trunk_replicas(ray_cluster, capsys):
     """`specmoe generate --num-shards 2 --replicate-trunk` (experts whole, or split by their
-    intermediate size) on the demo target streams the text of the in-process run; the flags
-    without what they need are refused, naming it."""
+    intermediate size, or the attention heads split) on the demo target streams the text of the
+    in-process run; the flags without what they need (or a shard count the heads do not divide
+    by) are refused, naming it."""
     from specmoe_ray import cli
 
     args = ["generate", "def add(a, b):", "--no-spec", "--max-tokens", "12"]
@@ -325,10 +361,16 @@ def test_cli_generate_with_trunk_replicas(ray_cluster, capsys):
     assert capsys.readouterr().out == plain and plain.strip()
     assert cli.main(args + ["--num-shards", "2", "--replicate-trunk", "--replica-split", "intermediate"]) == 0
     assert capsys.readouterr().out == plain
+    assert cli.main(args + ["--num-shards", "2", "--replicate-trunk", "--replica-attention", "heads"]) == 0
+    assert capsys.readouterr().out == plain
+    assert cli.main(args + ["--num-shards", "3", "--replicate-trunk", "--replica-attention", "heads"]) == 2
+    assert "do not split evenly over 3 shards" in capsys.readouterr().err
     assert cli.main(args + ["--replicate-trunk"]) == 2
     assert "--replicate-trunk needs --num-shards" in capsys.readouterr().err
     assert cli.main(args + ["--num-shards", "2", "--replica-split", "intermediate"]) == 2
     assert "--replica-split applies to trunk replicas" in capsys.readouterr().err
+    assert cli.main(args + ["--num-shards", "2", "--replica-attention", "heads"]) == 2
+    assert "--replica-attention applies to trunk replicas" in capsys.readouterr().err
 
 
 def test_a_step_found_broken_after_its_sync_is_rolled_back_and_replayed(ray_cluster, checkpoints):

@@ -343,6 +343,14 @@ def test_api_key(server, models):
             "shards.replica_peer_sum: Input should be less than or equal to 65536",
         ),
         (
+            {"model": {"target": "x"}, "shards": {"num_shards": 2, "replica_attention": "heads"}},
+            "shards: Value error, shards.replica_attention 'heads' applies to trunk replicas",
+        ),
+        (
+            {"model": {"target": "x"}, "shards": {"replicate_trunk": True, "replica_attention": "rows"}},
+            "shards.replica_attention: Input should be 'replicated' or 'heads'",
+        ),
+        (
             {"model": {"target": "x"}, "draft_pool": {"autoscaling_config": {"max_replica": 3}}},
             "draft_pool.autoscaling_config: Value error, unknown autoscaling_config keys",
         ),
@@ -376,6 +384,7 @@ def test_every_shards_setting_reaches_the_shard_options():
         "replicate_trunk": True,
         "replica_exact": True,
         "replica_split": "experts",
+        "replica_attention": "replicated",
         "replica_peer_sum": 0,
     }
     assert set(values) == set(ShardsConfig.model_fields) - {"num_shards", "autoscale"}, "update this test"

@@ -457,23 +457,35 @@ def test_nccl_trunk_replicas_equal_one_gpu_and_transformers(tmp_path, checkpoint
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
-@pytest.mark.parametrize("split, peer_rows", [("intermediate", 0), ("intermediate", 64), ("experts", 64)])
-def test_nccl_trunk_replicas_split_by_intermediate_size(tmp_path, checkpoints, split, peer_rows):
+@pytest.mark.parametrize(
+    "split, peer_rows, attention",
+    [
+        ("intermediate", 0, "replicated"),
+        ("intermediate", 64, "replicated"),
+        ("experts", 64, "replicated"),
+        ("intermediate", 64, "heads"),
+        ("experts", 0, "heads"),
+    ],
+)
+def test_nccl_trunk_replicas_split_by_intermediate_size(tmp_path, checkpoints, split, peer_rows, attention):
     """`ShardOptions.replica_split = "intermediate"` over NCCL: every GPU holds every expert's
     slice of its intermediate size and computes every pair's share; one all_reduce sums them
     (peer_rows: static steps sum by peer loads inside the next add + norm instead,
     `replica_peer_sum`, `moe/peer_sum.py`; with whole experts too, each rank's share then its
-    own experts' pairs). float32 with captured steps and n-gram drafts (verify rows included) ==
-    transformers; bfloat16 (prompt buckets captured too): graphed steps == the same group's
-    padded steps."""
+    own experts' pairs; heads: `replica_attention`, each of 2 GPUs half the attention heads and
+    their KV cache, each layer's attention output summed too, by peer loads with peer_rows).
+    float32 with captured steps and n-gram drafts (verify rows included) == transformers;
+    bfloat16 (prompt buckets captured too): graphed steps == the same group's padded steps."""
     import ray
 
-    n = torch.cuda.device_count()
-    ray.init(num_gpus=n - 1, num_cpus=8, include_dashboard=False)
+    gpus = torch.cuda.device_count()
+    n = 2 if attention == "heads" else gpus  # (the test models' 2 key/value heads split over 2)
+    ray.init(num_gpus=gpus - 1, num_cpus=8, include_dashboard=False)
     options = ShardOptions(
         replicate_trunk=True,
         replica_split=split,
         replica_peer_sum=peer_rows,
+        replica_attention=attention,
         cuda_graphs=True,
         collective_timeout_s=30,
     )
@@ -482,7 +494,7 @@ def test_nccl_trunk_replicas_split_by_intermediate_size(tmp_path, checkpoints, s
         ref = hf_greedy(path, PROMPTS, NEW)
         with Engine.from_pretrained(
             path,
-            device=f"cuda:{n - 1}",
+            device=f"cuda:{gpus - 1}",
             num_shards=n,
             draft="ngram",
             max_model_len=128,
@@ -501,7 +513,7 @@ def test_nccl_trunk_replicas_split_by_intermediate_size(tmp_path, checkpoints, s
         for steps in ("auto", "padded"):
             with Engine.from_pretrained(
                 wide,
-                device=f"cuda:{n - 1}",
+                device=f"cuda:{gpus - 1}",
                 dtype="bfloat16",
                 num_shards=n,
                 max_model_len=128,
