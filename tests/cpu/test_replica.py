@@ -240,6 +240,11 @@ def test_replica_options_are_checked(checkpoints):
     three = PlacementPlan.contiguous(args.moe_layers, args.num_experts, 3)  # 4 query, 2 key/value heads
     with pytest.raises(ValueError, match="4 query and 2 key/value heads do not split evenly over 3 shards"):
         ShardGroup(path, three, args.hidden_size, torch.float32, "cpu", heads, cache_shape=shape)
+    from specmoe_ray.serving.autoscale import ShardAutoscaleConfig
+
+    scale = ShardAutoscaleConfig(min_shards=2, max_shards=2, target_pairs_per_shard_s=1.0)
+    with pytest.raises(ValueError, match="'heads' fixes the shard count .* cannot autoscale"):
+        Engine.from_pretrained(path, num_shards=2, shard_options=heads, shard_autoscale=scale)
     olmoe, _ = read_config(checkpoints("olmoe"))  # q and k normed over all heads at once
     with pytest.raises(ValueError, match="full-width q/k norm"):
         ShardGroup(
