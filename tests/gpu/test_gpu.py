@@ -539,7 +539,9 @@ def ray_on_gpus():
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
-@pytest.mark.parametrize("layout, peer_rows", [("replicas", 0), ("replicas", 64), ("local-shard", 0)])
+@pytest.mark.parametrize(
+    "layout, peer_rows", [("replicas", 0), ("replicas", 64), ("local-shard", 0), ("replicas-heads", 64)]
+)
 def test_nccl_killed_shard_is_replaced_and_the_step_replayed(checkpoints, ray_on_gpus, layout, peer_rows):
     """Shard actors killed mid-generation over NCCL (graphed steps): once with
     the engine stepping on at once (the actor dies during a step or between steps), once after
@@ -549,7 +551,9 @@ def test_nccl_killed_shard_is_replaced_and_the_step_replayed(checkpoints, ray_on
     step: transformers' tokens, two recoveries, no process torn down, CUDA graphs still on.
     peer_rows: graphed steps sum by peer loads (`replica_peer_sum`), whose waits the watcher
     ends (`PeerSum.abort`) instead of a trap after the timeout. local-shard: the engine alone
-    runs the trunk, its GPU holding shard 0, and exchanges tokens with the actor."""
+    runs the trunk, its GPU holding shard 0, and exchanges tokens with the actor. replicas-heads:
+    2 GPUs each half the attention heads (`replica_attention`), the new actor's half of the KV
+    cache refilled."""
     import time
 
     import ray
@@ -557,12 +561,14 @@ def test_nccl_killed_shard_is_replaced_and_the_step_replayed(checkpoints, ray_on
 
     path, n = checkpoints("qwen3_moe"), ray_on_gpus
     options = ShardOptions(
-        replicate_trunk=layout == "replicas",
+        replicate_trunk=layout.startswith("replicas"),
         local_shard=layout == "local-shard",
         cuda_graphs=True,
         collective_timeout_s=20,
         replica_peer_sum=peer_rows,
+        replica_attention="heads" if layout == "replicas-heads" else "replicated",
     )
+    shards = 2 if layout == "replicas-heads" else n  # (the test model's 2 key/value heads)
     reports = []
 
     def kill(wait: bool):
@@ -577,7 +583,7 @@ def test_nccl_killed_shard_is_replaced_and_the_step_replayed(checkpoints, ray_on
         return run
 
     with Engine.from_pretrained(
-        path, device=f"cuda:{n - 1}", num_shards=n, max_model_len=128, shard_options=options
+        path, device=f"cuda:{n - 1}", num_shards=shards, max_model_len=128, shard_options=options
     ) as engine:
         # 64 tokens: decode steps run up to 4 tokens ahead (graphs).
         many = SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True)
