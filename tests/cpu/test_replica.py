@@ -34,6 +34,7 @@ def replicas(num_shards: int, **kw):
         ("mixtral", 2, "exact"),
         ("qwen3_moe", 3, "split"),
         ("qwen3_moe", 2, "heads"),
+        ("qwen2_moe", 2, "heads"),  # (q/k/v biases, a shared expert)
     ],
 )
 def test_trunk_replicas_give_the_tokens_of_transformers(ray_cluster, checkpoints, arch, num_shards, mode):
