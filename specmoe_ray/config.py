@@ -161,7 +161,8 @@ class ShardsConfig(_Strict):
         "experts: 1.54x one GPU at batch 32 vs 1.51x, 1.00x at batch 1 vs 0.92x; RESULTS.md session 13); "
         "0: off; null (default): 256 for trunk replicas on GPUs. Where they cannot run (several hosts, no "
         "peer access) NCCL sums. A shard that dies mid-sum is replaced and the step replayed, as with NCCL; "
-        "one alive but stuck past collective_timeout_s ends the verifier's process.",
+        "one alive but stuck past collective_timeout_s ends the verifier's process. Measured over NVLink; "
+        "GPUs that reach each other only over PCIe: compare with 0.",
     )
     env_vars: dict[str, str] = Field(
         default_factory=dict,
