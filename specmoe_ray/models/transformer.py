@@ -265,9 +265,10 @@ class Attention(nn.Module):
         self.sliding_window = args.sliding_window
         self._qkv: tuple[torch.Tensor, torch.Tensor | None] | None = None  # see fuse_projections
         self._heads_done: dict[torch.device, torch.Tensor] = {}  # the attention kernel's counters
-        # Heads split over trunk replicas (`split_heads`): (layer, o_proj's partial output [N, D])
-        # -> the sum over the ranks (a tensor, or a `fused.Pending` the next add + norm sums).
-        self.head_sum: Callable[[int, torch.Tensor], Any] | None = None
+        # Heads split over trunk replicas (`split_heads`): (layer, this rank's heads' attention
+        # output [N, h * hd], o_proj's weight [D, h * hd]) -> o_proj's output summed over the
+        # ranks (a tensor, or a `fused.Pending` the next add + norm sums).
+        self.head_sum: Callable[[int, torch.Tensor, torch.Tensor], Any] | None = None
 
     def split_heads(self, rank: int, world: int) -> None:
         """Keep only rank's 1 / world of the heads (`ShardOptions.replica_attention = "heads"`):
@@ -292,9 +293,12 @@ class Attention(nn.Module):
         self.num_heads, self.num_kv_heads = h, hk
         self._heads_done = {}
 
-    def _output(self, y: torch.Tensor):
-        """o_proj's output; split heads: summed over the ranks (`head_sum`)."""
-        return y if self.head_sum is None else self.head_sum(self.layer, y)
+    def _output(self, out: torch.Tensor, matvec: bool = False):
+        """o_proj of the attention's output; split heads: this rank's share, projected and
+        summed over the ranks by `head_sum` (which may write it straight into shared memory)."""
+        if self.head_sum is None:
+            return linear(out, self.o_proj.weight, matvec=matvec)
+        return self.head_sum(self.layer, out, self.o_proj.weight)
 
     def fuse_projections(self) -> None:
         """q, k and v projections as one matmul: their weights become views of one tensor (the
@@ -378,7 +382,7 @@ class Attention(nn.Module):
                 new=new,
                 counters=self._counters(q.device),
             )
-            return self._output(linear(out, self.o_proj.weight, matvec=fused.MATVEC_O_PROJ))
+            return self._output(out, matvec=fused.MATVEC_O_PROJ)
         keys, values = cache.read(self.layer, batch.read_slots, batch.kv_len)  # [B, Hkv, L, hd]
 
         # Query head h uses kv head h // G: fold the G heads of a group into the query rows.
@@ -389,9 +393,7 @@ class Attention(nn.Module):
         mask = attention_mask(batch, G, self.sliding_window, q.dtype)  # [B, 1, G * Tq, L]
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)  # [B, Hkv, G * Tq, hd]
         out = out.view(B, Hkv, G, Tq, hd).permute(0, 3, 1, 2, 4)  # [B, Tq, Hkv, G, hd]
-        return self._output(
-            linear(to_packed(out.reshape(B, Tq, self.num_heads * hd), batch), self.o_proj.weight)
-        )
+        return self._output(to_packed(out.reshape(B, Tq, self.num_heads * hd), batch))
 
 
 class MLP(nn.Module):

@@ -109,6 +109,20 @@ def partial_combine(
     return owned_rows.__wrapped__(products, held, index).float().sum(1)
 
 
+def mm_float32_supported(device: torch.device) -> bool:
+    """Whether `torch.mm(a, b, out_dtype=torch.float32)` runs for bf16 inputs here (CUDA's
+    cuBLAS in recent torch; not CPUs): a probe, once, before any graph capture."""
+    if device.type != "cuda":
+        return False
+    try:
+        a = torch.ones(2, 8, dtype=torch.bfloat16, device=device)
+        out = torch.empty(2, 2, dtype=torch.float32, device=device)
+        torch.mm(a, a[:2].t(), out_dtype=torch.float32, out=out)
+        return bool(out[0, 0].item() == 8.0)
+    except Exception:  # (older torch, no such kernel here)
+        return False
+
+
 class ReplicaDispatch(_Masked, Rank0):
     """One rank's MoE layers in a group of trunk replicas (rank r holds the plan's shard r), and
     on rank 0 the control of the group (`replica_step`, `ping`, `stop`).
@@ -168,6 +182,7 @@ class ReplicaDispatch(_Masked, Rank0):
             peer_rows = peer_rows if self._slots else 0  # one MoE layer: NCCL (`slot_order`)
         self.peer_rows = peer_rows
         self.peer_by_default = peer_by_default
+        self._mm_float32 = bool(self.attention_layers) and mm_float32_supported(torch.device(device))
         self.peer = None  # the `PeerSum`, made by the first static step that uses it
         self.peer_timeout_s = 120.0  # its waits' limit: the group's collective timeout (set by the owner)
         self.combines = not exact  # takes the gate weights, returns the combined [T, D]
@@ -263,23 +278,41 @@ class ReplicaDispatch(_Masked, Rank0):
         # The float32 sum is rounded to x's dtype by the next add + norm (or by the MoE block).
         return total if self.exact else fused.Pending(total, None, x)
 
-    def sum_heads(self, layer: int, y: torch.Tensor):
-        """Split attention heads (`Attention.head_sum`): o_proj's partial output [T, D] of this
-        rank's heads -> the sum over the ranks, as a `fused.Pending` the layer's next add + norm
-        takes (in float32, rounded there, as the MoE sums): peer loads in graphed steps
-        (`_peer_sum`), else NCCL's (gloo's) all_reduce. Every rank calls it alike."""
-        peer = self._peer_sum(y)
+    def sum_heads(self, layer: int, out: torch.Tensor, weight: torch.Tensor):
+        """Split attention heads (`Attention.head_sum`): this rank's heads' attention output
+        [T, h * hd] and o_proj's columns for them [D, h * hd] -> o_proj's output summed over the
+        ranks, as a `fused.Pending` the layer's next add + norm takes (in float32, rounded there,
+        as the MoE sums): peer loads in graphed steps (`_peer_sum`; the float32 share written
+        into this rank's slot by the matmul itself where cuBLAS can, `_mm_float32`), else NCCL's
+        (gloo's) all_reduce. Every rank calls it alike."""
+        T, D = out.shape[0], weight.shape[0]
+        like = out.new_empty((T, D))  # the summed output's shape and dtype
+        peer = self._peer_sum(out, D)
         key = ("attention", layer)
         if peer is not None and key in self._slots:
-            share = peer.slot(self._slots[key], y.shape[0])
-            share.copy_(y)
+            share = self._project(out, weight, peer.slot(self._slots[key], T))
             peer.signal()
-            return fused.Pending(share, None, y, (peer, self._slots[key]))
-        total = y.float() if y.dtype != torch.float32 else y
+            return fused.Pending(share, None, like, (peer, self._slots[key]))
+        total = self._project(out, weight)
         dist.all_reduce(total)
-        return fused.Pending(total, None, y)
+        return fused.Pending(total, None, like)
 
-    def _peer_sum(self, x: torch.Tensor):
+    def _project(
+        self, x: torch.Tensor, weight: torch.Tensor, into: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """x @ weight^T in float32 (into `into` if given): bf16 / fp16 on GPUs by one cuBLAS
+        call with float32 output (`_mm_float32`: no rounded copy, no cast kernel), else the
+        model-dtype product, cast."""
+        if self._mm_float32 and x.dtype in (torch.bfloat16, torch.float16):
+            return torch.mm(
+                x, weight.t(), out_dtype=torch.float32, **({"out": into} if into is not None else {})
+            )
+        y = fused.linear(x, weight)
+        if into is not None:
+            return into.copy_(y)
+        return y if y.dtype == torch.float32 else y.float()
+
+    def _peer_sum(self, x: torch.Tensor, hidden: int | None = None):
         """The `PeerSum` for this forward's sums, or None (NCCL): every rank decides alike (the
         same tokens, the same static or eager step)."""
         if not (self.peer_rows and x.is_cuda and fused.is_active() and x.shape[0] <= self.peer_rows):
@@ -290,7 +323,8 @@ class ReplicaDispatch(_Masked, Rank0):
             from specmoe_ray.moe.peer_sum import PeerSum, PeerSumUnavailable
 
             try:
-                self.peer = PeerSum(self.peer_rows, x.shape[-1], x.device, None, self.peer_timeout_s)
+                width = hidden or x.shape[-1]
+                self.peer = PeerSum(self.peer_rows, width, x.device, None, self.peer_timeout_s)
             except PeerSumUnavailable as e:  # every rank alike: NCCL's sums from now on
                 level = logging.INFO if self.peer_by_default else logging.WARNING
                 log.log(level, "replica_peer_sum is off, summing with NCCL: %s", e)
