@@ -354,7 +354,11 @@ class Engine:
         lengths = [self.cache.lengths[s.seq.slot] for s in scheduled]
         generators = [(g, g.get_state()) for g in (s.seq.generator for s in samplers) if g is not None]
         for attempt in range(self.max_recoveries + 1):
-            out = run()
+            self.shard_group.begin_step()  # (the watcher asks the shards if it runs long)
+            try:
+                out = run()
+            finally:
+                self.shard_group.end_step()
             try:
                 self.shard_group.check()
                 return out
@@ -485,8 +489,9 @@ class Engine:
             e,
         )
         t0 = time.perf_counter()
-        # A shard that stopped (the group's watcher saw its task end: a dead actor) says nothing
-        # against the graphs: the re-formed group captures anew. Any other failure (a collective
+        # A shard that stopped (the group's watcher saw its task end: a dead actor; or saw it not
+        # answer during a long step) says nothing against the graphs: the re-formed group
+        # captures anew. Any other failure (a collective
         # that timed out, a failed capture) may come from replayed collectives, the least proven
         # part of a step with shards: the re-formed group serves static steps eagerly, on both
         # sides.
@@ -495,12 +500,14 @@ class Engine:
             if self.graphs is not None:
                 self.graphs.capture = False
             self.shard_group.options.cuda_graphs = False
+        self.shard_group.end_step()  # (the re-form is no step: the new watcher asks no shard)
         try:
             self._reform(self.shard_group.plan, failed=True)
         except Exception as reform_error:
             raise ShardGroupError(
                 f"expert shard group failed ({e}) and could not re-form: {reform_error}"
             ) from reform_error
+        self.shard_group.begin_step()  # the replay
         self.metrics.num_recoveries += 1
         self.metrics.recovery_time_s += time.perf_counter() - t0
         log.warning("expert shard group re-formed in %.1fs", time.perf_counter() - t0)

@@ -332,6 +332,9 @@ class ShardGroup:
         # Why the group broke, found by its watcher (`_heartbeat_loop`) while the engine stepped:
         # the engine checks it after each step's host sync (`check`). None: healthy.
         self.failure: str | None = None
+        # When the engine's current step began (`begin_step`; None between steps): a step that
+        # runs past half the collective timeout has the watcher ask whether the shards answer.
+        self.step_since: float | None = None
         self._startup_deadline = 0.0  # the actors' (`_start_actors`)
         self._created_at = 0.0  # when `_start_actors` created them (wall clock)
 
@@ -401,7 +404,7 @@ class ShardGroup:
         self.failure = None
         self._heartbeat = threading.Thread(
             target=self._heartbeat_loop,
-            args=(self._stop, list(self.serve_refs)),
+            args=(self._stop, list(self.serve_refs), list(self.actors)),
             name="shard-heartbeat",
             daemon=True,
         )
@@ -594,15 +597,36 @@ class ShardGroup:
                 errors.append(f"shard {self.serve_refs.index(ref)}: {e}")
         return "; ".join(errors)
 
-    def _heartbeat_loop(self, stop: threading.Event, refs: list[Any]) -> None:
+    def begin_step(self) -> None:
+        """The engine starts a step (up to its host sync): see `_heartbeat_loop`."""
+        self.step_since = time.monotonic()
+
+    def end_step(self) -> None:
+        self.step_since = None
+
+    def _silent_shards(self, actors: list[Any], timeout: float) -> list[int]:
+        """Indexes of the actors that do not answer a call within timeout (a stopped or hung
+        process; a busy one answers: `info` runs beside `serve`)."""
+        calls = [a.info.remote() for a in actors]
+        _, pending = ray.wait(calls, num_returns=len(calls), timeout=timeout)
+        return [calls.index(ref) for ref in pending]
+
+    def _heartbeat_loop(self, stop: threading.Event, refs: list[Any], actors: list[Any]) -> None:
         """The group's watcher (one per formation: stop and refs are that formation's). A shard's
-        serve() that returns or fails before `shutdown` (its actor died, or it raised) breaks the
-        group: record why (`failure`) and, over NCCL, abort the communicator. A collective that
-        waits for a dead GPU rank never fails by itself (NCCL's watchdog would end this process
-        after collective_timeout_s); aborted, it returns at once, its output garbage: the engine
-        checks `failure` after the step's host sync, rolls the step back and replays it on a
-        re-formed group. Between steps, ping the shards when the engine is idle."""
+            serve() that returns or fails before `shutdown` (its actor died, or it raised) breaks the
+            group: record why (`failure`) and, over NCCL, abort the communicator. A collective that
+            waits for a dead GPU rank never fails by itself (NCCL's watchdog would end this process
+            after collective_timeout_s); aborted, it returns at once, its output garbage: the engine
+            checks `failure` after the step's host sync, rolls the step back and replays it on a
+            re-formed group. Between steps, ping the shards when the engine is idle. A step that has
+        run for half the collective timeout (`begin_step`): ask every actor; one that does not
+        answer within a quarter of it (at most 10 s; a stopped process, a hung one) breaks the
+        group as a dead one does, before NCCL's watchdog or the peer sums' timeout would end this
+        process (gloo's collectives still wait for their own timeout)."""
         interval = self.options.heartbeat_interval_s or self.options.collective_timeout_s / 4
+        stuck_after = self.options.collective_timeout_s / 2
+        probe_s = min(10.0, self.options.collective_timeout_s / 4)
+        probed = None  # the step (its start) already asked about
         while not stop.is_set():
             if refs:
                 done, _ = ray.wait(refs, num_returns=1, timeout=min(interval, 1.0))
@@ -614,6 +638,17 @@ class ShardGroup:
             if done:
                 self._broken(refs.index(done[0]), done[0])
                 return
+            since = self.step_since
+            if actors and since is not None and since != probed and time.monotonic() - since >= stuck_after:
+                probed = since
+                silent = self._silent_shards(actors, probe_s)
+                if silent and not stop.is_set():
+                    shard = self.remote_shards[silent[0]]
+                    self._break(
+                        f"shard {shard} (rank {self.rank_of(shard)}) did not answer within {probe_s:g}s "
+                        f"while a step waited {time.monotonic() - since:.0f}s (its process stopped or hung)"
+                    )
+                    return
             if time.monotonic() - self.dispatch.last_exchange >= interval:
                 try:
                     self.dispatch.ping()

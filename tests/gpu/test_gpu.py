@@ -594,3 +594,37 @@ def test_nccl_killed_shard_is_replaced_and_the_step_replayed(checkpoints, ray_on
     assert recoveries == 2, reports
     assert graphs_kept  # dead shards (the watcher saw them): the new groups capture anew
     assert reports[1] is not None and reports[1].startswith("shard 1 (rank 1) stopped: "), reports
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+@pytest.mark.parametrize("peer_rows", [0, 64])
+def test_nccl_stopped_shard_is_replaced_before_the_timeouts(checkpoints, ray_on_gpus, peer_rows):
+    """A trunk replica's process stopped (SIGSTOP) mid-generation: its GPU peers wait in NCCL's
+    collectives or the peer sums' spin waits, which would end this process at the collective
+    timeout (NCCL's watchdog; the waits' trap). The group's watcher sees the step run past half
+    the timeout, asks the actors, names the one that does not answer and ends the waits; the
+    step is replayed on a re-formed group: transformers' tokens, one recovery, the process
+    alive."""
+    import os
+    import signal
+
+    import ray
+    from conftest import generate_stepwise
+
+    path, n = checkpoints("qwen3_moe"), ray_on_gpus
+    options = ShardOptions(
+        replicate_trunk=True, cuda_graphs=True, collective_timeout_s=40, replica_peer_sum=peer_rows
+    )
+
+    def stop(e):
+        pid = ray.get(e.shard_group.actors[0].info.remote(), timeout=30)["pid"]
+        os.kill(pid, signal.SIGSTOP)
+
+    with Engine.from_pretrained(
+        path, device=f"cuda:{n - 1}", num_shards=n, max_model_len=128, shard_options=options
+    ) as engine:
+        many = SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True)
+        got = generate_stepwise(engine, PROMPTS, many, at={4: stop})
+        recoveries = engine.metrics.num_recoveries
+    assert got == hf_greedy(path, PROMPTS, 32)
+    assert recoveries == 1
