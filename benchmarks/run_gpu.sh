@@ -34,7 +34,7 @@ for stage in "${@:-tests nccl kernels shape}"; do
     echo "== $s"
     case $s in
       tests)
-        timeout "$T" python -m pytest -p no:warnings -p no:logging -q --tb=short --durations=12 \
+        timeout "$T" python -m pytest -p no:logging -q --tb=short --durations=12 \
           -k "not nccl" tests/gpu tests/cpu/test_triton_kernels.py >"$OUT/tests.log" 2>&1
         quiet "$OUT/tests.log" 40 ;;
       nccl)
@@ -46,7 +46,7 @@ for stage in "${@:-tests nccl kernels shape}"; do
             timeout 120 python benchmarks/nccl_capture.py 2>&1 | grep -E 'NCCL_GRAPH|rank 0' )
         done | tee "$OUT/nccl-capture.log"
         for t in $(grep -o '^def test_nccl[a-z_0-9]*' tests/gpu/test_gpu.py | cut -c5-); do
-          PYTHONFAULTHANDLER=1 python -u -m pytest -s -p no:warnings -q --tb=short -o log_cli=true \
+          PYTHONFAULTHANDLER=1 python -u -m pytest -s -q --tb=short -o log_cli=true \
             --log-cli-level=INFO "tests/gpu/test_gpu.py::$t" >"$OUT/$t.log" 2>&1 &
           pid=$!
           for _ in $(seq "${NCCL_TEST_TIMEOUT:-240}"); do sleep 1; kill -0 $pid 2>/dev/null || break; done
@@ -102,7 +102,7 @@ for stage in "${@:-tests nccl kernels shape}"; do
         # The batch-1 target's loop in one stage: every kernel switch == transformers (tests/gpu
         # switch test), the 4-layer ablations with the expert and one-row projection sweeps
         # (kernels.py (1)-(3)), then 48 layers with decode steps run ahead and with one sync each.
-        timeout 300 python -m pytest -p no:warnings -q tests/gpu -k switches >"$OUT/switches.log" 2>&1
+        timeout 300 python -m pytest -q tests/gpu -k switches >"$OUT/switches.log" 2>&1
         grep -E "passed|failed" "$OUT/switches.log" | tail -3
         timeout "$T" python benchmarks/kernels.py --layers 4 --batch 1 --tq 1 4 --skip-exchange --skip-sharded \
           >"$OUT/kernels-b1.log" 2>&1

@@ -343,8 +343,10 @@ class PeerSum:
     def abort(self) -> None:
         """End this rank's waits for its peers, now and from now on (a peer died: the group's
         watcher, `ShardGroup._heartbeat_loop`): its sums return garbage instead of trapping
-        after the timeout. No CUDA call: safe from another thread while kernels wait."""
-        self.stop[0] = 1
+        after the timeout. No CUDA call: safe from another thread while kernels wait. (The flag
+        may have been made under inference mode, the engine's; this thread is not in it.)"""
+        with torch.inference_mode():
+            self.stop[0] = 1
 
     def slot(self, index: int, rows: int) -> torch.Tensor:
         """This rank's slot `index` (`slot_order`): write a partial sum [rows, hidden] into it."""

@@ -674,7 +674,10 @@ class ShardGroup:
         log.error("expert shard group broken: %s", reason)
         peer = getattr(self.dispatch, "peer", None)
         if peer is not None:  # peer sums' waits for the dead rank end (`PeerSum.abort`)
-            peer.abort()
+            try:
+                peer.abort()
+            except Exception as e:  # NCCL's waits must end all the same
+                log.warning("could not stop the peer sums' waits: %s: %s", type(e).__name__, e)
         if dist.is_initialized() and dist.get_backend() == "nccl":
             try:
                 dist.group.WORLD.abort()

@@ -9,7 +9,11 @@ from conftest import PROMPTS, hf_greedy
 from specmoe_ray import Engine, SamplingParams
 from specmoe_ray.serving.shards import ShardOptions
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+pytestmark = [
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+    # An exception in a thread (the shard group's watcher: `_break`) fails the test.
+    pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning"),
+]
 
 NEW = 24
 GREEDY = SamplingParams(max_tokens=NEW, temperature=0.0, ignore_eos=True)
