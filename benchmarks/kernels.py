@@ -33,6 +33,8 @@ trunk alone (routing, no expert stage): the part of a layer every replica repeat
 
 (7) `--split`: one of 2 GPUs' expert stage at --expert-tokens tokens, experts split by expert
 (64 whole ones) or by intermediate size (all 128, half of I each), beside one GPU's.
+With --sweep, the gate/up and the down projection's blocks swept apart (`SORTED_CONFIG`,
+`SORTED_DOWN_CONFIG`) at the last --expert-tokens, per layout.
 
     python benchmarks/kernels.py --layers 4 --batch 1 --tq 1 4
 """
@@ -682,6 +684,39 @@ def split_experts(a, bandwidth: float) -> None:
 
             ms = min(graph_ms(run) for _ in range(3)) / n_layers
             print(f"  T={T:3d} {1e3 * ms:8.1f} us  {name}")
+    if a.sweep:
+        split_sweep(layouts, a.expert_tokens[-1], E, D, A, g)
+
+
+def split_sweep(layouts: dict, T: int, E: int, D: int, A: int, g: torch.Generator) -> None:
+    """(7) --sweep: the gate/up projection's blocks (`SORTED_CONFIG`, down at its default) and
+    the down projection's (`SORTED_DOWN_CONFIG`, gate/up at its default) apart, per layout of
+    (7), at T tokens; the best 4 of each beside the defaults."""
+    ids = routed_ids(T, E, A, False, g)
+    tokens = torch.randn(T, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    blocks = [(bn, bk, w) for bn in (16, 32, 64, 128) for bk in (64, 128, 256) for w in (4, 8)]
+    print(f"(7) --sweep at T={T}: us per layer; gate/up blocks with down at its default, then down's")
+    for name, layers in layouts.items():
+
+        def run(layers=layers):
+            for layer in layers:
+                layer(tokens, ids, A)
+
+        for which in ("SORTED_CONFIG", "SORTED_DOWN_CONFIG"):
+            res = {}
+            for bn, bk, w in blocks:
+                setattr(triton_experts, which, {"block_n": bn, "block_k": bk, "num_warps": w})
+                try:
+                    res[f"{bn} x {bk}, {w} warps"] = min(graph_ms(run) for _ in range(2)) / len(layers)
+                except Exception as e:  # e.g. out of shared memory
+                    print(f"    {which} {bn} x {bk}, {w} warps: {type(e).__name__}")
+                setattr(triton_experts, which, {})
+            default = res["32 x 128, 4 warps"]
+            best = sorted(res.items(), key=lambda kv: kv[1])[:4]
+            print(
+                f"  {name}, {which}: default 32 x 128, 4 warps {1e3 * default:.1f} us; best: "
+                + ", ".join(f"{k} {1e3 * v:.1f}" for k, v in best)
+            )
 
 
 def main(argv=None) -> None:

@@ -192,7 +192,10 @@ if AVAILABLE:
 
 # The sorted kernel's block sizes and warps (block_n, block_k, num_warps; unset: 32, 128 and 4,
 # or 32, 64 and 4 for float32): benchmarks/kernels.py (5) sweeps them with --sweep.
+# SORTED_DOWN_CONFIG, where set, replaces it for the down projection (no GLU; kernels.py (7)
+# --sweep sweeps the two apart, for whole experts and halves of their intermediate size).
 SORTED_CONFIG: dict[str, int] = {}
+SORTED_DOWN_CONFIG: dict[str, int] = {}
 
 
 def expert_matmul(
@@ -220,8 +223,9 @@ def expert_matmul(
         return out
     if x.stride(-1) != 1:
         x = x.contiguous()
-    block_n = SORTED_CONFIG.get("block_n", 32)
-    block_k = SORTED_CONFIG.get("block_k", 128 if x.dtype != torch.float32 else 64)
+    cfg = SORTED_DOWN_CONFIG if SORTED_DOWN_CONFIG and not glu else SORTED_CONFIG
+    block_n = cfg.get("block_n", 32)
+    block_k = cfg.get("block_k", 128 if x.dtype != torch.float32 else 64)
     grid = (E, triton.cdiv(N, block_n))
     with launch_on(x.device):
         _experts_kernel[grid](
@@ -229,7 +233,7 @@ def expert_matmul(
             N, K, x.stride(0), w.stride(0), w.stride(1),
             GROUP=group, GATHER=src is not None, SCATTER=dst is not None, GLU=glu,
             BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=block_k, PRECISION=dot_precision(x.dtype),
-            num_warps=SORTED_CONFIG.get("num_warps", 4), **pdl_launch(x.device),
+            num_warps=cfg.get("num_warps", 4), **pdl_launch(x.device),
         )  # fmt: skip
     return out
 

@@ -26,7 +26,8 @@ def skip_bf16_on_interpreter(dtype: torch.dtype, uses_dot: bool = True, why: str
 def test_triton_experts_equal_float64_reference(dtype, n, path, monkeypatch):
     """The Triton expert kernel (few rows per expert: decode/verify) against float64 per-row math,
     including an expert with more rows than one 16-row block and experts with none; the sorted
-    kernel also with other block sizes (`SORTED_CONFIG`, what kernels.py (5) sweeps), the
+    kernel also with other block sizes (`SORTED_CONFIG` and the down projection's
+    `SORTED_DOWN_CONFIG`, what kernels.py (5) and (7) sweep), the
     deduplicating one with the down projection's own (`DEDUP_DOWN_CONFIG`, kernels.py (2))."""
     import torch.nn.functional as F
 
@@ -51,6 +52,8 @@ def test_triton_experts_equal_float64_reference(dtype, n, path, monkeypatch):
         monkeypatch.setattr(triton_experts, "DEDUP_DOWN_CONFIG", {"block_n": 16, "block_k": 32})
     if path == "sorted-config":
         monkeypatch.setattr(triton_experts, "SORTED_CONFIG", {"block_n": 16, "block_k": 32, "num_warps": 8})
+        # the down projection's own (K = I = 96: a block_k that leaves a partial last step)
+        monkeypatch.setattr(triton_experts, "SORTED_DOWN_CONFIG", {"block_n": 64, "block_k": 64})
     out = experts(x.to(DEVICE).to(dtype), ids.to(DEVICE)).double().cpu()
     ref = torch.empty(n, D, dtype=torch.float64)
     for i in range(n):
