@@ -601,13 +601,14 @@ def plot(results: dict[str, Any], path: str) -> None:
     whos = list(dict.fromkeys(r["who"] for r in runs))
     batches = sorted({r["batch"] for r in runs})
     width = 0.8 / len(whos)
-    several = any(w.endswith(" devices") for w in whos)  # experts over several GPUs: ratios to one
+    # experts over several GPUs ("2 devices", "2 devices (layout)"): ratios to one
+    several = any(" devices" in w for w in whos)
     for i, who in enumerate(whos):
         vals = [next((r["tok_s"] for r in runs if r["who"] == who and r["batch"] == b), 0) for b in batches]
         xs = [j + i * width for j in range(len(batches))]
         label = f"{who} (1 device)" if several and who == "graphs" else who
         ax1.bar(xs, vals, width, label=label)
-        if several and who.endswith(" devices"):
+        if several and " devices" in who:
             for x, b, v in zip(xs, batches, vals):
                 one = next((r["tok_s"] for r in runs if r["who"] == "graphs" and r["batch"] == b), 0)
                 if one and v:
