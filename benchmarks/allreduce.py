@@ -16,13 +16,16 @@ prints its error. Every variant's sum is checked against the expected values.
 and gate weights: the compiled partial combine (float32 [T, 2048]), NCCL's all_reduce and the
 compiled `fused.sum_add_rms_norm`, against `moe/peer_sum.py` (one kernel combines into a shared
 slot and signals the peers, one waits for them, sums, adds and norms) and against the combine
-and add + norm with no sum at all. One layer of each is checked against float64 math, and after
-the timed replays the ranks must hold the same rows.
+and add + norm with no sum at all; the peer sum also with programmatic dependent launch
+(`peer_sum.PDL`), and once more as it was (the spread of the two is the noise). One layer of
+each is checked against float64 math, and after the timed replays the ranks must hold the same
+rows.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import functools
 import os
@@ -177,7 +180,7 @@ def fold_layers(y, weights, res, w, variant: str, peer):
 
     h = None
     for layer in range(LAYERS):
-        if variant == "peer":
+        if variant.startswith("peer"):
             peer.combine_signal(layer % 2, y, weights)  # LAYERS even: `slot_order`
             h, res = peer.sum_add_rms_norm(layer % 2, res, w, EPS)
         else:
@@ -223,16 +226,18 @@ def fold_variants(rank: int, dev: torch.device, T: int, reps: int, group_name: s
         x_ref = x_refs[0]
         ref = w.double().cpu() * (x_ref * torch.rsqrt(x_ref.pow(2).mean(-1, keepdim=True) + EPS))
         checks = []
-        for variant in ("nccl", "peer"):
-            hn, xn = fold_one(y, mine, res0, w, variant, peer)
+        for variant in ("nccl", "peer", "peer-pdl"):
+            with peer_pdl(variant == "peer-pdl"):
+                hn, xn = fold_one(y, mine, res0, w, variant, peer)
             hn, xn = hn.double().cpu(), xn.double().cpu()
             err = ((hn - ref).norm() / ref.norm()).item()
             x_off = min((xn != ref_x).float().mean().item() for ref_x in x_refs)
             ok = err < 1e-2 and x_off < 1e-3
             checks.append(f"{variant} {'ok' if ok else 'WRONG'} (norm {err:.1e}, residual {x_off:.0e})")
-        for variant in ("alone", "nccl", "peer"):
+        for variant in ("alone", "nccl", "peer", "peer-pdl", "peer again"):
             run = functools.partial(fold_layers, y, mine, res0.clone(), w, variant, peer)
-            out[variant], (h_out, _) = graph_us(run, dev, reps)
+            with peer_pdl(variant == "peer-pdl"):  # (read as the kernels are captured)
+                out[variant], (h_out, _) = graph_us(run, dev, reps)
             if variant != "alone":  # replicas must stay equal: every rank the same rows
                 mine_sum = h_out.float().sum().reshape(1)
                 both = [torch.empty_like(mine_sum) for _ in range(2)]
@@ -241,8 +246,21 @@ def fold_variants(rank: int, dev: torch.device, T: int, reps: int, group_name: s
     nccl, fold, alone = out["nccl"], out["peer"], out["alone"]
     return (
         f"T={T}: combine + add + norm alone {alone:5.1f} us/layer, with NCCL's sum {nccl:5.1f}, "
-        f"peer sum {fold:5.1f} ({nccl / fold:.2f}x); {', '.join(checks)}"
+        f"peer sum {fold:5.1f} ({nccl / fold:.2f}x), peer sum with PDL {out['peer-pdl']:5.1f}, "
+        f"peer sum again {out['peer again']:5.1f}; {', '.join(checks)}"
     )
+
+
+@contextlib.contextmanager
+def peer_pdl(on: bool):
+    """`peer_sum.PDL` set for the block (the kernels' launches read it)."""
+    from specmoe_ray.moe import peer_sum
+
+    before, peer_sum.PDL = peer_sum.PDL, on
+    try:
+        yield
+    finally:
+        peer_sum.PDL = before
 
 
 def fold_one(y, weights, res, w, variant: str, peer):
@@ -250,7 +268,7 @@ def fold_one(y, weights, res, w, variant: str, peer):
     from specmoe_ray.models import fused
     from specmoe_ray.moe import replica
 
-    if variant == "peer":
+    if variant.startswith("peer"):
         peer.combine_signal(0, y, weights)
         return peer.sum_add_rms_norm(0, res, w, EPS)
     partial = replica.partial_combine(y, weights, None, None, y)

@@ -72,7 +72,7 @@ for stage in "${@:-tests nccl kernels shape}"; do
         g="1 2"; [ "$n" -ge 4 ] && g="1 2 4"
         timeout "$T" python -u benchmarks/gpu.py --shape qwen3-30b-a3b --batch 1 8 32 --new-tokens 64 \
           --skip-hf --skip-sweep --repeats ${REPEATS:-2} --skip-demo --variants graphs --gpus $g --save-dir "$CKPT" \
-          --layout ${LAYOUT:-coordinator replicas} \
+          --layout ${LAYOUT:-replicas-split-peer} \
           --json "$OUT/gpus.json" --png "$OUT/gpus.png" >"$OUT/gpus.log" 2>&1
         quiet "$OUT/gpus.log" 45 ;;
       trace)
@@ -90,7 +90,7 @@ for stage in "${@:-tests nccl kernels shape}"; do
         # again: the spread of the two runs of the tree is the noise of the comparison.
         probe() { timeout "$T" python -u "$ROOT/benchmarks/gpu.py" --shape qwen3-30b-a3b --layers 8 --batch 1 32 \
           --new-tokens 32 --skip-hf --skip-sweep --repeats 1 --skip-demo --variants graphs --gpus 1 2 \
-          --layout ${LAYOUT:-coordinator replicas} \
+          --layout ${LAYOUT:-replicas-split-peer} \
           --save-dir /tmp/ck8 2>&1 | grep -E "batch|copy band"; }
         ROOT=$PWD
         echo "-- working tree"; probe | tee "$OUT/probe.log"

@@ -47,9 +47,17 @@ except ImportError:  # CPUs without Triton: NCCL (gloo) sums only
 
 import torch
 
+from specmoe_ray.moe.triton_experts import pdl_launch
+
 SLOTS = 3  # `slot_order`
+# Programmatic dependent launch for the combine + signal and the sum + add + norm kernels too
+# (`triton_experts.pdl_launch`: Hopper and later): each launches while the kernel before it
+# ends and waits for it first thing. Opt-in until benchmarks/allreduce.py (2) and a 48-layer
+# step measure it ("peer + PDL"; prediction: ~1-2 us per kernel boundary on 2 GPUs).
+PDL = False
 
 if AVAILABLE:
+    from specmoe_ray.moe.triton_experts import _grid_dependency
 
     @triton.jit
     def _thread_id():
@@ -143,11 +151,13 @@ if AVAILABLE:
         WORLD: tl.constexpr,
         BLOCK_D: tl.constexpr,
         SIGNAL: tl.constexpr,  # False: the share only (Triton's interpreter runs no PTX)
+        PDL: tl.constexpr = False,  # programmatic dependent launch (`PDL`, `pdl_launch`)
     ):
         """Row t: `replica.partial_combine` (each pair's product with its gate weight rounded to
         y's dtype, the pairs not computed here dropped, the rest summed in float32 in top-k
         order) into the slot; SIGNAL: the last program to finish signals the peers
         (`_signal_all`) for the whole launch, so no signal kernel follows."""
+        _grid_dependency(PDL)
         t = tl.program_id(0)
         cols = tl.arange(0, BLOCK_D)
         ok = cols < D
@@ -187,10 +197,12 @@ if AVAILABLE:
         BLOCK_D: tl.constexpr,
         NORM: tl.constexpr,
         FLAGS: tl.constexpr = True,  # False: the slots are known written (Triton's interpreter)
+        PDL: tl.constexpr = False,  # programmatic dependent launch (`PDL`, `pdl_launch`)
     ):
         """Row t: wait until every rank's counter in this rank's pad reached this rank's count,
         sum the WORLD slots' row t in rank order (every rank the same sum), round to x's dtype;
         NORM: add the residual and RMS-norm, as `fused.sum_add_rms_norm`."""
+        _grid_dependency(PDL)  # (before the count: the kernel before may have signalled)
         t = tl.program_id(0)
         if FLAGS:
             counters = tl.load(pads_ptr + RANK).to(tl.pointer_type(tl.int32)) + tl.arange(0, WORLD)
@@ -444,6 +456,7 @@ def launch_sum(
         NORM=norm,
         FLAGS=flags,
         num_warps=8,
+        **(pdl_launch(x.device) if PDL else {}),
     )
 
 
@@ -484,4 +497,5 @@ def launch_combine(
         BLOCK_D=triton.next_power_of_2(D),
         SIGNAL=signal,
         num_warps=8,
+        **(pdl_launch(y.device) if PDL else {}),
     )
