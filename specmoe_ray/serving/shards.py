@@ -335,6 +335,9 @@ class ShardGroup:
         # When the engine's current step began (`begin_step`; None between steps): a step that
         # runs past half the collective timeout has the watcher ask whether the shards answer.
         self.step_since: float | None = None
+        # Shard 0's experts in this process (`_load_local`): (what was loaded, the store); kept
+        # over re-forms that give shard 0 the same share, dropped when the group shuts down.
+        self._local: tuple[Any, Any] | None = None
         self._startup_deadline = 0.0  # the actors' (`_start_actors`)
         self._created_at = 0.0  # when `_start_actors` created them (wall clock)
 
@@ -565,14 +568,26 @@ class ShardGroup:
         from specmoe_ray.models.loader import load_experts
 
         part = (0, self.plan.num_shards) if self.split else (0, 1)
+        assignment = self.assignment(0)
+        key = (self.path, sorted(assignment.items()), part, str(self.dtype), str(device))
         t0 = time.monotonic()
-        store = load_experts(self.path, self.assignment(0), dtype=self.dtype, device=str(device), part=part)
-        load_s = time.monotonic() - t0
-        log.info(
-            "shard 0's experts (%d parameters) loaded in this process in %.1fs",
-            store.num_parameters(),
-            load_s,
-        )
+        if self._local is not None and self._local[0] == key:
+            # A re-form with the same share for shard 0 (a shard failed and is replaced): the
+            # experts this process holds stay, where a 48-layer model's reload took minutes.
+            store = self._local[1]
+            store.computed.clear()  # counted from the new group on, as the new actors count
+            load_s = 0.0
+            log.info("shard 0's experts (%d parameters) kept from the group before", store.num_parameters())
+        else:
+            self._local = None  # (the old share's memory before the new one's)
+            store = load_experts(self.path, assignment, dtype=self.dtype, device=str(device), part=part)
+            self._local = (key, store)
+            load_s = time.monotonic() - t0
+            log.info(
+                "shard 0's experts (%d parameters) loaded in this process in %.1fs",
+                store.num_parameters(),
+                load_s,
+            )
         self.shard_info.insert(
             0,
             {
@@ -702,7 +717,9 @@ class ShardGroup:
                 f"replica_attention 'heads' split the attention over {self.plan.num_shards} shards: the "
                 f"count cannot change (asked for {plan.num_shards}); use 'replicated' to reshard"
             )
+        local = self._local  # (kept if shard 0's share stays the same: `_load_local`)
         self.shutdown(graceful=not failed)
+        self._local = local
         self.plan = plan
         self._stop = threading.Event()
         self._heartbeat = None
@@ -749,6 +766,7 @@ class ShardGroup:
             except Exception as e:
                 log.warning("expert shards did not stop cleanly: %s", e)
         self._teardown()
+        self._local = None
 
     def _teardown(self) -> None:
         if isinstance(self.dispatch, ReplicaDispatch):

@@ -86,12 +86,24 @@ def test_trunk_replicas_give_the_tokens_of_transformers(ray_cluster, checkpoints
 
 
 @pytest.mark.parametrize("attention", ["replicated", "heads"])
-def test_replicas_refilled_after_a_replicated_plan_and_a_killed_shard(ray_cluster, checkpoints, attention):
+def test_replicas_refilled_after_a_replicated_plan_and_a_killed_shard(
+    ray_cluster, checkpoints, attention, monkeypatch
+):
     """Mid-generation: a re-placement with every expert on both shards (each pair computed by
     one replica, by position and rotation), then a killed shard (the group re-forms and the
     step replays). New replicas start with empty KV caches and are refilled from the running
     sequences: the tokens still equal transformers'. heads: the new actor's half of the heads'
-    caches is refilled (the engine keeps its own half's)."""
+    caches is refilled (the engine keeps its own half's). The engine loads its own experts
+    twice (at the start, for the re-placement); the re-form after the kill keeps them."""
+    from specmoe_ray.models import loader
+
+    real, loads = loader.load_experts, []
+
+    def counted(*a, **kw):
+        loads.append(a[1])  # the assignment
+        return real(*a, **kw)
+
+    monkeypatch.setattr(loader, "load_experts", counted)
     path = checkpoints("qwen3_moe")
     args, _ = read_config(path)
     ref = hf_greedy(path, RAGGED, NEW)
@@ -105,6 +117,8 @@ def test_replicas_refilled_after_a_replicated_plan_and_a_killed_shard(ray_cluste
         assert engine.stats()["expert_tokens_per_shard"] == [0, 0]
     assert got == ref
     assert stats["num_recoveries"] == 1
+    # start, the re-placement (and the last reshard, to half the experts again); not the re-form
+    assert len(loads) == 3 and loads[0] == loads[2] != loads[1], loads
 
 
 def test_every_pair_is_computed_by_exactly_one_rank():
