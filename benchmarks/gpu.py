@@ -534,7 +534,11 @@ def bench_layout(
     )
     out = []
     who = f"{g} devices" + (f" ({layout})" if layout != "coordinator" else "")
-    loads = ", ".join(f"rank {x['rank']} {x.get('load_s', '?')}s" for x in engine.stats()["shards"]["shards"])
+    loads = ", ".join(
+        f"rank {x['rank']} {x.get('load_s', '?')}s"
+        + (" (read {read}s, copied {copy}s)".format(**x["load_times"]) if x.get("load_times") else "")
+        for x in engine.stats()["shards"]["shards"]
+    )
     print(f"  {who}: ready in {time.perf_counter() - t0:.0f}s (experts loaded: {loads})", flush=True)
     with engine:
         for b in a.batch:

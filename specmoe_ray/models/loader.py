@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import time
 from typing import Any
 
 import torch
@@ -250,6 +251,7 @@ def load_experts(
         raise ValueError(f"part {part}: expected 0 <= p < parts <= the intermediate size {I}")
     lo, hi = I * p // parts, I * (p + 1) // parts
     layers: dict[int, LocalExperts] = {}
+    reading = copying = 0.0  # seconds: the tensors read from the files, copied to the device
     for layer, experts in assignment.items():
         if not experts:
             continue
@@ -257,7 +259,10 @@ def load_experts(
         gate_up = torch.empty(len(experts), 2 * (hi - lo), D, dtype=dtype, device=device)
         down = torch.empty(len(experts), D, hi - lo, dtype=dtype, device=device)
         for i, e in enumerate(experts):
+            t0 = time.perf_counter()
             gate, up, dn = _expert_weights(index, path, layer, e)
+            t1 = time.perf_counter()
+            reading += t1 - t0
             for what, shape, want in (
                 ("gate_up", (gate.shape[0] + up.shape[0], *gate.shape[1:]), (2 * I, D)),
                 ("down", tuple(dn.shape), (D, I)),
@@ -270,9 +275,12 @@ def load_experts(
             gate_up[i, : hi - lo].copy_(gate[lo:hi])
             gate_up[i, hi - lo :].copy_(up[lo:hi])
             down[i].copy_(dn[:, lo:hi])
+            copying += time.perf_counter() - t1
         layers[layer] = LocalExperts(experts, gate_up, down, args.num_experts)
     index.close()
-    return ExpertStore(layers)
+    store = ExpertStore(layers)
+    store.load_times = {"read": round(reading, 2), "copy": round(copying, 2)}
+    return store
 
 
 def _shown(names: list[str]) -> str:

@@ -138,6 +138,8 @@ class ExpertStore(nn.Module):
         self.by_layer = nn.ModuleDict({str(layer): experts for layer, experts in layers.items()})
         self.computed: dict[int, torch.Tensor] = {}  # layer -> [1 + held] pairs computed, cumulative
         self.count = True  # off where the caller counts the load itself (LoopbackDispatch)
+        # Seconds its load spent reading the files and copying to the device (`load_experts`).
+        self.load_times: dict[str, float] = {}
 
     def forward(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, group: int = 1) -> torch.Tensor:
         """x [n / group, D] (each row serves `group` consecutive pairs), expert_ids [n] -> [n, D]."""

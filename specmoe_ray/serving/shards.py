@@ -208,6 +208,7 @@ class ExpertShard:
             "held": self.store.held(),
             "trunk": self.model is not None,
             "load_s": round(self.load_s, 1),
+            "load_times": dict(self.store.load_times),
             "began_at": self.began_at,
             "phases": {k: round(v, 2) for k, v in self.phases.items()},
         }
@@ -584,9 +585,11 @@ class ShardGroup:
             self._local = (key, store)
             load_s = time.monotonic() - t0
             log.info(
-                "shard 0's experts (%d parameters) loaded in this process in %.1fs",
+                "shard 0's experts (%d parameters) loaded here in %.1fs (read %.1fs, copied %.1fs)",
                 store.num_parameters(),
                 load_s,
+                store.load_times.get("read", 0.0),
+                store.load_times.get("copy", 0.0),
             )
         self.shard_info.insert(
             0,
@@ -598,6 +601,7 @@ class ShardGroup:
                 "held": store.held(),
                 "local": True,
                 "load_s": round(load_s, 1),
+                "load_times": dict(store.load_times),
             },
         )
         return store

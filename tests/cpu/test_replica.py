@@ -78,6 +78,7 @@ def test_trunk_replicas_give_the_tokens_of_transformers(ray_cluster, checkpoints
         assert [s.get("local", False) for s in shards] == [True] + [False] * (num_shards - 1)
         assert all(s["trunk"] for s in shards[1:])
         assert all(list(s["phases"]) == ["experts", "trunk", "cache"] for s in shards[1:])  # (started)
+        assert all(sorted(s["load_times"]) == ["copy", "read"] for s in shards)  # (where loads go)
         held = [sum(len(v) for v in s["held"].values()) for s in shards]
         every = len(args.moe_layers) * args.num_experts
         assert held == [every] * num_shards if mode == "split" else sum(held) == every and all(held)
