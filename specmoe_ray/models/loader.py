@@ -252,6 +252,7 @@ def load_experts(
     lo, hi = I * p // parts, I * (p + 1) // parts
     layers: dict[int, LocalExperts] = {}
     reading = copying = 0.0  # seconds: the tensors read from the files, copied to the device
+    staging = None  # a part's down projection: the whole [D, I] copied over first (see below)
     for layer, experts in assignment.items():
         if not experts:
             continue
@@ -274,7 +275,16 @@ def load_experts(
             # Of a part: gate rows lo..hi, then up rows lo..hi; down columns lo..hi.
             gate_up[i, : hi - lo].copy_(gate[lo:hi])
             gate_up[i, hi - lo :].copy_(up[lo:hi])
-            down[i].copy_(dn[:, lo:hi])
+            if hi - lo < I:
+                # Its columns lo..hi are strided on the host: copying them from there makes a
+                # contiguous host copy per expert first (torch's thread pool; slow in a process
+                # whose threads compete with its shards'). Whole onto the device, sliced there.
+                if staging is None or staging.dtype != dn.dtype:
+                    staging = torch.empty(D, I, dtype=dn.dtype, device=device)
+                staging.copy_(dn)
+                down[i].copy_(staging[:, lo:hi])
+            else:
+                down[i].copy_(dn)
             copying += time.perf_counter() - t1
         layers[layer] = LocalExperts(experts, gate_up, down, args.num_experts)
     index.close()
