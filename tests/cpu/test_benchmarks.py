@@ -112,7 +112,8 @@ def test_gpu_benchmark_multi_device_rows_run_on_cpu(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     for layout in ("replicas", "replicas-split-heads-peer"):
         ready = re.search(
-            rf"2 devices \({layout}\): ready in \d+s \(experts loaded: rank 0 [\d.]+s, rank 1 [\d.]+s\)",
+            rf"2 devices \({layout}\): ready in \d+s \(experts loaded: "
+            + ", ".join(rf"rank {r} [\d.]+s \(read [\d.]+s, copied [\d.]+s\)" for r in (0, 1)),
             run.stdout,
         )
         assert ready, run.stdout
