@@ -16,8 +16,9 @@ prints its error. Every variant's sum is checked against the expected values.
 and gate weights: the compiled partial combine (float32 [T, 2048]), NCCL's all_reduce and the
 compiled `fused.sum_add_rms_norm`, against `moe/peer_sum.py` (one kernel combines into a shared
 slot and signals the peers, one waits for them, sums, adds and norms) and against the combine
-and add + norm with no sum at all; the peer sum also with programmatic dependent launch
-(`peer_sum.PDL`), and once more as it was (the spread of the two is the noise). One layer of
+and add + norm with no sum at all; the peer sum without and with programmatic dependent launch
+(`peer_sum.PDL`, the default on Hopper), and once more without (the spread of the two is the
+noise). One layer of
 each is checked against float64 math, and after the timed replays the ranks must hold the same
 rows.
 """

@@ -51,10 +51,10 @@ from specmoe_ray.moe.triton_experts import pdl_launch
 
 SLOTS = 3  # `slot_order`
 # Programmatic dependent launch for the combine + signal and the sum + add + norm kernels too
-# (`triton_experts.pdl_launch`: Hopper and later): each launches while the kernel before it
-# ends and waits for it first thing. Opt-in until benchmarks/allreduce.py (2) and a 48-layer
-# step measure it ("peer + PDL"; prediction: ~1-2 us per kernel boundary on 2 GPUs).
-PDL = False
+# (`triton_experts.pdl_launch`: Hopper and later; off where `triton_experts.PDL` is): each
+# launches while the kernel before it ends and waits for it first thing. Measured (H200 x 2,
+# benchmarks/allreduce.py (2)): ~1 us less per layer at 1, 8 and 32 tokens.
+PDL = True
 
 if AVAILABLE:
     from specmoe_ray.moe.triton_experts import _grid_dependency
