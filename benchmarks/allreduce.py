@@ -16,9 +16,10 @@ prints its error. Every variant's sum is checked against the expected values.
 and gate weights: the compiled partial combine (float32 [T, 2048]), NCCL's all_reduce and the
 compiled `fused.sum_add_rms_norm`, against `moe/peer_sum.py` (one kernel combines into a shared
 slot and signals the peers, one waits for them, sums, adds and norms) and against the combine
-and add + norm with no sum at all; the peer sum without and with programmatic dependent launch
-(`peer_sum.PDL`, the default on Hopper), and once more without (the spread of the two is the
-noise). One layer of
+and add + norm with no sum at all; the peer sum as it is, then with one switch flipped each
+(`PEER_VARIANTS`: without programmatic dependent launch, `peer_sum.PDL`; with one combine
+program per row, `peer_sum.COMBINE_PROGRAMS` 0), then as it is again (the spread of the two is
+the noise). One layer of
 each is checked against float64 math, and after the timed replays the ranks must hold the same
 rows.
 """
@@ -227,17 +228,19 @@ def fold_variants(rank: int, dev: torch.device, T: int, reps: int, group_name: s
         x_ref = x_refs[0]
         ref = w.double().cpu() * (x_ref * torch.rsqrt(x_ref.pow(2).mean(-1, keepdim=True) + EPS))
         checks = []
-        for variant in ("nccl", "peer", "peer-pdl"):
-            with peer_pdl(variant == "peer-pdl"):
+        for variant in ("nccl", *PEER_VARIANTS):
+            if variant == "peer again":
+                continue
+            with peer_switches(variant):
                 hn, xn = fold_one(y, mine, res0, w, variant, peer)
             hn, xn = hn.double().cpu(), xn.double().cpu()
             err = ((hn - ref).norm() / ref.norm()).item()
             x_off = min((xn != ref_x).float().mean().item() for ref_x in x_refs)
             ok = err < 1e-2 and x_off < 1e-3
             checks.append(f"{variant} {'ok' if ok else 'WRONG'} (norm {err:.1e}, residual {x_off:.0e})")
-        for variant in ("alone", "nccl", "peer", "peer-pdl", "peer again"):
+        for variant in ("alone", "nccl", *PEER_VARIANTS):
             run = functools.partial(fold_layers, y, mine, res0.clone(), w, variant, peer)
-            with peer_pdl(variant == "peer-pdl"):  # (read as the kernels are captured)
+            with peer_switches(variant):  # (read as the kernels are captured)
                 out[variant], (h_out, _) = graph_us(run, dev, reps)
             if variant != "alone":  # replicas must stay equal: every rank the same rows
                 mine_sum = h_out.float().sum().reshape(1)
@@ -247,21 +250,37 @@ def fold_variants(rank: int, dev: torch.device, T: int, reps: int, group_name: s
     nccl, fold, alone = out["nccl"], out["peer"], out["alone"]
     return (
         f"T={T}: combine + add + norm alone {alone:5.1f} us/layer, with NCCL's sum {nccl:5.1f}, "
-        f"peer sum {fold:5.1f} ({nccl / fold:.2f}x), peer sum with PDL {out['peer-pdl']:5.1f}, "
-        f"peer sum again {out['peer again']:5.1f}; {', '.join(checks)}"
+        f"peer sum {fold:5.1f} ({nccl / fold:.2f}x), without PDL {out['peer-no-pdl']:5.1f}, "
+        f"a combine program per row {out['peer-row-programs']:5.1f}, peer sum again "
+        f"{out['peer again']:5.1f}; {', '.join(checks)}"
     )
 
 
+# The peer sum's variants: `peer_sum` switches flipped from its defaults ("peer" and "peer
+# again": none; their spread is the noise).
+PEER_VARIANTS = {
+    "peer": {},
+    "peer-no-pdl": {"PDL": False},
+    "peer-row-programs": {"COMBINE_PROGRAMS": 0},
+    "peer again": {},
+}
+
+
 @contextlib.contextmanager
-def peer_pdl(on: bool):
-    """`peer_sum.PDL` set for the block (the kernels' launches read it)."""
+def peer_switches(variant: str):
+    """`PEER_VARIANTS[variant]`'s `peer_sum` switches set for the block (the kernels' launches
+    read them); other variants: none."""
     from specmoe_ray.moe import peer_sum
 
-    before, peer_sum.PDL = peer_sum.PDL, on
+    flips = PEER_VARIANTS.get(variant, {})
+    before = {k: getattr(peer_sum, k) for k in flips}
     try:
+        for k, v in flips.items():
+            setattr(peer_sum, k, v)
         yield
     finally:
-        peer_sum.PDL = before
+        for k, v in before.items():
+            setattr(peer_sum, k, v)
 
 
 def fold_one(y, weights, res, w, variant: str, peer):

@@ -55,6 +55,10 @@ SLOTS = 3  # `slot_order`
 # launches while the kernel before it ends and waits for it first thing. Measured (H200 x 2,
 # benchmarks/allreduce.py (2)): ~1 us less per layer at 1, 8 and 32 tokens.
 PDL = True
+# The combine + signal kernel's programs: each row's columns split into blocks (at least 256
+# wide) until the launch has about this many programs (one per row at 32 rows used 32 of the
+# GPU's SMs to read the pairs' outputs); 0: one program per row (session 13's kernel).
+COMBINE_PROGRAMS = 128
 
 if AVAILABLE:
     from specmoe_ray.moe.triton_experts import _grid_dependency
@@ -153,13 +157,14 @@ if AVAILABLE:
         SIGNAL: tl.constexpr,  # False: the share only (Triton's interpreter runs no PTX)
         PDL: tl.constexpr = False,  # programmatic dependent launch (`PDL`, `pdl_launch`)
     ):
-        """Row t: `replica.partial_combine` (each pair's product with its gate weight rounded to
-        y's dtype, the pairs not computed here dropped, the rest summed in float32 in top-k
-        order) into the slot; SIGNAL: the last program to finish signals the peers
-        (`_signal_all`) for the whole launch, so no signal kernel follows."""
+        """Row t (program (t, c): its columns c * BLOCK_D ..): `replica.partial_combine` (each
+        pair's product with its gate weight rounded to y's dtype, the pairs not computed here
+        dropped, the rest summed in float32 in top-k order) into the slot; SIGNAL: the last
+        program to finish signals the peers (`_signal_all`) for the whole launch, so no signal
+        kernel follows."""
         _grid_dependency(PDL)
         t = tl.program_id(0)
-        cols = tl.arange(0, BLOCK_D)
+        cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
         ok = cols < D
         total = tl.zeros((BLOCK_D,), tl.float32)
         for a in tl.static_range(A):
@@ -175,7 +180,7 @@ if AVAILABLE:
         if SIGNAL:
             tl.debug_barrier()  # every thread's stores before the release below
             done = tl.atomic_add(ticket_ptr, 1, sem="acq_rel", scope="gpu")
-            if done == rows - 1:  # the last program: every row written (acquired)
+            if done == rows * tl.num_programs(1) - 1:  # the last program: every row written
                 tl.store(ticket_ptr, 0)  # for the next launch (graph replays too)
                 _signal_all(pads_ptr, count_ptr, RANK, WORLD)
 
@@ -479,7 +484,8 @@ def launch_combine(
     mask = 0 if keep is None else (1 if ids is not None else 2)
     signal = signal and peer is not None
     none = out  # an unread pointer for the absent arguments
-    _combine_signal_kernel[(rows,)](
+    block_d = combine_block(rows, D)
+    _combine_signal_kernel[(rows, triton.cdiv(D, block_d))](
         y,
         weights,
         none if keep is None else keep,
@@ -494,8 +500,17 @@ def launch_combine(
         MASK=mask,
         RANK=peer.rank if signal else 0,
         WORLD=peer.world if signal else 1,
-        BLOCK_D=triton.next_power_of_2(D),
+        BLOCK_D=block_d,
         SIGNAL=signal,
-        num_warps=8,
+        num_warps=8 if block_d >= 2048 else 4,
         **(pdl_launch(y.device) if PDL else {}),
     )
+
+
+def combine_block(rows: int, hidden: int) -> int:
+    """The combine kernel's columns per program (`COMBINE_PROGRAMS`): a power of 2, at least
+    256 (or the whole row), halved while rows x blocks stays within COMBINE_PROGRAMS."""
+    block = triton.next_power_of_2(hidden)
+    while COMBINE_PROGRAMS and block > 256 and rows * triton.cdiv(hidden, block // 2) <= COMBINE_PROGRAMS:
+        block //= 2
+    return block

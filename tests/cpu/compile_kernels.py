@@ -199,7 +199,7 @@ def kernels() -> list[tuple[str, object, list[dict], dict, tuple]]:
         (
             "peer_sum combine",
             ps._combine_signal_kernel,
-            variants(dict(A=8, BLOCK_D=2048, RANK=1, WORLD=2), SIGNAL=(True, False), MASK=(0, 1, 2)),
+            variants(dict(A=8, RANK=1, WORLD=2), SIGNAL=(True, False), MASK=(0, 1, 2), BLOCK_D=(2048, 512)),
             dict(keep_ptr="*i1", ids_ptr=I64, slot_ptr=F32, pads_ptr=I64, count_ptr=I32, ticket_ptr=I32),
             (),
         ),

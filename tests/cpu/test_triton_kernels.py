@@ -726,14 +726,19 @@ def test_sort_pairs_equals_torch(n, mapped):
 
 @pytest.mark.parametrize("mask", ["split", "held", "pairs"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_peer_sum_combine_kernel_equals_float64(mask, dtype):
+@pytest.mark.parametrize("programs", [0, 128])
+def test_peer_sum_combine_kernel_equals_float64(mask, dtype, programs, monkeypatch):
     """`PeerSum.combine_signal`'s kernel (without its signal: the interpreter runs no PTX): a
     rank's share of a MoE layer, each pair's output times its gate weight rounded to the model's
     dtype, the pairs not computed here dropped (whatever their rows hold: NaN here), summed in
     float32 in top-k order; against float64 and against `replica.partial_combine`, which the
     NCCL path runs. split: every pair; held: experts computed here ([E] bool, looked up by id);
-    pairs: [T, A] bool."""
+    pairs: [T, A] bool. programs (`COMBINE_PROGRAMS`): 0, a program per row; 128, each row's
+    columns in 256-wide blocks (D = 300: the second one masked)."""
     from specmoe_ray.moe import peer_sum, replica
+
+    monkeypatch.setattr(peer_sum, "COMBINE_PROGRAMS", programs)
+    assert peer_sum.combine_block(5, 300) == (512 if programs == 0 else 256)
 
     skip_bf16_on_interpreter(dtype, why="Triton's interpreter rounds float32 to bfloat16 otherwise than GPUs")
     T, A, D, E = 5, 8, 300, 16
