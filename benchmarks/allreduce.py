@@ -19,7 +19,8 @@ slot and signals the peers, one waits for them, sums, adds and norms) and agains
 and add + norm with no sum at all; the peer sum as it is, then with one switch flipped each
 (`PEER_VARIANTS`: without programmatic dependent launch, `peer_sum.PDL`; with one combine
 program per row, `peer_sum.COMBINE_PROGRAMS` 0), then as it is again (the spread of the two is
-the noise). One layer of
+the noise), and with its waits timed (`peer_sum.WAIT_TIMES`: each rank's microseconds waited
+per sum, and their count checked). One layer of
 each is checked against float64 math, and after the timed replays the ranks must hold the same
 rows.
 """
@@ -238,8 +239,9 @@ def fold_variants(rank: int, dev: torch.device, T: int, reps: int, group_name: s
             x_off = min((xn != ref_x).float().mean().item() for ref_x in x_refs)
             ok = err < 1e-2 and x_off < 1e-3
             checks.append(f"{variant} {'ok' if ok else 'WRONG'} (norm {err:.1e}, residual {x_off:.0e})")
-        for variant in ("alone", "nccl", *PEER_VARIANTS):
+        for variant in ("alone", "nccl", *PEER_VARIANTS, "peer timed"):
             run = functools.partial(fold_layers, y, mine, res0.clone(), w, variant, peer)
+            peer.timed = variant == "peer timed"  # its waits counted (`peer_sum.WAIT_TIMES`)
             with peer_switches(variant):  # (read as the kernels are captured)
                 out[variant], (h_out, _) = graph_us(run, dev, reps)
             if variant != "alone":  # replicas must stay equal: every rank the same rows
@@ -247,12 +249,23 @@ def fold_variants(rank: int, dev: torch.device, T: int, reps: int, group_name: s
                 both = [torch.empty_like(mine_sum) for _ in range(2)]
                 dist.all_gather(both, mine_sum)
                 checks.append(f"{variant} ranks {'agree' if torch.equal(both[0], both[1]) else 'DIFFER'}")
+        # The timed variant's sums: its warm-up, 3 replays and the timed ones, LAYERS each, on
+        # both ranks (each reads both ranks' counters: rank 0's line prints its reading).
+        peer.timed = True
+        waits = peer.wait_times()
+        peer.timed = False
+        expected = LAYERS * (4 + reps)
+        counted = all(sums == expected for sums, _ in waits)
+        sums_seen = [sums for sums, _ in waits]
+        checks.append(f"waits {'counted' if counted else 'MISCOUNTED'} ({sums_seen} of {expected})")
     nccl, fold, alone = out["nccl"], out["peer"], out["alone"]
+    per_sum = ", ".join(f"rank {r} {us / max(sums, 1):.2f}" for r, (sums, us) in enumerate(waits))
     return (
         f"T={T}: combine + add + norm alone {alone:5.1f} us/layer, with NCCL's sum {nccl:5.1f}, "
         f"peer sum {fold:5.1f} ({nccl / fold:.2f}x), without PDL {out['peer-no-pdl']:5.1f}, "
         f"a combine program per row {out['peer-row-programs']:5.1f}, peer sum again "
-        f"{out['peer again']:5.1f}; {', '.join(checks)}"
+        f"{out['peer again']:5.1f}, timing its waits {out['peer timed']:5.1f} (us waited per sum: "
+        f"{per_sum}); {', '.join(checks)}"
     )
 
 

@@ -25,6 +25,9 @@ timed with CUDA events; the bytes it must read (every dense weight, the lm_head,
 tokens *actually* routed to, counted from the routing, and the KV it reads), and the fraction of
 the memory roofline (bytes / measured copy bandwidth) it reaches.
 
+`--gpus 2 --layout replicas-split-peer --peer-waits`: each rank's microseconds waited for its
+peers per peer sum at each batch (`peer_sum.WAIT_TIMES`): the faster rank waits for the slower.
+
 The copy bandwidth is measured first (device-to-device copy of 2 x 1 GiB: read + write bytes).
 Everything goes to --json, and a plot to --png (matplotlib, if installed).
 
@@ -508,6 +511,7 @@ def bench_layout(
     expert's intermediate size, `ShardOptions.replica_split`; "-heads": every GPU its share of the
     attention heads, `ShardOptions.replica_attention`; "-peer": the sums of graphed steps by peer
     loads, `ShardOptions.replica_peer_sum`)."""
+    from specmoe_ray.moe import peer_sum
     from specmoe_ray.serving.shards import ShardOptions
 
     options = ShardOptions(
@@ -519,6 +523,7 @@ def bench_layout(
         replica_split="intermediate" if layout.startswith("replicas-split") else "experts",
         replica_peer_sum=256 if layout.endswith("-peer") else 0,
         replica_attention="heads" if "-heads" in layout else "replicated",
+        env_vars={peer_sum.WAIT_TIMES_ENV: "1"} if a.peer_waits else {},
     )
     t0 = time.perf_counter()
     print(f"  {g} devices ({layout}): starting the engine and {g - 1} shard(s)", flush=True)
@@ -542,7 +547,11 @@ def bench_layout(
     print(f"  {who}: ready in {time.perf_counter() - t0:.0f}s (experts loaded: {loads})", flush=True)
     with engine:
         for b in a.batch:
+            waited = engine.shard_group.peer_wait_times() if a.peer_waits else None
             r = timed(ours_run(engine, rows[b], a.new_tokens), a.repeats, device, engine)
+            now = engine.shard_group.peer_wait_times() if a.peer_waits else None
+            if now:  # each rank's waits for its peers over this batch's runs
+                r["peer_waits_us"] = peer_waits(waited or [(0, 0.0)] * len(now), now)
             out.append({"who": who, "layout": layout, "batch": b, **r})
             tok_s, ms, static = r["tok_s"], r["ms_per_step"], r["ms_per_static_step"]
             one = next((x["tok_s"] for x in one_device if x["batch"] == b), None)
@@ -551,11 +560,19 @@ def bench_layout(
                 f"  {who} batch {b:3d}: {tok_s:9.1f} tok/s  {ms:7.2f} ms/step  "
                 f"({static:.2f} per decode/verify step){vs}"
             )
+            if "peer_waits_us" in r:
+                waits = ", ".join(f"rank {i} {us:.2f}" for i, us in enumerate(r["peer_waits_us"]))
+                print(f"    peer sums: us waited for the peers per sum: {waits}")
         if a.profile:  # rank 0's side, then each shard's
             name = f"engine-{g}gpus" + (f"-{layout}" if layout != "coordinator" else "")
             trace = os.path.join(a.trace_dir, f"{name}.json") if a.trace_dir else None
             profile_steps(engine, rows[a.profile_batch or min(a.batch)], device, trace=trace)
     return out
+
+
+def peer_waits(before: list[tuple[int, float]], after: list[tuple[int, float]]) -> list[float]:
+    """Each rank's microseconds waited per peer sum between two `peer_wait_times` readings."""
+    return [(us1 - us0) / max(n1 - n0, 1) for (n0, us0), (n1, us1) in zip(before, after)]
 
 
 def bench_demo(a, device: str) -> dict[str, Any]:
@@ -708,6 +725,12 @@ def main(argv=None) -> dict[str, Any]:
     p.add_argument("--profile-batch", type=int, help="the batch --profile profiles (default: the smallest)")
     p.add_argument("--trace-dir", help="--profile also writes Chrome traces here (engine and shards)")
     p.add_argument("--layers", type=int, help="the shape with this many layers (default: all of them)")
+    p.add_argument(
+        "--peer-waits",
+        action="store_true",
+        help="--gpus > 1, peer sums: time each rank's waits for its peers (peer_sum.WAIT_TIMES) and print "
+        "them per batch",
+    )
     p.add_argument("--json")
     p.add_argument("--png")
     a = p.parse_args(argv)

@@ -15,6 +15,7 @@
 # (the same 8 layers unprofiled, beside another revision with BASE_DIR), batch1 (switch tests,
 # batch-1 ablations and sweeps, 48 layers at batch 1 and 8), allreduce (the trunk replicas'
 # per-layer sum: NCCL vs symmetric memory, and the layer end with NCCL vs peer sums), demo (the shipped demo pair). STAGE_TIMEOUT bounds each stage (seconds, default 540).
+# PEER_WAITS=1 (gpus, probe): each rank's waits for its peers per peer sum, printed per batch.
 set -u
 OUT=${OUT:-gpu-out}
 CKPT=${CKPT:-/tmp/specmoe-bench-ckpt}
@@ -72,7 +73,7 @@ for stage in "${@:-tests nccl kernels shape}"; do
         g="1 2"; [ "$n" -ge 4 ] && g="1 2 4"
         timeout "$T" python -u benchmarks/gpu.py --shape qwen3-30b-a3b --batch 1 8 32 --new-tokens 64 \
           --skip-hf --skip-sweep --repeats ${REPEATS:-2} --skip-demo --variants graphs --gpus $g --save-dir "$CKPT" \
-          --layout ${LAYOUT:-replicas-split-peer} \
+          --layout ${LAYOUT:-replicas-split-peer} ${PEER_WAITS:+--peer-waits} \
           --json "$OUT/gpus.json" --png "$OUT/gpus.png" >"$OUT/gpus.log" 2>&1
         quiet "$OUT/gpus.log" 45 ;;
       trace)
@@ -90,8 +91,8 @@ for stage in "${@:-tests nccl kernels shape}"; do
         # again: the spread of the two runs of the tree is the noise of the comparison.
         probe() { timeout "$T" python -u "$ROOT/benchmarks/gpu.py" --shape qwen3-30b-a3b --layers 8 --batch 1 32 \
           --new-tokens 32 --skip-hf --skip-sweep --repeats 1 --skip-demo --variants graphs --gpus 1 2 \
-          --layout ${LAYOUT:-replicas-split-peer} \
-          --save-dir /tmp/ck8 2>&1 | grep -E "batch|copy band"; }
+          --layout ${LAYOUT:-replicas-split-peer} ${PEER_WAITS:+--peer-waits} \
+          --save-dir /tmp/ck8 2>&1 | grep -E "batch|copy band|peer sums"; }
         ROOT=$PWD
         echo "-- working tree"; probe | tee "$OUT/probe.log"
         if [ -n "${BASE_DIR:-}" ]; then

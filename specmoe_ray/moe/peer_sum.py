@@ -30,10 +30,17 @@ of the next one too (`slot_order`). A rank then writes sum i + 1's slot only aft
 saw every peer's signal of sum i, which each peer sends after its add + norm read sum i - 1's
 slots, the last ones that used it; the first sum of a forward follows no wait, and its slot is
 not the one the peers may still be reading (the last sum's).
+
+Wait times (`WAIT_TIMES`, or the environment's SPECMOE_PEER_WAIT_TIMES=1 where the group's
+`PeerSum` is made, e.g. `ShardOptions.env_vars`): each add + norm's first program adds the
+nanoseconds it waited for the peers' signals, and 1, to two counters after the rank's pad in the
+memory every rank maps, so rank 0 reads every rank's (`PeerSum.wait_times`) with no call into
+the other processes: a rank that waits while its peer does not is the faster one of the pair.
 """
 
 from __future__ import annotations
 
+import os
 import socket
 from typing import Any
 
@@ -59,6 +66,9 @@ PDL = True
 # wide) until the launch has about this many programs (one per row at 32 rows used 32 of the
 # GPU's SMs to read the pairs' outputs); 0: one program per row (session 13's kernel).
 COMBINE_PROGRAMS = 128
+# Each rank counts its sums' waits for the peers (the module docstring; opt-in: a benchmark's).
+WAIT_TIMES = False
+WAIT_TIMES_ENV = "SPECMOE_PEER_WAIT_TIMES"
 
 if AVAILABLE:
     from specmoe_ray.moe.triton_experts import _grid_dependency
@@ -67,6 +77,13 @@ if AVAILABLE:
     def _thread_id():
         return tl.inline_asm_elementwise(
             "mov.u32 $0, %tid.x;", "=r", [], dtype=tl.int32, is_pure=True, pack=1
+        )
+
+    @triton.jit
+    def _globaltimer():
+        """The GPU's nanosecond clock (%globaltimer: the same time base in every SM)."""
+        return tl.inline_asm_elementwise(
+            "mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64, is_pure=False, pack=1
         )
 
     @triton.jit
@@ -197,12 +214,14 @@ if AVAILABLE:
         eps,
         timeout_ns,  # the waits' limit (`_wait`)
         stop_addr,  # int64 address of the waits' stop flag (`_wait`, `PeerSum.abort`)
+        waits_ptr,  # TIMED: int64 [2], += nanoseconds program 0 waited for the signals, += 1
         RANK: tl.constexpr,
         WORLD: tl.constexpr,
         BLOCK_D: tl.constexpr,
         NORM: tl.constexpr,
         FLAGS: tl.constexpr = True,  # False: the slots are known written (Triton's interpreter)
         PDL: tl.constexpr = False,  # programmatic dependent launch (`PDL`, `pdl_launch`)
+        TIMED: tl.constexpr = False,  # `WAIT_TIMES`
     ):
         """Row t: wait until every rank's counter in this rank's pad reached this rank's count,
         sum the WORLD slots' row t in rank order (every rank the same sum), round to x's dtype;
@@ -212,10 +231,16 @@ if AVAILABLE:
         if FLAGS:
             counters = tl.load(pads_ptr + RANK).to(tl.pointer_type(tl.int32)) + tl.arange(0, WORLD)
             target = tl.load(count_ptr) + tl.zeros((WORLD,), tl.int32)
+            if TIMED:
+                began = _globaltimer()
             if _thread_id() < WORLD:
                 stops = stop_addr.to(tl.pointer_type(tl.int32)) + tl.zeros((WORLD,), tl.int32)
                 _wait(counters, target, timeout_ns.to(tl.int64), stops)
             tl.debug_barrier()  # every signal seen before any thread reads the peers' rows
+            if TIMED:  # noqa: SIM102 (a constexpr: Triton compiles the branch in or out)
+                if t == 0:  # (launches in stream order: plain adds)
+                    tl.store(waits_ptr, tl.load(waits_ptr) + (_globaltimer() - began))
+                    tl.store(waits_ptr + 1, tl.load(waits_ptr + 1) + 1)
         cols = tl.arange(0, BLOCK_D)
         ok = cols < D
         total = tl.zeros((BLOCK_D,), tl.float32)
@@ -313,9 +338,10 @@ class PeerSum:
         if hidden % 4:
             raise PeerSumUnavailable(f"hidden size {hidden} is not a multiple of 4 (16-byte float32 rows)")
         self.max_rows, self.hidden, self.timeout_s = max_rows, hidden, timeout_s
-        # One allocation: SLOTS float32 slots, then this rank's pad (an int32 counter per sender).
+        # One allocation: SLOTS float32 slots, then this rank's pad (an int32 counter per sender),
+        # then its wait times (int64 nanoseconds, sums; `WAIT_TIMES`).
         slot_bytes = SLOTS * max_rows * hidden * 4
-        raw = torch.zeros(slot_bytes + 4 * self.world, dtype=torch.uint8, device=device)
+        raw = torch.zeros(slot_bytes + 4 * self.world + 16, dtype=torch.uint8, device=device)
         self.buffer = raw[:slot_bytes].view(torch.float32).view(SLOTS, max_rows, hidden)
         # Both steps below agree over the group before any rank gives up, so that every rank
         # raises `PeerSumUnavailable` alike (the caller then sums with NCCL) instead of one rank
@@ -347,6 +373,11 @@ class PeerSum:
                 raise PeerSumUnavailable("; ".join(r for r in reasons if r))
         bases = torch.tensor([m.data_ptr() for m in self._mapped], dtype=torch.int64, device=device)
         self.pads = bases + slot_bytes
+        # Every rank's wait times as this rank maps them (int64 [2] each); this rank's own kernels
+        # add to them where `WAIT_TIMES` (or its environment variable) says so.
+        times = slot_bytes + 4 * self.world
+        self._waits = [m[times : times + 16].view(torch.int64) for m in self._mapped]
+        self.timed = WAIT_TIMES or os.environ.get(WAIT_TIMES_ENV, "") == "1"
         step = max_rows * hidden * 4  # bytes per slot
         self.slot_ptrs = [bases + i * step for i in range(SLOTS)]  # int64 [world] addresses each
         self.count = torch.zeros(1, dtype=torch.int32, device=device)  # sums signalled (`signal`)
@@ -356,6 +387,19 @@ class PeerSum:
         self.stop = torch.zeros(1, dtype=torch.int32, pin_memory=True)
         torch.cuda.synchronize(device)
         dist.barrier(group)  # every rank's pad (zeroed) mapped before any counter moves
+
+    def wait_times(self) -> list[tuple[int, float]] | None:
+        """Every rank's (sums, microseconds waited for the peers' signals) so far, read from here
+        (their memory is mapped) -> [(sums, us)] by rank; None where this rank does not time
+        them (`WAIT_TIMES`). Synchronizes this GPU: call it between steps."""
+        if not self.timed:
+            return None
+        torch.cuda.synchronize(self.pads.device)
+        out = []
+        for waits in self._waits:
+            ns, sums = waits.tolist()
+            out.append((sums, ns / 1e3))
+        return out
 
     def abort(self) -> None:
         """End this rank's waits for its peers, now and from now on (a peer died: the group's
@@ -418,6 +462,7 @@ class PeerSum:
             True,
             self.timeout_s,
             self.stop.data_ptr(),
+            self._waits[self.rank] if self.timed else None,
         )
 
 
@@ -435,11 +480,13 @@ def launch_sum(
     flags: bool = True,
     timeout_s: float = 120.0,
     stop_addr: int = 0,
+    waits: torch.Tensor | None = None,
 ) -> None:
     """The sum (+ add + norm) kernel over x's rows: slot_ptrs / pads int64 [world] addresses,
     count int32 [1] the signals' target (`PeerSum.count`); writes x (and out when norm). flags
     False: no waiting (the slots are known written); timeout_s: a wait longer than this traps
-    (`_wait`); stop_addr: the waits' stop flag (`PeerSum.stop`; needed with flags)."""
+    (`_wait`); stop_addr: the waits' stop flag (`PeerSum.stop`; needed with flags); waits: int64
+    [2] counters of the waits' nanoseconds and number (`WAIT_TIMES`; with flags) or None."""
     if flags and not stop_addr:
         raise ValueError("launch_sum: waits need a stop flag's address (PeerSum.stop)")
     rows, D = x.shape
@@ -455,11 +502,13 @@ def launch_sum(
         eps,
         int(timeout_s * 1e9),
         stop_addr,
+        waits if waits is not None else count,
         RANK=rank,
         WORLD=slot_ptrs.shape[0],
         BLOCK_D=triton.next_power_of_2(D),
         NORM=norm,
         FLAGS=flags,
+        TIMED=waits is not None and flags,
         num_warps=8,
         **(pdl_launch(x.device) if PDL else {}),
     )

@@ -206,8 +206,14 @@ def kernels() -> list[tuple[str, object, list[dict], dict, tuple]]:
         (
             "peer_sum add_norm",
             ps._sum_add_norm_kernel,
-            variants(dict(BLOCK_D=2048, FLAGS=True), RANK=(0,), WORLD=(2, 4), NORM=(True, False)),
-            dict(slots_ptr=I64, pads_ptr=I64, count_ptr=I32),
+            variants(
+                dict(BLOCK_D=2048, FLAGS=True),
+                RANK=(0,),
+                WORLD=(2, 4),
+                NORM=(True, False),
+                TIMED=(False, True),
+            ),
+            dict(slots_ptr=I64, pads_ptr=I64, count_ptr=I32, waits_ptr=I64),
             ("eps",),
         ),
     ]

@@ -102,7 +102,7 @@ def test_gpu_benchmark_multi_device_rows_run_on_cpu(tmp_path):
     args = ["--shape", "small", "--device", "cpu", "--batch", "1", "2", "--new-tokens", "4", "--repeats", "1"]
     args += ["--skip-hf", "--skip-demo", "--skip-sweep", "--variants", "graphs", "--gpus", "1", "2"]
     args += ["--layout", "replicas", "replicas-split-heads-peer", "--save-dir", str(tmp_path / "ckpt")]
-    args += ["--json", str(tmp_path / "r.json")]
+    args += ["--json", str(tmp_path / "r.json"), "--peer-waits"]
     run = subprocess.run(
         [sys.executable, os.path.join(root, "benchmarks", "gpu.py"), *args],
         capture_output=True,
@@ -110,6 +110,7 @@ def test_gpu_benchmark_multi_device_rows_run_on_cpu(tmp_path):
         timeout=600,
     )
     assert run.returncode == 0, run.stderr[-3000:]
+    assert "peer sums:" not in run.stdout  # --peer-waits: no peer sums on CPUs, nothing to time
     for layout in ("replicas", "replicas-split-heads-peer"):
         ready = re.search(
             rf"2 devices \({layout}\): ready in \d+s \(experts loaded: "

@@ -479,8 +479,13 @@ def test_nccl_trunk_replicas_split_by_intermediate_size(tmp_path, checkpoints, s
     own experts' pairs; heads: `replica_attention`, each of 2 GPUs half the attention heads and
     their KV cache, each layer's attention output summed too, by peer loads with peer_rows).
     float32 with captured steps and n-gram drafts (verify rows included) == transformers;
-    bfloat16 (prompt buckets captured too): graphed steps == the same group's padded steps."""
+    bfloat16 (prompt buckets captured too): graphed steps == the same group's padded steps.
+    Peer sums' waits timed (`peer_sum.WAIT_TIMES`): every rank counted the same sums."""
+    import os
+
     import ray
+
+    from specmoe_ray.moe import peer_sum
 
     gpus = torch.cuda.device_count()
     n = 2 if attention == "heads" else gpus  # (the test models' 2 key/value heads split over 2)
@@ -492,6 +497,7 @@ def test_nccl_trunk_replicas_split_by_intermediate_size(tmp_path, checkpoints, s
         replica_attention=attention,
         cuda_graphs=True,
         collective_timeout_s=30,
+        env_vars={peer_sum.WAIT_TIMES_ENV: "1"} if peer_rows else {},
     )
     try:
         path = checkpoints("qwen3_moe")
@@ -509,6 +515,13 @@ def test_nccl_trunk_replicas_split_by_intermediate_size(tmp_path, checkpoints, s
             assert (engine.shard_group.dispatch.peer is not None) == bool(peer_rows)
             assert engine.metrics.num_recoveries == 0
             shards = engine.stats()["shards"]["shards"]
+            waits = engine.shard_group.peer_wait_times()
+        if peer_rows:  # every rank waited for the same sums (read from rank 0 through the mappings)
+            counts = {sums for sums, _ in waits}
+            assert len(waits) == n and len(counts) == 1 and counts.pop() > 0, waits
+            assert all(us >= 0 for _, us in waits), waits
+        else:
+            assert waits is None
         assert got == ref
         if split == "intermediate":  # every expert on every shard
             assert all(len(s["held"]) and all(len(v) == 8 for v in s["held"].values()) for s in shards)
@@ -528,6 +541,7 @@ def test_nccl_trunk_replicas_split_by_intermediate_size(tmp_path, checkpoints, s
                 assert engine.metrics.num_recoveries == 0, steps
         assert runs["auto"] == runs["padded"]
     finally:
+        os.environ.pop(peer_sum.WAIT_TIMES_ENV, None)  # (env_vars reach the engine's process too)
         ray.shutdown()
 
 
