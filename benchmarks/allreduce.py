@@ -185,7 +185,7 @@ def fold_layers(y, weights, res, w, variant: str, peer):
     for layer in range(LAYERS):
         if variant.startswith("peer"):
             peer.combine_signal(layer % 2, y, weights)  # LAYERS even: `slot_order`
-            h, res = peer.sum_add_rms_norm(layer % 2, res, w, EPS)
+            h, res = peer.sum_add_rms_norm(layer % 2, res, w, EPS, position=layer)
         else:
             partial = replica.partial_combine(y, weights, None, None, y)
             if variant == "nccl":
@@ -207,7 +207,7 @@ def fold_variants(rank: int, dev: torch.device, T: int, reps: int, group_name: s
     scales = (0.5, 0.25)  # rank r's gate weights: gates * scales[r] (exact in bf16)
     weights = [(gates * s).to(torch.bfloat16) for s in scales]
     mine = weights[rank].to(dev)
-    peer = PeerSum(T, HIDDEN, dev)
+    peer = PeerSum(T, HIDDEN, dev, positions=LAYERS)  # (each layer's waits timed apart)
     out = {}
     with fused.active():
         # One layer against float64: each rank's products rounded, summed, the ranks' sums
@@ -249,17 +249,17 @@ def fold_variants(rank: int, dev: torch.device, T: int, reps: int, group_name: s
                 both = [torch.empty_like(mine_sum) for _ in range(2)]
                 dist.all_gather(both, mine_sum)
                 checks.append(f"{variant} ranks {'agree' if torch.equal(both[0], both[1]) else 'DIFFER'}")
-        # The timed variant's sums: its warm-up, 3 replays and the timed ones, LAYERS each, on
-        # both ranks (each reads both ranks' counters: rank 0's line prints its reading).
+        # The timed variant's sums: its warm-up, 3 replays and the timed ones, one per layer
+        # (position) each, on both ranks (each reads both ranks' counters; rank 0's line prints).
         peer.timed = True
         waits = peer.wait_times()
         peer.timed = False
-        expected = LAYERS * (4 + reps)
-        counted = all(sums == expected for sums, _ in waits)
-        sums_seen = [sums for sums, _ in waits]
-        checks.append(f"waits {'counted' if counted else 'MISCOUNTED'} ({sums_seen} of {expected})")
+        counted = all(sums == 4 + reps for rank in waits for sums, _ in rank)
+        checks.append(f"waits {'counted' if counted else 'MISCOUNTED'} ({4 + reps} per layer expected)")
     nccl, fold, alone = out["nccl"], out["peer"], out["alone"]
-    per_sum = ", ".join(f"rank {r} {us / max(sums, 1):.2f}" for r, (sums, us) in enumerate(waits))
+    per_sum = ", ".join(
+        f"rank {r} {sum(us for _, us in w) / max(sum(n for n, _ in w), 1):.2f}" for r, w in enumerate(waits)
+    )
     return (
         f"T={T}: combine + add + norm alone {alone:5.1f} us/layer, with NCCL's sum {nccl:5.1f}, "
         f"peer sum {fold:5.1f} ({nccl / fold:.2f}x), without PDL {out['peer-no-pdl']:5.1f}, "

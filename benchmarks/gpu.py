@@ -551,7 +551,7 @@ def bench_layout(
             r = timed(ours_run(engine, rows[b], a.new_tokens), a.repeats, device, engine)
             now = engine.shard_group.peer_wait_times() if a.peer_waits else None
             if now:  # each rank's waits for its peers over this batch's runs
-                r["peer_waits_us"] = peer_waits(waited or [(0, 0.0)] * len(now), now)
+                r["peer_waits_us"] = peer_waits(waited or [[(0, 0.0)] * len(w) for w in now], now)
             out.append({"who": who, "layout": layout, "batch": b, **r})
             tok_s, ms, static = r["tok_s"], r["ms_per_step"], r["ms_per_static_step"]
             one = next((x["tok_s"] for x in one_device if x["batch"] == b), None)
@@ -561,7 +561,11 @@ def bench_layout(
                 f"({static:.2f} per decode/verify step){vs}"
             )
             if "peer_waits_us" in r:
-                waits = ", ".join(f"rank {i} {us:.2f}" for i, us in enumerate(r["peer_waits_us"]))
+                waits = "; ".join(
+                    f"rank {i} {w['all']:.2f} (a forward's first sum {w['first']:.2f}, the others "
+                    f"{w['rest']:.2f})"
+                    for i, w in enumerate(r["peer_waits_us"])
+                )
                 print(f"    peer sums: us waited for the peers per sum: {waits}")
         if a.profile:  # rank 0's side, then each shard's
             name = f"engine-{g}gpus" + (f"-{layout}" if layout != "coordinator" else "")
@@ -570,9 +574,18 @@ def bench_layout(
     return out
 
 
-def peer_waits(before: list[tuple[int, float]], after: list[tuple[int, float]]) -> list[float]:
-    """Each rank's microseconds waited per peer sum between two `peer_wait_times` readings."""
-    return [(us1 - us0) / max(n1 - n0, 1) for (n0, us0), (n1, us1) in zip(before, after)]
+def peer_waits(before: list[list[tuple[int, float]]], after: list[list[tuple[int, float]]]) -> list[dict]:
+    """Each rank's microseconds waited per peer sum between two `peer_wait_times` readings
+    ([rank][position] of (sums, us)): over all its sums, a forward's first ones, the others."""
+    out = []
+    for rank_before, rank_after in zip(before, after):
+        delta = [(n1 - n0, us1 - us0) for (n0, us0), (n1, us1) in zip(rank_before, rank_after)]
+
+        def mean(rows):
+            return sum(us for _, us in rows) / max(sum(n for n, _ in rows), 1)
+
+        out.append({"all": mean(delta), "first": mean(delta[:1]), "rest": mean(delta[1:])})
+    return out
 
 
 def bench_demo(a, device: str) -> dict[str, Any]:

@@ -235,8 +235,9 @@ class Pending(NamedTuple):
     """An MoE block's output, not combined yet (`DEFER_COMBINE`): y [T, A, D] expert outputs,
     weights [T, A], like: a tensor of the output's dtype. weights None: y is the combined
     output's float32 sum [T, D] (trunk replicas' all_reduce), rounded to like's dtype there.
-    peer: (a `moe.peer_sum.PeerSum`, slot): y is only this rank's share, in its shared slot;
-    the ranks' shares are summed where the output is used (once: that takes the peers' signals)."""
+    peer: (a `moe.peer_sum.PeerSum`, slot, the sum's position in the forward): y is only this
+    rank's share, in its shared slot; the ranks' shares are summed where the output is used
+    (once: that takes the peers' signals)."""
 
     y: torch.Tensor
     weights: torch.Tensor | None
@@ -245,8 +246,8 @@ class Pending(NamedTuple):
 
     def combined(self) -> torch.Tensor:
         if self.peer is not None:
-            peer_sum, slot = self.peer
-            return peer_sum.sum(slot, self.like)
+            peer_sum, slot, position = self.peer
+            return peer_sum.sum(slot, self.like, position)
         if self.weights is None:
             return self.y.to(self.like.dtype)
         return combine(self.y, self.weights, self.like)

@@ -526,8 +526,8 @@ class DecoderLayer(nn.Module):
     def _add_norm(norm: RMSNorm, x, residual: torch.Tensor):
         if isinstance(x, fused.Pending):  # an MoE block's output, combined here (DEFER_COMBINE)
             if x.peer is not None:  # trunk replicas' shares, summed here (`moe/peer_sum.py`)
-                peer_sum, slot = x.peer
-                return peer_sum.sum_add_rms_norm(slot, residual, norm.weight, norm.eps)
+                peer_sum, slot, position = x.peer
+                return peer_sum.sum_add_rms_norm(slot, residual, norm.weight, norm.eps, position)
             if x.weights is None:
                 return fused.sum_add_rms_norm(x.y, residual, norm.weight, norm.eps)
             return fused.combine_add_rms_norm(x.y, x.weights, residual, norm.weight, norm.eps)

@@ -33,9 +33,11 @@ not the one the peers may still be reading (the last sum's).
 
 Wait times (`WAIT_TIMES`, or the environment's SPECMOE_PEER_WAIT_TIMES=1 where the group's
 `PeerSum` is made, e.g. `ShardOptions.env_vars`): each add + norm's first program adds the
-nanoseconds it waited for the peers' signals, and 1, to two counters after the rank's pad in the
-memory every rank maps, so rank 0 reads every rank's (`PeerSum.wait_times`) with no call into
-the other processes: a rank that waits while its peer does not is the faster one of the pair.
+nanoseconds it waited for the peers' signals, and 1, to two counters of its sum's position in
+a forward (the caller's numbering), after the rank's pad in the memory every rank maps, so rank
+0 reads every rank's (`PeerSum.wait_times`) with no call into the other processes: a rank that
+waits while its peer does not is the faster one of the pair, at every sum or at a forward's
+first (its start: the peer's header and launch).
 """
 
 from __future__ import annotations
@@ -214,7 +216,7 @@ if AVAILABLE:
         eps,
         timeout_ns,  # the waits' limit (`_wait`)
         stop_addr,  # int64 address of the waits' stop flag (`_wait`, `PeerSum.abort`)
-        waits_ptr,  # TIMED: int64 [2], += nanoseconds program 0 waited for the signals, += 1
+        waits_ptr,  # TIMED: int64 [2] of the sum's position: += ns program 0 waited, += 1
         RANK: tl.constexpr,
         WORLD: tl.constexpr,
         BLOCK_D: tl.constexpr,
@@ -321,11 +323,18 @@ class PeerSum:
     numbers)."""
 
     def __init__(
-        self, max_rows: int, hidden: int, device: torch.device, group=None, timeout_s: float = 120.0
+        self,
+        max_rows: int,
+        hidden: int,
+        device: torch.device,
+        group=None,
+        timeout_s: float = 120.0,
+        positions: int = 1,
     ):
         """group: the process group (None: the default one); timeout_s: a rank that waits
         longer than this for a peer's signal traps (its CUDA context fails; use the group's
-        collective timeout)."""
+        collective timeout); positions: the sums' positions in a forward whose waits are
+        timed apart (`WAIT_TIMES`; the sums' `position` arguments: 0 .. positions - 1)."""
         import torch.distributed as dist
         from torch.multiprocessing.reductions import reduce_tensor
 
@@ -339,9 +348,10 @@ class PeerSum:
             raise PeerSumUnavailable(f"hidden size {hidden} is not a multiple of 4 (16-byte float32 rows)")
         self.max_rows, self.hidden, self.timeout_s = max_rows, hidden, timeout_s
         # One allocation: SLOTS float32 slots, then this rank's pad (an int32 counter per sender),
-        # then its wait times (int64 nanoseconds, sums; `WAIT_TIMES`).
+        # then its wait times (int64 nanoseconds and sums per position; `WAIT_TIMES`).
         slot_bytes = SLOTS * max_rows * hidden * 4
-        raw = torch.zeros(slot_bytes + 4 * self.world + 16, dtype=torch.uint8, device=device)
+        self.positions = positions
+        raw = torch.zeros(slot_bytes + 4 * self.world + 16 * positions, dtype=torch.uint8, device=device)
         self.buffer = raw[:slot_bytes].view(torch.float32).view(SLOTS, max_rows, hidden)
         # Both steps below agree over the group before any rank gives up, so that every rank
         # raises `PeerSumUnavailable` alike (the caller then sums with NCCL) instead of one rank
@@ -373,10 +383,12 @@ class PeerSum:
                 raise PeerSumUnavailable("; ".join(r for r in reasons if r))
         bases = torch.tensor([m.data_ptr() for m in self._mapped], dtype=torch.int64, device=device)
         self.pads = bases + slot_bytes
-        # Every rank's wait times as this rank maps them (int64 [2] each); this rank's own kernels
-        # add to them where `WAIT_TIMES` (or its environment variable) says so.
+        # Every rank's wait times as this rank maps them (int64 [positions, 2] each); this rank's
+        # own kernels add to them where `WAIT_TIMES` (or its environment variable) says so.
         times = slot_bytes + 4 * self.world
-        self._waits = [m[times : times + 16].view(torch.int64) for m in self._mapped]
+        self._waits = [
+            m[times : times + 16 * positions].view(torch.int64).view(positions, 2) for m in self._mapped
+        ]
         self.timed = WAIT_TIMES or os.environ.get(WAIT_TIMES_ENV, "") == "1"
         step = max_rows * hidden * 4  # bytes per slot
         self.slot_ptrs = [bases + i * step for i in range(SLOTS)]  # int64 [world] addresses each
@@ -388,18 +400,14 @@ class PeerSum:
         torch.cuda.synchronize(device)
         dist.barrier(group)  # every rank's pad (zeroed) mapped before any counter moves
 
-    def wait_times(self) -> list[tuple[int, float]] | None:
-        """Every rank's (sums, microseconds waited for the peers' signals) so far, read from here
-        (their memory is mapped) -> [(sums, us)] by rank; None where this rank does not time
-        them (`WAIT_TIMES`). Synchronizes this GPU: call it between steps."""
+    def wait_times(self) -> list[list[tuple[int, float]]] | None:
+        """Every rank's (sums, microseconds waited for the peers' signals) so far at each
+        position, read from here (their memory is mapped) -> [rank][position]; None where this
+        rank does not time them (`WAIT_TIMES`). Synchronizes this GPU: call it between steps."""
         if not self.timed:
             return None
         torch.cuda.synchronize(self.pads.device)
-        out = []
-        for waits in self._waits:
-            ns, sums = waits.tolist()
-            out.append((sums, ns / 1e3))
-        return out
+        return [[(sums, ns / 1e3) for ns, sums in waits.tolist()] for waits in self._waits]
 
     def abort(self) -> None:
         """End this rank's waits for its peers, now and from now on (a peer died: the group's
@@ -433,21 +441,24 @@ class PeerSum:
         return out
 
     def sum_add_rms_norm(
-        self, index: int, residual: torch.Tensor, weight: torch.Tensor, eps: float
+        self, index: int, residual: torch.Tensor, weight: torch.Tensor, eps: float, position: int = 0
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """`fused.sum_add_rms_norm` of every rank's slot `index`: -> (normed, residual + sum).
-        Waits for the peers' signals of this sum: call it (or `sum`) after each `signal`."""
+        Waits for the peers' signals of this sum: call it (or `sum`) after each `signal`.
+        position: the sum's in a forward (its wait times' counters)."""
         x, out = torch.empty_like(residual), torch.empty_like(residual)
-        self._launch(index, residual, weight, x, out, eps, True)
+        self._launch(index, residual, weight, x, out, eps, True, position)
         return out, x
 
-    def sum(self, index: int, like: torch.Tensor) -> torch.Tensor:
+    def sum(self, index: int, like: torch.Tensor, position: int = 0) -> torch.Tensor:
         """Every rank's slot `index` summed, in like's dtype ([rows, hidden]; waits as above)."""
         x = torch.empty_like(like)
-        self._launch(index, x, x, x, x, 0.0, False)
+        self._launch(index, x, x, x, x, 0.0, False, position)
         return x
 
-    def _launch(self, index: int, residual, weight, x, out, eps: float, norm: bool) -> None:
+    def _launch(self, index: int, residual, weight, x, out, eps: float, norm: bool, position: int) -> None:
+        if not 0 <= position < self.positions:
+            raise ValueError(f"PeerSum: sum position {position} outside 0 .. {self.positions - 1}")
         launch_sum(
             self.slot_ptrs[index],
             self.pads,
@@ -462,7 +473,7 @@ class PeerSum:
             True,
             self.timeout_s,
             self.stop.data_ptr(),
-            self._waits[self.rank] if self.timed else None,
+            self._waits[self.rank][position] if self.timed else None,
         )
 
 

@@ -163,6 +163,7 @@ class ReplicaDispatch(_Masked, Rank0):
             raise ValueError("ReplicaDispatch: peer sums add partial sums: not with exact")
         self.exact, self.split = exact, split
         self._slots: dict[int, int] = {}  # {MoE layer: PeerSum slot}
+        self._positions: dict = {}  # {MoE layer (or ("attention", layer)): its sum's position}
         # Split attention heads (`attention_layers`: every layer, `Transformer.split_attention`):
         # each layer's attention output is summed too, before its MoE layer's (`sum_heads`).
         self.attention_layers = list(attention_layers or [])
@@ -179,6 +180,7 @@ class ReplicaDispatch(_Masked, Rank0):
             else:
                 sums = sorted(moe)
             self._slots = slot_order(sums)
+            self._positions = {key: i for i, key in enumerate(sums)}  # (the sums' wait times)
             peer_rows = peer_rows if self._slots else 0  # one MoE layer: NCCL (`slot_order`)
         self.peer_rows = peer_rows
         self.peer_by_default = peer_by_default
@@ -273,7 +275,7 @@ class ReplicaDispatch(_Masked, Rank0):
             else:
                 total = partial_combine(y, weights, own, index, x)
         if peer is not None:  # signalled: the peers read this share where the output is used
-            return fused.Pending(total, None, x, (peer, self._slots[layer]))
+            return fused.Pending(total, None, x, (peer, self._slots[layer], self._positions[layer]))
         dist.all_reduce(total)
         # The float32 sum is rounded to x's dtype by the next add + norm (or by the MoE block).
         return total if self.exact else fused.Pending(total, None, x)
@@ -292,7 +294,7 @@ class ReplicaDispatch(_Masked, Rank0):
         if peer is not None and key in self._slots:
             share = self._project(out, weight, peer.slot(self._slots[key], T))
             peer.signal()
-            return fused.Pending(share, None, like, (peer, self._slots[key]))
+            return fused.Pending(share, None, like, (peer, self._slots[key], self._positions[key]))
         total = self._project(out, weight)
         dist.all_reduce(total)
         return fused.Pending(total, None, like)
@@ -324,7 +326,9 @@ class ReplicaDispatch(_Masked, Rank0):
 
             try:
                 width = hidden or x.shape[-1]
-                self.peer = PeerSum(self.peer_rows, width, x.device, None, self.peer_timeout_s)
+                self.peer = PeerSum(
+                    self.peer_rows, width, x.device, None, self.peer_timeout_s, len(self._positions)
+                )
             except PeerSumUnavailable as e:  # every rank alike: NCCL's sums from now on
                 level = logging.INFO if self.peer_by_default else logging.WARNING
                 log.log(level, "replica_peer_sum is off, summing with NCCL: %s", e)

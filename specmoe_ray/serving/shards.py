@@ -750,11 +750,12 @@ class ShardGroup:
         local = self.dispatch.local if self.dispatch is not None else None
         return ([local.computed_counts()] if local is not None else []) + remote
 
-    def peer_wait_times(self) -> list[tuple[int, float]] | None:
+    def peer_wait_times(self) -> list[list[tuple[int, float]]] | None:
         """Trunk replicas' peer sums: every rank's (sums, microseconds waited for its peers) so
-        far (`PeerSum.wait_times`), or None: no peer sums yet, or their waits not timed (the
-        environment's `peer_sum.WAIT_TIMES_ENV`=1, e.g. in `ShardOptions.env_vars`). Call it
-        between steps (it synchronizes the engine's GPU)."""
+        far at each sum's position in a forward (`PeerSum.wait_times`: [rank][position]), or
+        None: no peer sums yet, or their waits not timed (the environment's
+        `peer_sum.WAIT_TIMES_ENV`=1, e.g. in `ShardOptions.env_vars`). Call it between steps
+        (it synchronizes the engine's GPU)."""
         peer = getattr(self.dispatch, "peer", None)
         return peer.wait_times() if peer is not None else None
 
