@@ -684,6 +684,17 @@ def split_experts(a, bandwidth: float) -> None:
 
             ms = min(graph_ms(run) for _ in range(3)) / n_layers
             print(f"  T={T:3d} {1e3 * ms:8.1f} us  {name}")
+            if layers[0].triton and layers[0].triton_max_pairs < T * A:  # the sorted path
+                two = layers[0](tokens, ids, A)
+                triton_experts.SORTED_FUSED = True  # both projections in one launch
+                try:
+                    one = layers[0](tokens, ids, A)
+                    ms = min(graph_ms(run) for _ in range(3)) / n_layers
+                finally:
+                    triton_experts.SORTED_FUSED = False
+                held = ids < len(layers[0].expert_ids)  # (experts 0 .. held - 1; other rows: unspecified)
+                same = "same rows" if torch.equal(one[held], two[held]) else "ROWS DIFFER"
+                print(f"  T={T:3d} {1e3 * ms:8.1f} us  {name}, one launch (SORTED_FUSED; {same})")
     if a.sweep:
         split_sweep(layouts, a.expert_tokens[-1], E, D, A, g)
 

@@ -49,6 +49,7 @@ class LocalExperts(nn.Module):
         self.triton_max_pairs = 64
         self.triton_max_rows_per_expert = 8
         self._mlp_sync: dict[int, torch.Tensor] = {}  # pairs -> `expert_mlp`'s counters (FUSED_MLP)
+        self._sorted_sync: torch.Tensor | None = None  # `expert_mlp_sorted`'s counters (SORTED_FUSED)
 
     @torch.inference_mode()
     def forward(
@@ -108,7 +109,14 @@ class LocalExperts(nn.Module):
 
     def _triton(self, x: torch.Tensor, offsets: torch.Tensor, order: torch.Tensor, group: int):
         """Two kernels: the gate/up projection reads each sorted pair's row of x itself and
-        applies silu(gate) * up; the down projection writes each result to its pair's row."""
+        applies silu(gate) * up; the down projection writes each result to its pair's row.
+        `triton_experts.SORTED_FUSED`: both in one launch (`expert_mlp_sorted`)."""
+        if triton_experts.SORTED_FUSED:
+            if self._sorted_sync is None:  # this layer's own counters
+                self._sorted_sync = torch.zeros(2 + len(self.expert_ids), dtype=torch.int32, device=x.device)
+            return triton_experts.expert_mlp_sorted(
+                x, self.gate_up, self.down, offsets, order, group, self._sorted_sync
+            )
         h = triton_experts.expert_matmul(x, self.gate_up, offsets, src=order, group=group, glu=True)
         return triton_experts.expert_matmul(h, self.down, offsets, dst=order)
 

@@ -150,44 +150,124 @@ if AVAILABLE:
     ):
         _grid_dependency(PDL)
         e = tl.program_id(0)
-        pid_n = tl.program_id(1)
         start = tl.load(offs_ptr + e)
         end = tl.load(offs_ptr + e + 1)
-        dtype = out_ptr.dtype.element_ty
         if end > start:
-            rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-            rk = tl.arange(0, BLOCK_K)
-            w_base = w_ptr + e.to(tl.int64) * stride_we + rn[None, :] * stride_wn
-            for m0 in range(start, end, BLOCK_M):
-                rm = m0 + tl.arange(0, BLOCK_M)
-                row_ok = rm < end
-                if GATHER:  # noqa: SIM108 (a constexpr branch)
-                    src = tl.load(src_ptr + rm, mask=row_ok, other=0) // GROUP
+            _expert_rows(x_ptr, w_ptr, out_ptr, src_ptr, dst_ptr, e, tl.program_id(1), start, end, N, K,
+                         stride_x, stride_we, stride_wn, GROUP, GATHER, SCATTER, GLU, BLOCK_M, BLOCK_N,
+                         BLOCK_K, PRECISION, False)  # fmt: skip
+
+    @triton.jit
+    def _expert_rows(
+        x_ptr, w_ptr, out_ptr, src_ptr, dst_ptr, e, pid_n, start, end, N, K, stride_x, stride_we, stride_wn,
+        GROUP: tl.constexpr, GATHER: tl.constexpr, SCATTER: tl.constexpr, GLU: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+        SHARED_X: tl.constexpr,
+    ):  # fmt: skip
+        """`_experts_kernel`'s block: features pid_n * BLOCK_N .. of expert e's sorted rows start ..
+        end. SHARED_X: x was written by other programs of this launch (read past this SM's L1)."""
+        dtype = out_ptr.dtype.element_ty
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        rk = tl.arange(0, BLOCK_K)
+        w_base = w_ptr + e.to(tl.int64) * stride_we + rn[None, :] * stride_wn
+        for m0 in range(start, end, BLOCK_M):
+            rm = m0 + tl.arange(0, BLOCK_M)
+            row_ok = rm < end
+            if GATHER:  # noqa: SIM108 (a constexpr branch)
+                src = tl.load(src_ptr + rm, mask=row_ok, other=0) // GROUP
+            else:
+                src = rm
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                kk = k0 + rk
+                x_at = x_ptr + src[:, None].to(tl.int64) * stride_x + kk[None, :]
+                x_ok = row_ok[:, None] & (kk[None, :] < K)
+                if SHARED_X:
+                    xk = tl.load(x_at, mask=x_ok, other=0.0, cache_modifier=".cg")
                 else:
-                    src = rm
-                acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-                up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-                for k0 in range(0, K, BLOCK_K):
-                    kk = k0 + rk
-                    xk = tl.load(
-                        x_ptr + src[:, None].to(tl.int64) * stride_x + kk[None, :],
-                        mask=row_ok[:, None] & (kk[None, :] < K),
-                        other=0.0,
-                    )
-                    w_ok = (rn[None, :] < N) & (kk[:, None] < K)
-                    wk = tl.load(w_base + kk[:, None], mask=w_ok, other=0.0)
-                    acc += tl.dot(xk, wk, input_precision=PRECISION)
-                    if GLU:
-                        wu = tl.load(w_base + N * stride_wn + kk[:, None], mask=w_ok, other=0.0)
-                        up += tl.dot(xk, wu, input_precision=PRECISION)
+                    xk = tl.load(x_at, mask=x_ok, other=0.0)
+                w_ok = (rn[None, :] < N) & (kk[:, None] < K)
+                wk = tl.load(w_base + kk[:, None], mask=w_ok, other=0.0)
+                acc += tl.dot(xk, wk, input_precision=PRECISION)
                 if GLU:
-                    acc = _silu_mul(acc, up, dtype)
-                if SCATTER:  # noqa: SIM108 (a constexpr branch)
-                    dst = tl.load(dst_ptr + rm, mask=row_ok, other=0)
-                else:
-                    dst = rm
-                out = out_ptr + dst[:, None].to(tl.int64) * N + rn[None, :]
-                tl.store(out, acc.to(dtype), mask=row_ok[:, None] & (rn[None, :] < N))
+                    wu = tl.load(w_base + N * stride_wn + kk[:, None], mask=w_ok, other=0.0)
+                    up += tl.dot(xk, wu, input_precision=PRECISION)
+            if GLU:
+                acc = _silu_mul(acc, up, dtype)
+            if SCATTER:  # noqa: SIM108 (a constexpr branch)
+                dst = tl.load(dst_ptr + rm, mask=row_ok, other=0)
+            else:
+                dst = rm
+            out = out_ptr + dst[:, None].to(tl.int64) * N + rn[None, :]
+            tl.store(out, acc.to(dtype), mask=row_ok[:, None] & (rn[None, :] < N))
+
+    @triton.jit
+    def _sorted_mlp_kernel(
+        x_ptr,  # [n / GROUP, D]: sorted position r reads row src[r] // GROUP
+        gu_ptr,  # [E, 2I, D] gate rows, then up rows
+        down_ptr,  # [E, D, I]
+        h_ptr,  # [n, I] scratch: silu(gate) * up of each sorted position
+        out_ptr,  # [n, D]: sorted position r's row at src[r] (pair order)
+        offs_ptr,  # [E + 1] int32: expert e's sorted rows are offs[e] .. offs[e + 1]
+        src_ptr,  # [n] int64: sorted position -> pair
+        sync_ptr,  # int32 [2 + E] zeros: (unused), programs finished, gate/up blocks done per expert
+        E,
+        I,
+        D,
+        stride_x,
+        stride_gue,
+        stride_gun,
+        stride_de,
+        stride_dn,
+        GROUP: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N1: tl.constexpr,
+        BLOCK_K1: tl.constexpr,
+        BLOCK_N2: tl.constexpr,
+        BLOCK_K2: tl.constexpr,
+        PRECISION: tl.constexpr,
+        PDL: tl.constexpr = False,  # programmatic dependent launch (`pdl_launch`)
+    ):
+        """`expert_matmul`'s two launches (gate/up gathering x, down scattering to pair order) in
+        one: a program per block, every expert's gate/up blocks first (expert by expert), then
+        the down blocks; a down block of expert e waits until e's gate/up blocks are counted
+        done, so down blocks of the experts done first run during the gate/up blocks' tail
+        instead of after the whole launch drains. GPUs start a grid's programs in order (CUDA
+        does not promise it: opt-in, `SORTED_FUSED`). The last program to finish zeroes the
+        counters (graph replays)."""
+        _grid_dependency(PDL)
+        t = tl.program_id(0)
+        nb1 = tl.cdiv(I, BLOCK_N1)
+        tiles1 = E * nb1
+        if t < tiles1:
+            e = t // nb1
+            start = tl.load(offs_ptr + e)
+            end = tl.load(offs_ptr + e + 1)
+            if end > start:
+                _expert_rows(x_ptr, gu_ptr, h_ptr, src_ptr, src_ptr, e, t % nb1, start, end, I, D, stride_x,
+                             stride_gue, stride_gun, GROUP, True, False, True, BLOCK_M, BLOCK_N1, BLOCK_K1,
+                             PRECISION, False)  # fmt: skip
+                tl.debug_barrier()  # every thread's h stored before the count says so
+                tl.atomic_add(sync_ptr + 2 + e, 1, sem="release")
+        else:
+            nb2 = tl.cdiv(D, BLOCK_N2)
+            e = (t - tiles1) // nb2
+            start = tl.load(offs_ptr + e)
+            end = tl.load(offs_ptr + e + 1)
+            if end > start:
+                done = tl.atomic_add(sync_ptr + 2 + e, 0, sem="acquire")
+                while done < nb1:
+                    done = tl.atomic_add(sync_ptr + 2 + e, 0, sem="acquire")
+                tl.debug_barrier()
+                _expert_rows(h_ptr, down_ptr, out_ptr, src_ptr, src_ptr, e, (t - tiles1) % nb2, start, end, D,
+                             I, I, stride_de, stride_dn, 1, False, True, False, BLOCK_M, BLOCK_N2, BLOCK_K2,
+                             PRECISION, True)  # fmt: skip
+        finished = tl.atomic_add(sync_ptr + 1, 1, sem="acq_rel")
+        if finished == tl.num_programs(0) - 1:  # every other program is done
+            rp = tl.arange(0, 128)
+            for p0 in range(0, E + 2, 128):
+                tl.store(sync_ptr + p0 + rp, tl.zeros((128,), tl.int32), mask=p0 + rp < E + 2)
 
 
 # The sorted kernel's block sizes and warps (block_n, block_k, num_warps; unset: 32, 128 and 4,
@@ -196,6 +276,11 @@ if AVAILABLE:
 # --sweep sweeps the two apart, for whole experts and halves of their intermediate size).
 SORTED_CONFIG: dict[str, int] = {}
 SORTED_DOWN_CONFIG: dict[str, int] = {}
+# Both sorted projections in one launch (`expert_mlp_sorted`): a down block starts as soon as its
+# expert's gate/up blocks are done, not when the whole gate/up launch has drained. Opt-in until
+# kernels.py (7) and a 48-layer step measure it; SPECMOE_SORTED_FUSED=1 in a process's
+# environment sets it there (shard actors started with it too: `ShardOptions.env_vars`).
+SORTED_FUSED = os.environ.get("SPECMOE_SORTED_FUSED", "") == "1"
 
 
 def expert_matmul(
@@ -234,6 +319,45 @@ def expert_matmul(
             GROUP=group, GATHER=src is not None, SCATTER=dst is not None, GLU=glu,
             BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=block_k, PRECISION=dot_precision(x.dtype),
             num_warps=cfg.get("num_warps", 4), **pdl_launch(x.device),
+        )  # fmt: skip
+    return out
+
+
+def expert_mlp_sorted(
+    x: torch.Tensor,
+    gate_up: torch.Tensor,
+    down: torch.Tensor,
+    offsets: torch.Tensor,
+    order: torch.Tensor,
+    group: int,
+    sync: torch.Tensor,
+) -> torch.Tensor:
+    """`expert_matmul(expert_matmul(x, gate_up, offsets, src=order, group=group, glu=True), down,
+    offsets, dst=order)` in one launch with the same blocks (the same sums, bit for bit): x
+    [n / group, D], gate_up [E, 2I, D], down [E, D, I] -> [n, D] in pair order (positions
+    before offsets[0]: unspecified). sync: int32 [2 + E] zeros, the caller's own (two launches
+    running at once must not share it), left zero."""
+    n, E = order.shape[0], gate_up.shape[0]
+    _, two_i, D = gate_up.shape
+    I = two_i // 2
+    assert down.shape == (E, D, I) and sync.dtype == torch.int32 and sync.numel() >= 2 + E
+    out = torch.empty(n, D, dtype=x.dtype, device=x.device)
+    if n == 0:
+        return out
+    h = torch.empty(n, I, dtype=x.dtype, device=x.device)
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    up_cfg = SORTED_CONFIG
+    down_cfg = SORTED_DOWN_CONFIG or SORTED_CONFIG
+    block_k = 128 if x.dtype != torch.float32 else 64
+    bn1, bk1 = up_cfg.get("block_n", 32), up_cfg.get("block_k", block_k)
+    bn2, bk2 = down_cfg.get("block_n", 32), down_cfg.get("block_k", block_k)
+    grid = E * triton.cdiv(I, bn1) + E * triton.cdiv(D, bn2)
+    with launch_on(x.device):
+        _sorted_mlp_kernel[(grid,)](
+            x, gate_up, down, h, out, offsets, order, sync, E, I, D, x.stride(0),
+            gate_up.stride(0), gate_up.stride(1), down.stride(0), down.stride(1),
+            GROUP=group, BLOCK_M=16, BLOCK_N1=bn1, BLOCK_K1=bk1, BLOCK_N2=bn2, BLOCK_K2=bk2,
+            PRECISION=dot_precision(x.dtype), num_warps=up_cfg.get("num_warps", 4), **pdl_launch(x.device),
         )  # fmt: skip
     return out
 

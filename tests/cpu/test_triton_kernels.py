@@ -234,6 +234,50 @@ def test_pair_kernel_reads_token_rows_and_skips_experts_not_held(dtype, path, mo
     assert rel < (1e-5 if dtype == torch.float32 else 2e-2), rel
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sorted_experts_in_one_launch_equal_the_two_sorted_kernels(dtype, monkeypatch):
+    """`expert_mlp_sorted` (`SORTED_FUSED`: both sorted projections in one launch, a down block
+    waiting on its expert's gate/up blocks) == the two `expert_matmul` launches bit for bit on
+    every computed pair (experts of a subset, padding, `group` pairs per strided token row,
+    widths that are not multiples of the blocks), and float64 math; its counters are left zero,
+    so a second launch (a graph replay) gives the same rows."""
+    import torch.nn.functional as F
+
+    from specmoe_ray.moe.experts import LocalExperts
+
+    skip_bf16_on_interpreter(dtype)
+    g = torch.Generator().manual_seed(5)
+    E, D, I, T, A = 16, 80, 72, 6, 4
+    held = [0, 2, 3, 5, 8, 9, 13, 15]
+    gate_up = torch.randn(len(held), 2 * I, D, generator=g) / D**0.5
+    down = torch.randn(len(held), D, I, generator=g) / I**0.5
+    x = torch.randn(T, D + 8, generator=g)[:, :D]  # rows with a stride of D + 8
+    ids = torch.stack([torch.randperm(E, generator=g)[:A] for _ in range(T)]).reshape(-1)
+    ids[-A:] = -1  # the last token is padding
+    experts = LocalExperts(held, gate_up.to(DEVICE).to(dtype), down.to(DEVICE).to(dtype), E)
+    experts.triton = True
+    experts.triton_max_pairs, experts.triton_max_rows_per_expert = 0, 10**6  # the sorted path
+    monkeypatch.setattr(triton_experts, "SORTED_CONFIG", {"block_n": 32, "block_k": 32})
+    xd, idsd = x.to(DEVICE).to(dtype), ids.to(DEVICE)
+    two = experts(xd, idsd, group=A)
+    monkeypatch.setattr(triton_experts, "SORTED_FUSED", True)
+    fused = [experts(xd, idsd, group=A) for _ in range(2)]
+    assert experts._sorted_sync is not None and not experts._sorted_sync.any()
+    computed = torch.tensor([e in held for e in ids.tolist()])
+    assert 0 < computed.sum() < len(ids)
+    for out in fused:
+        assert torch.equal(out[computed.to(DEVICE)], two[computed.to(DEVICE)])
+    ref = torch.zeros(T * A, D, dtype=torch.float64)
+    for p, e in enumerate(ids.tolist()):
+        if e in held:
+            i = held.index(e)
+            gate, up = F.linear(x[p // A].double(), gate_up[i].double()).chunk(2)
+            ref[p] = F.linear(F.silu(gate) * up, down[i].double())
+    got = fused[0].double().cpu()[computed]
+    rel = ((got - ref[computed]).norm() / ref[computed].norm()).item()
+    assert rel < (1e-5 if dtype == torch.float32 else 2e-2), rel
+
+
 @pytest.mark.parametrize("split_keys,merge_last", [(256, False), (64, False), (64, True)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(
