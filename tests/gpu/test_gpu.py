@@ -295,6 +295,50 @@ def test_grouped_gemm_experts_equal_float64_reference():
     assert rel < 2e-2, rel
 
 
+@pytest.mark.parametrize("half", [False, True])
+def test_sorted_experts_in_one_launch_equal_two_launches(half, monkeypatch):
+    """`triton_experts.SORTED_FUSED` on a GPU (its down blocks spin on their expert's gate/up
+    counter while other programs run, which the CPU interpreter's one-by-one programs never
+    do): a batch-32 step's 256 pairs over 128 experts (half: the replicas' split, I 384), bf16,
+    eagerly and replayed from a CUDA graph (counters reset in between) == the two launches bit
+    for bit, and close to float64 math."""
+    import torch.nn.functional as F
+
+    from specmoe_ray.moe import triton_experts
+    from specmoe_ray.moe.experts import LocalExperts
+
+    g = torch.Generator().manual_seed(1)
+    E, D, I, T, A = 128, 512, 384 if half else 768, 32, 8
+    gate_up = torch.randn(E, 2 * I, D, generator=g) / D**0.5
+    down = torch.randn(E, D, I, generator=g) / I**0.5
+    x = torch.randn(T, D, generator=g)
+    ids = torch.stack([torch.randperm(E, generator=g)[:A] for _ in range(T)]).reshape(-1)
+    experts = LocalExperts(list(range(E)), gate_up.cuda().bfloat16(), down.cuda().bfloat16(), E)
+    xd, idsd = x.cuda().bfloat16(), ids.cuda()
+    two = experts(xd, idsd, group=A)
+    monkeypatch.setattr(triton_experts, "SORTED_FUSED", True)
+    eager = experts(xd, idsd, group=A)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        captured = experts(xd, idsd, group=A)
+    replays = []
+    for _ in range(3):
+        graph.replay()
+        replays.append(captured.clone())
+    torch.cuda.synchronize()
+    assert torch.equal(eager, two)
+    assert all(torch.equal(r, two) for r in replays)
+    assert not experts._sorted_sync.any()
+    ref = torch.empty(T * A, D, dtype=torch.float64)
+    for p, e in enumerate(ids.tolist()):
+        gate, up = F.linear(x[p // A].double(), gate_up[e].double()).chunk(2)
+        ref[p] = F.linear(F.silu(gate) * up, down[e].double())
+    rel = ((eager.double().cpu() - ref).norm() / ref.norm()).item()
+    assert rel < 2e-2, rel
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_cuda_graph_steps_equal_eager_steps(checkpoints, dtype):
     """Replayed CUDA graphs == the same padded static steps run eagerly, bit for bit (same
