@@ -186,6 +186,20 @@ def test_expert_mlp_in_one_launch_equals_the_two_pair_kernels(dtype, programs, m
     assert rel < (1e-5 if dtype == torch.float32 else 2e-2), rel
 
 
+def experts_reference(x, ids, group: int, held: list[int], gate_up, down) -> torch.Tensor:
+    """Float64 expert outputs of pairs (ids, one per pair; pair p reads row x[p // group]);
+    experts indexed by their place in held; pairs of experts not held: zero rows."""
+    import torch.nn.functional as F
+
+    ref = torch.zeros(len(ids), gate_up.shape[-1], dtype=torch.float64)
+    for p, e in enumerate(ids.tolist()):
+        if e in held:
+            i = held.index(e)
+            gate, up = F.linear(x[p // group].double(), gate_up[i].double()).chunk(2)
+            ref[p] = F.linear(F.silu(gate) * up, down[i].double())
+    return ref
+
+
 @pytest.mark.parametrize("path", ["pairs", "dedup", "sorted"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_pair_kernel_reads_token_rows_and_skips_experts_not_held(dtype, path, monkeypatch):
@@ -194,7 +208,6 @@ def test_pair_kernel_reads_token_rows_and_skips_experts_not_held(dtype, path, mo
     (what the MoE block passes: no expanded copy of the tokens), token rows strided (as a shard
     receives them), experts of a subset (others, and padding id -1, give zero rows on the
     few-pairs paths, unspecified rows on the sorted one), fused silu * up."""
-    import torch.nn.functional as F
 
     from specmoe_ray.moe.experts import LocalExperts
 
@@ -219,12 +232,7 @@ def test_pair_kernel_reads_token_rows_and_skips_experts_not_held(dtype, path, mo
         experts.triton_max_pairs, experts.triton_max_rows_per_expert = 0, 10**6
     wide = torch.cat([x, torch.randn(T, 8, generator=g)], dim=1)  # rows with a stride of D + 8
     out = experts(wide.to(DEVICE).to(dtype)[:, :D], ids.to(DEVICE), group=A).double().cpu()
-    ref = torch.zeros(T * A, D, dtype=torch.float64)
-    for p, e in enumerate(ids.tolist()):
-        if e in held:
-            i = held.index(e)
-            gate, up = F.linear(x[p // A].double(), gate_up[i].double()).chunk(2)
-            ref[p] = F.linear(F.silu(gate) * up, down[i].double())
+    ref = experts_reference(x, ids, A, held, gate_up, down)
     skipped = ref.abs().sum(1) == 0
     if path == "sorted":  # rows nobody computed are unspecified: compare the others
         out, ref = out[~skipped], ref[~skipped]
@@ -241,7 +249,6 @@ def test_sorted_experts_in_one_launch_equal_the_two_sorted_kernels(dtype, monkey
     every computed pair (experts of a subset, padding, `group` pairs per strided token row,
     widths that are not multiples of the blocks), and float64 math; its counters are left zero,
     so a second launch (a graph replay) gives the same rows."""
-    import torch.nn.functional as F
 
     from specmoe_ray.moe.experts import LocalExperts
 
@@ -267,12 +274,7 @@ def test_sorted_experts_in_one_launch_equal_the_two_sorted_kernels(dtype, monkey
     assert 0 < computed.sum() < len(ids)
     for out in fused:
         assert torch.equal(out[computed.to(DEVICE)], two[computed.to(DEVICE)])
-    ref = torch.zeros(T * A, D, dtype=torch.float64)
-    for p, e in enumerate(ids.tolist()):
-        if e in held:
-            i = held.index(e)
-            gate, up = F.linear(x[p // A].double(), gate_up[i].double()).chunk(2)
-            ref[p] = F.linear(F.silu(gate) * up, down[i].double())
+    ref = experts_reference(x, ids, A, held, gate_up, down)
     got = fused[0].double().cpu()[computed]
     rel = ((got - ref[computed]).norm() / ref[computed].norm()).item()
     assert rel < (1e-5 if dtype == torch.float32 else 2e-2), rel
