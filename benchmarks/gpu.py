@@ -416,6 +416,7 @@ def parse_switch(text: str) -> tuple[str, list[tuple[str, str, Any]]]:
 
 SWITCH_MODULES = {
     "fused": "specmoe_ray.models.fused",
+    "l2_ahead": "specmoe_ray.models.l2_ahead",
     "triton_kernels": "specmoe_ray.models.triton_kernels",
     "triton_experts": "specmoe_ray.moe.triton_experts",
 }

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from specmoe_ray.models import fused, triton_kernels
+from specmoe_ray.models import fused, l2_ahead, triton_kernels
 from specmoe_ray.models.args import ModelArgs, RopeArgs
 from specmoe_ray.models.fused import add_rms_norm, combine, linear, qk_rope, rms_norm
 from specmoe_ray.models.kv_cache import KVCache
@@ -65,6 +65,8 @@ class ForwardBatch:
     padded: bool = False
     # Attention masks built during one forward, shared by its layers (see `attention_mask`).
     masks: dict = dataclasses.field(default_factory=dict)
+    # The forward's weights read ahead into L2 (`l2_ahead.L2Ahead`; None: off).
+    ahead: Any = None
 
 
 def build_forward_batch(
@@ -371,6 +373,8 @@ class Attention(nn.Module):
                 q, kv = qk_rope(q, k, v, cos, sin, *norms)
                 cache.write_kv(self.layer, batch.write_slots, batch.positions, kv)
             kernel = kernel and triton_kernels.attention_supported(q, self.head_dim, rows)
+        if batch.ahead is not None:
+            batch.ahead.at(self.layer, "attention")
         if kernel:
             out = triton_kernels.decode_attention(
                 q,
@@ -476,6 +480,7 @@ class MoEBlock(nn.Module):
 class DecoderLayer(nn.Module):
     def __init__(self, args: ModelArgs, layer: int, attention_cls: type[nn.Module] = Attention):
         super().__init__()
+        self.layer = layer
         self.self_attn = attention_cls(args, layer)
         if args.is_moe_layer(layer):
             self.mlp = MoEBlock(args, layer)
@@ -492,6 +497,8 @@ class DecoderLayer(nn.Module):
         """The layer on a residual stream kept apart: the stream is `x + residual` (residual None:
         just x) -> (out, residual') whose sum is the layer's output. The adds run inside the
         norms (`add_rms_norm`), one kernel each instead of two."""
+        if batch.ahead is not None:
+            batch.ahead.at(self.layer, "start")
         if isinstance(x, fused.Pending) and (residual is None or fused.FUSED_NORM_MATVEC):
             x = x.combined()  # (the add + norm below combines it otherwise)
         if residual is None:
@@ -501,6 +508,8 @@ class DecoderLayer(nn.Module):
         else:
             h, residual = self._add_norm(self.input_layernorm, x, residual)
         out = self.self_attn(h, cos, sin, batch, cache)
+        if batch.ahead is not None:
+            batch.ahead.at(self.layer, "moe")
         if self._norm_in_router(out):  # add + norm, router and routing: one kernel
             mlp, norm = self.mlp, self.post_attention_layernorm
             weights, ids, counted, h, residual = mlp.gate.route_tokens(
@@ -646,8 +655,12 @@ class Transformer(nn.Module):
             cos, sin = cos * self.rope_scale, sin * self.rope_scale
         cos, sin = cos.to(x.dtype), sin.to(x.dtype)
         residual = None
+        batch.ahead = l2_ahead.for_step(self, x, batch.padded)
         for layer in self.model.layers:
             x, residual = layer.forward_residual(x, residual, cos, sin, batch, cache)
+        if batch.ahead is not None:
+            batch.ahead.finish()
+            batch.ahead = None
         return fused.materialize(x), residual
 
     @torch.inference_mode()

@@ -21,6 +21,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
+from specmoe_ray.models import l2_ahead as l2  # noqa: E402
 from specmoe_ray.models import triton_kernels as tk  # noqa: E402
 from specmoe_ray.moe import peer_sum as ps  # noqa: E402
 from specmoe_ray.moe import triton_dispatch as td  # noqa: E402
@@ -223,6 +224,8 @@ def kernels() -> list[tuple[str, object, list[dict], dict, tuple]]:
             dict(slots_ptr=I64, pads_ptr=I64, count_ptr=I32, waits_ptr=I64),
             ("eps",),
         ),
+        # Weights read ahead into L2 (inline PTX: the bulk prefetch, Hopper only).
+        ("l2_ahead prefetch", l2._prefetch_kernel, [dict(CHUNK=16384, LANES=32)], dict(base_ptr="*u8"), ()),
     ]
 
 
@@ -232,6 +235,8 @@ def main() -> int:
         for i, consts in enumerate(consts_list):
             # Every variant for Hopper in bf16; the first also for Ampere and in float32.
             targets = [(90, "bf16")] + ([(80, "bf16"), (90, "fp32")] if i == 0 else [])
+            if fn is l2._prefetch_kernel:  # cp.async.bulk: sm90 and later only (`l2_ahead.supported`)
+                targets = [(90, "bf16")]
             for arch, dtype in targets:
                 c = dict(consts, PDL=arch >= 90) if "PDL" in fn.arg_names else dict(consts)
                 if "PRECISION" in fn.arg_names:

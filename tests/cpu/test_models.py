@@ -207,3 +207,40 @@ def test_stop_token_ids_and_eos(checkpoints):
             0
         ]
         assert out.token_ids == ref and out.finish_reason == "length"
+
+
+def test_l2_ahead_plan_names_each_points_weights(checkpoints):
+    """`l2_ahead.plan`: each `what@where` of MODE puts that weight at every layer's point (the
+    next layer's fused q/k/v for `qkv+1`, none after the last layer, no router in a dense
+    layer); a bad item is named; off a
+    GPU with the bulk prefetch, `for_step` gives None, so CPUs run the forward unchanged."""
+    from specmoe_ray.models import fused, l2_ahead
+
+    model = load_trunk(checkpoints("qwen3_moe"))
+    model.fuse_projections()
+    layers = model.model.layers
+    assert len(layers) >= 2 and 0 < sum(hasattr(layer.mlp, "gate") for layer in layers) < len(layers)
+    points = l2_ahead.plan(model, "o@attention, qkv+1@moe,router@start")
+    want = {}
+    for i, layer in enumerate(layers):
+        want[(i, "attention")] = [layer.self_attn.o_proj.weight]
+        if hasattr(layer.mlp, "gate"):  # (a dense layer has no router)
+            want[(i, "start")] = [layer.mlp.gate.weight]
+        if i + 1 < len(layers):
+            want[(i, "moe")] = [layers[i + 1].self_attn._qkv[0]]
+    assert points.keys() == want.keys()
+    for key, weights in want.items():
+        assert [w.data_ptr() for w in points[key]] == [w.data_ptr() for w in weights], key
+        assert all(a is b for a, b in zip(points[key], weights)), key
+    assert not l2_ahead.plan(model, "")
+    with pytest.raises(ValueError, match=r"'o@middle'.*what@where"):
+        l2_ahead.plan(model, "o@attention,o@middle")
+    with pytest.raises(ValueError, match=r"'qkv@start'"):
+        l2_ahead.parse_mode("qkv@start")
+    x = torch.zeros(1, model.args.hidden_size)
+    with fused.active():
+        old, l2_ahead.MODE = l2_ahead.MODE, "o@attention"
+        try:
+            assert l2_ahead.for_step(model, x, padded=True) is None
+        finally:
+            l2_ahead.MODE = old

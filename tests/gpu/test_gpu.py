@@ -240,6 +240,9 @@ def test_capture_failure_falls_back_to_eager_static_steps(checkpoints):
         [("fused", "MATVEC_O_PROJ", True), ("triton_experts", "PREFETCH", True)],
         [("fused", "MATVEC", True), ("triton_experts", "PREFETCH", True)],
         [("fused", "MATVEC", True), ("triton_experts", "PREFETCH", True), ("triton_experts", "DEDUP", False)],
+        # Opt-in: weights read ahead into L2 on a side stream (forked and joined inside the graphs).
+        [("l2_ahead", "MODE", "o@attention,qkv+1@attention")],
+        [("l2_ahead", "MODE", "o@start,router@start,qkv+1@moe")],
     ],
     ids=lambda flips: "+".join(f"{switch}={value}" for _, switch, value in flips),
 )
@@ -247,10 +250,11 @@ def test_fast_path_switches_give_the_tokens_of_transformers(tmp_path, monkeypatc
     """Each kernel switch of the static steps (kernels.py ablates them) flipped from its default:
     batch-1 decode and n-gram verify steps, replayed from graphs, == transformers (float32).
     Heads of 64, so the attention kernel (and its switches) serve the steps."""
-    from specmoe_ray.models import fused, triton_kernels
+    from specmoe_ray.models import fused, l2_ahead, triton_kernels
     from specmoe_ray.moe import triton_experts
 
     modules = {"fused": fused, "triton_kernels": triton_kernels, "triton_experts": triton_experts}
+    modules["l2_ahead"] = l2_ahead
     for module, switch, value in flips:
         monkeypatch.setattr(modules[module], switch, value)
     path = wide_checkpoint(tmp_path)
