@@ -34,7 +34,13 @@ trunk alone (routing, no expert stage): the part of a layer every replica repeat
 (7) `--split`: one of 2 GPUs' expert stage at --expert-tokens tokens, experts split by expert
 (64 whole ones) or by intermediate size (all 128, half of I each), beside one GPU's.
 With --sweep, the gate/up and the down projection's blocks swept apart (`SORTED_CONFIG`,
-`SORTED_DOWN_CONFIG`) at the last --expert-tokens, per layout.
+`SORTED_DOWN_CONFIG`) at the last --expert-tokens, per layout; with --tables, each layout's
+kernels there (profiled eagerly).
+
+(8) `--l2`: weights read ahead into L2 (`models/l2_ahead.py`): o_proj [2048 x 4096] and q/k/v
+[5120 x 2048] by cuBLAS for one row, L2 flushed before each: cold, right after a bulk prefetch,
+and behind a one-program spin kernel (the attention's stand-in) with and without the prefetch on
+a side stream; and the prefetch's own time per chunk size.
 
     python benchmarks/kernels.py --layers 4 --batch 1 --tq 1 4
 """
@@ -49,13 +55,14 @@ import time
 from collections import defaultdict
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from decode import qwen3_30b_a3b_config  # noqa: E402
 from gpu import copy_bandwidth, engine_on_hf_weights, ours_run, profile_steps, prompts_for  # noqa: E402
 
 from specmoe_ray.engine.graph import StepGraphs  # noqa: E402
-from specmoe_ray.models import fused, triton_kernels  # noqa: E402
+from specmoe_ray.models import fused, l2_ahead, triton_kernels  # noqa: E402
 from specmoe_ray.moe import triton_experts  # noqa: E402
 from specmoe_ray.moe.experts import LocalExperts  # noqa: E402
 
@@ -257,6 +264,14 @@ def step_profile(a, bandwidth: float) -> None:
         "one-row projections by the matrix-vector kernel + prefetch (opt-in)": [
             (fused, "MATVEC", True),
             (triton_experts, "PREFETCH", True),
+        ],
+        "o_proj read ahead into L2 during the attention (opt-in)": [(l2_ahead, "MODE", "o@attention")],
+        "o_proj read ahead into L2 from the layer's start (opt-in)": [(l2_ahead, "MODE", "o@start")],
+        "o_proj + next q/k/v read ahead during the attention (opt-in)": [
+            (l2_ahead, "MODE", "o@attention,qkv+1@attention")
+        ],
+        "o_proj during the attention, next q/k/v during the experts (opt-in)": [
+            (l2_ahead, "MODE", "o@attention,qkv+1@moe")
         ],
         "one-row projections by cuBLAS on column-major weights (opt-in)": [(fused, "COLUMN_MAJOR", True)],
         "add + norm inside the projections (opt-in)": [(fused, "FUSED_NORM_MATVEC", True)],
@@ -684,6 +699,14 @@ def split_experts(a, bandwidth: float) -> None:
 
             ms = min(graph_ms(run) for _ in range(3)) / n_layers
             print(f"  T={T:3d} {1e3 * ms:8.1f} us  {name}")
+            if a.tables and a.expert_tokens[-1] == T:  # eager, no PDL: each kernel's own time
+                triton_experts.PDL = False
+                try:
+                    rows, total = kernel_table(run, 5)
+                finally:
+                    triton_experts.PDL = True
+                print_table(f"T={T} {name}, eager, no PDL, {n_layers} layers", rows, total, n_layers, top=8)
+                projections_apart(layers, tokens, ids, A, name)
             if layers[0].triton and layers[0].triton_max_pairs < T * A:  # the sorted path
                 two = layers[0](tokens, ids, A)
                 triton_experts.SORTED_FUSED = True  # both projections in one launch
@@ -697,6 +720,68 @@ def split_experts(a, bandwidth: float) -> None:
                 print(f"  T={T:3d} {1e3 * ms:8.1f} us  {name}, one launch (SORTED_FUSED; {same})")
     if a.sweep:
         split_sweep(layouts, a.expert_tokens[-1], E, D, A, g)
+    if a.fused_sweep:
+        fused_down_sweep(layouts, a.expert_tokens[-1], E, A, g)
+
+
+def projections_apart(layers: list, x: torch.Tensor, ids: torch.Tensor, A: int, name: str) -> None:
+    """(7) --tables: the sorted path's sort, gate/up and down launches timed apart (graph replay,
+    us per layer), each against its share of the bytes' floor."""
+    E = len(layers[0].expert_ids)
+    tables = [None if layer.identity else layer.to_local for layer in layers]
+    sort = [triton_experts.sort_pairs(ids, table, E) for table in tables]
+    hs = [
+        triton_experts.expert_matmul(x, layer.gate_up, offs, src=order, group=A, glu=True)
+        for layer, (_, order, offs) in zip(layers, sort)
+    ]
+
+    def sorts():
+        for table in tables:
+            triton_experts.sort_pairs(ids, table, E)
+
+    def gate_up():
+        for layer, (_, order, offs) in zip(layers, sort):
+            triton_experts.expert_matmul(x, layer.gate_up, offs, src=order, group=A, glu=True)
+
+    def down():
+        for layer, h, (_, order, offs) in zip(layers, hs, sort):
+            triton_experts.expert_matmul(h, layer.down, offs, dst=order)
+
+    us = {k: 1e3 * min(graph_ms(f) for _ in range(3)) / len(layers) for k, f in
+          (("sort", sorts), ("gate/up", gate_up), ("down", down))}  # fmt: skip
+    print(f"    {name}: " + ", ".join(f"{k} {v:.1f} us" for k, v in us.items()))
+
+
+def fused_down_sweep(layouts: dict, T: int, E: int, A: int, g: torch.Generator) -> None:
+    """(7) --fused-sweep: `SORTED_FUSED`'s one launch with the down blocks swept (its down
+    programs share the launch's registers with gate/up's: their best blocks may differ from the
+    two launches'), per layout, beside the two launches."""
+    ids = routed_ids(T, E, A, False, g)
+    tokens = torch.randn(T, layouts[next(iter(layouts))][0].gate_up.shape[2], device="cuda",
+                         dtype=torch.bfloat16, generator=g)  # fmt: skip
+    downs = [{}] + [{"block_n": bn, "block_k": bk, "num_warps": w}
+                    for bn, bk, w in [(64, 64, 4), (64, 128, 4), (128, 64, 4), (128, 128, 4), (128, 128, 8),
+                                      (64, 256, 4), (256, 64, 8)]]  # fmt: skip
+    print(f"(7) --fused-sweep at T={T}: us per layer, one launch by its down blocks (default: gate/up's)")
+    for name, layers in layouts.items():
+
+        def run(layers=layers):
+            for layer in layers:
+                layer(tokens, ids, A)
+
+        res = {"two launches": min(graph_ms(run) for _ in range(2)) / len(layers)}
+        triton_experts.SORTED_FUSED = True
+        try:
+            for cfg in downs:
+                triton_experts.SORTED_FUSED_DOWN_CONFIG = cfg
+                label = f"{cfg['block_n']} x {cfg['block_k']}, {cfg['num_warps']}w" if cfg else "default"
+                try:
+                    res[label] = min(graph_ms(run) for _ in range(2)) / len(layers)
+                except Exception as e:  # e.g. out of shared memory
+                    print(f"    {name} {label}: {type(e).__name__}")
+        finally:
+            triton_experts.SORTED_FUSED, triton_experts.SORTED_FUSED_DOWN_CONFIG = False, {}
+        print(f"  {name}: " + ", ".join(f"{k} {1e3 * v:.1f}" for k, v in res.items()))
 
 
 def split_sweep(layouts: dict, T: int, E: int, D: int, A: int, g: torch.Generator) -> None:
@@ -730,6 +815,54 @@ def split_sweep(layouts: dict, T: int, E: int, D: int, A: int, g: torch.Generato
             )
 
 
+def l2_ahead_probe(bandwidth: float) -> None:
+    """(8) One-row projections from L2 vs HBM, and the bulk prefetch's speed."""
+    if not l2_ahead.supported(torch.device("cuda")):
+        print("(8) skipped: the bulk L2 prefetch needs compute capability 9+")
+        return
+    flush = torch.empty(192 << 20, dtype=torch.uint8, device="cuda")  # > L2: evicts everything
+    base = min(graph_ms(flush.zero_) for _ in range(3))
+
+    def timed(fn) -> float:  # us past the flush
+        return 1e3 * (min(graph_ms(lambda: (flush.zero_(), fn())) for _ in range(3)) - base)
+
+    spin = 14000  # cycles: ~7 us at ~2 GHz, an attention kernel's span at batch 1
+    print(f"(8) weights ahead in L2: us past a {flush.numel() >> 20} MB flush ({1e3 * base:.1f} us)")
+    print(f"  a {spin}-cycle spin kernel alone: {timed(lambda: torch.cuda._sleep(spin)):.1f} us")
+    for name, (N, K) in {"o_proj": (2048, 4096), "q/k/v": (5120, 2048)}.items():
+        w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16)
+        x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
+        nbytes = w.numel() * w.element_size()
+        print(f"  {name} [{N} x {K}], {nbytes / 1e6:.1f} MB (floor {1e6 * nbytes / bandwidth:.1f} us):")
+        for label, us in l2_ahead_runs(timed, w, x, spin).items():
+            print(f"    {us:7.1f} us  {label}")
+
+
+def l2_ahead_runs(timed, w: torch.Tensor, x: torch.Tensor, spin: int) -> dict[str, float]:
+    side = torch.cuda.Stream()
+
+    def beside():  # the spin kernel, the prefetch on a side stream forked before it, then x @ w
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            l2_ahead.prefetch(w)
+        torch.cuda._sleep(spin)
+        F.linear(x, w)
+        torch.cuda.current_stream().wait_stream(side)
+
+    out = {
+        "cold (from HBM)": timed(lambda: F.linear(x, w)),
+        "right after a prefetch (same stream)": timed(lambda: (l2_ahead.prefetch(w), F.linear(x, w))),
+        "spin, then cold": timed(lambda: (torch.cuda._sleep(spin), F.linear(x, w))),
+        "spin with the prefetch beside it, then from L2": timed(beside),
+    }
+    for chunk in (4096, 16384, 65536):
+        for lanes in (8, 32):
+            out[f"the prefetch kernel alone, {chunk} B x {lanes} per program"] = timed(
+                lambda c=chunk, n=lanes: l2_ahead.prefetch(w, c, n)
+            )
+    return out
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--layers", type=int, default=4)
@@ -747,6 +880,9 @@ def main(argv=None) -> None:
     p.add_argument(
         "--split", action="store_true", help="(7): experts split by expert or by intermediate size"
     )
+    p.add_argument("--fused-sweep", action="store_true", help="(7): SORTED_FUSED's down blocks swept")
+    p.add_argument("--tables", action="store_true", help="(7): kernel tables at the last --expert-tokens")
+    p.add_argument("--l2", action="store_true", help="(8): weights read ahead into L2")
     p.add_argument("--replica", action="store_true", help="(6): a trunk replica's step without its peer")
     p.add_argument(
         "--pdl",
@@ -777,6 +913,8 @@ def main(argv=None) -> None:
         replica_alone(a)
     if a.split:
         split_experts(a, bandwidth)
+    if a.l2:
+        l2_ahead_probe(bandwidth)
 
 
 if __name__ == "__main__":

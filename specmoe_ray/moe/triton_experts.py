@@ -281,6 +281,12 @@ SORTED_DOWN_CONFIG: dict[str, int] = {}
 # kernels.py (7) and a 48-layer step measure it; SPECMOE_SORTED_FUSED=1 in a process's
 # environment sets it there (shard actors started with it too: `ShardOptions.env_vars`).
 SORTED_FUSED = os.environ.get("SPECMOE_SORTED_FUSED", "") == "1"
+# The one launch's down blocks (block_n, block_k; empty: SORTED_DOWN_CONFIG's, else gate/up's):
+# its down programs share the launch's registers and warps with gate/up's, so their best blocks
+# differ from the two launches' (kernels.py (7) --fused-sweep, H200, T = 32: 64 x 128 237.7 us
+# per layer against 243.0 with gate/up's 32 x 128 and 242.6 for two launches; 48 layers at batch
+# 32, one GPU: 1.012x; RESULTS.md session 17). The same block_k: the same sums as two launches.
+SORTED_FUSED_DOWN_CONFIG: dict[str, int] = {"block_n": 64, "block_k": 128}
 
 
 def expert_matmul(
@@ -347,7 +353,7 @@ def expert_mlp_sorted(
     h = torch.empty(n, I, dtype=x.dtype, device=x.device)
     x = x if x.stride(-1) == 1 else x.contiguous()
     up_cfg = SORTED_CONFIG
-    down_cfg = SORTED_DOWN_CONFIG or SORTED_CONFIG
+    down_cfg = SORTED_FUSED_DOWN_CONFIG or SORTED_DOWN_CONFIG or SORTED_CONFIG
     block_k = 128 if x.dtype != torch.float32 else 64
     bn1, bk1 = up_cfg.get("block_n", 32), up_cfg.get("block_k", block_k)
     bn2, bk2 = down_cfg.get("block_n", 32), down_cfg.get("block_k", block_k)

@@ -265,6 +265,8 @@ def test_sorted_experts_in_one_launch_equal_the_two_sorted_kernels(dtype, monkey
     experts.triton = True
     experts.triton_max_pairs, experts.triton_max_rows_per_expert = 0, 10**6  # the sorted path
     monkeypatch.setattr(triton_experts, "SORTED_CONFIG", {"block_n": 32, "block_k": 32})
+    # The one launch's down blocks twice as wide (the same block_k: the same sums).
+    monkeypatch.setattr(triton_experts, "SORTED_FUSED_DOWN_CONFIG", {"block_n": 64, "block_k": 32})
     xd, idsd = x.to(DEVICE).to(dtype), ids.to(DEVICE)
     two = experts(xd, idsd, group=A)
     monkeypatch.setattr(triton_experts, "SORTED_FUSED", True)
