@@ -524,7 +524,7 @@ def bench_layout(
         replica_split="intermediate" if layout.startswith("replicas-split") else "experts",
         replica_peer_sum=256 if layout.endswith("-peer") else 0,
         replica_attention="heads" if "-heads" in layout else "replicated",
-        # This process's SPECMOE_* switches (e.g. SPECMOE_SORTED_FUSED=1) for the shard actors too.
+        # This process's SPECMOE_* switches (e.g. SPECMOE_SORTED_FUSED=0) for the shard actors too.
         env_vars={k: v for k, v in os.environ.items() if k.startswith("SPECMOE_")}
         | ({peer_sum.WAIT_TIMES_ENV: "1"} if a.peer_waits else {}),
     )

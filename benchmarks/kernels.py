@@ -697,7 +697,12 @@ def split_experts(a, bandwidth: float) -> None:
                 for layer in layers:
                     layer(x, ids, A)
 
-            ms = min(graph_ms(run) for _ in range(3)) / n_layers
+            fused = triton_experts.SORTED_FUSED
+            triton_experts.SORTED_FUSED = False  # two launches first (the one-launch row below)
+            try:
+                ms = min(graph_ms(run) for _ in range(3)) / n_layers
+            finally:
+                triton_experts.SORTED_FUSED = fused
             print(f"  T={T:3d} {1e3 * ms:8.1f} us  {name}")
             if a.tables and a.expert_tokens[-1] == T:  # eager, no PDL: each kernel's own time
                 triton_experts.PDL = False
@@ -708,13 +713,14 @@ def split_experts(a, bandwidth: float) -> None:
                 print_table(f"T={T} {name}, eager, no PDL, {n_layers} layers", rows, total, n_layers, top=8)
                 projections_apart(layers, tokens, ids, A, name)
             if layers[0].triton and layers[0].triton_max_pairs < T * A:  # the sorted path
+                triton_experts.SORTED_FUSED = False
                 two = layers[0](tokens, ids, A)
                 triton_experts.SORTED_FUSED = True  # both projections in one launch
                 try:
                     one = layers[0](tokens, ids, A)
                     ms = min(graph_ms(run) for _ in range(3)) / n_layers
                 finally:
-                    triton_experts.SORTED_FUSED = False
+                    triton_experts.SORTED_FUSED = fused
                 held = ids < len(layers[0].expert_ids)  # (experts 0 .. held - 1; other rows: unspecified)
                 same = "same rows" if torch.equal(one[held], two[held]) else "ROWS DIFFER"
                 print(f"  T={T:3d} {1e3 * ms:8.1f} us  {name}, one launch (SORTED_FUSED; {same})")
@@ -753,45 +759,67 @@ def projections_apart(layers: list, x: torch.Tensor, ids: torch.Tensor, A: int, 
 
 
 def fused_down_sweep(layouts: dict, T: int, E: int, A: int, g: torch.Generator) -> None:
-    """(7) --fused-sweep: `SORTED_FUSED`'s one launch with the down blocks swept (its down
-    programs share the launch's registers with gate/up's: their best blocks may differ from the
-    two launches'), per layout, beside the two launches."""
+    """(7) --fused-sweep: `SORTED_FUSED`'s one launch with its down blocks (its down programs
+    share the launch's registers and warps with gate/up's: their best blocks differ from the two
+    launches') and gate/up's blocks and warps swept together, per layout, beside the two
+    launches; the defaults and the best 5."""
     ids = routed_ids(T, E, A, False, g)
     tokens = torch.randn(T, layouts[next(iter(layouts))][0].gate_up.shape[2], device="cuda",
                          dtype=torch.bfloat16, generator=g)  # fmt: skip
-    downs = [{}] + [{"block_n": bn, "block_k": bk, "num_warps": w}
-                    for bn, bk, w in [(64, 64, 4), (64, 128, 4), (128, 64, 4), (128, 128, 4), (128, 128, 8),
-                                      (64, 256, 4), (256, 64, 8)]]  # fmt: skip
-    print(f"(7) --fused-sweep at T={T}: us per layer, one launch by its down blocks (default: gate/up's)")
+    ups = [{}] + [{"block_n": bn, "block_k": bk, "num_warps": w}
+                  for bn, bk, w in [(16, 128, 4), (64, 128, 4), (32, 256, 4), (32, 128, 8)]]  # fmt: skip
+    down_blocks = [(32, 128), (64, 64), (128, 64), (128, 128), (64, 256), (256, 64)]
+    downs = [{}] + [{"block_n": bn, "block_k": bk} for bn, bk in down_blocks]
+    saved = triton_experts.SORTED_CONFIG, triton_experts.SORTED_FUSED_DOWN_CONFIG
+
+    def label(cfg: dict, default: str) -> str:
+        if not cfg:
+            return default
+        warps = f" {cfg['num_warps']}w" if "num_warps" in cfg else ""
+        return f"{cfg['block_n']}x{cfg['block_k']}{warps}"
+
+    print(f"(7) --fused-sweep at T={T}: us per layer, one launch by gate/up's blocks (default 32x128 4w)"
+          f" / down's (default {label(saved[1], 'gate/up')})")  # fmt: skip
     for name, layers in layouts.items():
 
         def run(layers=layers):
             for layer in layers:
                 layer(tokens, ids, A)
 
-        res = {"two launches": min(graph_ms(run) for _ in range(2)) / len(layers)}
+        fused = triton_experts.SORTED_FUSED
+        triton_experts.SORTED_FUSED = False
+        two = min(graph_ms(run) for _ in range(2)) / len(layers)
+        res = {}
         triton_experts.SORTED_FUSED = True
         try:
-            for cfg in downs:
-                triton_experts.SORTED_FUSED_DOWN_CONFIG = cfg
-                label = f"{cfg['block_n']} x {cfg['block_k']}, {cfg['num_warps']}w" if cfg else "default"
-                try:
-                    res[label] = min(graph_ms(run) for _ in range(2)) / len(layers)
-                except Exception as e:  # e.g. out of shared memory
-                    print(f"    {name} {label}: {type(e).__name__}")
+            for up in ups:
+                for down in downs:
+                    triton_experts.SORTED_CONFIG = up
+                    triton_experts.SORTED_FUSED_DOWN_CONFIG = down or saved[1]
+                    key = f"{label(up, 'default')} / {label(down, 'default')}"
+                    try:
+                        res[key] = min(graph_ms(run) for _ in range(2)) / len(layers)
+                    except Exception as e:  # e.g. out of shared memory
+                        print(f"    {name} {key}: {type(e).__name__}")
         finally:
-            triton_experts.SORTED_FUSED, triton_experts.SORTED_FUSED_DOWN_CONFIG = False, {}
-        print(f"  {name}: " + ", ".join(f"{k} {1e3 * v:.1f}" for k, v in res.items()))
+            triton_experts.SORTED_FUSED = fused
+            triton_experts.SORTED_CONFIG, triton_experts.SORTED_FUSED_DOWN_CONFIG = saved
+        best = sorted(res.items(), key=lambda kv: kv[1])[:5]
+        default = res.get("default / default", float("nan"))
+        print(f"  {name}: two launches {1e3 * two:.1f}, one launch at the defaults {1e3 * default:.1f};"
+              " best: " + ", ".join(f"{k} {1e3 * v:.1f}" for k, v in best))  # fmt: skip
 
 
 def split_sweep(layouts: dict, T: int, E: int, D: int, A: int, g: torch.Generator) -> None:
     """(7) --sweep: the gate/up projection's blocks (`SORTED_CONFIG`, down at its default) and
     the down projection's (`SORTED_DOWN_CONFIG`, gate/up at its default) apart, per layout of
-    (7), at T tokens; the best 4 of each beside the defaults."""
+    (7), at T tokens; the best 4 of each beside the defaults. Two launches (`SORTED_FUSED` off;
+    --fused-sweep sweeps the one launch)."""
     ids = routed_ids(T, E, A, False, g)
     tokens = torch.randn(T, D, device="cuda", dtype=torch.bfloat16, generator=g)
     blocks = [(bn, bk, w) for bn in (16, 32, 64, 128) for bk in (64, 128, 256) for w in (4, 8)]
     print(f"(7) --sweep at T={T}: us per layer; gate/up blocks with down at its default, then down's")
+    fused, triton_experts.SORTED_FUSED = triton_experts.SORTED_FUSED, False
     for name, layers in layouts.items():
 
         def run(layers=layers):
@@ -813,6 +841,7 @@ def split_sweep(layouts: dict, T: int, E: int, D: int, A: int, g: torch.Generato
                 f"  {name}, {which}: default 32 x 128, 4 warps {1e3 * default:.1f} us; best: "
                 + ", ".join(f"{k} {1e3 * v:.1f}" for k, v in best)
             )
+    triton_experts.SORTED_FUSED = fused
 
 
 def l2_ahead_probe(bandwidth: float) -> None:

@@ -220,6 +220,7 @@ if AVAILABLE:
         stride_gun,
         stride_de,
         stride_dn,
+        max_spins,  # a down block waits this many polls at most, then computes its gate/up itself
         GROUP: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N1: tl.constexpr,
@@ -228,18 +229,23 @@ if AVAILABLE:
         BLOCK_K2: tl.constexpr,
         PRECISION: tl.constexpr,
         PDL: tl.constexpr = False,  # programmatic dependent launch (`pdl_launch`)
+        DOWN_FIRST: tl.constexpr = False,  # tests: the down blocks on the first programs
     ):
         """`expert_matmul`'s two launches (gate/up gathering x, down scattering to pair order) in
         one: a program per block, every expert's gate/up blocks first (expert by expert), then
         the down blocks; a down block of expert e waits until e's gate/up blocks are counted
         done, so down blocks of the experts done first run during the gate/up blocks' tail
-        instead of after the whole launch drains. GPUs start a grid's programs in order (CUDA
-        does not promise it: opt-in, `SORTED_FUSED`). The last program to finish zeroes the
-        counters (graph replays)."""
+        instead of after the whole launch drains. GPUs start a grid's programs in order, so the
+        gate/up blocks a down block waits for are running; CUDA does not promise that order: a
+        down block still waiting after max_spins polls computes its expert's gate/up blocks
+        itself (the same values, written again), so no order can hang the launch. The last
+        program to finish zeroes the counters (graph replays)."""
         _grid_dependency(PDL)
-        t = tl.program_id(0)
         nb1 = tl.cdiv(I, BLOCK_N1)
         tiles1 = E * nb1
+        t = tl.program_id(0)
+        if DOWN_FIRST:
+            t = (t + tiles1) % tl.num_programs(0)
         if t < tiles1:
             e = t // nb1
             start = tl.load(offs_ptr + e)
@@ -257,8 +263,15 @@ if AVAILABLE:
             end = tl.load(offs_ptr + e + 1)
             if end > start:
                 done = tl.atomic_add(sync_ptr + 2 + e, 0, sem="acquire")
-                while done < nb1:
+                spins = 0
+                while (done < nb1) & (spins < max_spins):
                     done = tl.atomic_add(sync_ptr + 2 + e, 0, sem="acquire")
+                    spins += 1
+                if done < nb1:  # its gate/up blocks have not run: compute them here (never counted)
+                    for j in range(nb1):
+                        _expert_rows(x_ptr, gu_ptr, h_ptr, src_ptr, src_ptr, e, j, start, end, I, D, stride_x,
+                                     stride_gue, stride_gun, GROUP, True, False, True, BLOCK_M, BLOCK_N1,
+                                     BLOCK_K1, PRECISION, False)  # fmt: skip
                 tl.debug_barrier()
                 _expert_rows(h_ptr, down_ptr, out_ptr, src_ptr, src_ptr, e, (t - tiles1) % nb2, start, end, D,
                              I, I, stride_de, stride_dn, 1, False, True, False, BLOCK_M, BLOCK_N2, BLOCK_K2,
@@ -277,16 +290,20 @@ if AVAILABLE:
 SORTED_CONFIG: dict[str, int] = {}
 SORTED_DOWN_CONFIG: dict[str, int] = {}
 # Both sorted projections in one launch (`expert_mlp_sorted`): a down block starts as soon as its
-# expert's gate/up blocks are done, not when the whole gate/up launch has drained. Opt-in until
-# kernels.py (7) and a 48-layer step measure it; SPECMOE_SORTED_FUSED=1 in a process's
-# environment sets it there (shard actors started with it too: `ShardOptions.env_vars`).
-SORTED_FUSED = os.environ.get("SPECMOE_SORTED_FUSED", "") == "1"
+# expert's gate/up blocks are done, not when the whole gate/up launch has drained (kernels.py (7),
+# H200, T = 32: ~5 us per layer less in every layout; 48 layers, batch 32, one GPU: 1.012x;
+# RESULTS.md session 17). SPECMOE_SORTED_FUSED=0 in a process's environment turns it off there
+# (shard actors started with it too: `ShardOptions.env_vars`).
+SORTED_FUSED = os.environ.get("SPECMOE_SORTED_FUSED", "1") != "0"
 # The one launch's down blocks (block_n, block_k; empty: SORTED_DOWN_CONFIG's, else gate/up's):
 # its down programs share the launch's registers and warps with gate/up's, so their best blocks
 # differ from the two launches' (kernels.py (7) --fused-sweep, H200, T = 32: 64 x 128 237.7 us
 # per layer against 243.0 with gate/up's 32 x 128 and 242.6 for two launches; 48 layers at batch
 # 32, one GPU: 1.012x; RESULTS.md session 17). The same block_k: the same sums as two launches.
 SORTED_FUSED_DOWN_CONFIG: dict[str, int] = {"block_n": 64, "block_k": 128}
+# Polls of the expert's counter before a down block computes its gate/up itself (a GPU starting
+# the grid's programs out of order): a block of gate/up takes ~30-100 us, a poll ~0.5-1 us.
+SORTED_FUSED_MAX_SPINS = 20000
 
 
 def expert_matmul(
@@ -337,12 +354,18 @@ def expert_mlp_sorted(
     order: torch.Tensor,
     group: int,
     sync: torch.Tensor,
+    max_spins: int | None = None,
+    down_first: bool = False,
 ) -> torch.Tensor:
     """`expert_matmul(expert_matmul(x, gate_up, offsets, src=order, group=group, glu=True), down,
     offsets, dst=order)` in one launch with the same blocks (the same sums, bit for bit): x
     [n / group, D], gate_up [E, 2I, D], down [E, D, I] -> [n, D] in pair order (positions
     before offsets[0]: unspecified). sync: int32 [2 + E] zeros, the caller's own (two launches
-    running at once must not share it), left zero."""
+    running at once must not share it), left zero. max_spins (default `SORTED_FUSED_MAX_SPINS`):
+    polls of a down block for its expert's gate/up blocks before it computes them itself;
+    down_first (tests): the down blocks on the launch's first programs, as if started first."""
+    if max_spins is None:
+        max_spins = SORTED_FUSED_MAX_SPINS
     n, E = order.shape[0], gate_up.shape[0]
     _, two_i, D = gate_up.shape
     I = two_i // 2
@@ -361,9 +384,10 @@ def expert_mlp_sorted(
     with launch_on(x.device):
         _sorted_mlp_kernel[(grid,)](
             x, gate_up, down, h, out, offsets, order, sync, E, I, D, x.stride(0),
-            gate_up.stride(0), gate_up.stride(1), down.stride(0), down.stride(1),
+            gate_up.stride(0), gate_up.stride(1), down.stride(0), down.stride(1), max_spins,
             GROUP=group, BLOCK_M=16, BLOCK_N1=bn1, BLOCK_K1=bk1, BLOCK_N2=bn2, BLOCK_K2=bk2,
-            PRECISION=dot_precision(x.dtype), num_warps=up_cfg.get("num_warps", 4), **pdl_launch(x.device),
+            PRECISION=dot_precision(x.dtype), num_warps=up_cfg.get("num_warps", 4), DOWN_FIRST=down_first,
+            **pdl_launch(x.device),
         )  # fmt: skip
     return out
 

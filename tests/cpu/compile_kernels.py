@@ -173,7 +173,11 @@ def kernels() -> list[tuple[str, object, list[dict], dict, tuple]]:
         (
             "experts (sorted, gate/up and down in one launch)",
             te._sorted_mlp_kernel,
-            variants(dict(GROUP=8, BLOCK_M=16, BLOCK_N1=32, BLOCK_K1=128, BLOCK_K2=128), BLOCK_N2=(32, 64)),
+            variants(
+                dict(GROUP=8, BLOCK_M=16, BLOCK_N1=32, BLOCK_K1=128, BLOCK_K2=128),
+                BLOCK_N2=(32, 64),
+                DOWN_FIRST=(False, True),
+            ),
             dict(offs_ptr=I32, src_ptr=I64, sync_ptr=I32),
             (),
         ),

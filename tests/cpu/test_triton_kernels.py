@@ -242,17 +242,24 @@ def test_pair_kernel_reads_token_rows_and_skips_experts_not_held(dtype, path, mo
     assert rel < (1e-5 if dtype == torch.float32 else 2e-2), rel
 
 
+@pytest.mark.parametrize("down_first", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_sorted_experts_in_one_launch_equal_the_two_sorted_kernels(dtype, monkeypatch):
+def test_sorted_experts_in_one_launch_equal_the_two_sorted_kernels(dtype, down_first, monkeypatch):
     """`expert_mlp_sorted` (`SORTED_FUSED`: both sorted projections in one launch, a down block
     waiting on its expert's gate/up blocks) == the two `expert_matmul` launches bit for bit on
     every computed pair (experts of a subset, padding, `group` pairs per strided token row,
     widths that are not multiples of the blocks), and float64 math; its counters are left zero,
-    so a second launch (a graph replay) gives the same rows."""
+    so a second launch (a graph replay) gives the same rows. down_first: the down blocks run
+    before any gate/up block (a GPU starting programs out of order): each stops waiting after a
+    few polls and computes its expert's gate/up itself, with the same result."""
+    import functools
 
     from specmoe_ray.moe.experts import LocalExperts
 
     skip_bf16_on_interpreter(dtype)
+    if down_first:
+        one_launch = functools.partial(triton_experts.expert_mlp_sorted, max_spins=3, down_first=True)
+        monkeypatch.setattr(triton_experts, "expert_mlp_sorted", one_launch)
     g = torch.Generator().manual_seed(5)
     E, D, I, T, A = 16, 80, 72, 6, 4
     held = [0, 2, 3, 5, 8, 9, 13, 15]
@@ -268,6 +275,7 @@ def test_sorted_experts_in_one_launch_equal_the_two_sorted_kernels(dtype, monkey
     # The one launch's down blocks twice as wide (the same block_k: the same sums).
     monkeypatch.setattr(triton_experts, "SORTED_FUSED_DOWN_CONFIG", {"block_n": 64, "block_k": 32})
     xd, idsd = x.to(DEVICE).to(dtype), ids.to(DEVICE)
+    monkeypatch.setattr(triton_experts, "SORTED_FUSED", False)
     two = experts(xd, idsd, group=A)
     monkeypatch.setattr(triton_experts, "SORTED_FUSED", True)
     fused = [experts(xd, idsd, group=A) for _ in range(2)]

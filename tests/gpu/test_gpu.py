@@ -225,6 +225,7 @@ def test_capture_failure_falls_back_to_eager_static_steps(checkpoints):
         [("triton_experts", "DEDUP_ONE_ROW", True)],
         [("triton_kernels", "ROUTER_TOPK_ONE_PASS", 0)],
         [("triton_experts", "FUSED_MLP", True)],
+        [("triton_experts", "SORTED_FUSED", False)],
         [("triton_experts", "DEDUP_DOWN_CONFIG", {})],
         # Session 10's batch-32 candidates: the one-kernel router for up to 32 rows (tensor
         # cores from 16 rows, or CUDA cores), the attention over up to 512 programs.
@@ -299,17 +300,26 @@ def test_grouped_gemm_experts_equal_float64_reference():
     assert rel < 2e-2, rel
 
 
+@pytest.mark.parametrize("down_first", [False, True])
 @pytest.mark.parametrize("half", [False, True])
-def test_sorted_experts_in_one_launch_equal_two_launches(half, monkeypatch):
+def test_sorted_experts_in_one_launch_equal_two_launches(half, down_first, monkeypatch):
     """`triton_experts.SORTED_FUSED` on a GPU (its down blocks spin on their expert's gate/up
     counter while other programs run, which the CPU interpreter's one-by-one programs never
     do): a batch-32 step's 256 pairs over 128 experts (half: the replicas' split, I 384), bf16,
     eagerly and replayed from a CUDA graph (counters reset in between) == the two launches bit
-    for bit, and close to float64 math."""
+    for bit, and close to float64 math. down_first: the down blocks on the first programs (as a
+    GPU starting them out of order would), each giving up after 100 polls and computing its
+    expert's gate/up itself, while the gate/up blocks run too."""
+    import functools
+
     import torch.nn.functional as F
 
     from specmoe_ray.moe import triton_experts
     from specmoe_ray.moe.experts import LocalExperts
+
+    if down_first:
+        one_launch = functools.partial(triton_experts.expert_mlp_sorted, max_spins=100, down_first=True)
+        monkeypatch.setattr(triton_experts, "expert_mlp_sorted", one_launch)
 
     g = torch.Generator().manual_seed(1)
     E, D, I, T, A = 128, 512, 384 if half else 768, 32, 8
@@ -319,6 +329,7 @@ def test_sorted_experts_in_one_launch_equal_two_launches(half, monkeypatch):
     ids = torch.stack([torch.randperm(E, generator=g)[:A] for _ in range(T)]).reshape(-1)
     experts = LocalExperts(list(range(E)), gate_up.cuda().bfloat16(), down.cuda().bfloat16(), E)
     xd, idsd = x.cuda().bfloat16(), ids.cuda()
+    monkeypatch.setattr(triton_experts, "SORTED_FUSED", False)
     two = experts(xd, idsd, group=A)
     monkeypatch.setattr(triton_experts, "SORTED_FUSED", True)
     eager = experts(xd, idsd, group=A)
