@@ -207,6 +207,16 @@ def step_profile(a, bandwidth: float) -> None:
             (triton_experts, "FUSED_MLP", True),
             (triton_experts, "MLP_CONFIG", {**triton_experts.MLP_CONFIG, "block_n2": 16}),
         ],
+        # Session 17: the sorted one launch won once its down blocks were widened (they share the
+        # launch's warps and registers with gate/up's); the same for one token's pairs.
+        **{
+            f"experts' projections in one launch, a program per block, down n{n} k{k}": [
+                (triton_experts, "FUSED_MLP", True),
+                (triton_experts, "MLP_PROGRAMS", 0),
+                (triton_experts, "MLP_CONFIG", {**triton_experts.MLP_CONFIG, "block_n2": n, "block_k2": k}),
+            ]
+            for n, k in [(16, 256), (32, 256), (32, 128), (64, 128)]
+        },
         "per-pair gate/up n4 k2048 w4": [(triton_experts, "PAIR_CONFIG", PAIR_BLOCKS[4, 2048, 4])],
         "per-pair gate/up n4 k1024 w4": [(triton_experts, "PAIR_CONFIG", PAIR_BLOCKS[4, 1024, 4])],
         "per-pair gate/up n16 k256 w8": [(triton_experts, "PAIR_CONFIG", PAIR_BLOCKS[16, 256, 8])],
