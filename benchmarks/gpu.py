@@ -10,7 +10,7 @@ tensors* (no copy, no checkpoint on disk), experts in-process. Per batch size it
   steps run ahead, up to 4 per host sync (`decode_steps`, the default);
 - `sync`: `graphs` with one host sync per step (`decode_steps=1`: what running ahead gains);
 - `--switch NAME:module.ATTR=value,...`: `graphs` with fast-path switches flipped while that
-  variant runs (e.g. `--switch matvec:fused.MATVEC=True`), side by side with `graphs`;
+  variant runs (e.g. `--switch cublas:fused.MATVEC=False`), side by side with `graphs`;
 - `ngram`: graphs + prompt-lookup drafts (k = --k);
 - `draft`: graphs + a draft model: a random dense Qwen3 of Qwen3-0.6B's shape (the family's
   small model) with the target's vocabulary, k = --k. Random weights agree only by accident,

@@ -66,6 +66,30 @@ from specmoe_ray.models import fused, l2_ahead, triton_kernels  # noqa: E402
 from specmoe_ray.moe import triton_experts  # noqa: E402
 from specmoe_ray.moe.experts import LocalExperts  # noqa: E402
 
+if triton_experts.AVAILABLE:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _busy_kernel(out_ptr, ns, PDL: tl.constexpr):
+        """A stand-in for the attention kernel ahead of o_proj: few programs busy for ns
+        nanoseconds (no memory traffic), launched as our kernels are (PDL: wait for the kernel
+        ahead, then let the next one launch)."""
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
+        start = _globaltimer()
+        now = start
+        while now - start < ns:
+            now = _globaltimer()
+        tl.store(out_ptr + tl.program_id(0), now - start)
+
+    @triton.jit
+    def _globaltimer():
+        return tl.inline_asm_elementwise(
+            "mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64, is_pure=False, pack=1
+        )
+
 
 def graph_ms(fn, reps: int = 20) -> float:
     """Median ms of fn() replayed from a CUDA graph (captured after a warm-up)."""
@@ -173,13 +197,15 @@ def step_profile(a, bandwidth: float) -> None:
         "no attention kernel": [(triton_kernels, "ATTENTION", False)],
         "no routing kernel": [(triton_kernels, "ROUTING", False)],
         "load counted apart from routing": [(triton_kernels, "COUNT_IN_ROUTING", False)],
-        "one-row projections by the per-pair kernel": [(fused, "MATVEC", True)],
+        "one-row projections by the per-pair kernel (no preload)": [
+            (triton_experts, "MATVEC_KERNEL", "pairs")
+        ],
         "one-row projections by the per-pair kernel n8 k256 w8 (session 7)": [
-            (fused, "MATVEC", True),
+            (triton_experts, "MATVEC_KERNEL", "pairs"),
             (triton_experts, "MATVEC_CONFIG", PAIR_BLOCKS[8, 256, 8]),
         ],
         "one-row projections by the per-pair kernel n4 k1024 w4": [
-            (fused, "MATVEC", True),
+            (triton_experts, "MATVEC_KERNEL", "pairs"),
             (triton_experts, "MATVEC_CONFIG", PAIR_BLOCKS[4, 1024, 4]),
         ],
         "per-pair experts (no dedup)": [(triton_experts, "DEDUP", False)],
@@ -265,14 +291,41 @@ def step_profile(a, bandwidth: float) -> None:
             (triton_kernels, "SPLIT_KEYS", 256),
             (triton_kernels, "SPLIT_MERGE_LAST", False),
         ],
-        "o_proj by the matrix-vector kernel (opt-in)": [(fused, "MATVEC_O_PROJ", True)],
-        "experts' down weights prefetched into L2 (opt-in)": [(triton_experts, "PREFETCH", True)],
-        "o_proj by the matrix-vector kernel + prefetch, down prefetched (opt-in)": [
+        # Session 18's defaults: weights loaded into registers before waiting for the kernel ahead
+        # (PDL): one-row projections (`MATVEC_KERNEL` "preload"), the experts' down projection.
+        "one-row projections by cuBLAS (session 17)": [(fused, "MATVEC", False)],
+        "o_proj alone preloaded, q/k/v by cuBLAS": [(fused, "MATVEC", False), (fused, "MATVEC_O_PROJ", True)],
+        **{
+            f"one-row projections preloaded n{bn} w{nw}": [
+                (triton_experts, "PRELOAD_CONFIG", {"block_n": bn, "num_warps": nw})
+            ]
+            for bn, nw in [(2, 4), (4, 8), (8, 8)]
+        },
+        "experts' down not preloaded": [(triton_experts, "PRELOAD_DOWN", False)],
+        "router rows not preloaded": [(triton_kernels, "ROUTER_TOPK_PRELOAD", False)],
+        "session 17's defaults (no preloads, compiled pieces without PDL)": [
+            (fused, "MATVEC", False),
+            (triton_experts, "PRELOAD_DOWN", False),
+            (fused, "INDUCTOR_PDL", False),
+        ],
+        "o_proj by the matrix-vector kernel (session 7)": [
+            (fused, "MATVEC", False),
             (fused, "MATVEC_O_PROJ", True),
+            (triton_experts, "MATVEC_KERNEL", "pairs"),
+        ],
+        "experts' down weights prefetched into L2 (opt-in)": [
             (triton_experts, "PREFETCH", True),
+            (triton_experts, "PRELOAD_DOWN", False),
+        ],
+        "o_proj by the matrix-vector kernel + prefetch, down prefetched (opt-in)": [
+            (fused, "MATVEC", False),
+            (fused, "MATVEC_O_PROJ", True),
+            (triton_experts, "MATVEC_KERNEL", "pairs"),
+            (triton_experts, "PREFETCH", True),
+            (triton_experts, "PRELOAD_DOWN", False),
         ],
         "one-row projections by the matrix-vector kernel + prefetch (opt-in)": [
-            (fused, "MATVEC", True),
+            (triton_experts, "MATVEC_KERNEL", "pairs"),
             (triton_experts, "PREFETCH", True),
         ],
         "o_proj read ahead into L2 during the attention (opt-in)": [(l2_ahead, "MODE", "o@attention")],
@@ -286,11 +339,16 @@ def step_profile(a, bandwidth: float) -> None:
         "one-row projections by cuBLAS on column-major weights (opt-in)": [(fused, "COLUMN_MAJOR", True)],
         "add + norm inside the projections (opt-in)": [(fused, "FUSED_NORM_MATVEC", True)],
         "projections of <= 16 rows by rows_matmul (opt-in)": [(fused, "MATMUL_ROWS", 16)],
-        "no programmatic dependent launches": [(triton_experts, "PDL", False)],
-        "compiled pieces with programmatic dependent launch too (opt-in)": [(fused, "INDUCTOR_PDL", True)],
+        "no programmatic dependent launches": [
+            (triton_experts, "PDL", False),
+            (fused, "INDUCTOR_PDL", False),
+        ],
+        "compiled pieces without programmatic dependent launch": [(fused, "INDUCTOR_PDL", False)],
         "torch's sort for > 64 pairs": [(triton_experts, "STABLE_SORT", False)],
         "session 5's defaults (per-pair one-row, index_put, no PDL)": [
-            (fused, "MATVEC", True),
+            (triton_experts, "MATVEC_KERNEL", "pairs"),
+            (triton_experts, "PRELOAD_DOWN", False),
+            (fused, "INDUCTOR_PDL", False),
             (fused, "FUSED_CACHE_WRITE", False),
             (triton_experts, "PDL", False),
         ],
@@ -524,6 +582,11 @@ def dense_matvecs(a, bandwidth: float) -> None:
             for bn, bk, nw in [(32, 128, 4), (16, 256, 4), (64, 128, 8)]:
                 cfg = {"block_n": bn, "block_k": bk, "num_warps": nw}
                 four[f"rows_matmul n{bn} k{bk} w{nw}"] = graph_ms(lambda c=cfg: four_rows(c)) / 4
+        for bn, nw in [(2, 4), (4, 4), (4, 8), (8, 8), (16, 8)]:
+            cfg = {"block_n": bn, "num_warps": nw}
+            res[f"preload n{bn} w{nw}"] = graph_ms(lambda c=cfg: triton_matvec("preload", c)) / 4
+        if name != "router":
+            preload_behind_a_busy_kernel(name, x, ws, floor)
         ranked = sorted(res.items(), key=lambda kv: kv[1])[:6]
         for baseline in ("cuBLAS", "add+norm, then linear (engine now)"):
             if baseline in res and baseline not in dict(ranked):
@@ -533,6 +596,34 @@ def dense_matvecs(a, bandwidth: float) -> None:
             print(f"    {1e3 * ms:8.1f} us  {100 * floor / ms:5.1f}% of floor  {label}")
         for label, ms in sorted(four.items(), key=lambda kv: kv[1]):
             print(f"    {1e3 * ms:8.1f} us  {100 * floor / ms:5.1f}% of floor  4 rows: {label}")
+
+
+def preload_behind_a_busy_kernel(name: str, x, ws, floor: float, busy_us: float = 7.0) -> None:
+    """(3b) A projection right after a kernel of 16 programs busy for busy_us without memory
+    traffic (as o_proj after the attention kernel at batch 1): us each beyond the busy kernel
+    alone. Kernels that load their weights before waiting for it (`triton_experts.PRELOAD`)
+    stream them during it; the others start after it."""
+    out = torch.zeros(16, dtype=torch.long, device="cuda")
+    pdl = triton_experts.pdl_launch(x.device)
+
+    def run(project=None, x=x, ws=ws):
+        for w in ws:
+            _busy_kernel[(16,)](out, int(busy_us * 1e3), num_warps=4, **pdl)
+            if project is not None:
+                project(w)
+
+    alone = graph_ms(run) / 4
+    res = {"cuBLAS": graph_ms(lambda: run(lambda w: F.linear(x, w))) / 4}
+    res["pairs n4 k2048 w4"] = graph_ms(lambda: run(lambda w: triton_experts.matvec(x, w, "pairs"))) / 4
+    for bn, nw in [(2, 4), (4, 4), (4, 8), (8, 8), (16, 8)]:
+        cfg = {"block_n": bn, "num_warps": nw}
+        res[f"preload n{bn} w{nw}"] = (
+            graph_ms(lambda c=cfg: run(lambda w: triton_experts.matvec(x, w, "preload", **c))) / 4
+        )
+    print(f"  {name} after a {busy_us:.0f} us kernel of 16 programs ({1e3 * alone:.1f} us alone): beyond it")
+    for label, ms in sorted(res.items(), key=lambda kv: kv[1]):
+        extra = max(ms - alone, 1e-6)
+        print(f"    {1e3 * extra:8.1f} us  {100 * floor / extra:6.1f}% of floor  {label}")
 
 
 def exchange_packing(a) -> None:

@@ -108,7 +108,7 @@ for stage in "${@:-tests nccl kernels shape}"; do
         timeout "$T" python benchmarks/kernels.py --layers 4 --batch 1 --tq 1 4 --skip-exchange --skip-sharded \
           >"$OUT/kernels-b1.log" 2>&1
         grep -E "^  B=|<- best|cuBLAS|engine batch" "$OUT/kernels-b1.log" | sed 's/, /\n    /g'
-        # SWITCHES: gpu.py --switch arguments, shell-quoted (e.g. SWITCHES="--switch 'a:fused.MATVEC=True'
+        # SWITCHES: gpu.py --switch arguments, shell-quoted (e.g. SWITCHES="--switch 'a:fused.MATVEC=False'
         # --switch again:"): those variants run beside graphs and sync in the same process.
         eval "switches=(${SWITCHES:-})"
         timeout 300 python benchmarks/gpu.py --shape qwen3-30b-a3b --batch 1 8 --new-tokens 64 --skip-hf \

@@ -32,10 +32,11 @@ from specmoe_ray.moe import triton_experts
 log = logging.getLogger(__name__)
 
 ENABLED = True  # module switch (tests compare fused against eager)
-# One-row projections by the per-pair kernel inside static steps (see `linear`). Off: cuBLAS
-# was faster in the step (kernels.py ablation, H200, 4 layers at batch 1: 0.505 against
-# 0.543 ms; benchmarks/RESULTS.md, session 6).
-MATVEC = False
+# One-row projections inside static steps by `triton_experts.matvec` (see `linear`): since
+# session 18 its kernel loads the weights before waiting for the kernel ahead (`MATVEC_KERNEL`
+# "preload"), and beats cuBLAS in the step (H200, 48 layers at batch 1, with the experts' down
+# projection preloaded too: 1.061x). Sessions 6-8: off, the per-pair kernel lost to cuBLAS.
+MATVEC = True
 # K/V written into the cache by the compiled q/k norm + rope (`qk_rope_write`) instead of an
 # index_put kernel of its own (same ablation: 0.534 against 0.543 ms at batch 1; no change at
 # batch 32).
@@ -64,9 +65,11 @@ DEFER_COMBINE = True
 # The compiled pieces (add + norm, combine, ...) launched with programmatic dependent launch
 # where this torch's inductor offers it (`triton.enable_pdl`), as our Triton kernels are
 # (`triton_experts.PDL`): each may launch while the kernel ahead finishes, then waits for its
-# output. Each setting has its own compilation, so a process can switch between them. Opt-in
-# until measured (gpu.py --switch).
-INDUCTOR_PDL = False
+# output. Each setting has its own compilation, so a process can switch between them. Alone it
+# gained nothing (session 13: 1.002x at batch 1, 1.005x at 32); with the preloading one-row
+# projections (q/k/v after the compiled add + norm) 1.084x against their 1.061x (H200, 48 layers
+# at batch 1, session 18): on.
+INDUCTOR_PDL = True
 RECOMPILE_LIMIT = 64
 _state = threading.local()
 

@@ -72,6 +72,11 @@ ROUTER_TOPK_DOT_ROWS = 16
 # `router_topk` reads whole rows at once up to this many products per program (BLOCK_T x
 # BLOCK_R x BLOCK_D; 0: always 512 columns at a time, session 6's kernel).
 ROUTER_TOPK_ONE_PASS = 16384
+# `router_topk` reading whole rows (ONE_PASS: one token's router at batch 1) loads its router
+# rows and the norm's weight before waiting for the kernel ahead (PDL), as the one-row
+# projections do (`triton_experts.MATVEC_KERNEL` "preload"): H200, 48 layers at batch 1, 1.022x
+# and 1.017x (2.80 -> 2.75 ms per step; RESULTS.md, session 18).
+ROUTER_TOPK_PRELOAD = True
 # The routing kernels pick each of the k experts by one reduction over packed (value, expert)
 # keys instead of two (maximum, then its lowest expert). Opt-in until measured (kernels.py).
 TOPK_PACKED = False
@@ -659,16 +664,29 @@ if AVAILABLE:
         PACKED: tl.constexpr = False,  # `_top_k`'s one reduction per pick (`TOPK_PACKED`)
         DOT: tl.constexpr = False,  # the products by tensor cores (`ROUTER_TOPK_DOT_ROWS`)
         PRECISION: tl.constexpr = "tf32",  # tl.dot's input_precision ("ieee" for float32)
+        PRELOAD: tl.constexpr = False,  # (ONE_PASS only) weights loaded before waiting
     ):
         """Each program: BLOCK_R experts' logits for all T tokens (NORM: of rms_norm(x +
         residual), each program norming the few rows itself, program 0 writing them out). The
         last program to finish (a counter of finished programs, reset by it) reads every logit
-        and routes each token as `_softmax_topk_kernel` does."""
+        and routes each token as `_softmax_topk_kernel` does. PRELOAD (with ONE_PASS): the
+        program's router rows and the norm's weight are loaded before it waits for the kernel
+        ahead (they do not depend on it: `ROUTER_TOPK_PRELOAD`)."""
+        rr = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        r_ok = rr < E
+        # PRELOAD (ONE_PASS: the loop below runs once, over these columns); else unused zeros
+        # (the loop must see the names).
+        rd = tl.arange(0, BLOCK_D)
+        w_pre = tl.zeros((BLOCK_R, BLOCK_D), r_ptr.dtype.element_ty)
+        g_pre = tl.zeros((BLOCK_D,), tl.float32)
+        if PRELOAD:
+            w_ok = r_ok[:, None] & (rd < D)[None, :]
+            w_pre = tl.load(r_ptr + rr[:, None].to(tl.int64) * D + rd[None, :], mask=w_ok, other=0.0)
+            if NORM:
+                g_pre = tl.load(gamma_ptr + rd, mask=rd < D, other=0.0).to(tl.float32)
         _grid_dependency(PDL)
         rt = tl.arange(0, BLOCK_T)
         t_ok = rt < T
-        rr = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-        r_ok = rr < E
         dt = logits_ptr.dtype.element_ty
         first = tl.program_id(0) == 0
         if NORM and not ONE_PASS:  # the rows' mean square, of the sum rounded to the model's dtype
@@ -692,17 +710,23 @@ if AVAILABLE:
                 sm = (xt + rs.to(tl.float32)).to(dt)
                 if ONE_PASS:  # the whole rows are here: their mean square now (as torch adds)
                     inv = tl.rsqrt(tl.sum(sm.to(tl.float32) * sm.to(tl.float32), 1) / D + eps)
-                g = tl.load(gamma_ptr + rd, mask=d_ok, other=0.0).to(tl.float32)
+                if PRELOAD:  # noqa: SIM108 (a constexpr branch)
+                    g = g_pre
+                else:
+                    g = tl.load(gamma_ptr + rd, mask=d_ok, other=0.0).to(tl.float32)
                 h = ((sm.to(tl.float32) * inv[:, None]).to(dt).to(tl.float32) * g[None, :]).to(dt)
                 if first:
                     tl.store(sum_ptr + rt[:, None] * D + rd[None, :], sm, mask=ok)
                     tl.store(h_ptr + rt[:, None] * D + rd[None, :], h, mask=ok)
                 xt = h.to(tl.float32)
-            w = tl.load(
-                r_ptr + rr[:, None].to(tl.int64) * D + rd[None, :],
-                mask=r_ok[:, None] & d_ok[None, :],
-                other=0.0,
-            )
+            if PRELOAD:  # noqa: SIM108 (a constexpr branch)
+                w = w_pre
+            else:
+                w = tl.load(
+                    r_ptr + rr[:, None].to(tl.int64) * D + rd[None, :],
+                    mask=r_ok[:, None] & d_ok[None, :],
+                    other=0.0,
+                )
             if DOT:  # x and the weight share the model's dtype here: exact back from float32
                 acc += tl.dot(xt.to(dt), tl.trans(w), input_precision=PRECISION)
             else:
@@ -810,7 +834,7 @@ def router_topk(
             COUNT=counts is not None, MASKED=token_mask is not None, NORM=norm is not None,
             ONE_PASS=one_pass, num_warps=8 if not dot and block_t * block_r * block_d > 8192 else 4,
             PACKED=TOPK_PACKED, DOT=dot, PRECISION=dot_precision(x.dtype),
-            **pdl_launch(x.device),
+            PRELOAD=ROUTER_TOPK_PRELOAD and one_pass, **pdl_launch(x.device),
         )  # fmt: skip
     if norm is not None:
         return weights, ids, h, total

@@ -535,6 +535,46 @@ if AVAILABLE:
                 tl.store(sync_ptr + p0 + rp, tl.zeros((128,), tl.int32), mask=p0 + rp < P + 2)
 
 
+if AVAILABLE:
+
+    @triton.jit
+    def _preload_pair_kernel(
+        x_ptr,  # [n / GROUP, K]: pair p reads row p // GROUP
+        ids_ptr,  # [n] expert of each pair (< 0: none; the output row is zeros), final before the
+        # kernel ahead of this one started (as `PREFETCH` asks); read again after waiting
+        w_ptr,  # [E, N, K], K contiguous
+        out_ptr,  # [n, N]
+        N,
+        K,
+        stride_we,
+        stride_wn,
+        GROUP: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,  # >= K: whole rows, loaded at once
+        PDL: tl.constexpr = False,  # programmatic dependent launch (`pdl_launch`)
+    ):
+        p = tl.program_id(0)
+        rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rk = tl.arange(0, BLOCK_K)
+        n_ok = rn < N
+        ok = n_ok[:, None] & (rk < K)[None, :]
+        rows = rn[:, None].to(tl.int64) * stride_wn + rk[None, :]
+        # The block's weights into registers first: with PDL this program may run while the
+        # kernel ahead still does, and the weights do not depend on it (the pair's expert was
+        # known before that kernel started), so their bytes stream during its work.
+        e0 = tl.load(ids_ptr + p)
+        w = tl.load(w_ptr + tl.maximum(e0, 0).to(tl.int64) * stride_we + rows, mask=ok, other=0.0)
+        _grid_dependency(PDL)
+        e = tl.load(ids_ptr + p)
+        if e != e0:  # never, as callers promise; read again rather than use another expert's
+            w = tl.load(w_ptr + tl.maximum(e, 0).to(tl.int64) * stride_we + rows, mask=ok, other=0.0)
+        xk = tl.load(x_ptr + (p // GROUP).to(tl.int64) * K + rk, mask=rk < K, other=0.0).to(tl.float32)
+        # As `_pair_block` with one block of K: the same sum, bit for bit.
+        acc = tl.zeros((BLOCK_N,), dtype=tl.float32) + tl.sum(w.to(tl.float32) * xk[None, :], 1)
+        acc = tl.where(e >= 0, acc, 0.0)
+        tl.store(out_ptr + p.to(tl.int64) * N + rn, acc.to(out_ptr.dtype.element_ty), mask=n_ok)
+
+
 PAIR_CONFIG = {"block_n": 8, "block_k": 256, "num_warps": 8}  # best on H100 (benchmarks/kernels.py)
 # The experts' down projection by the per-pair kernel, where its blocks differ (K is the experts'
 # 768, not 2048; kernels.py ablations "per-pair down ..."; n16 k256 w4: 1.000x at 48 layers).
@@ -558,6 +598,39 @@ def pair_matmul(
     if out.shape[0]:
         with launch_on(x.device):
             _launch_pairs(grid, x, ids, w, out, N, K, group, glu, cfg, prefetch_args(x, w, prefetch))
+    return out
+
+
+# Few-pairs projections whose weights are known before the kernel ahead of them ends (one-row
+# projections, `MATVEC_KERNEL` "preload"; the experts' down projection, routed two kernels back,
+# `PRELOAD_DOWN`) by `preload_matmul`: each program loads its whole block of weights into
+# registers, then waits for that kernel (PDL), so the weights stream while it runs (o_proj's
+# 16.8 MB during the attention kernel, whose 16 programs leave HBM idle for ~7 us: behind a 7 us
+# kernel of 16 programs o_proj takes 4.3 us more, 94% of its bytes' time, against cuBLAS's 8.8).
+# Session 7's prefetch into L2 (`PREFETCH`) lost: a one-row product from L2 is latency-bound too
+# (session 17). H200, 48 layers at batch 1: 1.061x with both, 1.084x with the compiled pieces
+# launched with PDL too (`fused.INDUCTOR_PDL`), 327.4 -> 355.0 tok/s (RESULTS.md, session 18).
+PRELOAD_DOWN = True
+PRELOAD_CONFIG = {"block_n": 4, "num_warps": 4}
+PRELOAD_MAX_K = 4096  # longer rows: `pair_matmul` (whole rows stop fitting in registers)
+
+
+def preload_supported(w: torch.Tensor) -> bool:
+    return AVAILABLE and w.shape[-1] <= PRELOAD_MAX_K and w.stride(-1) == 1
+
+
+def preload_matmul(x: torch.Tensor, w: torch.Tensor, ids: torch.Tensor, group: int = 1, **config):
+    """`pair_matmul(x, w, ids, group)` (no GLU) with whole rows in one block, loaded before the
+    program waits for the kernel ahead: ids must be final before that kernel started. Equal to
+    `pair_matmul` with block_k = K rounded up to a power of two, bit for bit."""
+    out, N, K, cfg, grid = _pairs_setup(x, w, ids, False, PRELOAD_CONFIG, config)
+    if out.shape[0]:
+        with launch_on(x.device):
+            _preload_pair_kernel[grid](
+                x.contiguous(), ids.contiguous(), w, out, N, K, w.stride(0), w.stride(1), GROUP=group,
+                BLOCK_N=cfg["block_n"], BLOCK_K=triton.next_power_of_2(K), num_warps=cfg["num_warps"],
+                **pdl_launch(x.device),
+            )  # fmt: skip
     return out
 
 
@@ -652,10 +725,12 @@ def _launch_pairs(grid, x, ids, w, out, N, K, group, glu, cfg, prefetch: dict) -
 
 
 _ZERO_IDS: dict[torch.device, torch.Tensor] = {}
-# The one-row projections' kernel: "pairs" (`pair_matmul`: CUDA-core dot products per 8
-# features) or "dedup" (`dedup_matmul`: tensor-core products, pipelined loads), and its blocks
-# (benchmarks/kernels.py (3) sweeps both against cuBLAS).
-MATVEC_KERNEL = "pairs"
+# The one-row projections' kernel: "preload" (`preload_matmul`: whole rows of weights loaded
+# before waiting for the kernel ahead; rows longer than PRELOAD_MAX_K take "pairs"), "pairs"
+# (`pair_matmul`: CUDA-core dot products per 8 features) or "dedup" (`dedup_matmul`:
+# tensor-core products, pipelined loads), and its blocks (benchmarks/kernels.py (3) sweeps them
+# against cuBLAS).
+MATVEC_KERNEL = "preload"
 # The per-pair kernel's blocks as a matrix-vector product: whole rows of K <= 2048 in one
 # block, 4 features per program: 10.2 us for q/k/v and 10.7 for o_proj against cuBLAS's 11.0
 # and 11.5 alone (H100, kernels.py (3), session 8; n8 k256 w8, the experts' blocks: 11.1 and
@@ -664,13 +739,16 @@ MATVEC_CONFIG: dict[str, int] = {"block_n": 4, "block_k": 2048, "num_warps": 4}
 
 
 def matvec(x: torch.Tensor, weight: torch.Tensor, kernel: str | None = None, **config) -> torch.Tensor:
-    """x [1, K] @ weight [N, K]^T -> [1, N] by a few-pairs kernel (one pair, expert 0). Alone it
-    matches cuBLAS (kernels.py table 3), but inside a batch-1 step cuBLAS was faster (session 6),
-    so `fused.MATVEC` (the engine's use of it) is off."""
+    """x [1, K] @ weight [N, K]^T -> [1, N] by a few-pairs kernel (one pair, expert 0): kernel
+    (default `MATVEC_KERNEL`) "preload", "pairs" or "dedup". In batch-1 steps (`fused.MATVEC`)
+    "preload" beats cuBLAS; the other two match it alone but lost in the step (sessions 6-8)."""
     ids = _ZERO_IDS.get(x.device)
     if ids is None:
         ids = _ZERO_IDS[x.device] = torch.zeros(1, dtype=torch.long, device=x.device)
-    if (kernel or MATVEC_KERNEL) == "dedup":
+    kernel = kernel or MATVEC_KERNEL
+    if kernel == "preload" and preload_supported(weight):
+        return preload_matmul(x, weight.unsqueeze(0), ids, **config)
+    if kernel == "dedup":
         fn, blocks = dedup_matmul, {}  # (its own blocks: tensor-core products need >= 16 features)
     else:
         fn, blocks = pair_matmul, MATVEC_CONFIG
@@ -820,6 +898,8 @@ def expert_pairs(
     one token's pairs, one_row, with DEDUP_ONE_ROW off: its experts are distinct). The down
     projection (glu off) runs right after the gate/up one on the same ids: it may prefetch."""
     if not DEDUP or (one_row and not DEDUP_ONE_ROW):
+        if PRELOAD_DOWN and not glu and preload_supported(w):  # ids routed before gate/up's kernel
+            return preload_matmul(x, w, ids, group=group)
         config = {} if glu else PAIR_DOWN_CONFIG
         return pair_matmul(x, w, ids, group=group, glu=glu, prefetch=PREFETCH and not glu, **config)
     config = {} if glu else DEDUP_DOWN_CONFIG

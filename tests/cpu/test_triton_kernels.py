@@ -89,8 +89,9 @@ def test_inductor_pdl_switch_compiles_with_this_torch(monkeypatch):
 
     from specmoe_ray.models import fused
 
-    assert not fused.inductor_pdl()  # opt-in
-    monkeypatch.setattr(fused, "INDUCTOR_PDL", True)
+    monkeypatch.setattr(fused, "INDUCTOR_PDL", False)
+    assert not fused.inductor_pdl()
+    monkeypatch.setattr(fused, "INDUCTOR_PDL", True)  # the default
     assert fused.inductor_pdl() == hasattr(inductor_config.triton, "enable_pdl")
     if not fused.inductor_pdl():
         pytest.skip("this torch's inductor has no PDL option")
@@ -105,14 +106,15 @@ def test_inductor_pdl_switch_compiles_with_this_torch(monkeypatch):
 def test_one_tokens_pairs_by_the_kernel_dedup_one_row_picks(one_row_dedup, monkeypatch):
     """A batch-1 decode step's pairs (one token row, `group` = its k distinct experts) go to
     the deduplicating kernel, or with `DEDUP_ONE_ROW` off to the per-pair kernel (nothing to
-    share); a step of several tokens stays deduplicated. Both == float64."""
+    share; its down projection by the preloading one, `PRELOAD_DOWN`); a step of several tokens
+    stays deduplicated. Both == float64."""
     import torch.nn.functional as F
 
     from specmoe_ray.moe.experts import LocalExperts
 
     monkeypatch.setattr(triton_experts, "DEDUP_ONE_ROW", one_row_dedup)
     used = []
-    for name in ("pair_matmul", "dedup_matmul"):
+    for name in ("pair_matmul", "dedup_matmul", "preload_matmul"):
         fn = getattr(triton_experts, name)
         monkeypatch.setattr(
             triton_experts, name, lambda *a, _f=fn, _n=name, **k: used.append(_n) or _f(*a, **k)
@@ -136,7 +138,7 @@ def test_one_tokens_pairs_by_the_kernel_dedup_one_row_picks(one_row_dedup, monke
         )
         assert ((out - ref).norm() / ref.norm()).item() < 1e-5
         per_pair = T == 1 and not one_row_dedup
-        assert used == (["pair_matmul"] * 2 if per_pair else ["dedup_matmul"] * 2), (T, used)
+        assert used == (["pair_matmul", "preload_matmul"] if per_pair else ["dedup_matmul"] * 2), (T, used)
 
 
 @pytest.mark.parametrize("programs", [0, 1, 64])
@@ -200,10 +202,11 @@ def experts_reference(x, ids, group: int, held: list[int], gate_up, down) -> tor
     return ref
 
 
-@pytest.mark.parametrize("path", ["pairs", "dedup", "sorted"])
+@pytest.mark.parametrize("path", ["pairs", "pairs-preload", "dedup", "sorted"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_pair_kernel_reads_token_rows_and_skips_experts_not_held(dtype, path, monkeypatch):
-    """The few-pairs kernels (per pair; deduplicated: an expert's pairs together) and the sorted
+    """The few-pairs kernels (per pair, its down projection also with the weights loaded
+    before waiting, `PRELOAD_DOWN`; deduplicated: an expert's pairs together) and the sorted
     kernel (rows gathered and results scattered by the kernels) with `group` pairs per token row
     (what the MoE block passes: no expanded copy of the tokens), token rows strided (as a shard
     receives them), experts of a subset (others, and padding id -1, give zero rows on the
@@ -212,7 +215,13 @@ def test_pair_kernel_reads_token_rows_and_skips_experts_not_held(dtype, path, mo
     from specmoe_ray.moe.experts import LocalExperts
 
     monkeypatch.setattr(triton_experts, "DEDUP", path == "dedup")
-    skip_bf16_on_interpreter(dtype, path != "pairs")
+    monkeypatch.setattr(triton_experts, "PRELOAD_DOWN", path == "pairs-preload")
+    if path == "pairs-preload":  # the down projection must take the preloading kernel
+        calls = []
+        real = triton_experts.preload_matmul
+        counted = lambda *a, **k: calls.append(1) or real(*a, **k)  # noqa: E731
+        monkeypatch.setattr(triton_experts, "preload_matmul", counted)
+    skip_bf16_on_interpreter(dtype, not path.startswith("pairs"))
 
     g = torch.Generator().manual_seed(3)
     E, D, I, T, A = 16, 320, 200, 5, 4  # widths that are not multiples of the blocks
@@ -240,6 +249,35 @@ def test_pair_kernel_reads_token_rows_and_skips_experts_not_held(dtype, path, mo
         assert (out[skipped] == 0).all()
     rel = ((out - ref).norm() / ref.norm()).item()
     assert rel < (1e-5 if dtype == torch.float32 else 2e-2), rel
+    if path == "pairs-preload":
+        assert calls == [1]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_preloaded_pairs_equal_the_pair_kernel_with_whole_rows(dtype, monkeypatch):
+    """`preload_matmul` (`MATVEC_KERNEL` "preload", `PRELOAD_DOWN`: whole rows of weights loaded
+    before the program waits for the kernel ahead) == `pair_matmul` with one block of K bit for bit, and
+    float64 math: pairs on experts, padding ids (zero rows), `group` pairs per token row, widths
+    that are not multiples of the blocks; `matvec` takes it by default (one-row projections)."""
+    g = torch.Generator().manual_seed(7)
+    E, N, K, group = 5, 37, 200, 2
+    w = (torch.randn(E, N, K, generator=g) / K**0.5).to(DEVICE).to(dtype)
+    x = torch.randn(3, K, generator=g).to(DEVICE).to(dtype)
+    ids = torch.tensor([4, 0, -1, 2, 2, -1], device=DEVICE)
+    cfg = {"block_n": 4, "num_warps": 4}
+    out = triton_experts.preload_matmul(x, w, ids, group=group, **cfg)
+    same = triton_experts.pair_matmul(x, w, ids, group=group, block_k=256, **cfg)
+    assert torch.equal(out, same)
+    ref = torch.zeros(len(ids), N, dtype=torch.float64)
+    for p, e in enumerate(ids.tolist()):
+        if e >= 0:
+            ref[p] = w[e].double().cpu() @ x[p // group].double().cpu()
+    assert (out[ids.cpu() < 0] == 0).all()
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert ((out.double().cpu() - ref).norm() / ref.norm()).item() < tol
+    monkeypatch.setattr(triton_experts, "PRELOAD_CONFIG", cfg)
+    row = triton_experts.matvec(x[:1], w[3])
+    assert torch.equal(row, triton_experts.preload_matmul(x[:1], w[3:4], ids[1:2] * 0, **cfg))
 
 
 @pytest.mark.parametrize("down_first", [False, True])
@@ -390,7 +428,7 @@ def test_attention_with_norm_rope_and_cache_write_equals_the_separate_steps(
 @pytest.mark.parametrize("norm", [False, True])
 @pytest.mark.parametrize("T", [1, 3, 4, 32])
 @pytest.mark.parametrize("E,renorm,masked", [(128, True, True), (60, False, False)])
-@pytest.mark.parametrize("variant", ["one pass", "512 columns", "packed top-k", "tensor cores"])
+@pytest.mark.parametrize("variant", ["one pass", "preloaded", "512 columns", "packed top-k", "tensor cores"])
 def test_router_topk_kernel_equals_router_then_routing(T, E, renorm, masked, norm, variant, monkeypatch):
     """`router_topk` (`ROUTER_TOPK`): the router's logits and the routing in one kernel (its last
     program routes) == float64 logits through torch's softmax + top-k: the same experts, the same
@@ -398,13 +436,15 @@ def test_router_topk_kernel_equals_router_then_routing(T, E, renorm, masked, nor
     leaves its counter of finished programs at 0 for the next launch). norm
     (`ROUTER_TOPK_NORM`): the tokens are first `add_rms_norm(x, residual)`'s, which the kernel
     also returns (normed rows, x + residual). Variants: whole rows in one block, 512 columns
-    at a time (two passes with the norm), whole rows with the packed top-k (`TOPK_PACKED`).
+    at a time (two passes with the norm), whole rows with the packed top-k (`TOPK_PACKED`),
+    whole rows loaded before the program waits for the kernel ahead (`ROUTER_TOPK_PRELOAD`).
     T = 32 (`ROUTER_TOPK_MAX_TOKENS` raised): rows in blocks sized to the product budget. Tensor
     cores: the products by tl.dot, 16 experts per program (`ROUTER_TOPK_DOT_ROWS`)."""
     from specmoe_ray.models import fused, triton_kernels
 
     monkeypatch.setattr(triton_kernels, "ROUTER_TOPK_ONE_PASS", 0 if variant == "512 columns" else 16384)
     monkeypatch.setattr(triton_kernels, "TOPK_PACKED", variant == "packed top-k")
+    monkeypatch.setattr(triton_kernels, "ROUTER_TOPK_PRELOAD", variant == "preloaded")
     monkeypatch.setattr(triton_kernels, "ROUTER_TOPK_DOT_ROWS", 1 if variant == "tensor cores" else 1 << 20)
 
     g = torch.Generator().manual_seed(T * E)

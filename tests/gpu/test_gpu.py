@@ -197,14 +197,15 @@ def test_capture_failure_falls_back_to_eager_static_steps(checkpoints):
     "flips",
     [
         [("fused", "FUSED_CACHE_WRITE", False)],
-        [("fused", "MATVEC", True)],
-        [("fused", "MATVEC", True), ("triton_experts", "MATVEC_KERNEL", "dedup")],
+        [("fused", "MATVEC", False)],  # one-row projections by cuBLAS (session 17's default)
+        [("triton_experts", "MATVEC_KERNEL", "pairs")],
+        [("triton_experts", "MATVEC_KERNEL", "dedup")],
         [("fused", "FUSED_NORM_MATVEC", True)],
         [("fused", "MATMUL_ROWS", 16)],
         [("triton_experts", "DEDUP", False)],
         [("triton_kernels", "COUNT_IN_ROUTING", False)],
         [("triton_experts", "PDL", False)],
-        [("fused", "INDUCTOR_PDL", True)],  # opt-in: the compiled pieces launched with PDL too
+        [("fused", "INDUCTOR_PDL", False)],  # the compiled pieces launched without PDL
         # Session 7's defaults, each back off, then all of them (session 6's defaults).
         [("fused", "DEFER_COMBINE", False)],
         [("triton_kernels", "ROPE_IN_ATTENTION", False)],
@@ -236,11 +237,30 @@ def test_capture_failure_falls_back_to_eager_static_steps(checkpoints):
         ],
         [("triton_kernels", "ATTENTION_PROGRAMS", 512)],
         # Opt-in: weights asked of L2 before waiting for the kernel ahead.
-        [("fused", "MATVEC_O_PROJ", True)],
-        [("triton_experts", "PREFETCH", True)],
-        [("fused", "MATVEC_O_PROJ", True), ("triton_experts", "PREFETCH", True)],
-        [("fused", "MATVEC", True), ("triton_experts", "PREFETCH", True)],
-        [("fused", "MATVEC", True), ("triton_experts", "PREFETCH", True), ("triton_experts", "DEDUP", False)],
+        [("fused", "MATVEC", False), ("fused", "MATVEC_O_PROJ", True)],
+        [("triton_experts", "PREFETCH", True), ("triton_experts", "PRELOAD_DOWN", False)],
+        [
+            ("fused", "MATVEC", False),
+            ("fused", "MATVEC_O_PROJ", True),
+            ("triton_experts", "MATVEC_KERNEL", "pairs"),
+            ("triton_experts", "PREFETCH", True),
+        ],
+        [("triton_experts", "MATVEC_KERNEL", "pairs"), ("triton_experts", "PREFETCH", True)],
+        [
+            ("triton_experts", "MATVEC_KERNEL", "pairs"),
+            ("triton_experts", "PREFETCH", True),
+            ("triton_experts", "DEDUP", False),
+        ],
+        # Session 18's defaults: weights loaded into registers before waiting for the kernel
+        # ahead (one-row projections, the experts' down projection), each back off, then all
+        # three with the compiled pieces' PDL (session 17's defaults).
+        [("triton_experts", "PRELOAD_DOWN", False)],
+        [("triton_kernels", "ROUTER_TOPK_PRELOAD", False)],
+        [
+            ("fused", "MATVEC", False),
+            ("triton_experts", "PRELOAD_DOWN", False),
+            ("fused", "INDUCTOR_PDL", False),
+        ],
         # Opt-in: weights read ahead into L2 on a side stream (forked and joined inside the graphs).
         [("l2_ahead", "MODE", "o@attention,qkv+1@attention")],
         [("l2_ahead", "MODE", "o@start,router@start,qkv+1@moe")],
