@@ -303,6 +303,10 @@ def step_profile(a, bandwidth: float) -> None:
         },
         "experts' down not preloaded": [(triton_experts, "PRELOAD_DOWN", False)],
         "router rows not preloaded": [(triton_kernels, "ROUTER_TOPK_PRELOAD", False)],
+        **{
+            f"projections of <= {n} rows preloaded (opt-in)": [(triton_experts, "PRELOAD_ROWS", n)]
+            for n in (4, 8, 16)
+        },
         "session 17's defaults (no preloads, compiled pieces without PDL)": [
             (fused, "MATVEC", False),
             (triton_experts, "PRELOAD_DOWN", False),

@@ -108,6 +108,13 @@ def linear(
             return torch.nn.functional.linear(x, column_major(weight))
         if (MATVEC or matvec) and x.shape[0] == 1:
             return triton_experts.matvec(x, weight)
+        if (
+            MATVEC
+            and 1 < x.shape[0] <= triton_experts.PRELOAD_ROWS
+            and triton_experts.MATVEC_KERNEL == "preload"
+            and triton_experts.preload_supported(weight)
+        ):
+            return triton_experts.preload_rows(x, weight)
         if 1 < x.shape[0] <= MATMUL_ROWS:
             return triton_experts.rows_matmul(x, weight)
     return torch.nn.functional.linear(x, weight, bias)

@@ -552,6 +552,7 @@ if AVAILABLE:
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,  # >= K: whole rows, loaded at once
         PDL: tl.constexpr = False,  # programmatic dependent launch (`pdl_launch`)
+        ROWS: tl.constexpr = 1,  # > 1: one pair (expert ids[0]) for x's first ROWS rows (`preload_rows`)
     ):
         p = tl.program_id(0)
         rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -568,11 +569,13 @@ if AVAILABLE:
         e = tl.load(ids_ptr + p)
         if e != e0:  # never, as callers promise; read again rather than use another expert's
             w = tl.load(w_ptr + tl.maximum(e, 0).to(tl.int64) * stride_we + rows, mask=ok, other=0.0)
-        xk = tl.load(x_ptr + (p // GROUP).to(tl.int64) * K + rk, mask=rk < K, other=0.0).to(tl.float32)
-        # As `_pair_block` with one block of K: the same sum, bit for bit.
-        acc = tl.zeros((BLOCK_N,), dtype=tl.float32) + tl.sum(w.to(tl.float32) * xk[None, :], 1)
-        acc = tl.where(e >= 0, acc, 0.0)
-        tl.store(out_ptr + p.to(tl.int64) * N + rn, acc.to(out_ptr.dtype.element_ty), mask=n_ok)
+        for r in tl.static_range(ROWS):  # (ROWS = 1: row p // GROUP, output row p)
+            x_row = (p // GROUP + r).to(tl.int64)
+            xk = tl.load(x_ptr + x_row * K + rk, mask=rk < K, other=0.0).to(tl.float32)
+            # As `_pair_block` with one block of K: the same sum, bit for bit.
+            acc = tl.zeros((BLOCK_N,), dtype=tl.float32) + tl.sum(w.to(tl.float32) * xk[None, :], 1)
+            acc = tl.where(e >= 0, acc, 0.0)
+            tl.store(out_ptr + (p + r).to(tl.int64) * N + rn, acc.to(out_ptr.dtype.element_ty), mask=n_ok)
 
 
 PAIR_CONFIG = {"block_n": 8, "block_k": 256, "num_warps": 8}  # best on H100 (benchmarks/kernels.py)
@@ -613,6 +616,12 @@ def pair_matmul(
 PRELOAD_DOWN = True
 PRELOAD_CONFIG = {"block_n": 4, "num_warps": 4}
 PRELOAD_MAX_K = 4096  # longer rows: `pair_matmul` (whole rows stop fitting in registers)
+
+
+# Projections of 2 .. this many rows inside static steps (a few sequences' decode, a verify
+# step's draft tokens) by `preload_rows`: one program per block of features loads the block
+# once, before the wait, and multiplies every row (1: off, cuBLAS). Opt-in until measured.
+PRELOAD_ROWS = 1
 
 
 def preload_supported(w: torch.Tensor) -> bool:
@@ -736,6 +745,27 @@ MATVEC_KERNEL = "preload"
 # and 11.5 alone (H100, kernels.py (3), session 8; n8 k256 w8, the experts' blocks: 11.1 and
 # 15.5). "dedup" keeps its own blocks.
 MATVEC_CONFIG: dict[str, int] = {"block_n": 4, "block_k": 2048, "num_warps": 4}
+
+
+def preload_rows(x: torch.Tensor, weight: torch.Tensor, **config) -> torch.Tensor:
+    """x [R, K] @ weight [N, K]^T -> [R, N] for a few rows (`PRELOAD_ROWS`; weight as
+    `preload_supported` asks): a program per block of features, its whole rows of weights loaded
+    before waiting for the kernel ahead (PDL), then every row's products in turn (row r: the same
+    sums, bit for bit, as `matvec` of that row alone)."""
+    R = x.shape[0]
+    ids = _ZERO_IDS.get(x.device)
+    if ids is None:
+        ids = _ZERO_IDS[x.device] = torch.zeros(1, dtype=torch.long, device=x.device)
+    w = weight.unsqueeze(0)
+    (N, K), cfg = weight.shape, {**PRELOAD_CONFIG, **config}
+    out = torch.empty(R, N, dtype=x.dtype, device=x.device)
+    with launch_on(x.device):
+        _preload_pair_kernel[(1, triton.cdiv(N, cfg["block_n"]))](
+            x.contiguous(), ids, w, out, N, K, w.stride(0), w.stride(1), GROUP=1,
+            BLOCK_N=cfg["block_n"], BLOCK_K=triton.next_power_of_2(K), num_warps=cfg["num_warps"],
+            ROWS=R, **pdl_launch(x.device),
+        )  # fmt: skip
+    return out
 
 
 def matvec(x: torch.Tensor, weight: torch.Tensor, kernel: str | None = None, **config) -> torch.Tensor:

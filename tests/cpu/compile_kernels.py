@@ -160,7 +160,11 @@ def kernels() -> list[tuple[str, object, list[dict], dict, tuple]]:
         (
             "pairs with weights loaded before the wait",
             te._preload_pair_kernel,
-            [dict(GROUP=8, BLOCK_N=4, BLOCK_K=4096), dict(GROUP=1, BLOCK_N=8, BLOCK_K=1024)],
+            [
+                dict(GROUP=8, BLOCK_N=4, BLOCK_K=4096, ROWS=1),
+                dict(GROUP=1, BLOCK_N=8, BLOCK_K=1024, ROWS=1),
+                dict(GROUP=1, BLOCK_N=4, BLOCK_K=4096, ROWS=8),  # `preload_rows`
+            ],
             dict(ids_ptr=I64),
             (),
         ),

@@ -258,7 +258,8 @@ def test_preloaded_pairs_equal_the_pair_kernel_with_whole_rows(dtype, monkeypatc
     """`preload_matmul` (`MATVEC_KERNEL` "preload", `PRELOAD_DOWN`: whole rows of weights loaded
     before the program waits for the kernel ahead) == `pair_matmul` with one block of K bit for bit, and
     float64 math: pairs on experts, padding ids (zero rows), `group` pairs per token row, widths
-    that are not multiples of the blocks; `matvec` takes it by default (one-row projections)."""
+    that are not multiples of the blocks; `matvec` takes it by default (one-row projections),
+    `preload_rows` for a few rows on one weight."""
     g = torch.Generator().manual_seed(7)
     E, N, K, group = 5, 37, 200, 2
     w = (torch.randn(E, N, K, generator=g) / K**0.5).to(DEVICE).to(dtype)
@@ -278,6 +279,11 @@ def test_preloaded_pairs_equal_the_pair_kernel_with_whole_rows(dtype, monkeypatc
     monkeypatch.setattr(triton_experts, "PRELOAD_CONFIG", cfg)
     row = triton_experts.matvec(x[:1], w[3])
     assert torch.equal(row, triton_experts.preload_matmul(x[:1], w[3:4], ids[1:2] * 0, **cfg))
+    # A few rows on one weight (`preload_rows`, `PRELOAD_ROWS`): each row as `matvec` alone.
+    rows = triton_experts.preload_rows(x, w[3], **cfg)
+    assert rows.shape == (3, N)
+    for r in range(3):
+        assert torch.equal(rows[r : r + 1], triton_experts.matvec(x[r : r + 1], w[3]))
 
 
 @pytest.mark.parametrize("down_first", [False, True])

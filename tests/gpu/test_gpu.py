@@ -256,6 +256,7 @@ def test_capture_failure_falls_back_to_eager_static_steps(checkpoints):
         # three with the compiled pieces' PDL (session 17's defaults).
         [("triton_experts", "PRELOAD_DOWN", False)],
         [("triton_kernels", "ROUTER_TOPK_PRELOAD", False)],
+        [("triton_experts", "PRELOAD_ROWS", 16)],  # opt-in: a few rows' projections preloaded too
         [
             ("fused", "MATVEC", False),
             ("triton_experts", "PRELOAD_DOWN", False),
