@@ -303,6 +303,7 @@ def step_profile(a, bandwidth: float) -> None:
         },
         "experts' down not preloaded": [(triton_experts, "PRELOAD_DOWN", False)],
         "router rows not preloaded": [(triton_kernels, "ROUTER_TOPK_PRELOAD", False)],
+        "attention's first past keys preloaded (opt-in)": [(triton_kernels, "ATTENTION_PRELOAD", True)],
         **{
             f"projections of <= {n} rows preloaded (opt-in)": [(triton_experts, "PRELOAD_ROWS", n)]
             for n in (4, 8, 16)

@@ -43,6 +43,10 @@ if AVAILABLE:
 # Switches for benchmarks/kernels.py's ablations (each kernel off = the library path it replaces).
 ATTENTION = ROUTING = True
 COUNT_IN_ROUTING = True  # the routing kernel counts the expert load (else the backend's scatter)
+# The attention kernel reads each program's first block of past keys and values before waiting
+# for the kernel ahead (PDL), as the projections preload their weights (session 18). Opt-in until
+# measured (kernels.py (1)).
+ATTENTION_PRELOAD = False
 # Keys per program at least before a cache is split over several programs (+ one merge kernel):
 # fewer keys per program, more programs at small batches (with SPLIT_MERGE_LAST: measured,
 # RESULTS.md session 7).
@@ -146,18 +150,35 @@ if AVAILABLE:
         BLOCK_T: tl.constexpr = 1,  # ROPE: >= Tq
         MERGE_LAST: tl.constexpr = False,  # SPLITS > 1: the last program of a head merges
         PDL: tl.constexpr = False,  # programmatic dependent launch (`pdl_launch`)
+        PRELOAD: tl.constexpr = False,  # the first block of past keys/values before the wait
     ):
-        _grid_dependency(PDL)
         b = tl.program_id(0)
         kvh = tl.program_id(1)
         z = tl.program_id(2)
+        rd = tl.arange(0, HD)
+        # PRELOAD (`ATTENTION_PRELOAD`): this program's first block of keys and values, read
+        # before waiting for the kernel ahead: the step's positions and slots came from the host
+        # before the step, and the cache rows before the step's first new position were written
+        # by earlier steps. A block that reaches the new rows (written by this kernel or the one
+        # ahead) is read again below. Else unused zeros (the loop must see the names).
+        k_pre = tl.zeros((BLOCK_L, HD), kv_ptr.dtype.element_ty)
+        v_pre = tl.zeros((BLOCK_L, HD), kv_ptr.dtype.element_ty)
+        first_new = tl.full([], 0, tl.int64)
+        if PRELOAD:
+            first_new = tl.load(qpos_ptr + b * Tq)
+            kp0 = z * chunk + tl.arange(0, BLOCK_L)
+            hi0 = tl.minimum(tl.load(qpos_ptr + b * Tq + Tq - 1) + 1, z * chunk + chunk)
+            base0 = kv_ptr + tl.load(slots_ptr + b).to(tl.int64) * stride_s + kvh * stride_h
+            offs0 = kp0[:, None] * stride_l + rd[None, :]
+            k_pre = tl.load(base0 + offs0, mask=(kp0 < hi0)[:, None], other=0.0)
+            v_pre = tl.load(base0 + stride_c + offs0, mask=(kp0 < hi0)[:, None], other=0.0)
+        _grid_dependency(PDL)
         H = tl.num_programs(1) * G
         rm = tl.arange(0, BLOCK_M)  # row = g * Tq + t
         row_ok = rm < G * Tq
         g, t = rm // Tq, rm % Tq
         n = b * Tq + t
         hq = kvh * G + g
-        rd = tl.arange(0, HD)
         # The step's positions and slot first: their loads overlap the rope's below.
         qpos = tl.load(qpos_ptr + b * Tq + t, mask=row_ok, other=-1)
         end = tl.load(qpos_ptr + b * Tq + Tq - 1) + 1  # positions ascend within a sequence
@@ -202,7 +223,13 @@ if AVAILABLE:
             kp = start + tl.arange(0, BLOCK_L)
             k_ok = kp < hi
             offs = kp[:, None] * stride_l + rd[None, :]
-            k = tl.load(k_base + offs, mask=k_ok[:, None], other=0.0)
+            preloaded = False
+            if PRELOAD:
+                preloaded = (start == lo) & (start + BLOCK_L <= first_new)
+            if preloaded:  # noqa: SIM108 (a runtime branch)
+                k = k_pre
+            else:
+                k = tl.load(k_base + offs, mask=k_ok[:, None], other=0.0)
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
             ok = k_ok[None, :] & (kp[None, :] <= qpos[:, None])
             if WINDOW:
@@ -213,7 +240,10 @@ if AVAILABLE:
             alpha = tl.exp(m_i - m_safe)
             p = tl.exp(s - m_safe[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(k_base + stride_c + offs, mask=k_ok[:, None], other=0.0)
+            if preloaded:  # noqa: SIM108 (a runtime branch)
+                v = v_pre
+            else:
+                v = tl.load(k_base + stride_c + offs, mask=k_ok[:, None], other=0.0)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
             m_i = m_new
         if SPLITS == 1:
@@ -490,6 +520,7 @@ def decode_attention(
             NORM=norm,
             BLOCK_T=max(2, triton.next_power_of_2(Tq)),
             MERGE_LAST=merge_last,
+            PRELOAD=ATTENTION_PRELOAD,
             num_warps=4,
             **pdl_launch(q.device),
         )

@@ -70,6 +70,11 @@ def kernels() -> list[tuple[str, object, list[dict], dict, tuple]]:
     attention.append(
         dict(HD=64, BLOCK_M=32, BLOCK_L=64, WINDOW=True, BLOCK_T=4, SPLITS=1, ROPE=False, NORM=False)
     )
+    attention += [  # the first block of past keys read before the wait (ATTENTION_PRELOAD)
+        dict(HD=128, BLOCK_M=16, BLOCK_L=64, WINDOW=False, BLOCK_T=2, SPLITS=s, ROPE=True, NORM=True,
+             MERGE_LAST=s > 1, PRELOAD=True)
+        for s in (1, 16)
+    ]  # fmt: skip
     routing_ptrs = dict(ids_ptr=I64, counts_ptr=I64, mask_ptr=I64, done_ptr=I32)
     sort_ptrs = dict(keys_ptr=I64, table_ptr=I64, sorted_ptr=I64, order_ptr=I64, offs_ptr=I32, counts_ptr=I64)
     pack_ptrs = dict(

@@ -334,23 +334,27 @@ def test_sorted_experts_in_one_launch_equal_the_two_sorted_kernels(dtype, down_f
     assert rel < (1e-5 if dtype == torch.float32 else 2e-2), rel
 
 
-@pytest.mark.parametrize("split_keys,merge_last", [(256, False), (64, False), (64, True)])
+@pytest.mark.parametrize(
+    "split_keys,merge_last,preload",
+    [(256, False, False), (64, False, False), (64, True, False), (64, True, True)],
+)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(
     "B,Tq,L,window", [(1, 1, 256, None), (3, 4, 300, None), (2, 2, 1200, None), (3, 3, 200, 50)]
 )
 def test_decode_attention_kernel_equals_float64_reference(
-    dtype, B, Tq, L, window, split_keys, merge_last, monkeypatch
+    dtype, B, Tq, L, window, split_keys, merge_last, preload, monkeypatch
 ):
     """The static steps' attention kernel (keys read from the cache by slot, grouped query heads,
     causal by position, sliding window, long caches split over programs and merged, by a kernel
-    or by each head's last program: `SPLIT_MERGE_LAST`, whose counters end at 0) against
-    float64 math."""
+    or by each head's last program: `SPLIT_MERGE_LAST`, whose counters end at 0; each program's
+    first block of past keys read before the wait, `ATTENTION_PRELOAD`) against float64 math."""
     from specmoe_ray.models import triton_kernels
     from specmoe_ray.models.triton_kernels import decode_attention
 
     monkeypatch.setattr(triton_kernels, "SPLIT_KEYS", split_keys)
     monkeypatch.setattr(triton_kernels, "SPLIT_MERGE_LAST", merge_last)
+    monkeypatch.setattr(triton_kernels, "ATTENTION_PRELOAD", preload)
     counters = torch.zeros(8, dtype=torch.int32, device=DEVICE)
 
     skip_bf16_on_interpreter(dtype)
@@ -382,21 +386,24 @@ def test_decode_attention_kernel_equals_float64_reference(
     assert rel < (1e-5 if dtype == torch.float32 else 2e-2), rel
 
 
-@pytest.mark.parametrize("norm", [True, False])
+@pytest.mark.parametrize("norm,preload", [(True, False), (False, False), (True, True)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("B,Tq,L,split_keys", [(1, 1, 256, 256), (3, 4, 300, 256), (2, 2, 700, 64)])
 def test_attention_with_norm_rope_and_cache_write_equals_the_separate_steps(
-    B, Tq, L, split_keys, dtype, norm, monkeypatch
+    B, Tq, L, split_keys, dtype, norm, preload, monkeypatch
 ):
     """`decode_attention(..., new=NewKeys(...))` (`ROPE_IN_ATTENTION`): the kernel norms and
     ropes q and the step's keys, writes K/V into the cache (each token at its write slot and
     position; a padding token at the scratch slot) and attends, == `fused.qk_rope` + the cache
-    write + the plain kernel: the same cache, the same output (one or several programs per head)."""
+    write + the plain kernel: the same cache, the same output (one or several programs per head).
+    preload (`ATTENTION_PRELOAD`): blocks of past keys read before the kernel writes the step's
+    (a sequence whose first block holds its new positions must read that block again)."""
     from specmoe_ray.models import fused, triton_kernels
     from specmoe_ray.models.triton_kernels import NewKeys, decode_attention
 
     skip_bf16_on_interpreter(dtype)
     monkeypatch.setattr(triton_kernels, "SPLIT_KEYS", split_keys)
+    monkeypatch.setattr(triton_kernels, "ATTENTION_PRELOAD", preload)
     g = torch.Generator().manual_seed(B * Tq + L)
     H, Hkv, hd, S, Lmax = 8, 2, 128, 5, 1024
     N = B * Tq
