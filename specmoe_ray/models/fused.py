@@ -106,14 +106,13 @@ def linear(
     ):
         if COLUMN_MAJOR and x.shape[0] == 1 and not matvec:
             return torch.nn.functional.linear(x, column_major(weight))
-        if (MATVEC or matvec) and x.shape[0] == 1:
+        # The preloading kernel gains by PDL only (Hopper and later): elsewhere cuBLAS, unless asked.
+        preload = triton_experts.MATVEC_KERNEL == "preload"
+        ours = MATVEC and (not preload or triton_experts.preload_pays(x.device))
+        if (ours or matvec) and x.shape[0] == 1:
             return triton_experts.matvec(x, weight)
-        if (
-            MATVEC
-            and 1 < x.shape[0] <= triton_experts.PRELOAD_ROWS
-            and triton_experts.MATVEC_KERNEL == "preload"
-            and triton_experts.preload_supported(weight)
-        ):
+        rows = 1 < x.shape[0] <= triton_experts.PRELOAD_ROWS
+        if ours and preload and rows and triton_experts.preload_supported(weight):
             return triton_experts.preload_rows(x, weight)
         if 1 < x.shape[0] <= MATMUL_ROWS:
             return triton_experts.rows_matmul(x, weight)

@@ -628,6 +628,12 @@ def preload_supported(w: torch.Tensor) -> bool:
     return AVAILABLE and w.shape[-1] <= PRELOAD_MAX_K and w.stride(-1) == 1
 
 
+def preload_pays(device: torch.device) -> bool:
+    """Whether kernels on device launch with PDL (`pdl_launch`), without which a preloading
+    kernel cannot run ahead of the kernel before it (and is only a per-pair kernel)."""
+    return "PDL" in pdl_launch(device)
+
+
 def preload_matmul(x: torch.Tensor, w: torch.Tensor, ids: torch.Tensor, group: int = 1, **config):
     """`pair_matmul(x, w, ids, group)` (no GLU) with whole rows in one block, loaded before the
     program waits for the kernel ahead: ids must be final before that kernel started. Equal to
@@ -928,7 +934,8 @@ def expert_pairs(
     one token's pairs, one_row, with DEDUP_ONE_ROW off: its experts are distinct). The down
     projection (glu off) runs right after the gate/up one on the same ids: it may prefetch."""
     if not DEDUP or (one_row and not DEDUP_ONE_ROW):
-        if PRELOAD_DOWN and not glu and preload_supported(w):  # ids routed before gate/up's kernel
+        if PRELOAD_DOWN and not glu and preload_supported(w) and (preload_pays(x.device) or INTERPRETED):
+            # (ids routed before gate/up's kernel; interpreted: tests, which have no PDL)
             return preload_matmul(x, w, ids, group=group)
         config = {} if glu else PAIR_DOWN_CONFIG
         return pair_matmul(x, w, ids, group=group, glu=glu, prefetch=PREFETCH and not glu, **config)
