@@ -93,9 +93,11 @@ def is_active() -> bool:
 def linear(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, matvec: bool = False
 ) -> torch.Tensor:
-    """F.linear; inside static steps on GPUs a single row (batch-1 decode) runs the experts'
-    per-pair matrix-vector kernel instead of cuBLAS (`triton_experts.matvec`) with `MATVEC`, or
-    where the caller asks (matvec: `MATVEC_O_PROJ`)."""
+    """F.linear; inside static steps on GPUs a single row (batch-1 decode) runs
+    `triton_experts.matvec` instead of cuBLAS with `MATVEC` (its kernel `MATVEC_KERNEL`, by
+    default the one that loads the weights before waiting for the kernel ahead), or where the
+    caller asks (matvec: `MATVEC_O_PROJ`); a few rows `preload_rows` (`PRELOAD_ROWS`) or
+    `rows_matmul` (`MATMUL_ROWS`), both opt-in."""
     if (
         bias is None
         and x.dim() == 2
@@ -106,13 +108,14 @@ def linear(
     ):
         if COLUMN_MAJOR and x.shape[0] == 1 and not matvec:
             return torch.nn.functional.linear(x, column_major(weight))
-        # The preloading kernel gains by PDL only (Hopper and later): elsewhere cuBLAS, unless asked.
+        # The preloading kernel gains by PDL only (Hopper and later) and holds rows of at most
+        # PRELOAD_MAX_K: elsewhere cuBLAS, unless the caller asks (matvec).
         preload = triton_experts.MATVEC_KERNEL == "preload"
-        ours = MATVEC and (not preload or triton_experts.preload_pays(x.device))
+        fits = triton_experts.preload_supported(weight) and triton_experts.preload_pays(x.device)
+        ours = MATVEC and (not preload or fits)
         if (ours or matvec) and x.shape[0] == 1:
             return triton_experts.matvec(x, weight)
-        rows = 1 < x.shape[0] <= triton_experts.PRELOAD_ROWS
-        if ours and preload and rows and triton_experts.preload_supported(weight):
+        if ours and preload and 1 < x.shape[0] <= triton_experts.PRELOAD_ROWS:
             return triton_experts.preload_rows(x, weight)
         if 1 < x.shape[0] <= MATMUL_ROWS:
             return triton_experts.rows_matmul(x, weight)
