@@ -13,7 +13,8 @@
 # sweep), gpus (the same shape with experts over 1, 2 and 4 GPUs; writes a ~61 GB checkpoint to
 # $CKPT), trace (8 layers of it on 1 and 2 GPUs, profiled on both sides, Chrome traces), probe
 # (the same 8 layers unprofiled, beside another revision with BASE_DIR), batch1 (switch tests,
-# batch-1 ablations and sweeps, 48 layers at batch 1 and 8), allreduce (the trunk replicas'
+# batch-1 ablations and sweeps, 48 layers at batch 1 and 8), preload (session 18's queued
+# opt-ins, measured at batch 1 and 8), allreduce (the trunk replicas'
 # per-layer sum: NCCL vs symmetric memory, and the layer end with NCCL vs peer sums), demo (the shipped demo pair). STAGE_TIMEOUT bounds each stage (seconds, default 540).
 # PEER_WAITS=1 (gpus, probe): each rank's waits for its peers per peer sum, printed per batch.
 set -u
@@ -115,6 +116,21 @@ for stage in "${@:-tests nccl kernels shape}"; do
           --skip-sweep --repeats 2 --skip-demo --variants graphs sync "${switches[@]}" --json "$OUT/b1.json" \
           >"$OUT/b1.log" 2>&1
         grep -E "batch|copy band" "$OUT/b1.log" ;;
+      preload)
+        # Session 18's queued opt-ins: a few rows' projections (PRELOAD_ROWS) and the attention's
+        # first past keys (ATTENTION_PRELOAD) loaded before the PDL wait. CUDA kernel tests, the
+        # 4-layer ablations at batch 1 and 8 (T = 4: verify steps), 48 layers at batch 1 and 8.
+        timeout 200 python -m pytest -q -p no:logging tests/cpu/test_triton_kernels.py \
+          -k "preload or decode_attention_kernel or norm_rope_and_cache" >"$OUT/preload-tests.log" 2>&1
+        tail -1 "$OUT/preload-tests.log"
+        timeout 240 python benchmarks/kernels.py --layers 4 --batch 1 8 --tq 1 4 --skip-experts --skip-dense \
+          --skip-exchange --skip-sharded --only "rows preloaded" "first past keys" >"$OUT/preload-kernels.log" 2>&1
+        grep -E "^  B=" "$OUT/preload-kernels.log" | sed 's/, /\n    /g'
+        timeout 300 python benchmarks/gpu.py --shape qwen3-30b-a3b --batch 1 8 --new-tokens 64 --skip-hf \
+          --skip-sweep --repeats 2 --skip-demo --variants graphs --gpus 1 --switch "rows8:triton_experts.PRELOAD_ROWS=8" \
+          --switch "attention:triton_kernels.ATTENTION_PRELOAD=True" --switch "again:" \
+          --json "$OUT/preload.json" >"$OUT/preload.log" 2>&1
+        grep -E " batch" "$OUT/preload.log" ;;
       allreduce)
         # The trunk replicas' per-layer sum at its sizes: NCCL vs symmetric memory (2 GPUs).
         timeout 300 python benchmarks/allreduce.py 2>&1 | tee "$OUT/allreduce.log" | grep -E "all_reduce|us" ;;
@@ -122,7 +138,7 @@ for stage in "${@:-tests nccl kernels shape}"; do
         timeout "$T" python benchmarks/gpu.py --skip-shape --batch 1 8 32 --new-tokens 64 --repeats 2 \
           --json "$OUT/demo.json" >"$OUT/demo.log" 2>&1
         quiet "$OUT/demo.log" 20 ;;
-      *) echo "unknown stage $s (tests nccl kernels shape gpus trace probe batch1 allreduce demo)"; exit 2 ;;
+      *) echo "unknown stage $s (tests nccl kernels shape gpus trace probe batch1 preload allreduce demo)"; exit 2 ;;
     esac
   done
 done
