@@ -333,6 +333,10 @@ def step_profile(a, bandwidth: float) -> None:
             (triton_experts, "MATVEC_KERNEL", "pairs"),
             (triton_experts, "PREFETCH", True),
         ],
+        # Session 18: with q/k/v preloading during the add + norm ahead of it, its weights from L2
+        # might now pay (session 17 measured it behind cuBLAS's q/k/v).
+        "next q/k/v read ahead during the attention (opt-in)": [(l2_ahead, "MODE", "qkv+1@attention")],
+        "next q/k/v read ahead from the MoE block's start (opt-in)": [(l2_ahead, "MODE", "qkv+1@moe")],
         "o_proj read ahead into L2 during the attention (opt-in)": [(l2_ahead, "MODE", "o@attention")],
         "o_proj read ahead into L2 from the layer's start (opt-in)": [(l2_ahead, "MODE", "o@start")],
         "o_proj + next q/k/v read ahead during the attention (opt-in)": [
