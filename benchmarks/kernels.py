@@ -305,6 +305,12 @@ def step_profile(a, bandwidth: float) -> None:
         "router rows not preloaded": [(triton_kernels, "ROUTER_TOPK_PRELOAD", False)],
         "attention's first past keys preloaded (opt-in)": [(triton_kernels, "ATTENTION_PRELOAD", True)],
         **{
+            f"several tokens' down projection preloaded n{n} (opt-in)": [
+                (triton_experts, "DEDUP_DOWN_PRELOAD", n)
+            ]
+            for n in (16, 32)
+        },
+        **{
             f"projections of <= {n} rows preloaded (opt-in)": [(triton_experts, "PRELOAD_ROWS", n)]
             for n in (4, 8, 16)
         },

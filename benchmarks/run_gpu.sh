@@ -117,15 +117,17 @@ for stage in "${@:-tests nccl kernels shape}"; do
           >"$OUT/b1.log" 2>&1
         grep -E "batch|copy band" "$OUT/b1.log" ;;
       preload)
-        # Session 18's queued opt-ins: a few rows' projections (PRELOAD_ROWS) and the attention's
-        # first past keys (ATTENTION_PRELOAD) loaded before the PDL wait, the next layer's q/k/v
-        # read ahead into L2 (l2_ahead.MODE) now that q/k/v preloads. CUDA kernel tests, the 4-layer
-        # ablations at batch 1 and 8 (T = 4: verify steps), 48 layers at batch 1 and 8.
+        # Session 18's queued opt-ins: a few rows' projections (PRELOAD_ROWS), the attention's first
+        # past keys (ATTENTION_PRELOAD) and several tokens' down projection (DEDUP_DOWN_PRELOAD)
+        # loaded before the PDL wait, the next layer's q/k/v read ahead into L2 (l2_ahead.MODE) now
+        # that q/k/v preloads. CUDA kernel tests, the 4-layer ablations at batch 1 and 8 (T = 4:
+        # verify steps), 48 layers at batch 1 and 8.
         timeout 200 python -m pytest -q -p no:logging tests/cpu/test_triton_kernels.py \
-          -k "preload or decode_attention_kernel or norm_rope_and_cache" >"$OUT/preload-tests.log" 2>&1
+          -k "preload or decode_attention_kernel or norm_rope_and_cache or float64_reference" \
+          >"$OUT/preload-tests.log" 2>&1
         tail -1 "$OUT/preload-tests.log"
         timeout 240 python benchmarks/kernels.py --layers 4 --batch 1 8 --tq 1 4 --skip-experts --skip-dense \
-          --skip-exchange --skip-sharded --only "rows preloaded" "first past keys" "next q/k/v" >"$OUT/preload-kernels.log" 2>&1
+          --skip-exchange --skip-sharded --only "rows preloaded" "first past keys" "next q/k/v" "tokens' down" >"$OUT/preload-kernels.log" 2>&1
         grep -E "^  B=" "$OUT/preload-kernels.log" | sed 's/, /\n    /g'
         timeout 300 python benchmarks/gpu.py --shape qwen3-30b-a3b --batch 1 8 --new-tokens 64 --skip-hf \
           --skip-sweep --repeats 2 --skip-demo --variants graphs --gpus 1 --switch "rows8:triton_experts.PRELOAD_ROWS=8" \

@@ -830,12 +830,28 @@ if AVAILABLE:
         PDL: tl.constexpr = False,  # programmatic dependent launch (`pdl_launch`)
         PREFETCH_STEP: tl.constexpr = 64,  # elements per 128-byte line
         PREFETCH_LINES: tl.constexpr = 0,  # > 0: the block's weights into L2 first (`PREFETCH`)
+        PRELOAD: tl.constexpr = False,  # (not GLU; BLOCK_K >= K) whole rows loaded before the wait
     ):
         p = tl.program_id(0)
         rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = rn < N
         dtype = out_ptr.dtype.element_ty
         rp = tl.arange(0, P_PAD)
+        # PRELOAD (`DEDUP_DOWN_PRELOAD`): ids final before the kernel ahead started, as for
+        # `PREFETCH`; the program that will compute its expert's pairs loads its block of weights
+        # into registers first, used after the wait if its expert is still the same. Else unused.
+        e0 = tl.full([], -1, tl.int64)
+        w_pre = tl.zeros((BLOCK_N, BLOCK_K), w_ptr.dtype.element_ty)
+        if PRELOAD:
+            ids0 = tl.load(ids_ptr + rp, mask=rp < P, other=-2)
+            e0 = tl.load(ids_ptr + p).to(tl.int64)
+            if (e0 >= 0) & (tl.min(tl.where(ids0 == e0, rp, P_PAD), 0) == p):
+                rk = tl.arange(0, BLOCK_K)
+                rows = rn[:, None].to(tl.int64) * stride_wn + rk[None, :]
+                w_ok = n_ok[:, None] & (rk < K)[None, :]
+                w_pre = tl.load(w_ptr + e0 * stride_we + rows, mask=w_ok, other=0.0)
+            else:
+                e0 = tl.full([], -1, tl.int64)
         if PREFETCH_LINES > 0:  # ids written before the kernel ahead of this one (`PREFETCH`)
             all_ids = tl.load(ids_ptr + rp, mask=rp < P, other=-2)
             e = tl.load(ids_ptr + p)
@@ -865,7 +881,13 @@ if AVAILABLE:
                     k_ok = kk < K
                     xk = tl.load(x_rows + kk[None, :], mask=r_ok[:, None] & k_ok[None, :], other=0.0)
                     ok = n_ok[:, None] & k_ok[None, :]
-                    wg = tl.trans(tl.load(w + kk[None, :], mask=ok, other=0.0))
+                    if PRELOAD:  # (one block of K)
+                        if e == e0:  # noqa: SIM108 (a runtime branch)
+                            wg = tl.trans(w_pre)
+                        else:
+                            wg = tl.trans(tl.load(w + kk[None, :], mask=ok, other=0.0))
+                    else:
+                        wg = tl.trans(tl.load(w + kk[None, :], mask=ok, other=0.0))
                     acc += tl.dot(xk, wg, input_precision=PRECISION)
                     if GLU:
                         wu = tl.trans(tl.load(w + N * stride_wn + kk[None, :], mask=ok, other=0.0))
@@ -892,6 +914,11 @@ DEDUP_ONE_ROW = False
 # us per layer, gate/up's blocks -> these): T = 4 106.2 -> 106.6 independent routing, 53.0 ->
 # 52.3 overlapping; T = 8 169.9 -> 168.3 and 62.3 -> 58.7; T = 2 within 0.5 us.
 DEDUP_DOWN_CONFIG: dict[str, int] = {"block_n": 64, "block_k": 64, "num_warps": 4}
+# Several tokens' down projection (verify steps, batch 2-8 decode) by the deduplicating kernel with
+# whole rows (K = the experts' intermediate size, <= PRELOAD_MAX_K) in one block of this many
+# features, each expert's block loaded before waiting for the gate/up kernel (PDL), as
+# `PRELOAD_DOWN` does for one token's pairs. 0: off (opt-in until measured).
+DEDUP_DOWN_PRELOAD = 0
 
 
 def dedup_matmul(
@@ -901,13 +928,18 @@ def dedup_matmul(
     group: int = 1,
     glu: bool = False,
     prefetch: bool = False,
+    preload: bool = False,
     **config,
 ):
     """As `pair_matmul` (pair p: expert ids[p], row x[p // group]; ids < 0 give zero rows;
     prefetch as there), each distinct expert's weights read once: the grid is still one program
     per (pair, block of features), but the first pair of an expert computes all of its pairs, 16
     rows per tensor-core product, and the others return at once. For few pairs (all ids are
-    scanned per program)."""
+    scanned per program). preload (not glu): whole rows in one block (block_k = K rounded up),
+    each computing program's block loaded before waiting for the kernel ahead (ids final before
+    that kernel started, as for prefetch); the same sums as without it with those blocks."""
+    if preload:  # whole rows in one block, loaded before the wait (`DEDUP_DOWN_PRELOAD`)
+        config = {**config, "block_k": triton.next_power_of_2(w.shape[-1])}
     out, N, K, cfg, grid = _pairs_setup(x, w, ids, glu, DEDUP_CONFIG, config)
     P = out.shape[0]
     if P == 0:
@@ -917,7 +949,7 @@ def dedup_matmul(
             x.contiguous(), ids.contiguous(), w, out, P, N, K, w.stride(0), w.stride(1),
             GROUP=group, GLU=glu, PRECISION=dot_precision(x.dtype), P_PAD=triton.next_power_of_2(P),
             BLOCK_M=16, BLOCK_N=cfg["block_n"], BLOCK_K=cfg["block_k"], num_warps=cfg["num_warps"],
-            **pdl_launch(x.device), **prefetch_args(x, w, prefetch),
+            PRELOAD=preload, **pdl_launch(x.device), **prefetch_args(x, w, prefetch and not preload),
         )  # fmt: skip
     return out
 
@@ -939,6 +971,9 @@ def expert_pairs(
             return preload_matmul(x, w, ids, group=group)
         config = {} if glu else PAIR_DOWN_CONFIG
         return pair_matmul(x, w, ids, group=group, glu=glu, prefetch=PREFETCH and not glu, **config)
+    if DEDUP_DOWN_PRELOAD and not glu and preload_supported(w) and (preload_pays(x.device) or INTERPRETED):
+        block_n = DEDUP_DOWN_PRELOAD
+        return dedup_matmul(x, w, ids, group=group, preload=True, block_n=block_n, num_warps=4)
     config = {} if glu else DEDUP_DOWN_CONFIG
     return dedup_matmul(x, w, ids, group=group, glu=glu, prefetch=PREFETCH and not glu, **config)
 

@@ -180,7 +180,20 @@ def kernels() -> list[tuple[str, object, list[dict], dict, tuple]]:
                 dict(GROUP=8, P_PAD=64, BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, PREFETCH_STEP=64),
                 GLU=(False, True),
                 PREFETCH_LINES=(0, 16),
-            ),
+            )
+            + [  # the down projection's whole rows loaded before the wait (DEDUP_DOWN_PRELOAD)
+                dict(
+                    GROUP=8,
+                    P_PAD=64,
+                    BLOCK_M=16,
+                    BLOCK_N=16,
+                    BLOCK_K=1024,
+                    PREFETCH_STEP=64,
+                    GLU=False,
+                    PREFETCH_LINES=0,
+                    PRELOAD=True,
+                )
+            ],  # fmt: skip
             dict(ids_ptr=I64),
             (),
         ),

@@ -20,7 +20,9 @@ def skip_bf16_on_interpreter(dtype: torch.dtype, uses_dot: bool = True, why: str
         pytest.skip(why or "Triton's interpreter multiplies bfloat16 matrices wrongly")
 
 
-@pytest.mark.parametrize("path", ["pairs", "dedup", "dedup-down-config", "sorted", "sorted-config"])
+@pytest.mark.parametrize(
+    "path", ["pairs", "dedup", "dedup-down-config", "dedup-down-preload", "sorted", "sorted-config"]
+)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("n", [1, 8, 40, 300])
 def test_triton_experts_equal_float64_reference(dtype, n, path, monkeypatch):
@@ -28,7 +30,8 @@ def test_triton_experts_equal_float64_reference(dtype, n, path, monkeypatch):
     including an expert with more rows than one 16-row block and experts with none; the sorted
     kernel also with other block sizes (`SORTED_CONFIG` and the down projection's
     `SORTED_DOWN_CONFIG`, what kernels.py (5) and (7) sweep), the
-    deduplicating one with the down projection's own (`DEDUP_DOWN_CONFIG`, kernels.py (2))."""
+    deduplicating one with the down projection's own (`DEDUP_DOWN_CONFIG`, kernels.py (2)) and
+    with its whole rows loaded before the wait (`DEDUP_DOWN_PRELOAD`)."""
     import torch.nn.functional as F
 
     from specmoe_ray.moe.experts import LocalExperts
@@ -46,10 +49,16 @@ def test_triton_experts_equal_float64_reference(dtype, n, path, monkeypatch):
     experts = LocalExperts(list(range(E)), gate_up.to(DEVICE).to(dtype), down.to(DEVICE).to(dtype), E)
     experts.triton = True  # (on the interpreter too)
     experts.triton_max_rows_per_expert = 10**6  # always a Triton kernel, whatever n
-    experts.triton_max_pairs = 10**6 if path in ("pairs", "dedup", "dedup-down-config") else 0
+    experts.triton_max_pairs = 0 if path.startswith("sorted") else 10**6
     monkeypatch.setattr(triton_experts, "DEDUP", path.startswith("dedup"))
     if path == "dedup-down-config":
         monkeypatch.setattr(triton_experts, "DEDUP_DOWN_CONFIG", {"block_n": 16, "block_k": 32})
+    if path == "dedup-down-preload":
+        monkeypatch.setattr(triton_experts, "DEDUP_DOWN_PRELOAD", 16)
+        preloaded = []
+        real = triton_experts.dedup_matmul
+        counted = lambda *a, **k: preloaded.append(k.get("preload", False)) or real(*a, **k)  # noqa: E731
+        monkeypatch.setattr(triton_experts, "dedup_matmul", counted)
     if path == "sorted-config":
         monkeypatch.setattr(triton_experts, "SORTED_CONFIG", {"block_n": 16, "block_k": 32, "num_warps": 8})
         # the down projection's own (K = I = 96: a block_k that leaves a partial last step)
@@ -61,6 +70,8 @@ def test_triton_experts_equal_float64_reference(dtype, n, path, monkeypatch):
         ref[i] = F.linear(F.silu(gate) * up, down[ids[i]].double())
     rel = ((out - ref).norm() / ref.norm()).item()
     assert rel < (1e-5 if dtype == torch.float32 else 2e-2), rel
+    if path == "dedup-down-preload":  # gate/up as before, the down projection preloaded
+        assert preloaded == ([] if n == 1 else [False, True])  # (one token: the per-pair kernels)
 
 
 def test_column_major_copy_is_made_once_per_weight():
@@ -279,6 +290,13 @@ def test_preloaded_pairs_equal_the_pair_kernel_with_whole_rows(dtype, monkeypatc
     monkeypatch.setattr(triton_experts, "PRELOAD_CONFIG", cfg)
     row = triton_experts.matvec(x[:1], w[3])
     assert torch.equal(row, triton_experts.preload_matmul(x[:1], w[3:4], ids[1:2] * 0, **cfg))
+    # The deduplicating kernel with whole rows loaded before the wait (`DEDUP_DOWN_PRELOAD`; an
+    # expert with two pairs) == the same kernel and blocks reading them after it.
+    if not (DEVICE == "cpu" and dtype == torch.bfloat16):  # (tl.dot: the interpreter's bf16 is wrong)
+        dedup = dict(group=group, block_n=16, num_warps=4)
+        got = triton_experts.dedup_matmul(x, w, ids, preload=True, **dedup)
+        assert torch.equal(got, triton_experts.dedup_matmul(x, w, ids, block_k=256, **dedup))
+        assert ((got.double().cpu() - ref).norm() / ref.norm()).item() < tol
     # A few rows on one weight (`preload_rows`, `PRELOAD_ROWS`): each row as `matvec` alone.
     rows = triton_experts.preload_rows(x, w[3], **cfg)
     assert rows.shape == (3, N)

@@ -258,6 +258,7 @@ def test_capture_failure_falls_back_to_eager_static_steps(checkpoints):
         [("triton_kernels", "ROUTER_TOPK_PRELOAD", False)],
         [("triton_experts", "PRELOAD_ROWS", 16)],  # opt-in: a few rows' projections preloaded too
         [("triton_kernels", "ATTENTION_PRELOAD", True)],  # opt-in: the first past keys too
+        [("triton_experts", "DEDUP_DOWN_PRELOAD", 16)],  # opt-in: several tokens' down projection
         [
             ("fused", "MATVEC", False),
             ("triton_experts", "PRELOAD_DOWN", False),
