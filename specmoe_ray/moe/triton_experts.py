@@ -615,7 +615,9 @@ def pair_matmul(
 # launched with PDL too (`fused.INDUCTOR_PDL`), 327.4 -> 355.0 tok/s (RESULTS.md, session 18).
 PRELOAD_DOWN = True
 PRELOAD_CONFIG = {"block_n": 4, "num_warps": 4}
-PRELOAD_MAX_K = 4096  # longer rows: `pair_matmul` (whole rows stop fitting in registers)
+# Longer rows stop fitting in registers: steps keep cuBLAS for them (`fused.linear`), `matvec`
+# takes "pairs" and the down projection the per-pair kernel.
+PRELOAD_MAX_K = 4096
 
 
 # Projections of 2 .. this many rows inside static steps (a few sequences' decode, a verify
@@ -753,15 +755,21 @@ MATVEC_KERNEL = "preload"
 MATVEC_CONFIG: dict[str, int] = {"block_n": 4, "block_k": 2048, "num_warps": 4}
 
 
+def _zero_ids(device: torch.device) -> torch.Tensor:
+    """One pair on expert 0, per device (the one-weight kernels' ids: no kernel writes them, so
+    their weights may load before the kernel ahead ends)."""
+    ids = _ZERO_IDS.get(device)
+    if ids is None:
+        ids = _ZERO_IDS[device] = torch.zeros(1, dtype=torch.long, device=device)
+    return ids
+
+
 def preload_rows(x: torch.Tensor, weight: torch.Tensor, **config) -> torch.Tensor:
     """x [R, K] @ weight [N, K]^T -> [R, N] for a few rows (`PRELOAD_ROWS`; weight as
     `preload_supported` asks): a program per block of features, its whole rows of weights loaded
     before waiting for the kernel ahead (PDL), then every row's products in turn (row r: the same
     sums, bit for bit, as `matvec` of that row alone)."""
-    R = x.shape[0]
-    ids = _ZERO_IDS.get(x.device)
-    if ids is None:
-        ids = _ZERO_IDS[x.device] = torch.zeros(1, dtype=torch.long, device=x.device)
+    R, ids = x.shape[0], _zero_ids(x.device)
     w = weight.unsqueeze(0)
     (N, K), cfg = weight.shape, {**PRELOAD_CONFIG, **config}
     out = torch.empty(R, N, dtype=x.dtype, device=x.device)
@@ -778,9 +786,7 @@ def matvec(x: torch.Tensor, weight: torch.Tensor, kernel: str | None = None, **c
     """x [1, K] @ weight [N, K]^T -> [1, N] by a few-pairs kernel (one pair, expert 0): kernel
     (default `MATVEC_KERNEL`) "preload", "pairs" or "dedup". In batch-1 steps (`fused.MATVEC`)
     "preload" beats cuBLAS; the other two match it alone but lost in the step (sessions 6-8)."""
-    ids = _ZERO_IDS.get(x.device)
-    if ids is None:
-        ids = _ZERO_IDS[x.device] = torch.zeros(1, dtype=torch.long, device=x.device)
+    ids = _zero_ids(x.device)
     kernel = kernel or MATVEC_KERNEL
     if kernel == "preload" and preload_supported(weight):
         return preload_matmul(x, weight.unsqueeze(0), ids, **config)
