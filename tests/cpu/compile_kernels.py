@@ -75,6 +75,7 @@ def kernels() -> list[tuple[str, object, list[dict], dict, tuple]]:
              MERGE_LAST=s > 1, PRELOAD=True)
         for s in (1, 16)
     ]  # fmt: skip
+    dedup = dict(GROUP=8, P_PAD=64, BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, PREFETCH_STEP=64)
     routing_ptrs = dict(ids_ptr=I64, counts_ptr=I64, mask_ptr=I64, done_ptr=I32)
     sort_ptrs = dict(keys_ptr=I64, table_ptr=I64, sorted_ptr=I64, order_ptr=I64, offs_ptr=I32, counts_ptr=I64)
     pack_ptrs = dict(
@@ -177,23 +178,13 @@ def kernels() -> list[tuple[str, object, list[dict], dict, tuple]]:
             "experts (dedup)",
             te._dedup_kernel,
             variants(
-                dict(GROUP=8, P_PAD=64, BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, PREFETCH_STEP=64),
+                dedup,
                 GLU=(False, True),
                 PREFETCH_LINES=(0, 16),
             )
             + [  # the down projection's whole rows loaded before the wait (DEDUP_DOWN_PRELOAD)
-                dict(
-                    GROUP=8,
-                    P_PAD=64,
-                    BLOCK_M=16,
-                    BLOCK_N=16,
-                    BLOCK_K=1024,
-                    PREFETCH_STEP=64,
-                    GLU=False,
-                    PREFETCH_LINES=0,
-                    PRELOAD=True,
-                )
-            ],  # fmt: skip
+                {**dedup, "BLOCK_N": 16, "BLOCK_K": 1024, "GLU": False, "PREFETCH_LINES": 0, "PRELOAD": True}
+            ],
             dict(ids_ptr=I64),
             (),
         ),
