@@ -18,7 +18,8 @@ e.g. "o@attention qkv+1@attention". Only static steps (`fused.active()`, padded 
 CUDA GPUs of compute capability 9 or more use it; elsewhere (CPUs, the interpreter, eager
 prefill) `for_step` returns None and nothing changes. Opt-in: measured without gain on an H200
 (benchmarks/RESULTS.md, session 17: the one-row GEMV from L2 is only ~2 us faster than from HBM,
-9 against 11 us, so it is bound by its own latency; 48 layers 0.98-1.01x).
+9 against 11 us, so it is bound by its own latency; 48 layers 0.98-1.01x), nor once q/k/v
+preload their weights into registers, nor at batch 8 and 32 (session 19: 0.3-1.6% slower).
 """
 
 from __future__ import annotations

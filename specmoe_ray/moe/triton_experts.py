@@ -622,7 +622,9 @@ PRELOAD_MAX_K = 4096
 
 # Projections of 2 .. this many rows inside static steps (a few sequences' decode, a verify
 # step's draft tokens) by `preload_rows`: one program per block of features loads the block
-# once, before the wait, and multiplies every row (1: off, cuBLAS). Opt-in until measured.
+# once, before the wait, and multiplies every row (1: off, cuBLAS). Opt-in: slower on an H200
+# (session 19, 4 layers: verify T = 4 at batch 1 0.679 vs cuBLAS 0.646 ms, batch 8 0.958 at 8
+# rows vs 0.897; likely: every program reads all the rows' activations again).
 PRELOAD_ROWS = 1
 
 
@@ -923,7 +925,9 @@ DEDUP_DOWN_CONFIG: dict[str, int] = {"block_n": 64, "block_k": 64, "num_warps": 
 # Several tokens' down projection (verify steps, batch 2-8 decode) by the deduplicating kernel with
 # whole rows (K = the experts' intermediate size, <= PRELOAD_MAX_K) in one block of this many
 # features, each expert's block loaded before waiting for the gate/up kernel (PDL), as
-# `PRELOAD_DOWN` does for one token's pairs. 0: off (opt-in until measured).
+# `PRELOAD_DOWN` does for one token's pairs. 0: off. Opt-in: ~2x slower on an H200 (session 19,
+# 4 layers: verify T = 4 at batch 1 1.17-1.29 vs 0.646 ms, batch 8 1.96-2.16 vs 0.897; not
+# profiled: whole-K blocks for tensor-core products hold far more registers per program).
 DEDUP_DOWN_PRELOAD = 0
 
 
