@@ -14,8 +14,10 @@
 # $CKPT), trace (8 layers of it on 1 and 2 GPUs, profiled on both sides, Chrome traces), probe
 # (the same 8 layers unprofiled, beside another revision with BASE_DIR), batch1 (switch tests,
 # batch-1 ablations and sweeps, 48 layers at batch 1 and 8), preload (session 18's queued
-# opt-ins, measured at batch 1 and 8), allreduce (the trunk replicas'
-# per-layer sum: NCCL vs symmetric memory, and the layer end with NCCL vs peer sums), demo (the shipped demo pair). STAGE_TIMEOUT bounds each stage (seconds, default 540).
+# opt-ins, measured at batch 1 and 8; none paid in session 19), boundaries (a kernel boundary
+# with and without PDL against a grid barrier), allreduce (the trunk replicas' per-layer sum:
+# NCCL vs symmetric memory, and the layer end with NCCL vs peer sums), demo (the shipped demo
+# pair). STAGE_TIMEOUT bounds each stage (seconds, default 540).
 # PEER_WAITS=1 (gpus, probe): each rank's waits for its peers per peer sum, printed per batch.
 set -u
 OUT=${OUT:-gpu-out}
@@ -135,6 +137,9 @@ for stage in "${@:-tests nccl kernels shape}"; do
           --switch "again:" \
           --json "$OUT/preload.json" >"$OUT/preload.log" 2>&1
         grep -E " batch" "$OUT/preload.log" ;;
+      boundaries)
+        # What a dependent kernel boundary costs (PDL or not) against a grid barrier in one kernel.
+        timeout 200 python benchmarks/boundaries.py 2>&1 | tee "$OUT/boundaries.log" | grep -E "phase" ;;
       allreduce)
         # The trunk replicas' per-layer sum at its sizes: NCCL vs symmetric memory (2 GPUs).
         timeout 300 python benchmarks/allreduce.py 2>&1 | tee "$OUT/allreduce.log" | grep -E "all_reduce|us" ;;
@@ -142,7 +147,7 @@ for stage in "${@:-tests nccl kernels shape}"; do
         timeout "$T" python benchmarks/gpu.py --skip-shape --batch 1 8 32 --new-tokens 64 --repeats 2 \
           --json "$OUT/demo.json" >"$OUT/demo.log" 2>&1
         quiet "$OUT/demo.log" 20 ;;
-      *) echo "unknown stage $s (tests nccl kernels shape gpus trace probe batch1 preload allreduce demo)"; exit 2 ;;
+      *) echo "unknown stage $s (tests nccl kernels shape gpus trace probe batch1 preload boundaries allreduce demo)"; exit 2 ;;
     esac
   done
 done
