@@ -14,7 +14,8 @@
 # $CKPT), trace (8 layers of it on 1 and 2 GPUs, profiled on both sides, Chrome traces), probe
 # (the same 8 layers unprofiled, beside another revision with BASE_DIR), batch1 (switch tests,
 # batch-1 ablations and sweeps, 48 layers at batch 1 and 8), preload (session 18's queued
-# opt-ins, measured at batch 1 and 8; none paid in session 19), boundaries (a kernel boundary
+# opt-ins, measured at batch 1 and 8; none paid in session 19), targets (the issue's open
+# targets: batch 1 on one GPU, then the 2-GPU batch-32 ratio), boundaries (a kernel boundary
 # with and without PDL against a grid barrier), allreduce (the trunk replicas' per-layer sum:
 # NCCL vs symmetric memory, and the layer end with NCCL vs peer sums), demo (the shipped demo
 # pair). STAGE_TIMEOUT bounds each stage (seconds, default 540).
@@ -137,6 +138,21 @@ for stage in "${@:-tests nccl kernels shape}"; do
           --switch "again:" \
           --json "$OUT/preload.json" >"$OUT/preload.log" 2>&1
         grep -E " batch" "$OUT/preload.log" ;;
+      targets)
+        # The issue's two open targets on whatever machine was lent, in one stage: batch-1 decode
+        # of the 48-layer shape on one GPU (>= 300 tok/s on an H100), then with 2 or more GPUs the
+        # batch-32 ratio of 2 GPUs to one (>= 1.6x; writes the ~61 GB checkpoint to $CKPT first,
+        # reused when present), each rank's peer waits printed.
+        timeout 240 python -u benchmarks/gpu.py --shape qwen3-30b-a3b --batch 1 --new-tokens 64 --skip-hf \
+          --skip-sweep --repeats 3 --skip-demo --variants graphs --gpus 1 --json "$OUT/target-b1.json" \
+          >"$OUT/target-b1.log" 2>&1
+        grep -E " batch|copy band" "$OUT/target-b1.log"
+        if [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then
+          timeout "$T" python -u benchmarks/gpu.py --shape qwen3-30b-a3b --batch 32 --new-tokens 64 --skip-hf \
+            --skip-sweep --repeats 2 --skip-demo --variants graphs --gpus 1 2 --save-dir "$CKPT" \
+            --layout replicas-split-peer --peer-waits --json "$OUT/target-b32.json" >"$OUT/target-b32.log" 2>&1
+          grep -E " batch|copy band|peer|ready" "$OUT/target-b32.log"
+        fi ;;
       boundaries)
         # What a dependent kernel boundary costs (PDL or not) against a grid barrier in one kernel.
         timeout 200 python benchmarks/boundaries.py 2>&1 | tee "$OUT/boundaries.log" | grep -E "phase" ;;
@@ -147,7 +163,7 @@ for stage in "${@:-tests nccl kernels shape}"; do
         timeout "$T" python benchmarks/gpu.py --skip-shape --batch 1 8 32 --new-tokens 64 --repeats 2 \
           --json "$OUT/demo.json" >"$OUT/demo.log" 2>&1
         quiet "$OUT/demo.log" 20 ;;
-      *) echo "unknown stage $s (tests nccl kernels shape gpus trace probe batch1 preload boundaries allreduce demo)"; exit 2 ;;
+      *) echo "unknown stage $s (tests nccl kernels shape gpus trace probe batch1 preload targets boundaries allreduce demo)"; exit 2 ;;
     esac
   done
 done
