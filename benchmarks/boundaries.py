@@ -80,15 +80,26 @@ def _arrive(count_ptr):
 
 @triton.jit
 def _spin(count_ptr, target):
-    """Until the counter reaches target (acquire loads at GPU scope, every thread)."""
+    """Until the counter reaches target (acquire loads at GPU scope, every thread). A barrier
+    needs every program resident at once: where they are not (another process on the GPU, a
+    MIG slice smaller than the SM count read here), a trap after a second of waiting ends the
+    kernel with an error instead of a hang."""
     tl.inline_asm_elementwise(
         """{
         .reg .u32 %seen;
-        .reg .pred %done;
+        .reg .pred %done, %late;
+        .reg .u64 %t0, %t;
+        mov.u64 %t0, %globaltimer;
         boundaries_spin:
         ld.acquire.gpu.global.u32 %seen, [$1];
         setp.ge.u32 %done, %seen, $2;
-        @!%done bra boundaries_spin;
+        @%done bra boundaries_seen;
+        mov.u64 %t, %globaltimer;
+        sub.u64 %t, %t, %t0;
+        setp.gt.u64 %late, %t, 1000000000;
+        @!%late bra boundaries_spin;
+        trap;
+        boundaries_seen:
         mov.u32 $0, %seen;
         }""",
         "=r, l, r",
