@@ -537,7 +537,8 @@ class Engine:
             )
         t0 = time.perf_counter()
         proposal = self.proposer.propose(requests)
-        tokens = proposal.tokens.tolist()
+        # (the proposal's host lists where the proposer made them there: no device read)
+        tokens = proposal.host_tokens if proposal.host_tokens is not None else proposal.tokens.tolist()
         draft_s = time.perf_counter() - t0
         proposal.tokens = proposal.tokens.to(self.device)
         drafts = {}

@@ -84,17 +84,25 @@ def empty_proposal(batch: int, device: torch.device | str) -> DraftProposal:
 
 
 def one_hot_proposal(drafts: list[list[int]], device: torch.device | str) -> DraftProposal:
-    """Deterministic drafts: each token's draft distribution is a point mass on it."""
+    """Deterministic drafts: each token's draft distribution is a point mass on it. The drafts
+    and their counts reach the device in one copy (from pinned memory to a GPU, not waited for);
+    the proposal keeps them as host lists too (`host_tokens`)."""
     B, k = len(drafts), max((len(d) for d in drafts), default=0)
-    tokens = torch.full((B, k), -1, dtype=torch.long)
-    for b, d in enumerate(drafts):
-        tokens[b, : len(d)] = torch.tensor(d, dtype=torch.long)
-    probs = (tokens >= 0).float()[..., None]
+    packed = torch.tensor(
+        [t for d in drafts for t in (*d, *(-1,) * (k - len(d)))] + [len(d) for d in drafts],
+        dtype=torch.long,
+    )
+    if torch.device(device).type == "cuda":
+        packed = packed.pin_memory().to(device, non_blocking=True)
+    else:
+        packed = packed.to(device)
+    tokens = packed[: B * k].view(B, k)
     return DraftProposal(
-        tokens=tokens.to(device),
-        num_draft=torch.tensor([len(d) for d in drafts], dtype=torch.long).to(device),
-        sparse_ids=tokens[..., None].to(device),
-        sparse_probs=probs.to(device),
+        tokens=tokens,
+        num_draft=packed[B * k :],
+        sparse_ids=tokens[..., None],
+        sparse_probs=(tokens >= 0).float()[..., None],
+        host_tokens=[list(d) for d in drafts],
     )
 
 

@@ -44,6 +44,8 @@ class DraftProposal:
     sparse_probs: torch.Tensor  # [B, k, S] float32: its probabilities (sum 1 over valid entries); the draft
     # token was sampled from exactly this sparse distribution. A greedy draft
     # position is one-hot: ids[..., 0] = token, probs[..., 0] = 1.
+    host_tokens: list[list[int]] | None = None  # each row's drafts on the host, where the proposer
+    # made them there (prompt lookup): no device read needed for them
 
 
 @dataclasses.dataclass(slots=True)
@@ -95,7 +97,11 @@ def verify(
     if rows:
         # Each row's count of random draws must be known on the host. num_draft is chosen there
         # (by the speculation policy), so this is no device sync when it lives on the CPU.
-        num_draft_host = proposal.num_draft.tolist()
+        num_draft_host = (
+            [len(t) for t in proposal.host_tokens]
+            if proposal.host_tokens is not None
+            else proposal.num_draft.tolist()
+        )
         r = torch.tensor(rows, device=dev)
         acc_r, final_r = _verify_sampled(
             target_logits[r].float(),

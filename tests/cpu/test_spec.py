@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
+import torch
 from conftest import (
     PROMPTS,
     chi2_pvalue,
@@ -17,7 +20,7 @@ from conftest import (
 
 from specmoe_ray import Engine, SamplingParams
 from specmoe_ray.spec import rejection
-from specmoe_ray.spec.proposer import NgramProposer
+from specmoe_ray.spec.proposer import DraftRequest, NgramProposer
 
 NEW = 24
 GREEDY = SamplingParams(max_tokens=NEW, temperature=0.0, ignore_eos=True)
@@ -160,6 +163,36 @@ def test_ngram_lookup():
     assert ng.lookup([1, 2, 3, 9, 1, 2, 3], 3) == [9, 1, 2]
     assert ng.lookup([5, 1, 2, 7, 8, 1, 2], 2) == [7, 8]  # latest match of the longest suffix
     assert ng.lookup([1, 2, 3], 3) == []
+
+
+def test_ngram_proposal_tensors_and_host_lists():
+    """Prompt lookup's proposal, packed into one copy: the padded drafts, their counts, one-hot
+    ids and probabilities, and the drafts as host lists (which the engine and verification read
+    instead of the device); a sampling row's verification draws as many uniforms either way."""
+    histories = [[1, 2, 3, 9, 1, 2, 3], [5, 6], [4, 4, 4, 4], [7, 8, 7]]
+    wants = [3, 3, 2, 0]
+    reqs = [DraftRequest(str(i), h, k) for i, (h, k) in enumerate(zip(histories, wants))]
+    proposal = NgramProposer(min_n=1, max_n=3).propose(reqs)
+    drafted = [[9, 1, 2], [], [4], []]  # (the 4s' match ends at the history's end)
+    assert proposal.host_tokens == drafted
+    want = torch.tensor([[9, 1, 2], [-1, -1, -1], [4, -1, -1], [-1, -1, -1]])
+    assert torch.equal(proposal.tokens, want)
+    assert proposal.num_draft.tolist() == [3, 0, 1, 0]
+    assert torch.equal(proposal.sparse_ids, want[..., None])
+    assert torch.equal(proposal.sparse_probs, (want >= 0).float()[..., None])
+
+    params = [SamplingParams(temperature=0.9), GREEDY, SamplingParams(temperature=0.7), GREEDY]
+    logits = torch.randn(4, 4, 16, generator=torch.Generator().manual_seed(0))
+    logits[0, 0, 9] = logits[2, 0, 4] = 8.0  # (drafts likely kept)
+    results = []
+    for host in (proposal.host_tokens, None):
+        gens = [torch.Generator().manual_seed(5), None, torch.Generator().manual_seed(6), None]
+        p = dataclasses.replace(proposal, tokens=proposal.tokens.clone(), host_tokens=host)
+        result = rejection.verify(logits, p, params, gens)
+        results.append((result, [g.get_state() if g else None for g in gens]))
+    (a, states_a), (b, states_b) = results
+    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.num_accepted, b.num_accepted)
+    assert all(x is None or torch.equal(x, y) for x, y in zip(states_a, states_b))
 
 
 # -- losslessness of sampling, end to end ---------------------------------------------------
