@@ -9,6 +9,8 @@ tensors* (no copy, no checkpoint on disk), experts in-process. Per batch size it
 - `graphs`: our engine with CUDA-graph steps (the default on GPUs), no speculation; decode
   steps run ahead, up to 4 per host sync (`decode_steps`, the default);
 - `sync`: `graphs` with one host sync per step (`decode_steps=1`: what running ahead gains);
+- `sampled`: `graphs` with every row sampled (temperature 1, seeded) instead of greedy: what
+  sampling's verification costs beside argmax;
 - `--switch NAME:module.ATTR=value,...`: `graphs` with fast-path switches flipped while that
   variant runs (e.g. `--switch cublas:fused.MATVEC=False`), side by side with `graphs`;
 - `ngram`: graphs + prompt-lookup drafts (k = --k);
@@ -207,8 +209,10 @@ def hf_run(model, rows: list[list[int]], new: int, device: str):
     return run
 
 
-def ours_run(engine: Engine, rows, new: int):
-    params = SamplingParams(max_tokens=new, temperature=0.0, ignore_eos=True)
+def ours_run(engine: Engine, rows, new: int, temperature: float = 0.0):
+    """Our engine's generate over rows: greedy, or sampled at temperature (seeded per row)."""
+    seeds = range(len(rows)) if temperature else [None] * len(rows)
+    params = [SamplingParams(max_tokens=new, temperature=temperature, ignore_eos=True, seed=s) for s in seeds]
 
     def run() -> int:
         return sum(len(o.token_ids) for o in engine.generate(rows, params))
@@ -361,6 +365,7 @@ def bench_shape(a, device: str, dtype: torch.dtype, bandwidth: float) -> dict[st
         "eager": dict(step_graphs="off"),
         "graphs": dict(step_graphs="auto" if device != "cpu" else "padded"),
         "sync": dict(step_graphs="auto" if device != "cpu" else "padded", decode_steps=1),
+        "sampled": dict(step_graphs="auto" if device != "cpu" else "padded", temperature=1.0),
         "ngram": dict(step_graphs="auto" if device != "cpu" else "padded", ngram=True),
         "draft": dict(step_graphs="auto" if device != "cpu" else "padded", draft=True),
     }
@@ -409,7 +414,7 @@ def parse_switch(text: str) -> tuple[str, list[tuple[str, str, Any]]]:
         if not hasattr(mod, attr):
             raise argparse.ArgumentTypeError(f"--switch {text!r}: {module} has no {attr}")
         out.append((SWITCH_MODULES[module], attr, ast.literal_eval(value)))
-    if not name or name in ("eager", "graphs", "sync", "ngram", "draft"):
+    if not name or name in ("eager", "graphs", "sync", "sampled", "ngram", "draft"):
         raise argparse.ArgumentTypeError(f"--switch {text!r}: give the variant a new NAME before ':'")
     return name, out
 
@@ -439,6 +444,7 @@ def switched(flips: list[tuple[str, str, Any]]):
 
 def bench_variant(a, res, hf, rows, name: str, v: dict, device: str, dtype, max_len: int) -> Engine:
     """One engine variant of (a) on the model's tensors, timed at each batch size."""
+    temperature = v.pop("temperature", 0.0)
     proposer = NgramProposer(device=device) if v.pop("ngram", False) else None
     if v.pop("draft", False):
         proposer = draft_proposer(a, device, dtype, max(max_len, a.context + 9))
@@ -451,10 +457,10 @@ def bench_variant(a, res, hf, rows, name: str, v: dict, device: str, dtype, max_
         **v,
     )
     for b in a.batch:
-        r = timed(ours_run(engine, rows[b], a.new_tokens), a.repeats, device, engine)
+        r = timed(ours_run(engine, rows[b], a.new_tokens, temperature), a.repeats, device, engine)
         r["speculation_length"] = engine.stats()["speculation_length"]
         base = [x["tok_s"] for x in res["runs"] if x["who"] == "graphs" and x["batch"] == b]
-        if name in a.switch and base:
+        if (name in a.switch or temperature) and base:
             r["vs_graphs"] = r["tok_s"] / base[0]
         res["runs"].append({"who": name, "batch": b, **r})
         print(
@@ -698,7 +704,8 @@ def main(argv=None) -> dict[str, Any]:
         "--variants",
         nargs="+",
         default=["eager", "graphs", "sync", "ngram", "draft"],
-        help="our engine's runs in (a); draft: a random Qwen3-0.6B-shaped draft model",
+        help="our engine's runs in (a) (eager graphs sync sampled ngram draft); draft: a random "
+        "Qwen3-0.6B-shaped draft model",
     )
     p.add_argument(
         "--switch",

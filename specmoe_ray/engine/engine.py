@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from specmoe_ray.engine.graph import StepGraphs, make_step_graphs
-from specmoe_ray.engine.sampling import make_generator
+from specmoe_ray.engine.sampling import make_generator, to_device
 from specmoe_ray.engine.scheduler import ScheduledSeq, Scheduler
 from specmoe_ray.engine.sequence import FinishReason, RequestOutput, SamplingParams, Sequence
 from specmoe_ray.engine.setup import (
@@ -331,7 +331,7 @@ class Engine:
             for n in num_draft:
                 index.append([row + min(i, n) for i in range(k + 1)])
                 row += n + 1
-            target_logits = logits[torch.tensor(index, device=logits.device)]
+            target_logits = logits[to_device(index, logits.device)]
         seqs = [s.seq for s in samplers]
         result = rejection.verify(
             target_logits, proposal, [q.params for q in seqs], [q.generator for q in seqs]

@@ -33,6 +33,16 @@ def target_probs(
     return torch.zeros_like(probs).scatter_(-1, sorted_idx, probs)
 
 
+def to_device(values: list, device: torch.device | str, dtype: torch.dtype = torch.long) -> torch.Tensor:
+    """A host list as a tensor on device. To a GPU through pinned memory, not waited for: a plain
+    `torch.tensor(values, device=...)` copies from pageable memory and then waits for the stream,
+    so in the middle of a step it would leave the GPU idle while the host launches the rest."""
+    t = torch.tensor(values, dtype=dtype)
+    if torch.device(device).type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def make_generator(seed: int | None, device: torch.device | str) -> torch.Generator:
     g = torch.Generator(device=device)
     if seed is None:

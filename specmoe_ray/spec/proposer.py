@@ -20,7 +20,7 @@ from collections import OrderedDict
 import torch
 
 from specmoe_ray.engine.graph import make_step_graphs
-from specmoe_ray.engine.sampling import make_generator, target_probs
+from specmoe_ray.engine.sampling import make_generator, target_probs, to_device
 from specmoe_ray.models.transformer import Transformer, build_forward_batch
 from specmoe_ray.spec.rejection import DraftProposal, sample_sparse, sparse_from_probs
 
@@ -80,6 +80,7 @@ def empty_proposal(batch: int, device: torch.device | str) -> DraftProposal:
         num_draft=torch.zeros(batch, dtype=torch.long, device=device),
         sparse_ids=torch.full((batch, 0, 1), -1, dtype=torch.long, device=device),
         sparse_probs=torch.zeros(batch, 0, 1, device=device),
+        host_tokens=[[] for _ in range(batch)],
     )
 
 
@@ -268,7 +269,8 @@ class DraftModelProposer:
             self.num_proposed += len(mine)
         return DraftProposal(
             tokens=tokens,
-            num_draft=torch.tensor([r.num_draft for r in requests], dtype=torch.long, device=self.device),
+            num_draft=to_device([r.num_draft for r in requests], self.device),
             sparse_ids=sparse_ids,
             sparse_probs=sparse_probs,
+            host_tokens=[row[: r.num_draft] for row, r in zip(drafted, requests)],
         )

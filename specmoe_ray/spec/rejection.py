@@ -31,7 +31,7 @@ import dataclasses
 
 import torch
 
-from specmoe_ray.engine.sampling import target_probs
+from specmoe_ray.engine.sampling import target_probs, to_device
 
 
 @dataclasses.dataclass(slots=True)
@@ -102,7 +102,7 @@ def verify(
             if proposal.host_tokens is not None
             else proposal.num_draft.tolist()
         )
-        r = torch.tensor(rows, device=dev)
+        r = to_device(rows, dev)
         acc_r, final_r = _verify_sampled(
             target_logits[r].float(),
             drafts[r],
@@ -135,12 +135,12 @@ def _verify_sampled(
     R, K1, V = logits.shape
     k = K1 - 1
     dev = logits.device
-    n = torch.tensor(num_draft, device=dev)  # [R]
+    n = to_device(num_draft, dev)  # [R]
     valid = torch.arange(k, device=dev) < n[:, None]  # [R, k]
 
-    temperature = torch.tensor([p.temperature for p in params], device=dev, dtype=torch.float32)
-    top_k = torch.tensor([p.top_k for p in params], device=dev)
-    top_p = torch.tensor([p.top_p for p in params], device=dev, dtype=torch.float32)
+    temperature = to_device([p.temperature for p in params], dev, torch.float32)
+    top_k = to_device([p.top_k for p in params], dev)
+    top_p = to_device([p.top_p for p in params], dev, torch.float32)
     p = target_probs(
         logits.reshape(R * K1, V),
         temperature.repeat_interleave(K1),
@@ -198,9 +198,11 @@ def _draw_uniforms(
         if g is None:
             raise ValueError("a sampling row (temperature > 0) needs its own torch.Generator")
         draws.append(torch.rand(m + 1, generator=g, device=g.device, dtype=torch.float64))
-    n = torch.tensor(num_draft, device=device)
     u = torch.ones(len(draws), width, dtype=torch.float64, device=device)
-    u[torch.arange(width, device=device) <= n[:, None]] = torch.cat(draws).to(device)  # row-major fill
+    # Row r's draws at its first num_draft[r] + 1 places: flat positions known on the host (a
+    # boolean mask would count its places on the device, a wait mid-step).
+    where = to_device([r * width + j for r, m in enumerate(num_draft) for j in range(m + 1)], device)
+    u.view(-1)[where] = torch.cat(draws).to(device)
     return u
 
 

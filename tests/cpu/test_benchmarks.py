@@ -50,8 +50,8 @@ def test_switch_variants_run_flipped_beside_graphs_and_restore(gpu, monkeypatch)
     seen = []
     ours_run = gpu.ours_run
 
-    def spy(engine, rows, new):
-        run = ours_run(engine, rows, new)
+    def spy(engine, rows, new, temperature=0.0):
+        run = ours_run(engine, rows, new, temperature)
         return lambda: seen.append(triton_experts.DEDUP_ONE_ROW) or run()
 
     monkeypatch.setattr(gpu, "ours_run", spy)
@@ -64,6 +64,26 @@ def test_switch_variants_run_flipped_beside_graphs_and_restore(gpu, monkeypatch)
     assert runs[1]["vs_graphs"] == pytest.approx(runs[1]["tok_s"] / runs[0]["tok_s"])
     assert seen == [before] * 2 + [not before] * 2 + [before] * 2  # warm-up + 1 timed run each
     assert triton_experts.DEDUP_ONE_ROW is before
+
+
+def test_sampled_variant_samples_every_row_beside_graphs(gpu, monkeypatch):
+    """`--variants sampled`: the same engine settings as `graphs` with every row sampled
+    (temperature 1, a seed per row), timed beside `graphs` with its ratio to it."""
+    asked = []
+    ours_run = gpu.ours_run
+
+    def spy(engine, rows, new, temperature=0.0):
+        asked.append(temperature)
+        return ours_run(engine, rows, new, temperature)
+
+    monkeypatch.setattr(gpu, "ours_run", spy)
+    args = ["--shape", "small", "--device", "cpu", "--batch", "2", "--new-tokens", "4", "--repeats", "1"]
+    args += ["--skip-hf", "--skip-demo", "--skip-sweep", "--variants", "graphs", "sampled"]
+    runs = gpu.main(args)["shape"]["runs"]
+    assert [r["who"] for r in runs] == ["graphs", "sampled"]
+    assert asked == [0.0, 1.0]
+    assert runs[1]["vs_graphs"] == pytest.approx(runs[1]["tok_s"] / runs[0]["tok_s"])
+    assert runs[1]["tokens_per_step"] == pytest.approx(runs[0]["tokens_per_step"])  # no drafts either way
 
 
 def test_allreduce_benchmark_sums_right_on_two_gloo_ranks():

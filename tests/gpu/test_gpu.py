@@ -730,3 +730,43 @@ def test_nccl_stopped_shard_is_replaced_before_the_timeouts(checkpoints, ray_on_
         recoveries = engine.metrics.num_recoveries
     assert got == hf_greedy(path, PROMPTS, 32)
     assert recoveries == 1
+
+
+def test_verification_queues_behind_the_forward_without_waiting():
+    """A step's proposal (prompt lookup) and verification (greedy rows with drafts, sampling rows
+    with top-k / top-p, ragged drafts) launch behind the forward without a host wait: torch's
+    sync debug mode turns any synchronizing CUDA call into an error, until the step's one read.
+    Greedy rows keep exactly the drafts the forced argmaxes allow."""
+    from specmoe_ray.engine.sampling import make_generator
+    from specmoe_ray.spec import rejection
+    from specmoe_ray.spec.proposer import empty_proposal, one_hot_proposal
+
+    dev, V = torch.device("cuda"), 1000
+    drafts = [[1, 2, 3], [4], [], [5, 6]]
+    logits = torch.randn(4, 4, V, device=dev, generator=torch.Generator(device=dev).manual_seed(0))
+    logits[1, 0, 4] = logits[1, 1, 7] = 50.0  # row 1: draft 4 kept, bonus 7
+    logits[3, 0, 5] = logits[3, 1, 9] = 50.0  # row 3: 5 kept, 6 rejected for 9
+    params = [
+        SamplingParams(temperature=0.8, top_p=0.9),
+        SamplingParams(temperature=0.0),
+        SamplingParams(temperature=1.0, top_k=50),
+        SamplingParams(temperature=0.0),
+    ]
+    gens = [make_generator(1, dev), None, make_generator(2, dev), None]
+    plain = [make_generator(3, dev), None, make_generator(4, dev), None]
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        torch.cuda._sleep(10_000_000)  # (the GPU still busy, as with a step's forward)
+        proposal = one_hot_proposal(drafts, dev)
+        result = rejection.verify(logits, proposal, params, gens)
+        decoded = rejection.verify(logits[:, :1], empty_proposal(4, dev), params, plain)  # k = 0
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    tokens, accepted = result.tokens.tolist(), result.num_accepted.tolist()
+    assert tokens[1] == [4, 7, -1, -1] and accepted[1] == 1
+    assert tokens[3] == [5, 9, -1, -1] and accepted[3] == 1
+    for b in (0, 2):  # sampling rows: a prefix of the drafts, then one token of the vocabulary
+        a = accepted[b]
+        assert a <= len(drafts[b]) and tokens[b][:a] == drafts[b][:a] and 0 <= tokens[b][a] < V
+    assert decoded.num_accepted.tolist() == [0] * 4 and all(0 <= t < V for t in decoded.tokens[:, 0].tolist())
