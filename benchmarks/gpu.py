@@ -10,7 +10,8 @@ tensors* (no copy, no checkpoint on disk), experts in-process. Per batch size it
   steps run ahead, up to 4 per host sync (`decode_steps`, the default);
 - `sync`: `graphs` with one host sync per step (`decode_steps=1`: what running ahead gains);
 - `sampled`: `graphs` with every row sampled (temperature 1, seeded) instead of greedy: what
-  sampling's verification costs beside argmax;
+  sampling's verification costs beside argmax (`--temperature T` samples every engine run of (a),
+  switches included: e.g. `--switch waits:sampling.PINNED=False` for verification's old waits);
 - `--switch NAME:module.ATTR=value,...`: `graphs` with fast-path switches flipped while that
   variant runs (e.g. `--switch cublas:fused.MATVEC=False`), side by side with `graphs`;
 - `ngram`: graphs + prompt-lookup drafts (k = --k);
@@ -421,6 +422,7 @@ def parse_switch(text: str) -> tuple[str, list[tuple[str, str, Any]]]:
 
 SWITCH_MODULES = {
     "fused": "specmoe_ray.models.fused",
+    "sampling": "specmoe_ray.engine.sampling",
     "l2_ahead": "specmoe_ray.models.l2_ahead",
     "triton_kernels": "specmoe_ray.models.triton_kernels",
     "triton_experts": "specmoe_ray.moe.triton_experts",
@@ -444,7 +446,7 @@ def switched(flips: list[tuple[str, str, Any]]):
 
 def bench_variant(a, res, hf, rows, name: str, v: dict, device: str, dtype, max_len: int) -> Engine:
     """One engine variant of (a) on the model's tensors, timed at each batch size."""
-    temperature = v.pop("temperature", 0.0)
+    temperature = v.pop("temperature", a.temperature)
     proposer = NgramProposer(device=device) if v.pop("ngram", False) else None
     if v.pop("draft", False):
         proposer = draft_proposer(a, device, dtype, max(max_len, a.context + 9))
@@ -460,7 +462,7 @@ def bench_variant(a, res, hf, rows, name: str, v: dict, device: str, dtype, max_
         r = timed(ours_run(engine, rows[b], a.new_tokens, temperature), a.repeats, device, engine)
         r["speculation_length"] = engine.stats()["speculation_length"]
         base = [x["tok_s"] for x in res["runs"] if x["who"] == "graphs" and x["batch"] == b]
-        if (name in a.switch or temperature) and base:
+        if (name in a.switch or name == "sampled") and base:
             r["vs_graphs"] = r["tok_s"] / base[0]
         res["runs"].append({"who": name, "batch": b, **r})
         print(
@@ -714,6 +716,12 @@ def main(argv=None) -> dict[str, Any]:
         default=[],
         metavar="NAME:module.ATTR=value,...",
         help="a further (a) variant: graphs with these fast-path switches flipped (repeatable)",
+    )
+    p.add_argument(
+        "--temperature",
+        type=float,
+        default=0.0,
+        help="(a)'s engine runs sample at this temperature (seeded per row; 0: greedy); `sampled` is 1",
     )
     p.add_argument("--skip-shape", action="store_true", help="only (b), the demo pair")
     p.add_argument(

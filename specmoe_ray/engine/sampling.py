@@ -33,12 +33,17 @@ def target_probs(
     return torch.zeros_like(probs).scatter_(-1, sorted_idx, probs)
 
 
+# `to_device` copies to GPUs from pinned memory without waiting (False: plain copies, which wait
+# for the stream: the behaviour before session 19, kept for benchmarks/gpu.py's A/B switch).
+PINNED = True
+
+
 def to_device(values: list, device: torch.device | str, dtype: torch.dtype = torch.long) -> torch.Tensor:
     """A host list as a tensor on device. To a GPU through pinned memory, not waited for: a plain
     `torch.tensor(values, device=...)` copies from pageable memory and then waits for the stream,
     so in the middle of a step it would leave the GPU idle while the host launches the rest."""
     t = torch.tensor(values, dtype=dtype)
-    if torch.device(device).type == "cuda":
+    if PINNED and torch.device(device).type == "cuda":
         return t.pin_memory().to(device, non_blocking=True)
     return t.to(device)
 

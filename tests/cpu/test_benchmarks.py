@@ -84,6 +84,11 @@ def test_sampled_variant_samples_every_row_beside_graphs(gpu, monkeypatch):
     assert asked == [0.0, 1.0]
     assert runs[1]["vs_graphs"] == pytest.approx(runs[1]["tok_s"] / runs[0]["tok_s"])
     assert runs[1]["tokens_per_step"] == pytest.approx(runs[0]["tokens_per_step"])  # no drafts either way
+    # --temperature samples every run of (a), switch variants included (A/B of sampling's path).
+    asked.clear()
+    args = args[: args.index("--variants")] + ["--variants", "graphs", "--temperature", "0.5"]
+    runs = gpu.main(args + ["--switch", "waits:sampling.PINNED=False"])["shape"]["runs"]
+    assert [r["who"] for r in runs] == ["graphs", "waits"] and asked == [0.5, 0.5]
 
 
 def test_allreduce_benchmark_sums_right_on_two_gloo_ranks():

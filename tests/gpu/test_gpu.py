@@ -732,11 +732,13 @@ def test_nccl_stopped_shard_is_replaced_before_the_timeouts(checkpoints, ray_on_
     assert recoveries == 1
 
 
-def test_verification_queues_behind_the_forward_without_waiting():
+def test_verification_queues_behind_the_forward_without_waiting(monkeypatch):
     """A step's proposal (prompt lookup) and verification (greedy rows with drafts, sampling rows
     with top-k / top-p, ragged drafts) launch behind the forward without a host wait: torch's
-    sync debug mode turns any synchronizing CUDA call into an error, until the step's one read.
-    Greedy rows keep exactly the drafts the forced argmaxes allow."""
+    sync debug mode turns any synchronizing CUDA call into an error, until the step's one read
+    (and does so for the plain copies used before, `sampling.PINNED` off). Greedy rows keep
+    exactly the drafts the forced argmaxes allow."""
+    from specmoe_ray.engine import sampling
     from specmoe_ray.engine.sampling import make_generator
     from specmoe_ray.spec import rejection
     from specmoe_ray.spec.proposer import empty_proposal, one_hot_proposal
@@ -770,3 +772,11 @@ def test_verification_queues_behind_the_forward_without_waiting():
         a = accepted[b]
         assert a <= len(drafts[b]) and tokens[b][:a] == drafts[b][:a] and 0 <= tokens[b][a] < V
     assert decoded.num_accepted.tolist() == [0] * 4 and all(0 <= t < V for t in decoded.tokens[:, 0].tolist())
+
+    monkeypatch.setattr(sampling, "PINNED", False)  # the check sees a wait where there is one
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with pytest.raises(RuntimeError, match="synchroniz"):
+            rejection.verify(logits, one_hot_proposal(drafts, dev), params, gens)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
