@@ -31,6 +31,7 @@ from collections import OrderedDict
 
 import torch
 
+from specmoe_ray.engine.sampling import to_device
 from specmoe_ray.models.deepseek import MTPHead
 from specmoe_ray.models.loader import load_experts, load_mtp
 from specmoe_ray.models.transformer import MoEBlock, Transformer, build_forward_batch
@@ -181,10 +182,9 @@ class MTPProposer:
             # rows: indices made before the first feed, so the chain never waits for the GPU (each
             # draft and its g feed the next position on the device; the engine reads them once).
             row_sets = [[b for b in rows if requests[b].num_draft > i] for i in range(k)]
-            index = [torch.tensor(rs, device=self.device) for rs in row_sets]
+            index = [to_device(rs, self.device) for rs in row_sets]
             live = [None] + [
-                torch.tensor([row_sets[i - 1].index(b) for b in row_sets[i]], device=self.device)
-                for i in range(1, k)
+                to_device([row_sets[i - 1].index(b) for b in row_sets[i]], self.device) for i in range(1, k)
             ]
             logits, g = self._feed(feeds, starts, slots, torch.cat(hidden))  # [R, V], [R, D]
             slot_of = dict(zip(rows, slots))
@@ -209,7 +209,7 @@ class MTPProposer:
             self.num_proposed += sum(num_draft)
         return DraftProposal(
             tokens=tokens,
-            num_draft=torch.tensor(num_draft, dtype=torch.long, device=self.device),
+            num_draft=to_device(num_draft, self.device),
             sparse_ids=sparse_ids,
             sparse_probs=sparse_probs,
         )

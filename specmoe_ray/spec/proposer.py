@@ -57,11 +57,12 @@ def sample_drafts(
     rows = [i for i, r in enumerate(reqs) if r.temperature > 0]
     if rows:
         dev = logits.device
+        # (host lists sent without waiting: the draft's forward is still running on a GPU)
         p = target_probs(
-            logits[rows],
-            torch.tensor([reqs[i].temperature for i in rows], device=dev),
-            torch.tensor([reqs[i].top_k for i in rows], device=dev),
-            torch.tensor([reqs[i].top_p for i in rows], device=dev),
+            logits[to_device(rows, dev)],
+            to_device([reqs[i].temperature for i in rows], dev, torch.float32),
+            to_device([reqs[i].top_k for i in rows], dev),
+            to_device([reqs[i].top_p for i in rows], dev, torch.float32),
         )
         sp_ids, sp_probs = sparse_from_probs(p, S)  # [R, S]: the draft samples from exactly this
         for j, i in enumerate(rows):
@@ -238,10 +239,9 @@ class DraftModelProposer:
         # indices made before the first forward, so the loop never waits for the GPU. Each draft
         # feeds the next on the device; the host reads them all once, at the end.
         row_sets = [[b for b in active if requests[b].num_draft > i] for i in range(k)]
-        index = [torch.tensor(rows, device=self.device) for rows in row_sets]
+        index = [to_device(rows, self.device) for rows in row_sets]
         keep = [None] + [
-            torch.tensor([row_sets[i - 1].index(b) for b in row_sets[i]], device=self.device)
-            for i in range(1, k)
+            to_device([row_sets[i - 1].index(b) for b in row_sets[i]], self.device) for i in range(1, k)
         ]
         picked = None
         for i, rows in enumerate(row_sets):

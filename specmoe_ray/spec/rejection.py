@@ -221,4 +221,5 @@ def sparse_from_probs(probs: torch.Tensor, top_n: int) -> tuple[torch.Tensor, to
 def sample_sparse(ids: torch.Tensor, probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     """One token from a sparse distribution: ids [S] (-1 padding), probs [S] -> token, 0-dim long."""
     weights = probs.float().masked_fill(ids < 0, 0.0)
-    return ids[torch.multinomial(weights, 1, generator=generator)[0]]
+    # (gathered: indexing by a 0-dim tensor would read it on the host, a wait on a GPU)
+    return ids.gather(0, torch.multinomial(weights, 1, generator=generator))[0]

@@ -733,15 +733,16 @@ def test_nccl_stopped_shard_is_replaced_before_the_timeouts(checkpoints, ray_on_
 
 
 def test_verification_queues_behind_the_forward_without_waiting(monkeypatch):
-    """A step's proposal (prompt lookup) and verification (greedy rows with drafts, sampling rows
-    with top-k / top-p, ragged drafts) launch behind the forward without a host wait: torch's
+    """A step's proposal (prompt lookup, a draft model's sampling between its forwards) and
+    verification (greedy rows with drafts, sampling rows with top-k / top-p, ragged drafts, no
+    drafts) launch behind the forward without a host wait: torch's
     sync debug mode turns any synchronizing CUDA call into an error, until the step's one read
     (and does so for the plain copies used before, `sampling.PINNED` off). Greedy rows keep
     exactly the drafts the forced argmaxes allow."""
     from specmoe_ray.engine import sampling
     from specmoe_ray.engine.sampling import make_generator
     from specmoe_ray.spec import rejection
-    from specmoe_ray.spec.proposer import empty_proposal, one_hot_proposal
+    from specmoe_ray.spec.proposer import DraftRequest, empty_proposal, one_hot_proposal, sample_drafts
 
     dev, V = torch.device("cuda"), 1000
     drafts = [[1, 2, 3], [4], [], [5, 6]]
@@ -763,6 +764,9 @@ def test_verification_queues_behind_the_forward_without_waiting(monkeypatch):
         proposal = one_hot_proposal(drafts, dev)
         result = rejection.verify(logits, proposal, params, gens)
         decoded = rejection.verify(logits[:, :1], empty_proposal(4, dev), params, plain)  # k = 0
+        # A draft model's token per row (greedy and sampled rows), as between its forwards.
+        reqs = [DraftRequest(str(b), [1], 1, p.temperature, p.top_k, p.top_p) for b, p in enumerate(params)]
+        drafted, _, _ = sample_drafts(logits[:, 0], reqs, 8, {})
     finally:
         torch.cuda.set_sync_debug_mode(0)
     tokens, accepted = result.tokens.tolist(), result.num_accepted.tolist()
@@ -772,6 +776,8 @@ def test_verification_queues_behind_the_forward_without_waiting(monkeypatch):
         a = accepted[b]
         assert a <= len(drafts[b]) and tokens[b][:a] == drafts[b][:a] and 0 <= tokens[b][a] < V
     assert decoded.num_accepted.tolist() == [0] * 4 and all(0 <= t < V for t in decoded.tokens[:, 0].tolist())
+    drafted = drafted.tolist()
+    assert drafted[1] == 4 and drafted[3] == 5 and all(0 <= t < V for t in drafted)
 
     monkeypatch.setattr(sampling, "PINNED", False)  # the check sees a wait where there is one
     torch.cuda.set_sync_debug_mode("error")
