@@ -342,7 +342,10 @@ class Engine:
         if ahead is not None:
             tokens = torch.cat([tokens, ahead], dim=1)
         emitted = tokens.tolist()  # the step's one host sync
-        return hidden, emitted, result.num_accepted.tolist(), extra
+        # Accepted drafts from the same read: a row's first k + 1 places hold its accepted drafts
+        # and one more token (token ids, >= 0), then -1.
+        accepted = [sum(t >= 0 for t in row[: k + 1]) - 1 for row in emitted]
+        return hidden, emitted, accepted, extra
 
     def _checked(self, scheduled, samplers, run):
         """run() (`_compute`); with expert shards, rolled back (KV lengths, seeded generators) and
