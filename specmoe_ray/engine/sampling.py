@@ -3,34 +3,77 @@
 `target_probs` is what every emitted token follows, with or without speculation (plain
 decoding is verification with no drafts, `spec/rejection.py`). Each request draws from its
 own `torch.Generator`, so its output depends on its seed only, never on which other requests
-share the batch.
+share the batch. A step's last draw per row is `inverse_cdf` (from `plain_probs` when top-k
+and top-p are off: `sample_plain`), one Triton kernel on GPUs (`engine/triton_sampling.py`).
 """
 
 from __future__ import annotations
 
 import torch
 
+from specmoe_ray.engine import triton_sampling
+
+
+def plain_probs(logits: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
+    """logits [B, V]; temperature [B] (> 0) -> softmax(logits / temperature) [B, V] float32."""
+    return torch.softmax(logits.float() / temperature[:, None].float(), dim=-1)
+
+
+def filtering(params: list, vocab_size: int) -> bool:
+    """Whether any of these rows (SamplingParams or alike) has top-k or top-p on (host data)."""
+    return any(0 < p.top_k < vocab_size or p.top_p < 1.0 for p in params)
+
 
 def target_probs(
-    logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
+    logits: torch.Tensor,
+    temperature: torch.Tensor,
+    top_k: torch.Tensor,
+    top_p: torch.Tensor,
+    filtered: bool = True,
 ) -> torch.Tensor:
     """logits [B, V] float; temperature [B] (> 0), top_k [B] (0 = off), top_p [B] -> probs [B, V].
 
     Order as in HF transformers and vLLM: temperature, then top-k, then top-p on the
-    renormalised top-k distribution (keep the smallest set whose mass reaches top_p).
+    renormalised top-k distribution (keep the smallest set whose mass reaches top_p). A row with
+    both off gets `plain_probs`, whatever the other rows ask; `filtered=False` says on the host
+    that no row asks (`filtering`), which skips the sort over the vocabulary.
     """
+    probs = plain_probs(logits, temperature)
+    if not filtered:
+        return probs
     V = logits.shape[-1]
-    logits = logits.float() / temperature[:, None].float()  # float32 whatever the model dtype
-    sorted_logits, sorted_idx = torch.sort(logits, dim=-1, descending=True, stable=True)
+    z = logits.float() / temperature[:, None].float()  # float32 whatever the model dtype
+    sorted_logits, sorted_idx = torch.sort(z, dim=-1, descending=True, stable=True)
     ranks = torch.arange(V, device=logits.device)
     k = torch.where(top_k > 0, top_k.clamp(max=V), torch.full_like(top_k, V))
     sorted_logits = sorted_logits.masked_fill(ranks >= k[:, None], float("-inf"))
-    probs = torch.softmax(sorted_logits, dim=-1)
-    mass_before = torch.cumsum(probs, dim=-1) - probs  # mass of strictly more likely tokens
+    kept = torch.softmax(sorted_logits, dim=-1)
+    mass_before = torch.cumsum(kept, dim=-1) - kept  # mass of strictly more likely tokens
     # top_p >= 1 is off: a float32 cumsum reaches 1.0 before the tail and would cut it.
-    probs = probs.masked_fill((mass_before >= top_p[:, None]) & (top_p[:, None] < 1.0), 0.0)
-    probs = probs / probs.sum(dim=-1, keepdim=True)
-    return torch.zeros_like(probs).scatter_(-1, sorted_idx, probs)
+    kept = kept.masked_fill((mass_before >= top_p[:, None]) & (top_p[:, None] < 1.0), 0.0)
+    kept = kept / kept.sum(dim=-1, keepdim=True)
+    on = (k < V) | (top_p < 1.0)  # [B]: rows that filter
+    return torch.where(on[:, None], torch.zeros_like(kept).scatter_(-1, sorted_idx, kept), probs)
+
+
+def inverse_cdf(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """weights [R, V] >= 0 (float64), u [R] float64 in [0, 1) -> [R] long: the first token whose
+    running mass exceeds u * total. A zero-mass token is never chosen (its step of the CDF is
+    flat) and u < 1 keeps the target below the total. One Triton kernel on GPUs."""
+    if triton_sampling.supported(weights):
+        return triton_sampling.inverse_cdf(weights, u)
+    cdf = weights.cumsum(dim=-1)
+    return torch.searchsorted(cdf, u[:, None] * cdf[:, -1:], right=True)[:, 0].clamp(
+        max=weights.shape[-1] - 1
+    )
+
+
+def sample_plain(logits: torch.Tensor, temperature: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """`inverse_cdf` of `plain_probs`: logits [R, V], temperature [R], u [R] float64 -> [R] long.
+    On GPUs one kernel from the logits (no probabilities in memory)."""
+    if triton_sampling.supported(logits):
+        return triton_sampling.inverse_cdf(logits, u, temperature.float())
+    return inverse_cdf(plain_probs(logits, temperature).double(), u)
 
 
 # `to_device` copies to GPUs from pinned memory without waiting (False: plain copies, which wait

@@ -31,7 +31,7 @@ import dataclasses
 
 import torch
 
-from specmoe_ray.engine.sampling import target_probs, to_device
+from specmoe_ray.engine.sampling import filtering, inverse_cdf, sample_plain, target_probs, to_device
 
 
 @dataclasses.dataclass(slots=True)
@@ -78,22 +78,21 @@ def verify(
     if len(params) != B or len(generators) != B:
         raise ValueError(f"need {B} params and generators, got {len(params)} and {len(generators)}")
     dev = target_logits.device
-    if k == 0 and all(p.greedy for p in params):  # plain greedy decoding: two kernels
+    if k == 0:  # plain decoding: no drafts
         return VerifyResult(
-            tokens=target_logits[:, 0].argmax(dim=-1, keepdim=True),
+            tokens=_sample_targets(target_logits[:, 0], params, generators)[:, None],
             num_accepted=torch.zeros(B, dtype=torch.long, device=dev),
         )
     drafts = proposal.tokens.to(dev)  # [B, k]
     num_draft = proposal.num_draft.to(dev)  # [B]
     valid = torch.arange(k, device=dev) < num_draft[:, None]  # [B, k]
 
-    # Greedy for every row (cheap); sampling rows overwrite theirs below.
-    argmax = target_logits.argmax(dim=-1)  # [B, k + 1]
-    match = (drafts == argmax[:, :k]) & valid
-    num_accepted = match.long().cumprod(dim=-1).sum(dim=-1)  # [B]
-    final = argmax.gather(1, num_accepted[:, None])[:, 0]  # [B] recovered or bonus token
-
     rows = [i for i, p in enumerate(params) if not p.greedy]
+    if not rows or len(rows) < B:  # greedy rows (sampling rows overwrite theirs below)
+        argmax = target_logits.argmax(dim=-1)  # [B, k + 1]
+        match = (drafts == argmax[:, :k]) & valid
+        num_accepted = match.long().cumprod(dim=-1).sum(dim=-1)  # [B]
+        final = argmax.gather(1, num_accepted[:, None])[:, 0]  # [B] recovered or bonus token
     if rows:
         # Each row's count of random draws must be known on the host. num_draft is chosen there
         # (by the speculation policy), so this is no device sync when it lives on the CPU.
@@ -102,24 +101,56 @@ def verify(
             if proposal.host_tokens is not None
             else proposal.num_draft.tolist()
         )
-        r = to_device(rows, dev)
+        r = to_device(rows, dev) if len(rows) < B else None
         acc_r, final_r = _verify_sampled(
-            target_logits[r].float(),
-            drafts[r],
-            proposal.sparse_ids.to(dev)[r],
-            proposal.sparse_probs.to(dev)[r],
+            target_logits.float() if r is None else target_logits[r].float(),
+            drafts if r is None else drafts[r],
+            *[t.to(dev) if r is None else t.to(dev)[r] for t in (proposal.sparse_ids, proposal.sparse_probs)],
             [params[i] for i in rows],
             [generators[i] for i in rows],
             [num_draft_host[i] for i in rows],
         )
-        num_accepted = num_accepted.index_copy(0, r, acc_r)
-        final = final.index_copy(0, r, final_r)
+        if r is None:
+            num_accepted, final = acc_r, final_r
+        else:
+            num_accepted = num_accepted.index_copy(0, r, acc_r)
+            final = final.index_copy(0, r, final_r)
 
     positions = torch.arange(K1, device=dev)  # [k + 1]
     padded = torch.cat([drafts, drafts.new_full((B, 1), -1)], dim=1)  # [B, k + 1]
     tokens = torch.where(positions < num_accepted[:, None], padded, -1)
     tokens.scatter_(1, num_accepted[:, None], final[:, None])
     return VerifyResult(tokens=tokens, num_accepted=num_accepted)
+
+
+def _sample_targets(
+    logits: torch.Tensor,  # [B, V]: the target's logits after each row's context
+    params: list,
+    generators: list[torch.Generator | None],
+) -> torch.Tensor:
+    """One token per row with no drafts -> [B] long: the argmax (greedy rows) or one draw from
+    `target_probs` with the row's one uniform, as `_verify_sampled` draws a row with no drafts.
+    Rows without top-k and top-p take `sample_plain` (one kernel on GPUs), the rest the sort:
+    which, by each row's own parameters."""
+    B, V = logits.shape
+    dev = logits.device
+    rows = [i for i, p in enumerate(params) if not p.greedy]
+    plain = [i for i in rows if not filtering([params[i]], V)]
+    groups = [g for g in (plain, [i for i in rows if i not in plain]) if g]
+    tokens = logits.argmax(dim=-1) if len(rows) < B or len(groups) > 1 else None
+    for group in groups:
+        sel = to_device(group, dev) if len(group) < B else None
+        x = logits if sel is None else logits[sel]
+        u = _draw_uniforms([generators[i] for i in group], [0] * len(group), 1, dev)[:, 0]  # [R]
+        temperature = to_device([params[i].temperature for i in group], dev, torch.float32)
+        if group is plain:
+            picked = sample_plain(x, temperature, u)
+        else:
+            top_k = to_device([params[i].top_k for i in group], dev)
+            top_p = to_device([params[i].top_p for i in group], dev, torch.float32)
+            picked = inverse_cdf(target_probs(x, temperature, top_k, top_p).double(), u)
+        tokens = picked if sel is None else tokens.index_copy(0, sel, picked)
+    return tokens
 
 
 def _verify_sampled(
@@ -131,7 +162,7 @@ def _verify_sampled(
     generators: list[torch.Generator | None],
     num_draft: list[int],
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The accept/resample rule for R sampling rows -> num_accepted [R], final token [R]."""
+    """The accept/resample rule for R sampling rows, k >= 1 -> num_accepted [R], final token [R]."""
     R, K1, V = logits.shape
     k = K1 - 1
     dev = logits.device
@@ -146,6 +177,7 @@ def _verify_sampled(
         temperature.repeat_interleave(K1),
         top_k.repeat_interleave(K1),
         top_p.repeat_interleave(K1),
+        filtered=filtering(params, V),
     ).view(R, K1, V)
 
     u = _draw_uniforms(generators, num_draft, K1, dev)  # [R, k + 1] float64
@@ -160,21 +192,14 @@ def _verify_sampled(
     a = num_accepted
     p_a = p.gather(1, a[:, None, None].expand(R, 1, V))[:, 0].double()  # [R, V]
     rejected = a < n  # [R]
-    a_q = a.clamp(max=max(k - 1, 0))[:, None, None]
-    if k > 0:
-        ids_a = q_ids.gather(1, a_q.expand(R, 1, q_ids.shape[-1]))[:, 0]  # [R, S]
-        probs_a = q_probs.gather(1, a_q.expand(R, 1, q_ids.shape[-1]))[:, 0].double()
-        probs_a = probs_a * rejected[:, None]  # bonus rows subtract nothing
-    else:
-        ids_a = torch.full((R, 1), -1, dtype=torch.long, device=dev)
-        probs_a = torch.zeros(R, 1, dtype=torch.float64, device=dev)
+    a_q = a.clamp(max=k - 1)[:, None, None]
+    ids_a = q_ids.gather(1, a_q.expand(R, 1, q_ids.shape[-1]))[:, 0]  # [R, S]
+    probs_a = q_probs.gather(1, a_q.expand(R, 1, q_ids.shape[-1]))[:, 0].double()
+    probs_a = probs_a * rejected[:, None]  # bonus rows subtract nothing
     dist = _recovered_or_bonus_probs(p_a, ids_a, probs_a)  # [R, V], unnormalised
 
-    # Inverse-CDF sample with the row's last uniform; a zero-mass token is never chosen since
-    # its CDF step is flat, and u < 1 keeps the target below the total mass.
-    cdf = dist.cumsum(dim=-1)  # [R, V]
-    u_final = u.gather(1, n[:, None])  # [R, 1]
-    final = torch.searchsorted(cdf, u_final * cdf[:, -1:], right=True)[:, 0].clamp(max=V - 1)
+    # Inverse-CDF sample with the row's last uniform.
+    final = inverse_cdf(dist, u.gather(1, n[:, None])[:, 0])
     return num_accepted, final
 
 
@@ -198,6 +223,8 @@ def _draw_uniforms(
         if g is None:
             raise ValueError("a sampling row (temperature > 0) needs its own torch.Generator")
         draws.append(torch.rand(m + 1, generator=g, device=g.device, dtype=torch.float64))
+    if all(m + 1 == width for m in num_draft):  # every row draws its whole width (k = 0: one each)
+        return (draws[0] if len(draws) == 1 else torch.cat(draws)).to(device).view(len(draws), width)
     u = torch.ones(len(draws), width, dtype=torch.float64, device=device)
     # Row r's draws at its first num_draft[r] + 1 places: flat positions known on the host (a
     # boolean mask would count its places on the device, a wait mid-step).

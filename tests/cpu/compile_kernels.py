@@ -21,6 +21,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
+from specmoe_ray.engine import triton_sampling as tsamp  # noqa: E402
 from specmoe_ray.models import l2_ahead as l2  # noqa: E402
 from specmoe_ray.models import triton_kernels as tk  # noqa: E402
 from specmoe_ray.moe import peer_sum as ps  # noqa: E402
@@ -257,6 +258,22 @@ def kernels() -> list[tuple[str, object, list[dict], dict, tuple]]:
             dict(slots_ptr=I64, pads_ptr=I64, count_ptr=I32, waits_ptr=I64),
             ("eps",),
         ),
+        # A sampled step's last draw, from logits (softmax) or from float64 weights.
+        *[
+            (
+                f"{name} ({what})",
+                kernel,
+                [dict(SOFTMAX=what == "logits", CHUNK=3072, BLOCK=1024, **extra)],
+                dict(t_ptr=F32, max_ptr=F32, mass_ptr="*fp64", u_ptr="*fp64", out_ptr=I64)
+                | ({} if what == "logits" else dict(x_ptr="*fp64")),
+                (),
+            )
+            for name, kernel, extra in (
+                ("chunk_mass", tsamp._chunk_mass_kernel, {}),
+                ("pick", tsamp._pick_kernel, dict(BLOCK_C=64)),
+            )
+            for what in ("logits", "weights")
+        ],
         # Weights read ahead into L2 (inline PTX: the bulk prefetch, Hopper only).
         ("l2_ahead prefetch", l2._prefetch_kernel, [dict(CHUNK=16384, LANES=32)], dict(base_ptr="*u8"), ()),
     ]

@@ -241,6 +241,49 @@ def test_row_does_not_depend_on_batch():
         assert [torch.rand(1, generator=g).item() for g in sub_gens] == [next_full[b] for b in rows]
 
 
+def test_rows_without_drafts_draw_alike_in_every_batch():
+    """A row with no drafts (plain decoding) draws the same token from the same seed alone, in a
+    batch of greedy, temperature-only and top-k / top-p rows, and beside rows with drafts (the
+    accept/resample path): each row's draw depends on its own parameters and seed only."""
+    B, V = 8, 50
+    logits = torch.randn(B, 4, V, generator=torch.Generator().manual_seed(21)) * 2
+    hot, other = SamplingParams(temperature=0.9), SamplingParams(temperature=1.3, top_k=5)
+    params = [GREEDY, hot, SAMPLED, SamplingParams(temperature=1.4), other, GREEDY, hot, SAMPLED]
+    drafts = [[]] * 6 + [[1, 2, 3], [4, 5]]
+
+    def gens(rows):
+        return [None if params[b].greedy else make_generator(100 + b, "cpu") for b in rows]
+
+    full = emitted(verify(logits, one_hot_proposal(drafts, 3), params, gens(range(B))))
+    plain = emitted(verify(logits[:6, :1], one_hot_proposal(drafts[:6], 0), params[:6], gens(range(6))))
+    for b in range(6):
+        alone = emitted(verify(logits[b : b + 1, :1], one_hot_proposal([[]], 0), [params[b]], gens([b])))
+        assert full[b] == plain[b] == alone[0], b
+    assert len({t[0] for t in plain}) > 2  # (not one token everywhere)
+
+
+def test_target_probs_of_a_row_follow_its_own_parameters_only():
+    """target_probs: rows with top-k / top-p on match the float64 reference; rows with both off
+    are exactly the plain softmax whether or not other rows filter (the sort is skipped when none
+    does, `filtered=False`)."""
+    from specmoe_ray.engine.sampling import plain_probs
+
+    V = 40
+    logits = torch.randn(4, V, generator=torch.Generator().manual_seed(8)) * 2
+    temperature = torch.tensor([0.7, 1.2, 0.9, 1.0])
+    top_k, top_p = torch.tensor([0, 6, 0, V]), torch.tensor([1.0, 1.0, 0.8, 1.0])
+    probs = target_probs(logits, temperature, top_k, top_p)
+    for b in (1, 2):
+        ref = reference_probs(logits[b].numpy(), *(float(temperature[b]), int(top_k[b]), float(top_p[b])))
+        assert np.abs(probs[b].double().numpy() - ref).max() < 1e-6
+    plain = [0, 3]
+    expected = plain_probs(logits[plain], temperature[plain])
+    assert torch.equal(probs[plain], expected)
+    assert torch.equal(
+        target_probs(logits[plain], temperature[plain], top_k[plain], top_p[plain], False), expected
+    )
+
+
 def test_greedy_and_sampling_rows_mixed():
     B = 10
     logits, proposal = random_case(B=B, k=4, V=20, S=6, seed=5)

@@ -740,6 +740,7 @@ def test_every_kernel_compiles_for_hopper_and_ampere():
         "peer_sum signal",
         "peer_sum combine",
         "peer_sum add_norm",
+        *(f"{k} ({w})" for k in ("chunk_mass", "pick") for w in ("logits", "weights")),
     }
     for name in names:
         assert any(line.startswith(f"ok {name} sm80") for line in lines), name
@@ -929,3 +930,47 @@ def test_peer_sum_kernel_equals_float64(world, dtype):
     assert torch.equal(alone, total.to(dtype))
     with pytest.raises(ValueError, match="stop flag"):  # a wait would read address 0 on a GPU
         peer_sum.launch_sum(ptrs, pads, count, 1, alone, alone, alone, alone, 0.0, False, flags=True)
+
+
+@pytest.mark.parametrize("V", [10, 2048, 5000, 40000])
+def test_inverse_cdf_kernel_equals_float64_searchsorted(V):
+    """A sampled step's last draw in two kernels (`engine/triton_sampling.py`; 1 to 40 chunks a
+    row): the first token
+    whose running mass exceeds u * total, from softmax(logits / T) or from weights, against
+    float64 math; uniforms near a CDF step (where float32 masses may round to either side) are
+    left out, except those of exactly representable masses. Zero-mass tokens (-inf logits,
+    zero weights, at the end of the row too) are never drawn, even at u -> 1."""
+    from specmoe_ray.engine import triton_sampling
+
+    g = torch.Generator().manual_seed(V)
+    R = 12
+    logits = torch.randn(R, V, generator=g) * 3
+    logits[:, -3:] = float("-inf")  # tokens the model rules out, last in the row
+    logits[0, : V // 2] = float("-inf")
+    temperature = torch.rand(R, generator=g) * 1.5 + 0.3
+    u = torch.rand(R, generator=g, dtype=torch.float64)
+    u[0], u[2], u[3] = 0.0, 1 - 2**-53, 0.5
+    probs = torch.softmax(logits.double() / temperature[:, None].double(), dim=-1)
+    cdf = probs.cumsum(-1)
+    ref = torch.searchsorted(cdf, u[:, None] * cdf[:, -1:], right=True)[:, 0]
+    margin = ((cdf - u[:, None] * cdf[:, -1:]).abs() / cdf[:, -1:]).min(-1).values  # to the nearest step
+    got = triton_sampling.inverse_cdf(logits.to(DEVICE), u.to(DEVICE), temperature.to(DEVICE)).cpu()
+    clear = margin > 1e-6  # (float32 masses: ~1e-7 relative each)
+    clear[[0, 2]] = False
+    assert clear.sum() >= 6 and torch.equal(got[clear], ref[clear])
+    assert got[0] == V // 2  # u = 0: the first token with mass (past the -inf)
+    assert got[2] == V - 4  # u -> 1: the last token with mass
+    assert torch.isfinite(logits.gather(1, got[:, None])).all()  # never a ruled-out token
+
+    # Weights: exact binary fractions, so every running mass is exact and u may sit on a step.
+    w = torch.randint(0, 4, (R, V), generator=g).double() / 4
+    w[:, -5:] = 0.0
+    w[:, 0] = 0.25  # some mass in every row
+    cdf = w.cumsum(-1)
+    steps = cdf[:, 0] / cdf[:, -1]  # u exactly at the first step: the next token with mass
+    u = torch.where(torch.arange(R) % 2 == 0, steps, torch.rand(R, generator=g, dtype=torch.float64))
+    u[1] = 1 - 2**-53
+    ref = torch.searchsorted(cdf, u[:, None] * cdf[:, -1:], right=True)[:, 0]
+    got = triton_sampling.inverse_cdf(w.to(DEVICE), u.to(DEVICE)).cpu()
+    assert torch.equal(got, ref)
+    assert (w.gather(1, got[:, None]) > 0).all()

@@ -732,6 +732,44 @@ def test_nccl_stopped_shard_is_replaced_before_the_timeouts(checkpoints, ray_on_
     assert recoveries == 1
 
 
+@pytest.mark.parametrize("k", [0, 3])
+def test_sampling_kernel_draws_the_tokens_of_torch(k, monkeypatch):
+    """A sampled step's last draw in one Triton kernel (`engine/triton_sampling.py`) against the
+    torch path it replaces (`SAMPLE` off), same logits and seeds: temperature-only rows (the
+    kernel's softmax), top-k / top-p rows and k = 3 drafts (its weights). Float32 masses round
+    otherwise than torch's softmax, so a uniform within ~1e-6 of a CDF step may fall either side:
+    all but a few of 512 rows agree."""
+    from specmoe_ray.engine import triton_sampling
+    from specmoe_ray.engine.sampling import make_generator
+    from specmoe_ray.spec import rejection
+    from specmoe_ray.spec.proposer import empty_proposal, one_hot_proposal
+
+    dev, B, V = torch.device("cuda"), 512, 32000
+    logits = 3 * torch.randn(B, k + 1, V, device=dev, generator=torch.Generator(device=dev).manual_seed(k))
+    params = [
+        SamplingParams(
+            temperature=0.5 + b % 3 * 0.5, top_k=0 if b % 2 else 40, top_p=1.0 if b % 4 < 2 else 0.9
+        )
+        for b in range(B)
+    ]
+    proposal = (
+        empty_proposal(B, dev)
+        if k == 0
+        else one_hot_proposal([[b % V, 7, 9][: b % 4] for b in range(B)], dev)
+    )
+    runs = []
+    for kernel in (True, False):
+        monkeypatch.setattr(triton_sampling, "SAMPLE", kernel)
+        result = rejection.verify(logits, proposal, params, [make_generator(b, dev) for b in range(B)])
+        runs.append(rejection_rows(result))
+    same = sum(a == b for a, b in zip(*runs))
+    assert same >= B - 3, f"{B - same} of {B} rows differ"
+
+
+def rejection_rows(result) -> list[list[int]]:
+    return [row[: n + 1] for row, n in zip(result.tokens.tolist(), result.num_accepted.tolist())]
+
+
 def test_verification_queues_behind_the_forward_without_waiting(monkeypatch):
     """A step's proposal (prompt lookup, a draft model's sampling between its forwards) and
     verification (greedy rows with drafts, sampling rows with top-k / top-p, ragged drafts, no
@@ -764,6 +802,11 @@ def test_verification_queues_behind_the_forward_without_waiting(monkeypatch):
         proposal = one_hot_proposal(drafts, dev)
         result = rejection.verify(logits, proposal, params, gens)
         decoded = rejection.verify(logits[:, :1], empty_proposal(4, dev), params, plain)  # k = 0
+        # k = 0, temperature only: the one-kernel draw from the logits (`triton_sampling`)
+        hot = [SamplingParams(temperature=0.7)] * 4
+        sampled = rejection.verify(
+            logits[:, :1], empty_proposal(4, dev), hot, [make_generator(b, dev) for b in range(4)]
+        )
         # A draft model's token per row (greedy and sampled rows), as between its forwards.
         reqs = [DraftRequest(str(b), [1], 1, p.temperature, p.top_k, p.top_p) for b, p in enumerate(params)]
         drafted, _, _ = sample_drafts(logits[:, 0], reqs, 8, {})
@@ -776,6 +819,7 @@ def test_verification_queues_behind_the_forward_without_waiting(monkeypatch):
         a = accepted[b]
         assert a <= len(drafts[b]) and tokens[b][:a] == drafts[b][:a] and 0 <= tokens[b][a] < V
     assert decoded.num_accepted.tolist() == [0] * 4 and all(0 <= t < V for t in decoded.tokens[:, 0].tolist())
+    assert all(0 <= t < V for t in sampled.tokens[:, 0].tolist())
     drafted = drafted.tolist()
     assert drafted[1] == 4 and drafted[3] == 5 and all(0 <= t < V for t in drafted)
 
