@@ -16,7 +16,8 @@
 # batch-1 ablations and sweeps, 48 layers at batch 1 and 8), preload (session 18's queued
 # opt-ins, measured at batch 1 and 8; none paid in session 19), targets (the issue's open
 # targets: batch 1 on one GPU, then the 2-GPU batch-32 ratio), boundaries (a kernel boundary
-# with and without PDL against a grid barrier), allreduce (the trunk replicas' per-layer sum:
+# with and without PDL against a grid barrier), sampling (verification's host and GPU time per
+# call: greedy, sampled, top-k/top-p rows; the Triton draw against torch's), allreduce (the trunk replicas' per-layer sum:
 # NCCL vs symmetric memory, and the layer end with NCCL vs peer sums), demo (the shipped demo
 # pair). STAGE_TIMEOUT bounds each stage (seconds, default 540).
 # PEER_WAITS=1 (gpus, probe): each rank's waits for its peers per peer sum, printed per batch.
@@ -156,6 +157,9 @@ for stage in "${@:-tests nccl kernels shape}"; do
       boundaries)
         # What a dependent kernel boundary costs (PDL or not) against a grid barrier in one kernel.
         timeout 200 python benchmarks/boundaries.py 2>&1 | tee "$OUT/boundaries.log" | grep -E "phase" ;;
+      sampling)
+        # Verification's cost per call: host (launches) and GPU time, Triton draw vs torch.
+        timeout 200 python benchmarks/sampling.py 2>&1 | tee "$OUT/sampling.log" | grep -E "k=" ;;
       allreduce)
         # The trunk replicas' per-layer sum at its sizes: NCCL vs symmetric memory (2 GPUs).
         timeout 300 python benchmarks/allreduce.py 2>&1 | tee "$OUT/allreduce.log" | grep -E "all_reduce|us" ;;
@@ -163,7 +167,7 @@ for stage in "${@:-tests nccl kernels shape}"; do
         timeout "$T" python benchmarks/gpu.py --skip-shape --batch 1 8 32 --new-tokens 64 --repeats 2 \
           --json "$OUT/demo.json" >"$OUT/demo.log" 2>&1
         quiet "$OUT/demo.log" 20 ;;
-      *) echo "unknown stage $s (tests nccl kernels shape gpus trace probe batch1 preload targets boundaries allreduce demo)"; exit 2 ;;
+      *) echo "unknown stage $s (tests nccl kernels shape gpus trace probe batch1 preload targets boundaries sampling allreduce demo)"; exit 2 ;;
     esac
   done
 done

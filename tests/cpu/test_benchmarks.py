@@ -112,6 +112,24 @@ def test_allreduce_benchmark_sums_right_on_two_gloo_ranks():
     assert not any("WRONG" in line for line in lines), run.stdout
 
 
+def test_sampling_benchmark_runs_every_case_on_cpu():
+    """benchmarks/sampling.py (verification's host and GPU time per call): on CPUs, a line per
+    (drafts, batch, parameters) with the torch path's times."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    run = subprocess.run(
+        [sys.executable, os.path.join(root, "benchmarks", "sampling.py"), "--device", "cpu", "--vocab", "500",
+         "--batch", "1", "3", "--calls", "2"],
+        capture_output=True, text=True, timeout=180, env={**os.environ, "PYTHONPATH": root},
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    lines = [line for line in run.stdout.splitlines() if line.startswith("  k=")]
+    assert len(lines) == 2 * 2 * 3, run.stdout  # k in (0, 3) x 2 batches x 3 parameter sets
+
+
 def test_gpu_benchmark_multi_device_rows_run_on_cpu(tmp_path):
     """gpu.py's rows with experts over 2 devices (run over gloo on CPUs, as a check of the
     script): each layout starts its group, prints the ranks' expert load times and each batch's

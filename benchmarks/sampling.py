@@ -1,0 +1,96 @@
+"""What verification costs per step: host time (launching its kernels) and GPU time (their
+sum), greedy against sampled rows, with and without speculated drafts, the Triton draw
+(`engine/triton_sampling.py`) against the torch path it replaces, side by side in one process.
+
+A decode step's forward hides verification's host time only while the host launches faster
+than the GPU runs (sampled verification once took ~2 ms of host time at batch 1: RESULTS.md,
+session 20); the GPU time adds to every step.
+
+    python benchmarks/sampling.py                      # a GPU; vocabulary of Qwen3 (151936)
+    python benchmarks/sampling.py --device cpu --vocab 1000 --calls 5   # (the CI's smoke run)
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from specmoe_ray.engine import triton_sampling
+from specmoe_ray.engine.sampling import make_generator
+from specmoe_ray.engine.sequence import SamplingParams
+from specmoe_ray.spec.proposer import empty_proposal, one_hot_proposal
+from specmoe_ray.spec.rejection import verify
+
+PARAMS = {
+    "greedy": SamplingParams(temperature=0.0),
+    "sampled": SamplingParams(temperature=1.0),
+    "top-k/p": SamplingParams(temperature=0.7, top_k=50, top_p=0.9),
+}
+
+
+def measure(device: torch.device, V: int, name: str, B: int, k: int, calls: int) -> dict:
+    """Host us per call (launches, no sync), us per call synchronized, GPU kernel us per call."""
+    params = PARAMS[name]
+    gens = [None if params.greedy else make_generator(b, device) for b in range(B)]
+    logits = torch.randn(B, k + 1, V, device=device)
+
+    def call():
+        proposal = empty_proposal(B, device) if k == 0 else one_hot_proposal([[1, 2, 3, 4][:k]] * B, device)
+        return verify(logits, proposal, [params] * B, gens)
+
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
+    for _ in range(3):
+        call()
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        call()
+    host = (time.perf_counter() - t0) / calls
+    sync()
+    synced = (time.perf_counter() - t0) / calls
+    gpu = None
+    if device.type == "cuda":
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for _ in range(calls):
+                call()
+            sync()
+        gpu = sum(e.device_time_total for e in prof.key_averages()) / calls
+    return {"host_us": host * 1e6, "synced_us": synced * 1e6, "gpu_us": gpu}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--vocab", type=int, default=151936)
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32])
+    p.add_argument("--drafts", type=int, nargs="+", default=[0, 3], help="k: drafted tokens per row")
+    p.add_argument("--calls", type=int, default=50)
+    a = p.parse_args()
+    if a.vocab < 5 or any(b < 1 for b in a.batch) or any(not 0 <= k <= 4 for k in a.drafts):
+        p.error("--vocab must be >= 5 (the drafts are tokens 1-4), --batch >= 1, --drafts within 0..4")
+    device = torch.device(a.device)
+    print(f"{a.device} vocabulary {a.vocab}: us per verification (host = launching, synced = done)")
+    for k in a.drafts:
+        for B in a.batch:
+            for name in PARAMS:
+                # The Triton draw beside torch's where it runs (GPUs); greedy rows take neither.
+                paths = ["triton", "torch"] if device.type == "cuda" and name != "greedy" else ["torch"]
+                runs = {}
+                for path in paths:
+                    triton_sampling.SAMPLE = path == "triton"
+                    runs[path] = measure(device, a.vocab, name, B, k, a.calls)
+                triton_sampling.SAMPLE = True
+                line = f"  k={k} B={B:3d} {name:8s}"
+                for path, r in runs.items():
+                    gpu = "" if r["gpu_us"] is None else f", GPU {r['gpu_us']:7.1f}"
+                    line += f" | {path:6s} host {r['host_us']:7.1f}, synced {r['synced_us']:7.1f}{gpu}"
+                if len(runs) == 2:
+                    ratio = runs["torch"]["gpu_us"] / runs["triton"]["gpu_us"]
+                    line += f" | torch / triton GPU time {ratio:.2f}x"
+                print(line, flush=True)
+
+
+if __name__ == "__main__":
+    main()
