@@ -398,6 +398,13 @@ def bench_shape(a, device: str, dtype: torch.dtype, bandwidth: float) -> dict[st
     return res
 
 
+def acceptance(r: dict) -> str:
+    """A speculative run's acceptance rate, or that nothing was drafted (prompt lookup finds no
+    repeats in a random model's sampled text)."""
+    rate = r["acceptance_rate"]
+    return "no drafts" if rate is None else f"acceptance {rate:.2f}"
+
+
 def parse_switch(text: str) -> tuple[str, list[tuple[str, str, Any]]]:
     """--switch "NAME:module.ATTR=value,..." -> (NAME, [(module, ATTR, value)]): modules of
     specmoe_ray by their last name (fused, triton_kernels, triton_experts), values as Python
@@ -423,6 +430,7 @@ def parse_switch(text: str) -> tuple[str, list[tuple[str, str, Any]]]:
 SWITCH_MODULES = {
     "fused": "specmoe_ray.models.fused",
     "sampling": "specmoe_ray.engine.sampling",
+    "triton_sampling": "specmoe_ray.engine.triton_sampling",
     "l2_ahead": "specmoe_ray.models.l2_ahead",
     "triton_kernels": "specmoe_ray.models.triton_kernels",
     "triton_experts": "specmoe_ray.moe.triton_experts",
@@ -468,11 +476,7 @@ def bench_variant(a, res, hf, rows, name: str, v: dict, device: str, dtype, max_
         print(
             f"  {name:7s} batch {b:3d}: {r['tok_s']:9.1f} tok/s  {r['ms_per_step']:7.2f} ms/step  "
             f"({r['ms_per_static_step']:.2f} per decode/verify step)  {r['tokens_per_step']:.2f} tok/step"
-            + (
-                f"  acceptance {r['acceptance_rate']:.2f}, k now {r['speculation_length']}"
-                if proposer
-                else ""
-            )
+            + (f"  {acceptance(r)}, k now {r['speculation_length']}" if proposer else "")
             + (f"  {r['vs_graphs']:.3f}x graphs" if "vs_graphs" in r else "")
         )
     return engine
