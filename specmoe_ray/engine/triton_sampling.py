@@ -1,20 +1,26 @@
-"""Two Triton kernels for the last draw of a sampled step: inverse-CDF sampling of one token per
-row, from softmax(logits / temperature) or from given non-negative weights.
+"""Triton kernels for a sampled step's draws: inverse-CDF sampling of one token per row, from
+softmax(logits / temperature) or from given non-negative weights (`inverse_cdf`), and
+speculative sampling's whole rule for rows of temperature only (`verify_plain`).
 
-In torch the same draw is a softmax, a float64 cumulative sum over the vocabulary, a scaled
-uniform and a `searchsorted` (plus a divide and casts): at batch 1 some eight launches of host
-time, and at more rows torch's row-wise scan of 152k numbers alone costs ~230 us on an H200
-(RESULTS.md, session 20); one program per row, reading its row three times, takes ~140 us.
-Here each row is cut into chunks of `CHUNK` numbers: the first kernel, one program per (row,
-chunk), writes the chunk's maximum and its mass relative to it (float64 sum of float32
-exp(z - max)); the second, one program per row, scales the chunks' masses to the row's maximum,
-finds the chunk where the running mass passes u * total and walks that chunk alone. The token is
-the first whose running mass exceeds u * total (`torch.searchsorted(cdf, u * cdf[-1],
-right=True)`), never a zero-mass one: where rounding leaves the walk short of the target, the
-chunk's (the row's) last token with mass.
+In torch a draw is a softmax, a float64 cumulative sum over the vocabulary, a scaled uniform and
+a `searchsorted` (plus a divide and casts): at batch 1 some eight launches of host time, and at
+more rows torch's row-wise scan of 152k numbers alone costs ~230 us on an H200 (RESULTS.md,
+session 20); one program per row, reading its row three times, takes ~140 us. Here each row is
+cut into chunks of `CHUNK` numbers: the first kernel, one program per (row, chunk), writes the
+chunk's maximum and its mass relative to it (float64 sum of float32 exp(z - max)); the second,
+one program per row, scales the chunks' masses to the row's maximum, finds the chunk where the
+running mass passes u * total and walks that chunk alone. The token is the first whose running
+mass exceeds u * total (`torch.searchsorted(cdf, u * cdf[-1], right=True)`), never a zero-mass
+one: where rounding leaves the walk short of the target, the chunk's last token with mass.
 
-Used on CUDA only (`supported`); CPU tests run it under Triton's interpreter against float64
-math, and tests/gpu against the torch path of `engine/sampling.py`.
+`verify_plain` runs the chunk kernel over every position of every row, then one program per row
+(`_verify_kernel`) tests its drafts (u * q(x) < p(x), p from the chunks' maxima and masses), and
+draws the last token from max(0, p - q) (the chunks' masses less the draft support's overlap,
+then the chosen chunk walked with q subtracted) or from p for the bonus: some 60 torch launches
+of `rejection._verify_sampled` in three.
+
+Used on CUDA only (`supported`); CPU tests run them under Triton's interpreter against float64
+math and the torch path, and tests/gpu and the lossless test against the torch path on GPUs.
 """
 
 from __future__ import annotations
@@ -61,6 +67,7 @@ if AVAILABLE:
         mass_ptr,  # [R, C] float64 <- each chunk's mass (relative to its maximum)
         V,
         C,
+        ROWS_PER_T,  # rows sharing a temperature (a sequence's k + 1 positions)
         CHUNK: tl.constexpr,
         SOFTMAX: tl.constexpr,
         BLOCK: tl.constexpr,
@@ -74,7 +81,7 @@ if AVAILABLE:
         t = 1.0
         m = 0.0
         if SOFTMAX:
-            t = tl.load(t_ptr + r)
+            t = tl.load(t_ptr + r // ROWS_PER_T)
             top = tl.full((BLOCK,), float("-inf"), tl.float32)
             for v0 in range(0, CHUNK, BLOCK):
                 offs = start + v0 + lanes
@@ -142,6 +149,108 @@ if AVAILABLE:
         tl.store(out_ptr + r, token.to(tl.int64))
 
 
+if AVAILABLE:
+
+    @triton.jit
+    def _verify_kernel(
+        x_ptr,  # [R * K1, V] float32 logits, row r * K1 + i = sequence r's position i
+        stride_r,
+        t_ptr,  # [R] float32 temperatures
+        max_ptr,  # [R * K1, C] (`_chunk_mass_kernel`)
+        mass_ptr,  # [R * K1, C]
+        drafts_ptr,  # [R, K1 - 1] int64
+        n_ptr,  # [R] int64 drafts of each sequence
+        qid_ptr,  # [R, K1 - 1, S] int64 draft supports, -1 padding
+        qp_ptr,  # [R, K1 - 1, S] float32 their probabilities
+        u_ptr,  # [R, K1] float64 uniforms: one per draft, then the final draw's at place n
+        acc_ptr,  # [R] int64 <- drafts accepted
+        out_ptr,  # [R] int64 <- the recovered or bonus token
+        V,
+        C,
+        S,
+        K1: tl.constexpr,
+        CHUNK: tl.constexpr,
+        BLOCK: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        BLOCK_S: tl.constexpr,
+    ):
+        r = tl.program_id(0)
+        t = tl.load(t_ptr + r)
+        n = tl.load(n_ptr + r).to(tl.int32)
+        ii = tl.arange(0, BLOCK_K)  # positions
+        cs = tl.arange(0, BLOCK_C)  # chunks
+        ss = tl.arange(0, BLOCK_S)  # draft support
+        # Each position's maximum and mass (float64, in units of exp(z - top)).
+        at = (r * K1 + ii)[:, None] * C + cs[None, :]
+        ok = (ii[:, None] < K1) & (cs[None, :] < C)
+        maxes = tl.load(max_ptr + at, mask=ok, other=float("-inf"))
+        top = tl.max(maxes, 1)  # [BLOCK_K]
+        scale = tl.where(maxes > float("-inf"), tl.exp(maxes - tl.maximum(top, -3.0e38)[:, None]), 0.0)
+        masses = tl.load(mass_ptr + at, mask=ok, other=0.0) * scale.to(tl.float64)  # [BLOCK_K, BLOCK_C]
+        total = tl.sum(masses, 1)  # [BLOCK_K]
+
+        # Draft i is kept with probability min(1, p(x) / q(x)): u * q(x) < p(x).
+        row = x_ptr + (r * K1 + ii).to(tl.int64) * stride_r  # [BLOCK_K]
+        drafted = ii < n
+        x = tl.load(drafts_ptr + r * (K1 - 1) + ii, mask=drafted, other=0)
+        z = tl.load(row + x, mask=drafted, other=float("-inf")).to(tl.float32) / t
+        p_x = tl.exp(z - top).to(tl.float64) / total
+        support = drafted[:, None] & (ss[None, :] < S)
+        q_at = (r * (K1 - 1) + ii)[:, None] * S + ss[None, :]
+        q_ids = tl.load(qid_ptr + q_at, mask=support, other=-1)
+        q_x = tl.sum(tl.where(q_ids == x[:, None], tl.load(qp_ptr + q_at, mask=support, other=0.0), 0.0), 1)
+        u = tl.load(u_ptr + r * K1 + ii, mask=ii < K1, other=1.0)
+        a = tl.min(tl.where(drafted & (u * q_x.to(tl.float64) >= p_x), ii, n), 0)  # first rejected
+
+        # At position a: the residual max(0, p - q) after a rejection, p itself for the bonus.
+        here = ii == a
+        top_a = tl.sum(tl.where(here, top, 0.0), 0)
+        total_a = tl.sum(tl.where(here, total, 0.0), 0)
+        p_c = tl.sum(tl.where(here[:, None], masses, 0.0), 0) / total_a  # [BLOCK_C] chunks' p mass
+        row_a = x_ptr + (r * K1 + a).to(tl.int64) * stride_r
+        q_ok = (ss < S) & (ss * 0 + a < n)  # (broadcast first: Triton's interpreter)
+        q_ids = tl.load(qid_ptr + (r * (K1 - 1) + a) * S + ss, mask=q_ok, other=-1)
+        q_ok = q_ids >= 0
+        q_p = tl.load(qp_ptr + (r * (K1 - 1) + a) * S + ss, mask=q_ok, other=0.0).to(tl.float64)
+        z_q = tl.load(row_a + tl.maximum(q_ids, 0), mask=q_ok, other=float("-inf")).to(tl.float32) / t
+        overlap = tl.minimum(tl.exp(z_q - top_a).to(tl.float64) / total_a, q_p)  # [BLOCK_S]
+        in_chunk = (q_ids // CHUNK)[:, None] == cs[None, :]
+        res_c = tl.maximum(p_c - tl.sum(tl.where(in_chunk, overlap[:, None], 0.0), 0), 0.0)
+        if tl.sum(res_c, 0) <= 0:  # (p - q without mass: p)
+            res_c = p_c
+            q_p = q_p * 0.0
+        target = tl.load(u_ptr + r * K1 + n) * tl.sum(res_c, 0)
+        run = tl.cumsum(res_c, 0)
+        last_c = tl.max(tl.where(res_c > 0, cs, -1), 0)
+        c = tl.minimum(tl.sum(((run <= target) & (cs < C)).to(tl.int32), 0), last_c)
+        goal = target - tl.sum(tl.where(cs == c, run - res_c, 0.0), 0)
+        start = c * CHUNK
+        end = tl.minimum(start + CHUNK, V)
+        lanes = tl.arange(0, BLOCK)
+        below = tl.zeros((BLOCK,), tl.int32)
+        last = tl.full((BLOCK,), -1, tl.int32)
+        walked = tl.zeros((BLOCK,), tl.float64)
+        for v0 in range(0, CHUNK, BLOCK):
+            offs = start + v0 + lanes
+            zv = tl.load(row_a + offs, mask=offs < end, other=float("-inf")).to(tl.float32) / t
+            p_v = tl.exp(zv - top_a).to(tl.float64) / total_a
+            q_v = tl.sum(tl.where(offs[:, None] == q_ids[None, :], q_p[None, :], 0.0), 1)
+            e = tl.maximum(p_v - q_v, 0.0)
+            below += ((walked + tl.cumsum(e, 0) <= goal) & (offs < end)).to(tl.int32)
+            last = tl.maximum(last, tl.where(e > 0, offs, -1))
+            walked += tl.sum(e, 0)
+        tl.store(acc_ptr + r, a.to(tl.int64))
+        tl.store(out_ptr + r, tl.minimum(start + tl.sum(below, 0), tl.max(last, 0)).to(tl.int64))
+
+
+def _chunks(V: int) -> tuple[int, int, int]:
+    """(block, chunk, number of chunks) of a row of V numbers: whole blocks, <= CHUNKS chunks."""
+    block = min(BLOCK, triton.next_power_of_2(V))
+    chunk = block * triton.cdiv(triton.cdiv(V, CHUNKS), block)
+    return block, chunk, triton.cdiv(V, chunk)
+
+
 def inverse_cdf(x: torch.Tensor, u: torch.Tensor, temperature: torch.Tensor | None = None) -> torch.Tensor:
     """x [R, V], u [R] float64 in [0, 1) -> [R] int64: the first token whose running mass exceeds
     u * total, the mass being softmax(x / temperature) (temperature [R] float32 given: x are
@@ -150,17 +259,51 @@ def inverse_cdf(x: torch.Tensor, u: torch.Tensor, temperature: torch.Tensor | No
     out = torch.empty(R, dtype=torch.long, device=x.device)
     if R:
         softmax = temperature is not None
-        block = min(BLOCK, triton.next_power_of_2(V))
-        chunk = block * triton.cdiv(triton.cdiv(V, CHUNKS), block)
-        C = triton.cdiv(V, chunk)
+        block, chunk, C = _chunks(V)
         maxes = torch.empty(R, C, dtype=torch.float32, device=x.device)
         mass = torch.empty(R, C, dtype=torch.float64, device=x.device)
         t = temperature if softmax else maxes  # (not read)
         meta = dict(CHUNK=chunk, SOFTMAX=softmax, BLOCK=block, num_warps=4)
         with launch_on(x.device):
-            _chunk_mass_kernel[(R, C)](x, x.stride(0), t, maxes, mass, V, C, **meta)
+            _chunk_mass_kernel[(R, C)](x, x.stride(0), t, maxes, mass, V, C, 1, **meta)
             _pick_kernel[(R,)](
                 x, x.stride(0), t, maxes, mass, u.contiguous(), out, V, C,
                 BLOCK_C=triton.next_power_of_2(C), **meta,
             )  # fmt: skip
     return out
+
+
+def verify_plain(
+    logits: torch.Tensor,  # [R, K1, V] float32, last dim contiguous
+    temperature: torch.Tensor,  # [R] float32
+    drafts: torch.Tensor,  # [R, K1 - 1] int64, -1 past n
+    n: torch.Tensor,  # [R] int64
+    q_ids: torch.Tensor,  # [R, K1 - 1, S] int64, -1 padding
+    q_probs: torch.Tensor,  # [R, K1 - 1, S] float32
+    u: torch.Tensor,  # [R, K1] float64: u[r, :n[r]] one per draft, u[r, n[r]] the final draw's
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Speculative sampling's rule for rows of temperature only (no top-k / top-p), k >= 1, in
+    three launches -> (drafts accepted [R], recovered or bonus token [R]): the chunks' maxima and
+    masses at every position, then one program per row tests its drafts (u * q(x) < p(x)), and
+    draws its last token from max(0, p - q) (p for the bonus) as `inverse_cdf` draws."""
+    R, K1, V = logits.shape
+    x = logits.reshape(R * K1, V)
+    S = q_ids.shape[-1]
+    block, chunk, C = _chunks(V)
+    maxes = torch.empty(R * K1, C, dtype=torch.float32, device=x.device)
+    mass = torch.empty(R * K1, C, dtype=torch.float64, device=x.device)
+    accepted = torch.empty(R, dtype=torch.long, device=x.device)
+    final = torch.empty(R, dtype=torch.long, device=x.device)
+    if R:
+        with launch_on(x.device):
+            _chunk_mass_kernel[(R * K1, C)](
+                x, x.stride(0), temperature, maxes, mass, V, C, K1, CHUNK=chunk, SOFTMAX=True, BLOCK=block,
+                num_warps=4,
+            )  # fmt: skip
+            _verify_kernel[(R,)](
+                x, x.stride(0), temperature, maxes, mass, drafts.contiguous(), n.contiguous(),
+                q_ids.contiguous(), q_probs.float().contiguous(), u.contiguous(), accepted, final, V, C, S,
+                K1=K1, CHUNK=chunk, BLOCK=block, BLOCK_C=triton.next_power_of_2(C),
+                BLOCK_K=triton.next_power_of_2(K1), BLOCK_S=triton.next_power_of_2(S), num_warps=4,
+            )  # fmt: skip
+    return accepted, final

@@ -31,6 +31,7 @@ import dataclasses
 
 import torch
 
+from specmoe_ray.engine import triton_sampling
 from specmoe_ray.engine.sampling import filtering, inverse_cdf, sample_plain, target_probs, to_device
 
 
@@ -85,12 +86,12 @@ def verify(
         )
     drafts = proposal.tokens.to(dev)  # [B, k]
     num_draft = proposal.num_draft.to(dev)  # [B]
-    valid = torch.arange(k, device=dev) < num_draft[:, None]  # [B, k]
 
     rows = [i for i, p in enumerate(params) if not p.greedy]
-    if not rows or len(rows) < B:  # greedy rows (sampling rows overwrite theirs below)
+    groups = _by_filtering(rows, params, V)
+    if not rows or len(rows) < B or len(groups) > 1:  # greedy rows (sampling rows overwrite theirs below)
         argmax = target_logits.argmax(dim=-1)  # [B, k + 1]
-        match = (drafts == argmax[:, :k]) & valid
+        match = (drafts == argmax[:, :k]) & (torch.arange(k, device=dev) < num_draft[:, None])
         num_accepted = match.long().cumprod(dim=-1).sum(dim=-1)  # [B]
         final = argmax.gather(1, num_accepted[:, None])[:, 0]  # [B] recovered or bonus token
     if rows:
@@ -101,14 +102,15 @@ def verify(
             if proposal.host_tokens is not None
             else proposal.num_draft.tolist()
         )
-        r = to_device(rows, dev) if len(rows) < B else None
+    for group in groups:
+        r = to_device(group, dev) if len(group) < B else None
         acc_r, final_r = _verify_sampled(
             target_logits.float() if r is None else target_logits[r].float(),
             drafts if r is None else drafts[r],
             *[t.to(dev) if r is None else t.to(dev)[r] for t in (proposal.sparse_ids, proposal.sparse_probs)],
-            [params[i] for i in rows],
-            [generators[i] for i in rows],
-            [num_draft_host[i] for i in rows],
+            [params[i] for i in group],
+            [generators[i] for i in group],
+            [num_draft_host[i] for i in group],
         )
         if r is None:
             num_accepted, final = acc_r, final_r
@@ -123,6 +125,13 @@ def verify(
     return VerifyResult(tokens=tokens, num_accepted=num_accepted)
 
 
+def _by_filtering(rows: list[int], params: list, vocab_size: int) -> list[list[int]]:
+    """The sampling rows in up to two groups: temperature only, then top-k / top-p on (each row's
+    path depends on its own parameters, never on the batch's)."""
+    plain = [i for i in rows if not filtering([params[i]], vocab_size)]
+    return [g for g in (plain, [i for i in rows if i not in plain]) if g]
+
+
 def _sample_targets(
     logits: torch.Tensor,  # [B, V]: the target's logits after each row's context
     params: list,
@@ -135,15 +144,14 @@ def _sample_targets(
     B, V = logits.shape
     dev = logits.device
     rows = [i for i, p in enumerate(params) if not p.greedy]
-    plain = [i for i in rows if not filtering([params[i]], V)]
-    groups = [g for g in (plain, [i for i in rows if i not in plain]) if g]
+    groups = _by_filtering(rows, params, V)
     tokens = logits.argmax(dim=-1) if len(rows) < B or len(groups) > 1 else None
     for group in groups:
         sel = to_device(group, dev) if len(group) < B else None
         x = logits if sel is None else logits[sel]
         u = _draw_uniforms([generators[i] for i in group], [0] * len(group), 1, dev)[:, 0]  # [R]
         temperature = to_device([params[i].temperature for i in group], dev, torch.float32)
-        if group is plain:
+        if not filtering([params[group[0]]], V):
             picked = sample_plain(x, temperature, u)
         else:
             top_k = to_device([params[i].top_k for i in group], dev)
@@ -170,6 +178,10 @@ def _verify_sampled(
     valid = torch.arange(k, device=dev) < n[:, None]  # [R, k]
 
     temperature = to_device([p.temperature for p in params], dev, torch.float32)
+    filtered = filtering(params, V)
+    if not filtered and triton_sampling.supported(logits):  # three launches on GPUs
+        u = _draw_uniforms(generators, num_draft, K1, dev)
+        return triton_sampling.verify_plain(logits, temperature, drafts, n, q_ids, q_probs, u)
     top_k = to_device([p.top_k for p in params], dev)
     top_p = to_device([p.top_p for p in params], dev, torch.float32)
     p = target_probs(
@@ -177,7 +189,7 @@ def _verify_sampled(
         temperature.repeat_interleave(K1),
         top_k.repeat_interleave(K1),
         top_p.repeat_interleave(K1),
-        filtered=filtering(params, V),
+        filtered=filtered,
     ).view(R, K1, V)
 
     u = _draw_uniforms(generators, num_draft, K1, dev)  # [R, k + 1] float64

@@ -274,6 +274,25 @@ def kernels() -> list[tuple[str, object, list[dict], dict, tuple]]:
             )
             for what in ("logits", "weights")
         ],
+        (
+            "verify",
+            tsamp._verify_kernel,
+            [dict(K1=4, CHUNK=3072, BLOCK=1024, BLOCK_C=64, BLOCK_K=4, BLOCK_S=32)],
+            dict(
+                x_ptr=F32,
+                t_ptr=F32,
+                max_ptr=F32,
+                mass_ptr="*fp64",
+                drafts_ptr=I64,
+                n_ptr=I64,
+                qid_ptr=I64,
+                qp_ptr=F32,
+                u_ptr="*fp64",
+                acc_ptr=I64,
+                out_ptr=I64,
+            ),
+            (),
+        ),
         # Weights read ahead into L2 (inline PTX: the bulk prefetch, Hopper only).
         ("l2_ahead prefetch", l2._prefetch_kernel, [dict(CHUNK=16384, LANES=32)], dict(base_ptr="*u8"), ()),
     ]

@@ -741,6 +741,7 @@ def test_every_kernel_compiles_for_hopper_and_ampere():
         "peer_sum combine",
         "peer_sum add_norm",
         *(f"{k} ({w})" for k in ("chunk_mass", "pick") for w in ("logits", "weights")),
+        "verify",
     }
     for name in names:
         assert any(line.startswith(f"ok {name} sm80") for line in lines), name
@@ -974,3 +975,50 @@ def test_inverse_cdf_kernel_equals_float64_searchsorted(V):
     got = triton_sampling.inverse_cdf(w.to(DEVICE), u.to(DEVICE)).cpu()
     assert torch.equal(got, ref)
     assert (w.gather(1, got[:, None]) > 0).all()
+
+
+@pytest.mark.parametrize("V", [50, 3000])
+def test_verify_kernels_equal_the_torch_rule(V):
+    """Speculative sampling's rule for temperature-only rows in three launches
+    (`triton_sampling.verify_plain`) against the torch path (`rejection._verify_sampled`), same
+    logits, drafts and uniforms: drafts kept, rejected and all accepted (bonus), sparse draft
+    distributions of 6 tokens (the residual max(0, p - q) subtracts them), 0-3 drafts a row, 1-3
+    chunks a row. Float32 masses round otherwise than torch's softmax, so a uniform within ~1e-6
+    of a decision may fall either side: all but 2 of 96 rows agree."""
+    from specmoe_ray.engine import triton_sampling
+    from specmoe_ray.engine.sampling import make_generator
+    from specmoe_ray.engine.sequence import SamplingParams
+    from specmoe_ray.spec import rejection
+
+    g = torch.Generator().manual_seed(V)
+    R, k, S = 96, 3, 6
+    logits = torch.randn(R, k + 1, V, generator=g) * 4
+    # Drafts from a distribution near the target's (so some are kept), sparse like a draft model's.
+    near = torch.softmax(logits[:, :k] + torch.randn(R, k, V, generator=g) * 0.5, dim=-1)
+    q_ids, q_probs = rejection.sparse_from_probs(near, S)
+    num_draft = [k if r % 4 == 0 else r % 4 for r in range(R)]
+    num_draft[1] = 0
+    drafts = torch.full((R, k), -1, dtype=torch.long)
+    for r in range(R):
+        for i in range(num_draft[r]):
+            drafts[r, i] = rejection.sample_sparse(q_ids[r, i], q_probs[r, i], g)
+        q_ids[r, num_draft[r] :] = -1
+        q_probs[r, num_draft[r] :] = 0.0
+    params = [SamplingParams(temperature=0.6 + 0.1 * (r % 7)) for r in range(R)]
+    temperature = torch.tensor([p.temperature for p in params])
+    n = torch.tensor(num_draft)
+
+    ref_acc, ref_final = rejection._verify_sampled(
+        logits, drafts, q_ids, q_probs, params, [make_generator(r, "cpu") for r in range(R)], num_draft
+    )
+    u = rejection._draw_uniforms([make_generator(r, "cpu") for r in range(R)], num_draft, k + 1, "cpu")
+    acc, final = triton_sampling.verify_plain(
+        logits.to(DEVICE), temperature.to(DEVICE), drafts.to(DEVICE), n.to(DEVICE), q_ids.to(DEVICE),
+        q_probs.to(DEVICE), u.to(DEVICE),
+    )  # fmt: skip
+    acc, final = acc.cpu(), final.cpu()
+    same = (acc == ref_acc) & (final == ref_final)
+    assert same.sum() >= R - 2, f"{R - int(same.sum())} rows differ"
+    rejected, bonus = ref_acc < n, ref_acc == n
+    assert rejected.sum() >= 10 and (bonus & (n > 0)).sum() >= 10 and (ref_acc > 0).sum() >= 10  # every case
+    assert not ((final == drafts.gather(1, acc.clamp(max=k - 1)[:, None])[:, 0]) & (acc < n)).any()  # (p - q)
