@@ -11,7 +11,8 @@ tensors* (no copy, no checkpoint on disk), experts in-process. Per batch size it
 - `sync`: `graphs` with one host sync per step (`decode_steps=1`: what running ahead gains);
 - `sampled`: `graphs` with every row sampled (temperature 1, seeded) instead of greedy: what
   sampling's verification costs beside argmax (`--temperature T` samples every engine run of (a),
-  switches included: e.g. `--switch waits:sampling.PINNED=False` for verification's old waits);
+  switches included: e.g. `--switch waits:sampling.PINNED=False` for verification's old waits,
+  and (b)'s, whose speculation then carries a sampled acceptance rate);
 - `--switch NAME:module.ATTR=value,...`: `graphs` with fast-path switches flipped while that
   variant runs (e.g. `--switch cublas:fused.MATVEC=False`), side by side with `graphs`;
 - `ngram`: graphs + prompt-lookup drafts (k = --k);
@@ -623,12 +624,13 @@ def bench_demo(a, device: str) -> dict[str, Any]:
         print(f"(b) demo HF       batch {b:3d}: {r['tok_s']:9.1f} tok/s")
         for name, d in (("plain", None), ("draft", draft), ("ngram", "ngram")):
             with Engine.from_pretrained(target, draft=d, device=device, num_speculative_tokens=a.k) as e:
-                r = timed(ours_run(e, rows, a.new_tokens), a.repeats, device, e)
-            out["runs"].append({"who": name, "batch": b, **r})
+                r = timed(ours_run(e, rows, a.new_tokens, a.temperature), a.repeats, device, e)
+            out["runs"].append({"who": name, "batch": b, "temperature": a.temperature, **r})
             acc = r["acceptance_rate"]
             print(
                 f"(b) demo {name:8s} batch {b:3d}: {r['tok_s']:9.1f} tok/s  {r['ms_per_step']:6.2f} ms/step  "
                 f"{r['tokens_per_step']:.2f} tok/step  acceptance {acc if acc is None else round(acc, 3)}"
+                + (f"  (sampled, temperature {a.temperature})" if a.temperature else "")
             )
     del hf
     return out
@@ -725,7 +727,8 @@ def main(argv=None) -> dict[str, Any]:
         "--temperature",
         type=float,
         default=0.0,
-        help="(a)'s engine runs sample at this temperature (seeded per row; 0: greedy); `sampled` is 1",
+        help="our engine's runs sample at this temperature, (a)'s and (b)'s (seeded per row; 0: greedy; "
+        "transformers' stay greedy); `sampled` is 1",
     )
     p.add_argument("--skip-shape", action="store_true", help="only (b), the demo pair")
     p.add_argument(
