@@ -1,6 +1,6 @@
 """What verification costs per step: host time (launching its kernels) and GPU time (their
-sum), greedy against sampled rows, with and without speculated drafts, the Triton draw
-(`engine/triton_sampling.py`) against the torch path it replaces, side by side in one process.
+sum), greedy against sampled rows, with and without speculated drafts, the Triton kernels
+(`engine/triton_sampling.py`) against the torch path they replace, side by side in one process.
 
 A decode step's forward hides verification's host time only while the host launches faster
 than the GPU runs (sampled verification once took ~2 ms of host time at batch 1: RESULTS.md,
@@ -75,8 +75,9 @@ def main() -> None:
     for k in a.drafts:
         for B in a.batch:
             for name in PARAMS:
-                # The Triton draw beside torch's where it runs (GPUs); greedy rows take neither.
-                paths = ["triton", "torch"] if device.type == "cuda" and name != "greedy" else ["torch"]
+                # Triton beside torch where it runs (GPUs); greedy rows without drafts take neither.
+                both = device.type == "cuda" and (name != "greedy" or k > 0)
+                paths = ["triton", "torch"] if both else ["torch"]
                 runs = {}
                 for path in paths:
                     triton_sampling.SAMPLE = path == "triton"

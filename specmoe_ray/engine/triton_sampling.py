@@ -1,6 +1,7 @@
-"""Triton kernels for a sampled step's draws: inverse-CDF sampling of one token per row, from
-softmax(logits / temperature) or from given non-negative weights (`inverse_cdf`), and
-speculative sampling's whole rule for rows of temperature only (`verify_plain`).
+"""Triton kernels for verification: inverse-CDF sampling of one token per row, from
+softmax(logits / temperature) or from given non-negative weights (`inverse_cdf`), speculative
+sampling's whole rule for rows of temperature only (`verify_plain`), greedy rows' rule
+(`greedy_verify`).
 
 In torch a draw is a softmax, a float64 cumulative sum over the vocabulary, a scaled uniform and
 a `searchsorted` (plus a divide and casts): at batch 1 some eight launches of host time, and at
@@ -17,7 +18,8 @@ one: where rounding leaves the walk short of the target, the chunk's last token 
 (`_verify_kernel`) tests its drafts (u * q(x) < p(x), p from the chunks' maxima and masses), and
 draws the last token from max(0, p - q) (the chunks' masses less the draft support's overlap,
 then the chosen chunk walked with q subtracted) or from p for the bonus: some 60 torch launches
-of `rejection._verify_sampled` in three.
+of `rejection._verify_sampled` in three. Greedy rows with drafts take `greedy_verify`: the
+accepted prefix and the tokens to emit in one small kernel after torch's argmax.
 
 Used on CUDA only (`supported`); CPU tests run them under Triton's interpreter against float64
 math and the torch path, and tests/gpu and the lossless test against the torch path on GPUs.
@@ -307,3 +309,47 @@ def verify_plain(
                 BLOCK_K=triton.next_power_of_2(K1), BLOCK_S=triton.next_power_of_2(S), num_warps=4,
             )  # fmt: skip
     return accepted, final
+
+
+if AVAILABLE:
+
+    @triton.jit
+    def _greedy_kernel(
+        drafts_ptr,  # [B, K1 - 1] int64, -1 past n
+        n_ptr,  # [B] int64 drafts of each row
+        argmax_ptr,  # [B, K1] int64 the target's argmax at each position
+        tokens_ptr,  # [B, K1] int64 <- accepted drafts, then the argmax after them, then -1
+        acc_ptr,  # [B] int64 <- drafts accepted
+        K1: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+    ):
+        b = tl.program_id(0)
+        ii = tl.arange(0, BLOCK_K)
+        n = tl.load(n_ptr + b)
+        best = tl.load(argmax_ptr + b * K1 + ii, mask=ii < K1, other=-1)
+        drafts = tl.load(drafts_ptr + b * (K1 - 1) + ii, mask=ii < K1 - 1, other=-1)
+        miss = (ii >= n) | (drafts != best)  # (place n always misses: at most n accepted)
+        a = tl.min(tl.where(miss & (ii < K1), ii, K1 - 1), 0)
+        final = tl.sum(tl.where(ii == a, best, 0), 0)
+        tokens = tl.where(ii < a, drafts, tl.where(ii == a, final, -1))
+        tl.store(tokens_ptr + b * K1 + ii, tokens, mask=ii < K1)
+        tl.store(acc_ptr + b, a.to(tl.int64))
+
+
+def greedy_verify(
+    argmax: torch.Tensor, drafts: torch.Tensor, n: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy rows' rule in one launch: argmax [B, K1] (the target's), drafts [B, K1 - 1], n [B]
+    int64 -> (tokens [B, K1]: the longest prefix of drafts equal to the argmax, then the argmax
+    after it, -1 padded; drafts accepted [B]). Some 14 small torch launches otherwise: a small
+    model's speculative steps are bound by the host's launches."""
+    B, K1 = argmax.shape
+    tokens = torch.empty(B, K1, dtype=torch.long, device=argmax.device)
+    accepted = torch.empty(B, dtype=torch.long, device=argmax.device)
+    if B:
+        with launch_on(argmax.device):
+            _greedy_kernel[(B,)](
+                drafts.contiguous(), n.contiguous(), argmax.contiguous(), tokens, accepted,
+                K1=K1, BLOCK_K=triton.next_power_of_2(K1), num_warps=1,
+            )  # fmt: skip
+    return tokens, accepted

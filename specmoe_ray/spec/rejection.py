@@ -88,6 +88,9 @@ def verify(
     num_draft = proposal.num_draft.to(dev)  # [B]
 
     rows = [i for i, p in enumerate(params) if not p.greedy]
+    if not rows and triton_sampling.supported(target_logits):  # every row greedy: one kernel on GPUs
+        tokens, num_accepted = triton_sampling.greedy_verify(target_logits.argmax(dim=-1), drafts, num_draft)
+        return VerifyResult(tokens=tokens, num_accepted=num_accepted)
     groups = _by_filtering(rows, params, V)
     if not rows or len(rows) < B or len(groups) > 1:  # greedy rows (sampling rows overwrite theirs below)
         argmax = target_logits.argmax(dim=-1)  # [B, k + 1]

@@ -293,6 +293,13 @@ def kernels() -> list[tuple[str, object, list[dict], dict, tuple]]:
             ),
             (),
         ),
+        (
+            "greedy_verify",
+            tsamp._greedy_kernel,
+            [dict(K1=4, BLOCK_K=4)],
+            dict(drafts_ptr=I64, n_ptr=I64, argmax_ptr=I64, tokens_ptr=I64, acc_ptr=I64),
+            (),
+        ),
         # Weights read ahead into L2 (inline PTX: the bulk prefetch, Hopper only).
         ("l2_ahead prefetch", l2._prefetch_kernel, [dict(CHUNK=16384, LANES=32)], dict(base_ptr="*u8"), ()),
     ]

@@ -742,6 +742,7 @@ def test_every_kernel_compiles_for_hopper_and_ampere():
         "peer_sum add_norm",
         *(f"{k} ({w})" for k in ("chunk_mass", "pick") for w in ("logits", "weights")),
         "verify",
+        "greedy_verify",
     }
     for name in names:
         assert any(line.startswith(f"ok {name} sm80") for line in lines), name
@@ -1022,3 +1023,39 @@ def test_verify_kernels_equal_the_torch_rule(V):
     rejected, bonus = ref_acc < n, ref_acc == n
     assert rejected.sum() >= 10 and (bonus & (n > 0)).sum() >= 10 and (ref_acc > 0).sum() >= 10  # every case
     assert not ((final == drafts.gather(1, acc.clamp(max=k - 1)[:, None])[:, 0]) & (acc < n)).any()  # (p - q)
+
+
+def test_greedy_verify_kernel_equals_the_torch_rule():
+    """Greedy rows' rule in one kernel (`triton_sampling.greedy_verify`) against `verify`'s torch
+    path: every row's tokens and accepted count, exactly; rows with no drafts, all drafts kept,
+    a first-token miss and misses in between, ragged drafts (past a row's count: -1, or tokens
+    that would match, which only the count rules out)."""
+    from specmoe_ray.engine import triton_sampling
+    from specmoe_ray.engine.sequence import SamplingParams
+    from specmoe_ray.spec import rejection
+
+    g = torch.Generator().manual_seed(3)
+    B, k, V = 64, 4, 30
+    logits = torch.randn(B, k + 1, V, generator=g)
+    argmax = logits.argmax(-1)
+    num_draft = torch.randint(0, k + 1, (B,), generator=g)
+    num_draft[:3] = torch.tensor([0, k, k])
+    drafts = argmax[:, :k].clone()
+    miss = torch.rand(B, k, generator=g) < 0.25
+    miss[1], miss[2, 0] = False, True  # all kept; a first-token miss
+    drafts[miss] = (drafts[miss] + 1) % V
+    past = torch.arange(k) >= num_draft[:, None]
+    drafts[
+        past & (torch.arange(B)[:, None] % 2 == 0)
+    ] = -1  # odd rows: the argmax past their drafts (ignored)
+    proposal = rejection.DraftProposal(
+        drafts, num_draft, drafts[..., None].clone(), (drafts >= 0).float()[..., None]
+    )
+    ref = rejection.verify(logits, proposal, [SamplingParams(temperature=0.0)] * B, [None] * B)
+    tokens, accepted = triton_sampling.greedy_verify(
+        argmax.to(DEVICE), drafts.to(DEVICE), num_draft.to(DEVICE)
+    )
+    assert torch.equal(tokens.cpu(), ref.tokens) and torch.equal(accepted.cpu(), ref.num_accepted)
+    assert (
+        ref.num_accepted[1] == k and ref.num_accepted[2] == 0 and 0 < (ref.num_accepted < num_draft).sum() < B
+    )

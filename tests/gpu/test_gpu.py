@@ -766,6 +766,28 @@ def test_sampling_kernel_draws_the_tokens_of_torch(k, monkeypatch):
     assert same >= B - 3, f"{B - same} of {B} rows differ"
 
 
+def test_greedy_verify_kernel_keeps_the_drafts_of_torch(monkeypatch):
+    """Greedy rows with drafts: the one-kernel rule (`triton_sampling.greedy_verify`) against the
+    torch path (`SAMPLE` off), same logits and drafts (some equal to the argmax): the same tokens
+    and counts, exactly."""
+    from specmoe_ray.engine import triton_sampling
+    from specmoe_ray.spec import rejection
+    from specmoe_ray.spec.proposer import one_hot_proposal
+
+    dev, B, k, V = torch.device("cuda"), 256, 3, 32000
+    logits = torch.randn(B, k + 1, V, device=dev, generator=torch.Generator(device=dev).manual_seed(5))
+    best = logits.argmax(-1).tolist()
+    drafts = [[t if (b + i) % 5 else t + 1 for i, t in enumerate(best[b][: b % (k + 1)])] for b in range(B)]
+    greedy = [SamplingParams(temperature=0.0)] * B
+    runs = []
+    for kernel in (True, False):
+        monkeypatch.setattr(triton_sampling, "SAMPLE", kernel)
+        result = rejection.verify(logits, one_hot_proposal(drafts, dev), greedy, [None] * B)
+        runs.append((result.tokens.tolist(), result.num_accepted.tolist()))
+    assert runs[0] == runs[1]
+    assert 0 < sum(runs[0][1]) < sum(len(d) for d in drafts)
+
+
 def rejection_rows(result) -> list[list[int]]:
     return [row[: n + 1] for row, n in zip(result.tokens.tolist(), result.num_accepted.tolist())]
 
@@ -807,6 +829,9 @@ def test_verification_queues_behind_the_forward_without_waiting(monkeypatch):
         sampled = rejection.verify(
             logits[:, :1], empty_proposal(4, dev), hot, [make_generator(b, dev) for b in range(4)]
         )
+        greedy = rejection.verify(
+            logits, one_hot_proposal(drafts, dev), [params[1]] * 4, [None] * 4
+        )  # 1 kernel
         # A draft model's token per row (greedy and sampled rows), as between its forwards.
         reqs = [DraftRequest(str(b), [1], 1, p.temperature, p.top_k, p.top_p) for b, p in enumerate(params)]
         drafted, _, _ = sample_drafts(logits[:, 0], reqs, 8, {})
@@ -820,6 +845,7 @@ def test_verification_queues_behind_the_forward_without_waiting(monkeypatch):
         assert a <= len(drafts[b]) and tokens[b][:a] == drafts[b][:a] and 0 <= tokens[b][a] < V
     assert decoded.num_accepted.tolist() == [0] * 4 and all(0 <= t < V for t in decoded.tokens[:, 0].tolist())
     assert all(0 <= t < V for t in sampled.tokens[:, 0].tolist())
+    assert greedy.tokens.tolist()[1] == [4, 7, -1, -1] and greedy.tokens.tolist()[3] == [5, 9, -1, -1]
     drafted = drafted.tolist()
     assert drafted[1] == 4 and drafted[3] == 5 and all(0 <= t < V for t in drafted)
 
