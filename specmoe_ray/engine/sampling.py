@@ -30,17 +30,18 @@ def target_probs(
     top_k: torch.Tensor,
     top_p: torch.Tensor,
     filtered: bool = True,
+    plain: bool = True,
 ) -> torch.Tensor:
     """logits [B, V] float; temperature [B] (> 0), top_k [B] (0 = off), top_p [B] -> probs [B, V].
 
     Order as in HF transformers and vLLM: temperature, then top-k, then top-p on the
     renormalised top-k distribution (keep the smallest set whose mass reaches top_p). A row with
-    both off gets `plain_probs`, whatever the other rows ask; `filtered=False` says on the host
-    that no row asks (`filtering`), which skips the sort over the vocabulary.
+    both off gets `plain_probs`, whatever the other rows ask. The host may say more: no row asks
+    (`filtered=False`: no sort over the vocabulary), or every row does (`plain=False`: no plain
+    softmax beside the sort's).
     """
-    probs = plain_probs(logits, temperature)
     if not filtered:
-        return probs
+        return plain_probs(logits, temperature)
     V = logits.shape[-1]
     z = logits.float() / temperature[:, None].float()  # float32 whatever the model dtype
     sorted_logits, sorted_idx = torch.sort(z, dim=-1, descending=True, stable=True)
@@ -52,8 +53,11 @@ def target_probs(
     # top_p >= 1 is off: a float32 cumsum reaches 1.0 before the tail and would cut it.
     kept = kept.masked_fill((mass_before >= top_p[:, None]) & (top_p[:, None] < 1.0), 0.0)
     kept = kept / kept.sum(dim=-1, keepdim=True)
+    kept = torch.zeros_like(kept).scatter_(-1, sorted_idx, kept)
+    if not plain:
+        return kept
     on = (k < V) | (top_p < 1.0)  # [B]: rows that filter
-    return torch.where(on[:, None], torch.zeros_like(kept).scatter_(-1, sorted_idx, kept), probs)
+    return torch.where(on[:, None], kept, plain_probs(logits, temperature))
 
 
 def inverse_cdf(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:

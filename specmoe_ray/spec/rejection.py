@@ -159,7 +159,7 @@ def _sample_targets(
         else:
             top_k = to_device([params[i].top_k for i in group], dev)
             top_p = to_device([params[i].top_p for i in group], dev, torch.float32)
-            picked = inverse_cdf(target_probs(x, temperature, top_k, top_p).double(), u)
+            picked = inverse_cdf(target_probs(x, temperature, top_k, top_p, plain=False).double(), u)
         tokens = picked if sel is None else tokens.index_copy(0, sel, picked)
     return tokens
 
@@ -193,6 +193,7 @@ def _verify_sampled(
         top_k.repeat_interleave(K1),
         top_p.repeat_interleave(K1),
         filtered=filtered,
+        plain=not all(filtering([q], V) for q in params),
     ).view(R, K1, V)
 
     u = _draw_uniforms(generators, num_draft, K1, dev)  # [R, k + 1] float64

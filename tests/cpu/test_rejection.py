@@ -263,8 +263,9 @@ def test_rows_without_drafts_draw_alike_in_every_batch():
 
 
 def test_target_probs_of_a_row_follow_its_own_parameters_only():
-    """target_probs: rows with top-k / top-p on match the float64 reference; rows with both off
-    are exactly the plain softmax whether or not other rows filter (the sort is skipped when none
+    """target_probs: rows with top-k / top-p on match the float64 reference, and are the same
+    computed alone (`plain=False`: no plain softmax beside the sort's); rows with both off are
+    exactly the plain softmax whether or not other rows filter (the sort is skipped when none
     does, `filtered=False`)."""
     from specmoe_ray.engine.sampling import plain_probs
 
@@ -282,6 +283,9 @@ def test_target_probs_of_a_row_follow_its_own_parameters_only():
     assert torch.equal(
         target_probs(logits[plain], temperature[plain], top_k[plain], top_p[plain], False), expected
     )
+    rows = [1, 2]  # every row filters: the same probabilities without the plain softmax beside
+    alone = target_probs(logits[rows], temperature[rows], top_k[rows], top_p[rows], plain=False)
+    assert torch.equal(alone, probs[rows])
 
 
 def test_greedy_and_sampling_rows_mixed():
