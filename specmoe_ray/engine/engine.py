@@ -189,7 +189,7 @@ class Engine:
             )
         request_id = request_id or f"req-{next(self._ids)}"
         seq = Sequence(request_id, token_ids, params, self.max_model_len, self.args.eos_token_ids)
-        seq.generator = None if params.greedy else make_generator(params.seed, self.device)
+        seq.generator = None if params.greedy else make_generator(params.seed)  # (on the host)
         self.scheduler.add(seq)
         return request_id
 

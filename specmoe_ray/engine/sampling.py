@@ -89,13 +89,21 @@ def to_device(values: list, device: torch.device | str, dtype: torch.dtype = tor
     """A host list as a tensor on device. To a GPU through pinned memory, not waited for: a plain
     `torch.tensor(values, device=...)` copies from pageable memory and then waits for the stream,
     so in the middle of a step it would leave the GPU idle while the host launches the rest."""
-    t = torch.tensor(values, dtype=dtype)
-    if PINNED and torch.device(device).type == "cuda":
+    return host_to_device(torch.tensor(values, dtype=dtype), device)
+
+
+def host_to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """A tensor on device, copied as `to_device` copies when it is on the host and device a GPU."""
+    if PINNED and t.device.type == "cpu" and torch.device(device).type == "cuda":
         return t.pin_memory().to(device, non_blocking=True)
     return t.to(device)
 
 
-def make_generator(seed: int | None, device: torch.device | str) -> torch.Generator:
+def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator:
+    """A request's own generator. The engine keeps them on the host whatever its device: a draw
+    is then a host call, and a step's uniforms reach the GPU in one copy (`rejection`), where a
+    CUDA generator would launch a kernel per row (~20 us of host time each, ~38 us of GPU time
+    for 32 rows: RESULTS.md, session 20). Tests may still hand verification CUDA generators."""
     g = torch.Generator(device=device)
     if seed is None:
         g.seed()

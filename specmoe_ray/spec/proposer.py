@@ -20,7 +20,7 @@ from collections import OrderedDict
 import torch
 
 from specmoe_ray.engine.graph import make_step_graphs
-from specmoe_ray.engine.sampling import make_generator, target_probs, to_device
+from specmoe_ray.engine.sampling import filtering, host_to_device, make_generator, target_probs, to_device
 from specmoe_ray.models.transformer import Transformer, build_forward_batch
 from specmoe_ray.spec.rejection import DraftProposal, sample_sparse, sparse_from_probs
 
@@ -45,8 +45,9 @@ def sample_drafts(
 
     Greedy rows take the argmax (one-hot). Sampling rows sample from the top `top_n` of their
     request's distribution (temperature, top-k, top-p), renormalised: exactly the sparse
-    distribution returned. Each sequence draws from its own generator in `generators`, made on
-    first use from the request's seed (offset, so it never replays the target's draws).
+    distribution returned, by inverse CDF with one uniform from the sequence's own generator in
+    `generators` (made on first use from the request's seed, offset so it never replays the
+    target's draws; on the host, so the step's uniforms reach the device in one copy).
     """
     B = logits.shape[0]
     S = min(top_n, logits.shape[-1])
@@ -57,21 +58,25 @@ def sample_drafts(
     rows = [i for i, r in enumerate(reqs) if r.temperature > 0]
     if rows:
         dev = logits.device
+        sampled = [reqs[i] for i in rows]
         # (host lists sent without waiting: the draft's forward is still running on a GPU)
+        r = to_device(rows, dev)
         p = target_probs(
-            logits[to_device(rows, dev)],
-            to_device([reqs[i].temperature for i in rows], dev, torch.float32),
-            to_device([reqs[i].top_k for i in rows], dev),
-            to_device([reqs[i].top_p for i in rows], dev, torch.float32),
+            logits[r],
+            to_device([q.temperature for q in sampled], dev, torch.float32),
+            to_device([q.top_k for q in sampled], dev),
+            to_device([q.top_p for q in sampled], dev, torch.float32),
+            filtered=filtering(sampled, logits.shape[-1]),
         )
         sp_ids, sp_probs = sparse_from_probs(p, S)  # [R, S]: the draft samples from exactly this
-        for j, i in enumerate(rows):
-            gen = generators.get(reqs[i].seq_id)
+        u = []  # one uniform per sampling row, from its sequence's own generator (on the host)
+        for q in sampled:
+            gen = generators.get(q.seq_id)
             if gen is None:
-                seed = None if reqs[i].seed is None else reqs[i].seed + 0x5EED
-                gen = generators[reqs[i].seq_id] = make_generator(seed, dev)
-            ids[i], probs[i] = sp_ids[j], sp_probs[j]
-            greedy[i] = sample_sparse(sp_ids[j], sp_probs[j], gen)
+                gen = generators[q.seq_id] = make_generator(None if q.seed is None else q.seed + 0x5EED)
+            u.append(torch.rand((), generator=gen, device=gen.device, dtype=torch.float64))
+        ids, probs = ids.index_copy(0, r, sp_ids), probs.index_copy(0, r, sp_probs)
+        greedy = greedy.index_copy(0, r, sample_sparse(sp_ids, sp_probs, host_to_device(torch.stack(u), dev)))
     return greedy, ids, probs
 
 

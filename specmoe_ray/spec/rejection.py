@@ -32,7 +32,14 @@ import dataclasses
 import torch
 
 from specmoe_ray.engine import triton_sampling
-from specmoe_ray.engine.sampling import filtering, inverse_cdf, sample_plain, target_probs, to_device
+from specmoe_ray.engine.sampling import (
+    filtering,
+    host_to_device,
+    inverse_cdf,
+    sample_plain,
+    target_probs,
+    to_device,
+)
 
 
 @dataclasses.dataclass(slots=True)
@@ -240,13 +247,15 @@ def _draw_uniforms(
             raise ValueError("a sampling row (temperature > 0) needs its own torch.Generator")
         draws.append(torch.rand(m + 1, generator=g, device=g.device, dtype=torch.float64))
     if all(m + 1 == width for m in num_draft):  # every row draws its whole width (k = 0: one each)
-        return (draws[0] if len(draws) == 1 else torch.cat(draws)).to(device).view(len(draws), width)
-    u = torch.ones(len(draws), width, dtype=torch.float64, device=device)
-    # Row r's draws at its first num_draft[r] + 1 places: flat positions known on the host (a
-    # boolean mask would count its places on the device, a wait mid-step).
-    where = to_device([r * width + j for r, m in enumerate(num_draft) for j in range(m + 1)], device)
-    u.view(-1)[where] = torch.cat(draws).to(device)
-    return u
+        u = draws[0] if len(draws) == 1 else torch.cat(draws)
+        return host_to_device(u, device).view(len(draws), width)
+    # Row r's draws at its first num_draft[r] + 1 places: laid out where they were drawn (on the
+    # host: one copy; a boolean mask on the device would count its places there, a wait mid-step).
+    home = draws[0].device
+    u = torch.ones(len(draws), width, dtype=torch.float64, device=home)
+    where = torch.tensor([r * width + j for r, m in enumerate(num_draft) for j in range(m + 1)])
+    u.view(-1)[host_to_device(where, home)] = torch.cat(draws)
+    return host_to_device(u, device)
 
 
 def sparse_from_probs(probs: torch.Tensor, top_n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -261,8 +270,18 @@ def sparse_from_probs(probs: torch.Tensor, top_n: int) -> tuple[torch.Tensor, to
     return ids, top / top.sum(dim=-1, keepdim=True)
 
 
-def sample_sparse(ids: torch.Tensor, probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """One token from a sparse distribution: ids [S] (-1 padding), probs [S] -> token, 0-dim long."""
-    weights = probs.float().masked_fill(ids < 0, 0.0)
-    # (gathered: indexing by a 0-dim tensor would read it on the host, a wait on a GPU)
-    return ids.gather(0, torch.multinomial(weights, 1, generator=generator))[0]
+def sample_sparse(ids: torch.Tensor, probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """A token per row of sparse distributions by inverse CDF: ids [..., S] (-1 padding), probs
+    [..., S], u [...] float64 uniforms in [0, 1) -> tokens [...] long. The first support entry
+    whose running mass exceeds u * total; padding (mass 0) is never drawn."""
+    weights = probs.double().masked_fill(ids < 0, 0.0)
+    cdf = weights.cumsum(dim=-1)
+    j = torch.searchsorted(cdf, u[..., None] * cdf[..., -1:], right=True).clamp(max=ids.shape[-1] - 1)
+    return ids.gather(-1, j)[..., 0]
+
+
+def sample_sparse_one(ids: torch.Tensor, probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """One token from a sparse distribution, one uniform from `generator`: ids [S], probs [S] ->
+    token, 0-dim long (on the distribution's device)."""
+    u = torch.rand((), generator=generator, device=generator.device, dtype=torch.float64)
+    return sample_sparse(ids, probs, host_to_device(u, ids.device))

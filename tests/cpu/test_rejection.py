@@ -17,7 +17,14 @@ import torch
 from specmoe_ray.engine.sampling import make_generator, target_probs
 from specmoe_ray.engine.sequence import SamplingParams
 from specmoe_ray.spec import rejection
-from specmoe_ray.spec.rejection import DraftProposal, VerifyResult, sample_sparse, sparse_from_probs, verify
+from specmoe_ray.spec.rejection import (
+    DraftProposal,
+    VerifyResult,
+    sample_sparse,
+    sample_sparse_one,
+    sparse_from_probs,
+    verify,
+)
 
 GREEDY = SamplingParams(temperature=0.0)
 
@@ -60,7 +67,7 @@ def random_case(B: int, k: int, V: int, S: int, seed: int) -> tuple[torch.Tensor
     tokens = torch.full((B, k), -1, dtype=torch.long)
     for b in range(B):
         for i in range(int(num_draft[b])):
-            tokens[b, i] = sample_sparse(ids[b, i], probs[b, i], g)
+            tokens[b, i] = sample_sparse_one(ids[b, i], probs[b, i], g)
     valid = torch.arange(k) < num_draft[:, None]
     ids = ids.masked_fill(~valid[..., None], -1)
     probs = probs.masked_fill(~valid[..., None], 0.0)
@@ -150,7 +157,7 @@ def test_draft_equal_to_target_is_always_accepted():
     ids, probs = sparse_from_probs(p, V)  # q = p exactly
     g = torch.Generator().manual_seed(1)
     tokens = torch.stack(
-        [torch.stack([sample_sparse(ids[b, i], probs[b, i], g) for i in range(k)]) for b in range(B)]
+        [torch.stack([sample_sparse_one(ids[b, i], probs[b, i], g) for i in range(k)]) for b in range(B)]
     )
     proposal = DraftProposal(tokens, torch.full((B,), k), ids, probs)
     gens = [make_generator(100 + b, "cpu") for b in range(B)]
@@ -199,6 +206,16 @@ def test_sampling_empty_draft_samples_the_target():
     expected = reference_probs(logits[0, 0].numpy(), SAMPLED.temperature, SAMPLED.top_k, SAMPLED.top_p)
     stat, pvalue = chi_square(np.bincount(result.tokens[:, 0].numpy(), minlength=V), expected)
     assert pvalue > 1e-3, f"chi2 = {stat:.1f}, p = {pvalue:.3g}"
+
+
+def test_sample_sparse_draws_by_inverse_cdf():
+    """The draft's sparse draw: the first support entry whose running mass exceeds u * total,
+    padding (-1, whatever its probability) never drawn, rows at once."""
+    ids = torch.tensor([[7, 3, 9, -1], [5, -1, 2, 8]])
+    probs = torch.tensor([[0.5, 0.25, 0.25, 0.3], [0.25, 0.5, 0.25, 0.5]])  # (row 1's total: 1.0)
+    for u, expected in [(0.0, [7, 5]), (0.25, [7, 2]), (0.5, [3, 8]), (0.75, [9, 8]), (1 - 2**-53, [9, 8])]:
+        got = sample_sparse(ids, probs, torch.full((2,), u, dtype=torch.float64))
+        assert got.tolist() == expected, u
 
 
 def test_residual_falls_back_to_target_when_empty():
@@ -367,7 +384,7 @@ def draft_step(last: list[int], num_draft: list[int], gens: list) -> tuple[torch
     for i in range(k):
         ids_i, probs_i = sparse_from_probs(DRAFT_PROBS[prev], TOP_N)  # [R, S]
         drafted = [
-            int(sample_sparse(ids_r, probs_r, g)) if i < n else -1
+            int(sample_sparse_one(ids_r, probs_r, g)) if i < n else -1
             for ids_r, probs_r, g, n in zip(ids_i.unbind(), probs_i.unbind(), gens, num_draft, strict=True)
         ]
         on = torch.tensor(num_draft) > i

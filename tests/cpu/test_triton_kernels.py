@@ -1002,7 +1002,7 @@ def test_verify_kernels_equal_the_torch_rule(V):
     drafts = torch.full((R, k), -1, dtype=torch.long)
     for r in range(R):
         for i in range(num_draft[r]):
-            drafts[r, i] = rejection.sample_sparse(q_ids[r, i], q_probs[r, i], g)
+            drafts[r, i] = rejection.sample_sparse_one(q_ids[r, i], q_probs[r, i], g)
         q_ids[r, num_draft[r] :] = -1
         q_probs[r, num_draft[r] :] = 0.0
     params = [SamplingParams(temperature=0.6 + 0.1 * (r % 7)) for r in range(R)]
