@@ -7,6 +7,7 @@ than the GPU runs (sampled verification once took ~2 ms of host time at batch 1:
 session 20); the GPU time adds to every step.
 
     python benchmarks/sampling.py                      # a GPU; vocabulary of Qwen3 (151936)
+    python benchmarks/sampling.py --drafts 3 --support 32          # a draft model's sparse q
     python benchmarks/sampling.py --device cpu --vocab 1000 --calls 5   # (the CI's smoke run)
 """
 
@@ -21,7 +22,7 @@ from specmoe_ray.engine import triton_sampling
 from specmoe_ray.engine.sampling import make_generator
 from specmoe_ray.engine.sequence import SamplingParams
 from specmoe_ray.spec.proposer import empty_proposal, one_hot_proposal
-from specmoe_ray.spec.rejection import verify
+from specmoe_ray.spec.rejection import DraftProposal, verify
 
 PARAMS = {
     "greedy": SamplingParams(temperature=0.0),
@@ -30,14 +31,30 @@ PARAMS = {
 }
 
 
-def measure(device: torch.device, V: int, name: str, B: int, k: int, calls: int) -> dict:
+def proposal_of(B: int, k: int, support: int, device: torch.device) -> DraftProposal:
+    """Drafts 1..k for every row; each position's sparse distribution: the draft and support - 1
+    other tokens, equally likely (1: one-hot, as prompt lookup's; 32: a draft model's default)."""
+    if k == 0:
+        return empty_proposal(B, device)
+    if support == 1:
+        return one_hot_proposal([[1, 2, 3, 4][:k]] * B, device)
+    drafts = torch.arange(1, k + 1).repeat(B, 1)  # [B, k]
+    ids = torch.cat([drafts[..., None], 100 + torch.arange(support - 1).expand(B, k, -1)], dim=-1)
+    probs = torch.full((B, k, support), 1.0 / support)
+    return DraftProposal(
+        drafts.to(device), torch.full((B,), k).to(device), ids.to(device), probs.to(device),
+        host_tokens=[list(range(1, k + 1))] * B,
+    )  # fmt: skip
+
+
+def measure(device: torch.device, V: int, name: str, B: int, k: int, calls: int, support: int = 1) -> dict:
     """Host us per call (launches, no sync), us per call synchronized, GPU kernel us per call."""
     params = PARAMS[name]
     gens = [None if params.greedy else make_generator(b) for b in range(B)]  # (on the host, as the engine's)
     logits = torch.randn(B, k + 1, V, device=device)
 
     def call():
-        proposal = empty_proposal(B, device) if k == 0 else one_hot_proposal([[1, 2, 3, 4][:k]] * B, device)
+        proposal = proposal_of(B, k, support, device)
         return verify(logits, proposal, [params] * B, gens)
 
     sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
@@ -67,9 +84,17 @@ def main() -> None:
     p.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--drafts", type=int, nargs="+", default=[0, 3], help="k: drafted tokens per row")
     p.add_argument("--calls", type=int, default=50)
+    p.add_argument(
+        "--support",
+        type=int,
+        default=1,
+        help="tokens of each draft position's sparse distribution (32: a draft model)",
+    )
     a = p.parse_args()
-    if a.vocab < 5 or any(b < 1 for b in a.batch) or any(not 0 <= k <= 4 for k in a.drafts):
-        p.error("--vocab must be >= 5 (the drafts are tokens 1-4), --batch >= 1, --drafts within 0..4")
+    if a.vocab < 100 + a.support or any(b < 1 for b in a.batch) or any(not 0 <= k <= 4 for k in a.drafts):
+        p.error("--vocab must be >= 100 + --support (the drafts' tokens), --batch >= 1, --drafts within 0..4")
+    if a.support < 1:
+        p.error("--support must be >= 1")
     device = torch.device(a.device)
     print(f"{a.device} vocabulary {a.vocab}: us per verification (host = launching, synced = done)")
     for k in a.drafts:
@@ -81,7 +106,7 @@ def main() -> None:
                 runs = {}
                 for path in paths:
                     triton_sampling.SAMPLE = path == "triton"
-                    runs[path] = measure(device, a.vocab, name, B, k, a.calls)
+                    runs[path] = measure(device, a.vocab, name, B, k, a.calls, a.support)
                 triton_sampling.SAMPLE = True
                 line = f"  k={k} B={B:3d} {name:8s}"
                 for path, r in runs.items():

@@ -45,7 +45,7 @@ CHUNKS = 64  # a row is cut into at most this many chunks (of whole blocks)
 
 
 def supported(x: torch.Tensor) -> bool:
-    """The engine's draws take the kernel on GPUs (tests call `inverse_cdf` under the interpreter)."""
+    """Verification takes these kernels on GPUs (tests call them under the interpreter too)."""
     return SAMPLE and AVAILABLE and x.is_cuda and x.stride(-1) == 1
 
 
