@@ -147,7 +147,8 @@ if AVAILABLE:
             below += ((walked + tl.cumsum(e, 0) <= goal) & (offs < end)).to(tl.int32)
             last = tl.maximum(last, tl.where(e > 0, offs, -1))
             walked += tl.sum(e, 0)
-        token = tl.minimum(start + tl.sum(below, 0), tl.max(last, 0))
+        # (>= 0: a row without mass, NaN logits of a broken model, still gets a token id)
+        token = tl.maximum(tl.minimum(start + tl.sum(below, 0), tl.max(last, 0)), 0)
         tl.store(out_ptr + r, token.to(tl.int64))
 
 
@@ -203,7 +204,8 @@ if AVAILABLE:
         q_ids = tl.load(qid_ptr + q_at, mask=support, other=-1)
         q_x = tl.sum(tl.where(q_ids == x[:, None], tl.load(qp_ptr + q_at, mask=support, other=0.0), 0.0), 1)
         u = tl.load(u_ptr + r * K1 + ii, mask=ii < K1, other=1.0)
-        a = tl.min(tl.where(drafted & (u * q_x.to(tl.float64) >= p_x), ii, n), 0)  # first rejected
+        kept = u * q_x.to(tl.float64) < p_x  # (false for NaN: rejected, as torch's rule)
+        a = tl.min(tl.where(drafted & ~kept, ii, n), 0)  # first rejected
 
         # At position a: the residual max(0, p - q) after a rejection, p itself for the bonus.
         here = ii == a
@@ -243,7 +245,8 @@ if AVAILABLE:
             last = tl.maximum(last, tl.where(e > 0, offs, -1))
             walked += tl.sum(e, 0)
         tl.store(acc_ptr + r, a.to(tl.int64))
-        tl.store(out_ptr + r, tl.minimum(start + tl.sum(below, 0), tl.max(last, 0)).to(tl.int64))
+        token = tl.maximum(tl.minimum(start + tl.sum(below, 0), tl.max(last, 0)), 0)  # (as `_pick_kernel`)
+        tl.store(out_ptr + r, token.to(tl.int64))
 
 
 def _chunks(V: int) -> tuple[int, int, int]:

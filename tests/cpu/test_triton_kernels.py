@@ -963,6 +963,9 @@ def test_inverse_cdf_kernel_equals_float64_searchsorted(V):
     assert got[0] == V // 2  # u = 0: the first token with mass (past the -inf)
     assert got[2] == V - 4  # u -> 1: the last token with mass
     assert torch.isfinite(logits.gather(1, got[:, None])).all()  # never a ruled-out token
+    broken = torch.full((2, V), float("nan"))  # a broken model's logits: still a token id, not -1
+    got = triton_sampling.inverse_cdf(broken.to(DEVICE), u[:2].to(DEVICE), temperature[:2].to(DEVICE)).cpu()
+    assert ((got >= 0) & (got < V)).all()
 
     # Weights: exact binary fractions, so every running mass is exact and u may sit on a step.
     w = torch.randint(0, 4, (R, V), generator=g).double() / 4
@@ -1018,6 +1021,14 @@ def test_verify_kernels_equal_the_torch_rule(V):
         q_probs.to(DEVICE), u.to(DEVICE),
     )  # fmt: skip
     acc, final = acc.cpu(), final.cpu()
+    broken = logits.clone()
+    broken[:4] = float("nan")  # a broken model's rows: every draft rejected (as torch), a token id
+    acc_nan, final_nan = triton_sampling.verify_plain(
+        broken.to(DEVICE), temperature.to(DEVICE), drafts.to(DEVICE), n.to(DEVICE), q_ids.to(DEVICE),
+        q_probs.to(DEVICE), u.to(DEVICE),
+    )  # fmt: skip
+    final_nan = final_nan.cpu()[:4]
+    assert (acc_nan.cpu()[:4] == 0).all() and ((final_nan >= 0) & (final_nan < V)).all()
     same = (acc == ref_acc) & (final == ref_final)
     assert same.sum() >= R - 2, f"{R - int(same.sum())} rows differ"
     rejected, bonus = ref_acc < n, ref_acc == n
