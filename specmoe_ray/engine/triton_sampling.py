@@ -221,9 +221,10 @@ if AVAILABLE:
         overlap = tl.minimum(tl.exp(z_q - top_a).to(tl.float64) / total_a, q_p)  # [BLOCK_S]
         in_chunk = (q_ids // CHUNK)[:, None] == cs[None, :]
         res_c = tl.maximum(p_c - tl.sum(tl.where(in_chunk, overlap[:, None], 0.0), 0), 0.0)
-        if tl.sum(res_c, 0) <= 0:  # (p - q without mass: p)
+        q_on = 1.0  # (0: p - q without mass, p drawn instead)
+        if tl.sum(res_c, 0) <= 0:
             res_c = p_c
-            q_p = q_p * 0.0
+            q_on = 0.0
         target = tl.load(u_ptr + r * K1 + n) * tl.sum(res_c, 0)
         run = tl.cumsum(res_c, 0)
         last_c = tl.max(tl.where(res_c > 0, cs, -1), 0)
@@ -239,7 +240,13 @@ if AVAILABLE:
             offs = start + v0 + lanes
             zv = tl.load(row_a + offs, mask=offs < end, other=float("-inf")).to(tl.float32) / t
             p_v = tl.exp(zv - top_a).to(tl.float64) / total_a
-            q_v = tl.sum(tl.where(offs[:, None] == q_ids[None, :], q_p[None, :], 0.0), 1)
+            # q at these places, one support entry at a time: a [BLOCK, S] comparison spills
+            # registers at S = 32 (a draft model's support; 4.5x slower at batch 1).
+            q_v = tl.zeros((BLOCK,), tl.float64)
+            for s in range(0, S):
+                id_s = tl.load(qid_ptr + (r * (K1 - 1) + a) * S + s, mask=a < n, other=-1)
+                p_s = tl.load(qp_ptr + (r * (K1 - 1) + a) * S + s, mask=(a < n) & (id_s >= 0), other=0.0)
+                q_v += tl.where(offs == id_s, p_s.to(tl.float64) * q_on, 0.0)
             e = tl.maximum(p_v - q_v, 0.0)
             below += ((walked + tl.cumsum(e, 0) <= goal) & (offs < end)).to(tl.int32)
             last = tl.maximum(last, tl.where(e > 0, offs, -1))
