@@ -45,6 +45,9 @@ def target_probs(
     V = logits.shape[-1]
     z = logits.float() / temperature[:, None].float()  # float32 whatever the model dtype
     sorted_logits, sorted_idx = torch.sort(z, dim=-1, descending=True, stable=True)
+    if triton_sampling.supported(sorted_logits):  # what follows the sort in two launches on GPUs
+        kept = triton_sampling.sorted_probs(sorted_logits, sorted_idx, top_k, top_p)
+        return kept if not plain else _with_plain(kept, logits, temperature, top_k, top_p)
     ranks = torch.arange(V, device=logits.device)
     k = torch.where(top_k > 0, top_k.clamp(max=V), torch.full_like(top_k, V))
     sorted_logits = sorted_logits.masked_fill(ranks >= k[:, None], float("-inf"))
@@ -54,9 +57,14 @@ def target_probs(
     kept = kept.masked_fill((mass_before >= top_p[:, None]) & (top_p[:, None] < 1.0), 0.0)
     kept = kept / kept.sum(dim=-1, keepdim=True)
     kept = torch.zeros_like(kept).scatter_(-1, sorted_idx, kept)
-    if not plain:
-        return kept
-    on = (k < V) | (top_p < 1.0)  # [B]: rows that filter
+    return kept if not plain else _with_plain(kept, logits, temperature, top_k, top_p)
+
+
+def _with_plain(kept, logits, temperature, top_k, top_p) -> torch.Tensor:
+    """Filtered rows' probabilities kept, the other rows' `plain_probs` (a row's probabilities
+    then depend on its own parameters only, not on whether others filter)."""
+    V = logits.shape[-1]
+    on = ((top_k > 0) & (top_k < V)) | (top_p < 1.0)  # [B]: rows that filter
     return torch.where(on[:, None], kept, plain_probs(logits, temperature))
 
 

@@ -324,6 +324,117 @@ def verify_plain(
 if AVAILABLE:
 
     @triton.jit
+    def _sorted_z(s_ptr, offs, end, top):
+        """Sorted values offs (< end: rank below the row's k) as float32 exp(z - top), 0 past."""
+        z = tl.load(s_ptr + offs, mask=offs < end, other=float("-inf"))
+        return tl.exp(z - top)
+
+    @triton.jit
+    def _sorted_mass_kernel(
+        s_ptr,  # [R, V] float32 z = logits / temperature sorted descending (stable), contiguous
+        k_ptr,  # [R] int64 top_k (0 = off)
+        mass_ptr,  # [R, C] float64 <- each chunk's mass exp(z - z_max) over ranks below k
+        V,
+        C,
+        CHUNK: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
+        r = tl.program_id(0)
+        c = tl.program_id(1)
+        s = s_ptr + r.to(tl.int64) * V
+        k = tl.load(k_ptr + r)
+        k = tl.where((k > 0) & (k < V), k, V)
+        top = tl.maximum(tl.load(s), -3.0e38)  # (a row of -inf: no mass, as a chunk of -inf)
+        start = c * CHUNK
+        end = tl.minimum(start + CHUNK, k)
+        lanes = tl.arange(0, BLOCK)
+        total = tl.zeros((BLOCK,), tl.float64)
+        for v0 in range(0, CHUNK, BLOCK):
+            total += tl.sum(_sorted_z(s, start + v0 + lanes, end, top).to(tl.float64), 0)
+        tl.store(mass_ptr + r * C + c + lanes, total, mask=lanes < 1)
+
+    @triton.jit
+    def _sorted_keep_kernel(
+        s_ptr,  # [R, V] sorted z (`_sorted_mass_kernel`)
+        idx_ptr,  # [R, V] int64 the sort's indices (a permutation of 0..V-1 per row)
+        k_ptr,  # [R] int64 top_k (0 = off)
+        p_ptr,  # [R] float32 top_p (>= 1: off)
+        mass_ptr,  # [R, C] float64 (`_sorted_mass_kernel`)
+        out_ptr,  # [R, V] float32 <- the kept tokens' probabilities, in vocabulary order
+        V,
+        C,
+        CHUNK: tl.constexpr,
+        BLOCK: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+    ):
+        r = tl.program_id(0)
+        c = tl.program_id(1)
+        s = s_ptr + r.to(tl.int64) * V
+        k = tl.load(k_ptr + r)
+        k = tl.where((k > 0) & (k < V), k, V)
+        p = tl.load(p_ptr + r)
+        top = tl.maximum(tl.load(s), -3.0e38)
+        cs = tl.arange(0, BLOCK_C)
+        mass = tl.load(mass_ptr + r * C + cs, mask=cs < C, other=0.0)
+        # Token j is kept while the top-k mass of tokens before it is below top_p of their total.
+        limit = tl.where(p < 1.0, p.to(tl.float64) * tl.sum(mass, 0), float("inf"))
+        before = tl.cumsum(mass, 0) - mass
+        cut = tl.max(tl.where((before < limit) & (mass > 0) & (cs < C), cs, 0), 0)  # the last kept's chunk
+        before_cut = tl.sum(tl.where(cs == cut, before, 0.0), 0)
+        lanes = tl.arange(0, BLOCK)
+        # The kept mass of the cut chunk (each program walks it: the total divides every token).
+        kept = tl.zeros((BLOCK,), tl.float64)
+        walked = tl.zeros((BLOCK,), tl.float64)
+        end = tl.minimum(cut * CHUNK + CHUNK, k)
+        for v0 in range(0, CHUNK, BLOCK):
+            e = _sorted_z(s, cut * CHUNK + v0 + lanes, end, top).to(tl.float64)
+            ahead = before_cut + walked + tl.cumsum(e, 0) - e
+            kept += tl.sum(tl.where(ahead < limit, e, 0.0), 0)
+            walked += tl.sum(e, 0)
+        total = before_cut + kept
+        # This program's chunk, written back to the vocabulary's order.
+        start = c * CHUNK
+        end = tl.minimum(start + CHUNK, k)
+        walked = tl.zeros((BLOCK,), tl.float64)
+        before_c = tl.sum(tl.where(cs == c, before, 0.0), 0)
+        for v0 in range(0, CHUNK, BLOCK):
+            offs = start + v0 + lanes
+            e = _sorted_z(s, offs, end, top).to(tl.float64)
+            ahead = before_c + walked + tl.cumsum(e, 0) - e
+            walked += tl.sum(e, 0)
+            prob = tl.where(ahead < limit, e / total, 0.0)  # (chunks past the cut: none)
+            at = tl.load(idx_ptr + r.to(tl.int64) * V + offs, mask=offs < V, other=0)
+            tl.store(out_ptr + r.to(tl.int64) * V + at, prob.to(tl.float32), mask=offs < tl.minimum(start + CHUNK, V))
+
+
+def sorted_probs(
+    sorted_z: torch.Tensor, sorted_idx: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
+) -> torch.Tensor:
+    """Top-k then top-p after the sort, in two launches: sorted_z [R, V] float32 (logits /
+    temperature, descending, stable), sorted_idx [R, V] int64, top_k [R] (0 = off), top_p [R]
+    -> [R, V] float32 probabilities in vocabulary order (`sampling.target_probs`' rule, masses
+    summed in float64: a token whose mass before it is within ~1e-7 of top_p may fall either
+    side). Replaces some 10 torch launches over the whole vocabulary (a softmax, a cumulative
+    sum, masks, a scatter: ~100 us of GPU time at batch 1, where a long row gets one block)."""
+    R, V = sorted_z.shape
+    out = torch.empty(R, V, dtype=torch.float32, device=sorted_z.device)
+    if R:
+        block, chunk, C = _chunks(V)
+        mass = torch.empty(R, C, dtype=torch.float64, device=sorted_z.device)
+        z, idx = sorted_z.float().contiguous(), sorted_idx.contiguous()
+        k, p = top_k.long().contiguous(), top_p.float().contiguous()
+        with launch_on(z.device):
+            _sorted_mass_kernel[(R, C)](z, k, mass, V, C, CHUNK=chunk, BLOCK=block, num_warps=4)
+            _sorted_keep_kernel[(R, C)](
+                z, idx, k, p, mass, out, V, C, CHUNK=chunk, BLOCK=block, BLOCK_C=triton.next_power_of_2(C),
+                num_warps=4,
+            )  # fmt: skip
+    return out
+
+
+if AVAILABLE:
+
+    @triton.jit
     def _greedy_kernel(
         drafts_ptr,  # [B, K1 - 1] int64, -1 past n
         n_ptr,  # [B] int64 drafts of each row

@@ -294,6 +294,20 @@ def kernels() -> list[tuple[str, object, list[dict], dict, tuple]]:
             (),
         ),
         (
+            "sorted_mass",
+            tsamp._sorted_mass_kernel,
+            [dict(CHUNK=3072, BLOCK=1024)],
+            dict(s_ptr=F32, k_ptr=I64, mass_ptr="*fp64"),
+            (),
+        ),
+        (
+            "sorted_keep",
+            tsamp._sorted_keep_kernel,
+            [dict(CHUNK=3072, BLOCK=1024, BLOCK_C=64)],
+            dict(s_ptr=F32, idx_ptr=I64, k_ptr=I64, p_ptr=F32, mass_ptr="*fp64", out_ptr=F32),
+            (),
+        ),
+        (
             "greedy_verify",
             tsamp._greedy_kernel,
             [dict(K1=4, BLOCK_K=4)],

@@ -1072,3 +1072,48 @@ def test_greedy_verify_kernel_equals_the_torch_rule():
     assert (
         ref.num_accepted[1] == k and ref.num_accepted[2] == 0 and 0 < (ref.num_accepted < num_draft).sum() < B
     )
+
+
+@pytest.mark.parametrize("V", [50, 3000])
+def test_sorted_probs_kernels_equal_the_torch_rule(V, monkeypatch):
+    """Top-k then top-p after the sort in two launches (`triton_sampling.sorted_probs`) against
+    the torch rule of `sampling.target_probs` (run here with the kernels off), the same sort:
+    tied logits (ranks by index), masked (-inf) tokens, top-k of 1, past the finite tokens and
+    past V, top-p of 1 (off), tiny and near 1, rows with one chunk or three. The kept sets agree
+    except where a token's mass before it is within 1e-6 of top_p (the kernels sum in float64,
+    torch in float32); kept probabilities agree to 1e-6."""
+    from specmoe_ray.engine import sampling, triton_sampling
+
+    g = torch.Generator().manual_seed(V)
+    R = 40
+    logits = torch.randn(R, V, generator=g) * 3
+    logits[::3] = (logits[::3] * 2).round() / 2  # many ties
+    logits[5, : V // 2] = float("-inf")
+    temperature = 0.5 + torch.rand(R, generator=g)
+    top_k = torch.tensor([[0, 1, 5, V // 3, V - 1, V, V + 7, V // 2 + 3][r % 8] for r in range(R)])
+    top_p = torch.tensor([[1.0, 0.5, 0.9, 0.999, 0.01, 0.3, 1.0][r % 7] for r in range(R)])
+    z = logits / temperature[:, None]
+    sorted_z, sorted_idx = torch.sort(z, dim=-1, descending=True, stable=True)
+    got = triton_sampling.sorted_probs(
+        sorted_z.to(DEVICE), sorted_idx.to(DEVICE), top_k.to(DEVICE), top_p.to(DEVICE)
+    ).cpu()
+    monkeypatch.setattr(triton_sampling, "SAMPLE", False)
+    ref = sampling.target_probs(logits, temperature, top_k, top_p, plain=False)
+
+    # The float64 mass before each sorted token, as a fraction of the top-k total: the rows where
+    # a token sits within 1e-6 of top_p may keep one token more or less.
+    k = torch.where((top_k > 0) & (top_k < V), top_k, V)
+    e = torch.exp(sorted_z.double() - sorted_z[:, :1].double()) * (torch.arange(V) < k[:, None])
+    before = (e.cumsum(-1) - e) / e.sum(-1, keepdim=True)
+    close = ((before - top_p[:, None].double()).abs() < 1e-6).any(-1) & (top_p < 1)
+    same = ((got > 0) == (ref > 0)).all(-1)
+    assert same[~close].all(), f"rows {(~same & ~close).nonzero()[:, 0].tolist()} keep other tokens"
+    assert (~close).sum() >= R - 2
+    assert (got[~close] - ref[~close]).abs().max() < 1e-6
+    assert torch.allclose(got.double().sum(-1), torch.ones(R, dtype=torch.float64), atol=1e-5)
+    assert (got[5, : V // 2] == 0).all()  # a masked token is never kept
+    assert ((got > 0).sum(-1)[top_k == 1] == 1).all()  # top-k 1: the first of the tied maxima
+    first = (z == z.max(-1, keepdim=True).values).float().argmax(-1)
+    assert (got.argmax(-1)[top_k == 1] == first[top_k == 1]).all()
+    kept = (got > 0).sum(-1)
+    assert (kept[(top_p == 1.0) & (top_k == 0)] == V - (logits == float("-inf")).sum(-1)[(top_p == 1.0) & (top_k == 0)]).all()

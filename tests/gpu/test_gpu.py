@@ -736,7 +736,8 @@ def test_nccl_stopped_shard_is_replaced_before_the_timeouts(checkpoints, ray_on_
 def test_sampling_kernel_draws_the_tokens_of_torch(k, monkeypatch):
     """A sampled step's last draw in one Triton kernel (`engine/triton_sampling.py`) against the
     torch path it replaces (`SAMPLE` off), same logits and seeds: temperature-only rows (the
-    kernel's softmax), top-k / top-p rows and k = 3 drafts (its weights). Float32 masses round
+    kernel's softmax), top-k / top-p rows (their filters after the sort, `sorted_probs`, and the
+    draw from their weights) and k = 3 drafts. Float32 masses round
     otherwise than torch's softmax, so a uniform within ~1e-6 of a CDF step may fall either side:
     all but a few of 512 rows agree."""
     from specmoe_ray.engine import triton_sampling
