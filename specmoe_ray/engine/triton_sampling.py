@@ -403,8 +403,9 @@ if AVAILABLE:
             ahead = before_c + walked + tl.cumsum(e, 0) - e
             walked += tl.sum(e, 0)
             prob = tl.where(ahead < limit, e / total, 0.0)  # (chunks past the cut: none)
-            at = tl.load(idx_ptr + r.to(tl.int64) * V + offs, mask=offs < V, other=0)
-            tl.store(out_ptr + r.to(tl.int64) * V + at, prob.to(tl.float32), mask=offs < tl.minimum(start + CHUNK, V))
+            mine = offs < tl.minimum(start + CHUNK, V)
+            at = tl.load(idx_ptr + r.to(tl.int64) * V + offs, mask=mine, other=0)
+            tl.store(out_ptr + r.to(tl.int64) * V + at, prob.to(tl.float32), mask=mine)
 
 
 def sorted_probs(
