@@ -1,7 +1,7 @@
 """Triton kernels for verification: inverse-CDF sampling of one token per row, from
 softmax(logits / temperature) or from given non-negative weights (`inverse_cdf`), speculative
-sampling's whole rule for rows of temperature only (`verify_plain`), greedy rows' rule
-(`greedy_verify`).
+sampling's whole rule (`verify_plain`), greedy rows' rule (`greedy_verify`), and top-k / top-p
+after torch's sort (`sorted_probs`).
 
 In torch a draw is a softmax, a float64 cumulative sum over the vocabulary, a scaled uniform and
 a `searchsorted` (plus a divide and casts): at batch 1 some eight launches of host time, and at
@@ -18,8 +18,13 @@ one: where rounding leaves the walk short of the target, the chunk's last token 
 (`_verify_kernel`) tests its drafts (u * q(x) < p(x), p from the chunks' maxima and masses), and
 draws the last token from max(0, p - q) (the chunks' masses less the draft support's overlap,
 then the chosen chunk walked with q subtracted) or from p for the bonus: some 60 torch launches
-of `rejection._verify_sampled` in three. Greedy rows with drafts take `greedy_verify`: the
-accepted prefix and the tokens to emit in one small kernel after torch's argmax.
+of `rejection._verify_sampled` in three. Rows with top-k / top-p pass their probabilities
+instead of logits (p = x). Greedy rows with drafts take `greedy_verify`: the accepted prefix and
+the tokens to emit in one small kernel after torch's argmax.
+
+`sorted_probs` filters in the sorted order, chunked likewise: the chunks' masses over ranks
+below k, then per (row, chunk) the chunk holding the last token whose mass before it is below
+top_p of the total, that chunk's kept mass, and the chunk's probabilities scattered back.
 
 Used on CUDA only (`supported`); CPU tests run them under Triton's interpreter against float64
 math and the torch path, and tests/gpu and the lossless test against the torch path on GPUs.
@@ -155,8 +160,16 @@ if AVAILABLE:
 if AVAILABLE:
 
     @triton.jit
+    def _p(at, mask, t, top, total, SOFTMAX: tl.constexpr):
+        """p at these places (float64): softmax of logits (exp(x / t - top) / total), or x."""
+        if SOFTMAX:
+            z = tl.load(at, mask=mask, other=float("-inf")).to(tl.float32) / t
+            return tl.exp(z - top).to(tl.float64) / total
+        return tl.load(at, mask=mask, other=0.0).to(tl.float64)
+
+    @triton.jit
     def _verify_kernel(
-        x_ptr,  # [R * K1, V] float32 logits, row r * K1 + i = sequence r's position i
+        x_ptr,  # [R * K1, V] float32 logits (or probabilities), row r * K1 + i = sequence r's position i
         stride_r,
         t_ptr,  # [R] float32 temperatures
         max_ptr,  # [R * K1, C] (`_chunk_mass_kernel`)
@@ -177,9 +190,12 @@ if AVAILABLE:
         BLOCK_C: tl.constexpr,
         BLOCK_K: tl.constexpr,
         BLOCK_S: tl.constexpr,
+        SOFTMAX: tl.constexpr,  # x are logits (else probabilities: p = x, as the torch rule's)
     ):
         r = tl.program_id(0)
-        t = tl.load(t_ptr + r)
+        t = 1.0
+        if SOFTMAX:
+            t = tl.load(t_ptr + r)
         n = tl.load(n_ptr + r).to(tl.int32)
         ii = tl.arange(0, BLOCK_K)  # positions
         cs = tl.arange(0, BLOCK_C)  # chunks
@@ -187,18 +203,21 @@ if AVAILABLE:
         # Each position's maximum and mass (float64, in units of exp(z - top)).
         at = (r * K1 + ii)[:, None] * C + cs[None, :]
         ok = (ii[:, None] < K1) & (cs[None, :] < C)
-        maxes = tl.load(max_ptr + at, mask=ok, other=float("-inf"))
-        top = tl.max(maxes, 1)  # [BLOCK_K]
-        scale = tl.where(maxes > float("-inf"), tl.exp(maxes - tl.maximum(top, -3.0e38)[:, None]), 0.0)
-        masses = tl.load(mass_ptr + at, mask=ok, other=0.0) * scale.to(tl.float64)  # [BLOCK_K, BLOCK_C]
-        total = tl.sum(masses, 1)  # [BLOCK_K]
+        masses = tl.load(mass_ptr + at, mask=ok, other=0.0)  # [BLOCK_K, BLOCK_C]
+        top = tl.zeros((BLOCK_K,), tl.float32)
+        total = tl.full((BLOCK_K,), 1.0, tl.float64)  # (probabilities: p(x) = x[x], undivided)
+        if SOFTMAX:
+            maxes = tl.load(max_ptr + at, mask=ok, other=float("-inf"))
+            top = tl.max(maxes, 1)
+            scale = tl.where(maxes > float("-inf"), tl.exp(maxes - tl.maximum(top, -3.0e38)[:, None]), 0.0)
+            masses = masses * scale.to(tl.float64)
+            total = tl.sum(masses, 1)
 
         # Draft i is kept with probability min(1, p(x) / q(x)): u * q(x) < p(x).
         row = x_ptr + (r * K1 + ii).to(tl.int64) * stride_r  # [BLOCK_K]
         drafted = ii < n
         x = tl.load(drafts_ptr + r * (K1 - 1) + ii, mask=drafted, other=0)
-        z = tl.load(row + x, mask=drafted, other=float("-inf")).to(tl.float32) / t
-        p_x = tl.exp(z - top).to(tl.float64) / total
+        p_x = _p(row + x, drafted, t, top, total, SOFTMAX)
         support = drafted[:, None] & (ss[None, :] < S)
         q_at = (r * (K1 - 1) + ii)[:, None] * S + ss[None, :]
         q_ids = tl.load(qid_ptr + q_at, mask=support, other=-1)
@@ -217,8 +236,7 @@ if AVAILABLE:
         q_ids = tl.load(qid_ptr + (r * (K1 - 1) + a) * S + ss, mask=q_ok, other=-1)
         q_ok = q_ids >= 0
         q_p = tl.load(qp_ptr + (r * (K1 - 1) + a) * S + ss, mask=q_ok, other=0.0).to(tl.float64)
-        z_q = tl.load(row_a + tl.maximum(q_ids, 0), mask=q_ok, other=float("-inf")).to(tl.float32) / t
-        overlap = tl.minimum(tl.exp(z_q - top_a).to(tl.float64) / total_a, q_p)  # [BLOCK_S]
+        overlap = tl.minimum(_p(row_a + tl.maximum(q_ids, 0), q_ok, t, top_a, total_a, SOFTMAX), q_p)
         in_chunk = (q_ids // CHUNK)[:, None] == cs[None, :]
         res_c = tl.maximum(p_c - tl.sum(tl.where(in_chunk, overlap[:, None], 0.0), 0), 0.0)
         q_on = 1.0  # (0: p - q without mass, p drawn instead)
@@ -238,8 +256,7 @@ if AVAILABLE:
         walked = tl.zeros((BLOCK,), tl.float64)
         for v0 in range(0, CHUNK, BLOCK):
             offs = start + v0 + lanes
-            zv = tl.load(row_a + offs, mask=offs < end, other=float("-inf")).to(tl.float32) / t
-            p_v = tl.exp(zv - top_a).to(tl.float64) / total_a
+            p_v = _p(row_a + offs, offs < end, t, top_a, total_a, SOFTMAX)
             # q at these places, one support entry at a time: a [BLOCK, S] comparison spills
             # registers at S = 32 (a draft model's support; 4.5x slower at batch 1).
             q_v = tl.zeros((BLOCK,), tl.float64)
@@ -286,37 +303,41 @@ def inverse_cdf(x: torch.Tensor, u: torch.Tensor, temperature: torch.Tensor | No
 
 
 def verify_plain(
-    logits: torch.Tensor,  # [R, K1, V] float32, last dim contiguous
-    temperature: torch.Tensor,  # [R] float32
+    logits: torch.Tensor,  # [R, K1, V] float32, last dim contiguous (or probabilities: below)
+    temperature: torch.Tensor | None,  # [R] float32; None: `logits` are the target's probabilities
     drafts: torch.Tensor,  # [R, K1 - 1] int64, -1 past n
     n: torch.Tensor,  # [R] int64
     q_ids: torch.Tensor,  # [R, K1 - 1, S] int64, -1 padding
     q_probs: torch.Tensor,  # [R, K1 - 1, S] float32
     u: torch.Tensor,  # [R, K1] float64: u[r, :n[r]] one per draft, u[r, n[r]] the final draw's
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Speculative sampling's rule for rows of temperature only (no top-k / top-p), k >= 1, in
-    three launches -> (drafts accepted [R], recovered or bonus token [R]): the chunks' maxima and
-    masses at every position, then one program per row tests its drafts (u * q(x) < p(x)), and
-    draws its last token from max(0, p - q) (p for the bonus) as `inverse_cdf` draws."""
+    """Speculative sampling's rule, k >= 1, in three launches -> (drafts accepted [R], recovered
+    or bonus token [R]): the chunks' maxima and masses at every position, then one program per
+    row tests its drafts (u * q(x) < p(x)), and draws its last token from max(0, p - q) (p for
+    the bonus) as `inverse_cdf` draws. p = softmax(logits / temperature) for rows of temperature
+    only; top-k / top-p rows pass `sampling.target_probs`' probabilities (temperature None)."""
     R, K1, V = logits.shape
     x = logits.reshape(R * K1, V)
     S = q_ids.shape[-1]
+    softmax = temperature is not None
     block, chunk, C = _chunks(V)
     maxes = torch.empty(R * K1, C, dtype=torch.float32, device=x.device)
     mass = torch.empty(R * K1, C, dtype=torch.float64, device=x.device)
     accepted = torch.empty(R, dtype=torch.long, device=x.device)
     final = torch.empty(R, dtype=torch.long, device=x.device)
+    t = temperature if softmax else maxes  # (not read)
     if R:
         with launch_on(x.device):
             _chunk_mass_kernel[(R * K1, C)](
-                x, x.stride(0), temperature, maxes, mass, V, C, K1, CHUNK=chunk, SOFTMAX=True, BLOCK=block,
+                x, x.stride(0), t, maxes, mass, V, C, K1, CHUNK=chunk, SOFTMAX=softmax, BLOCK=block,
                 num_warps=4,
             )  # fmt: skip
             _verify_kernel[(R,)](
-                x, x.stride(0), temperature, maxes, mass, drafts.contiguous(), n.contiguous(),
+                x, x.stride(0), t, maxes, mass, drafts.contiguous(), n.contiguous(),
                 q_ids.contiguous(), q_probs.float().contiguous(), u.contiguous(), accepted, final, V, C, S,
                 K1=K1, CHUNK=chunk, BLOCK=block, BLOCK_C=triton.next_power_of_2(C),
-                BLOCK_K=triton.next_power_of_2(K1), BLOCK_S=triton.next_power_of_2(S), num_warps=4,
+                BLOCK_K=triton.next_power_of_2(K1), BLOCK_S=triton.next_power_of_2(S), SOFTMAX=softmax,
+                num_warps=4,
             )  # fmt: skip
     return accepted, final
 

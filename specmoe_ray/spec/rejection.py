@@ -204,6 +204,8 @@ def _verify_sampled(
     ).view(R, K1, V)
 
     u = _draw_uniforms(generators, num_draft, K1, dev)  # [R, k + 1] float64
+    if triton_sampling.supported(p):  # the rule from p in two launches on GPUs
+        return triton_sampling.verify_plain(p, None, drafts, n, q_ids, q_probs, u)
     x = drafts.clamp(min=0)  # [R, k]
     p_x = p[:, :k].gather(-1, x[..., None])[..., 0].double()  # [R, k]
     q_x = (q_probs.double() * (q_ids == x[..., None])).sum(dim=-1)  # [R, k]

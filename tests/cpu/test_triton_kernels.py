@@ -983,16 +983,18 @@ def test_inverse_cdf_kernel_equals_float64_searchsorted(V):
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered", "ignore:overflow encountered")  # (NaN rows)
+@pytest.mark.parametrize("filtered", [False, True])
 @pytest.mark.parametrize("V", [50, 3000])
-def test_verify_kernels_equal_the_torch_rule(V):
-    """Speculative sampling's rule for temperature-only rows in three launches
-    (`triton_sampling.verify_plain`) against the torch path (`rejection._verify_sampled`), same
-    logits, drafts and uniforms: drafts kept, rejected and all accepted (bonus), sparse draft
-    distributions of 6 tokens (the residual max(0, p - q) subtracts them), 0-3 drafts a row, 1-3
-    chunks a row. Float32 masses round otherwise than torch's softmax, so a uniform within ~1e-6
-    of a decision may fall either side: all but 2 of 96 rows agree."""
+def test_verify_kernels_equal_the_torch_rule(V, filtered):
+    """Speculative sampling's rule in three launches (`triton_sampling.verify_plain`) against the
+    torch path (`rejection._verify_sampled`), same logits, drafts and uniforms: drafts kept,
+    rejected and all accepted (bonus), sparse draft distributions of 6 tokens (the residual
+    max(0, p - q) subtracts them), 0-3 drafts a row, 1-3 chunks a row; rows of temperature only
+    (the kernels' softmax) or with top-k / top-p (`filtered`: the kernels read `target_probs`'
+    probabilities). Float32 masses round otherwise than torch's softmax, so a uniform within
+    ~1e-6 of a decision may fall either side: all but 2 of 96 rows agree."""
     from specmoe_ray.engine import triton_sampling
-    from specmoe_ray.engine.sampling import make_generator
+    from specmoe_ray.engine.sampling import make_generator, target_probs
     from specmoe_ray.engine.sequence import SamplingParams
     from specmoe_ray.spec import rejection
 
@@ -1010,7 +1012,11 @@ def test_verify_kernels_equal_the_torch_rule(V):
             drafts[r, i] = rejection.sample_sparse_one(q_ids[r, i], q_probs[r, i], g)
         q_ids[r, num_draft[r] :] = -1
         q_probs[r, num_draft[r] :] = 0.0
-    params = [SamplingParams(temperature=0.6 + 0.1 * (r % 7)) for r in range(R)]
+    params = [
+        SamplingParams(temperature=0.6 + 0.1 * (r % 7), top_k=[0, V // 3, 5][r % 3] if filtered else 0,
+                       top_p=[0.9, 1.0, 0.8, 0.6][r % 4] if filtered else 1.0)
+        for r in range(R)
+    ]  # fmt: skip
     temperature = torch.tensor([p.temperature for p in params])
     n = torch.tensor(num_draft)
 
@@ -1018,16 +1024,22 @@ def test_verify_kernels_equal_the_torch_rule(V):
         logits, drafts, q_ids, q_probs, params, [make_generator(r, "cpu") for r in range(R)], num_draft
     )
     u = rejection._draw_uniforms([make_generator(r, "cpu") for r in range(R)], num_draft, k + 1, "cpu")
+    x, t = logits, temperature  # the kernels' softmax, or the probabilities of every position
+    if filtered:
+        filters = [[q.top_k for q in params], [q.top_p for q in params]]
+        each = [torch.tensor(f).repeat_interleave(k + 1) for f in filters]
+        x = target_probs(logits.reshape(R * (k + 1), V), temperature.repeat_interleave(k + 1), *each)
+        t, x = None, x.view(R, k + 1, V)
     acc, final = triton_sampling.verify_plain(
-        logits.to(DEVICE), temperature.to(DEVICE), drafts.to(DEVICE), n.to(DEVICE), q_ids.to(DEVICE),
+        x.to(DEVICE), None if t is None else t.to(DEVICE), drafts.to(DEVICE), n.to(DEVICE), q_ids.to(DEVICE),
         q_probs.to(DEVICE), u.to(DEVICE),
     )  # fmt: skip
     acc, final = acc.cpu(), final.cpu()
-    broken = logits.clone()
+    broken = x.clone()
     broken[:4] = float("nan")  # a broken model's rows: every draft rejected (as torch), a token id
     acc_nan, final_nan = triton_sampling.verify_plain(
-        broken.to(DEVICE), temperature.to(DEVICE), drafts.to(DEVICE), n.to(DEVICE), q_ids.to(DEVICE),
-        q_probs.to(DEVICE), u.to(DEVICE),
+        broken.to(DEVICE), None if t is None else t.to(DEVICE), drafts.to(DEVICE), n.to(DEVICE),
+        q_ids.to(DEVICE), q_probs.to(DEVICE), u.to(DEVICE),
     )  # fmt: skip
     final_nan = final_nan.cpu()[:4]
     assert (acc_nan.cpu()[:4] == 0).all() and ((final_nan >= 0) & (final_nan < V)).all()
