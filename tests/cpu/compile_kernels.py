@@ -277,7 +277,10 @@ def kernels() -> list[tuple[str, object, list[dict], dict, tuple]]:
         (
             "verify",
             tsamp._verify_kernel,
-            [dict(K1=4, CHUNK=3072, BLOCK=1024, BLOCK_C=64, BLOCK_K=4, BLOCK_S=32)],
+            [
+                dict(K1=4, CHUNK=3072, BLOCK=1024, BLOCK_C=64, BLOCK_K=4, BLOCK_S=32, SOFTMAX=sm)
+                for sm in (True, False)
+            ],
             dict(
                 x_ptr=F32,
                 t_ptr=F32,
