@@ -132,7 +132,7 @@ if AVAILABLE:
         target = tl.load(u_ptr + r) * tl.sum(mass, 0)
         # The chunk the target falls in: the first whose running mass passes it (else the last
         # chunk with mass), then the target within that chunk, in the chunk's own units.
-        last_c = tl.max(tl.where(mass > 0, cs, -1), 0)
+        last_c = tl.max(tl.where(mass > 0, cs, 0), 0)  # (0 without mass, NaN: inside the row)
         c = tl.minimum(tl.sum(((run <= target) & (cs < C)).to(tl.int32), 0), last_c)
         here = cs == c
         goal = target - tl.sum(tl.where(here, run - mass, 0.0), 0)
@@ -245,7 +245,7 @@ if AVAILABLE:
             q_on = 0.0
         target = tl.load(u_ptr + r * K1 + n) * tl.sum(res_c, 0)
         run = tl.cumsum(res_c, 0)
-        last_c = tl.max(tl.where(res_c > 0, cs, -1), 0)
+        last_c = tl.max(tl.where(res_c > 0, cs, 0), 0)  # (as `_pick_kernel`)
         c = tl.minimum(tl.sum(((run <= target) & (cs < C)).to(tl.int32), 0), last_c)
         goal = target - tl.sum(tl.where(cs == c, run - res_c, 0.0), 0)
         start = c * CHUNK
