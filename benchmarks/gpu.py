@@ -12,7 +12,8 @@ tensors* (no copy, no checkpoint on disk), experts in-process. Per batch size it
 - `sampled`: `graphs` with every row sampled (temperature 1, seeded) instead of greedy: what
   sampling's verification costs beside argmax (`--temperature T` samples every engine run of (a),
   switches included: e.g. `--switch waits:sampling.PINNED=False` for verification's old waits,
-  and (b)'s, whose speculation then carries a sampled acceptance rate);
+  and (b)'s, whose speculation then carries a sampled acceptance rate; `--top-p P`: sampled runs
+  draw from the nucleus of mass P, the sort and the filter kernels on every step);
 - `--switch NAME:module.ATTR=value,...`: `graphs` with fast-path switches flipped while that
   variant runs (e.g. `--switch cublas:fused.MATVEC=False`), side by side with `graphs`;
 - `ngram`: graphs + prompt-lookup drafts (k = --k);
@@ -211,10 +212,14 @@ def hf_run(model, rows: list[list[int]], new: int, device: str):
     return run
 
 
-def ours_run(engine: Engine, rows, new: int, temperature: float = 0.0):
-    """Our engine's generate over rows: greedy, or sampled at temperature (seeded per row)."""
+def ours_run(engine: Engine, rows, new: int, temperature: float = 0.0, top_p: float = 1.0):
+    """Our engine's generate over rows: greedy, or sampled at temperature (seeded per row), from
+    the nucleus of mass top_p (1: the whole vocabulary)."""
     seeds = range(len(rows)) if temperature else [None] * len(rows)
-    params = [SamplingParams(max_tokens=new, temperature=temperature, ignore_eos=True, seed=s) for s in seeds]
+    params = [
+        SamplingParams(max_tokens=new, temperature=temperature, top_p=top_p, ignore_eos=True, seed=s)
+        for s in seeds
+    ]
 
     def run() -> int:
         return sum(len(o.token_ids) for o in engine.generate(rows, params))
@@ -468,12 +473,12 @@ def bench_variant(a, res, hf, rows, name: str, v: dict, device: str, dtype, max_
         **v,
     )
     for b in a.batch:
-        r = timed(ours_run(engine, rows[b], a.new_tokens, temperature), a.repeats, device, engine)
+        r = timed(ours_run(engine, rows[b], a.new_tokens, temperature, a.top_p), a.repeats, device, engine)
         r["speculation_length"] = engine.stats()["speculation_length"]
         base = [x["tok_s"] for x in res["runs"] if x["who"] == "graphs" and x["batch"] == b]
         if (name in a.switch or name == "sampled") and base:
             r["vs_graphs"] = r["tok_s"] / base[0]
-        res["runs"].append({"who": name, "batch": b, **r})
+        res["runs"].append({"who": name, "batch": b, "temperature": temperature, "top_p": a.top_p, **r})
         print(
             f"  {name:7s} batch {b:3d}: {r['tok_s']:9.1f} tok/s  {r['ms_per_step']:7.2f} ms/step  "
             f"({r['ms_per_static_step']:.2f} per decode/verify step)  {r['tokens_per_step']:.2f} tok/step"
@@ -624,13 +629,13 @@ def bench_demo(a, device: str) -> dict[str, Any]:
         print(f"(b) demo HF       batch {b:3d}: {r['tok_s']:9.1f} tok/s")
         for name, d in (("plain", None), ("draft", draft), ("ngram", "ngram")):
             with Engine.from_pretrained(target, draft=d, device=device, num_speculative_tokens=a.k) as e:
-                r = timed(ours_run(e, rows, a.new_tokens, a.temperature), a.repeats, device, e)
-            out["runs"].append({"who": name, "batch": b, "temperature": a.temperature, **r})
+                r = timed(ours_run(e, rows, a.new_tokens, a.temperature, a.top_p), a.repeats, device, e)
+            out["runs"].append({"who": name, "batch": b, "temperature": a.temperature, "top_p": a.top_p, **r})
             acc = r["acceptance_rate"]
             print(
                 f"(b) demo {name:8s} batch {b:3d}: {r['tok_s']:9.1f} tok/s  {r['ms_per_step']:6.2f} ms/step  "
                 f"{r['tokens_per_step']:.2f} tok/step  acceptance {acc if acc is None else round(acc, 3)}"
-                + (f"  (sampled, temperature {a.temperature})" if a.temperature else "")
+                + (f"  (sampled, temperature {a.temperature}, top-p {a.top_p})" if a.temperature else "")
             )
     del hf
     return out
@@ -730,6 +735,12 @@ def main(argv=None) -> dict[str, Any]:
         help="our engine's runs sample at this temperature, (a)'s and (b)'s (seeded per row; 0: greedy; "
         "transformers' stay greedy); `sampled` is 1",
     )
+    p.add_argument(
+        "--top-p",
+        type=float,
+        default=1.0,
+        help="sampled runs (temperature > 0: `sampled`, --temperature) draw from this nucleus (1: off)",
+    )
     p.add_argument("--skip-shape", action="store_true", help="only (b), the demo pair")
     p.add_argument(
         "--gpus", type=int, nargs="+", default=[1], help="devices holding experts for (a): 1 = in-process"
@@ -775,6 +786,8 @@ def main(argv=None) -> dict[str, Any]:
     a.switch = dict(a.switch)
     if a.shape == "qwen3-30b-a3b" and a.device == "cpu":
         p.error("--shape qwen3-30b-a3b needs a GPU (~61 GB of bf16 weights)")
+    if not 0.0 < a.top_p <= 1.0:
+        p.error(f"--top-p must be in (0, 1], got {a.top_p}")
     device = a.device
     dtype = torch.bfloat16 if device != "cpu" else torch.float32
     import transformers
