@@ -2,6 +2,8 @@
 sum), greedy against sampled rows, with and without speculated drafts, the Triton kernels
 (`engine/triton_sampling.py`) against the torch path they replace, side by side in one process.
 
+The draft model's side too (`draft` lines: its sampled rows' top-32 distributions and draws).
+
 A decode step's forward hides verification's host time only while the host launches faster
 than the GPU runs (sampled verification once took ~2 ms of host time at batch 1: RESULTS.md,
 session 20); the GPU time adds to every step.
@@ -14,6 +16,7 @@ session 20); the GPU time adds to every step.
 from __future__ import annotations
 
 import argparse
+import functools
 import time
 
 import torch
@@ -21,7 +24,7 @@ import torch
 from specmoe_ray.engine import triton_sampling
 from specmoe_ray.engine.sampling import make_generator
 from specmoe_ray.engine.sequence import SamplingParams
-from specmoe_ray.spec.proposer import empty_proposal, one_hot_proposal
+from specmoe_ray.spec.proposer import DraftRequest, empty_proposal, one_hot_proposal, sample_drafts
 from specmoe_ray.spec.rejection import DraftProposal, verify
 
 PARAMS = {
@@ -48,7 +51,7 @@ def proposal_of(B: int, k: int, support: int, device: torch.device) -> DraftProp
 
 
 def measure(device: torch.device, V: int, name: str, B: int, k: int, calls: int, support: int = 1) -> dict:
-    """Host us per call (launches, no sync), us per call synchronized, GPU kernel us per call."""
+    """A verification of B rows with k drafts each, per call as `timed`."""
     params = PARAMS[name]
     gens = [None if params.greedy else make_generator(b) for b in range(B)]  # (on the host, as the engine's)
     logits = torch.randn(B, k + 1, V, device=device)
@@ -57,6 +60,24 @@ def measure(device: torch.device, V: int, name: str, B: int, k: int, calls: int,
         proposal = proposal_of(B, k, support, device)
         return verify(logits, proposal, [params] * B, gens)
 
+    return timed(device, call, calls)
+
+
+def measure_draft(device: torch.device, V: int, B: int, calls: int, top_n: int = 32) -> dict:
+    """A draft model's sampled rows (temperature 1): its sparse distribution (top `top_n`) and
+    the draw from it (`proposer.sample_drafts`), per call as `measure`."""
+    reqs = [DraftRequest(f"s{b}", [1, 2, 3], 3, temperature=1.0, seed=b) for b in range(B)]
+    gens: dict = {}
+    logits = torch.randn(B, V, device=device)
+
+    def call():
+        return sample_drafts(logits, reqs, top_n, gens)
+
+    return timed(device, call, calls)
+
+
+def timed(device: torch.device, call, calls: int) -> dict:
+    """Host us per call (launches, no sync), us per call synchronized, GPU kernel us per call."""
     sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
     for _ in range(3):
         call()
@@ -102,20 +123,27 @@ def main() -> None:
             for name in PARAMS:
                 # Triton beside torch where it runs (GPUs); greedy rows without drafts take neither.
                 both = device.type == "cuda" and (name != "greedy" or k > 0)
-                paths = ["triton", "torch"] if both else ["torch"]
-                runs = {}
-                for path in paths:
-                    triton_sampling.SAMPLE = path == "triton"
-                    runs[path] = measure(device, a.vocab, name, B, k, a.calls, a.support)
-                triton_sampling.SAMPLE = True
-                line = f"  k={k} B={B:3d} {name:8s}"
-                for path, r in runs.items():
-                    gpu = "" if r["gpu_us"] is None else f", GPU {r['gpu_us']:7.1f}"
-                    line += f" | {path:6s} host {r['host_us']:7.1f}, synced {r['synced_us']:7.1f}{gpu}"
-                if len(runs) == 2:
-                    ratio = runs["torch"]["gpu_us"] / runs["triton"]["gpu_us"]
-                    line += f" | torch / triton GPU time {ratio:.2f}x"
-                print(line, flush=True)
+                run = functools.partial(measure, device, a.vocab, name, B, k, a.calls, a.support)
+                compare(f"  k={k} B={B:3d} {name:8s}", both, run)
+    for B in a.batch:  # the draft model's side: its sampled rows' sparse distributions and draws
+        run = functools.partial(measure_draft, device, a.vocab, B, a.calls)
+        compare(f"  draft B={B:3d} sampled ", device.type == "cuda", run)
+
+
+def compare(label: str, both: bool, run) -> None:
+    """One line: run() with the kernels and, where both, without them (torch)."""
+    runs = {}
+    for path in ["triton", "torch"] if both else ["torch"]:
+        triton_sampling.SAMPLE = path == "triton"
+        runs[path] = run()
+    triton_sampling.SAMPLE = True
+    line = label
+    for path, r in runs.items():
+        gpu = "" if r["gpu_us"] is None else f", GPU {r['gpu_us']:7.1f}"
+        line += f" | {path:6s} host {r['host_us']:7.1f}, synced {r['synced_us']:7.1f}{gpu}"
+    if len(runs) == 2:
+        line += f" | torch / triton GPU time {runs['torch']['gpu_us'] / runs['triton']['gpu_us']:.2f}x"
+    print(line, flush=True)
 
 
 if __name__ == "__main__":

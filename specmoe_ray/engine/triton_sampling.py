@@ -457,6 +457,99 @@ def sorted_probs(
 if AVAILABLE:
 
     @triton.jit
+    def _top_keys(x_ptr, offs, V):
+        """int64 keys of x[offs] (< V), unique and ordered as (value descending, index ascending):
+        the value's float32 bits made monotone above, the complement of the index below; places
+        past V the smallest int64."""
+        z = tl.load(x_ptr + offs, mask=offs < V, other=0.0).to(tl.float32) + 0.0  # (-0.0 -> 0.0)
+        b = z.to(tl.int32, bitcast=True)
+        b = tl.where(b >= 0, b, b ^ 0x7FFFFFFF)
+        keys = (b.to(tl.int64) << 32) | (0x7FFFFFFF - offs).to(tl.int64)
+        return tl.where(offs < V, keys, -0x7FFFFFFFFFFFFFFF - 1)
+
+    @triton.jit
+    def _take_top(keys, out_ptr, N: tl.constexpr):
+        """The N largest keys (distinct) to out_ptr[0:N], largest first."""
+        for i in tl.static_range(N):
+            top = tl.max(keys, 0)
+            tl.store(out_ptr + i, top)
+            keys = tl.where(keys == top, -0x7FFFFFFFFFFFFFFF - 1, keys)
+
+    @triton.jit
+    def _chunk_top_kernel(
+        x_ptr,  # [R, V] logits, last dim contiguous
+        stride_r,
+        cand_ptr,  # [R, C * N] int64 <- each chunk's N largest keys
+        V,
+        C,
+        N: tl.constexpr,
+        CHUNK: tl.constexpr,
+    ):
+        r = tl.program_id(0)
+        c = tl.program_id(1)
+        keys = _top_keys(x_ptr + r.to(tl.int64) * stride_r, c * CHUNK + tl.arange(0, CHUNK), V)
+        _take_top(keys, cand_ptr + (r * C + c) * N, N)
+
+    @triton.jit
+    def _merge_top_kernel(
+        x_ptr,
+        stride_r,
+        t_ptr,  # [R] float32 temperatures
+        cand_ptr,  # [R, C * N] (`_chunk_top_kernel`)
+        top_ptr,  # [R, N] int64 scratch <- the row's N largest keys
+        ids_ptr,  # [R, N] int64 <- token ids, largest logit first; -1 where the mass is 0
+        probs_ptr,  # [R, N] float32 <- softmax over the first n of logits / temperature
+        C,
+        n,  # entries wanted (<= N)
+        N: tl.constexpr,
+        BLOCK: tl.constexpr,  # >= C * N
+    ):
+        r = tl.program_id(0)
+        lanes = tl.arange(0, BLOCK)
+        keys = tl.load(cand_ptr + r * C * N + lanes, mask=lanes < C * N, other=-0x7FFFFFFFFFFFFFFF - 1)
+        _take_top(keys, top_ptr + r * N, N)
+        ns = tl.arange(0, N)
+        top = tl.load(top_ptr + r * N + ns)
+        idx = 0x7FFFFFFF - (top & 0xFFFFFFFF)
+        real = (top > -0x7FFFFFFFFFFFFFFF - 1) & (ns < n)  # (a row shorter than n: padding)
+        z = tl.load(x_ptr + r.to(tl.int64) * stride_r + idx, mask=real, other=float("-inf")).to(tl.float32)
+        z = z / tl.load(t_ptr + r)
+        first = tl.max(z, 0)  # (the first's: keys keep the logits' order)
+        e = tl.exp(z - tl.maximum(first, -3.0e38))
+        p = e / tl.sum(e, 0)
+        tl.store(ids_ptr + r * N + ns, tl.where(real & (p > 0), idx, -1))
+        tl.store(probs_ptr + r * N + ns, tl.where(real & (p > 0), p, 0.0))
+
+
+def top_n(logits: torch.Tensor, temperature: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A draft's sparse distribution for rows of temperature only, in two launches: logits [R, V],
+    temperature [R] -> ids [R, n] int64 (largest logit first; ties by lower index; -1 where the
+    mass is 0), probs [R, n] float32 = softmax over those n of logits / temperature, which is the
+    full softmax's top n renormalised (`rejection.sparse_from_probs`) without the full softmax.
+    torch.topk takes ~140 us of GPU time over a 152k vocabulary at any batch up to 32 (RESULTS.md,
+    session 21): here each chunk of 4096 picks its n largest, then one program per row merges."""
+    R, V = logits.shape
+    N = triton.next_power_of_2(n)
+    chunk = min(4096, triton.next_power_of_2(V))
+    C = triton.cdiv(V, chunk)
+    dev = logits.device
+    cand = torch.empty(R, C * N, dtype=torch.long, device=dev)
+    top = torch.empty(R, N, dtype=torch.long, device=dev)
+    ids = torch.empty(R, N, dtype=torch.long, device=dev)
+    probs = torch.empty(R, N, dtype=torch.float32, device=dev)
+    if R:
+        with launch_on(dev):
+            _chunk_top_kernel[(R, C)](logits, logits.stride(0), cand, V, C, N=N, CHUNK=chunk, num_warps=4)
+            _merge_top_kernel[(R,)](
+                logits, logits.stride(0), temperature.float().contiguous(), cand, top, ids, probs, C, n, N=N,
+                BLOCK=triton.next_power_of_2(C * N), num_warps=4,
+            )  # fmt: skip
+    return ids[:, :n], probs[:, :n]
+
+
+if AVAILABLE:
+
+    @triton.jit
     def _greedy_kernel(
         drafts_ptr,  # [B, K1 - 1] int64, -1 past n
         n_ptr,  # [B] int64 drafts of each row

@@ -19,6 +19,7 @@ from collections import OrderedDict
 
 import torch
 
+from specmoe_ray.engine import triton_sampling
 from specmoe_ray.engine.graph import make_step_graphs
 from specmoe_ray.engine.sampling import filtering, host_to_device, make_generator, target_probs, to_device
 from specmoe_ray.models.transformer import Transformer, build_forward_batch
@@ -49,26 +50,36 @@ def sample_drafts(
     `generators` (made on first use from the request's seed, offset so it never replays the
     target's draws; on the host, so the step's uniforms reach the device in one copy).
     """
-    B = logits.shape[0]
-    S = min(top_n, logits.shape[-1])
+    B, V = logits.shape
+    S = min(top_n, V)
     ids = torch.full((B, S), -1, dtype=torch.long, device=logits.device)
     probs = torch.zeros(B, S, device=logits.device)
     greedy = logits.argmax(-1)
     ids[:, 0], probs[:, 0] = greedy, 1.0
     rows = [i for i, r in enumerate(reqs) if r.temperature > 0]
-    if rows:
-        dev = logits.device
-        sampled = [reqs[i] for i in rows]
+    dev = logits.device
+    # Rows of temperature only, then rows with top-k / top-p: each row's path follows its own
+    # parameters (a seeded request drafts the same tokens whatever shares its batch).
+    plain = [i for i in rows if not filtering([reqs[i]], V)]
+    for group in (plain, [i for i in rows if i not in plain]):
+        if not group:
+            continue
+        sampled = [reqs[i] for i in group]
         # (host lists sent without waiting: the draft's forward is still running on a GPU)
-        r = to_device(rows, dev)
-        p = target_probs(
-            logits[r],
-            to_device([q.temperature for q in sampled], dev, torch.float32),
-            to_device([q.top_k for q in sampled], dev),
-            to_device([q.top_p for q in sampled], dev, torch.float32),
-            filtered=filtering(sampled, logits.shape[-1]),
-        )
-        sp_ids, sp_probs = sparse_from_probs(p, S)  # [R, S]: the draft samples from exactly this
+        r = to_device(group, dev)
+        temperature = to_device([q.temperature for q in sampled], dev, torch.float32)
+        if group is plain and triton_sampling.supported(logits):  # the top S without a softmax or topk
+            sp_ids, sp_probs = triton_sampling.top_n(logits if len(group) == B else logits[r], temperature, S)
+        else:
+            p = target_probs(
+                logits[r],
+                temperature,
+                to_device([q.top_k for q in sampled], dev),
+                to_device([q.top_p for q in sampled], dev, torch.float32),
+                filtered=group is not plain,
+                plain=group is plain,
+            )
+            sp_ids, sp_probs = sparse_from_probs(p, S)  # [R, S]: the draft samples from exactly this
         u = []  # one uniform per sampling row, from its sequence's own generator (on the host)
         for q in sampled:
             gen = generators.get(q.seq_id)

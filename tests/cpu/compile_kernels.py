@@ -310,6 +310,14 @@ def kernels() -> list[tuple[str, object, list[dict], dict, tuple]]:
             dict(s_ptr=F32, idx_ptr=I64, k_ptr=I64, p_ptr=F32, mass_ptr="*fp64", out_ptr=F32),
             (),
         ),
+        ("chunk_top", tsamp._chunk_top_kernel, [dict(N=32, CHUNK=4096)], dict(x_ptr=F32, cand_ptr=I64), ()),
+        (
+            "merge_top",
+            tsamp._merge_top_kernel,
+            [dict(N=32, BLOCK=2048)],
+            dict(x_ptr=F32, t_ptr=F32, cand_ptr=I64, top_ptr=I64, ids_ptr=I64, probs_ptr=F32),
+            (),
+        ),
         (
             "greedy_verify",
             tsamp._greedy_kernel,

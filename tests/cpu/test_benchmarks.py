@@ -114,7 +114,8 @@ def test_allreduce_benchmark_sums_right_on_two_gloo_ranks():
 
 def test_sampling_benchmark_runs_every_case_on_cpu():
     """benchmarks/sampling.py (verification's host and GPU time per call): on CPUs, a line per
-    (drafts, batch, parameters) with the torch path's times."""
+    (drafts, batch, parameters) with the torch path's times, and a line per batch for a draft
+    model's sampled rows."""
     import os
     import subprocess
     import sys
@@ -128,6 +129,8 @@ def test_sampling_benchmark_runs_every_case_on_cpu():
     assert run.returncode == 0, run.stderr[-2000:]
     lines = [line for line in run.stdout.splitlines() if line.startswith("  k=")]
     assert len(lines) == 2 * 2 * 3, run.stdout  # k in (0, 3) x 2 batches x 3 parameter sets
+    drafts = [line for line in run.stdout.splitlines() if line.startswith("  draft B=")]
+    assert len(drafts) == 2 and all("torch  host" in line for line in drafts), run.stdout  # the draft's side
 
 
 def test_gpu_benchmark_multi_device_rows_run_on_cpu(tmp_path):

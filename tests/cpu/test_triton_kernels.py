@@ -1129,3 +1129,38 @@ def test_sorted_probs_kernels_equal_the_torch_rule(V, monkeypatch):
     assert (got.argmax(-1)[top_k == 1] == first[top_k == 1]).all()
     off = (top_p == 1.0) & (top_k == 0)  # every finite token kept
     assert torch.equal((got > 0).sum(-1)[off], (logits > float("-inf")).sum(-1)[off])
+
+
+@pytest.mark.parametrize("V, n", [(50, 32), (9000, 32), (9000, 6), (20, 32)])
+def test_top_n_kernels_equal_topk_of_the_softmax(V, n):
+    """A draft's sparse distribution in two launches (`triton_sampling.top_n`: each chunk's n
+    largest logits, then a merge and the softmax over those n) against `sparse_from_probs` of the
+    full softmax (torch.topk): the same ids in the same order where no logits tie, the same
+    probabilities to 1e-6; tied logits keep the lowest indices (torch.topk's pick among ties is
+    its own); masked (-inf) tokens become padding (-1, 0); n past V, and n not a power of 2."""
+    from specmoe_ray.engine import triton_sampling
+    from specmoe_ray.spec.rejection import sparse_from_probs
+
+    g = torch.Generator().manual_seed(V + n)
+    R = 6
+    x = torch.randn(R, V, generator=g) * 3
+    x[1] = x[1].round()  # ties
+    x[2, : V - 3] = float("-inf")  # three tokens with mass
+    t = torch.rand(R, generator=g) + 0.5
+    S = min(n, V)
+    ids, probs = triton_sampling.top_n(x.to(DEVICE), t.to(DEVICE), S)
+    ids, probs = ids.cpu(), probs.cpu()
+    ref_ids, ref_probs = sparse_from_probs(torch.softmax(x / t[:, None], -1), S)
+    assert ids.shape == probs.shape == (R, S)
+    clean = [0, 2, 3, 4, 5]
+    assert torch.equal(ids[clean], ref_ids[clean])
+    assert (probs - ref_probs).abs().max() < 1e-6
+    assert (ids[2, 3:] == -1).all() and (probs[2, 3:] == 0).all()
+    # Ties: the same values as torch's pick, and among tokens tied at the smallest kept value the
+    # lowest indices (every higher value kept whole).
+    assert torch.equal(x[1, ids[1]], x[1, ref_ids[1]])
+    low = x[1, ids[1, -1]]
+    tied = (x[1] == low).nonzero()[:, 0]
+    kept = ids[1][x[1, ids[1]] == low]
+    assert torch.equal(kept.sort().values, tied[: len(kept)])
+    assert torch.allclose(probs.sum(-1), torch.ones(R), atol=1e-6)
