@@ -47,6 +47,8 @@ AVAILABLE = triton is not None
 SAMPLE = True
 BLOCK = 1024  # elements per iteration of a program
 CHUNKS = 64  # a row is cut into at most this many chunks (of whole blocks)
+TOP_CHUNK = 4096  # `top_n`: numbers per program of its first kernel
+TOP_WARPS = (4, 4)  # `top_n`: warps of its two kernels
 
 
 def supported(x: torch.Tensor) -> bool:
@@ -468,12 +470,16 @@ if AVAILABLE:
         return tl.where(offs < V, keys, -0x7FFFFFFFFFFFFFFF - 1)
 
     @triton.jit
-    def _take_top(keys, out_ptr, N: tl.constexpr):
-        """The N largest keys (distinct) to out_ptr[0:N], largest first."""
+    def _take_top(keys, N: tl.constexpr):
+        """The N largest keys (distinct), largest first: [N] int64 (held in registers: a store
+        read back by the program's other threads would need a barrier)."""
+        ns = tl.arange(0, N)
+        out = tl.full((N,), -0x7FFFFFFFFFFFFFFF - 1, tl.int64)
         for i in tl.static_range(N):
             top = tl.max(keys, 0)
-            tl.store(out_ptr + i, top)
+            out = tl.where(ns == i, top, out)
             keys = tl.where(keys == top, -0x7FFFFFFFFFFFFFFF - 1, keys)
+        return out
 
     @triton.jit
     def _chunk_top_kernel(
@@ -488,7 +494,7 @@ if AVAILABLE:
         r = tl.program_id(0)
         c = tl.program_id(1)
         keys = _top_keys(x_ptr + r.to(tl.int64) * stride_r, c * CHUNK + tl.arange(0, CHUNK), V)
-        _take_top(keys, cand_ptr + (r * C + c) * N, N)
+        tl.store(cand_ptr + (r * C + c) * N + tl.arange(0, N), _take_top(keys, N))
 
     @triton.jit
     def _merge_top_kernel(
@@ -496,7 +502,6 @@ if AVAILABLE:
         stride_r,
         t_ptr,  # [R] float32 temperatures
         cand_ptr,  # [R, C * N] (`_chunk_top_kernel`)
-        top_ptr,  # [R, N] int64 scratch <- the row's N largest keys
         ids_ptr,  # [R, N] int64 <- token ids, largest logit first; -1 where the mass is 0
         probs_ptr,  # [R, N] float32 <- softmax over the first n of logits / temperature
         C,
@@ -507,9 +512,8 @@ if AVAILABLE:
         r = tl.program_id(0)
         lanes = tl.arange(0, BLOCK)
         keys = tl.load(cand_ptr + r * C * N + lanes, mask=lanes < C * N, other=-0x7FFFFFFFFFFFFFFF - 1)
-        _take_top(keys, top_ptr + r * N, N)
+        top = _take_top(keys, N)  # the row's N largest keys
         ns = tl.arange(0, N)
-        top = tl.load(top_ptr + r * N + ns)
         idx = 0x7FFFFFFF - (top & 0xFFFFFFFF)
         real = (top > -0x7FFFFFFFFFFFFFFF - 1) & (ns < n)  # (a row shorter than n: padding)
         z = tl.load(x_ptr + r.to(tl.int64) * stride_r + idx, mask=real, other=float("-inf")).to(tl.float32)
@@ -530,19 +534,20 @@ def top_n(logits: torch.Tensor, temperature: torch.Tensor, n: int) -> tuple[torc
     session 21): here each chunk of 4096 picks its n largest, then one program per row merges."""
     R, V = logits.shape
     N = triton.next_power_of_2(n)
-    chunk = min(4096, triton.next_power_of_2(V))
+    chunk = min(TOP_CHUNK, triton.next_power_of_2(V))
     C = triton.cdiv(V, chunk)
     dev = logits.device
     cand = torch.empty(R, C * N, dtype=torch.long, device=dev)
-    top = torch.empty(R, N, dtype=torch.long, device=dev)
     ids = torch.empty(R, N, dtype=torch.long, device=dev)
     probs = torch.empty(R, N, dtype=torch.float32, device=dev)
     if R:
         with launch_on(dev):
-            _chunk_top_kernel[(R, C)](logits, logits.stride(0), cand, V, C, N=N, CHUNK=chunk, num_warps=4)
+            _chunk_top_kernel[(R, C)](
+                logits, logits.stride(0), cand, V, C, N=N, CHUNK=chunk, num_warps=TOP_WARPS[0]
+            )  # fmt: skip
             _merge_top_kernel[(R,)](
-                logits, logits.stride(0), temperature.float().contiguous(), cand, top, ids, probs, C, n, N=N,
-                BLOCK=triton.next_power_of_2(C * N), num_warps=4,
+                logits, logits.stride(0), temperature.float().contiguous(), cand, ids, probs, C, n, N=N,
+                BLOCK=triton.next_power_of_2(C * N), num_warps=TOP_WARPS[1],
             )  # fmt: skip
     return ids[:, :n], probs[:, :n]
 
