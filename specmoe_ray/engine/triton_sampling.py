@@ -48,7 +48,7 @@ SAMPLE = True
 BLOCK = 1024  # elements per iteration of a program
 CHUNKS = 64  # a row is cut into at most this many chunks (of whole blocks)
 TOP_CHUNK = 4096  # `top_n`: numbers per program of its first kernel
-TOP_WARPS = (4, 4)  # `top_n`: warps of its two kernels
+TOP_WARPS = (4, 4)  # `top_n`: warps of its two kernels (8 and 8 for 1-2 rows: 29 vs 39 us, H200)
 
 
 def supported(x: torch.Tensor) -> bool:
@@ -542,12 +542,13 @@ def top_n(logits: torch.Tensor, temperature: torch.Tensor, n: int) -> tuple[torc
     probs = torch.empty(R, N, dtype=torch.float32, device=dev)
     if R:
         with launch_on(dev):
+            warps = (8, 8) if R <= 2 and TOP_WARPS == (4, 4) else TOP_WARPS
             _chunk_top_kernel[(R, C)](
-                logits, logits.stride(0), cand, V, C, N=N, CHUNK=chunk, num_warps=TOP_WARPS[0]
+                logits, logits.stride(0), cand, V, C, N=N, CHUNK=chunk, num_warps=warps[0]
             )  # fmt: skip
             _merge_top_kernel[(R,)](
                 logits, logits.stride(0), temperature.float().contiguous(), cand, ids, probs, C, n, N=N,
-                BLOCK=triton.next_power_of_2(C * N), num_warps=TOP_WARPS[1],
+                BLOCK=triton.next_power_of_2(C * N), num_warps=warps[1],
             )  # fmt: skip
     return ids[:, :n], probs[:, :n]
 
