@@ -502,8 +502,10 @@ if AVAILABLE:
         stride_r,
         t_ptr,  # [R] float32 temperatures
         cand_ptr,  # [R, C * N] (`_chunk_top_kernel`)
+        u_ptr,  # [R] float64 uniforms in [0, 1)
         ids_ptr,  # [R, N] int64 <- token ids, largest logit first; -1 where the mass is 0
         probs_ptr,  # [R, N] float32 <- softmax over the first n of logits / temperature
+        tok_ptr,  # [R] int64 <- the token drawn from them by inverse CDF with u
         C,
         n,  # entries wanted (<= N)
         N: tl.constexpr,
@@ -521,17 +523,29 @@ if AVAILABLE:
         first = tl.max(z, 0)  # (the first's: keys keep the logits' order)
         e = tl.exp(z - tl.maximum(first, -3.0e38))
         p = e / tl.sum(e, 0)
-        tl.store(ids_ptr + r * N + ns, tl.where(real & (p > 0), idx, -1))
-        tl.store(probs_ptr + r * N + ns, tl.where(real & (p > 0), p, 0.0))
+        ids = tl.where(real & (p > 0), idx, -1)
+        p = tl.where(real & (p > 0), p, 0.0)
+        tl.store(ids_ptr + r * N + ns, ids)
+        tl.store(probs_ptr + r * N + ns, p)
+        # The draw (`rejection.sample_sparse`): the first entry whose running mass exceeds
+        # u * total, never past the last entry with mass (>= 0: a NaN row still gets a token id).
+        w = p.to(tl.float64)
+        last = tl.max(tl.where(w > 0, ns, 0), 0)
+        j = tl.minimum(tl.sum((tl.cumsum(w, 0) <= tl.load(u_ptr + r) * tl.sum(w, 0)).to(tl.int32), 0), last)
+        tl.store(tok_ptr + r, tl.maximum(tl.sum(tl.where(ns == j, ids, 0), 0), 0))
 
 
-def top_n(logits: torch.Tensor, temperature: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A draft's sparse distribution for rows of temperature only, in two launches: logits [R, V],
-    temperature [R] -> ids [R, n] int64 (largest logit first; ties by lower index; -1 where the
-    mass is 0), probs [R, n] float32 = softmax over those n of logits / temperature, which is the
-    full softmax's top n renormalised (`rejection.sparse_from_probs`) without the full softmax.
-    torch.topk takes ~140 us of GPU time over a 152k vocabulary at any batch up to 32 (RESULTS.md,
-    session 21): here each chunk of 4096 picks its n largest, then one program per row merges."""
+def top_n(
+    logits: torch.Tensor, temperature: torch.Tensor, n: int, u: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A draft's sparse distribution for rows of temperature only and its draw, in two launches:
+    logits [R, V], temperature [R], u [R] float64 -> ids [R, n] int64 (largest logit first; ties
+    by lower index; -1 where the mass is 0), probs [R, n] float32 = softmax over those n of
+    logits / temperature (the full softmax's top n renormalised, `rejection.sparse_from_probs`,
+    without the full softmax), tokens [R] drawn from them as `rejection.sample_sparse` draws.
+    torch.topk takes ~100-140 us of GPU time over a 152k vocabulary at any batch up to 32, and
+    the torch path ~25 launches of host time (RESULTS.md, session 21): here each chunk of 4096
+    picks its n largest, then one program per row merges, normalises and draws."""
     R, V = logits.shape
     N = triton.next_power_of_2(n)
     chunk = min(TOP_CHUNK, triton.next_power_of_2(V))
@@ -540,6 +554,7 @@ def top_n(logits: torch.Tensor, temperature: torch.Tensor, n: int) -> tuple[torc
     cand = torch.empty(R, C * N, dtype=torch.long, device=dev)
     ids = torch.empty(R, N, dtype=torch.long, device=dev)
     probs = torch.empty(R, N, dtype=torch.float32, device=dev)
+    tokens = torch.empty(R, dtype=torch.long, device=dev)
     if R:
         with launch_on(dev):
             warps = (8, 8) if R <= 2 and TOP_WARPS == (4, 4) else TOP_WARPS
@@ -547,10 +562,10 @@ def top_n(logits: torch.Tensor, temperature: torch.Tensor, n: int) -> tuple[torc
                 logits, logits.stride(0), cand, V, C, N=N, CHUNK=chunk, num_warps=warps[0]
             )  # fmt: skip
             _merge_top_kernel[(R,)](
-                logits, logits.stride(0), temperature.float().contiguous(), cand, ids, probs, C, n, N=N,
-                BLOCK=triton.next_power_of_2(C * N), num_warps=warps[1],
+                logits, logits.stride(0), temperature.float().contiguous(), cand, u.contiguous(), ids, probs,
+                tokens, C, n, N=N, BLOCK=triton.next_power_of_2(C * N), num_warps=warps[1],
             )  # fmt: skip
-    return ids[:, :n], probs[:, :n]
+    return ids[:, :n], probs[:, :n], tokens
 
 
 if AVAILABLE:

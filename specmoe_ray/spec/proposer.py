@@ -52,27 +52,30 @@ def sample_drafts(
     """
     B, V = logits.shape
     S = min(top_n, V)
-    ids = torch.full((B, S), -1, dtype=torch.long, device=logits.device)
-    probs = torch.zeros(B, S, device=logits.device)
-    greedy = logits.argmax(-1)
-    ids[:, 0], probs[:, 0] = greedy, 1.0
-    rows = [i for i, r in enumerate(reqs) if r.temperature > 0]
     dev = logits.device
+    rows = [i for i, r in enumerate(reqs) if r.temperature > 0]
     # Rows of temperature only, then rows with top-k / top-p: each row's path follows its own
     # parameters (a seeded request drafts the same tokens whatever shares its batch).
     plain = [i for i in rows if not filtering([reqs[i]], V)]
-    for group in (plain, [i for i in rows if i not in plain]):
-        if not group:
-            continue
+    groups = [g for g in (plain, [i for i in rows if i not in plain]) if g]
+    if len(rows) < B or len(groups) > 1:  # greedy rows' one-hot drafts (sampled rows overwrite theirs)
+        greedy = logits.argmax(-1)
+        ids = torch.full((B, S), -1, dtype=torch.long, device=dev)
+        probs = torch.zeros(B, S, device=dev)
+        ids[:, 0], probs[:, 0] = greedy, 1.0
+    for group in groups:
         sampled = [reqs[i] for i in group]
+        whole = len(group) == B  # (no gathers and scatters of rows: a sampled batch's common case)
         # (host lists sent without waiting: the draft's forward is still running on a GPU)
-        r = to_device(group, dev)
+        r = None if whole else to_device(group, dev)
+        x = logits if whole else logits[r]
         temperature = to_device([q.temperature for q in sampled], dev, torch.float32)
-        if group is plain and triton_sampling.supported(logits):  # the top S without a softmax or topk
-            sp_ids, sp_probs = triton_sampling.top_n(logits if len(group) == B else logits[r], temperature, S)
+        u = host_to_device(_draft_uniforms(sampled, generators), dev)
+        if group is plain and triton_sampling.supported(logits):  # 2 launches: top S, softmax, draw
+            sp_ids, sp_probs, picked = triton_sampling.top_n(x, temperature, S, u)
         else:
             p = target_probs(
-                logits[r],
+                x,
                 temperature,
                 to_device([q.top_k for q in sampled], dev),
                 to_device([q.top_p for q in sampled], dev, torch.float32),
@@ -80,15 +83,25 @@ def sample_drafts(
                 plain=group is plain,
             )
             sp_ids, sp_probs = sparse_from_probs(p, S)  # [R, S]: the draft samples from exactly this
-        u = []  # one uniform per sampling row, from its sequence's own generator (on the host)
-        for q in sampled:
-            gen = generators.get(q.seq_id)
-            if gen is None:
-                gen = generators[q.seq_id] = make_generator(None if q.seed is None else q.seed + 0x5EED)
-            u.append(torch.rand((), generator=gen, device=gen.device, dtype=torch.float64))
-        ids, probs = ids.index_copy(0, r, sp_ids), probs.index_copy(0, r, sp_probs)
-        greedy = greedy.index_copy(0, r, sample_sparse(sp_ids, sp_probs, host_to_device(torch.stack(u), dev)))
+            picked = sample_sparse(sp_ids, sp_probs, u)
+        if whole:
+            greedy, ids, probs = picked, sp_ids, sp_probs
+        else:
+            ids, probs = ids.index_copy(0, r, sp_ids), probs.index_copy(0, r, sp_probs)
+            greedy = greedy.index_copy(0, r, picked)
     return greedy, ids, probs
+
+
+def _draft_uniforms(sampled: list[DraftRequest], generators: dict[str, torch.Generator]) -> torch.Tensor:
+    """One uniform per sampling row from its sequence's own generator (on the host), made on
+    first use from the request's seed, offset so it never replays the target's draws -> [R]."""
+    u = []
+    for q in sampled:
+        gen = generators.get(q.seq_id)
+        if gen is None:
+            gen = generators[q.seq_id] = make_generator(None if q.seed is None else q.seed + 0x5EED)
+        u.append(torch.rand((), generator=gen, device=gen.device, dtype=torch.float64))
+    return torch.stack(u)
 
 
 def empty_proposal(batch: int, device: torch.device | str) -> DraftProposal:

@@ -278,8 +278,10 @@ def sample_sparse(ids: torch.Tensor, probs: torch.Tensor, u: torch.Tensor) -> to
     whose running mass exceeds u * total; padding (mass 0) is never drawn."""
     weights = probs.double().masked_fill(ids < 0, 0.0)
     cdf = weights.cumsum(dim=-1)
-    j = torch.searchsorted(cdf, u[..., None] * cdf[..., -1:], right=True).clamp(max=ids.shape[-1] - 1)
-    return ids.gather(-1, j)[..., 0]
+    j = torch.searchsorted(cdf, u[..., None] * cdf[..., -1:], right=True)
+    # (never past the last entry with mass, as the Triton draw of `triton_sampling.top_n`)
+    last = torch.where(weights > 0, torch.arange(ids.shape[-1], device=ids.device), 0).amax(-1, keepdim=True)
+    return ids.gather(-1, torch.minimum(j, last))[..., 0]
 
 
 def sample_sparse_one(ids: torch.Tensor, probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

@@ -315,7 +315,7 @@ def kernels() -> list[tuple[str, object, list[dict], dict, tuple]]:
             "merge_top",
             tsamp._merge_top_kernel,
             [dict(N=32, BLOCK=2048)],
-            dict(x_ptr=F32, t_ptr=F32, cand_ptr=I64, ids_ptr=I64, probs_ptr=F32),
+            dict(x_ptr=F32, t_ptr=F32, cand_ptr=I64, u_ptr="*fp64", ids_ptr=I64, probs_ptr=F32, tok_ptr=I64),
             (),
         ),
         (

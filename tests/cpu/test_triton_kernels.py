@@ -1133,13 +1133,15 @@ def test_sorted_probs_kernels_equal_the_torch_rule(V, monkeypatch):
 
 @pytest.mark.parametrize("V, n", [(50, 32), (9000, 32), (9000, 6), (20, 32)])
 def test_top_n_kernels_equal_topk_of_the_softmax(V, n):
-    """A draft's sparse distribution in two launches (`triton_sampling.top_n`: each chunk's n
-    largest logits, then a merge and the softmax over those n) against `sparse_from_probs` of the
-    full softmax (torch.topk): the same ids in the same order where no logits tie, the same
-    probabilities to 1e-6; tied logits keep the lowest indices (torch.topk's pick among ties is
-    its own); masked (-inf) tokens become padding (-1, 0); n past V, and n not a power of 2."""
+    """A draft's sparse distribution and draw in two launches (`triton_sampling.top_n`: each
+    chunk's n largest logits, then a merge, the softmax over those n and the draw) against
+    `sparse_from_probs` of the full softmax (torch.topk): the same ids in the same order where no
+    logits tie, the same probabilities to 1e-6; tied logits keep the lowest indices (torch.topk's
+    pick among ties is its own); masked (-inf) tokens become padding (-1, 0); n past V, and n not
+    a power of 2. The token drawn from them is `sample_sparse`'s with the same uniform, u -> 1
+    included."""
     from specmoe_ray.engine import triton_sampling
-    from specmoe_ray.spec.rejection import sparse_from_probs
+    from specmoe_ray.spec.rejection import sample_sparse, sparse_from_probs
 
     g = torch.Generator().manual_seed(V + n)
     R = 6
@@ -1147,10 +1149,15 @@ def test_top_n_kernels_equal_topk_of_the_softmax(V, n):
     x[1] = x[1].round()  # ties
     x[2, : V - 3] = float("-inf")  # three tokens with mass
     t = torch.rand(R, generator=g) + 0.5
+    u = torch.rand(R, generator=g, dtype=torch.float64)
+    u[2] = 1 - 2**-53  # rounds u * total up to the total: the last entry with mass, not the padding
+    u[3] = 0.0
     S = min(n, V)
-    ids, probs = triton_sampling.top_n(x.to(DEVICE), t.to(DEVICE), S)
-    ids, probs = ids.cpu(), probs.cpu()
+    ids, probs, tokens = triton_sampling.top_n(x.to(DEVICE), t.to(DEVICE), S, u.to(DEVICE))
+    ids, probs, tokens = ids.cpu(), probs.cpu(), tokens.cpu()
     ref_ids, ref_probs = sparse_from_probs(torch.softmax(x / t[:, None], -1), S)
+    assert torch.equal(tokens, sample_sparse(ids, probs, u))  # the draw, as the torch one from these
+    assert tokens[2] == ids[2, 2] and tokens[3] == ids[3, 0]
     assert ids.shape == probs.shape == (R, S)
     clean = [0, 2, 3, 4, 5]
     assert torch.equal(ids[clean], ref_ids[clean])
