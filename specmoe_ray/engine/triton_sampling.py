@@ -353,6 +353,16 @@ if AVAILABLE:
         return tl.exp(z - top)
 
     @triton.jit
+    def _sorted_row(s_ptr, k_ptr, V):
+        """This program's row and chunk, its sorted row, its k (V when off) and its maximum."""
+        r = tl.program_id(0)
+        s = s_ptr + r.to(tl.int64) * V
+        k = tl.load(k_ptr + r)
+        k = tl.where((k > 0) & (k < V), k, V)
+        top = tl.maximum(tl.load(s), -3.0e38)  # (a row of -inf: no mass, as a chunk of -inf)
+        return r, tl.program_id(1), s, k, top
+
+    @triton.jit
     def _sorted_mass_kernel(
         s_ptr,  # [R, V] float32 z = logits / temperature sorted descending (stable), contiguous
         k_ptr,  # [R] int64 top_k (0 = off)
@@ -362,12 +372,7 @@ if AVAILABLE:
         CHUNK: tl.constexpr,
         BLOCK: tl.constexpr,
     ):
-        r = tl.program_id(0)
-        c = tl.program_id(1)
-        s = s_ptr + r.to(tl.int64) * V
-        k = tl.load(k_ptr + r)
-        k = tl.where((k > 0) & (k < V), k, V)
-        top = tl.maximum(tl.load(s), -3.0e38)  # (a row of -inf: no mass, as a chunk of -inf)
+        r, c, s, k, top = _sorted_row(s_ptr, k_ptr, V)
         start = c * CHUNK
         end = tl.minimum(start + CHUNK, k)
         lanes = tl.arange(0, BLOCK)
@@ -390,13 +395,8 @@ if AVAILABLE:
         BLOCK: tl.constexpr,
         BLOCK_C: tl.constexpr,
     ):
-        r = tl.program_id(0)
-        c = tl.program_id(1)
-        s = s_ptr + r.to(tl.int64) * V
-        k = tl.load(k_ptr + r)
-        k = tl.where((k > 0) & (k < V), k, V)
+        r, c, s, k, top = _sorted_row(s_ptr, k_ptr, V)
         p = tl.load(p_ptr + r)
-        top = tl.maximum(tl.load(s), -3.0e38)
         cs = tl.arange(0, BLOCK_C)
         mass = tl.load(mass_ptr + r * C + cs, mask=cs < C, other=0.0)
         # Token j is kept while the top-k mass of tokens before it is below top_p of their total.
