@@ -48,6 +48,7 @@ SAMPLE = True
 BLOCK = 1024  # elements per iteration of a program
 CHUNKS = 64  # a row is cut into at most this many chunks (of whole blocks)
 TOP_CHUNK = 4096  # `top_n`: numbers per program of its first kernel
+TOP_MAX = 64  # `top_n` for at most this many tokens (its loops unroll n times), else torch
 TOP_WARPS = (4, 4)  # `top_n`: warps of its two kernels (8 and 8 for 1-2 rows: 29 vs 39 us, H200)
 
 

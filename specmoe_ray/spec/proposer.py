@@ -71,7 +71,7 @@ def sample_drafts(
         x = logits if whole else logits[r]
         temperature = to_device([q.temperature for q in sampled], dev, torch.float32)
         u = host_to_device(_draft_uniforms(sampled, generators), dev)
-        if group is plain and triton_sampling.supported(logits):  # 2 launches: top S, softmax, draw
+        if group is plain and triton_sampling.supported(logits) and S <= triton_sampling.TOP_MAX:  # 2 kernels
             sp_ids, sp_probs, picked = triton_sampling.top_n(x, temperature, S, u)
         else:
             p = target_probs(
