@@ -58,7 +58,7 @@ def sample_drafts(
     # parameters (a seeded request drafts the same tokens whatever shares its batch).
     plain = [i for i in rows if not filtering([reqs[i]], V)]
     groups = [g for g in (plain, [i for i in rows if i not in plain]) if g]
-    if len(rows) < B or len(groups) > 1:  # greedy rows' one-hot drafts (sampled rows overwrite theirs)
+    if len(rows) < B or len(groups) != 1:  # greedy rows' one-hot drafts (sampled rows overwrite theirs)
         greedy = logits.argmax(-1)
         ids = torch.full((B, S), -1, dtype=torch.long, device=dev)
         probs = torch.zeros(B, S, device=dev)
