@@ -234,3 +234,31 @@ def test_broken_rule_is_detected(tiny_pair, monkeypatch):
     monkeypatch.setattr(rejection, "_recovered_or_bonus_probs", lambda p, ids, probs: p)
     stat, p = chi2_pvalue(sample_first_two(target, draft), exact_first_two(target))
     assert p < 1e-6, f"broken rule not detected: chi-square {stat:.1f}, p={p:.3g}"
+
+
+def test_draft_rows_follow_their_own_parameters_only():
+    """A draft model's draw per row (`proposer.sample_drafts`): a seeded row drafts the same token
+    from the same sparse distribution alone or beside greedy rows, rows with top-k / top-p and
+    other seeds (each row's path follows its own parameters); the token lies in its support with
+    mass; greedy rows draft their argmax, one-hot; an all-sampled batch equals its rows alone."""
+    from specmoe_ray.spec.proposer import DraftRequest, sample_drafts
+
+    V, top_n = 60, 8
+    logits = torch.randn(5, V, generator=torch.Generator().manual_seed(3)) * 2
+    reqs = [
+        DraftRequest("a", [1], 1, temperature=0.8, seed=11),
+        DraftRequest("b", [1], 1, temperature=0.0),
+        DraftRequest("c", [1], 1, temperature=1.2, top_k=5, top_p=0.9, seed=12),
+        DraftRequest("d", [1], 1, temperature=1.0, seed=13),
+        DraftRequest("e", [1], 1, temperature=0.9, top_p=0.7, seed=14),
+    ]
+    tokens, ids, probs = sample_drafts(logits, reqs, top_n, {})
+    for i, q in enumerate(reqs):
+        t1, i1, p1 = sample_drafts(logits[i : i + 1], [q], top_n, {})
+        assert t1[0] == tokens[i] and torch.equal(i1[0], ids[i]) and torch.equal(p1[0], probs[i]), q
+        assert probs[i][ids[i] == tokens[i]].sum() > 0
+    assert tokens[1] == logits[1].argmax() and ids[1, 0] == tokens[1] and probs[1, 0] == 1.0
+    assert (ids[2] >= 0).sum() <= 5  # top-k 5
+    plain = [0, 3]  # every row samples from its temperature alone: the batch without bookkeeping
+    t2, i2, p2 = sample_drafts(logits[plain], [reqs[i] for i in plain], top_n, {})
+    assert torch.equal(t2, tokens[plain]) and torch.equal(i2, ids[plain]) and torch.equal(p2, probs[plain])
