@@ -36,7 +36,14 @@ from specmoe_ray.models.deepseek import MTPHead
 from specmoe_ray.models.loader import load_experts, load_mtp
 from specmoe_ray.models.transformer import MoEBlock, Transformer, build_forward_batch
 from specmoe_ray.moe.dispatch import LoopbackDispatch
-from specmoe_ray.spec.proposer import DraftRequest, empty_proposal, sample_drafts
+from specmoe_ray.spec.proposer import (
+    DraftRequest,
+    chain_indices,
+    empty_proposal,
+    place,
+    rows_of,
+    sample_drafts,
+)
 from specmoe_ray.spec.rejection import DraftProposal
 
 # B = sequences, k = most drafts of any sequence, S = sparse support size, D = hidden
@@ -182,10 +189,7 @@ class MTPProposer:
             # rows: indices made before the first feed, so the chain never waits for the GPU (each
             # draft and its g feed the next position on the device; the engine reads them once).
             row_sets = [[b for b in rows if requests[b].num_draft > i] for i in range(k)]
-            index = [to_device(rs, self.device) for rs in row_sets]
-            live = [None] + [
-                to_device([row_sets[i - 1].index(b) for b in row_sets[i]], self.device) for i in range(1, k)
-            ]
+            index, live = chain_indices(row_sets, B, self.device)
             logits, g = self._feed(feeds, starts, slots, torch.cat(hidden))  # [R, V], [R, D]
             slot_of = dict(zip(rows, slots))
             picked = None
@@ -194,13 +198,12 @@ class MTPProposer:
                     feeds = [[0] for _ in rs]  # placeholders: the tokens are `picked`, on the device
                     starts = [len(requests[b].tokens) - 2 + i for b in rs]
                     slots = [slot_of[b] for b in rs]
-                    logits, g = self._feed(feeds, starts, slots, g[live[i]], picked[live[i]])
+                    fed = rows_of(picked, live[i])
+                    logits, g = self._feed(feeds, starts, slots, rows_of(g, live[i]), fed)
                 picked, ids, probs = sample_drafts(
                     logits, [requests[b] for b in rs], self.top_n, self.generators
                 )
-                tokens[index[i], i] = picked
-                sparse_ids[index[i], i] = ids
-                sparse_probs[index[i], i] = probs
+                place((tokens, sparse_ids, sparse_probs), index[i], i, (picked, ids, probs))
             for b in rows:
                 num_draft[b] = requests[b].num_draft
             # Keep only positions with the trunk's real hidden state.

@@ -92,6 +92,29 @@ def sample_drafts(
     return greedy, ids, probs
 
 
+def chain_indices(row_sets: list[list[int]], batch: int, device) -> tuple[list, list]:
+    """For drafting position by position: the rows drafting at each position as a device index
+    into the batch, and as one into the previous position's rows; None where that is every row
+    (a slice then: no gather or scatter launches, the common case of a batch drafting k each)."""
+    index = [None if len(rows) == batch else to_device(rows, device) for rows in row_sets]
+    keep: list = [None]
+    for prev, rows in zip(row_sets, row_sets[1:]):
+        keep.append(None if rows == prev else to_device([prev.index(b) for b in rows], device))
+    return index, keep
+
+
+def rows_of(t: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
+    """t's rows at index (`chain_indices`; None: all of them)."""
+    return t if index is None else t[index]
+
+
+def place(outs: tuple, index: torch.Tensor | None, i: int, values: tuple) -> None:
+    """Each out[index, i] = value (outs [B, k, ...]; index None: every row)."""
+    at = slice(None) if index is None else index
+    for out, value in zip(outs, values, strict=True):
+        out[at, i] = value
+
+
 def _draft_uniforms(sampled: list[DraftRequest], generators: dict[str, torch.Generator]) -> torch.Tensor:
     """One uniform per sampling row from its sequence's own generator (on the host), made on
     first use from the request's seed, offset so it never replays the target's draws -> [R]."""
@@ -268,10 +291,7 @@ class DraftModelProposer:
         # indices made before the first forward, so the loop never waits for the GPU. Each draft
         # feeds the next on the device; the host reads them all once, at the end.
         row_sets = [[b for b in active if requests[b].num_draft > i] for i in range(k)]
-        index = [to_device(rows, self.device) for rows in row_sets]
-        keep = [None] + [
-            to_device([row_sets[i - 1].index(b) for b in row_sets[i]], self.device) for i in range(1, k)
-        ]
+        index, keep = chain_indices(row_sets, B, self.device)
         picked = None
         for i, rows in enumerate(row_sets):
             fed = None
@@ -279,15 +299,13 @@ class DraftModelProposer:
                 feeds = [[0] for _ in rows]
                 starts = [len(requests[b].tokens) + i - 1 for b in rows]
                 slots = [slot_of[b] for b in rows]
-                fed = picked[keep[i]]
+                fed = rows_of(picked, keep[i])
             logits = self._forward(feeds, starts, slots, fed)  # [len(rows), V]
             for f, s in zip(feeds, slots):
                 self.cache.advance(s, len(f))
                 self.num_fed_tokens += len(f)
             picked, ids, probs = self._sample(logits, [requests[b] for b in rows])
-            tokens[index[i], i] = picked
-            sparse_ids[index[i], i] = ids
-            sparse_probs[index[i], i] = probs
+            place((tokens, sparse_ids, sparse_probs), index[i], i, (picked, ids, probs))
         drafted = tokens.tolist()  # the proposal's one host sync
         for b in active:
             r = requests[b]

@@ -50,8 +50,8 @@ def test_switch_variants_run_flipped_beside_graphs_and_restore(gpu, monkeypatch)
     seen = []
     ours_run = gpu.ours_run
 
-    def spy(engine, rows, new, temperature=0.0):
-        run = ours_run(engine, rows, new, temperature)
+    def spy(engine, rows, new, temperature=0.0, top_p=1.0):
+        run = ours_run(engine, rows, new, temperature, top_p)
         return lambda: seen.append(triton_experts.DEDUP_ONE_ROW) or run()
 
     monkeypatch.setattr(gpu, "ours_run", spy)
@@ -68,27 +68,33 @@ def test_switch_variants_run_flipped_beside_graphs_and_restore(gpu, monkeypatch)
 
 def test_sampled_variant_samples_every_row_beside_graphs(gpu, monkeypatch):
     """`--variants sampled`: the same engine settings as `graphs` with every row sampled
-    (temperature 1, a seed per row), timed beside `graphs` with its ratio to it."""
+    (temperature 1, a seed per row), timed beside `graphs` with its ratio to it; `--top-p`
+    samples from a nucleus (checked: in (0, 1])."""
     asked = []
     ours_run = gpu.ours_run
 
-    def spy(engine, rows, new, temperature=0.0):
-        asked.append(temperature)
-        return ours_run(engine, rows, new, temperature)
+    def spy(engine, rows, new, temperature=0.0, top_p=1.0):
+        asked.append((temperature, top_p))
+        return ours_run(engine, rows, new, temperature, top_p)
 
     monkeypatch.setattr(gpu, "ours_run", spy)
     args = ["--shape", "small", "--device", "cpu", "--batch", "2", "--new-tokens", "4", "--repeats", "1"]
     args += ["--skip-hf", "--skip-demo", "--skip-sweep", "--variants", "graphs", "sampled"]
     runs = gpu.main(args)["shape"]["runs"]
     assert [r["who"] for r in runs] == ["graphs", "sampled"]
-    assert asked == [0.0, 1.0]
+    assert asked == [(0.0, 1.0), (1.0, 1.0)]
     assert runs[1]["vs_graphs"] == pytest.approx(runs[1]["tok_s"] / runs[0]["tok_s"])
     assert runs[1]["tokens_per_step"] == pytest.approx(runs[0]["tokens_per_step"])  # no drafts either way
-    # --temperature samples every run of (a), switch variants included (A/B of sampling's path).
+    # --temperature samples every run of (a), switch variants included (A/B of sampling's path),
+    # --top-p from a nucleus.
     asked.clear()
     args = args[: args.index("--variants")] + ["--variants", "graphs", "--temperature", "0.5"]
+    args += ["--top-p", "0.9"]
     runs = gpu.main(args + ["--switch", "waits:sampling.PINNED=False"])["shape"]["runs"]
-    assert [r["who"] for r in runs] == ["graphs", "waits"] and asked == [0.5, 0.5]
+    assert [r["who"] for r in runs] == ["graphs", "waits"] and asked == [(0.5, 0.9), (0.5, 0.9)]
+    assert all(r["top_p"] == 0.9 and r["temperature"] == 0.5 for r in runs)
+    with pytest.raises(SystemExit):
+        gpu.main(args[:-1] + ["1.5"])  # --top-p outside (0, 1]
 
 
 def test_allreduce_benchmark_sums_right_on_two_gloo_ranks():

@@ -262,3 +262,21 @@ def test_draft_rows_follow_their_own_parameters_only():
     plain = [0, 3]  # every row samples from its temperature alone: the batch without bookkeeping
     t2, i2, p2 = sample_drafts(logits[plain], [reqs[i] for i in plain], top_n, {})
     assert torch.equal(t2, tokens[plain]) and torch.equal(i2, ids[plain]) and torch.equal(p2, probs[plain])
+
+
+def test_chain_indices_slice_where_every_row_drafts():
+    """The draft chain's indices (`proposer.chain_indices`): None (a slice, no gather or scatter)
+    where a position's rows are the whole batch or the previous position's rows; else the rows'
+    places in the batch and among the previous position's rows, which `rows_of` and `place` use."""
+    from specmoe_ray.spec.proposer import chain_indices, place, rows_of
+
+    index, keep = chain_indices([[0, 1, 2], [0, 1, 2], [0, 2]], 3, "cpu")
+    assert index[:2] == [None, None] and index[2].tolist() == [0, 2]
+    assert keep[:2] == [None, None] and keep[2].tolist() == [0, 2]
+    index, keep = chain_indices([[1, 3], [1, 3]], 4, "cpu")
+    assert index[0].tolist() == [1, 3] and index[1].tolist() == [1, 3] and keep == [None, None]
+    picked = torch.tensor([7, 9])
+    assert rows_of(picked, None) is picked and rows_of(picked, torch.tensor([1])).tolist() == [9]
+    out = torch.full((4, 2), -1)
+    place((out,), index[1], 1, (picked,))
+    assert out[:, 1].tolist() == [-1, 7, -1, 9] and (out[:, 0] == -1).all()
