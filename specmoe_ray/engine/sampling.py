@@ -69,12 +69,13 @@ def _with_plain(kept, logits, temperature, top_k, top_p) -> torch.Tensor:
 
 
 def inverse_cdf(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """weights [R, V] >= 0 (float64), u [R] float64 in [0, 1) -> [R] long: the first token whose
-    running mass exceeds u * total. A zero-mass token is never chosen (its step of the CDF is
-    flat) and u < 1 keeps the target below the total. One Triton kernel on GPUs."""
+    """weights [R, V] >= 0 (any float dtype, summed in float64), u [R] float64 in [0, 1) -> [R]
+    long: the first token whose running mass exceeds u * total. A zero-mass token is never chosen
+    (its step of the CDF is flat) and u < 1 keeps the target below the total. One Triton kernel on
+    GPUs (which reads float32 weights as they are: no float64 copy of the vocabulary)."""
     if triton_sampling.supported(weights):
         return triton_sampling.inverse_cdf(weights, u)
-    cdf = weights.cumsum(dim=-1)
+    cdf = weights.double().cumsum(dim=-1)
     return torch.searchsorted(cdf, u[:, None] * cdf[:, -1:], right=True)[:, 0].clamp(
         max=weights.shape[-1] - 1
     )
@@ -85,7 +86,7 @@ def sample_plain(logits: torch.Tensor, temperature: torch.Tensor, u: torch.Tenso
     On GPUs one kernel from the logits (no probabilities in memory)."""
     if triton_sampling.supported(logits):
         return triton_sampling.inverse_cdf(logits, u, temperature.float())
-    return inverse_cdf(plain_probs(logits, temperature).double(), u)
+    return inverse_cdf(plain_probs(logits, temperature), u)
 
 
 # `to_device` copies to GPUs from pinned memory without waiting (False: plain copies, which wait

@@ -166,7 +166,7 @@ def _sample_targets(
         else:
             top_k = to_device([params[i].top_k for i in group], dev)
             top_p = to_device([params[i].top_p for i in group], dev, torch.float32)
-            picked = inverse_cdf(target_probs(x, temperature, top_k, top_p, plain=False).double(), u)
+            picked = inverse_cdf(target_probs(x, temperature, top_k, top_p, plain=False), u)
         tokens = picked if sel is None else tokens.index_copy(0, sel, picked)
     return tokens
 

@@ -258,21 +258,21 @@ def kernels() -> list[tuple[str, object, list[dict], dict, tuple]]:
             dict(slots_ptr=I64, pads_ptr=I64, count_ptr=I32, waits_ptr=I64),
             ("eps",),
         ),
-        # A sampled step's last draw, from logits (softmax) or from float64 weights.
+        # A sampled step's last draw, from logits (softmax) or from float64 / float32 weights.
         *[
             (
                 f"{name} ({what})",
                 kernel,
                 [dict(SOFTMAX=what == "logits", CHUNK=3072, BLOCK=1024, **extra)],
                 dict(t_ptr=F32, max_ptr=F32, mass_ptr="*fp64", u_ptr="*fp64", out_ptr=I64)
-                | ({} if what == "logits" else dict(x_ptr="*fp64")),
+                | {"logits": {}, "weights": dict(x_ptr="*fp64"), "float32 weights": dict(x_ptr=F32)}[what],
                 (),
             )
             for name, kernel, extra in (
                 ("chunk_mass", tsamp._chunk_mass_kernel, {}),
                 ("pick", tsamp._pick_kernel, dict(BLOCK_C=64)),
             )
-            for what in ("logits", "weights")
+            for what in ("logits", "weights", "float32 weights")
         ],
         (
             "verify",

@@ -980,6 +980,8 @@ def test_inverse_cdf_kernel_equals_float64_searchsorted(V):
     got = triton_sampling.inverse_cdf(w.to(DEVICE), u.to(DEVICE)).cpu()
     assert torch.equal(got, ref)
     assert (w.gather(1, got[:, None]) > 0).all()
+    got = triton_sampling.inverse_cdf(w.float().to(DEVICE), u.to(DEVICE)).cpu()  # float32 weights as read
+    assert torch.equal(got, ref)
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered", "ignore:overflow encountered")  # (NaN rows)
