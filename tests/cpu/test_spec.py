@@ -236,15 +236,19 @@ def test_broken_rule_is_detected(tiny_pair, monkeypatch):
     assert p < 1e-6, f"broken rule not detected: chi-square {stat:.1f}, p={p:.3g}"
 
 
-def test_draft_rows_follow_their_own_parameters_only():
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_draft_rows_follow_their_own_parameters_only(device):
     """A draft model's draw per row (`proposer.sample_drafts`): a seeded row drafts the same token
     from the same sparse distribution alone or beside greedy rows, rows with top-k / top-p and
     other seeds (each row's path follows its own parameters); the token lies in its support with
-    mass; greedy rows draft their argmax, one-hot; an all-sampled batch equals its rows alone."""
+    mass; greedy rows draft their argmax, one-hot; an all-sampled batch equals its rows alone. On
+    GPUs the rows of temperature only take `triton_sampling.top_n`."""
     from specmoe_ray.spec.proposer import DraftRequest, sample_drafts
 
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("GPU")
     V, top_n = 60, 8
-    logits = torch.randn(5, V, generator=torch.Generator().manual_seed(3)) * 2
+    logits = (torch.randn(5, V, generator=torch.Generator().manual_seed(3)) * 2).to(device)
     reqs = [
         DraftRequest("a", [1], 1, temperature=0.8, seed=11),
         DraftRequest("b", [1], 1, temperature=0.0),
