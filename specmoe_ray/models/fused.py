@@ -49,6 +49,11 @@ FUSED_NORM_MATVEC = False
 # run, before waiting for their output (PDL). Opt-in: slower than cuBLAS in the step on an H100,
 # with the prefetch or without (kernels.py ablations, RESULTS.md session 7).
 MATVEC_O_PROJ = False
+# Dense MLPs' (a draft model's layers, shared experts) gate and up projections of one row
+# inside static steps by the experts' GLU kernel (`glu_linear`): one launch instead of a
+# projection and `silu_mul` (two before `MLP.fuse_projections`, four with the separate silu and
+# product). Off: the fused projection by `linear`, then the compiled `silu_mul`.
+GLU_MATVEC = True
 # Opt-in, for the ablation: one-row projections inside static steps by cuBLAS on a column-major
 # copy of the weight, kept beside it (twice the projections' memory), which cuBLAS serves with
 # other kernels than the row-major split-K GEMM (o_proj: ~10 us for ~5.5 us of bytes on an
@@ -120,6 +125,23 @@ def linear(
         if 1 < x.shape[0] <= MATMUL_ROWS:
             return triton_experts.rows_matmul(x, weight)
     return torch.nn.functional.linear(x, weight, bias)
+
+
+def glu_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """silu(x @ gate^T) * (x @ up^T) for weight = [gate; up] ([2I, K]) -> [n, I]: inside static
+    steps on GPUs one row by `triton_experts.glu_matvec` (`GLU_MATVEC`), else `linear` and
+    `silu_mul` (compiled inside static steps)."""
+    if (
+        GLU_MATVEC
+        and x.dim() == 2
+        and x.shape[0] == 1
+        and x.is_cuda
+        and is_active()
+        and triton_experts.AVAILABLE
+        and weight.stride(1) == 1
+    ):
+        return triton_experts.glu_matvec(x, weight)
+    return silu_mul(linear(x, weight))
 
 
 def column_major(weight: torch.Tensor) -> torch.Tensor:

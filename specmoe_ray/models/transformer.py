@@ -308,15 +308,8 @@ class Attention(nn.Module):
         projs = (self.q_proj, self.k_proj, self.v_proj)
         if self._qkv is not None or any(p.weight.is_meta for p in projs):
             return
-        weight = torch.cat([p.weight.data for p in projs])
-        bias = torch.cat([p.bias.data for p in projs]) if self.q_proj.bias is not None else None
-        start = 0
-        for p in projs:
-            n = p.weight.shape[0]
-            p.weight.data = weight[start : start + n]
-            if bias is not None:
-                p.bias.data = bias[start : start + n]
-            start += n
+        weight = stack_weights([p.weight for p in projs])
+        bias = stack_weights([p.bias for p in projs]) if self.q_proj.bias is not None else None
         self._qkv = (weight, bias)
 
     def forward(
@@ -400,14 +393,36 @@ class Attention(nn.Module):
         return self._output(to_packed(out.reshape(B, Tq, self.num_heads * hd), batch))
 
 
+def stack_weights(params: list[nn.Parameter]) -> torch.Tensor:
+    """The parameters' tensors stacked along dim 0 into one tensor, each parameter's data then a
+    view of its rows (the same values and state-dict keys: one matmul serves them all)."""
+    stacked = torch.cat([p.data for p in params])
+    start = 0
+    for p in params:
+        n = p.shape[0]
+        p.data = stacked[start : start + n]
+        start += n
+    return stacked
+
+
 class MLP(nn.Module):
     def __init__(self, hidden: int, intermediate: int):
         super().__init__()
         self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
         self.up_proj = nn.Linear(hidden, intermediate, bias=False)
         self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+        self._gate_up: torch.Tensor | None = None  # see fuse_projections
+
+    def fuse_projections(self) -> None:
+        """gate and up projections as one matmul ([2I, D], gate rows first: the experts' layout),
+        whose one-row product in static steps also applies silu * up (`fused.glu_linear`)."""
+        projs = (self.gate_proj, self.up_proj)
+        if self._gate_up is None and not any(p.weight.is_meta for p in projs):
+            self._gate_up = stack_weights([p.weight for p in projs])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._gate_up is not None:
+            return linear(fused.glu_linear(x, self._gate_up), self.down_proj.weight)
         gate, up = linear(x, self.gate_proj.weight), linear(x, self.up_proj.weight)
         return linear(F.silu(gate) * up, self.down_proj.weight)
 
@@ -600,10 +615,11 @@ class Transformer(nn.Module):
         self.rope_scale = rope_attention_factor(args.rope)
 
     def fuse_projections(self) -> None:
-        """Weights that run as one matmul (q/k/v) stored as one tensor; values unchanged."""
-        for layer in self.model.layers:
-            if isinstance(layer.self_attn, Attention):
-                layer.self_attn.fuse_projections()
+        """Weights that run as one matmul (q/k/v; dense MLPs' and shared experts' gate/up) stored
+        as one tensor; values unchanged."""
+        for module in self.modules():
+            if isinstance(module, (Attention, MLP)):
+                module.fuse_projections()
 
     def set_expert_backend(self, backend: ExpertBackend) -> None:
         """The MoE layers' experts; with split heads (`split_attention`) the backend, a trunk

@@ -800,6 +800,13 @@ def matvec(x: torch.Tensor, weight: torch.Tensor, kernel: str | None = None, **c
     return fn(x, weight.unsqueeze(0), ids, prefetch=PREFETCH, **{**blocks, **config})
 
 
+def glu_matvec(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x [1, K] and weight [2I, K] (gate rows, then up rows: the experts' layout) ->
+    silu(x @ gate^T) * (x @ up^T), [1, I]: the experts' per-pair GLU kernel on one pair (one
+    launch; silu and the product in float32 before the one rounding)."""
+    return pair_matmul(x, weight.unsqueeze(0), _zero_ids(x.device), glu=True, prefetch=PREFETCH)
+
+
 _ROW_IDS: dict[tuple[torch.device, int], torch.Tensor] = {}
 
 

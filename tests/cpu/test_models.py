@@ -209,6 +209,35 @@ def test_stop_token_ids_and_eos(checkpoints):
         assert out.token_ids == ref and out.finish_reason == "length"
 
 
+def test_fused_gate_up_keeps_the_weights_and_the_mlp(checkpoints):
+    """`fuse_projections` stacks dense MLPs' (and shared experts') gate and up weights into one
+    tensor: the state dict keeps its keys and values (gate and up become views of it, gate rows
+    first), and the MLP still computes down(silu(gate x) * up x) (float64 reference)."""
+    import torch.nn.functional as F
+
+    from specmoe_ray.models.transformer import MLP
+
+    mlps = []
+    for arch in ("qwen3_moe", "qwen2_moe"):  # a dense layer; a shared expert in each MoE layer
+        model = load_trunk(checkpoints(arch))
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        model.fuse_projections()
+        after = model.state_dict()
+        assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
+        mlps += [m for m in model.modules() if isinstance(m, MLP)]
+    assert len(mlps) >= 2 and all(m._gate_up is not None for m in mlps)
+    g = torch.Generator().manual_seed(0)
+    for m in mlps:
+        n = m.gate_proj.weight.shape[0]
+        assert m.gate_proj.weight.data_ptr() == m._gate_up.data_ptr()
+        assert m.up_proj.weight.data_ptr() == m._gate_up[n:].data_ptr()
+        x = torch.randn(3, m.gate_proj.weight.shape[1], generator=g).double()
+        w = {k: p.double() for k, p in m.state_dict().items()}
+        gate, up = F.linear(x, w["gate_proj.weight"]), F.linear(x, w["up_proj.weight"])
+        ref = F.linear(F.silu(gate) * up, w["down_proj.weight"])
+        torch.testing.assert_close(m(x.float()).double(), ref, rtol=1e-5, atol=1e-6)
+
+
 def test_l2_ahead_plan_names_each_points_weights(checkpoints):
     """`l2_ahead.plan`: each `what@where` of MODE puts that weight at every layer's point (the
     next layer's fused q/k/v for `qkv+1`, none after the last layer, no router in a dense

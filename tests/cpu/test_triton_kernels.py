@@ -576,6 +576,27 @@ def test_one_row_projection_kernel_equals_float64_reference(dtype):
     assert rel < (1e-6 if dtype == torch.float32 else 1e-2), rel
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_row_glu_projection_equals_float64_reference(dtype):
+    """A dense MLP's gate and up projections of one row inside static steps (`fused.glu_linear`
+    on GPUs, `fused.GLU_MATVEC`): the experts' GLU kernel on one pair, silu(gate) * up against
+    float64 math; widths that are not multiples of the blocks."""
+    from specmoe_ray.models import fused
+
+    g = torch.Generator().manual_seed(3)
+    K, I = 1000, 333
+    x, w = torch.randn(1, K, generator=g).to(dtype), (torch.randn(2 * I, K, generator=g) / K**0.5).to(dtype)
+    out = triton_experts.glu_matvec(x.to(DEVICE), w.to(DEVICE))
+    if DEVICE == "cuda":  # the static step's path is this kernel
+        with fused.active():
+            assert torch.equal(fused.glu_linear(x.to(DEVICE), w.to(DEVICE)), out)
+    gate, up = (x.double() @ w.double().T).chunk(2, dim=-1)
+    ref = torch.nn.functional.silu(gate) * up
+    rel = ((out.double().cpu() - ref).norm() / ref.norm()).item()
+    # (bfloat16: rounded where the unfused path rounds, gate, up, silu and the product)
+    assert out.shape == (1, I) and rel < (1e-6 if dtype == torch.float32 else 2e-2), rel
+
+
 @pytest.mark.parametrize("normed", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_add_norm_matvec_equals_add_rms_norm_then_linear(dtype, normed):

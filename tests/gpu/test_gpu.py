@@ -267,6 +267,8 @@ def test_capture_failure_falls_back_to_eager_static_steps(checkpoints):
         # Opt-in: weights read ahead into L2 on a side stream (forked and joined inside the graphs).
         [("l2_ahead", "MODE", "o@attention,qkv+1@attention")],
         [("l2_ahead", "MODE", "o@start,router@start,qkv+1@moe")],
+        # Session 22: the dense layer's gate/up as the matvec and the compiled silu * up.
+        [("fused", "GLU_MATVEC", False)],
     ],
     ids=lambda flips: "+".join(f"{switch}={value}" for _, switch, value in flips),
 )
