@@ -14,6 +14,7 @@ distribution they report (one-hot for greedy and n-gram drafts), as verification
 
 from __future__ import annotations
 
+import array
 import dataclasses
 from collections import OrderedDict
 
@@ -160,6 +161,46 @@ def one_hot_proposal(drafts: list[list[int]], device: torch.device | str) -> Dra
     )
 
 
+NGRAM_WINDOW = 512  # prompt lookup searches the last this many tokens first
+_WIDTH = array.array("q").itemsize
+
+
+def _token_bytes(tokens: list[int]) -> bytes:
+    return array.array("q", tokens).tobytes()
+
+
+def _latest_occurrence(buf: bytes, length: int, n: int) -> int:
+    """The latest start s < length - n at which the last n tokens of buf (length tokens) occur
+    as well, or -1: a token-aligned `rfind` of their bytes, ending before the last token."""
+    pattern, end = buf[(length - n) * _WIDTH :], (length - 1) * _WIDTH
+    while (pos := buf.rfind(pattern, 0, end)) >= 0:
+        if pos % _WIDTH == 0:
+            return pos // _WIDTH
+        end = pos + len(pattern) - 1  # (a match straddling tokens' bytes: look before it)
+    return -1
+
+
+def common_prefix(a: list[int], b: list[int], limit: int) -> int:
+    """The length of a and b's longest common prefix, at most limit, by slice compares (C speed):
+    one compare of the whole where all but the last few tokens agree (the common case: rejected
+    drafts), then a bisection of the rest. A loop in Python took ~1 ms per 8k tokens."""
+    lo, hi = 0, max(limit, 0)
+    if hi > 64:  # the tokens before the last 64 first
+        if a[: hi - 64] == b[: hi - 64]:
+            lo = hi - 64
+        else:
+            hi -= 64
+    if hi == limit and a[lo:hi] == b[lo:hi]:
+        return hi
+    while hi - lo > 1:  # a[:lo] == b[:lo], a[:hi] != b[:hi]
+        mid = (lo + hi) // 2
+        if a[lo:mid] == b[lo:mid]:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
 class NgramProposer:
     """Prompt lookup: continue the latest earlier match of the last n tokens (n = max_n .. min_n)."""
 
@@ -169,14 +210,28 @@ class NgramProposer:
         self.min_n, self.max_n, self.device = min_n, max_n, device
 
     def lookup(self, tokens: list[int], k: int) -> list[int]:
+        """The k tokens after the latest earlier occurrence of the longest suffix (max_n .. min_n
+        tokens) that occurred before: the suffix itself excluded, something must follow it.
+
+        By substring search over the tokens' bytes (C speed): a scan in Python of every start
+        took ~3.5 ms for 8k tokens, per sequence and step. The last `NGRAM_WINDOW` tokens are
+        searched first (repeats are mostly recent), the whole sequence only where they miss."""
         L = len(tokens)
-        for n in range(min(self.max_n, L - 1), self.min_n - 1, -1):
-            pattern = tokens[L - n :]
-            for start in range(L - n - 1, -1, -1):  # latest match first, excluding the suffix itself
-                if tokens[start : start + n] == pattern:
-                    follow = tokens[start + n : start + n + k]
-                    if follow:
-                        return follow
+        sizes = range(min(self.max_n, L - 1), self.min_n - 1, -1)
+        if not sizes:
+            return []
+        tail = max(0, L - NGRAM_WINDOW)
+        buffers = [(tail, _token_bytes(tokens[tail:]))]
+        for n in sizes:
+            for i in range(2):
+                if i == len(buffers):  # the tail missed: the whole sequence, converted once
+                    if tail == 0:
+                        break
+                    buffers.append((0, _token_bytes(tokens)))
+                start = _latest_occurrence(buffers[i][1], L - buffers[i][0], n)
+                if start >= 0:
+                    start += buffers[i][0]
+                    return tokens[start + n : start + n + k]
         return []
 
     def propose(self, requests: list[DraftRequest]) -> DraftProposal:
@@ -275,13 +330,11 @@ class DraftModelProposer:
         feeds, starts, slots = [], [], []
         for b in active:
             r = requests[b]
-            if any(t >= self.vocab_size for t in r.tokens):
-                raise ValueError(f"sequence {r.seq_id} has token ids outside the draft's vocabulary")
             slot, cached = self._slot_for(r.seq_id, busy)
-            lcp = 0
             limit = min(len(cached), len(r.tokens) - 1, self.cache.lengths[slot])
-            while lcp < limit and cached[lcp] == r.tokens[lcp]:
-                lcp += 1
+            lcp = common_prefix(cached, r.tokens, limit)
+            if max(r.tokens[lcp:], default=0) >= self.vocab_size:  # (the cached prefix was checked)
+                raise ValueError(f"sequence {r.seq_id} has token ids outside the draft's vocabulary")
             self.cache.rollback(slot, lcp)
             feeds.append(r.tokens[lcp:])
             starts.append(lcp)

@@ -229,3 +229,16 @@ def test_shard_actors_take_the_gpus_ray_gave_them_not_the_engines():
     )
     assert run.returncode == 0, run.stderr[-3000:]
     assert json.loads(run.stdout.strip().splitlines()[-1]) == [["cuda:0", "cuda:1"]] * 3
+
+
+def test_lookup_benchmark_runs_its_cases_and_agrees_with_the_scans():
+    """benchmarks/lookup.py (the CI's smoke run): prompt lookup on random and real text and the
+    draft cache's prefix, each timed beside the plain scan after checking they agree."""
+    rows = benchmark_module("lookup").main(["--context", "300", "700", "--calls", "1"])
+    seen = {(r["what"], r["tokens"], r["context"]) for r in rows}
+    assert seen == {
+        (w, t, L)
+        for L in (300, 700)
+        for w, t in [("lookup", "random"), ("lookup", "demo text"), ("prefix", "random")]
+    }
+    assert all(r["ours_us"] > 0 and r["scan_us"] > 0 for r in rows)

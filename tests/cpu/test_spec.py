@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import random
 
 import numpy as np
 import pytest
 import torch
 from conftest import (
     PROMPTS,
+    benchmark_module,
     chi2_pvalue,
     exact_pair_probs,
     hf_greedy,
@@ -163,6 +165,51 @@ def test_ngram_lookup():
     assert ng.lookup([1, 2, 3, 9, 1, 2, 3], 3) == [9, 1, 2]
     assert ng.lookup([5, 1, 2, 7, 8, 1, 2], 2) == [7, 8]  # latest match of the longest suffix
     assert ng.lookup([1, 2, 3], 3) == []
+    assert ng.lookup([7], 3) == [] and ng.lookup([], 3) == []
+    # Token 256's bytes followed by token 0's hold token 1's bytes, straddling the two: no match.
+    assert NgramProposer(1, 1).lookup([256, 0, 5, 1], 2) == []
+    assert NgramProposer(1, 1).lookup([256, 1, 0, 5, 1], 2) == [0, 5]
+    # The longest suffix's match outside the last NGRAM_WINDOW tokens beats a shorter one inside.
+    far = [1, 2, 3, 40, 41] + [9] * 2000 + [2, 3, 60] + [1, 2, 3]
+    assert ng.lookup(far, 2) == [40, 41] and ng.lookup(far[:-1], 2) == [3, 40]
+
+
+def test_ngram_lookup_equals_the_plain_scan():
+    """The byte search (the last NGRAM_WINDOW tokens first) == the scan of every start, over
+    random sequences of 2- to 50-token vocabularies crossing the window, large token ids too."""
+    scan_lookup = benchmark_module("lookup").scan_lookup  # the plain scan (the benchmark's baseline)
+    rng = random.Random(0)
+    for trial in range(300):
+        vocab = rng.choice([2, 3, 5, 50, 1 << 40])
+        L = rng.choice([rng.randrange(12), rng.randrange(1500)])
+        tokens = [rng.randrange(vocab) for _ in range(L)]
+        min_n = rng.randrange(1, 4)
+        max_n = rng.randrange(min_n, 6)
+        k = rng.randrange(1, 6)
+        got = NgramProposer(min_n, max_n).lookup(tokens, k)
+        assert got == scan_lookup(tokens, k, min_n, max_n), (trial, vocab, L, min_n, max_n, k)
+
+
+def test_common_prefix_equals_the_plain_loop():
+    """The draft cache's reuse: the longest common prefix by slice compares == an element loop,
+    for divergence anywhere (before and inside the last 64), none, and limits from -1 up."""
+    from specmoe_ray.spec.proposer import common_prefix
+
+    scan_prefix = benchmark_module("lookup").scan_prefix
+    rng = random.Random(1)
+    for trial in range(500):
+        a = [rng.randrange(3) for _ in range(rng.randrange(300))]
+        b = list(a)
+        if b and rng.random() < 0.8:
+            b[rng.randrange(len(b))] += 1 + rng.randrange(2)
+        b += [rng.randrange(3) for _ in range(rng.randrange(5))]
+        limit = rng.randrange(-1, min(len(a), len(b)) + 1)
+        assert common_prefix(a, b, limit) == scan_prefix(a, b, limit), (trial, limit)
+    a = list(range(200))
+    for limit in (1, 64, 65, 100, 200):  # every divergence around the last 64's boundary
+        assert common_prefix(a, list(a), limit) == limit
+        for i in range(max(0, limit - 70), limit):
+            assert common_prefix(a, a[:i] + [-1] + a[i + 1 :], limit) == i, (limit, i)
 
 
 def test_ngram_proposal_tensors_and_host_lists():
