@@ -11,7 +11,7 @@ Token lists: random ids of Qwen3's vocabulary (prompt lookup's worst case: no su
 every start is scanned), and the demo's held-out text tokenized and repeated (real repeats).
 
     python benchmarks/lookup.py                       # contexts 1k, 8k, 32k
-    python benchmarks/lookup.py --context 512 --calls 3   # (the CI's smoke run)
+    python benchmarks/lookup.py --context 512 --calls 3   # quick (tests run it smaller)
 """
 
 from __future__ import annotations
