@@ -1,6 +1,8 @@
 """Host time per sequence and step of the proposers' token-list work, at long contexts: prompt
 lookup (`NgramProposer.lookup`) and the draft cache's prefix reuse (`proposer.common_prefix`),
-each against the plain Python scan it replaced, side by side in one process.
+each against the plain Python scan it replaced, side by side in one process; and the draft
+pool's wire per step at batch 32 (`serving/draft_pool.py`: each sequence's new tokens only,
+against its whole token list as msgpack integers, packed, unpacked and rebuilt on the replica).
 
 Every speculative step hands each proposer the sequence's whole token list (DESIGN: a proposer
 needs no notice of accepted drafts and survives moving replicas). A scan in Python costs ~0.1 us
@@ -76,10 +78,55 @@ def row(rows: list[dict], label: str, calls: int, ours, scan, *args, **info) -> 
     print(f"  {label:32s}: ours {o:8.1f}  scan {s:9.1f}  {s / o:6.1f}x")
 
 
+def pool_wire(L: int, batch: int, calls: int) -> dict:
+    """One step's requests to a pool replica at batch `batch`, every sequence L tokens long and
+    2 tokens longer than at its last call: bytes and host us (client + replica), whole lists
+    (the wire before session 22) against new tokens only, in steady state."""
+    import msgpack
+
+    from specmoe_ray.serving.draft_pool import HeldTokens, TokenLedger, decode_requests, encode_requests
+    from specmoe_ray.spec.proposer import DraftRequest
+
+    rng = random.Random(L)
+    seqs = [[rng.randrange(151936) for _ in range(L - 4)] for _ in range(batch)]
+    ledger, held = TokenLedger(), HeldTokens(capacity=4 * batch)
+
+    def send(check: bool = False) -> int:  # one step: each sequence 2 tokens longer
+        for q in seqs:
+            q += [1, 2]
+        reqs = [DraftRequest(f"s{b}", q, 3) for b, q in enumerate(seqs)]
+        wire = [ledger.row(r, "A") for r in reqs]
+        payload = encode_requests([w for w, _ in wire], [])
+        got, missing = held.resolve(decode_requests(payload)[0])
+        ledger.settle([r.seq_id for r in reqs], [e for _, e in wire], missing)
+        assert not missing and (not check or [g.tokens for g in got] == seqs)
+        return len(payload)
+
+    send(check=True)  # the first call: whole lists
+    send(check=True)
+
+    def whole() -> int:
+        rows = [[f"s{b}", q, 3, 0.0, 0, 1.0, None] for b, q in enumerate(seqs)]
+        payload = msgpack.packb({"requests": rows, "release": []})
+        got = [DraftRequest(*row) for row in msgpack.unpackb(payload)["requests"]]
+        assert got[0].tokens == seqs[0]
+        return len(payload)
+
+    o, w = per_call_us(calls, send), per_call_us(calls, whole)
+    info = dict(what="pool wire", tokens="random", context=L, ours_us=o, scan_us=w)
+    info.update(ours_bytes=send(check=True), whole_bytes=whole())
+    print(
+        f"  pool wire, batch {batch}, L={L:<6d}     : ours {o:8.1f}  whole {w:8.1f}  {w / o:6.1f}x;"
+        f" bytes {info['ours_bytes']} vs {info['whole_bytes']}"
+    )
+    return info
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--context", type=int, nargs="+", default=[1024, 8192, 32768], help="tokens per sequence")
     p.add_argument("--calls", type=int, default=20)
+    p.add_argument("--batch", type=int, default=32, help="sequences per pool call (the wire's lines)")
     a = p.parse_args(argv)
     rng = random.Random(0)
     lookup, rows = NgramProposer().lookup, []
@@ -105,6 +152,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             L + 1,
             **info,
         )
+        rows.append(pool_wire(L, a.batch, a.calls))
     return rows
 
 

@@ -233,12 +233,11 @@ def test_shard_actors_take_the_gpus_ray_gave_them_not_the_engines():
 
 def test_lookup_benchmark_runs_its_cases_and_agrees_with_the_scans():
     """benchmarks/lookup.py (the CI's smoke run): prompt lookup on random and real text and the
-    draft cache's prefix, each timed beside the plain scan after checking they agree."""
-    rows = benchmark_module("lookup").main(["--context", "300", "700", "--calls", "1"])
+    draft cache's prefix, each timed beside the plain scan after checking they agree; the draft
+    pool's wire, new tokens only (rebuilt whole on the replica) beside whole lists."""
+    rows = benchmark_module("lookup").main(["--context", "300", "700", "--calls", "1", "--batch", "4"])
     seen = {(r["what"], r["tokens"], r["context"]) for r in rows}
-    assert seen == {
-        (w, t, L)
-        for L in (300, 700)
-        for w, t in [("lookup", "random"), ("lookup", "demo text"), ("prefix", "random")]
-    }
+    cases = [("lookup", "random"), ("lookup", "demo text"), ("prefix", "random"), ("pool wire", "random")]
+    assert seen == {(w, t, L) for L in (300, 700) for w, t in cases}
     assert all(r["ours_us"] > 0 and r["scan_us"] > 0 for r in rows)
+    assert all(r["ours_bytes"] < r["whole_bytes"] for r in rows if r["what"] == "pool wire")

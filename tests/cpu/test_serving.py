@@ -182,6 +182,68 @@ def test_twenty_concurrent_streams(server):
     assert all(want == got for want, got in results), results
 
 
+def test_pool_wire_sends_each_token_once_and_resends_what_a_replica_lost():
+    """The draft pool's wire (`TokenLedger` -> msgpack -> `HeldTokens`): after a sequence's first
+    call a replica gets only its new tokens and rebuilds the whole list; a replica that lost it,
+    holds another client's list of the same id, or a different replica, marks the row missing
+    (no drafts), and the next call resends the whole list; without affinity every call does."""
+    from specmoe_ray.serving.draft_pool import (
+        HeldTokens,
+        TokenLedger,
+        decode_requests,
+        encode_requests,
+    )
+    from specmoe_ray.spec.proposer import DraftRequest
+
+    ledger, a, b = TokenLedger(), HeldTokens(capacity=8), HeldTokens(capacity=8)
+
+    def call(replica: HeldTokens, name: str, reqs: list[DraftRequest]):
+        wire = [ledger.row(r, name) for r in reqs]
+        rows, _ = decode_requests(encode_requests([w for w, _ in wire], []))
+        got, missing = replica.resolve(rows)
+        ledger.settle([r.seq_id for r in reqs], [e for _, e in wire], missing)
+        return got, missing, [len(row[3]) // 8 for row in rows]
+
+    s1, s2 = [5, 6, 7, 1 << 40], [9, 9]
+    got, missing, sent = call(a, "A", [DraftRequest("s1", s1, 3, 0.7, 5, 0.9, 11), DraftRequest("s2", s2, 2)])
+    assert missing == [] and sent == [4, 2]
+    assert [(g.seq_id, g.tokens, g.num_draft, g.temperature, g.top_k, g.top_p, g.seed) for g in got] == [
+        ("s1", s1, 3, 0.7, 5, 0.9, 11),
+        ("s2", s2, 2, 0.0, 0, 1.0, None),
+    ]
+    for step in range(3):  # each sequence grows; only the new tokens travel
+        s1, s2 = s1 + [step, step + 1], s2 + [100 + step]
+        got, missing, sent = call(a, "A", [DraftRequest("s1", s1, 3), DraftRequest("s2", s2, 3)])
+        assert missing == [] and sent == [2, 1] and [g.tokens for g in got] == [s1, s2]
+    # Another client's sequence of the same id reaches replica A: A's list changes under ours.
+    other = TokenLedger()
+    row, _ = other.row(DraftRequest("s2", list(range(len(s2))), 1), "A")  # (as long as ours)
+    a.resolve(decode_requests(encode_requests([row], []))[0])
+    s1, s2 = s1 + [40], s2 + [41]
+    got, missing, sent = call(a, "A", [DraftRequest("s1", s1, 3), DraftRequest("s2", s2, 3)])
+    assert missing == [1] and got[0].tokens == s1 and got[1].num_draft == 0
+    got, missing, sent = call(a, "A", [DraftRequest("s2", s2, 3)])  # resent whole
+    assert missing == [] and sent == [len(s2)] and got[0].tokens == s2
+    # The sequence moves to replica B (a scale event): the whole list, once.
+    got, missing, sent = call(b, "B", [DraftRequest("s1", s1, 3)])
+    assert missing == [] and sent == [len(s1)] and got[0].tokens == s1
+    # B restarted (lost everything) under the same name: missing once, then whole again.
+    b.seqs.clear()
+    assert call(b, "B", [DraftRequest("s1", s1 + [1], 3)])[1] == [0]
+    assert call(b, "B", [DraftRequest("s1", s1 + [1], 3)])[0][0].tokens == s1 + [1]
+    # Past its capacity a replica drops the least recently used (which is then resent whole).
+    small = HeldTokens(capacity=2)
+    for i in range(3):
+        call(small, "C", [DraftRequest(f"c{i}", [i, i], 1)])
+    assert list(small.seqs) == ["c1", "c2"] and call(small, "C", [DraftRequest("c0", [0, 0, 5], 1)])[1] == [0]
+    assert ledger.tokens_sent < ledger.tokens_requested
+    # Without affinity (replica ""): whole lists every call.
+    n = ledger.tokens_sent
+    call(a, "", [DraftRequest("s1", s1, 3)])
+    call(a, "", [DraftRequest("s1", s1, 3)])
+    assert ledger.tokens_sent - n == 2 * len(s1)
+
+
 def pool_stats(app: str = "main") -> list[dict]:
     h = serve.get_deployment_handle("DraftPool", app_name=app)
     return h.broadcast("stats").results(timeout_s=30)
@@ -204,8 +266,12 @@ def test_draft_pool_affinity_and_placements_agree(server, models):
             )
         ]
 
+    before = sum(s["tokens_received"] for s in pool_stats())
     with_affinity = asyncio.run(run_all(handle))
     stats = pool_stats()
+    # Each sequence's tokens reached its replica once (the prompt, then what it gained per step).
+    # (one character per token; resending whole lists each step would send several times this)
+    assert 0 < sum(s["tokens_received"] for s in stats) - before <= sum(len(p) + NEW for p in prompts)
     assert len(stats) == 2 and all(s["num_calls"] > 0 for s in stats), "proposals reach both replicas"
     seen = [set(s["seen"]) & {f"aff-{i}" for i in range(8)} for s in stats]
     assert not (seen[0] & seen[1]), f"a sequence's proposals moved between replicas: {seen}"
