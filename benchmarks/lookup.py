@@ -2,7 +2,9 @@
 lookup (`NgramProposer.lookup`) and the draft cache's prefix reuse (`proposer.common_prefix`),
 each against the plain Python scan it replaced, side by side in one process; and the draft
 pool's wire per step at batch 32 (`serving/draft_pool.py`: each sequence's new tokens only,
-against its whole token list as msgpack integers, packed, unpacked and rebuilt on the replica).
+against its whole token list as msgpack integers, packed, unpacked and rebuilt on the replica);
+and an output's text as it grows (`engine/detok.py`: streamed deltas, stop strings) against
+decoding the whole output each time.
 
 Every speculative step hands each proposer the sequence's whole token list (DESIGN: a proposer
 needs no notice of accepted drafts and survives moving replicas). A scan in Python costs ~0.1 us
@@ -122,6 +124,34 @@ def pool_wire(L: int, batch: int, calls: int) -> dict:
     return info
 
 
+def stream_text(L: int, calls: int) -> dict | None:
+    """The text of an output of L tokens grown by 2 more (a streamed chunk, a stop-string check):
+    `IncrementalText` against decoding the whole output (the demo's tokenizer and text)."""
+    tokens = text_tokens(L + 2 * (calls + 2))
+    if tokens is None:
+        return None
+    from specmoe_ray.demo import DEMO_DIR
+    from specmoe_ray.engine.detok import IncrementalText
+    from specmoe_ray.engine.setup import load_tokenizer
+
+    tok = load_tokenizer(os.path.join(DEMO_DIR, "target"))
+    text, n = IncrementalText(tok), L
+    text.extend(tokens[:L])
+
+    def incremental() -> str:
+        nonlocal n
+        n += 2
+        return text.extend(tokens[n - 2 : n])
+
+    def whole() -> str:
+        return tok.decode(tokens[:n], skip_special_tokens=True)
+
+    o, w = per_call_us(calls, incremental), per_call_us(calls, whole)
+    assert text.text == whole() or whole().endswith("\ufffd")
+    print(f"  output text, L={L:<6d} (+2 tokens)   : ours {o:8.1f}  whole {w:8.1f}  {w / o:6.1f}x")
+    return dict(what="output text", tokens="demo text", context=L, ours_us=o, scan_us=w)
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--context", type=int, nargs="+", default=[1024, 8192, 32768], help="tokens per sequence")
@@ -153,6 +183,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             **info,
         )
         rows.append(pool_wire(L, a.batch, a.calls))
+        if (text_row := stream_text(L, a.calls)) is not None:
+            rows.append(text_row)
     return rows
 
 

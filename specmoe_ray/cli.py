@@ -14,6 +14,7 @@ from specmoe_ray.jobs.submit import add_parser as add_submit_parser
 
 def _generate(ns: argparse.Namespace) -> int:
     from specmoe_ray import Engine, SamplingParams, SpecMoEError
+    from specmoe_ray.engine.detok import IncrementalText
 
     try:
         params = SamplingParams(
@@ -67,18 +68,15 @@ def _generate(ns: argparse.Namespace) -> int:
             print(f"specmoe generate: {e}", file=sys.stderr)
             return 2
         start = time.perf_counter()
-        printed = ""
+        text = IncrementalText(engine.tokenizer)  # (whole characters only: no U+FFFD halves)
         final = None
         while final is None:
             for out in engine.step():
                 if out.request_id != rid:
                     continue
-                text = engine.tokenizer.decode(out.token_ids, skip_special_tokens=True)
-                # Print only what is stable: a partial UTF-8 character decodes to U+FFFD.
-                if not text.endswith("\ufffd"):
-                    sys.stdout.write(text[len(printed) :])
-                    sys.stdout.flush()
-                    printed = text
+                printed = len(text.text)
+                sys.stdout.write(text.extend(out.new_token_ids)[printed:])
+                sys.stdout.flush()
                 if out.finished:
                     final = out
         elapsed = time.perf_counter() - start

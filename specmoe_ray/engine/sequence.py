@@ -9,6 +9,8 @@ import time
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from specmoe_ray.engine.detok import IncrementalText
+
 
 class SamplingParams(BaseModel):
     """Per-request sampling parameters, validated once when the request arrives."""
@@ -110,6 +112,7 @@ class Sequence:
         self.stop_ids = frozenset(stops)
         self.generator: torch.Generator | None = None
         self.stop_text: str | None = None  # the text up to a matched stop string
+        self._text: IncrementalText | None = None  # the output's text, for stop strings
         self.metrics = RequestMetrics(num_prompt_tokens=len(prompt), arrival_time=time.monotonic())
 
     @property
@@ -131,10 +134,19 @@ class Sequence:
             self.finish_reason = FinishReason.LENGTH
 
     def _hit_stop_string(self, tokenizer) -> bool:
+        if self._text is None:
+            self._text = IncrementalText(tokenizer)
+        checked = len(self._text.text)
+        text = self._text.extend(self.tokens[len(self.prompt) + len(self._text.tokens) :])
+        # A new match ends in the text added since the last check (which had none).
+        start = max(0, checked - max(len(s) for s in self.params.stop) + 1)
+        if not self._text.exact:  # (bytes that never formed characters: the whole text, searched whole)
+            start = 0
+        elif not any(text.find(s, start) >= 0 for s in self.params.stop):
+            return False
+        # A match in the incremental text: the whole output decoded once, where it is cut.
         text = tokenizer.decode(self.generated, skip_special_tokens=True)
-        # Only the end can hold a new match: the previous token's text had none.
-        tail = max(len(s) for s in self.params.stop) + 16
-        hits = [i for s in self.params.stop if (i := text.find(s, max(0, len(text) - tail))) >= 0]
+        hits = [i for s in self.params.stop if (i := text.find(s, start)) >= 0]
         if hits:
             self.stop_text = text[: min(hits)]
         return bool(hits)

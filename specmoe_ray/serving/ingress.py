@@ -21,6 +21,7 @@ from pydantic import BaseModel, ValidationError
 from ray import serve
 
 from specmoe_ray.config import ServeConfig, resolve_model_path
+from specmoe_ray.engine.detok import IncrementalText
 from specmoe_ray.engine.sequence import SamplingParams
 from specmoe_ray.serving.protocol import (
     ChatCompletionRequest,
@@ -64,15 +65,17 @@ class Detokenizer:
     def __init__(self, tokenizer, stop: list[str]):
         self.tokenizer, self.stop = tokenizer, stop
         self.tokens: list[int] = []
+        self.text = IncrementalText(tokenizer) if tokenizer is not None else None
+        self.full_text: str | None = None  # the whole output decoded, once it finished
         self.emitted = 0
         self.hold = max((len(s) for s in stop), default=1) - 1
 
     def push(self, new_tokens: list[int], finish_reason: str | None) -> str:
         self.tokens.extend(new_tokens)
-        if self.tokenizer is None:
+        if self.text is None:
             return ""
-        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
         if finish_reason is not None:
+            text = self.full_text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
             if finish_reason == "stop" and self.stop:
                 hits = [i for s in self.stop if (i := text.find(s)) >= 0]
                 if hits:
@@ -80,6 +83,9 @@ class Detokenizer:
             delta = text[self.emitted :]
             self.emitted = len(text)
             return delta
+        text = self.text.extend(new_tokens)  # (the last tokens decoded, not the whole output)
+        if not self.text.exact:  # (bytes that never formed characters)
+            text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
         safe = len(text) - self.hold
         while safe > self.emitted and text[safe - 1] == "\ufffd":
             safe -= 1
@@ -211,9 +217,7 @@ class Ingress:
                 chunk["text"] = detok.push(chunk["token_ids"], chunk["finish_reason"])
                 done = chunk["finish_reason"] is not None
                 if done:
-                    chunk["full_text"] = detok.tokenizer and detok.tokenizer.decode(
-                        detok.tokens, skip_special_tokens=True
-                    )
+                    chunk["full_text"] = detok.full_text
                 yield chunk
         finally:
             if not done:
