@@ -49,6 +49,20 @@ def scan_prefix(a: list[int], b: list[int], limit: int) -> int:
     return n
 
 
+def cached_prefix(base: list[int]) -> int:
+    """A cache entry kept by reference (`proposer._Cached`) against the same list grown."""
+    from specmoe_ray.spec.proposer import _Cached
+
+    n = len(base) - 3
+    return _Cached(base, n, [7, 8], base[n - 1]).common_prefix(base, n + 1)
+
+
+def copied_prefix(base: list[int]) -> int:
+    """The same step before: the entry a copy of the tokens and drafts, then an element loop."""
+    n = len(base) - 3
+    return scan_prefix(base[:n] + [7, 8], base, n + 1)
+
+
 def per_call_us(calls: int, fn, *args) -> float:
     fn(*args)
     t0 = time.perf_counter()
@@ -182,6 +196,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
             L + 1,
             **info,
         )
+        # The engine's (and the pool's) case: the same list, grown; the old way copied it into
+        # the cache entry each step (`tokens + drafts[:-1]`) and compared element by element.
+        base = texts["random"]
+        info = dict(what="prefix, same list", tokens="random", context=L)
+        row(rows, f"draft cache, list grown, L={L}", a.calls, cached_prefix, copied_prefix, base, **info)
         rows.append(pool_wire(L, a.batch, a.calls))
         if (text_row := stream_text(L, a.calls)) is not None:
             rows.append(text_row)

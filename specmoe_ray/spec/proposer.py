@@ -32,7 +32,9 @@ class DraftRequest:
     """What a proposer needs of one sequence (plain data: it crosses process boundaries)."""
 
     seq_id: str
-    tokens: list[int]  # the whole sequence so far (prompt + generated)
+    # The whole sequence so far (prompt + generated). A draft model keeps a reference: pass a list
+    # that afterwards only grows (the engine's and the draft pool's do) or a new one each call.
+    tokens: list[int]
     num_draft: int  # k for this sequence (0 = none)
     temperature: float = 0.0
     top_k: int = 0
@@ -243,6 +245,31 @@ class NgramProposer:
         pass
 
 
+@dataclasses.dataclass(slots=True)
+class _Cached:
+    """What a draft cache slot holds: the first n tokens of a caller's list, kept by reference
+    (sequences only grow: copying them cost O(context) per step), then the drafts fed after them."""
+
+    tokens: list[int]
+    n: int
+    drafts: list[int]
+    last: int | None = None  # tokens[n - 1] when stored: a list changed under us is caught
+
+    def __len__(self) -> int:
+        return self.n + len(self.drafts)
+
+    def common_prefix(self, new: list[int], limit: int) -> int:
+        """The longest common prefix with new, at most limit: O(drafts) for the same list grown;
+        0 for the same list changed otherwise (what it held is gone: everything is fed again)."""
+        if new is not self.tokens:
+            return common_prefix(self.tokens[: self.n] + self.drafts, new, limit)
+        if len(new) < self.n or (self.n and new[self.n - 1] != self.last):
+            return 0
+        if limit <= self.n:
+            return max(limit, 0)
+        return self.n + common_prefix(self.drafts, new[self.n : limit], limit - self.n)
+
+
 class DraftModelProposer:
     """A draft model with per-sequence KV caches that reuse the longest common prefix."""
 
@@ -268,7 +295,7 @@ class DraftModelProposer:
             model, self.cache, step_graphs, max_num_seqs, max_tokens_per_seq, False, max_prompt_tokens
         )
         # seq_id -> (slot, tokens whose KV the slot holds), least recently used first
-        self.entries: OrderedDict[str, tuple[int, list[int]]] = OrderedDict()
+        self.entries: OrderedDict[str, tuple[int, _Cached]] = OrderedDict()
         self.generators: dict[str, torch.Generator] = {}
         self.num_proposed = 0
         self.num_fed_tokens = 0  # tokens run through the draft (prefill + drafting)
@@ -277,7 +304,7 @@ class DraftModelProposer:
     def vocab_size(self) -> int:
         return self.model.args.vocab_size
 
-    def _slot_for(self, seq_id: str, busy: set[str]) -> tuple[int, list[int]]:
+    def _slot_for(self, seq_id: str, busy: set[str]) -> tuple[int, _Cached]:
         if seq_id in self.entries:
             self.entries.move_to_end(seq_id)
             return self.entries[seq_id]
@@ -286,7 +313,7 @@ class DraftModelProposer:
             if victim is None:
                 raise RuntimeError(f"draft cache holds {self.cache.num_slots} sequences, all in this batch")
             self.release(victim)
-        entry = (self.cache.allocate(), [])
+        entry = (self.cache.allocate(), _Cached([], 0, []))
         self.entries[seq_id] = entry
         return entry
 
@@ -332,7 +359,7 @@ class DraftModelProposer:
             r = requests[b]
             slot, cached = self._slot_for(r.seq_id, busy)
             limit = min(len(cached), len(r.tokens) - 1, self.cache.lengths[slot])
-            lcp = common_prefix(cached, r.tokens, limit)
+            lcp = cached.common_prefix(r.tokens, limit)
             if max(r.tokens[lcp:], default=0) >= self.vocab_size:  # (the cached prefix was checked)
                 raise ValueError(f"sequence {r.seq_id} has token ids outside the draft's vocabulary")
             self.cache.rollback(slot, lcp)
@@ -365,7 +392,8 @@ class DraftModelProposer:
             slot, _ = self.entries[r.seq_id]
             mine = drafted[b][: r.num_draft]
             # The cache now holds the tokens plus every draft but the last.
-            self.entries[r.seq_id] = (slot, r.tokens + mine[:-1])
+            last = r.tokens[-1] if r.tokens else None
+            self.entries[r.seq_id] = (slot, _Cached(r.tokens, len(r.tokens), mine[:-1], last))
             self.num_proposed += len(mine)
         return DraftProposal(
             tokens=tokens,

@@ -238,7 +238,7 @@ def test_lookup_benchmark_runs_its_cases_and_agrees_with_the_scans():
     rows = benchmark_module("lookup").main(["--context", "300", "700", "--calls", "1", "--batch", "4"])
     seen = {(r["what"], r["tokens"], r["context"]) for r in rows}
     cases = [("lookup", "random"), ("lookup", "demo text"), ("prefix", "random"), ("pool wire", "random")]
-    cases.append(("output text", "demo text"))
+    cases += [("output text", "demo text"), ("prefix, same list", "random")]
     assert seen == {(w, t, L) for L in (300, 700) for w, t in cases}
     assert all(r["ours_us"] > 0 and r["scan_us"] > 0 for r in rows)
     assert all(r["ours_bytes"] < r["whole_bytes"] for r in rows if r["what"] == "pool wire")

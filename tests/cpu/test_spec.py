@@ -331,3 +331,33 @@ def test_chain_indices_slice_where_every_row_drafts():
     out = torch.full((4, 2), -1)
     place((out,), index[1], 1, (picked,))
     assert out[:, 1].tolist() == [-1, 7, -1, 9] and (out[:, 0] == -1).all()
+
+
+def test_draft_cache_reuses_a_growing_list_as_a_copied_one(checkpoints):
+    """The draft cache keeps a sequence's token list by reference (sequences only grow): fed a
+    list that grows in place, a proposer feeds the same tokens and drafts the same as one fed
+    fresh copies, while steps accept none, some or all drafts; a list changed under it (not
+    grown) is compared whole, as a copy would be."""
+    from specmoe_ray.models.loader import load_trunk
+    from specmoe_ray.spec.proposer import DraftModelProposer
+
+    path = checkpoints("qwen3")
+    a, b = (DraftModelProposer(load_trunk(path), 2, 128, step_graphs="off") for _ in range(2))
+    rng = random.Random(5)
+    grown = [[3, 1, 4, 1, 5], [9, 2, 6]]
+    for step in range(16):
+        if step % 4 == 3:  # steps without drafts (k = 0): tokens the proposers never saw
+            for t in grown:
+                t += [rng.randrange(50) for _ in range(rng.randrange(1, 4))]
+            continue
+        reqs = [DraftRequest(f"s{i}", t, 3) for i, t in enumerate(grown)]
+        copies = [DraftRequest(f"s{i}", list(t), 3) for i, t in enumerate(grown)]
+        pa, pb = a.propose(reqs), b.propose(copies)
+        assert pa.host_tokens == pb.host_tokens and a.num_fed_tokens == b.num_fed_tokens, step
+        for t, drafts in zip(grown, pa.host_tokens):
+            keep = rng.randrange(4)  # accepted drafts, then one more token
+            t += drafts[:keep] + [rng.randrange(50)]
+    fed = a.num_fed_tokens
+    grown[0][:] = [90] * len(grown[0])  # the same list changed, not grown: all of it fed again
+    a.propose([DraftRequest("s0", grown[0], 1)])
+    assert a.num_fed_tokens - fed == len(grown[0])
