@@ -142,6 +142,24 @@ def test_openai_client_completions_and_chat(server):
     assert chat.choices[0].finish_reason == "length"
 
 
+def test_stop_string_over_http_streamed_and_not(server):
+    """A stop string through the OpenAI API: the streamed deltas (decoded a window at a time,
+    `engine/detok.py`) add up to the non-streamed text, which is the full text cut before the
+    stop string; finish reason "stop"."""
+    import openai
+
+    port, _ = server
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused")
+    args = dict(model="tiny", prompt="def g(y):", max_tokens=NEW, temperature=0)
+    full = client.completions.create(**args).choices[0].text
+    stop = full[5:7]
+    cut = client.completions.create(**args, stop=[stop]).choices[0]
+    chunks = list(client.completions.create(**args, stop=[stop], stream=True))
+    streamed = "".join(c.choices[0].text for c in chunks)
+    assert cut.text == full[: full.find(stop)] and cut.finish_reason == "stop"
+    assert streamed == cut.text and chunks[-1].choices[0].finish_reason == "stop"
+
+
 def test_twenty_concurrent_streams(server):
     port, _ = server
 
