@@ -15,7 +15,9 @@ tensors* (no copy, no checkpoint on disk), experts in-process. Per batch size it
   and (b)'s, whose speculation then carries a sampled acceptance rate; `--top-p P`: sampled runs
   draw from the nucleus of mass P, the sort and the filter kernels on every step);
 - `--switch NAME:module.ATTR=value,...`: `graphs` with fast-path switches flipped while that
-  variant runs (e.g. `--switch cublas:fused.MATVEC=False`), side by side with `graphs`;
+  variant runs (e.g. `--switch cublas:fused.MATVEC=False`), side by side with `graphs`; a NAME
+  starting "draft-" switches the `draft` variant instead (its draft model's steps too), side by
+  side with `draft` (e.g. `--switch draft-cublas:fused.DRAFT_PRELOAD_ROWS=1`);
 - `ngram`: graphs + prompt-lookup drafts (k = --k);
 - `draft`: graphs + a draft model: a random dense Qwen3 of Qwen3-0.6B's shape (the family's
   small model) with the target's vocabulary, k = --k. Random weights agree only by accident,
@@ -376,9 +378,9 @@ def bench_shape(a, device: str, dtype: torch.dtype, bandwidth: float) -> dict[st
         "ngram": dict(step_graphs="auto" if device != "cpu" else "padded", ngram=True),
         "draft": dict(step_graphs="auto" if device != "cpu" else "padded", draft=True),
     }
-    variants = {k: v for k, v in variants.items() if k in a.variants or k == "graphs"}  # graphs: the sweep
-    for name in a.switch:
-        variants[name] = dict(variants["graphs"])
+    known, variants = variants, {k: v for k, v in variants.items() if k in a.variants or k == "graphs"}
+    for name in a.switch:  # ("draft-..." names: the draft variant, its proposer's steps switched too)
+        variants[name] = dict(known["draft" if name.startswith("draft-") else "graphs"])
     sweep_engine = None
     for name, v in variants.items():
         with switched(a.switch.get(name, [])):
@@ -475,15 +477,17 @@ def bench_variant(a, res, hf, rows, name: str, v: dict, device: str, dtype, max_
     for b in a.batch:
         r = timed(ours_run(engine, rows[b], a.new_tokens, temperature, a.top_p), a.repeats, device, engine)
         r["speculation_length"] = engine.stats()["speculation_length"]
-        base = [x["tok_s"] for x in res["runs"] if x["who"] == "graphs" and x["batch"] == b]
+        baseline = "draft" if name.startswith("draft-") else "graphs"
+        base = [x["tok_s"] for x in res["runs"] if x["who"] == baseline and x["batch"] == b]
         if (name in a.switch or name == "sampled") and base:
-            r["vs_graphs"] = r["tok_s"] / base[0]
+            r["vs_graphs" if baseline == "graphs" else "vs_draft"] = r["tok_s"] / base[0]
         res["runs"].append({"who": name, "batch": b, "temperature": temperature, "top_p": a.top_p, **r})
         print(
             f"  {name:7s} batch {b:3d}: {r['tok_s']:9.1f} tok/s  {r['ms_per_step']:7.2f} ms/step  "
             f"({r['ms_per_static_step']:.2f} per decode/verify step)  {r['tokens_per_step']:.2f} tok/step"
             + (f"  {acceptance(r)}, k now {r['speculation_length']}" if proposer else "")
             + (f"  {r['vs_graphs']:.3f}x graphs" if "vs_graphs" in r else "")
+            + (f"  {r['vs_draft']:.3f}x draft" if "vs_draft" in r else "")
         )
     return engine
 
@@ -726,7 +730,8 @@ def main(argv=None) -> dict[str, Any]:
         action="append",
         default=[],
         metavar="NAME:module.ATTR=value,...",
-        help="a further (a) variant: graphs with these fast-path switches flipped (repeatable)",
+        help="a further (a) variant: graphs (NAME draft-...: draft) with these fast-path switches "
+        "flipped (repeatable)",
     )
     p.add_argument(
         "--temperature",

@@ -44,6 +44,14 @@ FUSED_CACHE_WRITE = True
 # Batch-1 static steps: each residual add + RMS norm inside the one-row projection after it
 # (`triton_kernels.add_norm_matvec`; `DecoderLayer`). Opt-in until measured.
 FUSED_NORM_MATVEC = False
+# Opt-in: batch-1 static steps on GPUs with PDL run the residual add + RMS norm before q/k/v
+# ("qkv") and before a dense MLP's gate/up ("gate_up") inside that projection's preloading
+# kernel (`triton_experts.norm_matvec`: weights loaded before the wait, then each program norms
+# the row itself), where the input is a plain tensor (a draft model's layers; not an MoE block's
+# deferred output): two launches per dense layer fewer. Session 23, H200, the 0.6B-shaped
+# draft's proposals: 0.98-1.01x (within the ~3% spread of repeated rounds): a launch fewer
+# saves ~1 us, the norm after the wait costs about that (RESULTS.md).
+NORM_PRELOAD: tuple[str, ...] = ()
 # Batch-1 static steps: o_proj after the attention kernel by the matrix-vector kernel, which
 # (with `triton_experts.PREFETCH`) asks L2 for its weights while the attention's few programs
 # run, before waiting for their output (PDL). Opt-in: slower than cuBLAS in the step on an H100,
@@ -54,6 +62,12 @@ MATVEC_O_PROJ = False
 # projection and `silu_mul` (two before `MLP.fuse_projections`, four with the separate silu and
 # product). Off: the fused projection by `linear`, then the compiled `silu_mul`.
 GLU_MATVEC = True
+# A draft model's static steps (`spec.proposer.DraftModelProposer`, `preload_rows`): its
+# projections of 2 .. this many rows (a few sequences' drafting steps) by
+# `triton_experts.preload_rows` rather than cuBLAS. Session 23, H200, the 0.6B-shaped draft's
+# proposals of k = 3: 1.34x at batch 2, 1.10x at 3 and 4, but 0.79x at 8 rows; the 30B target's
+# steps gain nothing (2 rows: 1.01x) or lose (4 rows: 0.95x), so its `PRELOAD_ROWS` stays 1.
+DRAFT_PRELOAD_ROWS = 4
 # Opt-in, for the ablation: one-row projections inside static steps by cuBLAS on a column-major
 # copy of the weight, kept beside it (twice the projections' memory), which cuBLAS serves with
 # other kernels than the row-major split-K GEMM (o_proj: ~10 us for ~5.5 us of bytes on an
@@ -90,6 +104,25 @@ def active():
         _state.depth = depth
 
 
+@contextlib.contextmanager
+def preload_rows(limit: int):
+    """Within this block (this thread), static steps' projections of 2 .. limit rows run
+    `triton_experts.preload_rows` (as `triton_experts.PRELOAD_ROWS` = limit would ask): a
+    draft model's steps (`DRAFT_PRELOAD_ROWS`). Captured graphs keep the kernels chosen here."""
+    saved = getattr(_state, "preload_rows", None)
+    _state.preload_rows = limit
+    try:
+        yield
+    finally:
+        _state.preload_rows = saved
+
+
+def preload_rows_limit() -> int:
+    """Projections of up to this many rows preload (`preload_rows`, else `PRELOAD_ROWS`)."""
+    limit = getattr(_state, "preload_rows", None)
+    return triton_experts.PRELOAD_ROWS if limit is None else limit
+
+
 def is_active() -> bool:
     """Whether the caller runs inside `active()` (a static step) with fusion enabled."""
     return ENABLED and getattr(_state, "depth", 0) > 0
@@ -120,7 +153,7 @@ def linear(
         ours = MATVEC and (not preload or fits)
         if (ours or matvec) and x.shape[0] == 1:
             return triton_experts.matvec(x, weight)
-        if ours and preload and 1 < x.shape[0] <= triton_experts.PRELOAD_ROWS:
+        if ours and preload and 1 < x.shape[0] <= preload_rows_limit():
             return triton_experts.preload_rows(x, weight)
         if 1 < x.shape[0] <= MATMUL_ROWS:
             return triton_experts.rows_matmul(x, weight)

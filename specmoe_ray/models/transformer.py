@@ -516,23 +516,62 @@ class DecoderLayer(nn.Module):
             batch.ahead.at(self.layer, "start")
         if isinstance(x, fused.Pending) and (residual is None or fused.FUSED_NORM_MATVEC):
             x = x.combined()  # (the add + norm below combines it otherwise)
+        attn, mlp = self.self_attn, self.mlp
         if residual is None:
             residual, h = x, self.input_layernorm(x)
         elif self._norms_in_projections(x):
             return self._forward_norms_in_projections(x, residual, cos, sin, batch, cache)
+        elif self._norm_preloaded(x, self._qkv_weight(), "qkv"):
+            # add + norm inside the q/k/v projection (`fused.NORM_PRELOAD`)
+            norm = self.input_layernorm
+            qkv, residual = triton_experts.norm_matvec(x, residual, norm.weight, norm.eps, attn._qkv[0])
+            h = None
         else:
             h, residual = self._add_norm(self.input_layernorm, x, residual)
-        out = self.self_attn(h, cos, sin, batch, cache)
+        if h is not None:
+            out = attn(h, cos, sin, batch, cache)
+        else:
+            out = attn.forward_qkv(qkv, cos, sin, batch, cache)
         if batch.ahead is not None:
             batch.ahead.at(self.layer, "moe")
         if self._norm_in_router(out):  # add + norm, router and routing: one kernel
-            mlp, norm = self.mlp, self.post_attention_layernorm
+            norm = self.post_attention_layernorm
             weights, ids, counted, h, residual = mlp.gate.route_tokens(
                 out, mlp._load_counter(out), (residual, norm.weight, norm.eps)
             )
             return mlp.forward_routed(h, weights, ids, counted), residual
+        if self._norm_preloaded(out, mlp._gate_up if isinstance(mlp, MLP) else None, "gate_up"):
+            norm = self.post_attention_layernorm  # add + norm inside gate/up (`fused.NORM_PRELOAD`)
+            act, residual = triton_experts.norm_matvec(
+                out, residual, norm.weight, norm.eps, mlp._gate_up, glu=True
+            )
+            return linear(act, mlp.down_proj.weight), residual
         h, residual = self._add_norm(self.post_attention_layernorm, out, residual)
-        return self.mlp(h), residual
+        return mlp(h), residual
+
+    def _qkv_weight(self) -> torch.Tensor | None:
+        """The fused q/k/v projection's weight where it has no bias (else None)."""
+        attn = self.self_attn
+        fused_qkv = attn._qkv if isinstance(attn, Attention) else None
+        return fused_qkv[0] if fused_qkv is not None and fused_qkv[1] is None else None
+
+    @staticmethod
+    def _norm_preloaded(x, weight: torch.Tensor | None, projection: str) -> bool:
+        """`fused.NORM_PRELOAD` serves the add + norm of x (a plain tensor of one row, in a static
+        step on a GPU with PDL, or Triton's interpreter) before projection ("qkv" or "gate_up")
+        by weight (None: this layer has no such one-weight projection)."""
+        glu = projection == "gate_up"
+        return (
+            projection in fused.NORM_PRELOAD
+            and weight is not None
+            and not isinstance(x, fused.Pending)
+            and x.shape[0] == 1
+            and x.dim() == 2
+            and fused.is_active()
+            and triton_experts.AVAILABLE
+            and ((x.is_cuda and triton_experts.preload_pays(x.device)) or triton_experts.INTERPRETED)
+            and (triton_experts.glu_preload_supported if glu else triton_experts.preload_supported)(weight)
+        )
 
     def _norm_in_router(self, x: torch.Tensor) -> bool:
         """`triton_kernels.ROUTER_TOPK_NORM` and the one-kernel router serve this MoE block

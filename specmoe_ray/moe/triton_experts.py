@@ -553,29 +553,55 @@ if AVAILABLE:
         BLOCK_K: tl.constexpr,  # >= K: whole rows, loaded at once
         PDL: tl.constexpr = False,  # programmatic dependent launch (`pdl_launch`)
         ROWS: tl.constexpr = 1,  # > 1: one pair (expert ids[0]) for x's first ROWS rows (`preload_rows`)
+        GLU: tl.constexpr = False,  # w holds gate rows, then up rows ([E, 2N, K]): silu(gate) * up
+        NORM: tl.constexpr = False,  # x's rows are rms_norm(x + residual) * gamma, made here
+        res_ptr=None,  # NORM: [n / GROUP, K] the residual stream
+        gamma_ptr=None,  # NORM: [K] the norm's weight
+        sum_ptr=None,  # NORM: [n / GROUP, K] <- x + residual (the next residual stream)
+        eps=0.0,  # NORM: the norm's epsilon
     ):
         p = tl.program_id(0)
         rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         rk = tl.arange(0, BLOCK_K)
         n_ok = rn < N
-        ok = n_ok[:, None] & (rk < K)[None, :]
+        k_ok = rk < K
+        ok = n_ok[:, None] & k_ok[None, :]
         rows = rn[:, None].to(tl.int64) * stride_wn + rk[None, :]
         # The block's weights into registers first: with PDL this program may run while the
         # kernel ahead still does, and the weights do not depend on it (the pair's expert was
         # known before that kernel started), so their bytes stream during its work.
         e0 = tl.load(ids_ptr + p)
         w = tl.load(w_ptr + tl.maximum(e0, 0).to(tl.int64) * stride_we + rows, mask=ok, other=0.0)
+        up_rows = N * stride_wn + rows  # GLU: the up rows of the same features
+        wu = w
+        if GLU:
+            wu = tl.load(w_ptr + tl.maximum(e0, 0).to(tl.int64) * stride_we + up_rows, mask=ok, other=0.0)
+        if NORM:
+            gamma = tl.load(gamma_ptr + rk, mask=k_ok, other=0.0).to(tl.float32)
         _grid_dependency(PDL)
         e = tl.load(ids_ptr + p)
         if e != e0:  # never, as callers promise; read again rather than use another expert's
             w = tl.load(w_ptr + tl.maximum(e, 0).to(tl.int64) * stride_we + rows, mask=ok, other=0.0)
+            if GLU:
+                wu = tl.load(w_ptr + tl.maximum(e, 0).to(tl.int64) * stride_we + up_rows, mask=ok, other=0.0)
+        dtype = out_ptr.dtype.element_ty
         for r in tl.static_range(ROWS):  # (ROWS = 1: row p // GROUP, output row p)
             x_row = (p // GROUP + r).to(tl.int64)
-            xk = tl.load(x_ptr + x_row * K + rk, mask=rk < K, other=0.0).to(tl.float32)
+            xk = tl.load(x_ptr + x_row * K + rk, mask=k_ok, other=0.0).to(tl.float32)
+            if NORM:  # as `fused.add_rms_norm`, rounded where it rounds; every program norms the row
+                s = (xk + tl.load(res_ptr + x_row * K + rk, mask=k_ok, other=0.0).to(tl.float32)).to(dtype)
+                if (tl.program_id(1) == 0) & (p % GROUP == 0):
+                    tl.store(sum_ptr + x_row * K + rk, s, mask=k_ok)
+                sf = s.to(tl.float32)
+                inv = tl.rsqrt(tl.sum(sf * sf, 0) / K + eps)
+                xk = (gamma * (sf * inv).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
             # As `_pair_block` with one block of K: the same sum, bit for bit.
             acc = tl.zeros((BLOCK_N,), dtype=tl.float32) + tl.sum(w.to(tl.float32) * xk[None, :], 1)
+            if GLU:
+                up = tl.zeros((BLOCK_N,), dtype=tl.float32) + tl.sum(wu.to(tl.float32) * xk[None, :], 1)
+                acc = _silu_mul(acc, up, dtype)
             acc = tl.where(e >= 0, acc, 0.0)
-            tl.store(out_ptr + (p + r).to(tl.int64) * N + rn, acc.to(out_ptr.dtype.element_ty), mask=n_ok)
+            tl.store(out_ptr + (p + r).to(tl.int64) * N + rn, acc.to(dtype), mask=n_ok)
 
 
 PAIR_CONFIG = {"block_n": 8, "block_k": 256, "num_warps": 8}  # best on H100 (benchmarks/kernels.py)
@@ -800,11 +826,72 @@ def matvec(x: torch.Tensor, weight: torch.Tensor, kernel: str | None = None, **c
     return fn(x, weight.unsqueeze(0), ids, prefetch=PREFETCH, **{**blocks, **config})
 
 
-def glu_matvec(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+# Opt-in: one-row GLU projections (`glu_matvec`: a dense MLP's gate/up at batch 1) by the
+# preloading kernel, gate and up rows loaded before the wait, where `MATVEC_KERNEL` is "preload"
+# (else the experts' per-pair GLU kernel). Session 23, H200, the 0.6B-shaped draft's proposals:
+# 0.98-1.01x over four blocks (n2-n8, 4-8 warps), within the spread (RESULTS.md).
+GLU_PRELOAD = False
+GLU_PRELOAD_CONFIG: dict[str, int] = {}  # its blocks, where they differ from PRELOAD_CONFIG's
+
+
+def glu_preload_supported(weight: torch.Tensor) -> bool:
+    """Whether a GLU weight [2I, K] (gate and up: twice a plain row's registers) fits the
+    preloading kernel."""
+    return preload_supported(weight) and 2 * weight.shape[-1] <= PRELOAD_MAX_K
+
+
+def glu_matvec(x: torch.Tensor, weight: torch.Tensor, kernel: str | None = None) -> torch.Tensor:
     """x [1, K] and weight [2I, K] (gate rows, then up rows: the experts' layout) ->
-    silu(x @ gate^T) * (x @ up^T), [1, I]: the experts' per-pair GLU kernel on one pair (one
-    launch; silu and the product in float32 before the one rounding)."""
+    silu(x @ gate^T) * (x @ up^T), [1, I] in one launch (silu and the product in float32 before
+    the one rounding): kernel (default `MATVEC_KERNEL`) "preload" where the weight fits it
+    (`glu_preload_supported`; gate and up rows loaded before waiting for the kernel ahead), else
+    the experts' per-pair GLU kernel on one pair (default without PDL)."""
+    if kernel is None:  # (without PDL a preloading kernel cannot run ahead: `preload_pays`)
+        kernel = MATVEC_KERNEL if GLU_PRELOAD and preload_pays(x.device) else "pairs"
+    if kernel == "preload" and glu_preload_supported(weight):
+        return _preload_one_row(x, weight, glu=True)[0]
     return pair_matmul(x, weight.unsqueeze(0), _zero_ids(x.device), glu=True, prefetch=PREFETCH)
+
+
+def norm_matvec(
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    gamma: torch.Tensor,
+    eps: float,
+    weight: torch.Tensor,
+    glu: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One token's residual add + RMS norm and the projection after it in one preloading launch
+    (batch-1 decode of dense layers: `DecoderLayer`): s = x + residual (x, residual [1, K]),
+    h = rms_norm(s) * gamma, out = h @ weight^T ([1, N]; glu: weight [2I, K] is gate then up and
+    out = silu(gate) * up, [1, I]) -> out, s (the next residual stream). Each program norms the
+    row itself (K elements, from L2) after loading its weights; the first writes s. weight as
+    `preload_supported` (`glu_preload_supported`) asks."""
+    assert x.shape == residual.shape == (1, weight.shape[-1]), (x.shape, residual.shape, weight.shape)
+    return _preload_one_row(x, weight, glu=glu, norm=(residual, gamma, eps))
+
+
+def _preload_one_row(x: torch.Tensor, weight: torch.Tensor, glu: bool = False, norm: tuple | None = None):
+    """`_preload_pair_kernel` on one row and one weight [N (x 2: glu), K] -> out [1, N], and
+    x + residual (norm: (residual, gamma, eps); else None)."""
+    rows, K = weight.shape
+    N = rows // 2 if glu else rows
+    assert (glu_preload_supported if glu else preload_supported)(weight), weight.shape
+    cfg = {**PRELOAD_CONFIG, **GLU_PRELOAD_CONFIG} if glu else PRELOAD_CONFIG
+    out = torch.empty(1, N, dtype=x.dtype, device=x.device)
+    total, extra = None, {}
+    if norm is not None:
+        residual, gamma, eps = norm
+        total = torch.empty_like(x)
+        extra = dict(NORM=True, res_ptr=residual.contiguous(), gamma_ptr=gamma, sum_ptr=total, eps=eps)
+    w = weight.unsqueeze(0)
+    with launch_on(x.device):
+        _preload_pair_kernel[(1, triton.cdiv(N, cfg["block_n"]))](
+            x.contiguous(), _zero_ids(x.device), w, out, N, K, w.stride(0), w.stride(1), GROUP=1,
+            BLOCK_N=cfg["block_n"], BLOCK_K=triton.next_power_of_2(K), num_warps=cfg["num_warps"],
+            GLU=glu, **extra, **pdl_launch(x.device),
+        )  # fmt: skip
+    return out, total
 
 
 _ROW_IDS: dict[tuple[torch.device, int], torch.Tensor] = {}

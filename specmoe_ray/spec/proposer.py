@@ -23,7 +23,9 @@ import torch
 from specmoe_ray.engine import triton_sampling
 from specmoe_ray.engine.graph import make_step_graphs
 from specmoe_ray.engine.sampling import filtering, host_to_device, make_generator, target_probs, to_device
+from specmoe_ray.models import fused
 from specmoe_ray.models.transformer import Transformer, build_forward_batch
+from specmoe_ray.moe import triton_experts
 from specmoe_ray.spec.rejection import DraftProposal, sample_sparse, sparse_from_probs
 
 
@@ -333,7 +335,9 @@ class DraftModelProposer:
         fed: one token per feed, on the device, in place of the feeds' (placeholder) tokens."""
         logits_from = [len(f) - 1 for f in feeds]
         if self.graphs is not None:
-            logits = self.graphs.forward(feeds, starts, slots, logits_from, fed)
+            # (a small model's few-row projections preload their weights: `DRAFT_PRELOAD_ROWS`)
+            with fused.preload_rows(max(fused.DRAFT_PRELOAD_ROWS, triton_experts.PRELOAD_ROWS)):
+                logits = self.graphs.forward(feeds, starts, slots, logits_from, fed)
             if logits is not None:
                 return logits
         batch = build_forward_batch(feeds, starts, slots, logits_from, self.device)

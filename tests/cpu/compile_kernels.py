@@ -168,12 +168,16 @@ def kernels() -> list[tuple[str, object, list[dict], dict, tuple]]:
             "pairs with weights loaded before the wait",
             te._preload_pair_kernel,
             [
-                dict(GROUP=8, BLOCK_N=4, BLOCK_K=4096, ROWS=1),
-                dict(GROUP=1, BLOCK_N=8, BLOCK_K=1024, ROWS=1),
-                dict(GROUP=1, BLOCK_N=4, BLOCK_K=4096, ROWS=8),  # `preload_rows`
+                dict(GROUP=8, BLOCK_N=4, BLOCK_K=4096, ROWS=1, GLU=False, NORM=False),
+                dict(GROUP=1, BLOCK_N=8, BLOCK_K=1024, ROWS=1, GLU=False, NORM=False),
+                dict(GROUP=1, BLOCK_N=4, BLOCK_K=4096, ROWS=8, GLU=False, NORM=False),  # `preload_rows`
+                # `glu_matvec`, `norm_matvec` (q/k/v; gate/up)
+                *variants(
+                    dict(GROUP=1, BLOCK_N=4, BLOCK_K=2048, ROWS=1), GLU=(False, True), NORM=(False, True)
+                ),
             ],
             dict(ids_ptr=I64),
-            (),
+            ("eps",),
         ),
         (
             "experts (dedup)",

@@ -66,6 +66,33 @@ def test_switch_variants_run_flipped_beside_graphs_and_restore(gpu, monkeypatch)
     assert triton_experts.DEDUP_ONE_ROW is before
 
 
+def test_draft_switch_variants_run_the_draft_flipped_beside_draft(gpu, monkeypatch):
+    """A --switch NAME starting "draft-" copies the `draft` variant (a draft model proposes),
+    runs with its flips set and gets its ratio to `draft`, even where `draft` itself was not
+    asked for (then no ratio)."""
+    from specmoe_ray.models import fused
+
+    before = fused.DRAFT_PRELOAD_ROWS
+    seen = []
+    ours_run = gpu.ours_run
+
+    def spy(engine, rows, new, temperature=0.0, top_p=1.0):
+        run = ours_run(engine, rows, new, temperature, top_p)
+        return lambda: seen.append((engine.proposer is not None, fused.DRAFT_PRELOAD_ROWS)) or run()
+
+    monkeypatch.setattr(gpu, "ours_run", spy)
+    args = ["--shape", "small", "--device", "cpu", "--batch", "1", "--new-tokens", "4", "--repeats", "1"]
+    args += ["--skip-hf", "--skip-demo", "--skip-sweep", "--switch", "draft-one:fused.DRAFT_PRELOAD_ROWS=1"]
+    runs = gpu.main(args + ["--variants", "graphs", "draft"])["shape"]["runs"]
+    assert [r["who"] for r in runs] == ["graphs", "draft", "draft-one"]
+    assert runs[2]["vs_draft"] == pytest.approx(runs[2]["tok_s"] / runs[1]["tok_s"])
+    assert "vs_graphs" not in runs[2] and runs[2]["speculation_length"] is not None
+    assert seen == [(False, before)] * 2 + [(True, before)] * 2 + [(True, 1)] * 2
+    assert before == fused.DRAFT_PRELOAD_ROWS
+    runs = gpu.main(args + ["--variants", "graphs"])["shape"]["runs"]
+    assert [r["who"] for r in runs] == ["graphs", "draft-one"] and "vs_draft" not in runs[1]
+
+
 def test_sampled_variant_samples_every_row_beside_graphs(gpu, monkeypatch):
     """`--variants sampled`: the same engine settings as `graphs` with every row sampled
     (temperature 1, a seed per row), timed beside `graphs` with its ratio to it; `--top-p`

@@ -576,18 +576,47 @@ def test_one_row_projection_kernel_equals_float64_reference(dtype):
     assert rel < (1e-6 if dtype == torch.float32 else 1e-2), rel
 
 
+def test_preload_rows_limit_is_set_for_a_block_and_restored(monkeypatch):
+    """`fused.preload_rows` (a draft model's steps: `DRAFT_PRELOAD_ROWS`) sets the few-row
+    projections' limit for its block, nested blocks restore the outer one, and outside any block
+    the limit is `triton_experts.PRELOAD_ROWS`, also on another thread inside a block."""
+    import threading
+
+    from specmoe_ray.models import fused
+
+    monkeypatch.setattr(triton_experts, "PRELOAD_ROWS", 1)
+    seen = []
+    with fused.preload_rows(4):
+        seen.append(fused.preload_rows_limit())
+        with fused.preload_rows(2):
+            seen.append(fused.preload_rows_limit())
+        seen.append(fused.preload_rows_limit())
+        other = threading.Thread(target=lambda: seen.append(fused.preload_rows_limit()))
+        other.start()
+        other.join()
+    seen.append(fused.preload_rows_limit())
+    with pytest.raises(KeyError), fused.preload_rows(8):
+        raise KeyError("a failing step")
+    seen.append(fused.preload_rows_limit())
+    assert seen == [4, 2, 4, 1, 1, 1]
+
+
+@pytest.mark.parametrize("kernel", ["pairs", "preload"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_one_row_glu_projection_equals_float64_reference(dtype):
+def test_one_row_glu_projection_equals_float64_reference(dtype, kernel):
     """A dense MLP's gate and up projections of one row inside static steps (`fused.glu_linear`
-    on GPUs, `fused.GLU_MATVEC`): the experts' GLU kernel on one pair, silu(gate) * up against
-    float64 math; widths that are not multiples of the blocks."""
+    on GPUs, `fused.GLU_MATVEC`): the experts' GLU kernel on one pair, or the preloading kernel
+    (gate and up rows in registers before the wait; `triton_experts.GLU_PRELOAD`, opt-in),
+    silu(gate) * up against float64 math; widths that are not multiples of the blocks."""
     from specmoe_ray.models import fused
 
     g = torch.Generator().manual_seed(3)
     K, I = 1000, 333
     x, w = torch.randn(1, K, generator=g).to(dtype), (torch.randn(2 * I, K, generator=g) / K**0.5).to(dtype)
-    out = triton_experts.glu_matvec(x.to(DEVICE), w.to(DEVICE))
-    if DEVICE == "cuda":  # the static step's path is this kernel
+    out = triton_experts.glu_matvec(x.to(DEVICE), w.to(DEVICE), kernel=kernel)
+    pays = triton_experts.GLU_PRELOAD and triton_experts.preload_pays(x.to(DEVICE).device)
+    default = "preload" if pays else "pairs"
+    if DEVICE == "cuda" and kernel == default:  # the static step's path is this kernel
         with fused.active():
             assert torch.equal(fused.glu_linear(x.to(DEVICE), w.to(DEVICE)), out)
     gate, up = (x.double() @ w.double().T).chunk(2, dim=-1)
@@ -624,6 +653,64 @@ def test_add_norm_matvec_equals_add_rms_norm_then_linear(dtype, normed):
     ref = ref_h.double() @ w.double().T
     rel = ((out.double().cpu() - ref).norm() / ref.norm()).item()
     assert rel < (1e-6 if dtype == torch.float32 else 1e-2), rel
+
+
+@pytest.mark.parametrize("glu", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_norm_matvec_equals_add_rms_norm_then_projection(dtype, glu):
+    """A dense layer's residual add + RMS norm inside the preloading projection after it
+    (`triton_experts.norm_matvec`, `fused.NORM_PRELOAD`): the residual stream equal to
+    `add_rms_norm`'s, the projection (q/k/v; gate/up's silu(gate) * up) against float64 math on
+    `add_rms_norm`'s normed row; widths that are not powers of two or multiples of the block."""
+    from specmoe_ray.models import fused
+
+    skip_bf16_on_interpreter(dtype, why="Triton's interpreter rounds float32 to bfloat16 otherwise than GPUs")
+    g = torch.Generator().manual_seed(5)
+    K, N, eps = 1000, 333, 1e-6
+    x, res = torch.randn(1, K, generator=g).to(dtype), torch.randn(1, K, generator=g).to(dtype)
+    gamma = (1 + 0.1 * torch.randn(K, generator=g)).to(dtype)
+    w = (torch.randn(2 * N if glu else N, K, generator=g) / K**0.5).to(dtype)
+    out, total = triton_experts.norm_matvec(
+        x.to(DEVICE), res.to(DEVICE), gamma.to(DEVICE), eps, w.to(DEVICE), glu=glu
+    )
+    ref_h, ref_total = fused.add_rms_norm.__wrapped__(x, res, gamma, eps)
+    assert torch.equal(total.cpu(), ref_total)
+    ref = ref_h.double() @ w.double().T
+    if glu:
+        gate, up = ref.chunk(2, dim=-1)
+        ref = torch.nn.functional.silu(gate) * up
+    rel = ((out.double().cpu() - ref).norm() / ref.norm()).item()
+    # (bfloat16: the normed row may differ from torch's in a last bit; rounded as torch rounds)
+    assert out.shape == (1, N) and rel < (1e-6 if dtype == torch.float32 else 2e-2), rel
+
+
+def test_norms_inside_preloading_projections_give_the_tokens_of_transformers(checkpoints, monkeypatch):
+    """`fused.NORM_PRELOAD` (opt-in): a dense model's batch-1 static steps run each residual add
+    + norm inside the q/k/v or gate/up projection after it (`norm_matvec`), all but layer 0's
+    input norm. Greedy tokens == transformers (float32), and == the steps without it."""
+    from conftest import hf_greedy
+
+    from specmoe_ray import Engine, SamplingParams
+    from specmoe_ray.models import fused
+
+    calls = []
+    kernel = triton_experts.norm_matvec
+    monkeypatch.setattr(
+        triton_experts, "norm_matvec", lambda *a, **k: calls.append(k.get("glu")) or kernel(*a, **k)
+    )
+    path = checkpoints("qwen3")
+    prompt = [[5, 9, 17, 3, 60, 2]]
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    got = {}
+    for on in (True, False):
+        monkeypatch.setattr(fused, "NORM_PRELOAD", ("qkv", "gate_up") if on else ())
+        with Engine.from_pretrained(path, device=DEVICE, step_graphs="padded", max_model_len=64) as engine:
+            layers = engine.model.args.num_layers
+            got[on] = [o.token_ids for o in engine.generate(prompt, params)]
+        if on:  # 7 decode steps (the prompt's step has 6 tokens): gate/up in every layer, q/k/v from layer 1
+            assert calls.count(True) == 7 * layers and calls.count(None) == 7 * (layers - 1), calls
+    assert len(calls) == 7 * (2 * layers - 1)
+    assert got[True] == got[False] == hf_greedy(path, prompt, 8)
 
 
 def test_norms_inside_projections_give_the_tokens_of_transformers(checkpoints, monkeypatch):

@@ -269,6 +269,10 @@ def test_capture_failure_falls_back_to_eager_static_steps(checkpoints):
         [("l2_ahead", "MODE", "o@start,router@start,qkv+1@moe")],
         # Session 22: the dense layer's gate/up as the matvec and the compiled silu * up.
         [("fused", "GLU_MATVEC", False)],
+        # Session 23's opt-ins: a dense layer's add + norm inside its preloading q/k/v and gate/up
+        # (layer 1 of the test model is dense), and its one-row gate/up preloaded.
+        [("fused", "NORM_PRELOAD", ("qkv", "gate_up"))],
+        [("triton_experts", "GLU_PRELOAD", True)],
     ],
     ids=lambda flips: "+".join(f"{switch}={value}" for _, switch, value in flips),
 )
@@ -859,3 +863,33 @@ def test_verification_queues_behind_the_forward_without_waiting(monkeypatch):
             rejection.verify(logits, one_hot_proposal(drafts, dev), params, gens)
     finally:
         torch.cuda.set_sync_debug_mode(0)
+
+
+def test_draft_few_row_steps_preload_and_keep_the_drafts(checkpoints, monkeypatch):
+    """`fused.DRAFT_PRELOAD_ROWS`: a draft model's static steps of 2 .. 4 rows (2 or 3 sequences
+    drafting) project by `triton_experts.preload_rows` (the proposer's steps only: the target's
+    `PRELOAD_ROWS` stays 1); the drafts (greedy, float32) equal those of cuBLAS's steps
+    (DRAFT_PRELOAD_ROWS = 1) and of eager steps."""
+    from specmoe_ray.models import fused
+    from specmoe_ray.models.loader import load_trunk
+    from specmoe_ray.moe import triton_experts
+    from specmoe_ray.spec.proposer import DraftModelProposer, DraftRequest
+
+    rows = []
+    kernel = triton_experts.preload_rows
+    monkeypatch.setattr(
+        triton_experts, "preload_rows", lambda x, w, **k: rows.append(x.shape[0]) or kernel(x, w, **k)
+    )
+    path = checkpoints("qwen3")
+    seqs = [[5, 9, 17, 3, 60, 2], [7, 7, 7, 7], [30, 31, 32, 33, 34]]
+    got, calls = {}, {}
+    for name, limit, graphs in (("preload", 4, "auto"), ("cublas", 1, "auto"), ("eager", 4, "off")):
+        monkeypatch.setattr(fused, "DRAFT_PRELOAD_ROWS", limit)
+        proposer = DraftModelProposer(load_trunk(path, device="cuda"), 4, 64, step_graphs=graphs)
+        requests = [[DraftRequest(f"{B}-{b}", list(s), 3) for b, s in enumerate(seqs[:B])] for B in (2, 3)]
+        got[name] = [proposer.propose(r).host_tokens for r in requests]
+        calls[name] = list(rows)
+        rows.clear()
+    assert calls["preload"] and set(calls["preload"]) <= {2, 3, 4}, calls
+    assert calls["cublas"] == calls["eager"] == [] and triton_experts.PRELOAD_ROWS == 1
+    assert got["preload"] == got["cublas"] == got["eager"]
