@@ -269,3 +269,33 @@ def test_lookup_benchmark_runs_its_cases_and_agrees_with_the_scans():
     assert seen == {(w, t, L) for L in (300, 700) for w, t in cases}
     assert all(r["ours_us"] > 0 and r["scan_us"] > 0 for r in rows)
     assert all(r["ours_bytes"] < r["whole_bytes"] for r in rows if r["what"] == "pool wire")
+
+
+def test_draft_benchmark_times_variants_side_by_side_on_the_same_drafts(monkeypatch):
+    """benchmarks/draft.py on CPU (the toy draft): each variant's proposals run with its switches
+    set (seen from inside the timed calls) and restored after, every round times every variant,
+    ratios are to `default`, and the variants' greedy drafts agree (same weights, same inputs)."""
+    from specmoe_ray.models import fused
+
+    draft = benchmark_module("draft")
+    before = fused.DRAFT_PRELOAD_ROWS
+    seen = set()
+    make = draft.proposals
+
+    def spy(proposer, batch, k, temperature, seed, tag):
+        call = make(proposer, batch, k, temperature, seed, tag)
+        return lambda: seen.add((tag.split("-")[0], fused.DRAFT_PRELOAD_ROWS)) or call()
+
+    monkeypatch.setattr(draft, "proposals", spy)
+    args = ["--shape", "small", "--device", "cpu", "--batch", "1", "2", "--rounds", "2", "--calls", "1"]
+    args += ["--warmup", "1", "--switch", "one:fused.DRAFT_PRELOAD_ROWS=1", "--switch", "again:"]
+    out = draft.main(args)
+    assert [r["batch"] for r in out["rows"]] == [1, 2]
+    for r in out["rows"]:
+        assert list(r["ms"]) == ["default", "one", "again"] and r["vs_default"]["default"] == 1.0
+        assert r["vs_default"]["one"] == pytest.approx(r["ms"]["default"] / r["ms"]["one"])
+        assert r["drafts_differ"] == [] and all(len(t) == 2 for t in r["rounds_ms"].values())
+    assert seen == {("default", before), ("one", 1), ("again", before)}
+    assert before == fused.DRAFT_PRELOAD_ROWS
+    with pytest.raises(SystemExit):  # the unswitched variant's name
+        draft.main(args[:-4] + ["--switch", "default:fused.DRAFT_PRELOAD_ROWS=1"])
