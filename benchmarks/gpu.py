@@ -52,7 +52,6 @@ import importlib
 import json
 import os
 import platform
-import re
 import shlex
 import statistics
 import sys
@@ -416,10 +415,11 @@ def acceptance(r: dict) -> str:
 def parse_switch(text: str) -> tuple[str, list[tuple[str, str, Any]]]:
     """--switch "NAME:module.ATTR=value,..." -> (NAME, [(module, ATTR, value)]): modules of
     specmoe_ray by their last name (fused, triton_kernels, triton_experts), values as Python
-    literals (True, 0, {"block_n": 4}); no flips: the default switches once more (noise)."""
+    literals (True, 0, {"block_n": 4}, ("qkv", "gate_up")); no flips: the default switches once
+    more (noise)."""
     name, _, flips = text.partition(":")
     out = []
-    for flip in filter(None, (f.strip() for f in re.split(r",(?![^{]*})", flips))):
+    for flip in filter(None, (f.strip() for f in split_top_level(flips))):
         target, _, value = flip.partition("=")
         module, _, attr = target.rpartition(".")
         if module not in SWITCH_MODULES or not attr or not value:
@@ -429,10 +429,26 @@ def parse_switch(text: str) -> tuple[str, list[tuple[str, str, Any]]]:
         mod = importlib.import_module(SWITCH_MODULES[module])
         if not hasattr(mod, attr):
             raise argparse.ArgumentTypeError(f"--switch {text!r}: {module} has no {attr}")
-        out.append((SWITCH_MODULES[module], attr, ast.literal_eval(value)))
+        try:
+            literal = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            msg = f"--switch {text!r}: {value!r} is not a Python literal"
+            raise argparse.ArgumentTypeError(msg) from None
+        out.append((SWITCH_MODULES[module], attr, literal))
     if not name or name in ("eager", "graphs", "sync", "sampled", "ngram", "draft"):
         raise argparse.ArgumentTypeError(f"--switch {text!r}: give the variant a new NAME before ':'")
     return name, out
+
+
+def split_top_level(text: str) -> list[str]:
+    """text split at the commas outside brackets (a value may be a dict, tuple or list)."""
+    parts, depth, start = [], 0, 0
+    for i, c in enumerate(text):
+        depth += (c in "([{") - (c in ")]}")
+        if c == "," and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    return parts + [text[start:]]
 
 
 SWITCH_MODULES = {

@@ -24,6 +24,12 @@ def test_switch_parses_modules_attributes_and_literals(gpu):
         ("specmoe_ray.moe.triton_experts", "MATVEC_CONFIG", {"block_n": 4, "block_k": 64}),
     ]
     assert gpu.parse_switch("again:") == ("again", [])
+    # tuples and lists too, their commas not taken for the flips'
+    name, flips = gpu.parse_switch("n:fused.NORM_PRELOAD=('qkv', 'gate_up'),fused.MATMUL_ROWS=[1, 2]")
+    assert flips == [
+        ("specmoe_ray.models.fused", "NORM_PRELOAD", ("qkv", "gate_up")),
+        ("specmoe_ray.models.fused", "MATMUL_ROWS", [1, 2]),
+    ]
 
 
 @pytest.mark.parametrize(
@@ -34,6 +40,7 @@ def test_switch_parses_modules_attributes_and_literals(gpu):
         ("x:fused.MATVEC", "module.ATTR=value"),
         ("graphs:fused.MATVEC=True", "new NAME"),
         (":fused.MATVEC=True", "new NAME"),
+        ("x:fused.MATVEC=maybe", "not a Python literal"),
     ],
 )
 def test_bad_switches_name_what_is_wrong(gpu, text, match):
