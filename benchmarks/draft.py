@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from gpu import draft_proposer, parse_switch, switched, sync  # noqa: E402
+from gpu import add_switch_argument, draft_proposer, switched, sync  # noqa: E402
 
 from specmoe_ray.spec.proposer import DraftRequest  # noqa: E402
 
@@ -105,14 +105,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--calls", type=int, default=10, help="proposals per variant and round")
     p.add_argument("--warmup", type=int, default=8, help="proposals per variant before the rounds")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument(
-        "--switch",
-        type=parse_switch,
-        action="append",
-        default=[],
-        metavar="NAME:module.ATTR=value,...",
-        help="a further variant: these fast-path switches flipped while its proposals run (repeatable)",
-    )
+    add_switch_argument(p, "a further variant: these fast-path switches flipped while its proposals run")
     p.add_argument("--json", help="write the numbers here")
     a = p.parse_args(argv)
     if a.shape == "qwen3-30b-a3b" and a.device == "cpu":

@@ -440,6 +440,12 @@ def parse_switch(text: str) -> tuple[str, list[tuple[str, str, Any]]]:
     return name, out
 
 
+def add_switch_argument(p: argparse.ArgumentParser, help: str) -> None:
+    """The repeatable `--switch NAME:module.ATTR=value,...` option (`parse_switch`)."""
+    metavar = "NAME:module.ATTR=value,..."
+    p.add_argument("--switch", type=parse_switch, action="append", default=[], metavar=metavar, help=help)
+
+
 def split_top_level(text: str) -> list[str]:
     """text split at the commas outside brackets (a value may be a dict, tuple or list)."""
     parts, depth, start = [], 0, 0
@@ -740,14 +746,8 @@ def main(argv=None) -> dict[str, Any]:
         help="our engine's runs in (a) (eager graphs sync sampled ngram draft); draft: a random "
         "Qwen3-0.6B-shaped draft model",
     )
-    p.add_argument(
-        "--switch",
-        type=parse_switch,
-        action="append",
-        default=[],
-        metavar="NAME:module.ATTR=value,...",
-        help="a further (a) variant: graphs (NAME draft-...: draft) with these fast-path switches "
-        "flipped (repeatable)",
+    add_switch_argument(
+        p, "a further (a) variant: graphs (NAME draft-...: draft) with these fast-path switches flipped"
     )
     p.add_argument(
         "--temperature",
