@@ -48,6 +48,13 @@ from specmoe_ray.spec.proposer import DraftRequest, empty_proposal
 
 log = logging.getLogger(__name__)
 
+# Static steps with an in-process draft model (`DraftModelProposer`; not with expert shards):
+# the drafts stay on the device, the verify step's graph reads them there (`StepGraphs.run(
+# drafts=)`) and the host reads them with the step's results, so the host prepares and launches
+# the verify step while the draft's forwards still run, instead of waiting for them first (one
+# host sync per step fewer). Off: the proposal is read before the verify step, as before.
+DEFER_DRAFT_READ = True
+
 
 class Engine:
     """Batched speculative generation over a target whose experts may live on other processes."""
@@ -70,6 +77,7 @@ class Engine:
         self.model = model
         model.fuse_projections()
         self._empty_proposals: dict[int, rejection.DraftProposal] = {}
+        self._draft_events: tuple[torch.cuda.Event, torch.cuda.Event] | None = None  # DEFER_DRAFT_READ
         self.args = model.args
         self.device = model.lm_head.weight.device
         self.tokenizer = tokenizer
@@ -238,13 +246,21 @@ class Engine:
             return []
         samplers = [s for s in scheduled if s.samples]
         chosen_k = self.policy.choose(len(samplers)) if samplers else 0
-        drafts, proposal, draft_s = self._propose(samplers, chosen_k)
+        t_step = time.perf_counter()
+        drafts, proposal, draft_s, on_device = self._propose(samplers, chosen_k)
 
         feeds = [s.tokens + drafts.get(id(s), []) for s in scheduled]
         num_draft = [len(drafts.get(id(s), [])) for s in samplers]
         t0 = time.perf_counter()
         key = self._graph_key(scheduled, feeds)
-        run = functools.partial(self._compute, scheduled, samplers, feeds, key, num_draft, proposal, chosen_k)
+        if on_device and key is None:  # an eager step takes its tokens from the host: read them
+            drafts = self._read_drafts(samplers, proposal)
+            feeds = [s.tokens + drafts.get(id(s), []) for s in scheduled]
+            on_device = False
+        device_drafts = proposal if on_device else None
+        run = functools.partial(
+            self._compute, scheduled, samplers, feeds, key, num_draft, proposal, chosen_k, device_drafts
+        )
         hidden, emitted, accepted, extra = self._checked(scheduled, samplers, run)
         if not samplers:
             if hidden is not None:
@@ -252,6 +268,9 @@ class Engine:
             self.metrics.num_steps += 1
             return []
         verify_s = time.perf_counter() - t0
+        if on_device and self.device.type == "cuda":  # the draft's GPU time (after the step's sync)
+            draft_s = self._draft_events[0].elapsed_time(self._draft_events[1]) / 1e3
+            verify_s = max(0.0, time.perf_counter() - t_step - draft_s)
         if hidden is not None:  # before finished sequences release their proposer state
             self._observe_hidden(scheduled, feeds, hidden, {id(s): a for s, a in zip(samplers, accepted)})
 
@@ -297,16 +316,22 @@ class Engine:
             outputs.append(self._output(seq, new))
         return outputs
 
-    def _compute(self, scheduled, samplers, feeds, key, num_draft: list[int], proposal, chosen_k: int):
+    def _compute(
+        self, scheduled, samplers, feeds, key, num_draft: list[int], proposal, chosen_k: int, device_drafts
+    ):
         """The step's target forward (and run-ahead decode steps) and verification, up to its one
         host sync -> (final hidden states or None, emitted tokens per sampler, accepted drafts per
-        sampler, run-ahead steps); the KV cache advanced past every token fed."""
+        sampler, run-ahead steps); the KV cache advanced past every token fed. device_drafts: a
+        proposal whose drafts the feeds hold as placeholders (their last tokens: a static step
+        reads them on the device, `DEFER_DRAFT_READ`)."""
         starts = [s.start for s in scheduled]
         slots = [s.seq.slot for s in scheduled]
         logits_from = [len(s.tokens) - 1 if s.samples else len(s.tokens) for s in scheduled]
         hidden = None  # [N, D]: final hidden states, for a proposer that reads them (MTP)
         if key is not None:  # a decode/verify step: replay its CUDA graph (engine/graph.py)
-            logits = self._recovering(lambda: self.graphs.run(key, feeds, starts, slots, logits_from))
+            drafts = None if device_drafts is None else (device_drafts.tokens, num_draft)
+            run = functools.partial(self.graphs.run, key, feeds, starts, slots, logits_from, drafts=drafts)
+            logits = self._recovering(run)
             if self.graphs.hidden:
                 logits, hidden = logits
         else:
@@ -516,11 +541,12 @@ class Engine:
         log.warning("expert shard group re-formed in %.1fs", time.perf_counter() - t0)
 
     def _propose(self, samplers: list[ScheduledSeq], k: int):
-        """Up to k draft tokens per sampling sequence -> ({id(s): drafts}, proposal, seconds)."""
+        """Up to k draft tokens per sampling sequence -> ({id(s): drafts}, proposal, seconds,
+        whether the drafts stay on the device: then the lists hold placeholders, `DEFER_DRAFT_READ`)."""
         if not k:
             if len(samplers) not in self._empty_proposals:  # read-only: one per batch size
                 self._empty_proposals[len(samplers)] = empty_proposal(len(samplers), self.device)
-            return {}, self._empty_proposals[len(samplers)], 0.0
+            return {}, self._empty_proposals[len(samplers)], 0.0, False
         requests = []
         for s in samplers:
             seq = s.seq
@@ -539,15 +565,42 @@ class Engine:
                 )
             )
         t0 = time.perf_counter()
+        if self._defers_draft_read():
+            events = self._draft_events if self.device.type == "cuda" else None
+            if events is not None:
+                events[0].record()
+            proposal = self.proposer.propose(requests, read=False)
+            if events is not None:
+                events[1].record()
+            proposal.tokens = proposal.tokens.to(self.device)
+            # Placeholders: the static step reads the drafts on the device (`_compute`).
+            drafts = {id(s): [0] * n for s, n in zip(samplers, proposal.host_num_draft)}
+            return drafts, proposal, time.perf_counter() - t0, True
         proposal = self.proposer.propose(requests)
-        # (the proposal's host lists where the proposer made them there: no device read)
-        tokens = proposal.host_tokens if proposal.host_tokens is not None else proposal.tokens.tolist()
         draft_s = time.perf_counter() - t0
+        return self._read_drafts(samplers, proposal), proposal, draft_s, False
+
+    def _defers_draft_read(self) -> bool:
+        """`DEFER_DRAFT_READ` serves this engine: an in-process draft model (which can leave its
+        drafts unread) with step graphs (on CPUs too: the same path, checked by the CPU tests)
+        and no expert shards."""
+        if not (
+            DEFER_DRAFT_READ
+            and self.graphs is not None
+            and self.shard_group is None
+            and getattr(self.proposer, "reads_later", False)
+        ):
+            return False
+        if self._draft_events is None and self.device.type == "cuda":
+            self._draft_events = tuple(torch.cuda.Event(enable_timing=True) for _ in range(2))
+        return True
+
+    def _read_drafts(self, samplers: list[ScheduledSeq], proposal) -> dict[int, list[int]]:
+        """{id(sampler): its drafts} from the host lists where the proposer made them there,
+        else from one read of the device's; the proposal's tokens moved to this engine's device."""
+        tokens = proposal.host_tokens if proposal.host_tokens is not None else proposal.tokens.tolist()
         proposal.tokens = proposal.tokens.to(self.device)
-        drafts = {}
-        for s, toks in zip(samplers, tokens):
-            drafts[id(s)] = [t for t in toks if t >= 0]
-        return drafts, proposal, draft_s
+        return {id(s): [t for t in toks if t >= 0] for s, toks in zip(samplers, tokens)}
 
     def _retire(self, seq: Sequence) -> None:
         self.scheduler.retire(seq)

@@ -32,6 +32,7 @@ import time
 import numpy as np
 import torch
 
+from specmoe_ray.engine.sampling import to_device
 from specmoe_ray.models import fused
 from specmoe_ray.models.transformer import ForwardBatch, MoEBlock, Transformer
 
@@ -253,6 +254,23 @@ class StepGraphs:
             self._copied.record()
         return len(rows)
 
+    def _place_drafts(self, B: int, Tq: int, feeds: list[list[int]], tokens: torch.Tensor, counts: list[int]):
+        """`run(drafts=)`: rows' drafts from the device into the uploaded step's tokens, after
+        the upload (same stream): one strided copy where every feed ends in k drafts at the same
+        place (a verify step's common case), else one indexed copy."""
+        view, k = self._meta[: B * Tq].view(B, Tq), tokens.shape[1]
+        lengths = [len(f) for f in feeds]
+        if all(n == k for n in counts) and len(set(lengths)) == 1:
+            if k:
+                view[: len(feeds), lengths[0] - k : lengths[0]].copy_(tokens)
+            return
+        dst = [b * Tq + L - n + j for b, (L, n) in enumerate(zip(lengths, counts)) for j in range(n)]
+        src = [b * k + j for b, n in enumerate(counts) for j in range(n)]
+        if dst:
+            index = to_device(dst + src, self.device)
+            flat = self._meta[: B * Tq]
+            flat.index_copy_(0, index[: len(dst)], tokens.reshape(-1).index_select(0, index[len(dst) :]))
+
     def _run(self, batch: ForwardBatch, mask: torch.Tensor) -> None:
         for backend, _ in self.backends.values():
             backend.token_mask = mask
@@ -330,10 +348,14 @@ class StepGraphs:
         slots: list[int],
         logits_from: list[int],
         fed: torch.Tensor | None = None,
+        drafts: tuple[torch.Tensor, list[int]] | None = None,
     ) -> torch.Tensor:
         """The step's logits `[M, V]`, rows in the order the plain path returns them; with
         `hidden`, also the final hidden states of the real tokens `[sum(len(feeds)), D]`, packed
-        in feed order (as `Transformer.forward(..., return_hidden=True)` returns them)."""
+        in feed order (as `Transformer.forward(..., return_hidden=True)` returns them).
+        fed: one token per feed on the device, in place of each feed's first (a placeholder).
+        drafts: (tokens [len(feeds), k] on the device, n per feed): each feed's last n tokens
+        are placeholders for its row's first n tokens there (a verify step's drafts)."""
         self._check_backends()
         pairs = {i: getattr(b, "num_pairs", 0) for i, (b, _) in self.backends.items()}
         if key not in self._static:
@@ -344,6 +366,8 @@ class StepGraphs:
             raise ValueError(f"a prompt-bucket step returns at most {self.max_tq} logits rows per sequence")
         if fed is not None:  # one token per feed, already on the device (after the upload, in order)
             self._meta[: B * Tq].view(B, Tq)[: len(feeds), 0].copy_(fed)
+        if drafts is not None:
+            self._place_drafts(B, Tq, feeds, *drafts)
         if self.capture:
             self._graphs[key].replay()  # one launch: a forward's NCCL exchanges too, in order
             self.num_replays += 1

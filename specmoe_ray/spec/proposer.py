@@ -275,6 +275,8 @@ class _Cached:
 class DraftModelProposer:
     """A draft model with per-sequence KV caches that reuse the longest common prefix."""
 
+    reads_later = True  # `propose(read=False)` leaves the drafts on the device (engine.DEFER_DRAFT_READ)
+
     def __init__(
         self,
         model: Transformer,
@@ -299,6 +301,8 @@ class DraftModelProposer:
         # seq_id -> (slot, tokens whose KV the slot holds), least recently used first
         self.entries: OrderedDict[str, tuple[int, _Cached]] = OrderedDict()
         self.generators: dict[str, torch.Generator] = {}
+        # The last proposal's drafts (device) and its sequences, until read (`propose(read=False)`)
+        self._unread: tuple[torch.Tensor, list[tuple]] | None = None
         self.num_proposed = 0
         self.num_fed_tokens = 0  # tokens run through the draft (prefill + drafting)
 
@@ -346,7 +350,13 @@ class DraftModelProposer:
         return self.model(batch, self.cache)
 
     @torch.inference_mode()
-    def propose(self, requests: list[DraftRequest]) -> DraftProposal:
+    def propose(self, requests: list[DraftRequest], read: bool = True) -> DraftProposal:
+        """k drafts per request's sequence, chained on the device, read to the host once at the
+        end (`host_tokens`). read=False: not read at all (`host_tokens` None, `host_num_draft`
+        given; no wait for the draft's GPU work): the caller feeds `tokens` on the device, and
+        this proposer reads them at its next call, by when the step that verified them has
+        waited for the GPU anyway (the engine's static steps: `engine.DEFER_DRAFT_READ`)."""
+        self._settle()
         B = len(requests)
         k = max((r.num_draft for r in requests), default=0)
         if k == 0:
@@ -390,19 +400,38 @@ class DraftModelProposer:
                 self.num_fed_tokens += len(f)
             picked, ids, probs = self._sample(logits, [requests[b] for b in rows])
             place((tokens, sparse_ids, sparse_probs), index[i], i, (picked, ids, probs))
-        drafted = tokens.tolist()  # the proposal's one host sync
+        # Each drafting sequence's cache entry is completed when the drafts are read (`_settle`):
+        # the cache holds its tokens (the first n, as they are now) plus every draft but the last.
+        pending = []
         for b in active:
             r = requests[b]
-            slot, _ = self.entries[r.seq_id]
-            mine = drafted[b][: r.num_draft]
-            # The cache now holds the tokens plus every draft but the last.
-            last = r.tokens[-1] if r.tokens else None
-            self.entries[r.seq_id] = (slot, _Cached(r.tokens, len(r.tokens), mine[:-1], last))
-            self.num_proposed += len(mine)
+            pending.append((b, r.seq_id, slot_of[b], r.tokens, len(r.tokens), r.num_draft))
+        self._unread = (tokens, pending)
+        drafted = self._settle() if read else None  # the proposal's one host sync
         return DraftProposal(
             tokens=tokens,
             num_draft=to_device([r.num_draft for r in requests], self.device),
             sparse_ids=sparse_ids,
             sparse_probs=sparse_probs,
-            host_tokens=[row[: r.num_draft] for row, r in zip(drafted, requests)],
+            host_tokens=None if drafted is None else [d[: r.num_draft] for d, r in zip(drafted, requests)],
+            host_num_draft=[r.num_draft for r in requests],
         )
+
+    def _settle(self) -> list[list[int]] | None:
+        """The last proposal's drafts read to the host (with read=False: after the step that
+        verified them waited for the GPU, so without waiting) and its sequences' cache entries
+        completed, but for sequences released meanwhile -> the drafts [B, k], or None."""
+        if self._unread is None:
+            return None
+        tokens, pending = self._unread
+        self._unread = None
+        drafted = tokens.tolist()
+        for b, seq_id, slot, seq_tokens, n, num_draft in pending:
+            entry = self.entries.get(seq_id)
+            if entry is None or entry[0] != slot:  # released (a finished or aborted sequence)
+                continue
+            mine = drafted[b][:num_draft]
+            last = seq_tokens[n - 1] if n else None
+            self.entries[seq_id] = (slot, _Cached(seq_tokens, n, mine[:-1], last))
+            self.num_proposed += len(mine)
+        return drafted

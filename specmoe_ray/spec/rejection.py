@@ -54,6 +54,8 @@ class DraftProposal:
     # position is one-hot: ids[..., 0] = token, probs[..., 0] = 1.
     host_tokens: list[list[int]] | None = None  # each row's drafts on the host, where the proposer
     # made them there (prompt lookup): no device read needed for them
+    host_num_draft: list[int] | None = None  # each row's draft count on the host, where the drafts
+    # themselves are not read yet (`DraftModelProposer.propose(read=False)`)
 
 
 @dataclasses.dataclass(slots=True)
@@ -107,11 +109,12 @@ def verify(
     if rows:
         # Each row's count of random draws must be known on the host. num_draft is chosen there
         # (by the speculation policy), so this is no device sync when it lives on the CPU.
-        num_draft_host = (
-            [len(t) for t in proposal.host_tokens]
-            if proposal.host_tokens is not None
-            else proposal.num_draft.tolist()
-        )
+        if proposal.host_tokens is not None:
+            num_draft_host = [len(t) for t in proposal.host_tokens]
+        elif proposal.host_num_draft is not None:
+            num_draft_host = proposal.host_num_draft
+        else:
+            num_draft_host = proposal.num_draft.tolist()
     for group in groups:
         r = to_device(group, dev) if len(group) < B else None
         acc_r, final_r = _verify_sampled(

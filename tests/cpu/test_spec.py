@@ -94,6 +94,57 @@ def test_mixed_batch_of_lengths_and_temperatures(pair):
     assert runs[0] == runs[1], "seeded requests reproduce"
 
 
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_drafts_read_after_verification_give_the_same_tokens(pair, monkeypatch, temperature):
+    """`engine.DEFER_DRAFT_READ`: static steps with a draft model verify drafts left on the
+    device (the proposal is not read before the verify step; `StepGraphs.run(drafts=)` places
+    them; the proposer reads them at its next call): the same tokens as reading them first
+    (greedy: transformers'; sampled, seeded: equal), with rows that draft fewer than others
+    (sequences near their end: the indexed placement) and sequences that finish, freeing their
+    draft cache, between a proposal and its read. The target drafts for itself, so nearly every
+    draft is accepted and a misplaced one would change the tokens."""
+    from specmoe_ray.engine import engine as engine_module
+    from specmoe_ray.engine.graph import StepGraphs
+    from specmoe_ray.spec.proposer import DraftModelProposer
+
+    target, _, ref = pair
+    placed, unread = [], []
+    place, propose = StepGraphs._place_drafts, DraftModelProposer.propose
+    monkeypatch.setattr(
+        StepGraphs, "_place_drafts", lambda self, *a: placed.append(list(a[-1])) or place(self, *a)
+    )
+    monkeypatch.setattr(
+        DraftModelProposer,
+        "propose",
+        lambda self, requests, read=True: unread.append(not read) or propose(self, requests, read),
+    )
+    lengths = (NEW, 7, NEW - 3)
+    params = [
+        SamplingParams(max_tokens=n, temperature=temperature, seed=i, ignore_eos=True)
+        for i, n in enumerate(lengths)
+    ]
+    runs, drafted = {}, {}
+    for defer in (True, False):
+        monkeypatch.setattr(engine_module, "DEFER_DRAFT_READ", defer)
+        placed.clear(), unread.clear()
+        with Engine.from_pretrained(
+            target, draft=target, num_speculative_tokens=3, max_model_len=128, step_graphs="padded"
+        ) as engine:
+            runs[defer] = [o.token_ids for o in engine.generate(PROMPTS, params)]
+            stats = engine.stats()
+            # The draft caches' entries completed a step later hold the same: the same drafts
+            drafted[defer] = (stats["acceptance_rate"], stats["mean_accepted_length"], stats["num_steps"])
+        assert any(unread) == defer and all(unread) == defer and (len(placed) > 0) == defer
+        if defer:  # every row k drafts (one strided copy) and rows near their end fewer (indexed)
+            assert any(len(set(c)) == 1 for c in placed) and any(len(set(c)) > 1 for c in placed), placed
+        # (sampled: the draft's top-32 distribution against the target's whole one)
+        assert stats["acceptance_rate"] > (0.9 if temperature == 0.0 else 0.6), stats
+    assert runs[True] == runs[False] and drafted[True] == drafted[False]
+    assert [len(t) for t in runs[True]] == list(lengths)
+    if temperature == 0.0:
+        assert runs[True] == [r[:n] for r, n in zip(ref, lengths)]
+
+
 def test_requests_join_while_others_run(pair):
     target, poor, ref = pair
     with Engine.from_pretrained(target, draft=poor, num_speculative_tokens=4, max_model_len=128) as engine:
@@ -337,12 +388,14 @@ def test_draft_cache_reuses_a_growing_list_as_a_copied_one(checkpoints):
     """The draft cache keeps a sequence's token list by reference (sequences only grow): fed a
     list that grows in place, a proposer feeds the same tokens and drafts the same as one fed
     fresh copies, while steps accept none, some or all drafts; a list changed under it (not
-    grown) is compared whole, as a copy would be."""
+    grown) is compared whole, as a copy would be. A third proposer leaves its drafts unread
+    (`propose(read=False)`, the engine's `DEFER_DRAFT_READ`): its cache entries, completed at its
+    next call after the lists grew, feed and draft the same."""
     from specmoe_ray.models.loader import load_trunk
     from specmoe_ray.spec.proposer import DraftModelProposer
 
     path = checkpoints("qwen3")
-    a, b = (DraftModelProposer(load_trunk(path), 2, 128, step_graphs="off") for _ in range(2))
+    a, b, c = (DraftModelProposer(load_trunk(path), 2, 128, step_graphs="off") for _ in range(3))
     rng = random.Random(5)
     grown = [[3, 1, 4, 1, 5], [9, 2, 6]]
     for step in range(16):
@@ -353,7 +406,10 @@ def test_draft_cache_reuses_a_growing_list_as_a_copied_one(checkpoints):
         reqs = [DraftRequest(f"s{i}", t, 3) for i, t in enumerate(grown)]
         copies = [DraftRequest(f"s{i}", list(t), 3) for i, t in enumerate(grown)]
         pa, pb = a.propose(reqs), b.propose(copies)
+        pc = c.propose([DraftRequest(f"s{i}", t, 3) for i, t in enumerate(grown)], read=False)
         assert pa.host_tokens == pb.host_tokens and a.num_fed_tokens == b.num_fed_tokens, step
+        assert pc.host_tokens is None and pc.host_num_draft == [3, 3]
+        assert pc.tokens.tolist() == pa.host_tokens and c.num_fed_tokens == a.num_fed_tokens, step
         for t, drafts in zip(grown, pa.host_tokens):
             keep = rng.randrange(4)  # accepted drafts, then one more token
             t += drafts[:keep] + [rng.randrange(50)]

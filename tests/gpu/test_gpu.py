@@ -893,3 +893,34 @@ def test_draft_few_row_steps_preload_and_keep_the_drafts(checkpoints, monkeypatc
     assert calls["preload"] and set(calls["preload"]) <= {2, 3, 4}, calls
     assert calls["cublas"] == calls["eager"] == [] and triton_experts.PRELOAD_ROWS == 1
     assert got["preload"] == got["cublas"] == got["eager"]
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_drafts_read_after_verification_on_cuda_graphs(tmp_path, monkeypatch, temperature):
+    """`engine.DEFER_DRAFT_READ` on CUDA graphs: the verify step's graph takes the draft model's
+    drafts from the device, launched before the host has read them (the draft's GPU time from
+    events): the same tokens as reading them first (greedy: transformers'; seeded sampling:
+    equal), the same acceptance, and the draft's time measured."""
+    from specmoe_ray.engine import engine as engine_module
+
+    path = wide_checkpoint(tmp_path)
+    lengths = (NEW, 7, NEW - 3)
+    params = [
+        SamplingParams(max_tokens=n, temperature=temperature, seed=i, ignore_eos=True)
+        for i, n in enumerate(lengths)
+    ]
+    runs, stats = {}, {}
+    for defer in (True, False):
+        monkeypatch.setattr(engine_module, "DEFER_DRAFT_READ", defer)
+        with Engine.from_pretrained(
+            path, device="cuda", draft=path, num_speculative_tokens=3, max_model_len=128
+        ) as engine:
+            runs[defer] = [o.token_ids for o in engine.generate(PROMPTS, params)]
+            stats[defer] = engine.stats()
+            assert engine.graphs.num_replays > 3 and engine._defers_draft_read() == defer
+    assert runs[True] == runs[False]
+    keys = ("acceptance_rate", "mean_accepted_length", "num_steps")
+    assert [stats[True][k] for k in keys] == [stats[False][k] for k in keys]
+    assert stats[True]["draft_time_s"] > 0 and stats[True]["acceptance_rate"] > 0.6
+    if temperature == 0.0:
+        assert runs[True] == [r[:n] for r, n in zip(hf_greedy(path, PROMPTS, NEW), lengths)]
