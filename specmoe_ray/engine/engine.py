@@ -572,6 +572,8 @@ class Engine:
             proposal = self.proposer.propose(requests, read=False)
             if events is not None:
                 events[1].record()
+            if proposal.host_tokens is not None:  # made on the host after all (no row drafts)
+                return self._read_drafts(samplers, proposal), proposal, time.perf_counter() - t0, False
             proposal.tokens = proposal.tokens.to(self.device)
             # Placeholders: the static step reads the drafts on the device (`_compute`).
             drafts = {id(s): [0] * n for s, n in zip(samplers, proposal.host_num_draft)}

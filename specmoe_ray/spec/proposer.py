@@ -139,6 +139,7 @@ def empty_proposal(batch: int, device: torch.device | str) -> DraftProposal:
         sparse_ids=torch.full((batch, 0, 1), -1, dtype=torch.long, device=device),
         sparse_probs=torch.zeros(batch, 0, 1, device=device),
         host_tokens=[[] for _ in range(batch)],
+        host_num_draft=[0] * batch,
     )
 
 

@@ -107,7 +107,7 @@ def test_drafts_read_after_verification_give_the_same_tokens(pair, monkeypatch, 
     from specmoe_ray.engine.graph import StepGraphs
     from specmoe_ray.spec.proposer import DraftModelProposer
 
-    target, _, ref = pair
+    target, poor, ref = pair
     placed, unread = [], []
     place, propose = StepGraphs._place_drafts, DraftModelProposer.propose
     monkeypatch.setattr(
@@ -139,10 +139,18 @@ def test_drafts_read_after_verification_give_the_same_tokens(pair, monkeypatch, 
             assert any(len(set(c)) == 1 for c in placed) and any(len(set(c)) > 1 for c in placed), placed
         # (sampled: the draft's top-32 distribution against the target's whole one)
         assert stats["acceptance_rate"] > (0.9 if temperature == 0.0 else 0.6), stats
+        # A poor draft (one token per step) and equal lengths: a last step where no row has room
+        # for a draft (the proposer's empty proposal, made on the host).
+        short = SamplingParams(max_tokens=5, temperature=temperature, seed=9, ignore_eos=True)
+        with Engine.from_pretrained(
+            target, draft=poor, num_speculative_tokens=3, max_model_len=128, step_graphs="padded"
+        ) as engine:
+            runs[defer].append([o.token_ids for o in engine.generate(PROMPTS, short)])
     assert runs[True] == runs[False] and drafted[True] == drafted[False]
-    assert [len(t) for t in runs[True]] == list(lengths)
+    assert [len(t) for t in runs[True][:3]] == list(lengths) and [len(t) for t in runs[True][3]] == [5] * 3
     if temperature == 0.0:
-        assert runs[True] == [r[:n] for r, n in zip(ref, lengths)]
+        assert runs[True][:3] == [r[:n] for r, n in zip(ref, lengths)]
+        assert runs[True][3] == [r[:5] for r in ref]
 
 
 def test_requests_join_while_others_run(pair):
