@@ -52,8 +52,10 @@ log = logging.getLogger(__name__)
 # the drafts stay on the device, the verify step's graph reads them there (`StepGraphs.run(
 # drafts=)`) and the host reads them with the step's results, so the host prepares and launches
 # the verify step while the draft's forwards still run, instead of waiting for them first (one
-# host sync per step fewer). Off: the proposal is read before the verify step, as before.
-DEFER_DRAFT_READ = True
+# host sync per step fewer; the draft's time from CUDA events). Opt-in until measured: session
+# 23 checked its tokens on an H200 (== reading first, == transformers) but had no device time
+# left to time it (`gpu.py --switch draft-defer:engine.DEFER_DRAFT_READ=True`).
+DEFER_DRAFT_READ = False
 
 
 class Engine:
