@@ -17,7 +17,9 @@
 # opt-ins, measured at batch 1 and 8; none paid in session 19), targets (the issue's open
 # targets: batch 1 on one GPU, then the 2-GPU batch-32 ratio), boundaries (a kernel boundary
 # with and without PDL against a grid barrier), sampling (verification's host and GPU time per
-# call: greedy, sampled, top-k/top-p rows; the Triton draw against torch's), allreduce (the trunk replicas' per-layer sum:
+# call: greedy, sampled, top-k/top-p rows; the Triton draw against torch's), draft (a draft
+# model's proposals by draft.py; 48 layers + that draft, drafts read after verification beside
+# before), allreduce (the trunk replicas' per-layer sum:
 # NCCL vs symmetric memory, and the layer end with NCCL vs peer sums), demo (the shipped demo
 # pair). STAGE_TIMEOUT bounds each stage (seconds, default 540).
 # PEER_WAITS=1 (gpus, probe): each rank's waits for its peers per peer sum, printed per batch.
@@ -160,6 +162,15 @@ for stage in "${@:-tests nccl kernels shape}"; do
       sampling)
         # Verification's cost per call: host (launches) and GPU time, Triton draw vs torch.
         timeout 200 python benchmarks/sampling.py 2>&1 | tee "$OUT/sampling.log" | grep -E "k=" ;;
+      draft)
+        # A draft model's proposals (few-row steps preloaded vs cuBLAS, the defaults again), then
+        # 48 layers + that draft with the drafts read after verification (opt-in) beside before.
+        timeout 300 python benchmarks/draft.py --batch 1 2 4 8 --switch cublas:fused.DRAFT_PRELOAD_ROWS=1 \
+          --switch again: --json "$OUT/draft.json" 2>&1 | tee "$OUT/draft.log" | grep -E "batch"
+        timeout "$T" python benchmarks/gpu.py --shape qwen3-30b-a3b --batch 1 4 8 --new-tokens 64 --skip-hf \
+          --skip-sweep --repeats 2 --skip-demo --variants draft --switch draft-defer:engine.DEFER_DRAFT_READ=True \
+          --switch draft-again: --json "$OUT/draft-defer.json" >"$OUT/draft-defer.log" 2>&1
+        quiet "$OUT/draft-defer.log" 12 ;;
       allreduce)
         # The trunk replicas' per-layer sum at its sizes: NCCL vs symmetric memory (2 GPUs).
         timeout 300 python benchmarks/allreduce.py 2>&1 | tee "$OUT/allreduce.log" | grep -E "all_reduce|us" ;;
