@@ -258,7 +258,8 @@ class Engine:
         if on_device and key is None:  # an eager step takes its tokens from the host: read them
             drafts = self._read_drafts(samplers, proposal)
             feeds = [s.tokens + drafts.get(id(s), []) for s in scheduled]
-            on_device = False
+            on_device, t0 = False, time.perf_counter()
+            draft_s = t0 - t_step  # (the read waited for the draft, as `propose` does)
         device_drafts = proposal if on_device else None
         run = functools.partial(
             self._compute, scheduled, samplers, feeds, key, num_draft, proposal, chosen_k, device_drafts

@@ -108,8 +108,11 @@ def test_drafts_read_after_verification_give_the_same_tokens(pair, monkeypatch, 
     from specmoe_ray.spec.proposer import DraftModelProposer
 
     target, poor, ref = pair
-    placed, unread = [], []
-    place, propose = StepGraphs._place_drafts, DraftModelProposer.propose
+    placed, unread, reads = [], [], []
+    place, propose, read = StepGraphs._place_drafts, DraftModelProposer.propose, Engine._read_drafts
+    monkeypatch.setattr(
+        Engine, "_read_drafts", lambda self, s, p: reads.append(p.host_tokens is None) or read(self, s, p)
+    )
     monkeypatch.setattr(
         StepGraphs, "_place_drafts", lambda self, *a: placed.append(list(a[-1])) or place(self, *a)
     )
@@ -146,11 +149,23 @@ def test_drafts_read_after_verification_give_the_same_tokens(pair, monkeypatch, 
             target, draft=poor, num_speculative_tokens=3, max_model_len=128, step_graphs="padded"
         ) as engine:
             runs[defer].append([o.token_ids for o in engine.generate(PROMPTS, short)])
+            # A request joining while another drafts: its prompt chunk makes the step eager, which
+            # reads the drafts before it runs.
+            first = engine.add_request(PROMPTS[0], params[0])
+            for _ in range(3):
+                engine.step()
+            second = engine.add_request(PROMPTS[1], params[1])
+            reads.clear()
+            done = {}
+            while engine.has_unfinished():
+                done.update({o.request_id: o.token_ids for o in engine.step() if o.finished})
+            runs[defer].append([done[first], done[second]])
+            assert any(reads) == defer  # (an eager step read drafts left on the device)
     assert runs[True] == runs[False] and drafted[True] == drafted[False]
     assert [len(t) for t in runs[True][:3]] == list(lengths) and [len(t) for t in runs[True][3]] == [5] * 3
     if temperature == 0.0:
         assert runs[True][:3] == [r[:n] for r, n in zip(ref, lengths)]
-        assert runs[True][3] == [r[:5] for r in ref]
+        assert runs[True][3] == [r[:5] for r in ref] and runs[True][4] == [ref[0], ref[1][:7]]
 
 
 def test_requests_join_while_others_run(pair):
