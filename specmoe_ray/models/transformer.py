@@ -516,7 +516,7 @@ class DecoderLayer(nn.Module):
             batch.ahead.at(self.layer, "start")
         if isinstance(x, fused.Pending) and (residual is None or fused.FUSED_NORM_MATVEC):
             x = x.combined()  # (the add + norm below combines it otherwise)
-        attn, mlp = self.self_attn, self.mlp
+        attn, mlp, qkv = self.self_attn, self.mlp, None
         if residual is None:
             residual, h = x, self.input_layernorm(x)
         elif self._norms_in_projections(x):
@@ -525,10 +525,9 @@ class DecoderLayer(nn.Module):
             # add + norm inside the q/k/v projection (`fused.NORM_PRELOAD`)
             norm = self.input_layernorm
             qkv, residual = triton_experts.norm_matvec(x, residual, norm.weight, norm.eps, attn._qkv[0])
-            h = None
         else:
             h, residual = self._add_norm(self.input_layernorm, x, residual)
-        if h is not None:
+        if qkv is None:
             out = attn(h, cos, sin, batch, cache)
         else:
             out = attn.forward_qkv(qkv, cos, sin, batch, cache)
@@ -565,8 +564,8 @@ class DecoderLayer(nn.Module):
             projection in fused.NORM_PRELOAD
             and weight is not None
             and not isinstance(x, fused.Pending)
-            and x.shape[0] == 1
             and x.dim() == 2
+            and x.shape[0] == 1
             and fused.is_active()
             and triton_experts.AVAILABLE
             and ((x.is_cuda and triton_experts.preload_pays(x.device)) or triton_experts.INTERPRETED)
