@@ -332,8 +332,8 @@ class Engine:
         logits_from = [len(s.tokens) - 1 if s.samples else len(s.tokens) for s in scheduled]
         hidden = None  # [N, D]: final hidden states, for a proposer that reads them (MTP)
         if key is not None:  # a decode/verify step: replay its CUDA graph (engine/graph.py)
-            drafts = None if device_drafts is None else (device_drafts.tokens, num_draft)
-            run = functools.partial(self.graphs.run, key, feeds, starts, slots, logits_from, drafts=drafts)
+            on_device = {} if device_drafts is None else {"drafts": (device_drafts.tokens, num_draft)}
+            run = functools.partial(self.graphs.run, key, feeds, starts, slots, logits_from, **on_device)
             logits = self._recovering(run)
             if self.graphs.hidden:
                 logits, hidden = logits
