@@ -52,9 +52,11 @@ log = logging.getLogger(__name__)
 # the drafts stay on the device, the verify step's graph reads them there (`StepGraphs.run(
 # drafts=)`) and the host reads them with the step's results, so the host prepares and launches
 # the verify step while the draft's forwards still run, instead of waiting for them first (one
-# host sync per step fewer; the draft's time from CUDA events). Opt-in until measured: session
-# 23 checked its tokens on an H200 (== reading first, == transformers) but had no device time
-# left to time it (`gpu.py --switch draft-defer:engine.DEFER_DRAFT_READ=True`).
+# host sync per step fewer; the draft's time from CUDA events). Off: measured in session 24 on
+# an H200 (benchmarks/RESULTS.md "Session 24"), it gains 1.5-2% where the draft is GPU-bound
+# (30B + a 0.6B-shaped draft at batch 4 and 8; batch 1 within the spread) and loses 4-9% where
+# the draft's launches outlast its GPU work (the demo pair): nothing is left to overlap there,
+# and placing the drafts, the events and the separate read add ~0.1 ms of host work per step.
 DEFER_DRAFT_READ = False
 
 
