@@ -37,10 +37,10 @@ from specmoe_ray.models.loader import load_experts, load_mtp
 from specmoe_ray.models.transformer import MoEBlock, Transformer, build_forward_batch
 from specmoe_ray.moe.dispatch import LoopbackDispatch
 from specmoe_ray.spec.proposer import (
+    DraftBuffers,
     DraftRequest,
     chain_indices,
     empty_proposal,
-    place,
     rows_of,
     sample_drafts,
 )
@@ -179,10 +179,7 @@ class MTPProposer:
             slots.append(slot)
             hidden.append(pending[:need])
 
-        tokens = torch.full((B, k), -1, dtype=torch.long, device=self.device)
-        S = min(self.top_n, self.vocab_size)
-        sparse_ids = torch.full((B, k, S), -1, dtype=torch.long, device=self.device)
-        sparse_probs = torch.zeros(B, k, S, device=self.device)
+        out = DraftBuffers(requests, k, self.top_n, self.vocab_size, self.device)
         num_draft = [0] * B
         if rows:
             # Rows drafting at each position, and where they sit among the previous position's
@@ -203,15 +200,16 @@ class MTPProposer:
                 picked, ids, probs = sample_drafts(
                     logits, [requests[b] for b in rs], self.top_n, self.generators
                 )
-                place((tokens, sparse_ids, sparse_probs), index[i], i, (picked, ids, probs))
+                out.put(index[i], i, picked, ids, probs)
             for b in rows:
                 num_draft[b] = requests[b].num_draft
             # Keep only positions with the trunk's real hidden state.
             for b, slot in slot_of.items():
                 self.cache.rollback(slot, len(requests[b].tokens) - 1)
             self.num_proposed += sum(num_draft)
+        sparse_ids, sparse_probs = out.sparse()
         return DraftProposal(
-            tokens=tokens,
+            tokens=out.tokens,
             num_draft=to_device(num_draft, self.device),
             sparse_ids=sparse_ids,
             sparse_probs=sparse_probs,

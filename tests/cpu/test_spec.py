@@ -380,20 +380,27 @@ def test_draft_rows_follow_their_own_parameters_only(device):
     tokens, ids, probs = sample_drafts(logits, reqs, top_n, {})
     for i, q in enumerate(reqs):
         t1, i1, p1 = sample_drafts(logits[i : i + 1], [q], top_n, {})
-        assert t1[0] == tokens[i] and torch.equal(i1[0], ids[i]) and torch.equal(p1[0], probs[i]), q
+        assert t1[0] == tokens[i], q
+        if q.temperature > 0:  # (a greedy row alone: its argmax only, below)
+            assert torch.equal(i1[0], ids[i]) and torch.equal(p1[0], probs[i]), q
         assert probs[i][ids[i] == tokens[i]].sum() > 0
     assert tokens[1] == logits[1].argmax() and ids[1, 0] == tokens[1] and probs[1, 0] == 1.0
     assert (ids[2] >= 0).sum() <= 5  # top-k 5
     plain = [0, 3]  # every row samples from its temperature alone: the batch without bookkeeping
     t2, i2, p2 = sample_drafts(logits[plain], [reqs[i] for i in plain], top_n, {})
     assert torch.equal(t2, tokens[plain]) and torch.equal(i2, ids[plain]) and torch.equal(p2, probs[plain])
+    greedy = [1, 1]  # no row samples: the argmax alone (the one-hot made once, `DraftBuffers`)
+    t3, i3, p3 = sample_drafts(logits[greedy], [reqs[i] for i in greedy], top_n, {})
+    assert torch.equal(t3, logits[greedy].argmax(-1)) and i3 is None and p3 is None
 
 
 def test_chain_indices_slice_where_every_row_drafts():
     """The draft chain's indices (`proposer.chain_indices`): None (a slice, no gather or scatter)
     where a position's rows are the whole batch or the previous position's rows; else the rows'
-    places in the batch and among the previous position's rows, which `rows_of` and `place` use."""
-    from specmoe_ray.spec.proposer import chain_indices, place, rows_of
+    places in the batch and among the previous position's rows, which `rows_of` and
+    `DraftBuffers.put` use. Greedy buffers keep the drafts only and give their point masses
+    (-1 and 0 where a row drafted nothing); sampled ones keep each position's distribution."""
+    from specmoe_ray.spec.proposer import DraftBuffers, DraftRequest, chain_indices, rows_of
 
     index, keep = chain_indices([[0, 1, 2], [0, 1, 2], [0, 2]], 3, "cpu")
     assert index[:2] == [None, None] and index[2].tolist() == [0, 2]
@@ -402,9 +409,23 @@ def test_chain_indices_slice_where_every_row_drafts():
     assert index[0].tolist() == [1, 3] and index[1].tolist() == [1, 3] and keep == [None, None]
     picked = torch.tensor([7, 9])
     assert rows_of(picked, None) is picked and rows_of(picked, torch.tensor([1])).tolist() == [9]
-    out = torch.full((4, 2), -1)
-    place((out,), index[1], 1, (picked,))
-    assert out[:, 1].tolist() == [-1, 7, -1, 9] and (out[:, 0] == -1).all()
+    greedy = DraftBuffers([DraftRequest(str(b), [1], 2) for b in range(4)], 2, 8, 60, "cpu")
+    greedy.put(index[1], 1, picked, None, None)
+    assert greedy.tokens[:, 1].tolist() == [-1, 7, -1, 9] and (greedy.tokens[:, 0] == -1).all()
+    ids, probs = greedy.sparse()
+    assert ids.shape == probs.shape == (4, 2, 1) and torch.equal(ids[..., 0], greedy.tokens)
+    assert probs[..., 0].tolist() == [[0.0, 0.0], [0.0, 1.0], [0.0, 0.0], [0.0, 1.0]]
+    reqs = [DraftRequest(str(b), [1], 2, temperature=1.0 if b == 3 else 0.0) for b in range(4)]
+    sampled = DraftBuffers(reqs, 2, 8, 60, "cpu")
+    dist = torch.arange(16).view(2, 8), torch.full((2, 8), 0.125)
+    sampled.put(index[1], 0, picked, *dist)
+    ids, probs = sampled.sparse()
+    assert ids.shape == probs.shape == (4, 2, 8) and torch.equal(ids[[1, 3], 0], dist[0])
+    assert torch.equal(probs[[1, 3], 0], dist[1]) and (ids[[0, 2]] == -1).all() and (probs[:, 1] == 0).all()
+    sampled.put(index[1], 1, picked, None, None)  # a position where only greedy rows draft
+    ids, probs = sampled.sparse()
+    assert ids[[1, 3], 1, 0].tolist() == [7, 9] and (ids[[1, 3], 1, 1:] == -1).all()
+    assert probs[[1, 3], 1].sum(-1).tolist() == [1.0, 1.0] and (probs[[0, 2], 1] == 0).all()
 
 
 def test_draft_cache_reuses_a_growing_list_as_a_copied_one(checkpoints):
