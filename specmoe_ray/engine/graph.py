@@ -26,6 +26,7 @@ path, GPU tests check graph replay against both.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import time
 
@@ -41,6 +42,9 @@ log = logging.getLogger(__name__)
 MIN_KV_BUCKET = 64
 PROMPT_FLOOR = 16  # smallest prompt bucket (tokens per sequence)
 BLOCKS = 7  # per-token blocks of the metadata buffer (see StepGraphs.__init__)
+# A step's metadata for more sequences than this is written block by block with numpy over all
+# of them (`_fill_rows`: ~20 numpy calls whatever the batch), for fewer row by row (8 per row).
+UPLOAD_LOOP_ROWS = 4
 
 
 def bucket(n: int, cap: int, floor: int = 1) -> int:
@@ -128,6 +132,7 @@ class StepGraphs:
         self.backends = self._find_backends()
         self._backend_version = getattr(model, "backend_version", 0)
         self.num_replays = 0
+        self._rows_from_zero = False  # the last upload's wanted rows are 0 .. M-1
 
     def _find_backends(self) -> dict[int, tuple[object, int]]:
         """The MoE backends, with how many layers each serves (to count real (token, expert) pairs)."""
@@ -233,7 +238,18 @@ class StepGraphs:
         h[:size] = 0
         h[2 * N : 3 * N] = self.cache.scratch_slot  # padded tokens write to the scratch slot
         h[BLOCKS * N : size] = self.cache.scratch_slot  # padded sequences read it
-        last = self.max_len - 1
+        if len(feeds) > UPLOAD_LOOP_ROWS:
+            M = self._fill_rows(h, B, Tq, feeds, starts, slots, logits_from)
+        else:
+            M = self._fill_each_row(h, B, Tq, feeds, starts, slots, logits_from)
+        self._meta[:size].copy_(self._host[:size], non_blocking=True)
+        if self._copied is not None:
+            self._copied.record()
+        return M
+
+    def _fill_each_row(self, h: np.ndarray, B: int, Tq: int, feeds, starts, slots, logits_from) -> int:
+        """`_upload`'s blocks for the real sequences, row by row (few rows: fewer numpy calls)."""
+        N, last = B * Tq, self.max_len - 1
         rows: list[int] = []
         packed: list[int] = []
         for b, (toks, start, slot, first) in enumerate(zip(feeds, starts, slots, logits_from)):
@@ -249,9 +265,27 @@ class StepGraphs:
             packed.extend(range(base, base + n))
         h[5 * N : 5 * N + len(rows)] = rows
         h[6 * N : 6 * N + len(packed)] = packed
-        self._meta[:size].copy_(self._host[:size], non_blocking=True)
-        if self._copied is not None:
-            self._copied.record()
+        self._rows_from_zero = not rows or rows[-1] == len(rows) - 1
+        return len(rows)
+
+    def _fill_rows(self, h: np.ndarray, B: int, Tq: int, feeds, starts, slots, logits_from) -> int:
+        """`_fill_each_row`'s blocks for every real sequence at once (each block a [B, Tq] matrix)."""
+        N, R = B * Tq, len(feeds)
+        lengths = np.fromiter(map(len, feeds), dtype=np.int64, count=R)
+        t = np.arange(Tq)
+        fed = t < lengths[:, None]  # [R, Tq]: the real tokens
+        wanted = fed & (t >= np.asarray(logits_from)[:, None])  # the rows whose logits are read
+        pos = np.minimum(np.asarray(starts)[:, None] + t, self.max_len - 1)
+        blocks = h[: BLOCKS * N].reshape(BLOCKS, B, Tq)
+        blocks[0, :R][fed] = np.fromiter(itertools.chain.from_iterable(feeds), np.int64, int(lengths.sum()))
+        blocks[1, :R] = blocks[3, :R] = pos
+        blocks[2, :R] = np.where(fed, np.asarray(slots)[:, None], self.cache.scratch_slot)
+        blocks[4, :R] = fed
+        rows, packed = np.flatnonzero(wanted), np.flatnonzero(fed)
+        h[5 * N : 5 * N + len(rows)] = rows
+        h[6 * N : 6 * N + len(packed)] = packed
+        h[BLOCKS * N : BLOCKS * N + R] = slots
+        self._rows_from_zero = not len(rows) or rows[-1] == len(rows) - 1
         return len(rows)
 
     def _place_drafts(self, B: int, Tq: int, feeds: list[list[int]], tokens: torch.Tensor, counts: list[int]):
@@ -383,8 +417,12 @@ class StepGraphs:
             if hasattr(backend, "num_pairs"):
                 backend.num_pairs = pairs[i] + real * num_layers
         N = B * Tq
-        # Prompt buckets computed the wanted rows only, in order; others every row.
-        logits = self._logits[:M] if self._prompt_bucket(Tq) else self._logits[self._meta[5 * N : 5 * N + M]]
+        # Prompt buckets computed the wanted rows only, in order; others every row, so a gather
+        # unless the wanted ones are the first M (one token per sequence: decode, the draft's chain).
+        if self._prompt_bucket(Tq) or self._rows_from_zero:
+            logits = self._logits[:M]
+        else:
+            logits = self._logits[self._meta[5 * N : 5 * N + M]]
         if not self.hidden:
             return logits
         return logits, self._hidden[self._meta[6 * N : 6 * N + sum(len(f) for f in feeds)]]

@@ -8,6 +8,7 @@ one-buffer upload, the scratch slot for padding, the masked load counters) runs 
 from __future__ import annotations
 
 import pytest
+import torch
 from conftest import PROMPTS, generate_stepwise, hf_greedy
 
 from specmoe_ray import Engine, SamplingParams
@@ -59,6 +60,42 @@ def test_padded_steps_equal_plain_steps_and_transformers(checkpoints, draft):
     assert padded_load == plain_load
     assert padded_stats["expert_tokens_per_shard"] == plain_stats["expert_tokens_per_shard"]
     assert padded_stats["acceptance_rate"] == plain_stats["acceptance_rate"]
+
+
+def test_upload_writes_the_same_buffer_row_by_row_and_all_at_once(checkpoints, monkeypatch):
+    """A step's metadata (`StepGraphs._upload`): written block by block for all sequences at once
+    (`_fill_rows`, more than `UPLOAD_LOOP_ROWS` sequences) it is the per-row loop's buffer, entry
+    for entry, for ragged feeds, logits wanted from any place, padded sequences and positions past
+    the cache; the logits rows are a prefix (no gather) exactly where they are 0 .. M-1."""
+    import random
+
+    from specmoe_ray.engine import graph as graph_module
+
+    with Engine.from_pretrained(checkpoints("qwen3_moe"), step_graphs="padded", max_model_len=128) as engine:
+        graphs = engine.graphs
+        rng = random.Random(0)
+        prefixes = 0
+        for trial in range(200):
+            B, Tq = rng.choice([1, 2, 4, 8]), rng.choice([1, 2, 4])
+            feeds = [
+                [rng.randrange(1, 500) for _ in range(rng.randint(1, Tq))] for _ in range(rng.randint(1, B))
+            ]
+            starts = [rng.randrange(0, 127) for _ in feeds]
+            slots = [rng.randrange(0, 8) for _ in feeds]
+            logits_from = [rng.choice([0, len(f) - 1, rng.randrange(len(f))]) for f in feeds]
+            buffers = []
+            for loop_rows in (10**6, 0):
+                monkeypatch.setattr(graph_module, "UPLOAD_LOOP_ROWS", loop_rows)
+                graphs._host.fill_(-7)
+                M = graphs._upload(B, Tq, feeds, starts, slots, logits_from)
+                buffers.append((M, graphs._rows_from_zero, graphs._host.clone()))
+            (m1, zero1, h1), (m2, zero2, h2) = buffers
+            assert m1 == m2 and zero1 == zero2 and torch.equal(h1, h2), trial
+            N = B * Tq
+            rows = h1[5 * N : 5 * N + m1].tolist()
+            assert zero1 == (rows == list(range(m1))), trial
+            prefixes += zero1
+        assert 0 < prefixes < 200
 
 
 def test_padded_sampling_draws_the_same_tokens(checkpoints):
