@@ -9,9 +9,11 @@ E * (1 - (1 - K/E)^T) experts' weights (DESIGN.md section 6). The adaptive polic
 in [0, k_max] with the most expected tokens per second; k = 0 (no speculation) is a candidate.
 
 Costs come from measurement: an exponential moving average of the verify time at each k,
-and of the draft time per drafted token. Until a k has been measured, its verify cost is
-extrapolated from the nearest measured k with the byte model above. Every `explore_every`
-steps the policy tries a neighbour of its current choice, so the estimates stay fresh.
+and of the draft time per drafted position (one draft forward over the batch: a batch of B
+drafting k tokens each costs k positions, not B * k tokens), both per batch bucket. Until a k
+has been measured, its verify cost is extrapolated from the nearest measured k with the byte
+model above. Every `explore_every` steps the policy tries a neighbour of its current choice,
+so the estimates stay fresh.
 """
 
 from __future__ import annotations
@@ -73,7 +75,7 @@ class AdaptivePolicy:
         self.explore_every = explore_every
         self.acceptance = prior_acceptance  # per-token acceptance probability estimate
         self.verify_s: dict[tuple[int, int], float] = {}  # (batch bucket, k) -> seconds
-        self.draft_s_per_token: float | None = None
+        self.draft_s: dict[int, float] = {}  # batch bucket -> seconds per drafted position
         self.steps = 0
         self.last_k = min(k_max, 2)
 
@@ -99,15 +101,23 @@ class AdaptivePolicy:
         m = self.cost_model
         return base * m.bytes_for(bucket * (k + 1)) / m.bytes_for(bucket * (near + 1))
 
+    def draft_cost(self, batch_size: int) -> float:
+        """Seconds per drafted position at this batch size: measured, else the nearest bucket's
+        (a small draft's forward costs about the same over a few more rows), else 0."""
+        if not self.draft_s:
+            return 0.0
+        bucket = self._bucket(batch_size)
+        return self.draft_s[min(self.draft_s, key=lambda b: (abs(b.bit_length() - bucket.bit_length()), b))]
+
     def choose(self, batch_size: int) -> int:
         self.steps += 1
         costs = {}
+        per_position = self.draft_cost(batch_size)
         for k in range(self.k_max + 1):
             verify = self.verify_cost(batch_size, k)
             if verify is None:
                 return self.last_k  # nothing measured for this batch size yet: keep going
-            draft = (self.draft_s_per_token or 0.0) * k
-            costs[k] = self.expected_tokens(k) / (verify + draft)
+            costs[k] = self.expected_tokens(k) / (verify + per_position * k)
         best = max(costs, key=costs.get)
         if self.explore_every and self.steps % self.explore_every == 0:
             # Refresh a neighbour's estimate (alternating up and down).
@@ -131,10 +141,10 @@ class AdaptivePolicy:
         key = (self._bucket(batch_size), k)
         old = self.verify_s.get(key)
         self.verify_s[key] = verify_s if old is None else (1 - self.ema) * old + self.ema * verify_s
-        if num_drafted:
-            per_token = draft_s / num_drafted
-            d = self.draft_s_per_token
-            self.draft_s_per_token = per_token if d is None else (1 - self.ema) * d + self.ema * per_token
+        if num_drafted and k:
+            bucket, per_position = self._bucket(batch_size), draft_s / k
+            d = self.draft_s.get(bucket)
+            self.draft_s[bucket] = per_position if d is None else (1 - self.ema) * d + self.ema * per_position
             # Maximum-likelihood estimate of a per-token acceptance probability from runs of
             # accepts that end in a rejection (or in the end of the drafts).
             rate = num_accepted / max(1, num_accepted + num_rejected)

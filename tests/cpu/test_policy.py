@@ -27,8 +27,11 @@ def test_expected_tokens_per_step_formula():
         assert p.expected_tokens(k) == pytest.approx(brute)
 
 
-def feed(policy: AdaptivePolicy, cost, acceptance: float, steps: int = 200, batch: int = 1) -> list[int]:
-    """Drive the policy with a synthetic step cost and acceptance; return its choices."""
+def feed(
+    policy: AdaptivePolicy, cost, acceptance: float, steps: int = 200, batch: int = 1, draft: float = 0.001
+) -> list[int]:
+    """Drive the policy with a synthetic step cost, a proposal of k positions costing draft * k
+    seconds over the whole batch, and acceptance; return its choices."""
     choices = []
     for _ in range(steps):
         k = policy.choose(batch)
@@ -38,7 +41,7 @@ def feed(policy: AdaptivePolicy, cost, acceptance: float, steps: int = 200, batc
             batch_size=batch,
             k=k,
             verify_s=cost(k),
-            draft_s=0.001 * k,
+            draft_s=draft * k,
             num_drafted=k * batch,
             num_accepted=accepted * batch,
             num_rejected=batch if accepted < k else 0,
@@ -54,6 +57,18 @@ def test_high_acceptance_and_flat_cost_speculates_deep():
 def test_useless_draft_turns_speculation_off():
     choices = feed(AdaptivePolicy(k_max=6), cost=lambda k: 0.010 * (1 + 0.3 * k), acceptance=0.0)
     assert choices[-50:].count(0) >= 40  # mostly off; an occasional exploration step remains
+
+
+def test_batch_size_does_not_discount_the_draft():
+    """A proposal's cost is per position (one draft forward over the batch), not per row: with
+    the same step costs at batch 8 as at batch 1 the policy makes the same choices. Drafting
+    costs 20 ms per position against a 10 ms verify: even drafts that are always accepted do not
+    pay (2 tokens in 30 ms against 1 in 10), so speculation turns off at either batch size."""
+    one, eight = (
+        feed(AdaptivePolicy(k_max=6), lambda k: 0.010, acceptance=1.0, batch=b, draft=0.020) for b in (1, 8)
+    )
+    assert one == eight
+    assert eight[-50:].count(0) >= 40, eight[-50:]
 
 
 def test_moe_cost_model_makes_speculation_shallower():
