@@ -459,6 +459,7 @@ def split_top_level(text: str) -> list[str]:
 
 SWITCH_MODULES = {
     "engine": "specmoe_ray.engine.engine",
+    "graph": "specmoe_ray.engine.graph",
     "fused": "specmoe_ray.models.fused",
     "sampling": "specmoe_ray.engine.sampling",
     "triton_sampling": "specmoe_ray.engine.triton_sampling",

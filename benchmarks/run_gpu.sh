@@ -21,7 +21,9 @@
 # model's proposals by draft.py; 48 layers + that draft, drafts read after verification beside
 # before), allreduce (the trunk replicas' per-layer sum:
 # NCCL vs symmetric memory, and the layer end with NCCL vs peer sums), demo (the shipped demo
-# pair). STAGE_TIMEOUT bounds each stage (seconds, default 540).
+# pair), pair (the demo pair's plain / draft / n-gram engines in interleaved rounds by
+# demo_pair.py, the deferred draft read and the defaults again beside). STAGE_TIMEOUT bounds
+# each stage (seconds, default 540).
 # PEER_WAITS=1 (gpus, probe): each rank's waits for its peers per peer sum, printed per batch.
 set -u
 OUT=${OUT:-gpu-out}
@@ -174,6 +176,11 @@ for stage in "${@:-tests nccl kernels shape}"; do
       allreduce)
         # The trunk replicas' per-layer sum at its sizes: NCCL vs symmetric memory (2 GPUs).
         timeout 300 python benchmarks/allreduce.py 2>&1 | tee "$OUT/allreduce.log" | grep -E "all_reduce|us" ;;
+      pair)
+        # The demo pair's host-bound speculative steps: plain / draft / n-gram side by side.
+        timeout "$T" python benchmarks/demo_pair.py --batch 1 8 32 --switch defer:engine.DEFER_DRAFT_READ=True \
+          --switch again: --json "$OUT/pair.json" >"$OUT/pair.log" 2>&1
+        quiet "$OUT/pair.log" 12 ;;
       demo)
         timeout "$T" python benchmarks/gpu.py --skip-shape --batch 1 8 32 --new-tokens 64 --repeats 2 \
           --json "$OUT/demo.json" >"$OUT/demo.log" 2>&1

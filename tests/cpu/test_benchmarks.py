@@ -4,6 +4,7 @@ only while their variant runs, timed beside `graphs` in the same process); allre
 from __future__ import annotations
 
 import argparse
+import statistics
 
 import pytest
 from conftest import benchmark_module
@@ -306,3 +307,43 @@ def test_draft_benchmark_times_variants_side_by_side_on_the_same_drafts(monkeypa
     assert before == fused.DRAFT_PRELOAD_ROWS
     with pytest.raises(SystemExit):  # the unswitched variant's name
         draft.main(args[:-4] + ["--switch", "default:fused.DRAFT_PRELOAD_ROWS=1"])
+
+
+def test_demo_pair_benchmark_times_methods_and_variants_side_by_side(monkeypatch):
+    """benchmarks/demo_pair.py on CPU: every (variant, method) engine runs each round with its
+    variant's switches set (seen from inside generate) and restored after; the greedy tokens of
+    the draft model and n-gram engines equal no speculation's; ratios are to plain and to the
+    default variant; the drafts are accepted at a real rate (the pair shares its training text)."""
+    from specmoe_ray import Engine
+    from specmoe_ray.engine import graph
+
+    demo = benchmark_module("demo_pair")
+    before = graph.UPLOAD_LOOP_ROWS
+    seen = set()
+    generate = Engine.generate
+
+    def spy(self, prompts, params=None):
+        seen.add((self.proposer is None, graph.UPLOAD_LOOP_ROWS))
+        return generate(self, prompts, params)
+
+    monkeypatch.setattr(Engine, "generate", spy)
+    args = ["--device", "cpu", "--batch", "1", "3", "--rounds", "2", "--new-tokens", "6"]
+    out = demo.main([*args, "--switch", "rows:graph.UPLOAD_LOOP_ROWS=0"])
+    assert [r["batch"] for r in out["rows"]] == [1, 3]
+    for r in out["rows"]:
+        assert r["tokens_differ"] == [] and list(r["variants"]) == ["default", "rows"]
+        for variant in r["variants"].values():
+            assert list(variant) == ["plain", "draft", "ngram"]
+            plain = variant["plain"]["tok_s"]
+            for m in variant.values():
+                assert len(m["rounds_tok_s"]) == 2 and m["tok_s"] == statistics.median(m["rounds_tok_s"])
+                assert m["vs_plain"] == pytest.approx(m["tok_s"] / plain)
+            assert variant["plain"]["acceptance"] is None and 0 < variant["draft"]["acceptance"] < 1
+        rows = r["variants"]["rows"]
+        assert rows["draft"]["vs_default"] == pytest.approx(
+            rows["draft"]["tok_s"] / r["variants"]["default"]["draft"]["tok_s"]
+        )
+    assert seen == {(plain, n) for plain in (True, False) for n in (before, 0)}
+    assert before == graph.UPLOAD_LOOP_ROWS
+    with pytest.raises(SystemExit):  # the unswitched variant's name
+        demo.main([*args, "--switch", "default:graph.UPLOAD_LOOP_ROWS=0"])
