@@ -18,19 +18,14 @@ ratio to `plain` of its variant and each variant's ratio to `default`, per batch
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
-import shlex
 import statistics
 import sys
 import time
 from typing import Any
 
-import torch
-
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from gpu import add_switch_argument, switched, sync  # noqa: E402
+from gpu import add_switch_argument, run_info, switched, sync, variant_switches, write_json  # noqa: E402
 
 from specmoe_ray import Engine, SamplingParams  # noqa: E402
 from specmoe_ray.demo import DEMO_DIR, HELDOUT_FILE  # noqa: E402
@@ -116,21 +111,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     a = p.parse_args(argv)
     if a.k < 1 or a.rounds < 1 or a.new_tokens < 1 or a.prompt_len < 1 or min(a.batch) < 1:
         p.error("--k, --rounds, --new-tokens, --prompt-len and each --batch must be >= 1")
-    switches = dict(a.switch)
-    if "default" in switches:
-        p.error("--switch: the name 'default' is the unswitched variant's")
-    info = {
-        "command": shlex.join(
-            ["python", "benchmarks/demo_pair.py", *(sys.argv[1:] if argv is None else argv)]
-        ),
-        "date": time.strftime("%Y-%m-%d"),
-        "device": torch.cuda.get_device_name() if a.device != "cpu" else platform.processor() or "cpu",
-        "torch": torch.__version__,
-    }
-    print(json.dumps(info), flush=True)
+    variants = variant_switches(p, a)
+    info = run_info("demo_pair.py", argv, a.device)
     target, draft = os.path.join(DEMO_DIR, "target"), os.path.join(DEMO_DIR, "draft")
     engines = {}
-    for variant, flips in {"default": [], **switches}.items():
+    for variant, flips in variants.items():
         for method, d in zip(METHODS, (None, draft, "ngram")):
             with switched(flips):
                 engines[variant, method] = (
@@ -149,11 +134,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     finally:
         for engine, _ in engines.values():
             engine.shutdown()
-    result = {"info": info, "k": a.k, "new_tokens": a.new_tokens, "rows": rows}
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(result, f, indent=1)
-    return result
+    return write_json(a.json, {"info": info, "k": a.k, "new_tokens": a.new_tokens, "rows": rows})
 
 
 if __name__ == "__main__":

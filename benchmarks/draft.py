@@ -19,11 +19,8 @@ drafts agree (same weights, same inputs: a variant that changes them is reported
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import random
-import shlex
 import statistics
 import sys
 import time
@@ -33,7 +30,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from gpu import add_switch_argument, draft_proposer, switched, sync  # noqa: E402
+from gpu import add_switch_argument, draft_proposer, run_info, switched, sync, variant_switches, write_json  # noqa: E402
 
 from specmoe_ray.spec.proposer import DraftRequest  # noqa: E402
 
@@ -112,29 +109,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         p.error("--shape qwen3-30b-a3b wants a GPU (a 0.6B draft; --shape small checks the script on CPU)")
     if a.k < 1 or a.rounds < 1 or a.calls < 1 or a.warmup < 1 or min(a.batch) < 1:
         p.error("--k, --rounds, --calls, --warmup and each --batch must be >= 1")
-    switches = dict(a.switch)
-    if "default" in switches:
-        p.error("--switch: the name 'default' is the unswitched variant's")
-    info = {
-        "command": shlex.join(["python", "benchmarks/draft.py", *(sys.argv[1:] if argv is None else argv)]),
-        "date": time.strftime("%Y-%m-%d"),
-        "device": torch.cuda.get_device_name() if a.device != "cpu" else platform.processor() or "cpu",
-        "torch": torch.__version__,
-    }
-    print(json.dumps(info), flush=True)
+    variants = variant_switches(p, a)
+    info = run_info("draft.py", argv, a.device)
     dtype = torch.bfloat16 if a.device != "cpu" else torch.float32
     args = types.SimpleNamespace(shape=a.shape, seed=a.seed, batch=a.batch, k=a.k)
     max_len = 32 + a.warmup + a.rounds * a.calls + a.k + 2  # each proposal grows a sequence by one
     proposers = {}
-    for name, flips in {"default": [], **switches}.items():
+    for name, flips in variants.items():
         with switched(flips):
             proposers[name] = (draft_proposer(args, a.device, dtype, max_len), flips)
     rows = [bench_batch(a, proposers, b) for b in a.batch]
-    result = {"info": info, "k": a.k, "temperature": a.temperature, "rows": rows}
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(result, f, indent=1)
-    return result
+    return write_json(a.json, {"info": info, "k": a.k, "temperature": a.temperature, "rows": rows})
 
 
 if __name__ == "__main__":

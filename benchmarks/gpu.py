@@ -446,6 +446,35 @@ def add_switch_argument(p: argparse.ArgumentParser, help: str) -> None:
     p.add_argument("--switch", type=parse_switch, action="append", default=[], metavar=metavar, help=help)
 
 
+def variant_switches(p: argparse.ArgumentParser, a: argparse.Namespace) -> dict[str, list]:
+    """The `--switch` variants by name, after the unswitched `default` (a clear error if named so)."""
+    switches = dict(a.switch)
+    if "default" in switches:
+        p.error("--switch: the name 'default' is the unswitched variant's")
+    return {"default": [], **switches}
+
+
+def run_info(script: str, argv: list[str] | None, device: str, **more: str) -> dict[str, str]:
+    """A run's command, date, device and versions: printed as the log's first line, and returned."""
+    info = {
+        "command": shlex.join(["python", f"benchmarks/{script}", *(sys.argv[1:] if argv is None else argv)]),
+        "date": time.strftime("%Y-%m-%d"),
+        "device": torch.cuda.get_device_name() if device != "cpu" else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        **more,
+    }
+    print(json.dumps(info), flush=True)
+    return info
+
+
+def write_json(path: str | None, result: dict[str, Any]) -> dict[str, Any]:
+    """result written to path (if any: `--json`), and returned."""
+    if path:
+        with open(path, "w") as f:
+            json.dump(result, f, indent=1)
+    return result
+
+
 def split_top_level(text: str) -> list[str]:
     """text split at the commas outside brackets (a value may be a dict, tuple or list)."""
     parts, depth, start = [], 0, 0
@@ -815,14 +844,7 @@ def main(argv=None) -> dict[str, Any]:
     dtype = torch.bfloat16 if device != "cpu" else torch.float32
     import transformers
 
-    info = {
-        "command": shlex.join(["python", "benchmarks/gpu.py", *(sys.argv[1:] if argv is None else argv)]),
-        "date": time.strftime("%Y-%m-%d"),
-        "device": torch.cuda.get_device_name() if device != "cpu" else platform.processor() or "cpu",
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-    }
-    print(json.dumps(info))
+    info = run_info("gpu.py", argv, device, transformers=transformers.__version__)
     bandwidth = copy_bandwidth(device, 1.0 if device != "cpu" else 0.125)
     print(f"copy bandwidth: {bandwidth / 1e9:.0f} GB/s (read + write)")
     results: dict[str, Any] = {"info": info, "bandwidth_Bps": bandwidth, "shape_name": a.shape}
