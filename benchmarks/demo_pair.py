@@ -41,6 +41,20 @@ def demo_rows(engine: Engine, batch: int, length: int) -> list[list[int]]:
     return [ids[i * stride : i * stride + length] for i in range(batch)]
 
 
+def line(entry: dict[str, dict], vs_default: bool) -> str:
+    """One variant's methods: tokens/s, ratio to plain, acceptance and k (and to default)."""
+    parts = []
+    for m in METHODS:
+        e = entry[m]
+        text = f"{m} {e['tok_s']:9.1f} tok/s"
+        if m != "plain":
+            text += f" ({e['vs_plain']:.3f}x plain, acceptance {e['acceptance']:.2f}, k now {e['k_now']})"
+        parts.append(text)
+    if vs_default:
+        parts.append("vs default: " + " ".join(f"{m} {entry[m]['vs_default']:.3f}x" for m in METHODS))
+    return "  ".join(parts)
+
+
 def bench_batch(a, engines: dict, batch: int) -> dict[str, Any]:
     rows = demo_rows(engines["default", "plain"][0], batch, a.prompt_len)
     params = [SamplingParams(max_tokens=a.new_tokens, temperature=0.0, ignore_eos=True)] * batch
@@ -73,26 +87,10 @@ def bench_batch(a, engines: dict, batch: int) -> dict[str, Any]:
                 "vs_plain": tok_s[variant, method] / tok_s[variant, "plain"],
                 "vs_default": tok_s[variant, method] / tok_s["default", method],
                 "acceptance": now["acceptance_rate"] if method != "plain" else None,
+                "k_now": now["speculation_length"],
             }
         out["variants"][variant] = entry
-        print(
-            f"  batch {batch:3d} {variant:8s}: "
-            + "  ".join(
-                f"{m} {entry[m]['tok_s']:9.1f} tok/s"
-                + (
-                    f" ({entry[m]['vs_plain']:.3f}x plain, acceptance {entry[m]['acceptance']:.2f})"
-                    if m != "plain"
-                    else ""
-                )
-                for m in METHODS
-            )
-            + (
-                ""
-                if variant == "default"
-                else "  vs default: " + " ".join(f"{m} {entry[m]['vs_default']:.3f}x" for m in METHODS)
-            ),
-            flush=True,
-        )
+        print(f"  batch {batch:3d} {variant:8s}: {line(entry, variant != 'default')}", flush=True)
     if differ:
         print(f"  batch {batch:3d}: greedy tokens differ from default/plain's: {differ}", flush=True)
     return out
@@ -106,6 +104,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--rounds", type=int, default=7)
+    p.add_argument(
+        "--spec-policy",
+        choices=["fixed", "adaptive"],
+        default="fixed",
+        help="k per step: always --k, or chosen from measured acceptance and cost (0 included)",
+    )
     add_switch_argument(p, "a further variant: its engines run with these fast-path switches flipped")
     p.add_argument("--json", help="write the numbers here")
     a = p.parse_args(argv)
@@ -124,6 +128,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         draft=d,
                         device=a.device,
                         num_speculative_tokens=a.k,
+                        spec_policy=a.spec_policy,
                         max_num_seqs=max(a.batch),
                         max_model_len=a.prompt_len + a.new_tokens + a.k + 8,
                     ),
@@ -134,7 +139,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     finally:
         for engine, _ in engines.values():
             engine.shutdown()
-    return write_json(a.json, {"info": info, "k": a.k, "new_tokens": a.new_tokens, "rows": rows})
+    result = {"info": info, "k": a.k, "spec_policy": a.spec_policy, "new_tokens": a.new_tokens, "rows": rows}
+    return write_json(a.json, result)
 
 
 if __name__ == "__main__":

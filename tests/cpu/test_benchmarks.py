@@ -313,7 +313,8 @@ def test_demo_pair_benchmark_times_methods_and_variants_side_by_side(monkeypatch
     """benchmarks/demo_pair.py on CPU: every (variant, method) engine runs each round with its
     variant's switches set (seen from inside generate) and restored after; the greedy tokens of
     the draft model and n-gram engines equal no speculation's; ratios are to plain and to the
-    default variant; the drafts are accepted at a real rate (the pair shares its training text)."""
+    default variant; the drafts are accepted at a real rate (the pair shares its training text);
+    `--spec-policy adaptive` reaches the speculating engines."""
     from specmoe_ray import Engine
     from specmoe_ray.engine import graph
 
@@ -323,11 +324,12 @@ def test_demo_pair_benchmark_times_methods_and_variants_side_by_side(monkeypatch
     generate = Engine.generate
 
     def spy(self, prompts, params=None):
-        seen.add((self.proposer is None, graph.UPLOAD_LOOP_ROWS))
+        seen.add((self.proposer is None, graph.UPLOAD_LOOP_ROWS, type(self.policy).__name__))
         return generate(self, prompts, params)
 
     monkeypatch.setattr(Engine, "generate", spy)
     args = ["--device", "cpu", "--batch", "1", "3", "--rounds", "2", "--new-tokens", "6"]
+    args += ["--spec-policy", "adaptive"]
     out = demo.main([*args, "--switch", "rows:graph.UPLOAD_LOOP_ROWS=0"])
     assert [r["batch"] for r in out["rows"]] == [1, 3]
     for r in out["rows"]:
@@ -338,12 +340,15 @@ def test_demo_pair_benchmark_times_methods_and_variants_side_by_side(monkeypatch
             for m in variant.values():
                 assert len(m["rounds_tok_s"]) == 2 and m["tok_s"] == statistics.median(m["rounds_tok_s"])
                 assert m["vs_plain"] == pytest.approx(m["tok_s"] / plain)
-            assert variant["plain"]["acceptance"] is None and 0 < variant["draft"]["acceptance"] < 1
+            assert variant["plain"]["acceptance"] is None and 0 < variant["draft"]["acceptance"] <= 1
+            assert 0 <= variant["draft"]["k_now"] <= 3 and variant["plain"]["k_now"] == 0
         rows = r["variants"]["rows"]
         assert rows["draft"]["vs_default"] == pytest.approx(
             rows["draft"]["tok_s"] / r["variants"]["default"]["draft"]["tok_s"]
         )
-    assert seen == {(plain, n) for plain in (True, False) for n in (before, 0)}
+    policies = {True: "FixedPolicy", False: "AdaptivePolicy"}  # (no proposer: nothing to adapt)
+    assert seen == {(plain, n, policies[plain]) for plain in (True, False) for n in (before, 0)}
+    assert out["spec_policy"] == "adaptive"
     assert before == graph.UPLOAD_LOOP_ROWS
     with pytest.raises(SystemExit):  # the unswitched variant's name
         demo.main([*args, "--switch", "default:graph.UPLOAD_LOOP_ROWS=0"])
