@@ -22,7 +22,8 @@
 # before), allreduce (the trunk replicas' per-layer sum:
 # NCCL vs symmetric memory, and the layer end with NCCL vs peer sums), demo (the shipped demo
 # pair), pair (the demo pair's plain / draft / n-gram engines in interleaved rounds by
-# demo_pair.py, the deferred draft read and the defaults again beside). STAGE_TIMEOUT bounds
+# demo_pair.py, the deferred draft read and the defaults again beside; then the adaptive
+# policy). STAGE_TIMEOUT bounds
 # each stage (seconds, default 540).
 # PEER_WAITS=1 (gpus, probe): each rank's waits for its peers per peer sum, printed per batch.
 set -u
@@ -180,7 +181,11 @@ for stage in "${@:-tests nccl kernels shape}"; do
         # The demo pair's host-bound speculative steps: plain / draft / n-gram side by side.
         timeout "$T" python benchmarks/demo_pair.py --batch 1 8 32 --switch defer:engine.DEFER_DRAFT_READ=True \
           --switch again: --json "$OUT/pair.json" >"$OUT/pair.log" 2>&1
-        quiet "$OUT/pair.log" 12 ;;
+        quiet "$OUT/pair.log" 12
+        # The same with k chosen per step (the adaptive policy may turn a draft that does not pay off).
+        timeout "$T" python benchmarks/demo_pair.py --batch 1 8 32 --spec-policy adaptive \
+          --json "$OUT/pair-adaptive.json" >"$OUT/pair-adaptive.log" 2>&1
+        quiet "$OUT/pair-adaptive.log" 4 ;;
       demo)
         timeout "$T" python benchmarks/gpu.py --skip-shape --batch 1 8 32 --new-tokens 64 --repeats 2 \
           --json "$OUT/demo.json" >"$OUT/demo.log" 2>&1
