@@ -23,8 +23,7 @@
 # NCCL vs symmetric memory, and the layer end with NCCL vs peer sums), demo (the shipped demo
 # pair), pair (the demo pair's plain / draft / n-gram engines in interleaved rounds by
 # demo_pair.py, the deferred draft read and the defaults again beside; then the adaptive
-# policy). STAGE_TIMEOUT bounds
-# each stage (seconds, default 540).
+# policy). STAGE_TIMEOUT bounds each stage (seconds, default 540).
 # PEER_WAITS=1 (gpus, probe): each rank's waits for its peers per peer sum, printed per batch.
 set -u
 OUT=${OUT:-gpu-out}
