@@ -82,6 +82,7 @@ class Engine:
         model.fuse_projections()
         self._empty_proposals: dict[int, rejection.DraftProposal] = {}
         self._draft_events: tuple[torch.cuda.Event, torch.cuda.Event] | None = None  # DEFER_DRAFT_READ
+        self._last_drafted: set[str] = set()  # request ids that drafted in the last step
         self.args = model.args
         self.device = model.lm_head.weight.device
         self.tokenizer = tokenizer
@@ -255,6 +256,11 @@ class Engine:
 
         feeds = [s.tokens + drafts.get(id(s), []) for s in scheduled]
         num_draft = [len(drafts.get(id(s), [])) for s in samplers]
+        # The draft's time measures what k costs only where every drafting row drafted in the
+        # last step too: a proposal for a row that did not (new, or after a step without drafts)
+        # first feeds the draft model every token it missed (a whole prompt, at first).
+        drafting = {s.seq.request_id for s, n in zip(samplers, num_draft) if n}
+        draft_continues, self._last_drafted = drafting <= self._last_drafted, drafting
         t0 = time.perf_counter()
         key = self._graph_key(scheduled, feeds)
         if on_device and key is None:  # an eager step takes its tokens from the host: read them
@@ -296,7 +302,7 @@ class Engine:
                 batch_size=len(samplers),
                 k=chosen_k,
                 verify_s=verify_s / (1 + extra),  # a step's cost, run-ahead steps included
-                draft_s=draft_s,
+                draft_s=draft_s if draft_continues else None,
                 num_drafted=sum(num_draft),
                 num_accepted=sum(accepted),
                 num_rejected=sum(a < n for a, n in zip(accepted, num_draft)),

@@ -10,10 +10,12 @@ in [0, k_max] with the most expected tokens per second; k = 0 (no speculation) i
 
 Costs come from measurement: an exponential moving average of the verify time at each k,
 and of the draft time per drafted position (one draft forward over the batch: a batch of B
-drafting k tokens each costs k positions, not B * k tokens), both per batch bucket. Until a k
-has been measured, its verify cost is extrapolated from the nearest measured k with the byte
-model above. Every `explore_every` steps the policy tries a neighbour of its current choice,
-so the estimates stay fresh.
+drafting k tokens each costs k positions, not B * k tokens), both per batch bucket; a proposal
+that first catches the draft up on tokens it missed (a new sequence's prompt, the tokens of steps
+without drafts: the engine tells) is no sample of the draft's cost. Until a k has been
+measured, its verify cost is extrapolated from the nearest measured k with the byte model
+above. Every `explore_every` steps the policy tries a neighbour of its current choice, so the
+estimates stay fresh.
 """
 
 from __future__ import annotations
@@ -132,19 +134,22 @@ class AdaptivePolicy:
         batch_size: int,
         k: int,
         verify_s: float,
-        draft_s: float,
+        draft_s: float | None,
         num_drafted: int,
         num_accepted: int,
         num_rejected: int,
     ) -> None:
-        """num_rejected: sequences whose drafts were cut short by a rejection this step."""
+        """num_rejected: sequences whose drafts were cut short by a rejection this step.
+        draft_s None: the proposal's time is not what k costs (it caught the draft up on tokens
+        it missed): the draft's cost estimate is left as it is."""
         key = (self._bucket(batch_size), k)
         old = self.verify_s.get(key)
         self.verify_s[key] = verify_s if old is None else (1 - self.ema) * old + self.ema * verify_s
-        if num_drafted and k:
+        if num_drafted and k and draft_s is not None:
             bucket, per_position = self._bucket(batch_size), draft_s / k
             d = self.draft_s.get(bucket)
             self.draft_s[bucket] = per_position if d is None else (1 - self.ema) * d + self.ema * per_position
+        if num_drafted:
             # Maximum-likelihood estimate of a per-token acceptance probability from runs of
             # accepts that end in a rejection (or in the end of the drafts).
             rate = num_accepted / max(1, num_accepted + num_rejected)

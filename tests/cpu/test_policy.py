@@ -89,3 +89,14 @@ def test_fixed_policy():
     assert FixedPolicy(3).choose(8) == 3
     with pytest.raises(ValueError, match="must be >= 0"):
         FixedPolicy(-1)
+
+
+def test_a_catch_up_proposal_leaves_the_draft_cost_and_counts_the_acceptance():
+    """record(draft_s=None) (the engine's proposal that caught the draft up on tokens it missed):
+    the draft's cost per position stays as measured; the acceptance estimate still moves."""
+    p = AdaptivePolicy(k_max=4, prior_acceptance=0.5)
+    p.record(batch_size=2, k=2, verify_s=0.01, draft_s=0.004, num_drafted=4, num_accepted=4, num_rejected=0)
+    assert p.draft_s == {2: pytest.approx(0.002)}
+    acceptance = p.acceptance
+    p.record(batch_size=2, k=2, verify_s=0.01, draft_s=None, num_drafted=4, num_accepted=0, num_rejected=2)
+    assert p.draft_s == {2: pytest.approx(0.002)} and p.acceptance < acceptance

@@ -193,6 +193,64 @@ def test_adaptive_policy_is_lossless(pair):
     assert [o.token_ids for o in outs] == ref * 3
 
 
+def test_adaptive_policy_times_the_draft_only_where_it_continues(pair, monkeypatch):
+    """The adaptive policy's draft cost comes only from proposals whose every drafting row drafted
+    in the step before: a proposal after a step without drafts, or for a sequence that just joined,
+    first feeds the draft model what it missed (its whole prompt, at first) and is no sample of
+    what k costs. The draft's first forward of each proposal is watched: every kept sample fed at
+    most 2 tokens per row there (a continuing row's last draft and bonus token, or its recovered
+    token), catch-ups (more) were left out, and the estimate is the moving average of the kept
+    ones. The tokens stay transformers' whatever k the steps took."""
+    from specmoe_ray.spec.policy import AdaptivePolicy
+    from specmoe_ray.spec.proposer import DraftModelProposer
+
+    target, poor, ref = pair
+    script = iter([2, 2, 0, 0, 3, 3, 1, 0, 2, 2, 2, 3] * 8)
+    first_feed, samples = [], []
+    forward, propose, record = DraftModelProposer._forward, DraftModelProposer.propose, AdaptivePolicy.record
+
+    def watched_forward(self, feeds, *args):
+        if first_feed[-1] is None:
+            first_feed[-1] = max(len(f) for f in feeds)
+        return forward(self, feeds, *args)
+
+    def watched_propose(self, requests, read=True):
+        first_feed.append(None)
+        return propose(self, requests, read)
+
+    def recorded(self, **kw):
+        if kw["num_drafted"]:
+            samples.append((kw["draft_s"], first_feed[-1], kw["k"], AdaptivePolicy._bucket(kw["batch_size"])))
+        return record(self, **kw)
+
+    monkeypatch.setattr(DraftModelProposer, "_forward", watched_forward)
+    monkeypatch.setattr(DraftModelProposer, "propose", watched_propose)
+    monkeypatch.setattr(AdaptivePolicy, "record", recorded)
+    monkeypatch.setattr(AdaptivePolicy, "choose", lambda self, batch_size: next(script))
+    with Engine.from_pretrained(
+        target, draft=poor, spec_policy="adaptive", num_speculative_tokens=3, max_model_len=128
+    ) as engine:
+        ids = [engine.add_request(p, GREEDY) for p in PROMPTS[:2]]
+        outs = {}
+        for step in range(400):
+            if step == 6:  # a sequence joins while the others decode
+                ids.append(engine.add_request(PROMPTS[2], GREEDY))
+            for out in engine.step():
+                if out.finished:
+                    outs[out.request_id] = out.token_ids
+            if not engine.has_unfinished():
+                break
+        policy = engine.policy
+    assert [outs[i] for i in ids] == ref
+    kept = [(d, fed, k, b) for d, fed, k, b in samples if d is not None]
+    assert kept and all(fed <= 2 for _, fed, _, _ in kept), samples
+    assert any(fed > 2 for d, fed, _, _ in samples if d is None), samples  # catch-ups happened, left out
+    estimate = {}  # batch bucket -> seconds per drafted position
+    for d, _, k, b in kept:
+        estimate[b] = d / k if b not in estimate else (1 - policy.ema) * estimate[b] + policy.ema * d / k
+    assert policy.draft_s == pytest.approx(estimate)
+
+
 def test_cancellation_frees_slot_and_draft_cache(pair):
     target, poor, _ = pair
     with Engine.from_pretrained(target, draft=poor, max_num_seqs=2, max_model_len=128) as engine:
