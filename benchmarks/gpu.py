@@ -369,13 +369,16 @@ def bench_shape(a, device: str, dtype: torch.dtype, bandwidth: float) -> dict[st
         res["runs"].append({"who": "HF", "batch": b, **r})
         print(f"  HF      batch {b:3d}: {r['tok_s']:9.1f} tok/s")
     max_len = a.prompt_len + a.new_tokens + a.k + 2
+    static = "auto" if device != "cpu" else "padded"
     variants = {
         "eager": dict(step_graphs="off"),
-        "graphs": dict(step_graphs="auto" if device != "cpu" else "padded"),
-        "sync": dict(step_graphs="auto" if device != "cpu" else "padded", decode_steps=1),
-        "sampled": dict(step_graphs="auto" if device != "cpu" else "padded", temperature=1.0),
-        "ngram": dict(step_graphs="auto" if device != "cpu" else "padded", ngram=True),
-        "draft": dict(step_graphs="auto" if device != "cpu" else "padded", draft=True),
+        "graphs": dict(step_graphs=static),
+        "sync": dict(step_graphs=static, decode_steps=1),
+        "sampled": dict(step_graphs=static, temperature=1.0),
+        "ngram": dict(step_graphs=static, ngram=True),
+        "draft": dict(step_graphs=static, draft=True),
+        # The same draft with k chosen per step (0 included: a draft that never pays turns off).
+        "adaptive": dict(step_graphs=static, draft=True, spec_policy="adaptive"),
     }
     known, variants = variants, {k: v for k, v in variants.items() if k in a.variants or k == "graphs"}
     for name in a.switch:  # ("draft-..." names: the draft variant, its proposer's steps switched too)
@@ -532,7 +535,7 @@ def bench_variant(a, res, hf, rows, name: str, v: dict, device: str, dtype, max_
         r["speculation_length"] = engine.stats()["speculation_length"]
         baseline = "draft" if name.startswith("draft-") else "graphs"
         base = [x["tok_s"] for x in res["runs"] if x["who"] == baseline and x["batch"] == b]
-        if (name in a.switch or name == "sampled") and base:
+        if (name in a.switch or name in ("sampled", "adaptive")) and base:
             r["vs_graphs" if baseline == "graphs" else "vs_draft"] = r["tok_s"] / base[0]
         res["runs"].append({"who": name, "batch": b, "temperature": temperature, "top_p": a.top_p, **r})
         print(
@@ -774,8 +777,8 @@ def main(argv=None) -> dict[str, Any]:
         "--variants",
         nargs="+",
         default=["eager", "graphs", "sync", "ngram", "draft"],
-        help="our engine's runs in (a) (eager graphs sync sampled ngram draft); draft: a random "
-        "Qwen3-0.6B-shaped draft model",
+        help="our engine's runs in (a) (eager graphs sync sampled ngram draft adaptive); draft: a random "
+        "Qwen3-0.6B-shaped draft model; adaptive: that draft with spec_policy='adaptive'",
     )
     add_switch_argument(
         p, "a further (a) variant: graphs (NAME draft-...: draft) with these fast-path switches flipped"

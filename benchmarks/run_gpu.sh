@@ -166,11 +166,12 @@ for stage in "${@:-tests nccl kernels shape}"; do
         timeout 200 python benchmarks/sampling.py 2>&1 | tee "$OUT/sampling.log" | grep -E "k=" ;;
       draft)
         # A draft model's proposals (few-row steps preloaded vs cuBLAS, the defaults again), then
-        # 48 layers + that draft with the drafts read after verification (opt-in) beside before.
+        # 48 layers + that draft with the drafts read after verification (opt-in) beside before,
+        # and with the adaptive policy (acceptance 0: it should approach no speculation).
         timeout 300 python benchmarks/draft.py --batch 1 2 4 8 --switch cublas:fused.DRAFT_PRELOAD_ROWS=1 \
           --switch again: --json "$OUT/draft.json" 2>&1 | tee "$OUT/draft.log" | grep -E "batch"
         timeout "$T" python benchmarks/gpu.py --shape qwen3-30b-a3b --batch 1 4 8 --new-tokens 64 --skip-hf \
-          --skip-sweep --repeats 2 --skip-demo --variants draft --switch draft-defer:engine.DEFER_DRAFT_READ=True \
+          --skip-sweep --repeats 2 --skip-demo --variants draft adaptive --switch draft-defer:engine.DEFER_DRAFT_READ=True \
           --switch draft-again: --json "$OUT/draft-defer.json" >"$OUT/draft-defer.log" 2>&1
         quiet "$OUT/draft-defer.log" 12 ;;
       allreduce)

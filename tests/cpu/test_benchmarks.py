@@ -101,6 +101,25 @@ def test_draft_switch_variants_run_the_draft_flipped_beside_draft(gpu, monkeypat
     assert [r["who"] for r in runs] == ["graphs", "draft-one"] and "vs_draft" not in runs[1]
 
 
+def test_adaptive_variant_runs_the_draft_with_k_chosen_per_step(gpu, monkeypatch):
+    """`--variants adaptive`: the draft variant's engine with the adaptive policy, its ratio to
+    `graphs` (no speculation: what a draft that never pays should approach)."""
+    policies = []
+    ours_run = gpu.ours_run
+
+    def spy(engine, rows, new, temperature=0.0, top_p=1.0):
+        run = ours_run(engine, rows, new, temperature, top_p)
+        return lambda: policies.append(type(engine.policy).__name__) or run()
+
+    monkeypatch.setattr(gpu, "ours_run", spy)
+    args = ["--shape", "small", "--device", "cpu", "--batch", "1", "--new-tokens", "4", "--repeats", "1"]
+    args += ["--skip-hf", "--skip-demo", "--skip-sweep", "--variants", "graphs", "draft", "adaptive"]
+    runs = gpu.main(args)["shape"]["runs"]
+    assert [r["who"] for r in runs] == ["graphs", "draft", "adaptive"]
+    assert policies == ["FixedPolicy"] * 4 + ["AdaptivePolicy"] * 2
+    assert runs[2]["vs_graphs"] == pytest.approx(runs[2]["tok_s"] / runs[0]["tok_s"])
+
+
 def test_sampled_variant_samples_every_row_beside_graphs(gpu, monkeypatch):
     """`--variants sampled`: the same engine settings as `graphs` with every row sampled
     (temperature 1, a seed per row), timed beside `graphs` with its ratio to it; `--top-p`
