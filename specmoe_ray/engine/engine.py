@@ -306,6 +306,8 @@ class Engine:
                 num_drafted=sum(num_draft),
                 num_accepted=sum(accepted),
                 num_rejected=sum(a < n for a, n in zip(accepted, num_draft)),
+                accepted=accepted,
+                drafted=num_draft,
             )
         outputs = []
         for s, n, a, toks in zip(samplers, num_draft, accepted, emitted):

@@ -1,7 +1,9 @@
 """Speculation length per step: fixed, or chosen from measured acceptance and measured cost.
 
 With per-token acceptance probability a (drafts i.i.d., Leviathan et al. 2023, eq. 1), a step
-that drafts k tokens emits on average (1 - a^(k+1)) / (1 - a) tokens. It costs the draft's
+that drafts k tokens emits on average (1 - a^(k+1)) / (1 - a) tokens; the policy keeps one rate
+per position instead (draft i accepted given every draft before it was), 1 + sum_j prod_{i<=j}
+a_i tokens, since acceptances come in runs. It costs the draft's
 time for k tokens plus the target's verify over k + 1 tokens per sequence. For an MoE target
 the verify cost grows with k faster than for a dense one, because more tokens touch more
 distinct experts: a layer with E experts, top-K routing and T tokens in the step reads about
@@ -75,7 +77,11 @@ class AdaptivePolicy:
         self.cost_model = cost_model
         self.ema = ema
         self.explore_every = explore_every
-        self.acceptance = prior_acceptance  # per-token acceptance probability estimate
+        self.acceptance = prior_acceptance  # per-token acceptance estimate over every position
+        # P(draft i accepted | every draft before it accepted), i = 1 .. k_max: acceptances often
+        # come in runs (a draft that follows a repetitive stretch goes on following it), which one
+        # i.i.d. rate undervalues at depth.
+        self.position_acceptance = [prior_acceptance] * k_max
         self.verify_s: dict[tuple[int, int], float] = {}  # (batch bucket, k) -> seconds
         self.draft_s: dict[int, float] = {}  # batch bucket -> seconds per drafted position
         self.steps = 0
@@ -86,8 +92,14 @@ class AdaptivePolicy:
         return 1 << max(0, (batch_size - 1).bit_length())  # 1, 2, 4, 8, ...
 
     def expected_tokens(self, k: int) -> float:
-        a = min(self.acceptance, 0.999)
-        return (1.0 - a ** (k + 1)) / (1.0 - a)
+        """Tokens a step of k drafts emits per sequence: 1 (the recovered or bonus token) plus
+        each draft that is accepted with every draft before it, 1 + sum_j prod_{i <= j} a_i
+        (i.i.d. drafts: (1 - a^(k+1)) / (1 - a))."""
+        total, run = 1.0, 1.0
+        for a in self.position_acceptance[:k]:
+            run *= a
+            total += run
+        return total
 
     def verify_cost(self, batch_size: int, k: int) -> float | None:
         bucket = self._bucket(batch_size)
@@ -138,10 +150,14 @@ class AdaptivePolicy:
         num_drafted: int,
         num_accepted: int,
         num_rejected: int,
+        accepted: list[int] | None = None,
+        drafted: list[int] | None = None,
     ) -> None:
         """num_rejected: sequences whose drafts were cut short by a rejection this step.
         draft_s None: the proposal's time is not what k costs (it caught the draft up on tokens
-        it missed): the draft's cost estimate is left as it is."""
+        it missed): the draft's cost estimate is left as it is. accepted / drafted: each
+        sequence's accepted and drafted counts, for the acceptance at each position (without
+        them every position moves toward the step's overall rate)."""
         key = (self._bucket(batch_size), k)
         old = self.verify_s.get(key)
         self.verify_s[key] = verify_s if old is None else (1 - self.ema) * old + self.ema * verify_s
@@ -154,3 +170,13 @@ class AdaptivePolicy:
             # accepts that end in a rejection (or in the end of the drafts).
             rate = num_accepted / max(1, num_accepted + num_rejected)
             self.acceptance = (1 - self.ema) * self.acceptance + self.ema * rate
+            for i in range(min(k, self.k_max)):
+                if accepted is None or drafted is None:
+                    observed = rate
+                else:  # draft i + 1 of the sequences that drafted it and accepted every one before
+                    trials = [a > i for a, n in zip(accepted, drafted) if n > i and a >= i]
+                    if not trials:
+                        continue
+                    observed = sum(trials) / len(trials)
+                a = self.position_acceptance[i]
+                self.position_acceptance[i] = (1 - self.ema) * a + self.ema * observed
