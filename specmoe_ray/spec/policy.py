@@ -82,6 +82,7 @@ class AdaptivePolicy:
         # come in runs (a draft that follows a repetitive stretch goes on following it), which one
         # i.i.d. rate undervalues at depth.
         self.position_acceptance = [prior_acceptance] * k_max
+        self.seen_positions = [False] * k_max  # measured at least once (else: see expected_tokens)
         self.verify_s: dict[tuple[int, int], float] = {}  # (batch bucket, k) -> seconds
         self.draft_s: dict[int, float] = {}  # batch bucket -> seconds per drafted position
         self.steps = 0
@@ -94,10 +95,14 @@ class AdaptivePolicy:
     def expected_tokens(self, k: int) -> float:
         """Tokens a step of k drafts emits per sequence: 1 (the recovered or bonus token) plus
         each draft that is accepted with every draft before it, 1 + sum_j prod_{i <= j} a_i
-        (i.i.d. drafts: (1 - a^(k+1)) / (1 - a))."""
-        total, run = 1.0, 1.0
-        for a in self.position_acceptance[:k]:
-            run *= a
+        (i.i.d. drafts: (1 - a^(k+1)) / (1 - a)). A position never measured (deeper than any k
+        tried) takes the deepest measured one's rate before it, not the prior: exploration
+        steps one k at a time, and a run of accepts usually goes on as it went."""
+        total, run, rate = 1.0, 1.0, None
+        for a, seen in zip(self.position_acceptance[:k], self.seen_positions):
+            if seen or rate is None:
+                rate = a
+            run *= rate
             total += run
         return total
 
@@ -180,3 +185,4 @@ class AdaptivePolicy:
                     observed = sum(trials) / len(trials)
                 a = self.position_acceptance[i]
                 self.position_acceptance[i] = (1 - self.ema) * a + self.ema * observed
+                self.seen_positions[i] = True

@@ -32,7 +32,7 @@ def test_expected_tokens_from_the_acceptance_at_each_position():
     the accepted run's length plus one: its expectation over the run's distribution (float64,
     P(run = j) = a_1 ... a_j (1 - a_{j+1}), the whole k with a_1 ... a_k)."""
     p = AdaptivePolicy(k_max=5)
-    p.position_acceptance = [0.9, 0.5, 0.95, 0.2, 0.7]
+    p.position_acceptance, p.seen_positions = [0.9, 0.5, 0.95, 0.2, 0.7], [True] * 5
     for k in range(6):
         a = [float(x) for x in p.position_acceptance[:k]]
         reach = [1.0]
@@ -41,6 +41,20 @@ def test_expected_tokens_from_the_acceptance_at_each_position():
         dist = [reach[j] * (1.0 - a[j]) for j in range(k)] + [reach[k]]
         assert sum(dist) == pytest.approx(1.0)
         assert p.expected_tokens(k) == pytest.approx(sum((j + 1) * q for j, q in enumerate(dist)))
+
+
+def test_a_depth_never_tried_takes_the_deepest_tried_rate():
+    """Positions beyond every k tried take the rate of the deepest measured one (the prior only
+    before any measurement): two positions seen always accepted (0.6 -> 0.68 after one step)."""
+    p = AdaptivePolicy(k_max=4, prior_acceptance=0.6)
+    assert p.expected_tokens(4) == pytest.approx(sum(0.6**j for j in range(5)))
+    p.record(
+        batch_size=4, k=2, verify_s=0.01, draft_s=0.002, num_drafted=8, num_accepted=8, num_rejected=0,
+        accepted=[2] * 4, drafted=[2] * 4,
+    )  # fmt: skip
+    assert p.seen_positions == [True, True, False, False]
+    assert p.position_acceptance == pytest.approx([0.68, 0.68, 0.6, 0.6])
+    assert p.expected_tokens(4) == pytest.approx(sum(0.68**j for j in range(5)))
 
 
 def test_acceptance_that_falls_after_the_first_draft_keeps_speculation_shallow():
